@@ -1,0 +1,50 @@
+"""`lstmkit` / `python -m lstmkit`: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module exposing `main(argv) -> int`, imported only
+when used, so `lstmkit params` never pays for torch or numba.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "params": ("lstmkit.describe", "parameter table, formula and shapes of an LSTM"),
+    "bench": ("lstmkit.bench", "benchmark lstmkit against torch.nn.LSTM and ONNX Runtime"),
+    "train": ("lstmkit.train", "train a character-level language model"),
+    "sample": ("lstmkit.sample", "generate text from a trained model"),
+    "demo": ("lstmkit.demo", "train on the Python standard library, then sample"),
+    "inspect": ("lstmkit.inspect", "list the LSTMs in a checkpoint"),
+    "tour": ("lstmkit.tour", "a short tour: parameters, forward/backward checked against torch"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: lstmkit COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<8} {doc}" for name, (_, doc) in COMMANDS.items()]
+    lines += ["", "`lstmkit COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"lstmkit: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    try:
+        mod = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("lstmkit"):
+            print(f"lstmkit: command {name!r} is not available in this build", file=sys.stderr)
+            return 2
+        print(f"lstmkit {name}: needs the package {e.name!r}, which is not installed", file=sys.stderr)
+        return 2
+    return int(mod.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

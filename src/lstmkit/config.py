@@ -1,0 +1,156 @@
+"""One validated description of an LSTM: sizes and options.
+
+Parameter names, shapes and counts all derive from here, so the module, the parameter
+explainer, the checkpoint tools and the torch-free runtime agree by construction.
+This file must not import torch (the runtime uses it without torch).
+
+Gate order, shared by every engine and every weight layout in this project (and by
+torch.nn.LSTM): the 4H rows of weight_ih / weight_hh / biases are [i | f | g | o].
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+from dataclasses import dataclass, fields
+
+GATES = ("i", "f", "g", "o")  # input, forget, cell candidate, output
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+
+
+def _check_prob(name: str, value, high_inclusive: bool = False) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        ok = 0 <= value <= 1 if high_inclusive else 0 <= value < 1
+    if not ok:
+        rng = "[0, 1]" if high_inclusive else "[0, 1)"
+        raise ValueError(f"{name} should be a number in range {rng}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class LSTMConfig:
+    input_size: int
+    hidden_size: int
+    num_layers: int = 1
+    bias: bool = True
+    batch_first: bool = False
+    dropout: float = 0.0
+    bidirectional: bool = False
+    proj_size: int = 0
+
+    def __post_init__(self):
+        # Same checks, order, exception types and messages as torch.nn.LSTM, so a
+        # drop-in fails the way users already know.
+        d = self.dropout
+        if not isinstance(d, numbers.Number) or isinstance(d, bool) or not 0 <= d <= 1:
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the "
+                "probability of an element being zeroed"
+            )
+        _check_bool("bias", self.bias)
+        _check_bool("batch_first", self.batch_first)
+        _check_int("input_size", self.input_size)
+        if self.input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        _check_int("hidden_size", self.hidden_size)
+        if self.hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        _check_int("num_layers", self.num_layers)
+        if self.num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if isinstance(self.bidirectional, bool) is False and not isinstance(
+            self.bidirectional, numbers.Integral
+        ):
+            raise TypeError(
+                f"bidirectional should be of type bool, got: {type(self.bidirectional).__name__}"
+            )
+        _check_int("proj_size", self.proj_size)
+        if self.proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if self.proj_size >= self.hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        object.__setattr__(self, "dropout", float(d))
+
+    def warn_if_useless_dropout(self, stacklevel: int = 3) -> None:
+        if self.dropout > 0 and self.num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so "
+                "non-zero dropout expects num_layers greater than 1, but got "
+                f"dropout={self.dropout} and num_layers={self.num_layers}",
+                stacklevel=stacklevel,
+            )
+
+    # ---- derived sizes -------------------------------------------------------------
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def real_hidden_size(self) -> int:
+        """Width of h (and of the output per direction): proj_size when projecting."""
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+    @property
+    def output_size(self) -> int:
+        return self.num_directions * self.real_hidden_size
+
+    def layer_input_size(self, layer: int) -> int:
+        return self.input_size if layer == 0 else self.output_size
+
+    # ---- parameters ------------------------------------------------------------------
+    @staticmethod
+    def suffix(direction: int) -> str:
+        return "_reverse" if direction == 1 else ""
+
+    def layer_param_shapes(self, layer: int, direction: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of one layer-direction's parameters, in torch's registration order."""
+        H, P = self.hidden_size, self.real_hidden_size
+        sfx = f"_l{layer}{self.suffix(direction)}"
+        out = [
+            ("weight_ih" + sfx, (4 * H, self.layer_input_size(layer))),
+            ("weight_hh" + sfx, (4 * H, P)),
+        ]
+        if self.bias:
+            out += [("bias_ih" + sfx, (4 * H,)), ("bias_hh" + sfx, (4 * H,))]
+        if self.proj_size > 0:
+            out.append(("weight_hr" + sfx, (P, H)))
+        return out
+
+    def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        out = []
+        for layer in range(self.num_layers):
+            for direction in range(self.num_directions):
+                out += self.layer_param_shapes(layer, direction)
+        return out
+
+    def num_parameters(self) -> int:
+        total = 0
+        for _, shape in self.param_shapes():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+    # ---- state shapes -------------------------------------------------------------------
+    def state_shapes(self, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """Shapes of (h0, c0) for a batched input with `batch` sequences."""
+        LD = self.num_layers * self.num_directions
+        return (LD, batch, self.real_hidden_size), (LD, batch, self.hidden_size)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LSTMConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,345 @@
+"""`lstmkit.LSTM` and `lstmkit.LSTMCell`: drop-ins for torch.nn.LSTM / nn.LSTMCell.
+
+The module does the bookkeeping (argument checks, PackedSequence, batch_first,
+unbatched input, layers x directions, inter-layer dropout); an engine runs each
+layer-direction over packed data (engines/reference.py has the equations).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .config import LSTMConfig
+from .engines import LayerParams, check_engine_name, get_layer_fn
+
+
+def _permute(x: torch.Tensor, perm):
+    return x if perm is None else x.index_select(1, perm)
+
+
+class LSTM(nn.Module):
+    """Multi-layer LSTM, same constructor, parameters and call as torch.nn.LSTM.
+
+    output, (h_n, c_n) = lstm(input, (h_0, c_0))
+
+      input   (L, N, H_in), (N, L, H_in) with batch_first, (L, H_in) unbatched,
+              or a PackedSequence
+      h_0     (D*num_layers, N, P)   P = proj_size or hidden_size, D = 2 if bidirectional
+      c_0     (D*num_layers, N, H)
+      output  (L, N, D*P)  (batch_first: (N, L, D*P))
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        engine: str = "auto",
+    ) -> None:
+        super().__init__()
+        cfg = LSTMConfig(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size
+        )
+        cfg.warn_if_useless_dropout(stacklevel=3)
+        self.config = cfg
+        self.engine = check_engine_name(engine)
+        # The same public attributes as torch.nn.LSTM.
+        self.mode = "LSTM"
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = cfg.dropout
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        factory = {"device": device, "dtype": dtype}
+        self._flat_weights_names = []
+        for name, shape in cfg.param_shapes():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+            self._flat_weights_names.append(name)
+        self.reset_parameters()
+
+    # ---- parameters --------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for w in self.parameters():
+            nn.init.uniform_(w, -stdv, stdv)
+
+    @property
+    def _flat_weights(self) -> list[torch.Tensor]:
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        cfg = self.config
+        return [
+            [getattr(self, name) for name, _ in cfg.layer_param_shapes(k, d)]
+            for k in range(cfg.num_layers)
+            for d in range(cfg.num_directions)
+        ]
+
+    def flatten_parameters(self) -> None:
+        """No-op, kept so code written for cuDNN's flat weight buffer still runs."""
+
+    def layer_params(self, layer: int, direction: int) -> LayerParams:
+        sfx = f"_l{layer}{LSTMConfig.suffix(direction)}"
+        get = lambda n: getattr(self, n + sfx, None)  # noqa: E731
+        return LayerParams(get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr"))
+
+    # ---- interop -----------------------------------------------------------------------
+    @classmethod
+    def from_torch(cls, module: nn.LSTM, **kwargs) -> "LSTM":
+        """A lstmkit.LSTM with the same configuration and a copy of the weights."""
+        w = module.weight_ih_l0
+        new = cls(
+            module.input_size, module.hidden_size, module.num_layers, module.bias,
+            module.batch_first, module.dropout, module.bidirectional, module.proj_size,
+            device=w.device, dtype=w.dtype, **kwargs,
+        )
+        new.load_state_dict(module.state_dict(), strict=True)
+        new.train(module.training)
+        return new
+
+    def to_torch(self) -> nn.LSTM:
+        """The equivalent torch.nn.LSTM with a copy of the weights."""
+        w = self.weight_ih_l0
+        c = self.config
+        m = nn.LSTM(
+            c.input_size, c.hidden_size, c.num_layers, c.bias, c.batch_first, c.dropout,
+            c.bidirectional, c.proj_size, device=w.device, dtype=w.dtype,
+        )
+        m.load_state_dict(self.state_dict(), strict=True)
+        m.train(self.training)
+        return m
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        if self.engine != "auto":
+            s += ", engine={engine!r}"
+        return s.format(**self.__dict__)
+
+    # ---- input checks (torch's exception types and messages) ---------------------------------
+    def _check_input(self, x: torch.Tensor, packed: bool) -> None:
+        wdtype = self.weight_ih_l0.dtype
+        if x.dtype != wdtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"RNN input dtype ({x.dtype}) does not match weight dtype ({wdtype}). "
+                f"Convert input: input.to({wdtype}), or convert model: model.to({x.dtype})"
+            )
+        expected = 2 if packed else 3
+        if x.dim() != expected:
+            raise RuntimeError(f"input must have {expected} dimensions, got {x.dim()}")
+        if x.size(-1) != self.input_size:
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.size(-1)}"
+            )
+        if x.device != self.weight_ih_l0.device:
+            raise RuntimeError(
+                f"Input and parameter tensors are not on the same device, found input on "
+                f"{x.device} and parameters on {self.weight_ih_l0.device}"
+            )
+
+    def _check_hidden(self, hx, batch: int, x: torch.Tensor) -> None:
+        h_shape, c_shape = self.config.state_shapes(batch)
+        for k, (t, shape) in enumerate(zip(hx, (h_shape, c_shape))):
+            if tuple(t.shape) != shape:
+                raise RuntimeError(f"Expected hidden[{k}] size {shape}, got {list(t.shape)}")
+            if t.dtype != x.dtype:
+                raise RuntimeError(
+                    f"hidden[{k}] dtype ({t.dtype}) does not match input dtype ({x.dtype})"
+                )
+            if t.device != x.device:
+                raise RuntimeError(
+                    f"hidden[{k}] is on {t.device} but the input is on {x.device}"
+                )
+
+    @staticmethod
+    def _unpack_hx(hx):
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError("LSTM expects hx to be a tuple (h_0, c_0) of two tensors")
+        return hx[0], hx[1]
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, input, hx=None):
+        cfg = self.config
+        if isinstance(input, PackedSequence):
+            data, batch_sizes_t, sorted_indices, unsorted_indices = input
+            self._check_input(data, packed=True)
+            batch_sizes = batch_sizes_t.tolist()
+            batch = batch_sizes[0]
+            if hx is not None:
+                h0, c0 = self._unpack_hx(hx)
+                self._check_hidden((h0, c0), batch, data)
+                h0, c0 = _permute(h0, sorted_indices), _permute(c0, sorted_indices)
+            y, (h_n, c_n) = self._run(data, batch_sizes, hx is not None and (h0, c0))
+            out = PackedSequence(y, batch_sizes_t, sorted_indices, unsorted_indices)
+            return out, (_permute(h_n, unsorted_indices), _permute(c_n, unsorted_indices))
+
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(
+                f"LSTM: expected input to be a Tensor or PackedSequence, got {type(input).__name__}"
+            )
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not batched:
+            input = input.unsqueeze(batch_dim)
+        if hx is not None:
+            h0, c0 = self._unpack_hx(hx)
+            want = 3 if batched else 2
+            if h0.dim() != want or c0.dim() != want:
+                kind = "batched 3-D" if batched else "unbatched 2-D"
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {want}-D but got "
+                    f"({h0.dim()}-D, {c0.dim()}-D) tensors"
+                )
+            if not batched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        self._check_input(input, packed=False)
+        if self.batch_first:
+            input = input.transpose(0, 1)
+        L, N, _ = input.shape
+        if L == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if hx is not None:
+            self._check_hidden((h0, c0), N, input)
+
+        data = input.reshape(L * N, self.input_size)  # padded = packed with batch_sizes [N]*L
+        y, (h_n, c_n) = self._run(data, [N] * L, hx is not None and (h0, c0))
+        y = y.view(L, N, cfg.output_size)
+        if self.batch_first:
+            y = y.transpose(0, 1)
+        if not batched:
+            y = y.squeeze(batch_dim)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return y, (h_n, c_n)
+
+    def _run(self, data, batch_sizes, hx):
+        """All layers and directions over packed data. hx: (h0, c0) or False for zeros."""
+        cfg = self.config
+        if len(batch_sizes) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        batch = batch_sizes[0]
+        if hx:
+            h0, c0 = hx
+        else:
+            h_shape, c_shape = cfg.state_shapes(batch)
+            h0 = data.new_zeros(h_shape)
+            c0 = data.new_zeros(c_shape)
+        layer_fn = get_layer_fn(self.engine, data)
+
+        x = data
+        h_n, c_n = [], []
+        for k in range(cfg.num_layers):
+            outs = []
+            for d in range(cfg.num_directions):
+                idx = k * cfg.num_directions + d
+                y, h, c = layer_fn(x, batch_sizes, h0[idx], c0[idx], self.layer_params(k, d), reverse=d == 1)
+                outs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+            x = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+            if self.training and self.dropout > 0 and k < cfg.num_layers - 1:
+                x = F.dropout(x, p=self.dropout, training=True)
+        return x, (torch.stack(h_n), torch.stack(c_n))
+
+
+class LSTMCell(nn.Module):
+    """One LSTM step, same parameters and call as torch.nn.LSTMCell.
+
+    h_1, c_1 = cell(input, (h_0, c_0));  input (N, I) or (I,), h/c (N, H) or (H,)
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, engine: str = "auto"):
+        super().__init__()
+        LSTMConfig(input_size, hidden_size, bias=bias)  # same validation as LSTM
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.engine = check_engine_name(engine)
+        factory = {"device": device, "dtype": dtype}
+        self.weight_ih = nn.Parameter(torch.empty((4 * hidden_size, input_size), **factory))
+        self.weight_hh = nn.Parameter(torch.empty((4 * hidden_size, hidden_size), **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for w in self.parameters():
+            nn.init.uniform_(w, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.engine != "auto":
+            s += ", engine={engine!r}"
+        return s.format(**self.__dict__)
+
+    def forward(self, input: torch.Tensor, hx=None):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            hx = LSTM._unpack_hx(hx)
+            for k, v in enumerate(hx):
+                if v.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{k}] to be 1D or 2D, got {v.dim()}D instead")
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+        if input.dtype != self.weight_ih.dtype:
+            raise ValueError(
+                f"LSTMCell input dtype ({input.dtype}) does not match weight dtype ({self.weight_ih.dtype})"
+            )
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        N = input.size(0)
+        if hx is None:
+            h0 = c0 = input.new_zeros(N, self.hidden_size)
+        else:
+            h0, c0 = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if not batched else hx
+            for k, v in enumerate((h0, c0)):
+                if v.size(0) != N:
+                    raise RuntimeError(f"Input batch size {N} doesn't match hidden{k} batch size {v.size(0)}")
+                if v.size(1) != self.hidden_size:
+                    raise RuntimeError(
+                        f"hidden{k} has inconsistent hidden_size: got {v.size(1)}, expected {self.hidden_size}"
+                    )
+                if v.dtype != input.dtype:
+                    raise RuntimeError(f"hidden{k} dtype ({v.dtype}) does not match input dtype ({input.dtype})")
+        p = LayerParams(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+        _, h, c = get_layer_fn(self.engine, input)(input, [N], h0, c0, p, reverse=False)
+        if not batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return h, c
