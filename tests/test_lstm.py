@@ -1,0 +1,392 @@
+"""lstmkit.LSTM / LSTMCell against torch.nn.LSTM / nn.LSTMCell: every option, every
+input form, outputs and every gradient, for every CPU engine."""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
+
+import lstmkit
+from conftest import TOL, assert_close, packed_input, padded_input, pair, run_differential
+
+DTYPES = [torch.float64, torch.float32]
+OPTIONS = list(itertools.product([True, False], repeat=5))  # bias, batch_first, bidir, proj, 2 layers
+
+
+def _cfg(bias, batch_first, bidir, proj, two_layers, I=4, H=6):
+    return dict(
+        input_size=I, hidden_size=H, num_layers=2 if two_layers else 1, bias=bias,
+        batch_first=batch_first, bidirectional=bidir, proj_size=3 if proj else 0,
+    )
+
+
+def _state(cfg, N, dtype, seed=3):
+    m = lstmkit.LSTMConfig(**cfg)
+    h_shape, c_shape = m.state_shapes(N)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(h_shape, generator=g, dtype=dtype), torch.randn(c_shape, generator=g, dtype=dtype)
+
+
+# ---- every option combination, padded and packed ---------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "".join("bBdpl"[i] if v else "-" for i, v in enumerate(o)))
+def test_padded_all_options(engine, opts, dtype):
+    cfg = _cfg(*opts)
+    ref, ours = pair(cfg, engine, dtype)
+    L, N = 5, 3
+    make = padded_input(L, N, cfg["input_size"], dtype, batch_first=cfg["batch_first"])
+    run_differential(ref, ours, make)  # zero initial state
+    run_differential(ref, ours, make, hx=_state(cfg, N, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "".join("bBdpl"[i] if v else "-" for i, v in enumerate(o)))
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_packed_all_options(engine, opts, dtype, enforce_sorted):
+    cfg = _cfg(*opts)
+    ref, ours = pair(cfg, engine, dtype)
+    lengths = [6, 6, 4, 1] if enforce_sorted else [2, 6, 1, 4, 6]
+    make = packed_input(lengths, cfg["input_size"], dtype, enforce_sorted, cfg["batch_first"])
+    oa, ob = run_differential(ref, ours, make, hx=_state(cfg, len(lengths), dtype))
+    ya, yb = oa[0], ob[0]
+    assert isinstance(yb, PackedSequence)
+    assert torch.equal(ya.batch_sizes, yb.batch_sizes)
+    for a, b in ((ya.sorted_indices, yb.sorted_indices), (ya.unsorted_indices, yb.unsorted_indices)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    run_differential(ref, ours, make)
+
+
+# ---- random configurations -------------------------------------------------------------------------
+@given(
+    I=st.integers(1, 7), H=st.integers(1, 9), layers=st.integers(1, 3), bias=st.booleans(),
+    batch_first=st.booleans(), bidir=st.booleans(), proj=st.integers(0, 8), use_hx=st.booleans(),
+    lengths=st.lists(st.integers(1, 7), min_size=1, max_size=5), packed=st.booleans(),
+    f32=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_random_configs(engine, I, H, layers, bias, batch_first, bidir, proj, use_hx, lengths, packed, f32, seed):
+    proj = proj if proj < H else 0
+    dtype = torch.float32 if f32 else torch.float64
+    cfg = dict(input_size=I, hidden_size=H, num_layers=layers, bias=bias, batch_first=batch_first,
+               bidirectional=bidir, proj_size=proj)
+    ref, ours = pair(cfg, engine, dtype, seed=seed)
+    if packed:
+        make = packed_input(lengths, I, dtype, enforce_sorted=False, batch_first=batch_first, seed=seed)
+    else:
+        make = padded_input(max(lengths), len(lengths), I, dtype, batch_first, seed=seed)
+    hx = _state(cfg, len(lengths), dtype, seed) if use_hx else None
+    run_differential(ref, ours, make, hx=hx, seed=seed)
+
+
+# ---- unbatched input -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidir,proj", [(False, 0), (True, 2)])
+def test_unbatched(engine, batch_first, bidir, proj):
+    cfg = dict(input_size=3, hidden_size=5, num_layers=2, batch_first=batch_first, bidirectional=bidir, proj_size=proj)
+    ref, ours = pair(cfg, engine)
+    x = torch.randn(4, 3, dtype=torch.float64)
+
+    def make():
+        xi = x.clone().requires_grad_(True)
+        return xi, [xi]
+
+    h, c = _state(cfg, 1, torch.float64)
+    oa, ob = run_differential(ref, ours, make, hx=(h[:, 0], c[:, 0]))
+    assert ob[0].shape == oa[0].shape == (4, (2 if bidir else 1) * (proj or 5))
+    assert ob[1][0].shape == (4 if bidir else 2, proj or 5)
+    run_differential(ref, ours, make)
+
+
+# ---- dropout, train/eval, edge sizes -----------------------------------------------------------------------
+@pytest.mark.parametrize("packed", [False, True])
+def test_dropout_matches_torch_rng(engine, packed):
+    """Inter-layer dropout draws the same masks from the same RNG state as torch."""
+    cfg = dict(input_size=4, hidden_size=6, num_layers=3, dropout=0.4, bidirectional=True)
+    ref, ours = pair(cfg, engine)
+    ref.train(), ours.train()
+    make = packed_input([5, 3, 2], 4, torch.float64) if packed else padded_input(5, 3, 4, torch.float64)
+    torch.manual_seed(11)
+    oa = ref(make()[0])
+    torch.manual_seed(11)
+    ob = ours(make()[0])
+    for a, b in zip(_flat(oa), _flat(ob)):
+        assert_close(b, a, 1e-10)
+    # and dropout really acts: a different seed changes the output, eval mode removes it
+    torch.manual_seed(12)
+    oc = ours(make()[0])
+    assert (_flat(oc)[0] - _flat(ob)[0]).abs().max() > 1e-3
+    ref.eval(), ours.eval()
+    run_differential(ref, ours, make)
+
+
+def _flat(out):
+    y, (h, c) = out
+    return [y.data if isinstance(y, PackedSequence) else y, h, c]
+
+
+def test_dropout_between_layers_only(engine):
+    """h_n of the last layer and the output are untouched by dropout with one layer."""
+    with pytest.warns(UserWarning, match="num_layers greater than 1"):
+        ref, ours = pair(dict(input_size=3, hidden_size=4, dropout=0.5), engine)
+    ours.train()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    a, b = ours(x), ours(x)
+    assert torch.equal(a[0], b[0])
+
+
+def test_batch_size_zero(engine):
+    ref, ours = pair(dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True), engine)
+    x = torch.randn(5, 0, 3, dtype=torch.float64, requires_grad=True)
+    y, (h, c) = ours(x)
+    ya, (ha, ca) = ref(x)
+    assert y.shape == ya.shape and h.shape == ha.shape and c.shape == ca.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_sequence_length_zero_is_error(engine):
+    _, ours = pair(dict(input_size=3, hidden_size=4), engine)
+    with pytest.raises(RuntimeError, match="sequence length"):
+        ours(torch.randn(0, 2, 3, dtype=torch.float64))
+
+
+def test_gradcheck(engine):
+    cfg = dict(input_size=2, hidden_size=3, num_layers=2, bidirectional=True, proj_size=2)
+    _, ours = pair(cfg, engine)
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    params = list(ours.parameters())
+
+    def f(x, h0, c0, *ps):
+        y, (h, c) = torch.func.functional_call(ours, dict(zip([n for n, _ in ours.named_parameters()], ps)), (x, (h0, c0)))
+        return y, h, c
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *[p.detach().requires_grad_(True) for p in params]))
+    packed = pack_sequence([torch.randn(3, 2, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)])
+
+    def g(data):
+        y, (h, c) = ours(PackedSequence(data, packed.batch_sizes))
+        return y.data, h, c
+
+    assert torch.autograd.gradcheck(g, (packed.data.clone().requires_grad_(True),))
+
+
+# ---- parameters, state_dict, init, repr ---------------------------------------------------------------------
+@pytest.mark.parametrize("opts", OPTIONS[::3])
+def test_parameters_match_torch(opts):
+    cfg = _cfg(*opts, I=5, H=7)
+    torch.manual_seed(0)
+    ref = nn.LSTM(**cfg)
+    torch.manual_seed(0)
+    ours = lstmkit.LSTM(**cfg)
+    # same names, shapes, registration order and (same RNG) the same default init
+    assert [(n, p.shape) for n, p in ref.named_parameters()] == [(n, p.shape) for n, p in ours.named_parameters()]
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert torch.equal(a, b)
+    assert repr(ref) == repr(ours)
+    assert sum(p.numel() for p in ref.parameters()) == ours.config.num_parameters()
+    # state_dict moves both ways with strict=True
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    back = ours.to_torch()
+    assert isinstance(back, nn.LSTM) and repr(back) == repr(ref)
+    for a, b in zip(back.parameters(), ours.parameters()):
+        assert torch.equal(a, b)
+    assert [len(w) for w in ours.all_weights] == [len(w) for w in ref.all_weights]
+
+
+def test_init_bound_and_reset():
+    ours = lstmkit.LSTM(3, 16)
+    for p in ours.parameters():
+        assert p.abs().max() <= 0.25
+    before = ours.weight_hh_l0.detach().clone()
+    ours.reset_parameters()
+    assert not torch.equal(before, ours.weight_hh_l0)
+
+
+def test_dtype_and_device_kwargs():
+    m = lstmkit.LSTM(3, 4, dtype=torch.float64, device="cpu")
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    assert m.double().float().weight_ih_l0.dtype == torch.float32
+
+
+def test_drop_in_inside_a_model(engine):
+    """Replacing nn.LSTM by lstmkit.LSTM in a model changes nothing else."""
+
+    class Model(nn.Module):
+        def __init__(self, rnn_cls, **kw):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.rnn = rnn_cls(4, 8, num_layers=2, batch_first=True, **kw)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, tokens, state=None):
+            y, state = self.rnn(self.emb(tokens), state)
+            return self.head(y), state
+
+    torch.manual_seed(0)
+    a = Model(nn.LSTM).double()
+    torch.manual_seed(0)
+    b = Model(lstmkit.LSTM, engine=engine).double()
+    b.load_state_dict(a.state_dict(), strict=True)
+    tokens = torch.randint(0, 10, (3, 7))
+    la, sa = a(tokens)
+    lb, sb = b(tokens)
+    assert_close(lb, la, 1e-10)
+    la2, _ = a(tokens, sa)
+    lb2, _ = b(tokens, sb)
+    assert_close(lb2, la2, 1e-10)
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, exc, arg",
+    [
+        (dict(input_size=3.0, hidden_size=4), TypeError, "input_size"),
+        (dict(input_size=3, hidden_size="4"), TypeError, "hidden_size"),
+        (dict(input_size=0, hidden_size=4), ValueError, "input_size"),
+        (dict(input_size=3, hidden_size=0), ValueError, "hidden_size"),
+        (dict(input_size=3, hidden_size=4, num_layers=0), ValueError, "num_layers"),
+        (dict(input_size=3, hidden_size=4, num_layers=2.0), TypeError, "num_layers"),
+        (dict(input_size=3, hidden_size=4, proj_size=4), ValueError, "proj_size"),
+        (dict(input_size=3, hidden_size=4, proj_size=-1), ValueError, "proj_size"),
+        (dict(input_size=3, hidden_size=4, dropout=1.5), ValueError, "dropout"),
+        (dict(input_size=3, hidden_size=4, dropout=True), ValueError, "dropout"),
+        (dict(input_size=3, hidden_size=4, bias=1), TypeError, "bias"),
+        (dict(input_size=3, hidden_size=4, batch_first="yes"), TypeError, "batch_first"),
+    ],
+)
+def test_constructor_errors(kwargs, exc, arg):
+    with pytest.raises(exc, match=arg):
+        lstmkit.LSTM(**kwargs)
+    if arg != "num_layers" or exc is not TypeError:  # torch fails late there, with an unrelated message
+        with pytest.raises(exc):
+            nn.LSTM(**kwargs)
+
+
+def test_engine_name_error():
+    with pytest.raises(ValueError, match="engine"):
+        lstmkit.LSTM(3, 4, engine="cudnn")
+
+
+def _errors(m, *args):
+    try:
+        m(*args)
+    except Exception as e:  # noqa: BLE001
+        return type(e)
+    return None
+
+
+@pytest.mark.parametrize(
+    "make_args",
+    [
+        lambda: (torch.randn(2, 3, 4, 3),),  # 4-D
+        lambda: (torch.randn(5, 2, 7),),  # wrong feature size
+        lambda: (torch.randn(5, 2, 3, dtype=torch.float64),),  # dtype mismatch
+        lambda: (torch.randn(5, 2, 3), (torch.zeros(1, 3, 4), torch.zeros(1, 2, 4))),  # h0 batch
+        lambda: (torch.randn(5, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 5))),  # c0 size
+        lambda: (torch.randn(5, 2, 3), (torch.zeros(2, 4), torch.zeros(2, 4))),  # 2-D hx for 3-D input
+        lambda: (torch.randn(5, 3), (torch.zeros(1, 1, 4), torch.zeros(1, 1, 4))),  # 3-D hx, 2-D input
+        lambda: (torch.randn(0, 2, 3),),  # empty sequence
+    ],
+)
+def test_forward_errors_same_type_as_torch(engine, make_args):
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 4)
+    ours = lstmkit.LSTM.from_torch(ref, engine=engine)
+    args = make_args()
+    expected = _errors(ref, *args)
+    assert expected is not None
+    assert _errors(ours, *args) is expected
+
+
+def test_forward_error_messages(engine):
+    ours = lstmkit.LSTM(3, 4, num_layers=2, engine=engine)
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 2, 4\), got \[1, 2, 4\]"):
+        ours(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(2, 2, 4)))
+    with pytest.raises(RuntimeError, match="Expected 3, got 7"):
+        ours(torch.randn(5, 2, 7))
+    with pytest.raises(ValueError, match="does not match weight dtype"):
+        ours(torch.randn(5, 2, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="dtype"):
+        ours(torch.randn(5, 2, 3), (torch.zeros(2, 2, 4, dtype=torch.float64), torch.zeros(2, 2, 4)))
+    with pytest.raises(ValueError, match="2D or 3D"):
+        ours(torch.randn(3))
+    packed = pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size"):
+        ours(packed, (torch.zeros(2, 2, 4), torch.zeros(2, 3, 4)))
+    with pytest.raises(TypeError, match="tuple"):
+        ours(torch.randn(5, 2, 3), (torch.zeros(2, 2, 4),))
+
+
+# ---- the oracle is never the engine ---------------------------------------------------------------------------------
+def test_engines_never_call_torch_lstm_kernels(engine, monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("an engine called PyTorch's LSTM kernel")
+
+    for mod, name in [(torch._VF, "lstm"), (torch._VF, "lstm_cell"), (torch, "lstm"), (torch, "lstm_cell"),
+                      (torch, "_thnn_fused_lstm_cell")]:
+        if hasattr(mod, name):
+            monkeypatch.setattr(mod, name, forbidden)
+    m = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, engine=engine)
+    y, _ = m(torch.randn(5, 2, 3))
+    y.sum().backward()
+    cell = lstmkit.LSTMCell(3, 4, engine=engine)
+    h, c = cell(torch.randn(2, 3))
+    (h.sum() + c.sum()).backward()
+
+
+# ---- LSTMCell ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("use_hx", [True, False])
+def test_cell_matches_torch(engine, dtype, bias, batched, use_hx):
+    torch.manual_seed(0)
+    ref = nn.LSTMCell(4, 6, bias=bias, dtype=dtype)
+    ours = lstmkit.LSTMCell(4, 6, bias=bias, dtype=dtype, engine=engine)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    assert repr(ref) == repr(ours).replace(f", engine='{engine}'", "")
+    shape = (3, 4) if batched else (4,)
+    x = torch.randn(shape, dtype=dtype)
+    hx = (torch.randn(shape[:-1] + (6,), dtype=dtype), torch.randn(shape[:-1] + (6,), dtype=dtype)) if use_hx else None
+    outs = []
+    for m in (ref, ours):
+        m.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        hi = None if hx is None else tuple(t.clone().requires_grad_(True) for t in hx)
+        h, c = m(xi, hi)
+        (h * 1.7 + c * torch.arange(c.numel(), dtype=dtype).view(c.shape)).sum().backward()
+        grads = [xi.grad] + ([] if hi is None else [t.grad for t in hi]) + [p.grad for p in m.parameters()]
+        outs.append([h, c] + grads)
+    for a, b in zip(*outs):
+        assert_close(b, a, TOL[dtype])
+
+
+def test_cell_errors(engine):
+    torch.manual_seed(0)
+    ref, ours = nn.LSTMCell(3, 4), lstmkit.LSTMCell(3, 4, engine=engine)
+    cases = [
+        (torch.randn(2, 5),),
+        (torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(3, 4))),
+        (torch.randn(2, 3, 3),),
+        (torch.randn(2, 3), (torch.zeros(2, 4, 1), torch.zeros(2, 4))),
+    ]
+    for args in cases:
+        expected = _errors(ref, *args)
+        assert expected is not None and _errors(ours, *args) is expected, args
+    with pytest.raises(RuntimeError, match="inconsistent input_size: got 5 expected 3"):
+        ours(torch.randn(2, 5))
+
+
+def test_no_warning_for_default_construction():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lstmkit.LSTM(3, 4, num_layers=2, dropout=0.2)
