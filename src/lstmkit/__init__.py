@@ -1,5 +1,6 @@
 """lstmkit: torch.nn.LSTM re-implemented from scratch — exact, fused, extended."""
 from .config import GATES, LSTMConfig
+from .params import describe
 
 __version__ = "0.1.0"
 __all__ = ["LSTM", "LSTMCell", "LSTMConfig", "GATES", "describe"]
@@ -18,8 +19,4 @@ def __getattr__(name):
         from . import module
 
         return getattr(module, name)
-    if name == "describe":
-        from .describe import describe
-
-        return describe
     raise AttributeError(f"module 'lstmkit' has no attribute {name!r}")

@@ -9,7 +9,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "params": ("lstmkit.describe", "parameter table, formula and shapes of an LSTM"),
+    "params": ("lstmkit.params", "parameter table, formula and shapes of an LSTM"),
     "bench": ("lstmkit.bench", "benchmark lstmkit against torch.nn.LSTM and ONNX Runtime"),
     "train": ("lstmkit.train", "train a character-level language model"),
     "sample": ("lstmkit.sample", "generate text from a trained model"),

@@ -1,0 +1,92 @@
+"""Parameter accounting and the `lstmkit params` command line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import lstmkit
+from lstmkit import LSTMConfig, describe
+
+
+@given(I=st.integers(1, 50), H=st.integers(1, 50), layers=st.integers(1, 4), bias=st.booleans(),
+       bidir=st.booleans(), proj=st.integers(0, 49))
+def test_counts_match_torch(I, H, layers, bias, bidir, proj):
+    proj = proj if proj < H else 0
+    ref = nn.LSTM(I, H, layers, bias, bidirectional=bidir, proj_size=proj)
+    d = describe(LSTMConfig(I, H, layers, bias, False, 0.0, bidir, proj))
+    assert d.total == sum(p.numel() for p in ref.parameters())
+    assert [(t["name"], tuple(t["shape"])) for t in d.tensors()] == [(n, tuple(p.shape)) for n, p in ref.named_parameters()]
+    assert sum(layer["count"] for layer in d.layers()) == d.total
+    # the formula, evaluated, gives each layer's count
+    for layer in d.layers():
+        assert eval(layer["formula"]) == layer["count"]  # noqa: S307 - our own arithmetic string
+
+
+def test_shapes_match_a_real_forward():
+    cfg = dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
+    m = lstmkit.LSTM(**cfg)
+    d = describe(m, seq_len=4, batch=6).to_dict()
+    x = torch.randn(*d["shapes"]["input"])
+    h0, c0 = torch.zeros(*d["shapes"]["h0"]), torch.zeros(*d["shapes"]["c0"])
+    y, (h, c) = m(x, (h0, c0))
+    assert list(y.shape) == d["shapes"]["output"]
+    assert list(h.shape) == d["shapes"]["h_n"] and list(c.shape) == d["shapes"]["c_n"]
+    assert d["memory_bytes_float32"]["parameters"] == 4 * d["total"]
+
+
+def test_describe_torch_module_and_errors():
+    assert describe(nn.LSTM(3, 4, 2)).total == sum(p.numel() for p in nn.LSTM(3, 4, 2).parameters())
+    with pytest.raises(TypeError):
+        describe("lstm")
+    with pytest.raises(ValueError, match="seq_len"):
+        describe(LSTMConfig(3, 4), seq_len=0)
+
+
+def test_worked_example_from_readme():
+    # README: input 10, hidden 20, 2 layers -> 4*20*(10+20) + 8*20 + 4*20*(20+20) + 8*20 = 5920
+    assert describe(LSTMConfig(10, 20, 2)).total == 5920
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "lstmkit", "params", *args], capture_output=True, text=True)
+
+
+def test_cli_text():
+    r = _cli("64", "128", "--num-layers", "2", "--bidirectional", "--seq-len", "10", "--batch", "3")
+    assert r.returncode == 0, r.stderr
+    ref = nn.LSTM(64, 128, 2, bidirectional=True)
+    assert f"total parameters: {sum(p.numel() for p in ref.parameters()):,}" in r.stdout
+    assert "weight_hh_l1_reverse" in r.stdout and "(512, 128)" in r.stdout
+    assert "output  (10, 3, 256)" in r.stdout and "h0      (4, 3, 128)" in r.stdout
+
+
+def test_cli_json():
+    r = _cli("3", "8", "--proj-size", "2", "--no-bias", "--json")
+    assert r.returncode == 0
+    d = json.loads(r.stdout)
+    ref = nn.LSTM(3, 8, bias=False, proj_size=2)
+    assert d["total"] == sum(p.numel() for p in ref.parameters())
+    assert d["tensors"] == [{"name": n, "shape": list(p.shape), "count": p.numel()} for n, p in ref.named_parameters()]
+
+
+@pytest.mark.parametrize("args", [["64", "128", "--proj-size", "128"], ["64", "x"], ["0", "5"], ["4", "5", "--num-layers", "0"],
+                                  ["4.5", "5"], ["4"], ["4", "5", "--seq-len", "0"]])
+def test_cli_bad_arguments(args):
+    r = _cli(*args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_console_script_entry_point():
+    from lstmkit.cli import main
+
+    assert main(["params", "3", "4"]) == 0
+    assert main(["nonsense"]) == 2
