@@ -1,0 +1,268 @@
+"""Fused LSTM kernels for one layer-direction over packed data (numpy + Numba, no torch).
+
+Shapes (B = batch_sizes[0], T = len(batch_sizes), P = proj_size or H):
+
+    x        (total, I)  time-major packed rows: step t holds rows off[t] : off[t] + batch_sizes[t]
+    h0, c0   (B, P), (B, H)
+    w_ih     (4H, I)   w_hh (4H, P)   b (4H,) = b_ih + b_hh   w_hr (P, H)   gate rows [i|f|g|o]
+    y        (total, P)  h_n (B, P)  c_n (B, H)
+
+Forward, per step (engines/reference.py has the readable version):
+
+    gates = x_t W_ih^T + h_{t-1} W_hh^T + b      (bs, 4H)
+    c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+    h_t = sigmoid(o) * tanh(c_t)  [ @ W_hr^T ]
+
+How the work is laid out:
+  - the input projection of every step is ONE GEMM, x @ W_ih^T, written into `acts` (total, 4H);
+  - each step does one GEMM (GEMV at batch 1) for h_{t-1} @ W_hh^T into a (B, 4H) scratch
+    and then one fused pass over the gates that overwrites the step's rows of `acts` with
+    the activations (i, f, g, o) — so the buffer of the input GEMM is also what training
+    saves for backward, and inference keeps nothing;
+  - all buffers are allocated before the time loop; the weights are used in their torch
+    layout (BLAS reads W^T without a copy).
+
+Backward (BPTT) walks the steps in the opposite order, keeps the gradient of the state
+(dh, dc) in (B, P)/(B, H) buffers, does one GEMM per step for dh_{t-1} = dgates W_hh,
+and leaves every weight gradient to one GEMM each after the loop.
+"""
+import numpy as np
+from numba import njit
+
+from .activations import sigmoid, tanh
+
+# Fast-math without 'nnan'/'ninf': LLVM may reassociate and contract (FMA), which SIMD
+# reductions need, but must keep inf semantics (the float64 sigmoid relies on
+# 1/(1+inf) = 0 for huge negative inputs) and NaN propagation.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+KW = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
+
+
+@njit(**KW)
+def _offsets(batch_sizes):
+    T = batch_sizes.shape[0]
+    off = np.empty(T + 1, np.int64)
+    off[0] = 0
+    for t in range(T):
+        off[t + 1] = off[t] + batch_sizes[t]
+    return off
+
+
+@njit(**KW)
+def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr, reverse, acts, y, h, c, cells, save):
+    """The forward pass, writing into preallocated arrays (all C-contiguous, one dtype).
+
+    acts  (total, 4H)  scratch; on return the gate activations (i, f, g, o) of every row
+    y     (total, P)   output
+    h, c  (B, P), (B, H)  on return h_n, c_n
+    cells (total, H)   c_t of every row, written only when save (else may be (0, H))
+    w_hr  (P, H), or (0, H) for no projection; b is always given (zeros for bias=False).
+    """
+    T = batch_sizes.shape[0]
+    B, H = c0.shape
+    P = h0.shape[1]
+    has_proj = w_hr.shape[0] > 0
+    off = _offsets(batch_sizes)
+    h[:] = h0
+    c[:] = c0
+    hh = np.empty((B, 4 * H), acts.dtype)  # h_{t-1} @ W_hh^T of one step
+    hp = np.empty((B, H), acts.dtype)  # h before the projection (proj only)
+    if T == 0:
+        return
+    np.dot(x, w_ih.T, acts)  # (total, 4H): the input projection of all steps at once
+
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        bs = batch_sizes[t]
+        o0 = off[t]
+        np.dot(h[:bs], w_hh.T, hh[:bs])  # (bs, P) @ (P, 4H)
+        for r in range(bs):
+            a = acts[o0 + r]  # (4H,) pre-activation input part -> activations
+            q = hh[r]
+            cr = c[r]
+            hout = hp[r] if has_proj else h[r]
+            for j in range(H):
+                ig = sigmoid(a[j] + q[j] + b[j])
+                fg = sigmoid(a[H + j] + q[H + j] + b[H + j])
+                gg = tanh(a[2 * H + j] + q[2 * H + j] + b[2 * H + j])
+                og = sigmoid(a[3 * H + j] + q[3 * H + j] + b[3 * H + j])
+                a[j] = ig
+                a[H + j] = fg
+                a[2 * H + j] = gg
+                a[3 * H + j] = og
+                cv = fg * cr[j] + ig * gg
+                cr[j] = cv
+                hout[j] = og * tanh(cv)
+            if save:
+                cells[o0 + r] = cr
+        if has_proj:
+            np.dot(hp[:bs], w_hr.T, y[o0 : o0 + bs])  # (bs, H) @ (H, P)
+            h[:bs] = y[o0 : o0 + bs]
+        else:
+            y[o0 : o0 + bs] = h[:bs]
+
+
+@njit(**KW)
+def backward_core(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, acts, cells, y,
+                  dy, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr):
+    """BPTT through forward_core(save=True). Writes dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr.
+
+    acts, cells, y: what the forward pass left. dy (total, P), dh_n (B, P), dc_n (B, H)
+    are the incoming gradients (zeros where unused). db is the gradient of b_ih and of
+    b_hh alike. dw_hr may be (0, H) without projection.
+    """
+    T = batch_sizes.shape[0]
+    B, H = c0.shape
+    P = h0.shape[1]
+    total = x.shape[0]
+    has_proj = w_hr.shape[0] > 0
+    off = _offsets(batch_sizes)
+    dt = acts.dtype
+    dgates = np.empty((total, 4 * H), dt)  # d loss / d pre-activation gates, every row
+    h_prev = np.empty((total, P), dt)  # h_{t-1} of every row, for dW_hh in one GEMM
+    dh = dh_n.copy()  # (B, P) gradient w.r.t. the state h, carried backwards in time
+    dc = dc_n.copy()  # (B, H)
+    dhp = np.empty((B, H), dt)  # gradient w.r.t. h before projection (proj only)
+    dh_all = np.empty((total if has_proj else 0, P), dt)  # for dW_hr in one GEMM
+    hpre_all = np.empty((total if has_proj else 0, H), dt)
+
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        bs = batch_sizes[t]
+        o0 = off[t]
+        # The step that ran just before t in the forward pass, and how many of our rows it holds.
+        if reverse:
+            tp = t + 1
+            n_prev = batch_sizes[tp] if tp < T else 0
+        else:
+            tp = t - 1
+            n_prev = bs if tp >= 0 else 0
+        p0 = off[tp] if n_prev > 0 else 0
+
+        for r in range(bs):  # dh_total = dh carried + dy of this step
+            for k in range(P):
+                dh[r, k] += dy[o0 + r, k]
+        if has_proj:
+            dh_all[o0 : o0 + bs] = dh[:bs]
+            np.dot(dh[:bs], w_hr, dhp[:bs])  # (bs, P) @ (P, H)
+        for r in range(bs):
+            row = o0 + r
+            if r < n_prev:
+                cp = cells[p0 + r]
+                h_prev[row] = y[p0 + r]
+            else:
+                cp = c0[r]
+                h_prev[row] = h0[r]
+            a = acts[row]
+            cr = cells[row]
+            dgr = dgates[row]
+            dcr = dc[r]
+            dhr = dhp[r] if has_proj else dh[r]
+            for j in range(H):
+                ig = a[j]
+                fg = a[H + j]
+                gg = a[2 * H + j]
+                og = a[3 * H + j]
+                tc = tanh(cr[j])
+                dhv = dhr[j]
+                dct = dcr[j] + dhv * og * (1 - tc * tc)
+                dgr[j] = dct * gg * ig * (1 - ig)
+                dgr[H + j] = dct * cp[j] * fg * (1 - fg)
+                dgr[2 * H + j] = dct * ig * (1 - gg * gg)
+                dgr[3 * H + j] = dhv * tc * og * (1 - og)
+                dcr[j] = dct * fg
+            if has_proj:
+                hr = hpre_all[row]
+                for j in range(H):
+                    hr[j] = a[3 * H + j] * tanh(cr[j])
+        np.dot(dgates[o0 : o0 + bs], w_hh, dh[:bs])  # (bs, 4H) @ (4H, P): dh_{t-1}
+
+    # Rows never touched again keep their last value: that is dh0/dc0 (see module doc).
+    dh0[:] = dh
+    dc0[:] = dc
+    np.dot(dgates, w_ih, dx)  # (total, 4H) @ (4H, I)
+    np.dot(dgates.T, x, dw_ih)  # (4H, total) @ (total, I)
+    np.dot(dgates.T, h_prev, dw_hh)  # (4H, total) @ (total, P)
+    db[:] = 0
+    for row in range(total):
+        db += dgates[row]
+    if has_proj:
+        np.dot(dh_all.T, hpre_all, dw_hr)  # (P, total) @ (total, H)
+
+
+# ---- numpy-level API (the torch-free runtime and the torch engine both use these) ------------
+
+def _prep(dtype, *arrays):
+    return [np.ascontiguousarray(a, dtype=dtype) for a in arrays]
+
+
+def _check(x, h0, c0, w_ih, w_hh):
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"lstmkit kernels take float32 or float64 arrays, got {x.dtype}")
+    if x.ndim != 2 or w_ih.shape[1] != x.shape[1] or w_ih.shape[0] != w_hh.shape[0]:
+        raise ValueError(f"shape mismatch: x {x.shape}, w_ih {w_ih.shape}, w_hh {w_hh.shape}")
+    if h0.shape[1] != w_hh.shape[1] or c0.shape[1] * 4 != w_ih.shape[0]:
+        raise ValueError(f"shape mismatch: h0 {h0.shape}, c0 {c0.shape}, w_hh {w_hh.shape}")
+
+
+def lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b=None, w_hr=None, reverse=False, save=False):
+    """One LSTM layer-direction over packed data, numpy in and out.
+
+    x (total, I); batch_sizes: ints, non-increasing, sum == total (padded data of N
+    sequences: [N] * T); h0 (B, P); c0 (B, H); w_ih (4H, I); w_hh (4H, P);
+    b (4H,) = b_ih + b_hh or None; w_hr (P, H) or None; gate order i, f, g, o.
+    All float arrays share x's dtype (float32 or float64).
+
+    Returns (y, h_n, c_n): y (total, P); h_n (B, P), c_n (B, H) each sequence's state after
+    its own last step (forward) or after step 0 (reverse=True, time runs backwards).
+    With save=True returns (y, h_n, c_n, saved), saved = (acts, cells) for lstm_backward.
+    """
+    x = np.asarray(x)
+    dt = x.dtype
+    x, h0, c0, w_ih, w_hh = _prep(dt, x, h0, c0, w_ih, w_hh)
+    _check(x, h0, c0, w_ih, w_hh)
+    bsz = np.ascontiguousarray(batch_sizes, dtype=np.int64)
+    H = c0.shape[1]
+    P = h0.shape[1]
+    b = np.zeros(4 * H, dt) if b is None else _prep(dt, b)[0]
+    w_hr = np.zeros((0, H), dt) if w_hr is None else _prep(dt, w_hr)[0]
+    total = x.shape[0]
+    acts = np.empty((total, 4 * H), dt)
+    y = np.empty((total, P), dt)
+    h_n = np.empty_like(h0)
+    c_n = np.empty_like(c0)
+    cells = np.empty((total if save else 0, H), dt)
+    forward_core(x, bsz, h0, c0, w_ih, w_hh, b, w_hr, bool(reverse), acts, y, h_n, c_n, cells, bool(save))
+    if save:
+        return y, h_n, c_n, (acts, cells)
+    return y, h_n, c_n
+
+
+def lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, dy, dh_n, dc_n):
+    """Gradients of one layer-direction, given lstm_forward(..., save=True)'s y and saved.
+
+    dy (total, P), dh_n (B, P), dc_n (B, H): incoming gradients (None = zeros).
+    Returns (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr); db is the gradient of b_ih and of
+    b_hh alike; dw_hr is None without projection.
+    """
+    x = np.asarray(x)
+    dt = x.dtype
+    x, h0, c0, w_ih, w_hh, y = _prep(dt, x, h0, c0, w_ih, w_hh, y)
+    acts, cells = saved
+    bsz = np.ascontiguousarray(batch_sizes, dtype=np.int64)
+    H = c0.shape[1]
+    dy = np.zeros_like(y) if dy is None else _prep(dt, dy)[0]
+    dh_n = np.zeros_like(h0) if dh_n is None else _prep(dt, dh_n)[0]
+    dc_n = np.zeros_like(c0) if dc_n is None else _prep(dt, dc_n)[0]
+    has_proj = w_hr is not None
+    w_hr = _prep(dt, w_hr)[0] if has_proj else np.zeros((0, H), dt)
+    dx = np.empty_like(x)
+    dh0 = np.empty_like(h0)
+    dc0 = np.empty_like(c0)
+    dw_ih = np.empty_like(w_ih)
+    dw_hh = np.empty_like(w_hh)
+    db = np.empty(4 * H, dt)
+    dw_hr = np.empty_like(w_hr)
+    backward_core(x, bsz, h0, c0, w_ih, w_hh, w_hr, bool(reverse), acts, cells, y,
+                  dy, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
+    return dx, dh0, dc0, dw_ih, dw_hh, db, (dw_hr if has_proj else None)
