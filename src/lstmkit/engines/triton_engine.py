@@ -1,0 +1,298 @@
+"""The Triton engine: one layer-direction on the GPU, forward and backward.
+
+Same interface and equations as engines/reference.py. Per call:
+
+    forward   xw = x W_ih^T                                  one GEMM for all steps (cuBLAS)
+              for each step t:  lstm_fwd_step                fused: h W_hh^T + gates + c, h
+                                y_t = h_t W_hr^T             (proj_size > 0 only, cuBLAS)
+    backward  for each step t, last to first: lstm_bwd_step  fused: dgates_{t+1} W_hh + gate grads
+                                                             + dc (the projection's GEMMs via cuBLAS)
+              dx, dW_ih, dW_hh, dW_hr, db                    one GEMM / reduction each, over all steps
+
+The kernels live in lstmkit/triton_kernels.py. Tensors must be on CUDA, or on the CPU
+when triton runs its interpreter (TRITON_INTERPRET=1 set before triton kernels were
+defined, i.e. before lstmkit.triton_kernels was imported) - that is how the tests run.
+
+Importing this module raises ImportError when triton is not installed, so
+engine="auto" falls back to another engine.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.autograd.function import once_differentiable
+
+try:
+    import triton  # noqa: F401
+except ImportError as e:  # engine="auto" treats this as "engine not available"
+    raise ImportError("engine='triton' needs the triton package (pip install triton)") from e
+
+from .. import triton_kernels as tk
+from .base import LayerParams, step_offsets
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _interpreted() -> bool:
+    # Read at call time: the tests may re-import the kernels module in interpreter mode.
+    return tk._is_interpreted(tk.lstm_fwd_step)
+
+
+def _check(x: torch.Tensor) -> None:
+    if x.dtype not in DTYPES:
+        raise TypeError(f"engine='triton' supports {[str(d) for d in DTYPES]}, got {x.dtype}")
+    if x.device.type == "cuda":
+        return
+    if x.device.type == "cpu" and _interpreted():
+        return
+    if x.device.type == "cpu":
+        raise RuntimeError(
+            "engine='triton' runs on CUDA tensors; it accepts CPU tensors only under the Triton "
+            "interpreter: set TRITON_INTERPRET=1 in the environment before lstmkit's triton kernels "
+            "are imported (or use engine='reference' / 'numba' on the CPU)"
+        )
+    raise RuntimeError(f"engine='triton' runs on CUDA tensors, got a tensor on {x.device}")
+
+
+class _Cfg:
+    """Tile sizes and flags for one call (all steps share them)."""
+
+    def __init__(self, x: torch.Tensor, B: int, H: int, K: int):
+        interp = _interpreted()
+        dt = x.dtype
+        self.acc = torch.float64 if dt == torch.float64 else torch.float32
+        self.acc_f64 = dt == torch.float64
+        # The interpreter's dot mishandles bf16 operands (numpy has no bf16); on the GPU
+        # bf16 goes to the tensor cores as is.
+        self.upcast = interp and dt == torch.bfloat16
+        if dt == torch.float32:
+            tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32  # follow torch.matmul's rule
+            self.precision = "tf32" if tf32 else "ieee"
+        else:
+            self.precision = "ieee" if dt == torch.float64 else "tf32"  # fp16/bf16: irrelevant
+        # tl.dot needs every tile dim >= 16.
+        self.bb = min(64, max(16, _next_pow2(B)))
+        if interp:  # few, big programs: the interpreter pays per op, not per element
+            self.bh = min(128, max(16, _next_pow2(H)))
+            self.bk = min(128, max(16, _next_pow2(max(K, 4 * H))))
+            self.warps = 4
+        else:
+            # One step is a small GEMM (B x K) @ (K x 4H): spread it over enough programs.
+            n_row_blocks = -(-B // self.bb)
+            self.bh = 32 if n_row_blocks * (-(-H // 32)) >= 96 else 16
+            self.bk = 64 if dt in (torch.float16, torch.bfloat16) else 32
+            self.warps = 4
+
+    def grid(self, bs: int, H: int):
+        return (triton.cdiv(bs, self.bb), triton.cdiv(H, self.bh))
+
+
+def _final_rows(batch_sizes: list[int], last: bool, device) -> torch.Tensor:
+    """Packed row of each sequence at its last (last=True) or first step in time.
+
+    Forward direction: h_n sits at each sequence's last step, h0 feeds step 0.
+    Reverse direction: h_n sits at step 0, h0 feeds each sequence's last step.
+    """
+    B = batch_sizes[0]
+    bs = torch.tensor(batch_sizes)
+    if not last:
+        return torch.arange(B, device=device)
+    offsets = torch.cumsum(bs, 0) - bs
+    lengths = (bs[None, :] > torch.arange(B)[:, None]).sum(1)  # (B,)
+    return (offsets[lengths - 1] + torch.arange(B)).to(device)
+
+
+def _prev_rows(batch_sizes: list[int], reverse: bool, device) -> torch.Tensor:
+    """For every packed row, the row of cat([y, h0]) that held its h_{t-1}. (total,)"""
+    T = len(batch_sizes)
+    bs = torch.tensor(batch_sizes)
+    offsets = torch.cumsum(bs, 0) - bs
+    total = int(bs.sum())
+    step = torch.repeat_interleave(torch.arange(T), bs)  # (total,)
+    r = torch.arange(total) - offsets[step]  # row within its step = sequence index
+    prev = step + 1 if reverse else step - 1
+    pc = prev.clamp(0, T - 1)
+    from_y = (prev >= 0) & (prev < T) & (r < bs[pc])
+    return torch.where(from_y, offsets[pc] + r, total + r).to(device)
+
+
+def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, store_gates: bool):
+    """Run the recurrence. Returns y, h_n, c_n and the buffers backward needs."""
+    total = x.shape[0]
+    B, P = h0.shape
+    H = c0.shape[1]
+    T = len(batch_sizes)
+    dt = x.dtype
+    cfg = _Cfg(x, B, H, P)
+    offsets = step_offsets(batch_sizes)
+
+    xw = torch.matmul(x, p.w_ih.t())  # (total, 4H): the input projection of every step
+    wt = p.w_hh.t().contiguous()  # (P, 4H)
+    has_bias = p.b_ih is not None
+    bias = (p.b_ih.to(cfg.acc) + p.b_hh.to(cfg.acc)) if has_bias else xw  # (4H,); xw = unused dummy
+    h0 = h0.contiguous()
+    c0 = c0.to(cfg.acc).contiguous()  # c stays in the accumulation dtype between steps
+
+    proj = p.w_hr is not None
+    y = torch.empty(total, P, device=x.device, dtype=dt)
+    hr = torch.empty(total, H, device=x.device, dtype=dt) if proj else y  # o * tanh(c), pre-projection
+    cs = torch.empty(total, H, device=x.device, dtype=cfg.acc)  # c_t of every step
+    gates = torch.empty(total, 4 * H, device=x.device, dtype=dt) if store_gates else xw
+
+    prev = None
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        bs, row0 = batch_sizes[t], offsets[t]
+        if prev is None:  # first step: everyone starts from h0 / c0
+            hp, hp_row, cp, cp_row = h0, 0, c0, 0
+        elif batch_sizes[prev] >= bs:  # the first bs rows of the previous step
+            hp, hp_row, cp, cp_row = y, offsets[prev], cs, offsets[prev]
+        else:  # reverse direction, batch grows: new sequences join from their h0 / c0
+            n, pr = batch_sizes[prev], offsets[prev]
+            hp, hp_row = torch.cat([y[pr : pr + n], h0[n:bs]]), 0
+            cp, cp_row = torch.cat([cs[pr : pr + n], c0[n:bs]]), 0
+        tk.lstm_fwd_step[cfg.grid(bs, H)](
+            xw, wt, bias,
+            hp, hp_row, hp.stride(0),
+            cp, cp_row, cp.stride(0),
+            gates, cs, hr, hr.stride(0),
+            row0, bs, H, P,
+            HAS_BIAS=has_bias, STORE_GATES=store_gates,
+            ACC_F64=cfg.acc_f64, UPCAST_DOT=cfg.upcast, PRECISION=cfg.precision,
+            BLOCK_B=cfg.bb, BLOCK_H=cfg.bh, BLOCK_K=cfg.bk, num_warps=cfg.warps,
+        )
+        if proj:  # y_t = h_t W_hr^T, written in place into y
+            torch.matmul(hr[row0 : row0 + bs], p.w_hr.t(), out=y[row0 : row0 + bs])
+        prev = t
+
+    last = _final_rows(batch_sizes, last=not reverse, device=x.device)
+    h_n = y[last]
+    c_n = cs[last].to(dt)
+    return y, h_n, c_n, (gates, cs, hr, h0, c0)
+
+
+def _backward(saved, dy, dh_n, dc_n, batch_sizes, reverse, needs):
+    x, p, y, (gates, cs, hr, h0, c0) = saved
+    total = x.shape[0]
+    B, P = h0.shape
+    H = c0.shape[1]
+    T = len(batch_sizes)
+    dt = x.dtype
+    cfg = _Cfg(x, B, H, P)
+    offsets = step_offsets(batch_sizes)
+    proj = p.w_hr is not None
+    fuse = not proj  # without a projection the recurrent GEMM of dh is fused into the kernel
+
+    dy = dy.contiguous()
+    dh_n = dh_n.contiguous()
+    dc = dc_n.to(cfg.acc).contiguous().clone()  # (B, H) dL/dc, updated in place step by step
+    dg = torch.empty(total, 4 * H, device=x.device, dtype=dt)  # gate pre-activation grads
+    if proj:
+        dhp_all = torch.empty(total, P, device=x.device, dtype=dt)  # dL/dy_t incl. recurrence
+
+    nxt = None  # the step processed after this one in the forward pass
+    for t in (range(T) if reverse else range(T - 1, -1, -1)):
+        bs, row0 = batch_sizes[t], offsets[t]
+        n_next = min(batch_sizes[nxt], bs) if nxt is not None else 0
+        next_row = offsets[nxt] if nxt is not None else 0
+        prev = (t + 1 if reverse else t - 1)
+        if not 0 <= prev < T:
+            cp, cp_row = c0, 0
+        elif batch_sizes[prev] >= bs:
+            cp, cp_row = cs, offsets[prev]
+        else:
+            n, pr = batch_sizes[prev], offsets[prev]
+            cp, cp_row = torch.cat([cs[pr : pr + n], c0[n:bs]]), 0
+
+        if fuse:
+            dh, dh_row = dy, row0
+        else:
+            dhp = dhp_all[row0 : row0 + bs]  # (bs, P)
+            dhp.copy_(dy[row0 : row0 + bs])
+            if n_next:
+                dhp[:n_next] += dg[next_row : next_row + n_next] @ p.w_hh
+            if n_next < bs:
+                dhp[n_next:] += dh_n[n_next:bs]
+            dh, dh_row = dhp @ p.w_hr, 0  # (bs, H)
+        tk.lstm_bwd_step[cfg.grid(bs, H)](
+            dh, dh_row, dh.stride(0),
+            dg, next_row, n_next,
+            p.w_hh, dh_n, dh_n.stride(0),
+            gates, cs,
+            cp, cp_row, cp.stride(0),
+            dc,
+            row0, bs, H,
+            FUSE_REC=fuse,
+            ACC_F64=cfg.acc_f64, UPCAST_DOT=cfg.upcast, PRECISION=cfg.precision,
+            BLOCK_B=cfg.bb, BLOCK_H=cfg.bh, BLOCK_K=cfg.bk, num_warps=cfg.warps,
+        )
+        nxt = t
+
+    # What remains are GEMMs over all steps at once.
+    nx, nh0, nc0, nwih, nwhh, nbih, nbhh, nwhr = needs
+    dx = dg @ p.w_ih if nx else None  # (total, I)
+    dh0 = None
+    if nh0:  # h0 of each sequence fed its first step in time: forward t=0, reverse its last
+        first = _final_rows(batch_sizes, last=reverse, device=x.device)
+        dh0 = dg[first] @ p.w_hh  # (B, P)
+    dc0 = dc.to(dt) if nc0 else None
+    dw_ih = dg.t() @ x if nwih else None  # (4H, I)
+    dw_hh = None
+    if nwhh:
+        h_prev = torch.cat([y, h0])[_prev_rows(batch_sizes, reverse, x.device)]  # (total, P)
+        dw_hh = dg.t() @ h_prev  # (4H, P)
+    db = dg.sum(0, dtype=cfg.acc).to(dt) if (nbih or nbhh) else None
+    dw_hr = dhp_all.t() @ hr if (proj and nwhr) else None  # (P, H)
+    return (dx, dh0, dc0, dw_ih, dw_hh,
+            db if nbih else None, db if nbhh else None, dw_hr)
+
+
+class _TritonLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+        p = LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr)
+        y, h_n, c_n, bufs = _forward(x, batch_sizes, h0, c0, p, reverse, store_gates=True)
+        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, w_hr, y, *bufs)
+        ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
+        return y, h_n, c_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dh_n, dc_n):
+        x, w_ih, w_hh, b_ih, b_hh, w_hr, y, *bufs = ctx.saved_tensors
+        p = LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr)
+        grads = _backward((x, p, y, bufs), dy, dh_n, dc_n, ctx.batch_sizes, ctx.reverse, ctx.needs_input_grad[:8])
+        return (*grads, None, None)
+
+
+_warned_variant = False
+
+
+def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False, variant=None):
+    """One layer-direction over packed data (see engines/reference.py for the contract)."""
+    if variant is not None:  # layer norm, peepholes, ...: no fused kernels yet
+        global _warned_variant
+        if not _warned_variant:
+            warnings.warn(
+                "engine='triton' has no fused kernels for LSTM variants yet; "
+                "running them with the reference engine",
+                stacklevel=2,
+            )
+            _warned_variant = True
+        from . import reference
+
+        return reference.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse, variant=variant)
+
+    _check(x)
+    if len(batch_sizes) == 0:
+        return x.new_zeros((0, h0.shape[1])), h0, c0
+    tensors = (x, h0, c0, *p)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _TritonLayer.apply(x, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, list(batch_sizes), reverse)
+    with torch.no_grad():
+        y, h_n, c_n, _ = _forward(x, batch_sizes, h0, c0, p, reverse, store_gates=False)
+    return y, h_n, c_n
