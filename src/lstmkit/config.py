@@ -46,6 +46,14 @@ class LSTMConfig:
     dropout: float = 0.0
     bidirectional: bool = False
     proj_size: int = 0
+    # Variants nn.LSTM lacks (see lstmkit/variants.py). All off by default, in which
+    # case the parameters are exactly nn.LSTM's.
+    layer_norm: bool = False
+    peephole: bool = False
+    zoneout: float | tuple[float, float] = 0.0  # p, or (p_cell, p_hidden)
+    recurrent_dropout: float = 0.0
+    weight_drop: float = 0.0
+    forget_bias: float = 0.0
 
     def __post_init__(self):
         # Same checks, order, exception types and messages as torch.nn.LSTM, so a
@@ -79,6 +87,41 @@ class LSTMConfig:
         if self.proj_size >= self.hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
         object.__setattr__(self, "dropout", float(d))
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        _check_bool("layer_norm", self.layer_norm)
+        _check_bool("peephole", self.peephole)
+        z = self.zoneout
+        if isinstance(z, (tuple, list)):
+            if len(z) != 2:
+                raise ValueError(f"zoneout should be a number or a pair (p_cell, p_hidden), got {z!r}")
+            z = (_check_prob("zoneout", z[0], True), _check_prob("zoneout", z[1], True))
+        else:
+            z = _check_prob("zoneout", z, True)
+        object.__setattr__(self, "zoneout", z)
+        for name in ("recurrent_dropout", "weight_drop"):
+            object.__setattr__(self, name, _check_prob(name, getattr(self, name)))
+        fb = self.forget_bias
+        if isinstance(fb, bool) or not isinstance(fb, numbers.Real):
+            raise TypeError(f"forget_bias should be a real number, got: {type(fb).__name__}")
+        if fb != 0 and not self.bias:
+            raise ValueError("forget_bias needs bias=True (it is added to bias_ih's forget-gate slice)")
+        object.__setattr__(self, "forget_bias", float(fb))
+
+    @property
+    def zoneout_probs(self) -> tuple[float, float]:
+        """(p_cell, p_hidden)."""
+        z = self.zoneout
+        return (z[0], z[1]) if isinstance(z, tuple) else (z, z)
+
+    @property
+    def has_variant(self) -> bool:
+        """True when any option beyond nn.LSTM's is on."""
+        return (
+            self.layer_norm or self.peephole or self.zoneout_probs != (0.0, 0.0)
+            or self.recurrent_dropout > 0 or self.weight_drop > 0 or self.forget_bias != 0
+        )
 
     def warn_if_useless_dropout(self, stacklevel: int = 3) -> None:
         if self.dropout > 0 and self.num_layers == 1:
@@ -123,6 +166,12 @@ class LSTMConfig:
             out += [("bias_ih" + sfx, (4 * H,)), ("bias_hh" + sfx, (4 * H,))]
         if self.proj_size > 0:
             out.append(("weight_hr" + sfx, (P, H)))
+        # Variant parameters come after nn.LSTM's own, so shared names and order are kept.
+        if self.layer_norm:
+            for part, n in (("ih", 4 * H), ("hh", 4 * H), ("cell", H)):
+                out += [(f"layer_norm_{part}_weight" + sfx, (n,)), (f"layer_norm_{part}_bias" + sfx, (n,))]
+        if self.peephole:
+            out.append(("weight_peephole" + sfx, (3, H)))  # rows: i, f, o
         return out
 
     def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:

@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .config import LSTMConfig
 from .engines import LayerParams, check_engine_name, get_layer_fn
+from . import variants
 
 
 def _permute(x: torch.Tensor, perm):
@@ -47,10 +48,19 @@ class LSTM(nn.Module):
         dtype=None,
         *,
         engine: str = "auto",
+        layer_norm: bool = False,
+        peephole: bool = False,
+        zoneout=0.0,
+        recurrent_dropout: float = 0.0,
+        weight_drop: float = 0.0,
+        forget_bias: float = 0.0,
     ) -> None:
         super().__init__()
+        # Variant options (lstmkit/variants.py); all off = exactly nn.LSTM.
         cfg = LSTMConfig(
-            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+            layer_norm=layer_norm, peephole=peephole, zoneout=zoneout,
+            recurrent_dropout=recurrent_dropout, weight_drop=weight_drop, forget_bias=forget_bias,
         )
         cfg.warn_if_useless_dropout(stacklevel=3)
         self.config = cfg
@@ -77,6 +87,8 @@ class LSTM(nn.Module):
         stdv = 1.0 / math.sqrt(self.hidden_size)
         for w in self.parameters():
             nn.init.uniform_(w, -stdv, stdv)
+        if self.config.has_variant:  # LN weights 1 / biases 0, forget_bias
+            variants.init_parameters(self)
 
     @property
     def _flat_weights(self) -> list[torch.Tensor]:
@@ -115,6 +127,8 @@ class LSTM(nn.Module):
 
     def to_torch(self) -> nn.LSTM:
         """The equivalent torch.nn.LSTM with a copy of the weights."""
+        if variants.changes_forward(self.config):
+            raise ValueError("to_torch: nn.LSTM has no layer_norm/peephole/zoneout/recurrent_dropout/weight_drop")
         w = self.weight_ih_l0
         c = self.config
         m = nn.LSTM(
@@ -141,7 +155,13 @@ class LSTM(nn.Module):
             s += ", bidirectional={bidirectional}"
         if self.engine != "auto":
             s += ", engine={engine!r}"
-        return s.format(**self.__dict__)
+        s = s.format(**self.__dict__)
+        c = self.config  # variant options, only when set, so a plain LSTM prints like nn.LSTM
+        for name, default in (("layer_norm", False), ("peephole", False), ("zoneout", 0.0),
+                              ("recurrent_dropout", 0.0), ("weight_drop", 0.0), ("forget_bias", 0.0)):
+            if getattr(c, name) != default:
+                s += f", {name}={getattr(c, name)!r}"
+        return s
 
     # ---- input checks (torch's exception types and messages) ---------------------------------
     def _check_input(self, x: torch.Tensor, packed: bool) -> None:
@@ -252,7 +272,8 @@ class LSTM(nn.Module):
             h_shape, c_shape = cfg.state_shapes(batch)
             h0 = data.new_zeros(h_shape)
             c0 = data.new_zeros(c_shape)
-        layer_fn = get_layer_fn(self.engine, data)
+        use_variant = variants.needs_variant_engine(cfg, self.training)
+        layer_fn = get_layer_fn(self.engine, data, variant=use_variant)
 
         x = data
         h_n, c_n = [], []
@@ -260,7 +281,13 @@ class LSTM(nn.Module):
             outs = []
             for d in range(cfg.num_directions):
                 idx = k * cfg.num_directions + d
-                y, h, c = layer_fn(x, batch_sizes, h0[idx], c0[idx], self.layer_params(k, d), reverse=d == 1)
+                p = self.layer_params(k, d)
+                extra = {}
+                if cfg.weight_drop > 0:
+                    p = p._replace(w_hh=variants.drop_weights(p.w_hh, cfg.weight_drop, self.training))
+                if use_variant:  # masks drawn here, so every engine sees the same ones
+                    extra["variant"] = variants.layer_variant(self, k, d, batch_sizes, data)
+                y, h, c = layer_fn(x, batch_sizes, h0[idx], c0[idx], p, reverse=d == 1, **extra)
                 outs.append(y)
                 h_n.append(h)
                 c_n.append(c)

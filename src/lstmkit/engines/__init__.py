@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 
@@ -44,7 +45,27 @@ def auto_engine_name(x: torch.Tensor) -> str:
     return "reference"
 
 
-def get_layer_fn(name: str, x: torch.Tensor):
+# Engines that run the variants of lstmkit/variants.py (layer_norm, peephole, zoneout,
+# recurrent_dropout), called with an extra `variant=LayerVariant` keyword.
+_VARIANT_MODULES = {
+    "reference": "lstmkit.engines.reference",
+    "numba": "lstmkit.engines.numba_variants",
+}
+_warned_variant_fallback = set()
+
+
+def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False):
     if name == "auto":
         name = auto_engine_name(x)
-    return _load(name).lstm_layer
+    if not variant:
+        return _load(name).lstm_layer
+    if name not in _VARIANT_MODULES:
+        if name not in _warned_variant_fallback:
+            _warned_variant_fallback.add(name)
+            warnings.warn(
+                f"engine {name!r} has no support for LSTM variants (layer_norm, peephole, zoneout, "
+                "recurrent_dropout); using the reference engine",
+                stacklevel=3,
+            )
+        name = "reference"
+    return importlib.import_module(_VARIANT_MODULES[name]).lstm_layer
