@@ -1,0 +1,158 @@
+"""The Numba CPU engine: kernels/lstm.py bound to torch.
+
+lstm_layer(x, batch_sizes, h0, c0, p, reverse) has the engine interface of base.py.
+
+Two paths:
+  - nothing needs a gradient (torch.no_grad(), inference_mode, or no input requires
+    grad): call the forward kernel directly on numpy views of the tensors and save
+    nothing. This path is kept thin because one-step calls at batch 1 cost a few
+    microseconds of arithmetic: no autograd.Function.
+  - otherwise: a torch.autograd.Function whose forward saves the gate activations
+    (total, 4H) and cell states (total, H) and whose backward runs the BPTT kernel.
+
+dtypes: the kernels take float32 and float64. Other dtypes (bfloat16, float16) raise
+TypeError here; engine="auto" sends them to the reference engine (engines/__init__.py).
+
+Threads: the kernels' GEMMs run in the BLAS that Numba links (scipy's OpenBLAS, a
+pthreads pool separate from torch's OpenMP pool). We size that pool to
+torch.get_num_threads() so `torch.set_num_threads(n)` governs lstmkit as well, and
+all the heavy work of one call runs in that single pool.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..kernels.lstm import backward_core, forward_core
+from .base import LayerParams
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+# ---- threads -----------------------------------------------------------------------------------
+_blas_threads = [None]  # the torch thread count the BLAS pool was last sized for
+_blas_controller = [None]
+
+
+def _sync_threads() -> None:
+    n = torch.get_num_threads()
+    if n == _blas_threads[0]:
+        return
+    _blas_threads[0] = n
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # threadpoolctl is optional; OpenBLAS then uses all cores
+        return
+    if _blas_controller[0] is None:
+        _blas_controller[0] = ThreadpoolController()
+    # Only scipy's OpenBLAS (the one Numba calls), not numpy's or torch's pools.
+    libs = _blas_controller[0].select(user_api="blas")
+    for lib in libs.lib_controllers:
+        if "scipy.libs" in lib.filepath or "scipy/" in lib.filepath:
+            lib.set_num_threads(n)
+
+
+# ---- weights -------------------------------------------------------------------------------------
+# The kernels read the weights in torch's layout (BLAS takes W^T without a copy), so
+# "laying out" is numpy views plus one (4H,) bias sum per call. Nothing is cached:
+# parameters can change behind the version counter (p.data.add_(...), gradcheck's
+# perturbations), and a stale cache would be a silent wrong answer for ~1 us saved.
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def _weights(p: LayerParams, H: int):
+    """(w_ih, w_hh, b, w_hr) as contiguous numpy arrays; b = b_ih + b_hh (zeros if no bias)."""
+    w_ih, w_hh = _np(p.w_ih), _np(p.w_hh)
+    dt = w_ih.dtype
+    if p.b_ih is not None:
+        b = _np(p.b_ih) + _np(p.b_hh)
+    else:
+        b = np.zeros(4 * H, dt)
+    w_hr = _np(p.w_hr) if p.w_hr is not None else np.zeros((0, H), dt)
+    return w_ih, w_hh, b, w_hr
+
+
+def _check(x: torch.Tensor) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"engine='numba' computes in float32 or float64, got {x.dtype}; use engine='auto' "
+            "(which runs other dtypes on the reference engine) or convert the model and input"
+        )
+    if x.device.type != "cpu":
+        raise RuntimeError(f"engine='numba' runs on CPU tensors, got a tensor on {x.device}")
+
+
+def _forward(x, batch_sizes, h0, c0, weights, reverse, save):
+    """Run the forward kernel; returns numpy (y, h_n, c_n, acts, cells)."""
+    w_ih, w_hh, b, w_hr = weights
+    xn, h0n, c0n = _np(x), _np(h0), _np(c0)
+    dt = xn.dtype
+    total = xn.shape[0]
+    B, H = c0n.shape
+    P = h0n.shape[1]
+    bsz = np.asarray(batch_sizes, dtype=np.int64)
+    acts = np.empty((total, 4 * H), dt)
+    y = np.empty((total, P), dt)
+    h_n = np.empty((B, P), dt)
+    c_n = np.empty((B, H), dt)
+    cells = np.empty((total if save else 0, H), dt)
+    forward_core(xn, bsz, h0n, c0n, w_ih, w_hh, b, w_hr, reverse, acts, y, h_n, c_n, cells, save)
+    return y, h_n, c_n, acts, cells
+
+
+def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False):
+    _check(x)
+    _sync_threads()
+    H = c0.shape[1]
+    weights = _weights(p, H)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or h0.requires_grad or c0.requires_grad or any(t is not None and t.requires_grad for t in p)
+    ):
+        return _LSTMFunction.apply(x, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, batch_sizes, reverse, weights)
+    y, h_n, c_n, _, _ = _forward(x, batch_sizes, h0, c0, weights, bool(reverse), False)
+    return torch.from_numpy(y), torch.from_numpy(h_n), torch.from_numpy(c_n)
+
+
+class _LSTMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, weights):
+        y, h_n, c_n, acts, cells = _forward(x, batch_sizes, h0, c0, weights, bool(reverse), True)
+        y, h_n, c_n = torch.from_numpy(y), torch.from_numpy(h_n), torch.from_numpy(c_n)
+        # Saved: inputs (no copies), the output y, and the kernel's acts + cells.
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, y, torch.from_numpy(acts), torch.from_numpy(cells))
+        ctx.batch_sizes = batch_sizes
+        ctx.reverse = bool(reverse)
+        ctx.has_bias = b_ih is not None
+        return y, h_n, c_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dh_n, dc_n):
+        x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells = ctx.saved_tensors
+        xn, h0n, c0n, w_ihn, w_hhn = _np(x), _np(h0), _np(c0), _np(w_ih), _np(w_hh)
+        dt = xn.dtype
+        B, H = c0n.shape
+        w_hrn = _np(w_hr) if w_hr is not None else np.zeros((0, H), dt)
+        dyn = _np(dy) if dy is not None else np.zeros(tuple(y.shape), dt)
+        dhn = _np(dh_n) if dh_n is not None else np.zeros_like(h0n)
+        dcn = _np(dc_n) if dc_n is not None else np.zeros_like(c0n)
+        dx = np.empty_like(xn)
+        dh0 = np.empty_like(h0n)
+        dc0 = np.empty_like(c0n)
+        dw_ih = np.empty_like(w_ihn)
+        dw_hh = np.empty_like(w_hhn)
+        db = np.empty(4 * H, dt)
+        dw_hr = np.empty_like(w_hrn)
+        bsz = np.asarray(ctx.batch_sizes, dtype=np.int64)
+        _sync_threads()
+        backward_core(xn, bsz, h0n, c0n, w_ihn, w_hhn, w_hrn, ctx.reverse, acts.numpy(), cells.numpy(),
+                      y.detach().numpy(), dyn, dhn, dcn, dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
+        need = ctx.needs_input_grad
+        t = lambda a, k: torch.from_numpy(a) if need[k] else None  # noqa: E731
+        db_t = torch.from_numpy(db) if ctx.has_bias else None
+        return (
+            t(dx, 0), t(dh0, 1), t(dc0, 2), t(dw_ih, 3), t(dw_hh, 4),
+            db_t if need[5] else None, db_t.clone() if ctx.has_bias and need[6] else None,
+            t(dw_hr, 7) if w_hr is not None else None,
+            None, None, None,
+        )
