@@ -40,7 +40,9 @@ def auto_engine_name(x: torch.Tensor) -> str:
     """The engine `engine="auto"` picks for input x."""
     if x.device.type == "cuda" and _available("triton"):
         return "triton"
-    if x.device.type == "cpu" and _available("numba"):
+    # The Numba kernels compute in float32/float64 only; other CPU dtypes (bfloat16,
+    # float16) run on the reference engine, in their own dtype, like torch.nn.LSTM.
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _available("numba"):
         return "numba"
     return "reference"
 
