@@ -33,6 +33,10 @@ from .base import LayerParams, step_offsets
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# Tests set this to (BLOCK_B, BLOCK_H, BLOCK_K) to run the GPU's small tiles (many programs,
+# several K iterations, ragged edges) in the interpreter.
+TILES = None
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -40,12 +44,17 @@ def _next_pow2(n: int) -> int:
 
 def _interpreted() -> bool:
     # Read at call time: the tests may re-import the kernels module in interpreter mode.
-    return tk._is_interpreted(tk.lstm_fwd_step)
+    return tk.mode() == "interpreted"
 
 
 def _check(x: torch.Tensor) -> None:
     if x.dtype not in DTYPES:
         raise TypeError(f"engine='triton' supports {[str(d) for d in DTYPES]}, got {x.dtype}")
+    if tk.mode() == "mixed":
+        raise RuntimeError(
+            "engine='triton': TRITON_INTERPRET changed after triton was imported, so triton is half "
+            "in interpreter mode; set (or unset) it before anything imports triton"
+        )
     if x.device.type == "cuda":
         return
     if x.device.type == "cpu" and _interpreted():
@@ -87,6 +96,8 @@ class _Cfg:
             self.bh = 32 if n_row_blocks * (-(-H // 32)) >= 96 else 16
             self.bk = 64 if dt in (torch.float16, torch.bfloat16) else 32
             self.warps = 4
+        if TILES is not None:
+            self.bb, self.bh, self.bk = TILES
 
     def grid(self, bs: int, H: int):
         return (triton.cdiv(bs, self.bb), triton.cdiv(H, self.bh))
@@ -288,8 +299,10 @@ def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False, va
         return reference.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse, variant=variant)
 
     _check(x)
-    if len(batch_sizes) == 0:
-        return x.new_zeros((0, h0.shape[1])), h0, c0
+    if len(batch_sizes) == 0 or batch_sizes[0] == 0:  # nothing to run: the reference handles empties
+        from . import reference
+
+        return reference.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse)
     tensors = (x, h0, c0, *p)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _TritonLayer.apply(x, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, list(batch_sizes), reverse)

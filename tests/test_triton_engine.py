@@ -1,0 +1,269 @@
+"""engine="triton" against torch.nn.LSTM, run by Triton's interpreter on CPU tensors.
+
+The kernels are the ones the GPU runs; TRITON_INTERPRET=1 makes triton execute them with
+numpy instead of compiling them. Triton decides that when the kernels are defined, so
+this file sets the variable before lstmkit.triton_kernels is imported (and re-imports it
+if another test file got there first without it).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+# Triton chooses between compiler and interpreter when it is first imported: set the
+# variable before anything below imports it.
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="the triton engine needs triton (a dev dependency)")
+
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from torch import nn  # noqa: E402
+
+import lstmkit  # noqa: E402
+import lstmkit.triton_kernels as tk  # noqa: E402
+from conftest import TOL, assert_close, packed_input, padded_input, pair, run_differential  # noqa: E402
+
+if tk.mode() == "mixed":  # only our kernels were imported before the variable was set
+    tk = importlib.reload(tk)
+# False when triton itself was imported in this process before this file: then
+# test_in_fresh_process runs the whole file again in a new process.
+IN_PROCESS = tk.mode() == "interpreted"
+
+from lstmkit.engines import reference, triton_engine  # noqa: E402
+from lstmkit.engines.base import LayerParams  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_here(request):
+    if not IN_PROCESS and request.node.name != "test_in_fresh_process":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1; test_in_fresh_process runs this test")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="this process runs the tests itself")
+def test_in_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    here = Path(__file__)
+    out = subprocess.run([sys.executable, "-m", "pytest", str(here), "-p", "no:cacheprovider"],
+                         cwd=here.parent.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    # Everything ran there except this test itself.
+    assert re.search(r"\d+ passed, 1 skipped", out.stdout), out.stdout[-2000:]
+
+
+ENGINE = "triton"
+DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.fixture
+def gpu_tiles():
+    """Run with the GPU's small tiles: several programs per step, several K iterations,
+    ragged edges on every tile dimension."""
+    triton_engine.TILES = (16, 16, 16)
+    yield
+    triton_engine.TILES = None
+
+
+def _cfg(bias=True, bidir=False, proj=0, layers=1, I=4, H=6, batch_first=False):
+    return dict(input_size=I, hidden_size=H, num_layers=layers, bias=bias, batch_first=batch_first,
+                bidirectional=bidir, proj_size=proj)
+
+
+def _state(cfg, N, dtype, seed=3):
+    h_shape, c_shape = lstmkit.LSTMConfig(**cfg).state_shapes(N)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(h_shape, generator=g, dtype=dtype), torch.randn(c_shape, generator=g, dtype=dtype)
+
+
+# ---- against torch.nn.LSTM: outputs and every gradient -----------------------------------------
+OPTS = [  # bias, bidirectional, proj_size, num_layers
+    (True, False, 0, 1), (False, False, 0, 1), (True, True, 0, 1), (True, False, 3, 1),
+    (False, True, 3, 1), (True, True, 0, 2), (True, True, 3, 2), (False, False, 3, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("opts", OPTS, ids=lambda o: f"b{int(o[0])}d{int(o[1])}p{o[2]}l{o[3]}")
+def test_padded_vs_torch(opts, dtype):
+    bias, bidir, proj, layers = opts
+    cfg = _cfg(bias, bidir, proj, layers, batch_first=bidir)
+    ref, ours = pair(cfg, ENGINE, dtype)
+    make = padded_input(5, 3, cfg["input_size"], dtype, batch_first=cfg["batch_first"])
+    run_differential(ref, ours, make)
+    run_differential(ref, ours, make, hx=_state(cfg, 3, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("opts", OPTS, ids=lambda o: f"b{int(o[0])}d{int(o[1])}p{o[2]}l{o[3]}")
+def test_packed_vs_torch(opts, dtype):
+    bias, bidir, proj, layers = opts
+    cfg = _cfg(bias, bidir, proj, layers)
+    ref, ours = pair(cfg, ENGINE, dtype)
+    lengths = [2, 6, 1, 4, 6]  # unsorted, ties, a length-1 sequence
+    make = packed_input(lengths, cfg["input_size"], dtype, enforce_sorted=False)
+    run_differential(ref, ours, make, hx=_state(cfg, len(lengths), dtype))
+
+
+@pytest.mark.parametrize("proj", [0, 5])
+def test_gpu_tiles_vs_torch(gpu_tiles, proj):
+    # H=40, B=20, I=19: 2 x 3 programs per step, 3 K iterations (5 with 4H in backward),
+    # every tile ragged; packed lengths make the batch shrink and (in reverse) grow.
+    cfg = _cfg(True, True, proj, 1, I=19, H=40)
+    ref, ours = pair(cfg, ENGINE, torch.float64)
+    lengths = [7, 7, 6, 6, 5, 5, 5, 4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 1, 1, 7]
+    make = packed_input(lengths, 19, torch.float64, enforce_sorted=False)
+    run_differential(ref, ours, make, hx=_state(cfg, len(lengths), torch.float64))
+
+
+@settings(max_examples=8)
+@given(
+    I=st.integers(1, 6), H=st.integers(1, 9), layers=st.integers(1, 2), bias=st.booleans(),
+    bidir=st.booleans(), proj=st.integers(0, 8), use_hx=st.booleans(),
+    lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4), packed=st.booleans(),
+    f32=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_random_configs(I, H, layers, bias, bidir, proj, use_hx, lengths, packed, f32, seed):
+    proj = proj if proj < H else 0
+    dtype = torch.float32 if f32 else torch.float64
+    cfg = _cfg(bias, bidir, proj, layers, I=I, H=H)
+    ref, ours = pair(cfg, ENGINE, dtype, seed=seed)
+    if packed:
+        make = packed_input(lengths, I, dtype, enforce_sorted=False, seed=seed)
+    else:
+        make = padded_input(max(lengths), len(lengths), I, dtype, seed=seed)
+    run_differential(ref, ours, make, hx=_state(cfg, len(lengths), dtype, seed) if use_hx else None)
+
+
+def test_unbatched_and_cell():
+    ref, ours = pair(_cfg(proj=2), ENGINE)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    ya, (ha, ca) = ref(x)
+    yb, (hb, cb) = ours(x)
+    for a, b in ((ya, yb), (ha, hb), (ca, cb)):
+        assert_close(b, a, TOL[torch.float64])
+
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(4, 6, dtype=torch.float64)
+    mine = lstmkit.LSTMCell(4, 6, dtype=torch.float64, engine=ENGINE)
+    mine.load_state_dict(cell.state_dict())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    hx = (torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64))
+    for a, b in zip(cell(x, hx), mine(x, hx)):
+        assert_close(b, a, TOL[torch.float64])
+
+
+def test_empty_batch():
+    ref, ours = pair(_cfg(bidir=True, layers=2), ENGINE)
+    x = torch.randn(3, 0, 4, dtype=torch.float64)
+    ya, (ha, _) = ref(x)
+    yb, (hb, _) = ours(x)
+    assert ya.shape == yb.shape and ha.shape == hb.shape
+
+
+# ---- half precision: fp32 accumulation, against the fp32 reference --------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 4e-2)], ids=["f16", "bf16"])
+@pytest.mark.parametrize("proj", [0, 3])
+def test_half_precision_vs_fp32(dtype, tol, proj):
+    cfg = _cfg(True, True, proj, 1, I=5, H=8)
+    torch.manual_seed(0)
+    ref32 = lstmkit.LSTM(**cfg, engine="reference")
+    half = lstmkit.LSTM(**cfg, engine=ENGINE).to(dtype)
+    half.load_state_dict({k: v.to(dtype) for k, v in ref32.state_dict().items()})
+    ref32.load_state_dict({k: v.to(dtype).float() for k, v in ref32.state_dict().items()})  # same rounded weights
+    lengths = [5, 3, 5, 1]
+    x = torch.randn(5, len(lengths), 5).to(dtype)
+    h0, c0 = (t.to(dtype) for t in _state(cfg, len(lengths), torch.float32))
+    outs, grads = [], []
+    for m, cast in ((ref32, torch.float32), (half, dtype)):
+        xi = x.to(cast).requires_grad_(True)
+        hx = [t.to(cast).requires_grad_(True) for t in (h0, c0)]
+        packed = nn.utils.rnn.pack_padded_sequence(xi, torch.tensor(lengths), enforce_sorted=False)
+        y, (h, c) = m(packed, tuple(hx))
+        g = torch.Generator().manual_seed(1)
+        flat = [y.data, h, c]
+        sum((t.float() * torch.randn(t.shape, generator=g)).sum() for t in flat).backward()
+        assert all(t.dtype == cast for t in flat)
+        outs.append(flat)
+        grads.append([xi.grad, *(t.grad for t in hx), *(p.grad for p in m.parameters())])
+    for a, b in zip(outs[0] + grads[0], outs[1] + grads[1]):
+        assert b.dtype == dtype
+        assert_close(b.float(), a, tol)
+
+
+# ---- the driver directly -------------------------------------------------------------------------
+def _layer(I=3, H=5, P=5, B=4, total=10, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    p = LayerParams(r(4 * H, I), r(4 * H, P), r(4 * H), r(4 * H), r(P, H) if P != H else None)
+    return r(total, I), r(B, P), r(B, H), p
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_no_grad_path_matches_reference(reverse):
+    x, h0, c0, p = _layer(P=2)
+    bs = [4, 3, 2, 1]
+    with torch.no_grad():
+        a = triton_engine.lstm_layer(x, bs, h0, c0, p, reverse=reverse)
+    b = reference.lstm_layer(x, bs, h0, c0, p, reverse=reverse)
+    for u, v in zip(a, b):
+        assert_close(u, v, TOL[torch.float64])
+
+
+def test_only_some_inputs_need_grad():
+    x, h0, c0, p = _layer(total=8, B=2)
+    w = p.w_hh.clone().requires_grad_(True)
+    p = p._replace(w_hh=w)
+    y, h, c = triton_engine.lstm_layer(x, [2, 2, 2, 2], h0, c0, p)
+    (gw,) = torch.autograd.grad(y.sum() + c.sum(), [w])
+    w2 = p.w_hh.detach().clone().requires_grad_(True)
+    y, h, c = reference.lstm_layer(x, [2, 2, 2, 2], h0, c0, p._replace(w_hh=w2))
+    (gr,) = torch.autograd.grad(y.sum() + c.sum(), [w2])
+    assert_close(gw, gr, TOL[torch.float64])
+
+
+def test_bad_dtype_is_type_error():
+    x, h0, c0, p = _layer()
+    with pytest.raises(TypeError, match="triton"):
+        triton_engine.lstm_layer(x.to(torch.complex64), [4, 3, 2, 1], h0, c0, p)
+
+
+def test_variant_falls_back_to_reference_with_one_warning(monkeypatch):
+    x, h0, c0, p = _layer()
+    calls = []
+
+    def fake_reference(*args, **kwargs):
+        calls.append(kwargs.get("variant"))
+        return "ran reference"
+
+    monkeypatch.setattr(reference, "lstm_layer", fake_reference)
+    monkeypatch.setattr(triton_engine, "_warned_variant", False)
+    with pytest.warns(UserWarning, match="reference"):
+        assert triton_engine.lstm_layer(x, [4, 3, 2, 1], h0, c0, p, variant="v") == "ran reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        triton_engine.lstm_layer(x, [4, 3, 2, 1], h0, c0, p, variant="v")
+    assert calls == ["v", "v"]
+
+
+def test_cpu_tensors_without_interpreter_is_clear_error():
+    # A fresh process without TRITON_INTERPRET: the kernels are compiled-mode kernels, and
+    # CPU tensors must be refused with a message that says what to do.
+    code = (
+        "import torch, lstmkit\n"
+        "m = lstmkit.LSTM(3, 4, engine='triton')\n"
+        "try:\n"
+        "    m(torch.randn(2, 1, 3))\n"
+        "except RuntimeError as e:\n"
+        "    print('RuntimeError:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "RuntimeError:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout
