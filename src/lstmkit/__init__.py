@@ -3,19 +3,28 @@ from .config import GATES, LSTMConfig
 from .params import describe
 
 __version__ = "0.1.0"
-__all__ = ["LSTM", "LSTMCell", "LSTMConfig", "GATES", "describe"]
+__all__ = ["LSTM", "LSTMCell", "LSTMConfig", "GATES", "describe", "save", "load", "export_onnx"]
+
+# name -> (module, attribute) for torch-dependent functions, imported on first use.
+_LAZY = {"save": ("io", "save"), "load": ("io", "load"), "export_onnx": ("onnx_export", "export_onnx")}
 
 
 def __getattr__(name):
     # Torch-dependent pieces load on first use, so the torch-free parts import without it.
-    if name in ("LSTM", "LSTMCell"):
+    if name in ("LSTM", "LSTMCell") or name in _LAZY:
         try:
             import torch  # noqa: F401
         except ImportError as e:
             raise ImportError(
-                f"lstmkit.{name} is a torch.nn.Module and needs PyTorch: pip install 'lstmkit[torch]'. "
+                f"lstmkit.{name} {'is a torch.nn.Module and needs' if name not in _LAZY else 'needs'} "
+                "PyTorch: pip install 'lstmkit[torch]'. "
                 "Without torch, use lstmkit.runtime (numpy arrays in, numpy arrays out)."
             ) from e
+        if name in _LAZY:
+            import importlib
+
+            mod, attr = _LAZY[name]
+            return getattr(importlib.import_module(f".{mod}", __name__), attr)
         from . import module
 
         return getattr(module, name)

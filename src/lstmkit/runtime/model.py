@@ -1,0 +1,164 @@
+"""The torch-free LSTM: weights as numpy arrays, called like lstmkit.LSTM in eval mode.
+
+    rt = lstmkit.runtime.load("model.safetensors")
+    out, (h, c) = rt(x)                 # x (T, N, I), (N, T, I) with batch_first, or (T, I)
+    out, (h, c) = rt(x_t, (h, c))       # streaming: feed the returned state back in
+
+Shapes are the module's: h (D*num_layers, N, P), c (D*num_layers, N, H), or without the N
+axis for unbatched 2-D input. Inference only: dropout, recurrent dropout and weight drop
+are training-time noise and do nothing here, exactly as in module.eval().
+
+Each layer-direction runs the fused CPU kernel lstmkit.kernels.forward_core (the one the
+torch engine uses) over the whole sequence: one GEMM for the input projection of all steps,
+then per step one GEMV/GEMM through W_hh and one fused pass over the gates.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import LSTMConfig
+from ..kernels import forward_core
+
+# Options the runtime runs: nn.LSTM's own, plus the training-only variants (identity at inference).
+_UNSUPPORTED_VARIANTS = ("layer_norm", "peephole", "zoneout")
+
+
+class Runtime:
+    """An LSTM forward pass on numpy arrays (float32 or float64, the dtype of the weights)."""
+
+    def __init__(self, config: LSTMConfig, weights: dict[str, np.ndarray]):
+        for opt in _UNSUPPORTED_VARIANTS:
+            value = getattr(config, opt, False)
+            if value not in (False, 0, 0.0, (0.0, 0.0)):
+                raise NotImplementedError(
+                    f"lstmkit.runtime does not run the {opt!r} variant (got {opt}={value!r}); "
+                    "use lstmkit.LSTM for this model"
+                )
+        self.config = config
+        dtypes = {np.asarray(w).dtype for w in weights.values()}
+        if len(dtypes) != 1 or not dtypes <= {np.dtype(np.float32), np.dtype(np.float64)}:
+            raise TypeError(f"weights must all be float32 or all float64, got {sorted(map(str, dtypes))}")
+        self.dtype = dtypes.pop()
+        self._D, self._LD = config.num_directions, config.num_directions * config.num_layers
+        self._P = config.real_hidden_size
+        self._I, self._H, self._L = config.input_size, config.hidden_size, config.num_layers
+        self._batch_first = config.batch_first
+        # Per layer-direction, in h0/c0 order (layer-major), the kernel's arguments:
+        # (w_ih (4H, I), w_hh (4H, P), b = b_ih + b_hh (4H,), w_hr (P, H) or (0, H)), C-contiguous.
+        H, dt = config.hidden_size, self.dtype
+        self.layers = []
+        for k in range(config.num_layers):
+            for d in range(config.num_directions):
+                sfx = f"_l{k}{LSTMConfig.suffix(d)}"
+                w = {n: np.ascontiguousarray(v, dtype=dt) for n, v in weights.items() if n.endswith(sfx)}
+                b = w["bias_ih" + sfx] + w["bias_hh" + sfx] if config.bias else np.zeros(4 * H, dt)
+                w_hr = w.get("weight_hr" + sfx, np.zeros((0, H), dt))
+                self.layers.append((w["weight_ih" + sfx], w["weight_hh" + sfx], b, w_hr))
+        self._no_cells = np.zeros((0, H), dt)  # the kernel saves c_t for training only
+        self._batch_sizes = {}  # (T, N) -> int64 array [N] * T
+
+    # ---- the module's attributes, for code that reads them ----------------------------------
+    def __getattr__(self, name):
+        if name != "config" and "config" in self.__dict__ and hasattr(self.config, name):
+            return getattr(self.config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return f"lstmkit.runtime.Runtime({self.config}, dtype={self.dtype})"
+
+    def initial_state(self, batch: int | None = None):
+        """Zero (h, c): batched (D*L, batch, P)/(D*L, batch, H), or unbatched when batch is None."""
+        h_shape, c_shape = self.config.state_shapes(1 if batch is None else batch)
+        h, c = np.zeros(h_shape, self.dtype), np.zeros(c_shape, self.dtype)
+        return (h[:, 0], c[:, 0]) if batch is None else (h, c)
+
+    # ---- forward -------------------------------------------------------------------------------
+    # Written for the one-step, batch-1 streaming call, where the kernel takes a few
+    # microseconds: plain attribute reads, no helper calls on the hot path.
+    def __call__(self, x, state=None):
+        dt, I, H, P, D, LD = self.dtype, self._I, self._H, self._P, self._D, self._LD
+        if type(x) is not np.ndarray:
+            x = np.asarray(x)
+        ndim = x.ndim
+        if ndim != 3 and ndim != 2:
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {ndim}D instead")
+        if x.dtype is not dt and x.dtype != dt:
+            raise ValueError(
+                f"input dtype ({x.dtype}) does not match weight dtype ({dt}); convert it with x.astype(np.{dt})"
+            )
+        if x.shape[-1] != I:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {I}, got {x.shape[-1]}")
+        batched = ndim == 3
+        if not batched:
+            T, N = x.shape[0], 1  # (T, I) is the packed (T*1, I) already
+        elif self._batch_first:
+            N, T = x.shape[0], x.shape[1]
+            x = x.transpose(1, 0, 2)  # (T, N, I)
+        else:
+            T, N = x.shape[0], x.shape[1]
+        if T == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if state is None:
+            h0, c0 = np.zeros((LD, N, P), dt), np.zeros((LD, N, H), dt)
+        else:
+            h0 = c0 = None
+            if batched and type(state) is tuple and len(state) == 2:
+                h0, c0 = state
+            if not (  # fast path: exactly what the previous call returned
+                type(h0) is np.ndarray and h0.shape == (LD, N, P) and h0.dtype is dt and h0.flags.c_contiguous
+                and type(c0) is np.ndarray and c0.shape == (LD, N, H) and c0.dtype is dt and c0.flags.c_contiguous
+            ):
+                h0, c0 = self._check_state(state, N, batched)
+
+        # Padded data is packed data with batch_sizes [N] * T: rows (T*N, I), time-major.
+        bsz = self._batch_sizes.get((T, N))
+        if bsz is None:
+            bsz = self._batch_sizes[(T, N)] = np.full(T, N, np.int64)
+        x = np.ascontiguousarray(x).reshape(T * N, I)
+        h_n = np.empty((LD, N, P), dt)  # (D*L, N, P)
+        c_n = np.empty((LD, N, H), dt)  # (D*L, N, H)
+        for k in range(self._L):
+            y = np.empty((T * N, P) if D == 1 else (D, T * N, P), dt)
+            for d in range(D):
+                idx = k * D + d
+                w_ih, w_hh, b, w_hr = self.layers[idx]
+                acts = np.empty((T * N, 4 * H), dt)  # kernel scratch
+                forward_core(x, bsz, h0[idx], c0[idx], w_ih, w_hh, b, w_hr, d == 1, acts,
+                             y if D == 1 else y[d], h_n[idx], c_n[idx], self._no_cells, False)
+            # (T*N, D*P): both directions side by side, as the next layer reads them
+            x = y if D == 1 else np.concatenate((y[0], y[1]), axis=1)
+
+        if not batched:
+            return x, (h_n.reshape(LD, P), c_n.reshape(LD, H))  # (T, D*P), (D*L, P), (D*L, H)
+        x = x.reshape(T, N, D * P)
+        if self._batch_first:
+            x = x.transpose(1, 0, 2)  # (N, T, D*P)
+        return x, (h_n, c_n)
+
+    def _check_state(self, state, N: int, batched: bool):
+        """(h0, c0) as C-contiguous (D*L, N, P) / (D*L, N, H) arrays, checked like the module does."""
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError("state should be a tuple (h_0, c_0) of two arrays, or None")
+        h0, c0 = state
+        if type(h0) is not np.ndarray or type(c0) is not np.ndarray:
+            h0, c0 = np.asarray(h0), np.asarray(c0)
+        want = 3 if batched else 2
+        if h0.ndim != want or c0.ndim != want:
+            kind = "batched 3-D" if batched else "unbatched 2-D"
+            raise RuntimeError(
+                f"For {kind} input, hx and cx should also be {want}-D but got ({h0.ndim}-D, {c0.ndim}-D) arrays"
+            )
+        LD, P, H = self._LD, self._P, self._H
+        shapes = ((LD, N, P), (LD, N, H)) if batched else ((LD, P), (LD, H))
+        for k, (t, shape) in enumerate(((h0, shapes[0]), (c0, shapes[1]))):
+            if t.shape != shape:
+                raise RuntimeError(f"Expected hidden[{k}] size {shape}, got {list(t.shape)}")
+            if t.dtype != self.dtype:
+                raise ValueError(f"hidden[{k}] dtype ({t.dtype}) does not match weight dtype ({self.dtype})")
+        if not batched:
+            h0, c0 = h0.reshape(LD, 1, P), c0.reshape(LD, 1, H)
+        if not h0.flags.c_contiguous:
+            h0 = np.ascontiguousarray(h0)
+        if not c0.flags.c_contiguous:
+            c0 = np.ascontiguousarray(c0)
+        return h0, c0

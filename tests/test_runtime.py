@@ -1,0 +1,186 @@
+"""lstmkit.runtime: torch-free inference, checked against torch.nn.LSTM (the oracle)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import save_file
+from torch import nn
+
+import lstmkit
+from lstmkit import runtime
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def oracle_and_runtime(tmp_path, cfg: dict, dtype, via: str, seed: int = 0):
+    """(nn.LSTM, Runtime) with identical weights, written as a plain state_dict or by lstmkit.save."""
+    torch.manual_seed(seed)
+    ref = nn.LSTM(**cfg, dtype=dtype).eval()
+    path = tmp_path / f"{via}.safetensors"
+    if via == "plain":
+        save_file(ref.state_dict(), path)
+        rt = runtime.load(path, batch_first=cfg.get("batch_first", False))
+    else:
+        lstmkit.save(lstmkit.LSTM.from_torch(ref), path)
+        rt = runtime.load(path)
+    return ref, rt
+
+
+def check(ref, rt, x, state=None):
+    dtype = ref.weight_ih_l0.dtype
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x), None if state is None else tuple(map(torch.from_numpy, state)))
+    got = rt(x, state)
+    for name, a, b in zip(("output", "h_n", "c_n"), (got[0], *got[1]), (want[0], *want[1])):
+        assert a.shape == tuple(b.shape), f"{name}: {a.shape} != {tuple(b.shape)}"
+        assert a.dtype == x.dtype
+        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=TOL[dtype], err_msg=name)
+    return got
+
+
+@settings(max_examples=12)
+@given(
+    layers=st.integers(1, 3), bidir=st.booleans(), bias=st.booleans(), batch_first=st.booleans(),
+    proj=st.booleans(), T=st.integers(1, 5), N=st.integers(1, 3), f64=st.booleans(), via=st.sampled_from(["plain", "save"]),
+    with_state=st.booleans(),
+)
+def test_matches_nn_lstm(tmp_path_factory, layers, bidir, bias, batch_first, proj, T, N, f64, via, with_state):
+    dtype = torch.float64 if f64 else torch.float32
+    cfg = dict(input_size=3, hidden_size=5, num_layers=layers, bias=bias, batch_first=batch_first,
+               bidirectional=bidir, proj_size=2 if proj else 0)
+    ref, rt = oracle_and_runtime(tmp_path_factory.mktemp("rt"), cfg, dtype, via)
+    rng = np.random.default_rng(T * 10 + N)
+    npdt = np.float64 if f64 else np.float32
+    x = rng.standard_normal((N, T, 3) if batch_first else (T, N, 3)).astype(npdt)
+    state = None
+    if with_state:
+        D = 2 if bidir else 1
+        state = (rng.standard_normal((D * layers, N, 2 if proj else 5)).astype(npdt),
+                 rng.standard_normal((D * layers, N, 5)).astype(npdt))
+    check(ref, rt, x, state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unbatched(tmp_path, dtype):
+    ref, rt = oracle_and_runtime(tmp_path, dict(input_size=4, hidden_size=6, num_layers=2, proj_size=3), dtype, "save")
+    npdt = np.float32 if dtype == torch.float32 else np.float64
+    x = np.random.default_rng(0).standard_normal((7, 4)).astype(npdt)
+    out, (h, c) = check(ref, rt, x)
+    assert out.shape == (7, 3) and h.shape == (2, 3) and c.shape == (2, 6)
+    check(ref, rt, x, (h, c))  # a 2-D state goes with 2-D input
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_streaming_equals_full_sequence(tmp_path, batch_first, chunk):
+    """Feeding the returned state back in, chunk by chunk, reproduces the whole-sequence call."""
+    cfg = dict(input_size=4, hidden_size=8, num_layers=2, batch_first=batch_first, proj_size=3)
+    _, rt = oracle_and_runtime(tmp_path, cfg, torch.float64, "save")
+    T, N = 7, 2
+    x = np.random.default_rng(1).standard_normal((N, T, 4) if batch_first else (T, N, 4))
+    full, (h_full, c_full) = rt(x)
+    state, outs = None, []
+    for t0 in range(0, T, chunk):
+        part = x[:, t0 : t0 + chunk] if batch_first else x[t0 : t0 + chunk]
+        y, state = rt(part, state)
+        outs.append(y)
+    streamed = np.concatenate(outs, axis=1 if batch_first else 0)
+    np.testing.assert_allclose(streamed, full, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(state[0], h_full, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(state[1], c_full, rtol=0, atol=1e-12)
+    # unbatched, one step at a time
+    seq = x[0] if batch_first else x[:, 0]
+    full1, _ = rt(seq)
+    state, ys = None, []
+    for t in range(T):
+        y, state = rt(seq[t : t + 1], state)
+        ys.append(y)
+    np.testing.assert_allclose(np.concatenate(ys), full1, rtol=0, atol=1e-12)
+
+
+def test_matches_module_eval_with_training_only_variants(tmp_path):
+    """Recurrent dropout and weight drop are training noise: the runtime equals module.eval()."""
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(3, 5, num_layers=2, dropout=0.3, recurrent_dropout=0.2, weight_drop=0.4, forget_bias=1.0).eval()
+    lstmkit.save(m, tmp_path / "v.safetensors")
+    rt = runtime.load(tmp_path / "v.safetensors")
+    x = np.random.default_rng(0).standard_normal((6, 2, 3)).astype(np.float32)
+    with torch.no_grad():
+        want, (h, c) = m(torch.from_numpy(x))
+    got, (h2, c2) = rt(x)
+    for a, b in ((got, want), (h2, h), (c2, c)):
+        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-5)
+
+
+def test_prefix_and_attributes(tmp_path):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 3)
+            self.encoder = nn.LSTM(3, 4)
+            self.decoder = nn.LSTM(4, 6, num_layers=2, bidirectional=True)
+
+    m = Model()
+    path = tmp_path / "model.safetensors"
+    save_file(m.state_dict(), path)
+    with pytest.raises(ValueError, match="2 LSTMs .*'decoder.'.*prefix="):
+        runtime.load(path)
+    rt = runtime.load(path, prefix="decoder.")
+    assert (rt.input_size, rt.hidden_size, rt.num_layers, rt.bidirectional) == (4, 6, 2, True)
+    x = np.random.default_rng(0).standard_normal((3, 2, 4)).astype(np.float32)
+    check(m.decoder.eval(), rt, x)
+    with pytest.raises(ValueError, match="prefix 'nope.'"):
+        runtime.load(path, prefix="nope.")
+
+
+def test_bad_input_errors(tmp_path):
+    _, rt = oracle_and_runtime(tmp_path, dict(input_size=3, hidden_size=4, num_layers=2), torch.float32, "save")
+    x = np.zeros((2, 1, 3), np.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        rt(x.astype(np.float64))
+    with pytest.raises(RuntimeError, match="input_size. Expected 3, got 5"):
+        rt(np.zeros((2, 1, 5), np.float32))
+    with pytest.raises(ValueError, match="2D or 3D"):
+        rt(np.zeros(3, np.float32))
+    with pytest.raises(RuntimeError, match="larger than 0"):
+        rt(np.zeros((0, 1, 3), np.float32))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 1, 4\)"):
+        rt(x, (np.zeros((1, 1, 4), np.float32), np.zeros((2, 1, 4), np.float32)))
+    with pytest.raises(RuntimeError, match="should also be 3-D"):
+        rt(x, (np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32)))
+    with pytest.raises(TypeError, match="tuple"):
+        rt(x, np.zeros((2, 1, 4), np.float32))
+    with pytest.raises(ValueError, match=r"hidden\[1\] dtype"):
+        rt(x, (np.zeros((2, 1, 4), np.float32), np.zeros((2, 1, 4), np.float64)))
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        runtime.load(tmp_path / "missing.safetensors")
+    save_file(nn.GRU(3, 4).state_dict(), tmp_path / "gru.safetensors")
+    with pytest.raises(ValueError, match="no LSTM"):
+        runtime.load(tmp_path / "gru.safetensors")
+    sd = nn.LSTM(3, 4, num_layers=2).state_dict()
+    del sd["weight_hh_l1"]
+    save_file(sd, tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match="weight_hh_l1.* is missing"):
+        runtime.load(tmp_path / "broken.safetensors")
+    lstmkit.save(lstmkit.LSTM(3, 4, layer_norm=True), tmp_path / "ln.safetensors")
+    with pytest.raises(NotImplementedError, match="layer_norm"):
+        runtime.load(tmp_path / "ln.safetensors")
+    save_file(nn.LSTM(3, 4, dtype=torch.bfloat16).state_dict(), tmp_path / "bf16.safetensors")
+    with pytest.raises(TypeError, match="numpy"):
+        runtime.load(tmp_path / "bf16.safetensors")
+
+
+def test_runtime_does_not_import_torch():
+    code = (
+        "import sys, lstmkit, lstmkit.runtime, lstmkit.kernels\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
