@@ -1,0 +1,139 @@
+"""`lstmkit demo`: the embedded default. Trains a char-LM on the Python standard
+library's own .py sources (there with every Python install: no download), for about
+5 minutes, then prints samples and the held-out bits per character next to a
+unigram baseline. Everything goes to ./lstmkit-demo/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from . import train
+from .charlm import CONFIG, RunError, read_config, write_json
+from .sample import generate
+
+# Sized to learn well in 5 minutes on 2 CPU cores (see README: the main job).
+MODEL = ["--hidden-size", "256", "--num-layers", "2", "--embed-size", "64",
+         "--seq-len", "64", "--batch-size", "32", "--lr", "2e-3", "--clip", "1.0", "--seed", "0"]
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+PRIMES = [("def ", 0.5), ("class ", 0.8), ("import ", 1.0)]
+
+
+def stdlib_sources() -> list[Path]:
+    """The standard library's .py files, without site-packages and the test suites
+    (tests are most of the bytes but mostly one long style of code)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in sorted(root.rglob("*.py")) if not SKIP_DIRS & set(p.relative_to(root).parts)]
+    return files
+
+
+def build_corpus(path: Path, seed: int = 0) -> int:
+    """stdlib sources concatenated in a fixed shuffled order, so the held-out tail is a
+    random sample of modules rather than the last few alphabetically."""
+    files = stdlib_sources()
+    random.Random(seed).shuffle(files)
+    parts = []
+    for p in files:
+        try:
+            parts.append(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            continue  # a few stdlib files are deliberately in other encodings
+    if not parts:
+        raise RunError(f"no readable .py files under {sysconfig.get_paths()['stdlib']}")
+    text = "\n".join(parts)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return len(parts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lstmkit demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=5.0, help="time budget for the whole demo (default 5)")
+    p.add_argument("--steps", type=int, default=0, help="also stop training after this many steps")
+    p.add_argument("--out", default="lstmkit-demo", help="where everything goes (default ./lstmkit-demo)")
+    p.add_argument("--engine", default="auto", choices=("auto", "reference", "numba", "triton"))
+    p.add_argument("--compare-torch", action="store_true", help="also time torch.nn.LSTM on the same steps")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    try:
+        if args.minutes <= 0 or args.steps < 0:
+            raise RunError("--minutes must be positive and --steps >= 0")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
+        corpus = out / "stdlib.txt"
+        n_files = build_corpus(corpus)
+        print(f"lstmkit demo: {n_files} standard-library modules -> {corpus}", file=sys.stderr)
+
+        flags = ["--text", str(corpus), "--out", str(out / "run"), "--engine", args.engine,
+                 "--steps", str(args.steps), "--eval-every", "250", "--ckpt-every", "250"] + MODEL
+        if (out / "run" / CONFIG).exists():
+            # Rerunning the demo starts over, but never over a different configuration.
+            flags.append("--overwrite")
+            if _differs(out / "run", flags):
+                raise RunError(f"{out / 'run'} holds a run with another configuration; "
+                               f"remove it or pass --out elsewhere")
+        if args.compare_torch:
+            flags.append("--compare-torch")
+        # Keep ~25 s for the final evaluation and the samples.
+        train_minutes = max(0.1, args.minutes - (time.perf_counter() - t0) / 60 - 25 / 60)
+        flags += ["--minutes", f"{train_minutes:.3f}"]
+        summary = train.run(flags)
+
+        model, vocab = summary["model"], read_config(out / "run")["vocab"]
+        samples = []
+        for prime, temp in PRIMES:
+            print(f"\n--- sample (prime {prime!r}, temperature {temp}) ---")
+            sys.stdout.write(prime)
+            text = generate(model, vocab, 300, temp, prime, seed=0, emit=_emit)
+            samples.append({"prime": prime, "temperature": temp, "text": prime + text})
+        elapsed = time.perf_counter() - t0
+        result = {
+            "held_out_bpc": summary["val_bpc"], "unigram_bpc": summary["unigram_bpc"],
+            "steps": summary["step"], "train_chars_per_s": summary["chars_per_s"],
+            "seconds_total": elapsed, "seconds_training": summary["seconds"], "engine": summary["engine"],
+            "files": n_files,
+        }
+        if "compare" in summary:
+            result["compare"] = {k: v for k, v in summary["compare"].items() if k != "lines"}
+        write_json(out / "summary.json", result)
+        (out / "samples.txt").write_text(
+            "\n\n".join(f"--- prime {s['prime']!r}, temperature {s['temperature']} ---\n{s['text']}"
+                        for s in samples) + "\n", encoding="utf-8")
+        print("\n")
+        print(f"held-out: {summary['val_bpc']:.3f} bits/char   unigram baseline: {summary['unigram_bpc']:.3f}"
+              f"   ({summary['step']} steps, {summary['chars_per_s']:,.0f} chars/s, engine {summary['engine']}, "
+              f"{train.fmt_time(elapsed)} in all)")
+        print(f"written to {out}/: run/ (checkpoint, loss.png), samples.txt, summary.json. "
+              f"More text: lstmkit sample {out / 'run'} --length 1000")
+    except RunError as e:
+        print(f"lstmkit demo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nlstmkit demo: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _emit(ch: str) -> None:
+    sys.stdout.write(ch)
+    sys.stdout.flush()
+
+
+def _differs(run_dir: Path, flags: list[str]) -> bool:
+    """Would these flags make a run with another configuration than the one in run_dir?"""
+    old = read_config(run_dir)
+    args = train.build_parser().parse_args(flags)
+    return any(old.get(k) != getattr(args, k) for k in train.DEFAULTS if getattr(args, k) is not None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
