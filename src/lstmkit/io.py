@@ -19,17 +19,7 @@ from .runtime.load import CONFIG_KEY, FORMAT, FORMAT_KEY, read_safetensors
 
 def save(module, path) -> None:
     """Write `module` (lstmkit.LSTM or torch.nn.LSTM) to `path` (.safetensors)."""
-    from .module import LSTM
-
-    if isinstance(module, LSTM):
-        cfg = module.config
-    elif isinstance(module, torch.nn.LSTM):
-        cfg = LSTMConfig(
-            module.input_size, module.hidden_size, module.num_layers, module.bias,
-            module.batch_first, module.dropout, module.bidirectional, module.proj_size,
-        )
-    else:
-        raise TypeError(f"lstmkit.save expects an lstmkit.LSTM or torch.nn.LSTM, got {type(module).__name__}")
+    cfg = _config_of(module, "lstmkit.save")
     # safetensors wants contiguous CPU tensors that share no memory.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     meta = {
@@ -59,6 +49,20 @@ def load(path, *, device=None, **kwargs):
     module = LSTM(*_positional(cfg), device=device, dtype=dtype, **_variants(cfg), **kwargs)
     module.load_state_dict(state, strict=True)
     return module
+
+
+def _config_of(module, who: str) -> LSTMConfig:
+    """The LSTMConfig of an lstmkit.LSTM or a torch.nn.LSTM."""
+    from .module import LSTM
+
+    if isinstance(module, LSTM):
+        return module.config
+    if isinstance(module, torch.nn.LSTM):
+        return LSTMConfig(
+            module.input_size, module.hidden_size, module.num_layers, module.bias,
+            module.batch_first, module.dropout, module.bidirectional, module.proj_size,
+        )
+    raise TypeError(f"{who} expects an lstmkit.LSTM or torch.nn.LSTM, got {type(module).__name__}")
 
 
 _TORCH_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional", "proj_size")
