@@ -102,6 +102,9 @@ def find_lstms(shapes: dict[str, tuple[int, ...]]) -> tuple[list[FoundLSTM], lis
         prefix = name[: -len(_ANCHOR)]
         if prefix and not prefix.endswith("."):
             continue  # e.g. "myweight_ih_l0": not a module's parameter
+        hh = shapes.get(prefix + "weight_hh_l0")
+        if hh is not None and len(hh) == 2 and hh[0] in (hh[1], 3 * hh[1]) and prefix + "weight_hr_l0" not in shapes:
+            continue  # weight_hh (H, H) or (3H, H): an nn.RNN or nn.GRU, same names, not an LSTM
         try:
             found.append(FoundLSTM(prefix, infer_config(shapes, prefix)))
         except (ValueError, TypeError) as e:

@@ -1,0 +1,250 @@
+"""`lstmkit inspect PATH [--json]`: every LSTM in a checkpoint, with its inferred configuration.
+
+Reads, without running any code from the file:
+  .safetensors       tensor names and shapes from the header (no torch needed);
+  .onnx              ONNX `LSTM` nodes; a node whose input X comes (through Transpose,
+                     Reshape, ...) from another LSTM node is that LSTM's next layer;
+  anything else      torch.load(weights_only=True): a state_dict, possibly nested
+                     ({"model": state_dict, "optimizer": ...}), or a whole module saved with
+                     torch.save(model). Classes a whole-module pickle names are replaced by
+                     empty stand-ins (the file's code never runs), and the state_dict is
+                     read from their _parameters/_buffers/_modules.
+
+An LSTM is found by the names of its parameters (see runtime/infer.py): the prefix in
+front of "weight_ih_l0", the rest from the shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .runtime.infer import find_lstms
+
+KEYS = ("prefix", "input_size", "hidden_size", "num_layers", "bias", "bidirectional", "proj_size", "parameters")
+
+
+class InspectError(Exception):
+    """A problem with the file, reported as one line."""
+
+
+# ---- tensor shapes by name, per file format ------------------------------------------------------
+def _safetensors_shapes(path: str) -> dict:
+    from .runtime.load import read_safetensors
+
+    try:
+        _, shapes = read_safetensors(path)
+    except ValueError as e:
+        raise InspectError(str(e)) from None
+    return shapes
+
+
+def _torch_shapes(path: str) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise InspectError("reading a torch checkpoint needs torch: pip install 'lstmkit[torch]'") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # noqa: BLE001 - any unpickling failure: try the whole-module route
+        try:
+            obj = _load_with_stand_ins(torch, path)
+        except Exception:  # noqa: BLE001
+            raise InspectError(f"cannot read {path!r} as a torch checkpoint ({_short(first)})") from None
+    shapes: dict = {}
+    _collect(torch, obj, "", shapes, depth=0)
+    return shapes
+
+
+class _StandIn:
+    """Takes the place of any class a pickle names; keeps the attributes it is given."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+def _load_with_stand_ins(torch, path: str):
+    """torch.load(weights_only=True) with each non-allowlisted global mapped to an empty class."""
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    stand_ins = [(type(name.rsplit(".", 1)[-1], (_StandIn,), {}), name) for name in names]
+    with torch.serialization.safe_globals(stand_ins):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _collect(torch, obj, prefix: str, out: dict, depth: int) -> None:
+    """Every tensor under obj, by dotted name: dicts, lists, nn.Modules and stand-ins of modules."""
+    if depth > 32:
+        return
+    if isinstance(obj, torch.Tensor):
+        out[prefix[:-1]] = tuple(obj.shape)
+    elif isinstance(obj, torch.nn.Module):
+        for name, t in obj.state_dict().items():
+            out[prefix + name] = tuple(t.shape)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _collect(torch, v, f"{prefix}{k}.", out, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _collect(torch, v, f"{prefix}{i}.", out, depth + 1)
+    elif isinstance(obj, _StandIn):
+        d = obj.__dict__
+        if "_parameters" in d and "_modules" in d:  # an nn.Module's pickled state
+            for group in ("_parameters", "_buffers"):
+                for name, t in (d.get(group) or {}).items():
+                    if isinstance(t, torch.Tensor):
+                        out[prefix + name] = tuple(t.shape)
+            for name, child in (d.get("_modules") or {}).items():
+                _collect(torch, child, f"{prefix}{name}.", out, depth + 1)
+
+
+# ---- ONNX -------------------------------------------------------------------------------------------
+_PASS_THROUGH = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Concat", "Dropout", "Cast"}
+
+
+def _onnx_lstms(path: str) -> list[dict]:
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise InspectError("reading .onnx files needs the onnx package: pip install onnx") from None
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001
+        raise InspectError(f"cannot read {path!r} as ONNX ({_short(e)})") from None
+    graph = model.graph
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    for node in graph.node:  # weights may also be Constant nodes
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
+            shapes[node.output[0]] = tuple(numpy_helper.to_array(node.attribute[0].t).shape)
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def lstm_below(name: str, hops: int = 6):
+        """The LSTM node that (through shape-only ops) produces tensor `name`, if any."""
+        node = producer.get(name)
+        while node is not None and hops > 0:
+            if node.op_type == "LSTM":
+                return node
+            if node.op_type not in _PASS_THROUGH or not node.input:
+                return None
+            node, hops = producer.get(node.input[0]), hops - 1
+        return None
+
+    lstm_nodes = [n for n in graph.node if n.op_type == "LSTM"]
+    stacks, stack_of = [], {}
+    for node in lstm_nodes:  # graph order is topological: a layer's lower layer comes first
+        below = lstm_below(node.input[0])
+        if below is not None and id(below) in stack_of and stack_of[id(below)][-1] is below:
+            stack_of[id(below)].append(node)
+            stack_of[id(node)] = stack_of[id(below)]
+        else:
+            stacks.append([node])
+            stack_of[id(node)] = stacks[-1]
+
+    found = []
+    for i, stack in enumerate(stacks):
+        first = stack[0]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
+        direction = attrs.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        W = shapes.get(first.input[1])
+        if W is None or len(W) != 3:
+            raise InspectError(f"ONNX LSTM node {first.name!r}: weight W is not a constant, cannot infer sizes")
+        params = 0
+        for node in stack:
+            for name in node.input[1:4] + node.input[7:8]:  # W, R, B, P
+                if name and name in shapes:
+                    n = 1
+                    for s in shapes[name]:
+                        n *= s
+                    params += n
+        found.append({
+            "prefix": first.name or f"LSTM node {i}",
+            "input_size": W[2],
+            "hidden_size": int(attrs.get("hidden_size", W[1] // 4)),
+            "num_layers": len(stack),
+            "bias": len(first.input) > 3 and first.input[3] != "",
+            "bidirectional": direction == "bidirectional",
+            "proj_size": 0,
+            "parameters": params,
+        })
+    return found
+
+
+# ---- the command -----------------------------------------------------------------------------------
+def find_in_file(path: str) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(the LSTMs in `path` as dicts with KEYS, rejected candidates as (prefix, reason))."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InspectError(f"no such file: {path}")
+    if not os.path.isfile(path):
+        raise InspectError(f"not a file: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".onnx":
+        return _onnx_lstms(path), []
+    shapes = _safetensors_shapes(path) if ext == ".safetensors" else _torch_shapes(path)
+    found, rejected = find_lstms(shapes)
+    rows = []
+    for f in found:
+        c = f.config
+        rows.append({
+            "prefix": f.prefix, "input_size": c.input_size, "hidden_size": c.hidden_size,
+            "num_layers": c.num_layers, "bias": c.bias, "bidirectional": c.bidirectional,
+            "proj_size": c.proj_size, "parameters": c.num_parameters(),
+        })
+    return rows, rejected
+
+
+def format_table(path: str, rows: list[dict]) -> str:
+    heads = ("prefix", "input", "hidden", "layers", "bias", "bidir", "proj", "parameters")
+    body = [
+        (r["prefix"] or "(top level)", r["input_size"], r["hidden_size"], r["num_layers"], r["bias"],
+         r["bidirectional"], r["proj_size"], f"{r['parameters']:,}")
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(heads, *body)]
+    line = lambda cells: "  ".join(  # noqa: E731 - text left, numbers right
+        str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    ).rstrip()
+    n = len(rows)
+    return "\n".join([f"{path}: {n} LSTM{'s' if n != 1 else ''}", line(heads)] + [line(b) for b in body])
+
+
+def _short(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    first = msg[0].split(". ")[0] if msg else ""
+    return f"{type(e).__name__}: {first}"[:160]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lstmkit inspect", description="List the LSTMs in a checkpoint "
+                                 "(.pt/.pth state_dict or saved module, .safetensors, .onnx).")
+    ap.add_argument("path")
+    ap.add_argument("--json", action="store_true", help="print a JSON list of objects with keys " + ", ".join(KEYS))
+    args = ap.parse_args(argv)
+    try:
+        rows, rejected = find_in_file(args.path)
+    except InspectError as e:
+        print(f"lstmkit inspect: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a damaged file must not end in a traceback
+        print(f"lstmkit inspect: cannot read {args.path} ({_short(e)})", file=sys.stderr)
+        return 1
+    if not rows:
+        why = "".join(f"; {p or '(top level)'}: {r}" for p, r in rejected)
+        print(f"lstmkit inspect: no LSTM found in {args.path}{why}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(args.path, rows))
+        for p, r in rejected:
+            print(f"(skipped {p or '(top level)'}: {r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
