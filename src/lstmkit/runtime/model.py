@@ -44,16 +44,18 @@ class Runtime:
         self._I, self._H, self._L = config.input_size, config.hidden_size, config.num_layers
         self._batch_first = config.batch_first
         # Per layer-direction, in h0/c0 order (layer-major), the kernel's arguments:
-        # (w_ih (4H, I), w_hh (4H, P), b = b_ih + b_hh (4H,), w_hr (P, H) or (0, H)), C-contiguous.
+        # (w_ih (4H, I), w_hh (4H, P), b_ih, b_hh (4H,) (zeros without bias), w_hr (P, H) or (0, H)),
+        # C-contiguous.
         H, dt = config.hidden_size, self.dtype
         self.layers = []
         for k in range(config.num_layers):
             for d in range(config.num_directions):
                 sfx = f"_l{k}{LSTMConfig.suffix(d)}"
                 w = {n: np.ascontiguousarray(v, dtype=dt) for n, v in weights.items() if n.endswith(sfx)}
-                b = w["bias_ih" + sfx] + w["bias_hh" + sfx] if config.bias else np.zeros(4 * H, dt)
+                zeros = np.zeros(4 * H, dt)
+                b_ih, b_hh = (w["bias_ih" + sfx], w["bias_hh" + sfx]) if config.bias else (zeros, zeros)
                 w_hr = w.get("weight_hr" + sfx, np.zeros((0, H), dt))
-                self.layers.append((w["weight_ih" + sfx], w["weight_hh" + sfx], b, w_hr))
+                self.layers.append((w["weight_ih" + sfx], w["weight_hh" + sfx], b_ih, b_hh, w_hr))
         self._no_cells = np.zeros((0, H), dt)  # the kernel saves c_t for training only
         self._batch_sizes = {}  # (T, N) -> int64 array [N] * T
 
@@ -121,9 +123,9 @@ class Runtime:
             y = np.empty((T * N, P) if D == 1 else (D, T * N, P), dt)
             for d in range(D):
                 idx = k * D + d
-                w_ih, w_hh, b, w_hr = self.layers[idx]
+                w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[idx]
                 acts = np.empty((T * N, 4 * H), dt)  # kernel scratch
-                forward_core(x, bsz, h0[idx], c0[idx], w_ih, w_hh, b, w_hr, d == 1, acts,
+                forward_core(x, bsz, h0[idx], c0[idx], w_ih, w_hh, b_ih, b_hh, w_hr, d == 1, acts,
                              y if D == 1 else y[d], h_n[idx], c_n[idx], self._no_cells, False)
             # (T*N, D*P): both directions side by side, as the next layer reads them
             x = y if D == 1 else np.concatenate((y[0], y[1]), axis=1)
