@@ -129,8 +129,8 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda t: t.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n"))
+def write_json(path: Path, obj, indent=1) -> None:
+    _atomic_write(path, lambda t: t.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"))
 
 
 def read_config(run_dir) -> dict:

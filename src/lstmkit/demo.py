@@ -70,9 +70,6 @@ def main(argv=None) -> int:
         except OSError as e:
             raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
         corpus = out / "stdlib.txt"
-        n_files = build_corpus(corpus)
-        print(f"lstmkit demo: {n_files} standard-library modules -> {corpus}", file=sys.stderr)
-
         flags = ["--text", str(corpus), "--out", str(out / "run"), "--engine", args.engine,
                  "--steps", str(args.steps), "--eval-every", "250", "--ckpt-every", "250"] + MODEL
         if (out / "run" / CONFIG).exists():
@@ -81,6 +78,8 @@ def main(argv=None) -> int:
             if _differs(out / "run", flags):
                 raise RunError(f"{out / 'run'} holds a run with another configuration; "
                                f"remove it or pass --out elsewhere")
+        n_files = build_corpus(corpus)
+        print(f"lstmkit demo: {n_files} standard-library modules -> {corpus}", file=sys.stderr)
         if args.compare_torch:
             flags.append("--compare-torch")
         # Keep ~25 s for the final evaluation and the samples.

@@ -188,7 +188,7 @@ def evaluate(model: CharLM, ids: torch.Tensor, seq_len: int, batch: int, device)
     was_training = model.training
     model.eval()
     n = len(ids) - 1
-    B = max(1, min(batch, n // seq_len))
+    B = max(1, min(max(batch, 64), n // seq_len))  # forward only: many streams are cheap
     L = n // B
     x = ids[: B * L].view(B, L).to(device)
     y = ids[1 : B * L + 1].view(B, L).to(device)
@@ -406,7 +406,7 @@ def run(argv=None, *, log=True) -> dict:
                     "h": hs, "c": cs}, out / (TRAINER + ".tmp"))
         os.replace(out / (TRAINER + ".tmp"), out / TRAINER)
         save_weights(out, net, step=step)
-        write_json(out / HISTORY, history)
+        write_json(out / HISTORY, history, indent=None)
         msg = write_curve(out, history)
         if msg and not warned["curve"]:
             say.log(msg)
@@ -418,81 +418,83 @@ def run(argv=None, *, log=True) -> dict:
     window = {"loss": 0.0, "n": 0, "chars": 0, "time": 0.0}
     val_bpc = history["eval"][-1][1] if history["eval"] else None
 
-    model.train()
-    if twin is not None:
-        twin.train()
-    while True:
-        # ---- one step of truncated BPTT ----
-        t0 = time.perf_counter()
-        x, y, new_epoch = streams.batch(step)  # (B, T), (B, T)
-        if new_epoch:
-            state = zeros()
-        logits, state = model(x, state)  # (B, T, V)
-        state = (state[0].detach(), state[1].detach())  # carry the state, not the graph
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
-        opt.step()
-        loss_v = loss.item()
-        dt = time.perf_counter() - t0
-        step += 1
-        chars += B * T * world
-        train_time += dt
-        window["loss"] += loss_v
-        window["n"] += 1
-        window["chars"] += B * T * world
-        window["time"] += dt
-
-        if twin is not None:  # the same step with torch.nn.LSTM, timed the same way
-            t1 = time.perf_counter()
+    try:
+        model.train()
+        if twin is not None:
+            twin.train()
+        while True:
+            # ---- one step of truncated BPTT ----
+            t0 = time.perf_counter()
+            x, y, new_epoch = streams.batch(step)  # (B, T), (B, T)
             if new_epoch:
-                twin_state = zeros()
-            tl, twin_state = twin(x, twin_state)
-            twin_state = (twin_state[0].detach(), twin_state[1].detach())
-            tloss = F.cross_entropy(tl.flatten(0, 1), y.flatten())
-            twin_opt.zero_grad(set_to_none=True)
-            tloss.backward()
-            torch.nn.utils.clip_grad_norm_(twin.parameters(), cfg["clip"])
-            twin_opt.step()
-            last["torch"], last["lstmkit"] = tloss.item(), loss_v
-            times["torch"].append(time.perf_counter() - t1)
-            times["lstmkit"].append(dt)
+                state = zeros()
+            logits, state = model(x, state)  # (B, T, V)
+            state = (state[0].detach(), state[1].detach())  # carry the state, not the graph
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
+            opt.step()
+            loss_v = loss.item()
+            dt = time.perf_counter() - t0
+            step += 1
+            chars += B * T * world
+            train_time += dt
+            window["loss"] += loss_v
+            window["n"] += 1
+            window["chars"] += B * T * world
+            window["time"] += dt
 
-        # ---- stop? (every rank must agree, or DDP would hang in the next all-reduce) ----
-        why = stop["why"]
-        if why is None and args.steps and step >= args.steps:
-            why = "steps"
-        if why is None and args.minutes is not None and time.perf_counter() - t_start >= 60 * args.minutes:
-            why = "time"
-        if world > 1:
-            import torch.distributed as dist
+            if twin is not None:  # the same step with torch.nn.LSTM, timed the same way
+                t1 = time.perf_counter()
+                if new_epoch:
+                    twin_state = zeros()
+                tl, twin_state = twin(x, twin_state)
+                twin_state = (twin_state[0].detach(), twin_state[1].detach())
+                tloss = F.cross_entropy(tl.flatten(0, 1), y.flatten())
+                twin_opt.zero_grad(set_to_none=True)
+                tloss.backward()
+                torch.nn.utils.clip_grad_norm_(twin.parameters(), cfg["clip"])
+                twin_opt.step()
+                last["torch"], last["lstmkit"] = tloss.item(), loss_v
+                times["torch"].append(time.perf_counter() - t1)
+                times["lstmkit"].append(dt)
 
-            code = torch.tensor([{None: 0, "steps": 1, "time": 2, "interrupted": 3}[why]], device=device)
-            dist.all_reduce(code, op=dist.ReduceOp.MAX)
-            why = {0: None, 1: "steps", 2: "time", 3: "interrupted"}[int(code.item())]
+            # ---- stop? (every rank must agree, or DDP would hang in the next all-reduce) ----
+            why = stop["why"]
+            if why is None and args.steps and step >= args.steps:
+                why = "steps"
+            if why is None and args.minutes is not None and time.perf_counter() - t_start >= 60 * args.minutes:
+                why = "time"
+            if world > 1:
+                import torch.distributed as dist
 
-        # ---- log, evaluate, checkpoint ----
-        cps = window["chars"] / max(window["time"], 1e-9)
-        if step % 10 == 0 or why:
-            history["train"].append([step, window["loss"] / window["n"] / LN2, round(cps)])
-            window.update(loss=0.0, n=0, chars=0, time=0.0)
-        if main_rank and (step % args.eval_every == 0 or why):
-            val_bpc = evaluate(net, eval_ids, T, B, device)
-            history["eval"].append([step, val_bpc, round(chars), round(train_time, 2)])
-            say.log(f"step {step}: loss {loss_v:.3f} ({loss_v / LN2:.3f} bpc), held-out {val_bpc:.3f} bpc, "
-                    f"{(chars - chars_before) / max(train_time, 1e-9):,.0f} chars/s, "
-                    f"{fmt_time(time.perf_counter() - t_start)}")
-        if step % args.ckpt_every == 0 or why:
-            checkpoint()
-        vb = f"{val_bpc:.3f}" if val_bpc is not None else "-"
-        say.update(step, f"loss {loss_v:.3f} bpc {loss_v / LN2:.3f} held-out {vb} {cps:,.0f} chars/s")
-        if why:
-            break
+                code = torch.tensor([{None: 0, "steps": 1, "time": 2, "interrupted": 3}[why]], device=device)
+                dist.all_reduce(code, op=dist.ReduceOp.MAX)
+                why = {0: None, 1: "steps", 2: "time", 3: "interrupted"}[int(code.item())]
 
-    say.close()
-    for sig, h in old_handlers.items():
-        signal.signal(sig, h)
+            # ---- log, evaluate, checkpoint ----
+            cps = window["chars"] / max(window["time"], 1e-9)
+            if step % 10 == 0 or why:
+                history["train"].append([step, window["loss"] / window["n"] / LN2, round(cps)])
+                window.update(loss=0.0, n=0, chars=0, time=0.0)
+            if main_rank and (step % args.eval_every == 0 or why):
+                val_bpc = evaluate(net, eval_ids, T, B, device)
+                history["eval"].append([step, val_bpc, round(chars), round(train_time, 2)])
+                say.log(f"step {step}: loss {loss_v:.3f} ({loss_v / LN2:.3f} bpc), held-out {val_bpc:.3f} bpc, "
+                        f"{(chars - chars_before) / max(train_time, 1e-9):,.0f} chars/s, "
+                        f"{fmt_time(time.perf_counter() - t_start)}")
+            if step % args.ckpt_every == 0 or why:
+                checkpoint()
+            vb = f"{val_bpc:.3f}" if val_bpc is not None else "-"
+            say.update(step, f"loss {loss_v:.3f} bpc {loss_v / LN2:.3f} held-out {vb} {cps:,.0f} chars/s")
+            if why:
+                break
+
+    finally:
+        say.close()
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
     elapsed = time.perf_counter() - t_start
     session_chars = chars - chars_before
     summary = {"step": step, "stopped": why, "val_bpc": val_bpc, "unigram_bpc": baseline,

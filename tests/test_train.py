@@ -1,0 +1,302 @@
+"""The char-LM main job: train, sample, resume, DDP, demo and the error paths.
+
+Short runs of tiny models on a small, very regular text (so the loss falls within a
+few dozen steps). The reference engine keeps runs free of JIT compile time."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lstmkit import charlm, demo, sample, train
+from lstmkit.charlm import CharLM, RunError
+
+TINY = ["--hidden-size", "32", "--num-layers", "2", "--embed-size", "8", "--seq-len", "16",
+        "--batch-size", "8", "--lr", "3e-2", "--engine", "reference", "--eval-chars", "400"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    lines = [f"def f{i % 7}(x):\n    return x * {i % 5} + {i % 3}\n\n" for i in range(160)]
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("".join(lines))
+    return path
+
+
+def train_run(text, out, *extra):
+    return train.run(["--text", str(text), "--out", str(out), *TINY, *extra], log=False)
+
+
+@pytest.fixture(scope="module")
+def trained(text_file, tmp_path_factory):
+    """One 60-step run shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    summary = train_run(text_file, out, "--steps", "60", "--eval-every", "20", "--ckpt-every", "30")
+    return out, summary
+
+
+# ---- the trainer ------------------------------------------------------------------------------
+def test_training_learns_and_writes_the_run(trained):
+    out, summary = trained
+    for name in ("config.json", "model.safetensors", "trainer.pt", "history.json", "loss.png"):
+        assert (out / name).is_file(), name
+    hist = json.loads((out / "history.json").read_text())
+    evals = [bpc for _, bpc, *_ in hist["eval"]]
+    assert [s for s, *_ in hist["eval"]] == [20, 40, 60]
+    assert evals[-1] < evals[0]
+    # A regular text: after 60 steps the model must beat the context-free baseline clearly.
+    assert summary["val_bpc"] < 0.8 * summary["unigram_bpc"]
+    assert summary["step"] == 60 and summary["stopped"] == "steps" and summary["chars_per_s"] > 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["hidden_size"] == 32 and cfg["num_layers"] == 2
+    assert "".join(cfg["vocab"]) == "".join(sorted(set(Path(cfg["text_paths"][0]).read_text())))
+
+
+def test_unigram_baseline_is_the_entropy_of_char_frequencies():
+    ids = torch.tensor([0, 0, 1, 1])  # two equally frequent chars -> 1 bit each (+1 smoothing keeps it so)
+    assert charlm.unigram_bpc(ids, ids, 2) == pytest.approx(1.0)
+
+
+def test_bptt_streams_are_consecutive_chunks():
+    ids = torch.arange(2 * 3 * 4 + 1)  # 2 streams of 12 chars, chunks of 4 -> 3 steps per epoch
+    s = train.Streams(ids, batch=2, seq_len=4, rank=0, world=1)
+    x0, y0, new0 = s.batch(0)
+    x1, _, new1 = s.batch(1)
+    assert new0 and not new1 and s.chunks == 3
+    assert x0.tolist() == [[0, 1, 2, 3], [12, 13, 14, 15]]
+    assert y0.tolist() == [[1, 2, 3, 4], [13, 14, 15, 16]]
+    assert x1[:, 0].tolist() == [4, 16]  # the next chunk continues each stream
+    assert s.batch(3)[2]  # epoch 2 restarts the streams
+    r1 = train.Streams(ids, batch=1, seq_len=4, rank=1, world=2)  # rank 1 owns the second stream
+    assert r1.batch(0)[0].tolist() == [[12, 13, 14, 15]]
+
+
+def test_lstm_weights_load_into_torch_nn_lstm_unchanged(trained):
+    out, summary = trained
+    cfg = json.loads((out / "config.json").read_text())
+    ref = torch.nn.LSTM(cfg["embed_size"], cfg["hidden_size"], cfg["num_layers"], batch_first=True)
+    ref.load_state_dict(charlm.lstm_state_dict(out), strict=True)
+    ours = summary["model"].lstm.eval()
+    x = torch.randn(3, 7, cfg["embed_size"])
+    with torch.no_grad():
+        y_ref, (h_ref, c_ref) = ref(x)
+        y, (h, c) = ours(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=1e-5)
+    # The whole checkpoint loads, strict, into the model built around torch.nn.LSTM.
+    twin = charlm.model_from_config(cfg, lstm_cls=torch.nn.LSTM)
+    twin.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+
+
+def test_compare_torch_trains_the_same_model_on_the_same_data(text_file, tmp_path):
+    s = train_run(text_file, tmp_path / "cmp", "--steps", "8", "--compare-torch")
+    c = s["compare"]
+    assert c["lstmkit_chars_per_s"] > 0 and c["torch_chars_per_s"] > 0
+    assert c["ratio"] == pytest.approx(c["lstmkit_chars_per_s"] / c["torch_chars_per_s"])
+    # Same weights, same batches, same optimizer: the two losses agree to float32 noise.
+    assert abs(c["loss_lstmkit"] - c["loss_torch"]) < 1e-3
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["steps"] >= 1
+
+
+# ---- resume -----------------------------------------------------------------------------------
+def test_resume_continues_exactly(text_file, tmp_path):
+    extra = ["--dropout", "0.3", "--ckpt-every", "100", "--eval-every", "100"]  # dropout: RNG restored too
+    straight = train_run(text_file, tmp_path / "a", "--steps", "12", *extra)
+    train_run(text_file, tmp_path / "b", "--steps", "6", *extra)
+    resumed = train.run(["--out", str(tmp_path / "b"), "--resume", "--steps", "12",
+                         "--engine", "reference", "--eval-chars", "400"], log=False)
+    assert resumed["step"] == 12
+    for (k, a), (_, b) in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+
+
+def test_resume_with_a_mismatched_configuration_is_a_one_line_error(trained, capsys):
+    out, _ = trained
+    before = (out / "model.safetensors").read_bytes()
+    assert train.main(["--out", str(out), "--resume", "--hidden-size", "48", "--steps", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hidden_size=32" in err and "hidden_size=48" in err
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_resume_with_other_text_is_an_error(trained, tmp_path, capsys):
+    out, _ = trained
+    other = tmp_path / "other.txt"
+    other.write_text("something else entirely\n" * 200)
+    assert train.main(["--out", str(out), "--resume", "--text", str(other), "--steps", "100"]) == 2
+    assert "text differs" in capsys.readouterr().err
+
+
+def test_existing_run_is_never_silently_overwritten(trained, text_file, capsys):
+    out, _ = trained
+    cfg_before = (out / "config.json").read_text()
+    argv = ["--text", str(text_file), "--out", str(out), *TINY, "--hidden-size", "24", "--steps", "5"]
+    assert train.main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == cfg_before
+
+
+def test_sigint_writes_a_checkpoint_then_resume_goes_on(text_file, tmp_path):
+    out = tmp_path / "int"
+    cmd = [sys.executable, "-m", "lstmkit", "train", "--text", str(text_file), "--out", str(out), *TINY,
+           "--steps", "100000", "--ckpt-every", "100000", "--eval-every", "100000"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)  # some steps
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    step = torch.load(out / "trainer.pt", weights_only=True)["step"]
+    assert step > 0
+    s = train.run(["--out", str(out), "--resume", "--steps", str(step + 2), "--engine", "reference"], log=False)
+    assert s["step"] == step + 2
+
+
+# ---- bad input --------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["missing", "empty", "binary", "latin1", "directory", "too_short"])
+def test_bad_text_is_a_one_line_error(case, tmp_path, capsys):
+    p = tmp_path / "in.txt"
+    if case == "empty":
+        p.write_text("")
+    elif case == "binary":
+        p.write_bytes(bytes(range(256)) * 4)
+    elif case == "latin1":
+        p.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    elif case == "directory":
+        p.mkdir()
+    elif case == "too_short":
+        p.write_text("hello world\n" * 3)
+    rc = train.main(["--text", str(p), "--out", str(tmp_path / "run"), *TINY, "--steps", "5"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.startswith("lstmkit train: error: ") and err.count("\n") == 1, err
+    assert str(p) in err or case == "too_short"
+
+
+def test_unwritable_output_dir_is_a_one_line_error(text_file, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where a directory should be: no one can write under it
+    rc = train.main(["--text", str(text_file), "--out", str(blocker / "run"), *TINY, "--steps", "5"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "cannot write" in err
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lstmkit", "train", "--text", str(tmp_path / "nope.txt"),
+                        "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"lstmkit train: error: {tmp_path / 'nope.txt'}: no such file"
+
+
+# ---- the sampler ------------------------------------------------------------------------------
+def test_single_step_streaming_equals_the_full_sequence(trained):
+    model = trained[1]["model"].eval()
+    ids = torch.randint(0, model.head.out_features, (2, 9))
+    with torch.inference_mode():
+        full, _ = model(ids)
+        state, steps = None, []
+        for t in range(ids.shape[1]):
+            logits, state = model(ids[:, t : t + 1], state)  # T=1, carried state
+            steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_sample_cli_prints_as_it_goes_and_is_repeatable(trained, capsys):
+    out, _ = trained
+    assert sample.main([str(out), "--length", "80", "--seed", "3", "--prime", "def "]) == 0
+    first = capsys.readouterr().out
+    assert sample.main([str(out), "--length", "80", "--seed", "3", "--prime", "def "]) == 0
+    assert capsys.readouterr().out == first
+    assert first.startswith("def ") and len(first) == len("def ") + 80 + 1
+    vocab = set(json.loads((out / "config.json").read_text())["vocab"])
+    assert set(first[:-1]) <= vocab
+
+
+def test_greedy_sampling_has_learned_the_pattern(trained):
+    model, cfg = charlm.load_model(trained[0])
+    text = sample.generate(model, cfg["vocab"], 40, temperature=0, prime="def f1(x):\n")
+    assert "return x" in text
+
+
+def test_sample_errors(trained, capsys):
+    out, _ = trained
+    assert sample.main([str(out), "--prime", "\u2603"]) == 2  # a character the model never saw
+    assert "not in the model's vocabulary" in capsys.readouterr().err
+    assert sample.main([str(out / "nothing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+# ---- data-parallel ------------------------------------------------------------------------------
+DDP_WORKER = """
+import sys, torch
+from lstmkit import train
+out, dump, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+s = train.run(["--out", out, *argv], log=False)
+torch.save(s["model"].state_dict(), dump)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_keep_identical_weights_and_learn(text_file, tmp_path):
+    out = tmp_path / "ddp"
+    argv = ["--text", str(text_file), *TINY, "--steps", "30", "--eval-every", "10", "--ckpt-every", "15"]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", DDP_WORKER, str(out), str(tmp_path / f"rank{r}.pt"), *argv],
+                         env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["world_size"] == 2
+    hist = json.loads((out / "history.json").read_text())
+    assert [s for s, *_ in hist["eval"]] == [10, 20, 30]  # rank 0 alone evaluates and writes
+    assert hist["eval"][-1][1] < hist["eval"][0][1] and hist["eval"][-1][1] < hist["unigram_bpc"]
+    assert hist["eval"][-1][2] == 30 * 2 * 8 * 16  # chars seen: steps x ranks x B x T
+    # The two ranks trained on different shards, and rank 0 saved the carried state of both.
+    tr = torch.load(out / "trainer.pt", weights_only=True)
+    assert len(tr["h"]) == 2 and not torch.equal(tr["h"][0], tr["h"][1])
+    for k, v in load_file(str(out / "model.safetensors")).items():
+        assert torch.equal(v, w0[k]), k
+
+
+# ---- the demo -----------------------------------------------------------------------------------
+def test_demo_quick_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "MODEL", ["--hidden-size", "16", "--num-layers", "2", "--embed-size", "8",
+                                        "--seq-len", "16", "--batch-size", "4"])
+    monkeypatch.setattr(demo, "PRIMES", [("def ", 0.8)])
+    out = tmp_path / "demo"
+    assert demo.main(["--steps", "3", "--out", str(out), "--engine", "reference"]) == 0
+    stdout = capsys.readouterr().out
+    assert "held-out:" in stdout and "unigram baseline:" in stdout
+    result = json.loads((out / "summary.json").read_text())
+    assert result["steps"] == 3 and result["files"] > 100 and 3 < result["unigram_bpc"] < 6
+    assert (out / "samples.txt").read_text().startswith("--- prime 'def '")
+    corpus = (out / "stdlib.txt").read_text()
+    assert "import " in corpus and "site-packages" not in str(demo.stdlib_sources()[:50])
+    # Rerunning the same demo starts over; a demo dir with another configuration is refused.
+    assert demo.main(["--steps", "2", "--out", str(out), "--engine", "reference"]) == 0
+    monkeypatch.setattr(demo, "MODEL", ["--hidden-size", "12"])
+    capsys.readouterr()
+    assert demo.main(["--steps", "2", "--out", str(out), "--engine", "reference"]) == 2
+    assert "another configuration" in capsys.readouterr().err
