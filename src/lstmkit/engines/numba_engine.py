@@ -20,6 +20,8 @@ all the heavy work of one call runs in that single pool.
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -51,25 +53,55 @@ def _sync_threads() -> None:
             lib.set_num_threads(n)
 
 
-# ---- weights -------------------------------------------------------------------------------------
-# The kernels read the weights in torch's layout (BLAS takes W^T without a copy), so
-# "laying out" is numpy views plus one (4H,) bias sum per call. Nothing is cached:
-# parameters can change behind the version counter (p.data.add_(...), gradcheck's
-# perturbations), and a stale cache would be a silent wrong answer for ~1 us saved.
+# ---- weights: numpy views, cached ------------------------------------------------------------------
+# The kernels read the weights in torch's layout (BLAS takes W^T without a copy) and add
+# b_ih and b_hh in the gate pass, so the only per-call work is making numpy views of the
+# parameters. Those views are cached per tensor: a view shares the tensor's memory, so any
+# in-place update (optimizer.step(), p.data.add_(), gradcheck's perturbations) is seen
+# without invalidation; a tensor re-pointed to other memory (p.data = ...) or resized
+# is a miss (data_ptr/shape checked), and entries die with their tensor (weakref).
+_views: dict = {}
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def _param_view(t: torch.Tensor) -> np.ndarray:
+    e = _views.get(id(t))
+    if e is not None and e[0]() is t and e[1] == t.data_ptr() and e[2].shape == t.shape:
+        return e[2]
+    if not t.is_contiguous():  # a copy would go stale: don't cache it
+        return _np(t)
+    a = t.detach().numpy()
+    key = id(t)
+    _views[key] = (weakref.ref(t, lambda _, k=key: _views.pop(k, None)), t.data_ptr(), a)
+    return a
+
+
+_zeros: dict = {}
+
+
+def _zeros_of(shape, dtype) -> np.ndarray:
+    """Shared read-only zeros standing in for a missing bias or projection."""
+    key = (shape, dtype)
+    z = _zeros.get(key)
+    if z is None:
+        z = _zeros[key] = np.zeros(shape, dtype)
+        z.flags.writeable = False
+    return z
+
+
 def _weights(p: LayerParams, H: int):
-    """(w_ih, w_hh, b, w_hr) as contiguous numpy arrays; b = b_ih + b_hh (zeros if no bias)."""
-    w_ih, w_hh = _np(p.w_ih), _np(p.w_hh)
+    """(w_ih, w_hh, b_ih, b_hh, w_hr) as contiguous numpy arrays (zeros for missing ones)."""
+    w_ih = _param_view(p.w_ih)
     dt = w_ih.dtype
     if p.b_ih is not None:
-        b = _np(p.b_ih) + _np(p.b_hh)
+        b_ih, b_hh = _param_view(p.b_ih), _param_view(p.b_hh)
     else:
-        b = np.zeros(4 * H, dt)
-    w_hr = _np(p.w_hr) if p.w_hr is not None else np.zeros((0, H), dt)
-    return w_ih, w_hh, b, w_hr
+        b_ih = b_hh = _zeros_of((4 * H,), dt)
+    w_hr = _param_view(p.w_hr) if p.w_hr is not None else _zeros_of((0, H), dt)
+    return w_ih, _param_view(p.w_hh), b_ih, b_hh, w_hr
 
 
 def _check(x: torch.Tensor) -> None:
@@ -84,7 +116,7 @@ def _check(x: torch.Tensor) -> None:
 
 def _forward(x, batch_sizes, h0, c0, weights, reverse, save):
     """Run the forward kernel; returns numpy (y, h_n, c_n, acts, cells)."""
-    w_ih, w_hh, b, w_hr = weights
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
     xn, h0n, c0n = _np(x), _np(h0), _np(c0)
     dt = xn.dtype
     total = xn.shape[0]
@@ -96,7 +128,7 @@ def _forward(x, batch_sizes, h0, c0, weights, reverse, save):
     h_n = np.empty((B, P), dt)
     c_n = np.empty((B, H), dt)
     cells = np.empty((total if save else 0, H), dt)
-    forward_core(xn, bsz, h0n, c0n, w_ih, w_hh, b, w_hr, reverse, acts, y, h_n, c_n, cells, save)
+    forward_core(xn, bsz, h0n, c0n, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, acts, y, h_n, c_n, cells, save)
     return y, h_n, c_n, acts, cells
 
 

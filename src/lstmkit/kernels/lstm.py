@@ -49,14 +49,15 @@ def _offsets(batch_sizes):
 
 
 @njit(**KW)
-def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr, reverse, acts, y, h, c, cells, save):
+def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, acts, y, h, c, cells, save):
     """The forward pass, writing into preallocated arrays (all C-contiguous, one dtype).
 
     acts  (total, 4H)  scratch; on return the gate activations (i, f, g, o) of every row
     y     (total, P)   output
     h, c  (B, P), (B, H)  on return h_n, c_n
     cells (total, H)   c_t of every row, written only when save (else may be (0, H))
-    w_hr  (P, H), or (0, H) for no projection; b is always given (zeros for bias=False).
+    b_ih, b_hh (4H,) always given (zeros for bias=False; passing both saves the caller a sum)
+    w_hr  (P, H), or (0, H) for no projection.
     """
     T = batch_sizes.shape[0]
     B, H = c0.shape
@@ -82,10 +83,10 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr, reverse, acts, y, 
             cr = c[r]
             hout = hp[r] if has_proj else h[r]
             for j in range(H):
-                ig = sigmoid(a[j] + q[j] + b[j])
-                fg = sigmoid(a[H + j] + q[H + j] + b[H + j])
-                gg = tanh(a[2 * H + j] + q[2 * H + j] + b[2 * H + j])
-                og = sigmoid(a[3 * H + j] + q[3 * H + j] + b[3 * H + j])
+                ig = sigmoid(a[j] + q[j] + (b_ih[j] + b_hh[j]))
+                fg = sigmoid(a[H + j] + q[H + j] + (b_ih[H + j] + b_hh[H + j]))
+                gg = tanh(a[2 * H + j] + q[2 * H + j] + (b_ih[2 * H + j] + b_hh[2 * H + j]))
+                og = sigmoid(a[3 * H + j] + q[3 * H + j] + (b_ih[3 * H + j] + b_hh[3 * H + j]))
                 a[j] = ig
                 a[H + j] = fg
                 a[2 * H + j] = gg
@@ -232,7 +233,8 @@ def lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b=None, w_hr=None, reverse=
     h_n = np.empty_like(h0)
     c_n = np.empty_like(c0)
     cells = np.empty((total if save else 0, H), dt)
-    forward_core(x, bsz, h0, c0, w_ih, w_hh, b, w_hr, bool(reverse), acts, y, h_n, c_n, cells, bool(save))
+    forward_core(x, bsz, h0, c0, w_ih, w_hh, b, np.zeros_like(b), w_hr, bool(reverse), acts, y, h_n, c_n, cells,
+                 bool(save))
     if save:
         return y, h_n, c_n, (acts, cells)
     return y, h_n, c_n

@@ -1,0 +1,327 @@
+"""`lstmkit bench`: lstmkit against torch.nn.LSTM and ONNX Runtime on CPU.
+
+    python -m lstmkit bench                 # speed table (inference and forward+backward)
+    python -m lstmkit bench --memory        # + peak memory of forward+backward, one process per run
+    python -m lstmkit bench --startup       # + import time, first forward (warm / cold compile cache)
+    python -m lstmkit bench --quick         # fewer repeats
+
+Every number is a median over repeats, measured in one process with the same thread
+count for everyone (--threads, default 2). Speedup = their time / our time (>1: we win).
+ONNX Runtime runs a model built here with onnx.helper: one standard ONNX LSTM node per
+layer (gates reordered from torch's i,f,g,o to ONNX's i,o,f,c; biases as [Wb | Rb]).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+# (T, N, input, hidden, layers, bidirectional) and the targets from issue 3:
+# (fwd vs nn.LSTM, fwd vs ORT, fwd+bwd vs nn.LSTM)
+CASES = [
+    ((1, 1, 64, 128, 1, False), (10, 3, 3)),
+    ((1, 1, 128, 512, 1, False), (5, 1.5, 2)),
+    ((100, 1, 64, 128, 1, False), (2, 1, 2)),
+    ((1000, 1, 32, 64, 1, False), (2, 1, 2)),
+    ((200, 16, 64, 64, 1, False), (1.5, 1, 1.5)),
+    ((100, 32, 128, 256, 1, False), (1.3, 0.9, 1.2)),
+    ((100, 16, 128, 256, 2, True), (1.3, 0.9, 1.2)),
+]
+
+
+def case_name(c) -> str:
+    T, N, I, H, L, bi = c
+    return f"T={T} N={N} I={I} H={H}" + (f" L={L}" if L > 1 else "") + (" bidir" if bi else "")
+
+
+# ---- timing --------------------------------------------------------------------------------------
+def timeit(fn, min_time: float = 0.02, repeats: int = 7) -> float:
+    """Median seconds per call: `repeats` batches of n calls, n sized to take >= min_time."""
+    fn()
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    n = max(1, int(min_time / one))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n)
+    times.sort()
+    return times[len(times) // 2]
+
+
+# ---- ONNX Runtime --------------------------------------------------------------------------------
+def onnx_lstm_model(ref, T: int, N: int):
+    """An ONNX graph equivalent to torch.nn.LSTM `ref` (no projection), input (T, N, I)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    H, D = ref.hidden_size, 2 if ref.bidirectional else 1
+    perm = [0, 3, 1, 2]  # ONNX gate k = torch gate perm[k]: i, o, f, c(=g)
+
+    def reorder(w):  # (4H, ...) torch order -> ONNX order
+        w = w.detach().double().numpy()
+        return np.concatenate([w[k * H:(k + 1) * H] for k in perm])
+
+    nodes, inits = [], []
+    cur = "X"
+    for k in range(ref.num_layers):
+        W, R, Bs = [], [], []
+        for d in range(D):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            W.append(reorder(getattr(ref, "weight_ih" + sfx)))
+            R.append(reorder(getattr(ref, "weight_hh" + sfx)))
+            if ref.bias:
+                Bs.append(np.concatenate([reorder(getattr(ref, "bias_ih" + sfx)), reorder(getattr(ref, "bias_hh" + sfx))]))
+            else:
+                Bs.append(np.zeros(8 * H))
+        for name, arr in ((f"W{k}", W), (f"R{k}", R), (f"B{k}", Bs)):
+            inits.append(numpy_helper.from_array(np.stack(arr).astype(np.float32), name))
+        y = f"Y{k}"
+        nodes.append(helper.make_node(
+            "LSTM", [cur, f"W{k}", f"R{k}", f"B{k}"], [y], hidden_size=H,
+            direction="bidirectional" if D == 2 else "forward",
+        ))
+        # Y (T, D, N, H) -> (T, N, D*H), the next layer's input and the model output
+        nodes.append(helper.make_node("Transpose", [y], [y + "t"], perm=[0, 2, 1, 3]))
+        inits.append(numpy_helper.from_array(np.array([T, N, D * H], dtype=np.int64), f"shape{k}"))
+        nodes.append(helper.make_node("Reshape", [y + "t", f"shape{k}"], [f"out{k}"]))
+        cur = f"out{k}"
+    graph = helper.make_graph(
+        nodes, "lstm",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [T, N, ref.input_size])],
+        [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [T, N, D * H])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def ort_session(model, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+# ---- the speed table -----------------------------------------------------------------------------
+def bench_case(c, threads: int, quick: bool, engine: str):
+    import torch
+
+    import lstmkit
+
+    T, N, I, H, L, bi = c
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, L, bidirectional=bi)
+    ours = lstmkit.LSTM.from_torch(ref, engine=engine)
+    x = torch.randn(T, N, I)
+    reps = 3 if quick else 7
+    mt = 0.01 if quick else 0.05
+    res = {}
+
+    with torch.no_grad():
+        err = (ours(x)[0] - ref(x)[0]).abs().max().item()
+        assert err < 1e-4, f"lstmkit and nn.LSTM disagree by {err}"
+        res["fwd_ours"] = timeit(lambda: ours(x), mt, reps)
+        res["fwd_torch"] = timeit(lambda: ref(x), mt, reps)
+    try:
+        sess = ort_session(onnx_lstm_model(ref, T, N), threads)
+        xn = x.numpy()
+        with torch.no_grad():
+            err = abs(sess.run(None, {"X": xn})[0] - ref(x)[0].numpy()).max()
+        assert err < 1e-4, f"ONNX Runtime and nn.LSTM disagree by {err}"
+        res["fwd_ort"] = timeit(lambda: sess.run(None, {"X": xn}), mt, reps)
+    except ImportError:
+        res["fwd_ort"] = float("nan")
+
+    def train_step(m):
+        def f():
+            y, (h, c) = m(x)
+            y.sum().backward()
+        return f
+
+    res["fb_ours"] = timeit(train_step(ours), mt, reps)
+    res["fb_torch"] = timeit(train_step(ref), mt, reps)
+    return res
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numba
+    import torch
+
+    try:
+        import onnxruntime
+
+        ortv = onnxruntime.__version__
+    except ImportError:
+        ortv = "-"
+    return (f"{cpu}, {os.cpu_count()} cores; python {platform.python_version()}, torch {torch.__version__}, "
+            f"numba {numba.__version__}, onnxruntime {ortv}")
+
+
+def speed_table(threads: int, quick: bool, engine: str, only=None) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(threads)
+    print(f"# lstmkit bench, {threads} threads; {machine()}")
+    print("# times: median per call (ms); speedup = their time / ours (target in brackets)")
+    hdr = f"{'case':<32} {'ours':>8} {'torch':>8} {'ORT':>8} {'vs torch':>13} {'vs ORT':>13} | {'ours':>8} {'torch':>8} {'fwd+bwd vs torch':>17}"
+    print(f"{'':<32} {'---------------- inference ----------------':^66} | {'------ forward+backward ------':^36}")
+    print(hdr)
+    rows = []
+    for k, (c, tgt) in enumerate(CASES):
+        if only is not None and k not in only:
+            continue
+        r = bench_case(c, threads, quick, engine)
+        s1, s2, s3 = r["fwd_torch"] / r["fwd_ours"], r["fwd_ort"] / r["fwd_ours"], r["fb_torch"] / r["fb_ours"]
+        ms = lambda v: f"{v * 1e3:8.3f}"  # noqa: E731
+        sp = lambda s, t: f"{s:5.2f}x [{t:g}x]" + ("*" if s < t else " ")  # noqa: E731
+        print(f"{case_name(c):<32} {ms(r['fwd_ours'])} {ms(r['fwd_torch'])} {ms(r['fwd_ort'])} "
+              f"{sp(s1, tgt[0]):>13} {sp(s2, tgt[1]):>13} | {ms(r['fb_ours'])} {ms(r['fb_torch'])} {sp(s3, tgt[2]):>17}",
+              flush=True)
+        rows.append(dict(case=case_name(c), **r, targets=tgt))
+    print("# * = below target")
+    return rows
+
+
+# ---- memory: one fresh process per (case, implementation) ----------------------------------------
+def _rss_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def memory_child(case_index: int, impl: str, threads: int) -> dict:
+    """Peak RSS growth of one forward+backward, after imports and a warm-up at a tiny size."""
+    import torch
+
+    import lstmkit
+
+    torch.set_num_threads(threads)
+    T, N, I, H, L, bi = CASES[case_index][0]
+    torch.manual_seed(0)
+
+    def make(T, N):
+        ref = torch.nn.LSTM(I, H, L, bidirectional=bi)
+        return ref if impl == "torch" else lstmkit.LSTM.from_torch(ref)
+
+    m = make(2, 1)  # warm-up: load kernels / allocator pools at a tiny size
+    m(torch.randn(2, 1, I))[0].sum().backward()
+    m = make(T, N)
+    x = torch.randn(T, N, I)
+    before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    y, _ = m(x)
+    y.sum().backward()
+    peak = _rss_kib("VmHWM")
+    return {"peak_growth_mib": (peak - before) / 1024}
+
+
+def memory_table(threads: int) -> list[dict]:
+    print("\n# peak memory of forward+backward (max RSS growth in a fresh process, MiB)")
+    print(f"{'case':<32} {'lstmkit':>9} {'torch':>9} {'ratio':>7}")
+    rows = []
+    for k, (c, _) in enumerate(CASES):
+        got = {}
+        for impl in ("lstmkit", "torch"):
+            out = subprocess.run(
+                [sys.executable, "-m", "lstmkit.bench", "--memory-child", str(k), impl, "--threads", str(threads)],
+                capture_output=True, text=True, check=True,
+            )
+            got[impl] = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]
+        ratio = got["lstmkit"] / max(got["torch"], 1e-9)
+        print(f"{case_name(c):<32} {got['lstmkit']:9.2f} {got['torch']:9.2f} {ratio:7.2f}", flush=True)
+        rows.append(dict(case=case_name(c), **got))
+    return rows
+
+
+# ---- startup: import, first forward with a warm and a cold compile cache ---------------------------
+_STARTUP = r"""
+import time, json, sys
+t0 = time.perf_counter()
+import lstmkit
+t1 = time.perf_counter()
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+m = lstmkit.LSTM(64, 128)
+x = torch.randn(10, 1, 64)
+t2 = time.perf_counter()
+with torch.no_grad():
+    m(x)
+t3 = time.perf_counter()
+y, _ = m(x)
+y.sum().backward()
+t4 = time.perf_counter()
+print(json.dumps({"import": t1 - t0, "first_forward": t3 - t2, "first_backward": t4 - t3}))
+"""
+
+
+def startup(threads: int) -> dict:
+    import tempfile
+
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", _STARTUP, str(threads)], capture_output=True, text=True,
+                             check=True, env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    env = dict(os.environ)
+    run(env)  # make sure the cache is warm
+    warm = [run(env) for _ in range(3)]
+    with tempfile.TemporaryDirectory() as d:
+        cold = run(dict(env, NUMBA_CACHE_DIR=d))
+    med = lambda k: sorted(w[k] for w in warm)[1]  # noqa: E731
+    print("\n# startup (fresh processes)")
+    print(f"import lstmkit: {med('import'):.3f} s (target < 0.5 s)")
+    print(f"first forward, warm compile cache: {med('first_forward'):.3f} s (target < 1 s); "
+          f"first forward+backward after it: {med('first_backward'):.3f} s")
+    print(f"first forward, cold compile cache: {cold['first_forward']:.3f} s; first backward: {cold['first_backward']:.3f} s")
+    return {"warm": warm, "cold": cold}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lstmkit bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
+    ap.add_argument("--memory", action="store_true", help="also measure peak memory of forward+backward")
+    ap.add_argument("--startup", action="store_true", help="also measure import and first-call times")
+    ap.add_argument("--cases", type=str, default=None, help="comma-separated case indices (0-based)")
+    ap.add_argument("--engine", default="auto", help="lstmkit engine (default auto)")
+    ap.add_argument("--json", type=str, default=None, help="write the results to this file")
+    ap.add_argument("--memory-child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.memory_child:
+        print(json.dumps(memory_child(int(a.memory_child[0]), a.memory_child[1], a.threads)))
+        return 0
+    only = None if a.cases is None else {int(k) for k in a.cases.split(",")}
+    out = {"speed": speed_table(a.threads, a.quick, a.engine, only)}
+    if a.memory:
+        out["memory"] = memory_table(a.threads)
+    if a.startup:
+        out["startup"] = startup(a.threads)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
