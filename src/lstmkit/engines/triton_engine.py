@@ -18,7 +18,9 @@ engine="auto" falls back to another engine.
 """
 from __future__ import annotations
 
+import os
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -132,29 +134,20 @@ def _prev_rows(batch_sizes: list[int], reverse: bool, device) -> torch.Tensor:
     return torch.where(from_y, offsets[pc] + r, total + r).to(device)
 
 
-def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, store_gates: bool):
-    """Run the recurrence. Returns y, h_n, c_n and the buffers backward needs."""
-    total = x.shape[0]
-    B, P = h0.shape
-    H = c0.shape[1]
+# ---- the recurrence: kernel launches over buffers ------------------------------------------------
+# The step loops only launch kernels on the tensors of a buffer dict `b`, so they can run
+# eagerly or be recorded once into a CUDA graph and replayed (see _Graphs).
+
+def _fwd_loop(b, batch_sizes, reverse, cfg, store_gates):
+    """Forward over all steps. Reads b: xw, wt, bias, h0, c0, w_hr; writes b: y, hr, cs, gates."""
+    xw, y, hr, cs = b["xw"], b["y"], b["hr"], b["cs"]
+    h0, c0, w_hr = b["h0"], b["c0"], b["w_hr"]
+    gates = b["gates"] if store_gates else xw  # xw: an unused dummy pointer
+    has_bias = b["bias"] is not None
+    bias = b["bias"] if has_bias else xw
+    H, P = cs.shape[1], y.shape[1]
     T = len(batch_sizes)
-    dt = x.dtype
-    cfg = _Cfg(x, B, H, P)
     offsets = step_offsets(batch_sizes)
-
-    xw = torch.matmul(x, p.w_ih.t())  # (total, 4H): the input projection of every step
-    wt = p.w_hh.t().contiguous()  # (P, 4H)
-    has_bias = p.b_ih is not None
-    bias = (p.b_ih.to(cfg.acc) + p.b_hh.to(cfg.acc)) if has_bias else xw  # (4H,); xw = unused dummy
-    h0 = h0.contiguous()
-    c0 = c0.to(cfg.acc).contiguous()  # c stays in the accumulation dtype between steps
-
-    proj = p.w_hr is not None
-    y = torch.empty(total, P, device=x.device, dtype=dt)
-    hr = torch.empty(total, H, device=x.device, dtype=dt) if proj else y  # o * tanh(c), pre-projection
-    cs = torch.empty(total, H, device=x.device, dtype=cfg.acc)  # c_t of every step
-    gates = torch.empty(total, 4 * H, device=x.device, dtype=dt) if store_gates else xw
-
     prev = None
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         bs, row0 = batch_sizes[t], offsets[t]
@@ -167,7 +160,7 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, store_gates:
             hp, hp_row = torch.cat([y[pr : pr + n], h0[n:bs]]), 0
             cp, cp_row = torch.cat([cs[pr : pr + n], c0[n:bs]]), 0
         tk.lstm_fwd_step[cfg.grid(bs, H)](
-            xw, wt, bias,
+            xw, b["wt"], bias,
             hp, hp_row, hp.stride(0),
             cp, cp_row, cp.stride(0),
             gates, cs, hr, hr.stride(0),
@@ -176,41 +169,26 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, store_gates:
             ACC_F64=cfg.acc_f64, UPCAST_DOT=cfg.upcast, PRECISION=cfg.precision,
             BLOCK_B=cfg.bb, BLOCK_H=cfg.bh, BLOCK_K=cfg.bk, num_warps=cfg.warps,
         )
-        if proj:  # y_t = h_t W_hr^T, written in place into y
-            torch.matmul(hr[row0 : row0 + bs], p.w_hr.t(), out=y[row0 : row0 + bs])
+        if w_hr is not None:  # y_t = h_t W_hr^T, written in place into y
+            torch.matmul(hr[row0 : row0 + bs], w_hr.t(), out=y[row0 : row0 + bs])
         prev = t
 
-    last = _final_rows(batch_sizes, last=not reverse, device=x.device)
-    h_n = y[last]
-    c_n = cs[last].to(dt)
-    return y, h_n, c_n, (gates, cs, hr, h0, c0)
 
-
-def _backward(saved, dy, dh_n, dc_n, batch_sizes, reverse, needs):
-    x, p, y, (gates, cs, hr, h0, c0) = saved
-    total = x.shape[0]
-    B, P = h0.shape
-    H = c0.shape[1]
+def _bwd_loop(b, batch_sizes, reverse, cfg):
+    """Backward over all steps, last to first. Reads b: dy, dh_n, gates, cs, c0, w_hh, w_hr;
+    updates b["dc"] in place (dL/dc_n in, dL/dc0 out); writes b: dg, dhp (proj only)."""
+    dy, dh_n, dc, dg = b["dy"], b["dh_n"], b["dc"], b["dg"]
+    gates, cs, c0, w_hh, w_hr = b["gates"], b["cs"], b["c0"], b["w_hh"], b["w_hr"]
+    H = cs.shape[1]
     T = len(batch_sizes)
-    dt = x.dtype
-    cfg = _Cfg(x, B, H, P)
     offsets = step_offsets(batch_sizes)
-    proj = p.w_hr is not None
-    fuse = not proj  # without a projection the recurrent GEMM of dh is fused into the kernel
-
-    dy = dy.contiguous()
-    dh_n = dh_n.contiguous()
-    dc = dc_n.to(cfg.acc).contiguous().clone()  # (B, H) dL/dc, updated in place step by step
-    dg = torch.empty(total, 4 * H, device=x.device, dtype=dt)  # gate pre-activation grads
-    if proj:
-        dhp_all = torch.empty(total, P, device=x.device, dtype=dt)  # dL/dy_t incl. recurrence
-
+    fuse = w_hr is None  # without a projection the recurrent GEMM of dh is fused into the kernel
     nxt = None  # the step processed after this one in the forward pass
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         bs, row0 = batch_sizes[t], offsets[t]
         n_next = min(batch_sizes[nxt], bs) if nxt is not None else 0
         next_row = offsets[nxt] if nxt is not None else 0
-        prev = (t + 1 if reverse else t - 1)
+        prev = t + 1 if reverse else t - 1
         if not 0 <= prev < T:
             cp, cp_row = c0, 0
         elif batch_sizes[prev] >= bs:
@@ -221,18 +199,18 @@ def _backward(saved, dy, dh_n, dc_n, batch_sizes, reverse, needs):
 
         if fuse:
             dh, dh_row = dy, row0
-        else:
-            dhp = dhp_all[row0 : row0 + bs]  # (bs, P)
+        else:  # dL/dy_t plus the recurrence, then back through the projection (cuBLAS)
+            dhp = b["dhp"][row0 : row0 + bs]  # (bs, P)
             dhp.copy_(dy[row0 : row0 + bs])
             if n_next:
-                dhp[:n_next] += dg[next_row : next_row + n_next] @ p.w_hh
+                dhp[:n_next] += dg[next_row : next_row + n_next] @ w_hh
             if n_next < bs:
                 dhp[n_next:] += dh_n[n_next:bs]
-            dh, dh_row = dhp @ p.w_hr, 0  # (bs, H)
+            dh, dh_row = dhp @ w_hr, 0  # (bs, H)
         tk.lstm_bwd_step[cfg.grid(bs, H)](
             dh, dh_row, dh.stride(0),
             dg, next_row, n_next,
-            p.w_hh, dh_n, dh_n.stride(0),
+            w_hh, dh_n, dh_n.stride(0),
             gates, cs,
             cp, cp_row, cp.stride(0),
             dc,
@@ -243,21 +221,170 @@ def _backward(saved, dy, dh_n, dc_n, batch_sizes, reverse, needs):
         )
         nxt = t
 
+
+# ---- optional CUDA graphs -------------------------------------------------------------------------
+# One fused kernel per step means T launches per layer-direction; at small batch the launch
+# cost, not the GPU, sets the pace. With CUDA_GRAPHS on (LSTMKIT_TRITON_GRAPHS=1), a step loop
+# whose shapes and batch_sizes were seen before is recorded once into a CUDA graph over
+# static buffers and replayed: inputs are copied in, outputs copied out. Padded batches
+# repeat their batch_sizes; packed batches with new lengths each time run eagerly (after a
+# first sighting, a loop is captured on its second call, so one-off shapes never pay it).
+CUDA_GRAPHS = os.environ.get("LSTMKIT_TRITON_GRAPHS", "0") == "1"
+GRAPH_DEVICES = ("cuda",)  # tests add "cpu" with a stand-in for _capture
+MAX_GRAPHS = 16
+
+
+def _capture(fn):
+    """Record fn's GPU work into a CUDA graph; return the replay function."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture, as torch.cuda.graphs advises
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+class _Graphs:
+    """key -> (static buffer dict, replay); a key seen once is only remembered."""
+
+    def __init__(self):
+        self.seen = set()
+        self.graphs = OrderedDict()
+
+    def get(self, key, make_buffers, loop):
+        """The static buffers and replay for key, or None while key is new (run eagerly)."""
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+            return self.graphs[key]
+        if key not in self.seen:
+            self.seen.add(key)
+            return None
+        b = make_buffers()
+        for v in b.values():  # the first capture runs on whatever is there: make it finite
+            if v is not None:
+                v.zero_()
+        entry = (b, _capture(lambda: loop(b)))
+        self.graphs[key] = entry
+        if len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        return entry
+
+
+_graphs = _Graphs()
+
+
+def _use_graphs(x) -> bool:
+    return CUDA_GRAPHS and x.device.type in GRAPH_DEVICES and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _copy_in(b, src: dict):
+    for k, v in src.items():
+        if v is not None:
+            b[k].copy_(v)
+
+
+# ---- forward and backward of one layer-direction ---------------------------------------------------
+def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, store_gates: bool):
+    """Run the recurrence. Returns y, h_n, c_n and the buffers backward needs."""
+    total = x.shape[0]
+    B, P = h0.shape
+    H = c0.shape[1]
+    dt, dev = x.dtype, x.device
+    cfg = _Cfg(x, B, H, P)
+    proj = p.w_hr is not None
+    has_bias = p.b_ih is not None
+    bias = (p.b_ih.to(cfg.acc) + p.b_hh.to(cfg.acc)) if has_bias else None  # (4H,)
+
+    def make_buffers(static=True):
+        """The loop's outputs; with static=True (a CUDA graph's buffers) its inputs too."""
+        e = lambda *shape, dtype=dt: torch.empty(shape, device=dev, dtype=dtype)  # noqa: E731
+        b = dict(y=e(total, P), cs=e(total, H, dtype=cfg.acc),  # c stays in the accumulation dtype
+                 gates=e(total, 4 * H) if store_gates else None)
+        b["hr"] = e(total, H) if proj else b["y"]  # o * tanh(c), before the projection
+        if static:
+            b.update(xw=e(total, 4 * H), wt=e(P, 4 * H), bias=e(4 * H, dtype=cfg.acc) if has_bias else None,
+                     h0=e(B, P), c0=e(B, H, dtype=cfg.acc), w_hr=e(P, H) if proj else None)
+        return b
+
+    loop = lambda b: _fwd_loop(b, batch_sizes, reverse, cfg, store_gates)  # noqa: E731
+    key = ("fwd", dev, dt, tuple(batch_sizes), reverse, B, H, P, has_bias, proj, store_gates, repr(vars(cfg)))
+    graph = _graphs.get(key, make_buffers, loop) if _use_graphs(x) else None
+    if graph is None:  # eager: the inputs themselves and fresh outputs
+        b = make_buffers(static=False)
+        b.update(xw=torch.matmul(x, p.w_ih.t()),  # the input projection: one GEMM for all steps
+                 wt=p.w_hh.t().contiguous(), bias=bias,
+                 h0=h0.contiguous(), c0=c0.to(cfg.acc).contiguous(), w_hr=p.w_hr)
+        loop(b)
+    else:
+        b, replay = graph
+        torch.matmul(x, p.w_ih.t(), out=b["xw"])
+        _copy_in(b, dict(wt=p.w_hh.t(), bias=bias, h0=h0, c0=c0, w_hr=p.w_hr))
+        replay()
+        # The next replay overwrites the static buffers: keep copies of what outlives this call.
+        b = {k: (v.clone() if k in ("y", "hr", "cs", "gates", "h0", "c0") and v is not None else v)
+             for k, v in b.items()}
+        if not proj:
+            b["hr"] = b["y"]
+    y, cs = b["y"], b["cs"]
+    last = _final_rows(batch_sizes, last=not reverse, device=dev)
+    h_n = y[last]
+    c_n = cs[last].to(dt)
+    return y, h_n, c_n, (b["gates"] if store_gates else None, cs, b["hr"], b["h0"], b["c0"])
+
+
+def _backward(saved, dy, dh_n, dc_n, batch_sizes, reverse, needs):
+    x, p, y, (gates, cs, hr, h0, c0) = saved
+    total = x.shape[0]
+    B, P = h0.shape
+    H = c0.shape[1]
+    dt, dev = x.dtype, x.device
+    cfg = _Cfg(x, B, H, P)
+    proj = p.w_hr is not None
+
+    def make_buffers(static=True):
+        """The loop's outputs; with static=True (a CUDA graph's buffers) its inputs too."""
+        e = lambda *shape, dtype=dt: torch.empty(shape, device=dev, dtype=dtype)  # noqa: E731
+        b = dict(dg=e(total, 4 * H),  # gate pre-activation grads
+                 dhp=e(total, P) if proj else None)  # dL/dy_t including the recurrence
+        if static:
+            b.update(dy=e(total, P), dh_n=e(B, P), dc=e(B, H, dtype=cfg.acc),
+                     gates=e(total, 4 * H), cs=e(total, H, dtype=cfg.acc), c0=e(B, H, dtype=cfg.acc),
+                     w_hh=e(4 * H, P), w_hr=e(P, H) if proj else None)
+        return b
+
+    loop = lambda b: _bwd_loop(b, batch_sizes, reverse, cfg)  # noqa: E731
+    key = ("bwd", dev, dt, tuple(batch_sizes), reverse, B, H, P, proj, repr(vars(cfg)))
+    graph = _graphs.get(key, make_buffers, loop) if _use_graphs(x) else None
+    inputs = dict(dy=dy, dh_n=dh_n, gates=gates, cs=cs, c0=c0, w_hh=p.w_hh, w_hr=p.w_hr)
+    if graph is None:
+        b = make_buffers(static=False)
+        b.update({k: (v.contiguous() if v is not None else None) for k, v in inputs.items()})
+        b["dc"] = dc_n.to(cfg.acc).contiguous().clone()  # dL/dc, updated in place step by step
+        loop(b)
+    else:
+        b, replay = graph
+        _copy_in(b, dict(inputs, dc=dc_n))
+        replay()  # b's outputs are read right below, before any other replay can happen
+
     # What remains are GEMMs over all steps at once.
+    dg = b["dg"]
     nx, nh0, nc0, nwih, nwhh, nbih, nbhh, nwhr = needs
     dx = dg @ p.w_ih if nx else None  # (total, I)
     dh0 = None
     if nh0:  # h0 of each sequence fed its first step in time: forward t=0, reverse its last
-        first = _final_rows(batch_sizes, last=reverse, device=x.device)
+        first = _final_rows(batch_sizes, last=reverse, device=dev)
         dh0 = dg[first] @ p.w_hh  # (B, P)
-    dc0 = dc.to(dt) if nc0 else None
+    dc0 = b["dc"].to(dt, copy=True) if nc0 else None
     dw_ih = dg.t() @ x if nwih else None  # (4H, I)
     dw_hh = None
     if nwhh:
-        h_prev = torch.cat([y, h0])[_prev_rows(batch_sizes, reverse, x.device)]  # (total, P)
+        h_prev = torch.cat([y, h0])[_prev_rows(batch_sizes, reverse, dev)]  # (total, P)
         dw_hh = dg.t() @ h_prev  # (4H, P)
     db = dg.sum(0, dtype=cfg.acc).to(dt) if (nbih or nbhh) else None
-    dw_hr = dhp_all.t() @ hr if (proj and nwhr) else None  # (P, H)
+    dw_hr = b["dhp"].t() @ hr if (proj and nwhr) else None  # (P, H)
     return (dx, dh0, dc0, dw_ih, dw_hh,
             db if nbih else None, db if nbhh else None, dw_hr)
 
