@@ -11,7 +11,8 @@ outside, tanh(x) rounds to +-1 in float32, so we clamp x to [-9, 9] first — wh
 also why huge inputs (even +-inf) give +-1 and never overflow or NaN. With positive
 coefficients Horner's rule has no cancellation; evaluated in float32 the result is
 within 4e-7 (about 6 float32 ulps of 1) of the exact tanh. It is only adds,
-multiplies, one divide and min/max, so LLVM vectorises the gate loop.
+multiplies, one divide and min/max (the result is clamped to [-1, 1] too, as
+rounding could overshoot by an ulp), so LLVM vectorises the gate loop.
 
 sigmoid(x) = (1 + tanh(x/2)) / 2 inherits that: within 2e-7 absolute.
 
@@ -53,6 +54,7 @@ P0, P1, P2, P3, P4, P5, P6 = (np.float32(c) for c in _P)
 Q0, Q1, Q2, Q3, Q4, Q5, Q6 = (np.float32(c) for c in _Q)
 CLAMP32 = np.float32(_CLAMP)
 HALF32 = np.float32(0.5)
+ONE32 = np.float32(1.0)
 
 
 def tanh(x):
@@ -73,7 +75,8 @@ def _tanh_impl(x):
             z = x * x
             p = P0 + z * (P1 + z * (P2 + z * (P3 + z * (P4 + z * (P5 + z * P6)))))
             q = Q0 + z * (Q1 + z * (Q2 + z * (Q3 + z * (Q4 + z * (Q5 + z * Q6)))))
-            return x * p / q
+            r = x * p / q
+            return min(max(r, -ONE32), ONE32)  # rounding can overshoot 1 by an ulp
         return impl
     return lambda x: np.tanh(x)
 
