@@ -57,6 +57,13 @@ _warned_variant_fallback = set()
 
 
 def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False):
+    # torch.compile cannot trace into Numba: while compiling, the fused kernels run as
+    # torch.library custom ops (compile_ops.py), one opaque graph node per layer-direction.
+    if (torch.compiler.is_compiling() and not variant and name in ("auto", "numba")
+            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
+        from .. import compile_ops
+
+        return compile_ops.lstm_layer
     if name == "auto":
         name = auto_engine_name(x)
     if not variant:

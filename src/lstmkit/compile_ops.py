@@ -1,0 +1,137 @@
+"""The fused Numba engine as torch.library custom ops, so torch.compile sees one opaque node.
+
+torch.compile cannot trace into Numba (or into the numpy views the eager engine makes),
+and it graph-breaks on torch.nn.LSTM. Registered as custom ops with
+
+  * a fake (meta) implementation: output shapes from input shapes, so the compiler can
+    plan the graph without running the kernel;
+  * an autograd formula: the backward is itself a custom op running the BPTT kernel,
+    so AOTAutograd captures forward and backward in the compiled graph;
+
+a model containing lstmkit.LSTM compiles with fullgraph=True. engines/__init__.get_layer_fn
+returns `lstm_layer` below instead of the eager engine while torch.compile is tracing.
+
+    lstmkit::lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih?, b_hh?, w_hr?, reverse)
+        -> y (total, P), h_n (B, P), c_n (B, H), acts (total, 4H), cells (total, H)
+    lstmkit::lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr?, reverse, y, acts, cells,
+                           dy, dh_n, dc_n) -> dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr
+
+acts and cells are what the backward kernel needs (gate activations and cell states of
+every row); they are outputs so that autograd can save them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .engines.base import LayerParams
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+# ---- forward -----------------------------------------------------------------------------------
+@torch.library.custom_op("lstmkit::lstm_forward", mutates_args=(), device_types="cpu")
+def lstm_forward(
+    x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .kernels import forward_core
+
+    xn = _np(x)
+    dt = xn.dtype
+    total = xn.shape[0]
+    B, H = c0.shape
+    P = h0.shape[1]
+    zeros = np.zeros(4 * H, dt)
+    b_ihn = _np(b_ih) if b_ih is not None else zeros
+    b_hhn = _np(b_hh) if b_hh is not None else zeros
+    w_hrn = _np(w_hr) if w_hr is not None else np.zeros((0, H), dt)
+    acts = np.empty((total, 4 * H), dt)
+    y = np.empty((total, P), dt)
+    h_n = np.empty((B, P), dt)
+    c_n = np.empty((B, H), dt)
+    cells = np.empty((total, H), dt)
+    forward_core(xn, np.asarray(batch_sizes, np.int64), _np(h0), _np(c0), _np(w_ih), _np(w_hh),
+                 b_ihn, b_hhn, w_hrn, reverse, acts, y, h_n, c_n, cells, True)
+    return tuple(torch.from_numpy(a) for a in (y, h_n, c_n, acts, cells))
+
+
+@lstm_forward.register_fake
+def _(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    total = x.shape[0]
+    B, H = c0.shape
+    P = h0.shape[1]
+    return (x.new_empty((total, P)), h0.new_empty((B, P)), c0.new_empty((B, H)),
+            x.new_empty((total, 4 * H)), x.new_empty((total, H)))
+
+
+# ---- backward ----------------------------------------------------------------------------------
+@torch.library.custom_op("lstmkit::lstm_backward", mutates_args=(), device_types="cpu")
+def lstm_backward(
+    x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+    w_hr: Optional[Tensor], reverse: bool, y: Tensor, acts: Tensor, cells: Tensor,
+    dy: Tensor, dh_n: Tensor, dc_n: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .kernels import backward_core
+
+    xn, h0n, c0n, w_ihn, w_hhn = _np(x), _np(h0), _np(c0), _np(w_ih), _np(w_hh)
+    dt = xn.dtype
+    H = c0n.shape[1]
+    w_hrn = _np(w_hr) if w_hr is not None else np.zeros((0, H), dt)
+    outs = (np.empty_like(xn), np.empty_like(h0n), np.empty_like(c0n), np.empty_like(w_ihn),
+            np.empty_like(w_hhn), np.empty(4 * H, dt), np.empty_like(w_hrn))
+    backward_core(xn, np.asarray(batch_sizes, np.int64), h0n, c0n, w_ihn, w_hhn, w_hrn, reverse,
+                  _np(acts), _np(cells), _np(y), _np(dy), _np(dh_n), _np(dc_n), *outs)
+    return tuple(torch.from_numpy(a) for a in outs)
+
+
+@lstm_backward.register_fake
+def _(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, acts, cells, dy, dh_n, dc_n):
+    H = c0.shape[1]
+    dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty((0, H))
+    return (x.new_empty(x.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape), w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape), x.new_empty((4 * H,)), dw_hr)
+
+
+# ---- autograd: the forward op's derivative is the backward op ----------------------------------------
+def _setup_context(ctx, inputs, output):
+    x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = inputs
+    y, _, _, acts, cells = output
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells)
+    ctx.batch_sizes = batch_sizes
+    ctx.reverse = reverse
+    ctx.has_bias = b_ih is not None
+
+
+def _backward(ctx, dy, dh_n, dc_n, _dacts, _dcells):
+    x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells = ctx.saved_tensors
+    # An output nobody used has no gradient: zeros stand in.
+    dy = torch.zeros_like(y) if dy is None else dy
+    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
+    dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = lstm_backward(
+        x, ctx.batch_sizes, h0, c0, w_ih, w_hh, w_hr, ctx.reverse, y, acts, cells,
+        dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(),
+    )
+    db_ih = db if ctx.has_bias else None
+    db_hh = db.clone() if ctx.has_bias else None  # d/db_ih == d/db_hh: both enter the gates as-is
+    return dx, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, (dw_hr if w_hr is not None else None), None
+
+
+torch.library.register_autograd("lstmkit::lstm_forward", _backward, setup_context=_setup_context)
+
+
+# ---- the engine interface (engines/base.py), as the compiler sees it ---------------------------------
+def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False):
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the Numba engine computes in float32 or float64, got {x.dtype}")
+    y, h_n, c_n, _, _ = torch.ops.lstmkit.lstm_forward(
+        x.contiguous(), list(batch_sizes), h0.contiguous(), c0.contiguous(), p.w_ih, p.w_hh,
+        p.b_ih, p.b_hh, p.w_hr, bool(reverse),
+    )
+    return y, h_n, c_n

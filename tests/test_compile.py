@@ -1,0 +1,108 @@
+"""torch.compile(fullgraph=True) of models containing lstmkit.LSTM: the fused engine as custom ops."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lstmkit
+from lstmkit import compile_ops  # noqa: F401  (registers torch.ops.lstmkit.*)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def grads_of(model, x, state=None):
+    """Output, (h_n, c_n) and the gradients of a fixed random loss w.r.t. input, state and parameters."""
+    model.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    leaves = [x]
+    if state is not None:
+        state = tuple(t.detach().clone().requires_grad_(True) for t in state)
+        leaves += list(state)
+    y, (h, c) = model(x, state)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in (y, h, c))
+    loss.backward()
+    return [y, h, c] + [leaf.grad for leaf in leaves] + [p.grad for p in model.parameters()]
+
+
+def assert_all_close(a, b, tol):
+    assert len(a) == len(b)
+    for k, (u, v) in enumerate(zip(a, b)):
+        assert u.shape == v.shape, k
+        assert (u - v).abs().max().item() <= tol, f"item {k}: {(u - v).abs().max().item()}"
+
+
+def test_custom_ops_pass_opcheck():
+    torch.manual_seed(0)
+    T, N, I, H, P = 3, 2, 4, 5, 3
+    f = dict(dtype=torch.float64, requires_grad=True)
+    args = (torch.randn(T * N, I, **f), [N] * T, torch.randn(N, P, **f), torch.randn(N, H, **f),
+            torch.randn(4 * H, I, **f), torch.randn(4 * H, P, **f), torch.randn(4 * H, **f), torch.randn(4 * H, **f),
+            torch.randn(P, H, **f), True)
+    # schema, fake (meta) implementation, autograd registration, AOT dispatch with dynamic shapes
+    torch.library.opcheck(torch.ops.lstmkit.lstm_forward.default, args)
+
+
+@pytest.mark.parametrize("cfg, shape, with_state", [
+    (dict(num_layers=2, bidirectional=True), (5, 3, 4), True),
+    (dict(batch_first=True, proj_size=2), (3, 5, 4), False),
+    (dict(bias=False), (5, 4), True),  # unbatched 2-D input
+])
+def test_fullgraph_forward_backward_equal_eager(cfg, shape, with_state):
+    torch.manual_seed(0)
+    ref = nn.LSTM(4, 6, **cfg, dtype=torch.float64)
+    ours = lstmkit.LSTM.from_torch(ref)
+    # aot_eager traces forward and backward through AOTAutograd (fake tensors, the custom
+    # ops' autograd) like inductor does, without paying for C++ code generation.
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager", dynamic=True)
+    D, P = (2 if ref.bidirectional else 1) * ref.num_layers, ref.proj_size or 6
+    for scale in (1, 2):  # a second shape reuses the dynamic graph
+        s = tuple(d * scale if i < len(shape) - 1 else d for i, d in enumerate(shape))
+        x = torch.randn(s, dtype=torch.float64)
+        state = None
+        if with_state:
+            batch = () if len(s) == 2 else (s[0] if ref.batch_first else s[1],)
+            state = (torch.randn(D, *batch, P, dtype=torch.float64), torch.randn(D, *batch, 6, dtype=torch.float64))
+        eager = grads_of(ours, x, state)
+        assert_all_close(grads_of(compiled, x, state), eager, 1e-12)
+        assert_all_close(grads_of(ref, x, state), eager, 1e-10)  # and eager is nn.LSTM
+
+
+def test_module_forward_has_no_graph_breaks():
+    m = lstmkit.LSTM(3, 4, num_layers=2, batch_first=True)
+    for x in (torch.randn(2, 5, 3), torch.randn(5, 3)):
+        explained = torch._dynamo.explain(m)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.lstm = lstmkit.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, tokens):
+        y, _ = self.lstm(self.embed(tokens))
+        return self.head(torch.relu(y))
+
+
+def test_inductor_fullgraph_model():
+    torch.manual_seed(0)
+    model = Tagger()
+    compiled = torch.compile(model, fullgraph=True)  # default backend: inductor
+    tokens = torch.randint(0, 20, (3, 7))
+    results = []
+    for m in (model, compiled):
+        model.zero_grad()
+        out = m(tokens)
+        out.square().mean().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert_all_close(results[1], results[0], 1e-5)
