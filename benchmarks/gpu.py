@@ -90,6 +90,22 @@ def fwd_bwd(model, x, lengths, grads, hx=None):
     return outs
 
 
+class graphs:
+    """Turn the triton engine's CUDA-graph replay of its step loops on (or off) for a block."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        from lstmkit.engines import triton_engine
+
+        self.mod, self.was = triton_engine, triton_engine.CUDA_GRAPHS
+        triton_engine.CUDA_GRAPHS = self.on
+
+    def __exit__(self, *exc):
+        self.mod.CUDA_GRAPHS = self.was
+
+
 # ---- correctness -------------------------------------------------------------------------------
 def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
@@ -118,11 +134,13 @@ def exactness_checks():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
-            for layers, bidir, proj, bias, packed in (
-                (1, False, 0, True, False), (1, True, 0, False, True), (2, True, 3, True, True),
-                (1, False, 7, True, False), (2, False, 0, True, True),
+            for layers, bidir, proj, bias, packed, graphed in (
+                (1, False, 0, True, False, False), (1, True, 0, False, True, False), (2, True, 3, True, True, False),
+                (1, False, 7, True, False, False), (2, False, 0, True, True, False),
+                (2, True, 0, True, False, True), (1, True, 5, False, True, True),
             ):
-                name = f"{DTYPE_NAME[dtype]} layers={layers} bidir={bidir} proj={proj} bias={bias} packed={packed}"
+                name = (f"{DTYPE_NAME[dtype]} layers={layers} bidir={bidir} proj={proj} bias={bias} packed={packed}"
+                        + (" cuda-graphs" if graphed else ""))
                 try:
                     torch.manual_seed(0)
                     import lstmkit
@@ -135,7 +153,9 @@ def exactness_checks():
                     D = 2 if bidir else 1
                     hx = (torch.randn(D * layers, 37, P, device=DEV, dtype=dtype),
                           torch.randn(D * layers, 37, 40, device=DEV, dtype=dtype))
-                    err = compare(ref, ours, x, lengths, hx)
+                    with graphs(graphed):  # graphed: 1st call eager, 2nd captures, 3rd replays
+                        for _ in range(3 if graphed else 1):
+                            err = compare(ref, ours, x, lengths, hx)
                     rows.append((name, err, tol, err <= tol, ""))
                 except Exception as e:  # report and go on: the other checks and timings still tell
                     rows.append((name, math.nan, tol, False, f"{type(e).__name__}: {e}"[:300]))
@@ -202,13 +222,14 @@ def bench_case(case, reps):
         return row
     row["check_ok"] = row["err_vs_cudnn"] <= CASE_TOL[dtype]
 
-    models = {"lstmkit": ours, "cudnn": ref}
+    # (key, model, CUDA graphs on)
+    models = [("lstmkit", ours, False), ("lstmkit_graphs", ours, True), ("cudnn", ref, False)]
     if cell and not packed and layers == 1 and not bidir and not proj:
-        models["cell_loop"] = CellLoop(ref)
+        models.append(("cell_loop", CellLoop(ref), False))
     xg = x.detach().clone().requires_grad_(True)
     with torch.no_grad():
         grads = [torch.randn_like(o) for o in run(ref, x, lengths)]
-    for key, m in models.items():
+    for key, m, graphed in models:
         lens = lengths if key != "cell_loop" else None
 
         def fwd():
@@ -218,10 +239,22 @@ def bench_case(case, reps):
         def fb():
             fwd_bwd(m, xg, lens, grads)
 
-        row[f"{key}_fwd_ms"] = time_ms(fwd, reps)
-        row[f"{key}_fwdbwd_ms"] = time_ms(fb, reps)
+        try:
+            with graphs(graphed):
+                if graphed:  # the replayed graphs must still agree with cuDNN
+                    for _ in range(3):
+                        row["err_graphs_vs_cudnn"] = compare(ref, ours, x, lengths)
+                row[f"{key}_fwd_ms"] = time_ms(fwd, reps)
+                row[f"{key}_fwdbwd_ms"] = time_ms(fb, reps)
+        except Exception as e:  # one failing mode must not cost the others' numbers
+            row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:200]
         for p in m.parameters():
             p.grad = None
+    from lstmkit.engines import triton_engine
+
+    triton_engine.clear_graphs()  # their static buffers would pile up over the cases
+    if "err_graphs_vs_cudnn" in row:
+        row["check_ok"] = row["check_ok"] and row["err_graphs_vs_cudnn"] <= CASE_TOL[dtype]
     return row
 
 
@@ -235,8 +268,11 @@ def markdown(meta, checks, rows, skipped):
     L.append(f"Measured by `python benchmarks/gpu.py` on **{meta['gpu']}** ({meta['date']}; torch {meta['torch']}, "
              f"triton {meta['triton']}, CUDA {meta['cuda']}). Times are medians of {meta['reps']} repeats, CUDA events, "
              "in milliseconds; forward is under `torch.no_grad()`, forward+backward backpropagates a fixed random "
-             "gradient of every output. \"vs cuDNN\" = lstmkit time / torch.nn.LSTM time (below 1 = lstmkit faster); "
-             "\"cell loop\" = torch.nn.LSTMCell called per step, time / lstmkit time. fp32: lstmkit's recurrent "
+             "gradient of every output. \"lstmkit\" launches its fused step kernels eagerly; \"+graphs\" replays "
+             "them from CUDA graphs (`LSTMKIT_TRITON_GRAPHS=1`, shapes seen before). \"vs cuDNN\" = lstmkit time / "
+             "torch.nn.LSTM time, eager / graphs (below 1 = lstmkit faster); \"err vs cuDNN\" = max relative "
+             "difference of outputs and all gradients, eager / graphs; \"cell loop\" = torch.nn.LSTMCell called per "
+             "step, its time / lstmkit's best time. fp32: lstmkit's recurrent "
              "GEMM follows `torch.backends.cuda.matmul.allow_tf32` (off by default, so IEEE fp32), cuDNN follows "
              "`torch.backends.cudnn.allow_tf32` (on by default).")
     L.append("")
@@ -246,24 +282,33 @@ def markdown(meta, checks, rows, skipped):
              "proj_size, no bias, packed)." + ("" if n_ok == len(checks) else " FAILED: " + "; ".join(
                  f"{c[0]} err={c[1]:.2e} {c[4]}" for c in checks if not c[3])))
     L.append("")
-    L.append("| case | B | T | I | H | dtype | err vs cuDNN | lstmkit fwd | cuDNN fwd | vs cuDNN | lstmkit fwd+bwd "
-             "| cuDNN fwd+bwd | vs cuDNN | cell loop fwd+bwd | cell loop / lstmkit |")
-    L.append("|" + "---|" * 15)
+    L.append("| case | B | T | I | H | dtype | err vs cuDNN | fwd: lstmkit | +graphs | cuDNN | vs cuDNN "
+             "| fwd+bwd: lstmkit | +graphs | cuDNN | vs cuDNN | cell loop fwd+bwd | cell loop / lstmkit |")
+    L.append("|" + "---|" * 16)
+    ms = lambda r, k: f"{r[k]:.2f}" if k in r else "err"  # noqa: E731
     for r in rows:
-        opts = r["name"]
+        head = f"| {r['name']} | {r['B']} | {r['T']} | {r['I']} | {r['H']} | {r['dtype']} "
         if "error" in r:
-            L.append(f"| {opts} | {r['B']} | {r['T']} | {r['I']} | {r['H']} | {r['dtype']} | ERROR: {r['error']} |"
-                     + " |" * 8)
+            L.append(head + f"| ERROR: {r['error']} |" + " |" * 9)
             continue
-        ok = "" if r.get("check_ok") else " FAIL"
+        err = f"{r['err_vs_cudnn']:.1e}"
+        if "err_graphs_vs_cudnn" in r:
+            err += f" / {r['err_graphs_vs_cudnn']:.1e}"
+        err += "" if r.get("check_ok") else " FAIL"
+        cells = [err]
+        for ph in ("fwd", "fwdbwd"):
+            a, g, c = (r.get(f"{k}_{ph}_ms") for k in ("lstmkit", "lstmkit_graphs", "cudnn"))
+            cells += [ms(r, f"lstmkit_{ph}_ms"), ms(r, f"lstmkit_graphs_{ph}_ms"), ms(r, f"cudnn_{ph}_ms"),
+                      f"{fmt_ratio(a, c)} / {fmt_ratio(g, c)}"]
         cl = r.get("cell_loop_fwdbwd_ms")
-        L.append(
-            f"| {opts} | {r['B']} | {r['T']} | {r['I']} | {r['H']} | {r['dtype']} | {r['err_vs_cudnn']:.1e}{ok} "
-            f"| {r['lstmkit_fwd_ms']:.2f} | {r['cudnn_fwd_ms']:.2f} | {fmt_ratio(r['lstmkit_fwd_ms'], r['cudnn_fwd_ms'])} "
-            f"| {r['lstmkit_fwdbwd_ms']:.2f} | {r['cudnn_fwdbwd_ms']:.2f} "
-            f"| {fmt_ratio(r['lstmkit_fwdbwd_ms'], r['cudnn_fwdbwd_ms'])} "
-            f"| {'%.2f' % cl if cl else '-'} | {fmt_ratio(cl, r['lstmkit_fwdbwd_ms']) if cl else '-'} |"
-        )
+        best = min(v for v in (r.get("lstmkit_fwdbwd_ms"), r.get("lstmkit_graphs_fwdbwd_ms")) if v) \
+            if (r.get("lstmkit_fwdbwd_ms") or r.get("lstmkit_graphs_fwdbwd_ms")) else None
+        cells += [f"{cl:.2f}" if cl else "-", fmt_ratio(cl, best) if cl and best else "-"]
+        L.append(head + "| " + " | ".join(cells) + " |")
+    errs = [f"{r['name']} {r['dtype']} {k[:-6]}: {v}" for r in rows for k, v in r.items() if k.endswith("_error")]
+    if errs:
+        L.append("")
+        L.append("Errors: " + "; ".join(errs))
     if skipped:
         L.append("")
         L.append("Not run (time budget): " + "; ".join(skipped) + ".")
@@ -313,6 +358,11 @@ def main(argv=None) -> int:
         print(f"benchmarks/gpu.py needs triton: {e}", file=sys.stderr)
         return 2
 
+    if SMOKE:  # no CUDA graphs on the CPU: "capture" = remember the loop, "replay" = run it again
+        from lstmkit.engines import triton_engine
+
+        triton_engine.GRAPH_DEVICES = ("cpu",)
+        triton_engine._capture = lambda fn: (fn(), fn)[1]
     t0 = time.time()
     gpu = "CPU smoke run (Triton interpreter), NOT A MEASUREMENT" if SMOKE else torch.cuda.get_device_name()
     meta = dict(gpu=gpu, date=time.strftime("%Y-%m-%d", time.gmtime()),

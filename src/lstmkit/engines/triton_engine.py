@@ -9,6 +9,10 @@ Same interface and equations as engines/reference.py. Per call:
                                                              + dc (the projection's GEMMs via cuBLAS)
               dx, dW_ih, dW_hh, dW_hr, db                    one GEMM / reduction each, over all steps
 
+One kernel launch per step is the price of this design at small batch. Setting
+LSTMKIT_TRITON_GRAPHS=1 (or triton_engine.CUDA_GRAPHS = True) records a step loop whose
+shapes and batch_sizes were seen before into a CUDA graph and replays it (see _Graphs).
+
 The kernels live in lstmkit/triton_kernels.py. Tensors must be on CUDA, or on the CPU
 when triton runs its interpreter (TRITON_INTERPRET=1 set before triton kernels were
 defined, i.e. before lstmkit.triton_kernels was imported) - that is how the tests run.
@@ -242,7 +246,7 @@ def _capture(fn):
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may allocate
         fn()
     return graph.replay
 
@@ -274,6 +278,12 @@ class _Graphs:
 
 
 _graphs = _Graphs()
+
+
+def clear_graphs() -> None:
+    """Drop every captured graph and its static buffers (they hold GPU memory)."""
+    global _graphs
+    _graphs = _Graphs()
 
 
 def _use_graphs(x) -> bool:
