@@ -184,3 +184,81 @@ def test_runtime_does_not_import_torch():
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- the torch-free install ------------------------------------------------------------------------
+_VENV_SCRIPT = r"""
+import json, subprocess, sys
+import numpy as np
+try:
+    import torch  # noqa: F401
+except ModuleNotFoundError:
+    pass
+else:
+    sys.exit("torch is importable in the torch-free virtualenv")
+import lstmkit
+try:
+    lstmkit.LSTM
+except ImportError as e:
+    assert "lstmkit[torch]" in str(e), str(e)
+else:
+    sys.exit("lstmkit.LSTM did not raise ImportError without torch")
+from lstmkit import runtime
+
+want = np.load(sys.argv[2])
+rt = runtime.load(sys.argv[1])
+out, (h, c) = rt(want["x"])
+for name, got in (("out", out), ("h", h), ("c", c)):
+    err = float(np.abs(got - want[name]).max())
+    assert err <= 1e-5, (name, err)
+state, steps = None, []  # streaming, one step at a time
+for t in range(want["x"].shape[1]):
+    y, state = rt(want["x"][:, t : t + 1], state)
+    steps.append(y)
+assert np.abs(np.concatenate(steps, axis=1) - out).max() <= 1e-6
+rows = json.loads(subprocess.run([sys.argv[3], "inspect", sys.argv[1], "--json"], check=True,
+                                 capture_output=True, text=True).stdout)
+assert rows[0]["hidden_size"] == 8 and rows[0]["num_layers"] == 2, rows
+print("torch-free runtime OK")
+"""
+
+
+def test_fresh_virtualenv_without_torch(tmp_path):
+    """pip install the project (core dependencies only) into a new virtualenv and run the runtime there.
+
+    Needs the package index (pip's cache makes reruns quick). No skip when it is unreachable:
+    the test fails with pip's message.
+    """
+    import os
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    # Build from a copy, so pip's in-tree build leaves nothing in the working tree.
+    src = tmp_path / "project"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.nbi", "*.nbc"))
+
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(5, 8, num_layers=2, batch_first=True).eval()
+    lstmkit.save(m, tmp_path / "m.safetensors")
+    x = torch.randn(2, 6, 5)
+    with torch.no_grad():
+        out, (h, c) = m(x)
+    np.savez(tmp_path / "want.npz", x=x.numpy(), out=out.numpy(), h=h.numpy(), c=c.numpy())
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py, exe = venv / "bin" / "python", venv / "bin" / "lstmkit"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    pip = subprocess.run([str(py), "-m", "pip", "install", "--quiet", str(src)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert pip.returncode == 0, f"pip install of the project failed (is the package index reachable?):\n{pip.stderr[-3000:]}"
+    freeze = subprocess.run([str(py), "-m", "pip", "freeze"], capture_output=True, text=True, env=env).stdout
+    assert "torch" not in freeze.lower(), freeze
+    (tmp_path / "check.py").write_text(_VENV_SCRIPT)
+    r = subprocess.run([str(py), str(tmp_path / "check.py"), str(tmp_path / "m.safetensors"), str(tmp_path / "want.npz"), str(exe)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0 and "torch-free runtime OK" in r.stdout, r.stdout + r.stderr
