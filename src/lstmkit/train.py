@@ -203,48 +203,43 @@ def evaluate(model: CharLM, ids: torch.Tensor, seq_len: int, batch: int, device)
 
 # ---- progress -------------------------------------------------------------------------------
 class Progress:
-    """tqdm if installed and stderr is a terminal; a plain one-line bar otherwise
-    (silent when stderr is not a terminal). `log` lines always print."""
+    """One status line redrawn in place on stderr (only when stderr is a terminal);
+    `log` lines print above it, always."""
 
     def __init__(self, total: int | None, start: int, enabled: bool):
-        self.bar = None
-        self.tty = enabled and sys.stderr.isatty()
         self.enabled = enabled
-        self.total = total
-        if self.tty:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
-            except ImportError:
-                pass
+        self.tty = enabled and sys.stderr.isatty()
+        self.total, self.start, self.t0 = total, start, time.perf_counter()
+        self.last = ""
 
     def update(self, step: int, text: str) -> None:
         if not self.tty:
             return
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix_str(text, refresh=True)
-        else:
-            tot = f"/{self.total}" if self.total else ""
-            sys.stderr.write(f"\rstep {step}{tot}  {text}\033[K")
-            sys.stderr.flush()
+        head = f"step {step}"
+        if self.total:
+            frac = min(1.0, step / self.total)
+            done = int(20 * frac)
+            rate = (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else 0
+            head = f"{100 * frac:3.0f}% [{'#' * done}{'.' * (20 - done)}] {step}/{self.total} eta {fmt_time(eta)}"
+        self.last = f"{head}  {text}"
+        sys.stderr.write("\r" + self.last + "\033[K")
+        sys.stderr.flush()
 
     def log(self, line: str) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
-        else:
-            if self.tty:
-                sys.stderr.write("\r\033[K")
-            print(line, file=sys.stderr, flush=True)
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+        print(line, file=sys.stderr, flush=True)
+        if self.tty and self.last:
+            sys.stderr.write(self.last)
+            sys.stderr.flush()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.tty:
+        if self.tty and self.last:
             sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 def fmt_time(s: float) -> str:
