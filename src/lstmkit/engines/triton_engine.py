@@ -74,6 +74,18 @@ def _check(x: torch.Tensor) -> None:
     raise RuntimeError(f"engine='triton' runs on CUDA tensors, got a tensor on {x.device}")
 
 
+_SM_COUNT = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
+
+
 class _Cfg:
     """Tile sizes and flags for one call (all steps share them)."""
 
@@ -91,17 +103,24 @@ class _Cfg:
         else:
             self.precision = "ieee" if dt == torch.float64 else "tf32"  # fp16/bf16: irrelevant
         # tl.dot needs every tile dim >= 16.
-        self.bb = min(64, max(16, _next_pow2(B)))
+        self.warps, self.stages = 4, 3
         if interp:  # few, big programs: the interpreter pays per op, not per element
+            self.bb = min(64, max(16, _next_pow2(B)))
             self.bh = min(128, max(16, _next_pow2(H)))
             self.bk = min(128, max(16, _next_pow2(max(K, 4 * H))))
-            self.warps = 4
         else:
-            # One step is a small GEMM (B x K) @ (K x 4H): spread it over enough programs.
-            n_row_blocks = -(-B // self.bb)
-            self.bh = 32 if n_row_blocks * (-(-H // 32)) >= 96 else 16
-            self.bk = 64 if dt in (torch.float16, torch.bfloat16) else 32
-            self.warps = 4
+            # One step is a small GEMM (B x K) @ (K x 4H) that must fill the GPU by itself:
+            # start from the smallest tiles and grow them only while there are programs to
+            # spare (more than two per SM). Untuned first guess, to be revisited on a GPU.
+            n_sm = _sm_count(x.device)
+            self.bb, self.bh = 16, 16
+            while self.bb < 64 and triton.cdiv(B, self.bb) * triton.cdiv(H, self.bh) > 2 * n_sm:
+                self.bb *= 2
+            while self.bh < 64 and triton.cdiv(B, self.bb) * triton.cdiv(H, self.bh) > 2 * n_sm:
+                self.bh *= 2
+            self.bk = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}.get(dt, 16)
+            if dt == torch.float64:
+                self.stages = 2  # fp64 tiles are big: keep the pipeline's shared memory in bounds
         if TILES is not None:
             self.bb, self.bh, self.bk = TILES
 
@@ -171,7 +190,7 @@ def _fwd_loop(b, batch_sizes, reverse, cfg, store_gates):
             row0, bs, H, P,
             HAS_BIAS=has_bias, STORE_GATES=store_gates,
             ACC_F64=cfg.acc_f64, UPCAST_DOT=cfg.upcast, PRECISION=cfg.precision,
-            BLOCK_B=cfg.bb, BLOCK_H=cfg.bh, BLOCK_K=cfg.bk, num_warps=cfg.warps,
+            BLOCK_B=cfg.bb, BLOCK_H=cfg.bh, BLOCK_K=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages,
         )
         if w_hr is not None:  # y_t = h_t W_hr^T, written in place into y
             torch.matmul(hr[row0 : row0 + bs], w_hr.t(), out=y[row0 : row0 + bs])
@@ -221,7 +240,7 @@ def _bwd_loop(b, batch_sizes, reverse, cfg):
             row0, bs, H,
             FUSE_REC=fuse,
             ACC_F64=cfg.acc_f64, UPCAST_DOT=cfg.upcast, PRECISION=cfg.precision,
-            BLOCK_B=cfg.bb, BLOCK_H=cfg.bh, BLOCK_K=cfg.bk, num_warps=cfg.warps,
+            BLOCK_B=cfg.bb, BLOCK_H=cfg.bh, BLOCK_K=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages,
         )
         nxt = t
 
