@@ -138,9 +138,14 @@ def read_config(run_dir) -> dict:
     if not path.exists():
         raise RunError(f"{run_dir}: not a run directory (no {CONFIG})")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise RunError(f"{path}: unreadable ({e})") from None
+    need = ("vocab", "embed_size", "hidden_size", "num_layers", "dropout")
+    missing = [k for k in need if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise RunError(f"{path}: not an lstmkit char-LM config (missing {', '.join(missing)})")
+    return cfg
 
 
 def save_weights(run_dir, model: CharLM, step: int = 0) -> None:

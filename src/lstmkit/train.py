@@ -108,7 +108,7 @@ def resolve_config(args, rank: int, world: int) -> tuple[dict, list[str], list[P
         raise RunError("--resume and --overwrite contradict each other")
 
     given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    base = old if args.resume else DEFAULTS
+    base = {**DEFAULTS, **old} if args.resume else DEFAULTS
     cfg = {k: given.get(k, base[k]) for k in DEFAULTS}
 
     paths = args.text if args.text else (old.get("text_paths") if args.resume else None)
@@ -206,16 +206,20 @@ class Progress:
     """One status line redrawn in place on stderr (only when stderr is a terminal);
     `log` lines print above it, always."""
 
-    def __init__(self, total: int | None, start: int, enabled: bool):
+    def __init__(self, total: int | None, start: int, enabled: bool, seconds: float | None = None):
         self.enabled = enabled
         self.tty = enabled and sys.stderr.isatty()
         self.total, self.start, self.t0 = total, start, time.perf_counter()
+        self.seconds = seconds  # a time limit, when there is one
         self.last = ""
 
     def update(self, step: int, text: str) -> None:
         if not self.tty:
             return
         head = f"step {step}"
+        if self.seconds and not self.total:
+            left = max(0.0, self.seconds - (time.perf_counter() - self.t0))
+            head = f"step {step}, {fmt_time(left)} left"
         if self.total:
             frac = min(1.0, step / self.total)
             done = int(20 * frac)
@@ -240,6 +244,7 @@ class Progress:
         if self.tty and self.last:
             sys.stderr.write("\n")
             sys.stderr.flush()
+        self.last = ""  # later log lines don't redraw a finished bar
 
 
 def fmt_time(s: float) -> str:
@@ -325,6 +330,9 @@ def run(argv=None, *, log=True) -> dict:
     history = {"train": [], "eval": [], "unigram_bpc": baseline}
 
     if args.resume:
+        if not (out / TRAINER).exists() or not (out / WEIGHTS).exists():
+            raise RunError(f"--resume: {out} has no checkpoint yet (stopped before the first one); "
+                           "use --overwrite to start over")
         load_weights(out, model)
         tr = torch.load(out / TRAINER, map_location="cpu", weights_only=True)
         meta_step = _weights_step(out)
@@ -364,7 +372,8 @@ def run(argv=None, *, log=True) -> dict:
     from .engines import auto_engine_name
 
     engine = auto_engine_name(ids[:1].float().to(device)) if args.engine == "auto" else args.engine
-    say = Progress(args.steps or None, step, enabled=main_rank and log)
+    say = Progress(args.steps or None, step, enabled=main_rank and log,
+                   seconds=60 * args.minutes if args.minutes else None)
     n_params = sum(p.numel() for p in net.parameters())
     say.log(f"lstmkit train: {len(text):,} chars ({len(train_ids):,} train, {len(val_ids):,} held out), "
             f"vocab {V}, {n_params:,} parameters, engine {engine}, device {device}"
