@@ -43,6 +43,8 @@ class Runtime:
         self._P = config.real_hidden_size
         self._I, self._H, self._L = config.input_size, config.hidden_size, config.num_layers
         self._batch_first = config.batch_first
+        self._sizes = (self.dtype, self._I, self._H, self._P, self._D, self._LD)
+        self._returned_state = None  # the last batched (h_n, c_n) returned: fed back when streaming
         # Per layer-direction, in h0/c0 order (layer-major), the kernel's arguments:
         # (w_ih (4H, I), w_hh (4H, P), b_ih, b_hh (4H,) (zeros without bias), w_hr (P, H) or (0, H)),
         # C-contiguous.
@@ -78,7 +80,7 @@ class Runtime:
     # Written for the one-step, batch-1 streaming call, where the kernel takes a few
     # microseconds: plain attribute reads, no helper calls on the hot path.
     def __call__(self, x, state=None):
-        dt, I, H, P, D, LD = self.dtype, self._I, self._H, self._P, self._D, self._LD
+        dt, I, H, P, D, LD = self._sizes
         if type(x) is not np.ndarray:
             x = np.asarray(x)
         ndim = x.ndim
@@ -102,11 +104,13 @@ class Runtime:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if state is None:
             h0, c0 = np.zeros((LD, N, P), dt), np.zeros((LD, N, H), dt)
+        elif batched and state is self._returned_state and N == state[0].shape[1]:
+            h0, c0 = state  # what the previous call returned (streaming): checked when it was made
         else:
             h0 = c0 = None
             if batched and type(state) is tuple and len(state) == 2:
                 h0, c0 = state
-            if not (  # fast path: exactly what the previous call returned
+            if not (  # fast path: arrays shaped like the ones this class returns
                 type(h0) is np.ndarray and h0.shape == (LD, N, P) and h0.dtype is dt and h0.flags.c_contiguous
                 and type(c0) is np.ndarray and c0.shape == (LD, N, H) and c0.dtype is dt and c0.flags.c_contiguous
             ):
@@ -135,7 +139,8 @@ class Runtime:
         x = x.reshape(T, N, D * P)
         if self._batch_first:
             x = x.transpose(1, 0, 2)  # (N, T, D*P)
-        return x, (h_n, c_n)
+        state = self._returned_state = (h_n, c_n)
+        return x, state
 
     def _check_state(self, state, N: int, batched: bool):
         """(h0, c0) as C-contiguous (D*L, N, P) / (D*L, N, H) arrays, checked like the module does."""
