@@ -303,3 +303,13 @@ def test_graph_path_static_buffers(monkeypatch):
                 y_ref = ref(make()[0])[0]
             assert_close(y.data if packed else y, y_ref.data if packed else y_ref, TOL[torch.float64])
     assert len(triton_engine._graphs.graphs) > 0 and len(replays) > 0
+
+
+def test_without_triton_import_error_and_auto_falls_back(monkeypatch):
+    import lstmkit.engines as engines
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # "not installed"
+    monkeypatch.delitem(sys.modules, "lstmkit.engines.triton_engine")
+    with pytest.raises(ImportError, match="triton"):
+        importlib.import_module("lstmkit.engines.triton_engine")
+    assert not engines._available("triton")  # so engine="auto" picks another engine
