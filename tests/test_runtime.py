@@ -117,6 +117,30 @@ def test_matches_module_eval_with_training_only_variants(tmp_path):
         np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("variants", [
+    dict(layer_norm=True), dict(peephole=True), dict(zoneout=(0.1, 0.3)),
+    dict(layer_norm=True, peephole=True, zoneout=0.2, proj_size=3, bidirectional=True, num_layers=2),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_variants_run_in_inference_form(tmp_path, variants, dtype):
+    """layer_norm / peephole as trained, zoneout with its expectation: equal to module.eval()
+    on the reference engine (plain torch ops), saved by lstmkit.save."""
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(4, 6, **variants, dtype=dtype, engine="reference")
+    with torch.no_grad():  # peepholes and layer-norm gains start at 0 / 1: make them matter
+        for p in m.parameters():
+            p.normal_(0, 0.5)
+    m.eval()
+    lstmkit.save(m, tmp_path / "v.safetensors")
+    rt = runtime.load(tmp_path / "v.safetensors")
+    x = torch.randn(5, 2, 4, dtype=dtype)
+    with torch.no_grad():
+        want, (h, c) = m(x)
+    got, (h2, c2) = rt(x.numpy())
+    for a, b in ((got, want), (h2, h), (c2, c)):
+        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=TOL[dtype])
+
+
 def test_prefix_and_attributes(tmp_path):
     class Model(nn.Module):
         def __init__(self):
@@ -157,6 +181,11 @@ def test_bad_input_errors(tmp_path):
         rt(x, np.zeros((2, 1, 4), np.float32))
     with pytest.raises(ValueError, match=r"hidden\[1\] dtype"):
         rt(x, (np.zeros((2, 1, 4), np.float32), np.zeros((2, 1, 4), np.float64)))
+    _, state = rt(x)  # a returned state is reused only where it fits
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 3, 4\)"):
+        rt(np.zeros((2, 3, 3), np.float32), state)
+    with pytest.raises(RuntimeError, match="should also be 2-D"):
+        rt(np.zeros((2, 3), np.float32), state)
 
 
 def test_bad_files(tmp_path):
@@ -170,9 +199,6 @@ def test_bad_files(tmp_path):
     save_file(sd, tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="weight_hh_l1.* is missing"):
         runtime.load(tmp_path / "broken.safetensors")
-    lstmkit.save(lstmkit.LSTM(3, 4, layer_norm=True), tmp_path / "ln.safetensors")
-    with pytest.raises(NotImplementedError, match="layer_norm"):
-        runtime.load(tmp_path / "ln.safetensors")
     save_file(nn.LSTM(3, 4, dtype=torch.bfloat16).state_dict(), tmp_path / "bf16.safetensors")
     with pytest.raises(TypeError, match="numpy"):
         runtime.load(tmp_path / "bf16.safetensors")

@@ -10,7 +10,8 @@ are training-time noise and do nothing here, exactly as in module.eval().
 
 Each layer-direction runs the fused CPU kernel lstmkit.kernels.forward_core (the one the
 torch engine uses) over the whole sequence: one GEMM for the input projection of all steps,
-then per step one GEMV/GEMM through W_hh and one fused pass over the gates.
+then per step one GEMV/GEMM through W_hh and one fused pass over the gates. Models with
+layer_norm, peephole or zoneout run kernels/variants.forward_core instead.
 """
 from __future__ import annotations
 
@@ -18,22 +19,19 @@ import numpy as np
 
 from ..config import LSTMConfig
 from ..kernels import forward_core
+from ..kernels.variants import forward_core as _variant_forward
 
-# Options the runtime runs: nn.LSTM's own, plus the training-only variants (identity at inference).
-_UNSUPPORTED_VARIANTS = ("layer_norm", "peephole", "zoneout")
 
 
 class Runtime:
-    """An LSTM forward pass on numpy arrays (float32 or float64, the dtype of the weights)."""
+    """An LSTM forward pass on numpy arrays (float32 or float64, the dtype of the weights).
+
+    Variants run in their inference form, as in module.eval(): layer_norm and peephole as
+    trained, zoneout with its expectation (each unit keeps p of its previous value), and
+    the training-only noise (dropout, recurrent_dropout, weight_drop) not at all.
+    """
 
     def __init__(self, config: LSTMConfig, weights: dict[str, np.ndarray]):
-        for opt in _UNSUPPORTED_VARIANTS:
-            value = getattr(config, opt, False)
-            if value not in (False, 0, 0.0, (0.0, 0.0)):
-                raise NotImplementedError(
-                    f"lstmkit.runtime does not run the {opt!r} variant (got {opt}={value!r}); "
-                    "use lstmkit.LSTM for this model"
-                )
         self.config = config
         dtypes = {np.asarray(w).dtype for w in weights.values()}
         if len(dtypes) != 1 or not dtypes <= {np.dtype(np.float32), np.dtype(np.float64)}:
@@ -50,6 +48,9 @@ class Runtime:
         # C-contiguous.
         H, dt = config.hidden_size, self.dtype
         self.layers = []
+        self._variant = bool(getattr(config, "layer_norm", False) or getattr(config, "peephole", False)
+                             or getattr(config, "zoneout_probs", (0.0, 0.0)) != (0.0, 0.0))
+        self._variant_args = []
         for k in range(config.num_layers):
             for d in range(config.num_directions):
                 sfx = f"_l{k}{LSTMConfig.suffix(d)}"
@@ -58,6 +59,11 @@ class Runtime:
                 b_ih, b_hh = (w["bias_ih" + sfx], w["bias_hh" + sfx]) if config.bias else (zeros, zeros)
                 w_hr = w.get("weight_hr" + sfx, np.zeros((0, H), dt))
                 self.layers.append((w["weight_ih" + sfx], w["weight_hh" + sfx], b_ih, b_hh, w_hr))
+                if self._variant:  # the variant kernel's extra arguments; an empty array = "off"
+                    ln = [w.get(f"layer_norm_{part}_{kind}{sfx}", np.zeros(0, dt))
+                          for part in ("ih", "hh", "cell") for kind in ("weight", "bias")]
+                    peep = w.get("weight_peephole" + sfx, np.zeros((3, H), dt))  # zeros: no peepholes
+                    self._variant_args.append((b_ih + b_hh, *ln, peep))
         self._no_cells = np.zeros((0, H), dt)  # the kernel saves c_t for training only
         self._batch_sizes = {}  # (T, N) -> int64 array [N] * T
 
@@ -128,6 +134,9 @@ class Runtime:
             for d in range(D):
                 idx = k * D + d
                 w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[idx]
+                if self._variant:
+                    self._variant_layer(idx, x, bsz, h0, c0, d == 1, y if D == 1 else y[d], h_n, c_n)
+                    continue
                 acts = np.empty((T * N, 4 * H), dt)  # kernel scratch
                 forward_core(x, bsz, h0[idx], c0[idx], w_ih, w_hh, b_ih, b_hh, w_hr, d == 1, acts,
                              y if D == 1 else y[d], h_n[idx], c_n[idx], self._no_cells, False)
@@ -141,6 +150,24 @@ class Runtime:
             x = x.transpose(1, 0, 2)  # (N, T, D*P)
         state = self._returned_state = (h_n, c_n)
         return x, state
+
+    def _variant_layer(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n):
+        """Layer-direction idx through the variant kernel (kernels/variants.py), inference form."""
+        dt, H, P = self.dtype, self._H, self._P
+        total = x.shape[0]
+        w_ih, w_hh, _, _, w_hr = self.layers[idx]
+        b, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, peep = self._variant_args[idx]
+        p_c, p_h = self.config.zoneout_probs
+        # zoneout at inference: d = p for every row and unit (0 rows: off)
+        zc = np.full((total, H), p_c, dt) if p_c > 0 else np.zeros((0, H), dt)
+        zh = np.full((total, P), p_h, dt) if p_h > 0 else np.zeros((0, P), dt)
+        empty = lambda *shape: np.empty(shape, dt)  # noqa: E731
+        _variant_forward(
+            x, bsz, h0[idx], c0[idx], w_ih, w_hh, b, w_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
+            peep, zc, zh, empty(0, P), reverse, empty(total, 4 * H), y, h_n[idx], c_n[idx],
+            empty(total, H), empty(0, H), empty(0, P), empty(0, 4 * H), empty(0, 4 * H), empty(0, H), empty(0, 3),
+            False,
+        )
 
     def _check_state(self, state, N: int, batched: bool):
         """(h0, c0) as C-contiguous (D*L, N, P) / (D*L, N, H) arrays, checked like the module does."""
