@@ -125,6 +125,8 @@ class Runtime:
         # Padded data is packed data with batch_sizes [N] * T: rows (T*N, I), time-major.
         bsz = self._batch_sizes.get((T, N))
         if bsz is None:
+            if len(self._batch_sizes) > 256:  # many distinct lengths: keep the cache small
+                self._batch_sizes.clear()
             bsz = self._batch_sizes[(T, N)] = np.full(T, N, np.int64)
         x = np.ascontiguousarray(x).reshape(T * N, I)
         h_n = np.empty((LD, N, P), dt)  # (D*L, N, P)
