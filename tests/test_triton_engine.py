@@ -313,3 +313,17 @@ def test_without_triton_import_error_and_auto_falls_back(monkeypatch):
     with pytest.raises(ImportError, match="triton"):
         importlib.import_module("lstmkit.engines.triton_engine")
     assert not engines._available("triton")  # so engine="auto" picks another engine
+
+
+def test_module_variants_run_on_reference_with_a_warning(monkeypatch):
+    import lstmkit.engines as engines
+
+    monkeypatch.setattr(engines, "_warned_variant_fallback", set())
+    torch.manual_seed(0)
+    ours = lstmkit.LSTM(4, 6, layer_norm=True, peephole=True, dtype=torch.float64, engine=ENGINE)
+    ref = lstmkit.LSTM(4, 6, layer_norm=True, peephole=True, dtype=torch.float64, engine="reference")
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="triton"):
+        y, _ = ours(x)
+    assert_close(y, ref(x)[0], TOL[torch.float64])
