@@ -45,6 +45,8 @@ def _sync_threads() -> None:
     except ImportError:  # threadpoolctl is optional; OpenBLAS then uses all cores
         return
     if _blas_controller[0] is None:
+        import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls, so the controller sees it)
+
         _blas_controller[0] = ThreadpoolController()
     # Only scipy's OpenBLAS (the one Numba calls), not numpy's or torch's pools.
     libs = _blas_controller[0].select(user_api="blas")
