@@ -23,8 +23,8 @@ inputs); stores cast back to the buffer's dtype. The cell state c is kept in the
 accumulation dtype by the driver, so it does not lose bits between steps in fp16/bf16.
 
 This module imports triton and works on torch tensors: it is NOT under kernels/ (numpy).
-Whether kernels are compiled or interpreted is decided by triton when this module is
-imported (TRITON_INTERPRET=1 -> interpreter, runs on CPU tensors); see INTERPRETED.
+Whether kernels are compiled or interpreted is decided by triton when it is imported
+(TRITON_INTERPRET=1 -> interpreter, runs on CPU tensors); see mode().
 """
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ LSTMKIT_TRITON_GRAPHS=1 (or triton_engine.CUDA_GRAPHS = True) records a step loo
 shapes and batch_sizes were seen before into a CUDA graph and replays it (see _Graphs).
 
 The kernels live in lstmkit/triton_kernels.py. Tensors must be on CUDA, or on the CPU
-when triton runs its interpreter (TRITON_INTERPRET=1 set before triton kernels were
-defined, i.e. before lstmkit.triton_kernels was imported) - that is how the tests run.
+when triton runs its interpreter (TRITON_INTERPRET=1 in the environment before the
+process first imports triton) - that is how the tests run.
 
 Importing this module raises ImportError when triton is not installed, so
 engine="auto" falls back to another engine.
@@ -68,8 +68,8 @@ def _check(x: torch.Tensor) -> None:
     if x.device.type == "cpu":
         raise RuntimeError(
             "engine='triton' runs on CUDA tensors; it accepts CPU tensors only under the Triton "
-            "interpreter: set TRITON_INTERPRET=1 in the environment before lstmkit's triton kernels "
-            "are imported (or use engine='reference' / 'numba' on the CPU)"
+            "interpreter: set TRITON_INTERPRET=1 in the environment before the process first imports "
+            "triton (or use engine='reference' / 'numba' on the CPU)"
         )
     raise RuntimeError(f"engine='triton' runs on CUDA tensors, got a tensor on {x.device}")
 
