@@ -42,7 +42,9 @@ class Runtime:
         self._I, self._H, self._L = config.input_size, config.hidden_size, config.num_layers
         self._batch_first = config.batch_first
         self._sizes = (self.dtype, self._I, self._H, self._P, self._D, self._LD)
-        self._returned_state = None  # the last batched (h_n, c_n) returned: fed back when streaming
+        # The last batched (h_n, c_n) returned, and the shape and (T, N) of that call's input:
+        # what a streaming caller feeds back next.
+        self._returned_state, self._returned_shape, self._returned_TN = None, None, None
         # Per layer-direction, in h0/c0 order (layer-major), the kernel's arguments:
         # (w_ih (4H, I), w_hh (4H, P), b_ih, b_hh (4H,) (zeros without bias), w_hr (P, H) or (0, H)),
         # C-contiguous.
@@ -51,6 +53,7 @@ class Runtime:
         self._variant = bool(getattr(config, "layer_norm", False) or getattr(config, "peephole", False)
                              or getattr(config, "zoneout_probs", (0.0, 0.0)) != (0.0, 0.0))
         self._variant_args = []
+        self._single = config.num_layers == 1 and not config.bidirectional and not self._variant
         for k in range(config.num_layers):
             for d in range(config.num_directions):
                 sfx = f"_l{k}{LSTMConfig.suffix(d)}"
@@ -83,62 +86,44 @@ class Runtime:
         return (h[:, 0], c[:, 0]) if batch is None else (h, c)
 
     # ---- forward -------------------------------------------------------------------------------
-    # Written for the one-step, batch-1 streaming call, where the kernel takes a few
-    # microseconds: plain attribute reads, no helper calls on the hot path.
+    # Written for the one-step, batch-1 streaming call, where the kernel itself takes a few
+    # microseconds: feeding back the state the previous call returned, with an input shaped like
+    # the previous one, skips every check (they passed when those arrays were made).
     def __call__(self, x, state=None):
         dt, I, H, P, D, LD = self._sizes
-        if type(x) is not np.ndarray:
-            x = np.asarray(x)
-        ndim = x.ndim
-        if ndim != 3 and ndim != 2:
-            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {ndim}D instead")
-        if x.dtype is not dt and x.dtype != dt:
-            raise ValueError(
-                f"input dtype ({x.dtype}) does not match weight dtype ({dt}); convert it with x.astype(np.{dt})"
-            )
-        if x.shape[-1] != I:
-            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {I}, got {x.shape[-1]}")
-        batched = ndim == 3
-        if not batched:
-            T, N = x.shape[0], 1  # (T, I) is the packed (T*1, I) already
-        elif self._batch_first:
-            N, T = x.shape[0], x.shape[1]
-            x = x.transpose(1, 0, 2)  # (T, N, I)
+        if (state is not None and state is self._returned_state and type(x) is np.ndarray
+                and x.shape == self._returned_shape and x.dtype is dt):
+            batched, (T, N), (h0, c0) = True, self._returned_TN, state
         else:
-            T, N = x.shape[0], x.shape[1]
-        if T == 0:
-            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        if state is None:
-            h0, c0 = np.zeros((LD, N, P), dt), np.zeros((LD, N, H), dt)
-        elif batched and state is self._returned_state and N == state[0].shape[1]:
-            h0, c0 = state  # what the previous call returned (streaming): checked when it was made
-        else:
-            h0 = c0 = None
-            if batched and type(state) is tuple and len(state) == 2:
-                h0, c0 = state
-            if not (  # fast path: arrays shaped like the ones this class returns
-                type(h0) is np.ndarray and h0.shape == (LD, N, P) and h0.dtype is dt and h0.flags.c_contiguous
-                and type(c0) is np.ndarray and c0.shape == (LD, N, H) and c0.dtype is dt and c0.flags.c_contiguous
-            ):
-                h0, c0 = self._check_state(state, N, batched)
+            x, batched, T, N, h0, c0 = self._checked(x, state)
 
         # Padded data is packed data with batch_sizes [N] * T: rows (T*N, I), time-major.
-        bsz = self._batch_sizes.get((T, N))
+        bsz = self._batch_sizes.get(T * 1000003 + N)
         if bsz is None:
             if len(self._batch_sizes) > 256:  # many distinct lengths: keep the cache small
                 self._batch_sizes.clear()
-            bsz = self._batch_sizes[(T, N)] = np.full(T, N, np.int64)
-        x = np.ascontiguousarray(x).reshape(T * N, I)
+            bsz = self._batch_sizes[T * 1000003 + N] = np.full(T, N, np.int64)
+        x_in = x
+        if batched and self._batch_first:
+            x = x.transpose(1, 0, 2)  # (T, N, I)
+        x = x.reshape(T * N, I)  # copies only when it must
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
         h_n = np.empty((LD, N, P), dt)  # (D*L, N, P)
         c_n = np.empty((LD, N, H), dt)  # (D*L, N, H)
-        for k in range(self._L):
+        if self._single:  # one layer, one direction, no variant: the common streaming model
+            y = np.empty((T * N, P), dt)
+            forward_core(x, bsz, h0[0], c0[0], *self.layers[0], False, np.empty((T * N, 4 * H), dt),
+                         y, h_n[0], c_n[0], self._no_cells, False)
+            x = y
+        for k in range(0 if self._single else self._L):
             y = np.empty((T * N, P) if D == 1 else (D, T * N, P), dt)
             for d in range(D):
                 idx = k * D + d
-                w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[idx]
                 if self._variant:
                     self._variant_layer(idx, x, bsz, h0, c0, d == 1, y if D == 1 else y[d], h_n, c_n)
                     continue
+                w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[idx]
                 acts = np.empty((T * N, 4 * H), dt)  # kernel scratch
                 forward_core(x, bsz, h0[idx], c0[idx], w_ih, w_hh, b_ih, b_hh, w_hr, d == 1, acts,
                              y if D == 1 else y[d], h_n[idx], c_n[idx], self._no_cells, False)
@@ -151,7 +136,34 @@ class Runtime:
         if self._batch_first:
             x = x.transpose(1, 0, 2)  # (N, T, D*P)
         state = self._returned_state = (h_n, c_n)
+        self._returned_shape, self._returned_TN = x_in.shape, (T, N)
         return x, state
+
+    def _checked(self, x, state):
+        """The module's checks on input and state: (x, batched, T, N, h0 (LD, N, P), c0 (LD, N, H))."""
+        dt, I, H, P, D, LD = self._sizes
+        if type(x) is not np.ndarray:
+            x = np.asarray(x)
+        if x.ndim not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {x.ndim}D instead")
+        if x.dtype != dt:
+            raise ValueError(
+                f"input dtype ({x.dtype}) does not match weight dtype ({dt}); convert it with x.astype(np.{dt})"
+            )
+        if x.shape[-1] != I:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {I}, got {x.shape[-1]}")
+        batched = x.ndim == 3
+        if not batched:
+            T, N = x.shape[0], 1
+        elif self._batch_first:
+            N, T = x.shape[0], x.shape[1]
+        else:
+            T, N = x.shape[0], x.shape[1]
+        if T == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if state is None:
+            return x, batched, T, N, np.zeros((LD, N, P), dt), np.zeros((LD, N, H), dt)
+        return (x, batched, T, N, *self._check_state(state, N, batched))
 
     def _variant_layer(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n):
         """Layer-direction idx through the variant kernel (kernels/variants.py), inference form."""
