@@ -85,12 +85,13 @@ _zeros: dict = {}
 
 
 def _zeros_of(shape, dtype) -> np.ndarray:
-    """Shared read-only zeros standing in for a missing bias or projection."""
+    """Shared zeros standing in for a missing bias, projection or saved cells. The kernels
+    never write them (sizes 4H or 0); they stay writeable so Numba compiles one
+    specialisation, not a second one for read-only arrays."""
     key = (shape, dtype)
     z = _zeros.get(key)
     if z is None:
         z = _zeros[key] = np.zeros(shape, dtype)
-        z.flags.writeable = False
     return z
 
 
@@ -129,20 +130,31 @@ def _forward(x, batch_sizes, h0, c0, weights, reverse, save):
     y = np.empty((total, P), dt)
     h_n = np.empty((B, P), dt)
     c_n = np.empty((B, H), dt)
-    cells = np.empty((total if save else 0, H), dt)
+    cells = np.empty((total, H), dt) if save else _zeros_of((0, H), dt)
     forward_core(xn, bsz, h0n, c0n, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, acts, y, h_n, c_n, cells, save)
     return y, h_n, c_n, acts, cells
 
 
+def _needs_grad(x, h0, c0, p) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or h0.requires_grad or c0.requires_grad:
+        return True
+    for t in p:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
 def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False):
-    _check(x)
-    _sync_threads()
-    H = c0.shape[1]
-    weights = _weights(p, H)
-    if torch.is_grad_enabled() and (
-        x.requires_grad or h0.requires_grad or c0.requires_grad or any(t is not None and t.requires_grad for t in p)
-    ):
+    if x.dtype not in SUPPORTED_DTYPES or not x.is_cpu:
+        _check(x)
+    if torch.get_num_threads() != _blas_threads[0]:
+        _sync_threads()
+    weights = _weights(p, c0.shape[1])
+    if _needs_grad(x, h0, c0, p):
         return _LSTMFunction.apply(x, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, batch_sizes, reverse, weights)
+    # Inference: the kernel on numpy views, nothing saved.
     y, h_n, c_n, _, _ = _forward(x, batch_sizes, h0, c0, weights, bool(reverse), False)
     return torch.from_numpy(y), torch.from_numpy(h_n), torch.from_numpy(c_n)
 
