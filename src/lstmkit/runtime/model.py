@@ -46,8 +46,10 @@ class Runtime:
         # what a streaming caller feeds back next.
         self._returned_state, self._returned_shape, self._returned_TN = None, None, None
         # Per layer-direction, in h0/c0 order (layer-major), the kernel's arguments:
-        # (w_ih (4H, I), w_hh (4H, P), b_ih, b_hh (4H,) (zeros without bias), w_hr (P, H) or (0, H)),
-        # C-contiguous.
+        # (w_ih (4H, I), w_hh (4H, P), b_ih, b_hh (4H,) (zeros without bias), w_hr (P, H) or (0, H)).
+        # The matrices are stored column-major (Fortran order): the kernel multiplies by their
+        # transposes, W^T, which are then row-major, the layout BLAS's GEMV is fastest on
+        # (about 0.5 us of a 6 us step at input 64, hidden 128). The variant kernel gets C order.
         H, dt = config.hidden_size, self.dtype
         self.layers = []
         self._variant = bool(getattr(config, "layer_norm", False) or getattr(config, "peephole", False)
@@ -61,7 +63,8 @@ class Runtime:
                 zeros = np.zeros(4 * H, dt)
                 b_ih, b_hh = (w["bias_ih" + sfx], w["bias_hh" + sfx]) if config.bias else (zeros, zeros)
                 w_hr = w.get("weight_hr" + sfx, np.zeros((0, H), dt))
-                self.layers.append((w["weight_ih" + sfx], w["weight_hh" + sfx], b_ih, b_hh, w_hr))
+                order = np.ascontiguousarray if self._variant else np.asfortranarray
+                self.layers.append((order(w["weight_ih" + sfx]), order(w["weight_hh" + sfx]), b_ih, b_hh, order(w_hr)))
                 if self._variant:  # the variant kernel's extra arguments; an empty array = "off"
                     ln = [w.get(f"layer_norm_{part}_{kind}{sfx}", np.zeros(0, dt))
                           for part in ("ih", "hh", "cell") for kind in ("weight", "bias")]
