@@ -96,16 +96,16 @@ def init_parameters(module) -> None:
                 getattr(module, f"bias_ih{sfx}")[H : 2 * H] += cfg.forget_bias
 
 
-def _keep_mask(shape, p: float, like: torch.Tensor) -> torch.Tensor:
-    """1 with probability 1-p, else 0."""
-    return torch.bernoulli(torch.full(shape, 1.0 - p, dtype=like.dtype, device=like.device))
+def _bernoulli(shape, p: float, like: torch.Tensor) -> torch.Tensor:
+    """1 with probability p, else 0 (like's dtype and device)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(p)
 
 
 def drop_weights(w_hh: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """weight_drop: DropConnect on W_hh, one mask per call, scaled by 1/(1-p)."""
     if not training or p == 0:
         return w_hh
-    return w_hh * (_keep_mask(w_hh.shape, p, w_hh) / (1.0 - p))
+    return w_hh * _bernoulli(w_hh.shape, 1.0 - p, w_hh).div_(1.0 - p)
 
 
 def layer_variant(module, layer: int, direction: int, batch_sizes: list[int], x: torch.Tensor) -> LayerVariant:
@@ -129,10 +129,10 @@ def layer_variant(module, layer: int, direction: int, batch_sizes: list[int], x:
         if p == 0:
             continue
         if module.training:  # d = 1 keeps the previous value: Bernoulli(p)
-            parts[key] = 1.0 - _keep_mask((total, width), p, x)
+            parts[key] = _bernoulli((total, width), p, x)
         else:
             parts[key] = torch.full((total, width), p, dtype=x.dtype, device=x.device)
     if module.training and cfg.recurrent_dropout > 0:
         q = cfg.recurrent_dropout
-        parts["rec_mask"] = _keep_mask((B, P), q, x) / (1.0 - q)
+        parts["rec_mask"] = _bernoulli((B, P), 1.0 - q, x).div_(1.0 - q)
     return LayerVariant(**parts)

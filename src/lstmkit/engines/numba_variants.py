@@ -37,7 +37,7 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):
         ln_ih_w=_arr(v.ln_ih_w, (0,), dt), ln_ih_b=_arr(v.ln_ih_b, (0,), dt),
         ln_hh_w=_arr(v.ln_hh_w, (0,), dt), ln_hh_b=_arr(v.ln_hh_b, (0,), dt),
         ln_c_w=_arr(v.ln_c_w, (0,), dt), ln_c_b=_arr(v.ln_c_b, (0,), dt),
-        w_peep=_arr(v.w_peep, (0, H), dt), zc=_arr(v.zoneout_c, (0, H), dt),
+        w_peep=_arr(v.w_peep, (3, H), dt), zc=_arr(v.zoneout_c, (0, H), dt),  # zero peepholes: none
         zh=_arr(v.zoneout_h, (0, P), dt), rm=_arr(v.rec_mask, (0, P), dt),
     )
     n, nl = (total if save else 0), (total if save and ln else 0)
@@ -104,7 +104,8 @@ class _VariantFunction(torch.autograd.Function):
         dx = np.empty_like(xn)
         dw_ih, dw_hh, dw_hr = np.empty_like(k["w_ih"]), np.empty_like(k["w_hh"]), np.empty_like(k["w_hr"])
         db = np.empty(4 * H, dt)
-        g = {n: np.empty_like(k[n]) for n in ("ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b", "w_peep")}
+        g = {n: np.empty_like(k[n]) for n in ("ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b")}
+        g["w_peep"] = np.empty((3 if has_peep else 0, H), dt)
         _sync_threads()
         backward_core(
             xn, np.asarray(ctx.batch_sizes, dtype=np.int64), k["w_ih"], k["w_hh"], k["w_hr"],

@@ -10,7 +10,7 @@ Shapes (B = batch_sizes[0], P = proj_size or H); an absent part is passed as an 
 array, and its flag below is read off the shape:
 
     ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b (4H,), ln_c_w, ln_c_b (H,)   or (0,): no layer norm
-    w_peep (3, H)   rows p_i, p_f, p_o                              or (0, H)
+    w_peep (3, H)   rows p_i, p_f, p_o                              zeros: no peepholes
     zc (total, H), zh (total, P)  zoneout d per packed row          or (0, H), (0, P)
     rm (B, P)   recurrent-dropout mask on h_{t-1} (already scaled)  or (0, P)
 
@@ -34,27 +34,42 @@ EPS = 1e-5
 
 
 @njit(**KW)
-def _normalize(v, out):
-    """out = (v - mean(v)) / sqrt(var(v) + eps); returns 1/sqrt(var + eps). Sums in float64."""
+def _constants(dt):
+    """Two scratch slots of dtype dt: a float64 scalar stored and read back is rounded to dt,
+    so the per-element math stays in float32 for float32 data (a float64 scalar would
+    promote every element and halve the SIMD width)."""
+    return np.empty(2, dt)
+
+
+@njit(**KW)
+def _normalize(v, w, b, xhat, out, k):
+    """Layer norm of the row v: xhat = (v - mean) / sqrt(var + eps), out = xhat * w + b
+    (out may be v itself); returns 1 / sqrt(var + eps). k = _constants(dtype).
+    Two passes for the statistics (no E[v^2] - mean^2 cancellation), summed in float64."""
     n = v.shape[0]
     s = 0.0
     for j in range(n):
         s += v[j]
-    mean = s / n
+    k[0] = s / n
+    mean = k[0]
     s = 0.0
     for j in range(n):
         d = v[j] - mean
         s += d * d
-    rstd = 1.0 / np.sqrt(s / n + EPS)
+    k[1] = 1.0 / np.sqrt(s / n + EPS)
+    rstd = k[1]
     for j in range(n):
-        out[j] = (v[j] - mean) * rstd
+        xh = (v[j] - mean) * rstd
+        xhat[j] = xh
+        out[j] = xh * w[j] + b[j]
     return rstd
 
 
 @njit(**KW)
-def _normalize_backward(dy, w, xhat, rstd, dv, dw, db):
+def _normalize_backward(dy, w, xhat, rstd, dv, dw, db, k):
     """Backward of y = xhat * w + b, xhat = normalize(v): writes dv, accumulates dw, db.
-    dv = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * w."""
+    dv = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * w.
+    dv may be dy itself (each element reads its own dy before writing)."""
     n = dy.shape[0]
     s1 = 0.0
     s2 = 0.0
@@ -64,8 +79,10 @@ def _normalize_backward(dy, w, xhat, rstd, dv, dw, db):
         s2 += dxh * xhat[j]
         dw[j] += dy[j] * xhat[j]
         db[j] += dy[j]
-    m1 = s1 / n
-    m2 = s2 / n
+    k[0] = s1 / n
+    k[1] = s2 / n
+    m1 = k[0]
+    m2 = k[1]
     for j in range(n):
         dv[j] = rstd * (dy[j] * w[j] - m1 - xhat[j] * m2)
 
@@ -86,7 +103,6 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
     P = h0.shape[1]
     has_proj = w_hr.shape[0] > 0
     has_ln = ln_ih_w.shape[0] > 0
-    has_peep = w_peep.shape[0] > 0
     has_zc = zc.shape[0] > 0
     has_zh = zh.shape[0] > 0
     has_rm = rm.shape[0] > 0
@@ -101,26 +117,28 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
     nrm4 = np.empty(4 * H, dt)  # one row normalised (scratch when not saving)
     nrm1 = np.empty(H, dt)
     nrm1c = np.empty(H, dt)
+    cnl = np.empty(H, dt)  # LN_cell(c~) of one row
+    kc = _constants(dt)
     if T == 0:
         return
     np.dot(x, w_ih.T, acts)  # (total, 4H)
     if has_ln:  # LN_ih of every row at once, before the loop: acts = LN_ih(x W_ih^T)
         for row in range(x.shape[0]):
             a = acts[row]
-            xr = xhat[row] if save else nrm4
-            rs = _normalize(a, xr)
+            rs = _normalize(a, ln_ih_w, ln_ih_b, xhat[row] if save else nrm4, a, kc)
             if save:
                 rstd[row, 0] = rs
-            for j in range(4 * H):
-                a[j] = xr[j] * ln_ih_w[j] + ln_ih_b[j]
 
     for s in range(T):
         t = T - 1 - s if reverse else s
         bs = batch_sizes[t]
         o0 = off[t]
         for r in range(bs):
-            for k in range(P):
-                hin[r, k] = h[r, k] * rm[r, k] if has_rm else h[r, k]
+            if has_rm:
+                for k in range(P):
+                    hin[r, k] = h[r, k] * rm[r, k]
+            else:
+                hin[r] = h[r]
             if save:
                 h_in[o0 + r] = hin[r]
                 c_prev[o0 + r] = c[r]
@@ -132,40 +150,32 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
             cr = c[r]
             cn = cells[row] if save else nrm1  # c~ of this row
             if has_ln:  # q = LN_hh(q)
-                hr = hhat[row] if save else nrm4
-                rs = _normalize(q, hr)
+                rs = _normalize(q, ln_hh_w, ln_hh_b, hhat[row] if save else nrm4, q, kc)
                 if save:
                     rstd[row, 1] = rs
-                for j in range(4 * H):
-                    q[j] = hr[j] * ln_hh_w[j] + ln_hh_b[j]
+            # The gate loop has no branches, so it vectorises (peepholes of zero cost nothing).
             for j in range(H):
                 cp = cr[j]
-                zi = a[j] + q[j] + b[j]
-                zf = a[H + j] + q[H + j] + b[H + j]
-                if has_peep:
-                    zi += w_peep[0, j] * cp
-                    zf += w_peep[1, j] * cp
-                ig = sigmoid(zi)
-                fg = sigmoid(zf)
+                ig = sigmoid(a[j] + q[j] + b[j] + w_peep[0, j] * cp)
+                fg = sigmoid(a[H + j] + q[H + j] + b[H + j] + w_peep[1, j] * cp)
                 gg = tanh(a[2 * H + j] + q[2 * H + j] + b[2 * H + j])
                 cv = fg * cp + ig * gg
-                zo = a[3 * H + j] + q[3 * H + j] + b[3 * H + j]
-                if has_peep:
-                    zo += w_peep[2, j] * cv
                 a[j] = ig
                 a[H + j] = fg
                 a[2 * H + j] = gg
-                a[3 * H + j] = sigmoid(zo)
+                a[3 * H + j] = sigmoid(a[3 * H + j] + q[3 * H + j] + b[3 * H + j] + w_peep[2, j] * cv)
                 cn[j] = cv
-                # zoneout of c: the carried state keeps c_{t-1} where d = 1
-                cr[j] = zc[row, j] * cp + (1 - zc[row, j]) * cv if has_zc else cv
+            if has_zc:  # zoneout of c: the carried state keeps c_{t-1} where d = 1
+                for j in range(H):
+                    cr[j] = zc[row, j] * cr[j] + (1 - zc[row, j]) * cn[j]
+            else:
+                cr[:] = cn
             if has_ln:  # h~ = o * tanh(LN_cell(c~))
-                chr_ = chat[row] if save else nrm1c
-                rs = _normalize(cn, chr_)
+                rs = _normalize(cn, ln_c_w, ln_c_b, chat[row] if save else nrm1c, cnl, kc)
                 if save:
                     rstd[row, 2] = rs
                 for j in range(H):
-                    hp[r, j] = a[3 * H + j] * tanh(chr_[j] * ln_c_w[j] + ln_c_b[j])
+                    hp[r, j] = a[3 * H + j] * tanh(cnl[j])
             else:
                 for j in range(H):
                     hp[r, j] = a[3 * H + j] * tanh(cn[j])
@@ -174,11 +184,13 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
         else:
             hn[:bs] = hp[:bs]
         for r in range(bs):  # zoneout of h, then y_t = h_t
-            row = o0 + r
-            for k in range(P):
-                v = zh[row, k] * h[r, k] + (1 - zh[row, k]) * hn[r, k] if has_zh else hn[r, k]
-                h[r, k] = v
-                y[row, k] = v
+            if has_zh:
+                row = o0 + r
+                for k in range(P):
+                    h[r, k] = zh[row, k] * h[r, k] + (1 - zh[row, k]) * hn[r, k]
+            else:
+                h[r] = hn[r]
+        y[o0 : o0 + bs] = h[:bs]
 
 
 @njit(**KW)
@@ -191,7 +203,8 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
 
     dy (total, P) incoming; dh (B, P), dc (B, H) hold dh_n, dc_n on entry and dh0, dc0
     on return. Writes dx, dw_ih, dw_hh, db (of b_ih and b_hh alike), dw_hr, and the
-    gradients of the layer-norm parameters and of w_peep (empty arrays when absent).
+    gradients of the layer-norm parameters and of w_peep (empty arrays when absent;
+    w_peep itself is zeros (3, H) without peepholes, and dw_peep (0, H)).
     """
     T = batch_sizes.shape[0]
     B, H = dc.shape
@@ -199,7 +212,7 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
     total = x.shape[0]
     has_proj = w_hr.shape[0] > 0
     has_ln = ln_ih_w.shape[0] > 0
-    has_peep = w_peep.shape[0] > 0
+    has_peep = dw_peep.shape[0] > 0  # (0, H): no peepholes, no gradient wanted
     has_zc = zc.shape[0] > 0
     has_zh = zh.shape[0] > 0
     has_rm = rm.shape[0] > 0
@@ -212,6 +225,9 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
     dhin = np.empty((B, P), dt)  # d loss / d h_in of one step
     dcv = np.empty(H, dt)  # d loss / d c~ of one row
     dcn = np.empty(H, dt)  # d loss / d LN_cell(c~) of one row
+    cn = np.empty(H, dt)  # LN_cell(c~) (or c~) of one row
+    kc = _constants(dt)
+    keep = np.zeros(H, dt)  # zoneout: d_c * dc_t, the part of dc_t that goes straight to c_{t-1}
     dh_all = np.empty((total if has_proj else 0, P), dt)  # for dW_hr in one GEMM
     hp_all = np.empty((total if has_proj else 0, H), dt)
     dln_c_w[:] = 0
@@ -226,16 +242,16 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
         t = s if reverse else T - 1 - s
         bs = batch_sizes[t]
         o0 = off[t]
-        for r in range(bs):  # dh_t = carried + dy_t; split by zoneout into h~ and h_{t-1} parts
+        for r in range(bs):  # dh_t = carried + dy_t; zoneout splits it into h~ and h_{t-1} parts
             row = o0 + r
-            for k in range(P):
-                g = dh[r, k] + dy[row, k]
-                if has_zh:
+            if has_zh:
+                for k in range(P):
+                    g = dh[r, k] + dy[row, k]
                     dhn[r, k] = (1 - zh[row, k]) * g
                     dh[r, k] = zh[row, k] * g
-                else:
-                    dhn[r, k] = g
-                    dh[r, k] = 0
+            else:
+                for k in range(P):
+                    dhn[r, k] = dh[r, k] + dy[row, k]
         if has_proj:
             dh_all[o0 : o0 + bs] = dhn[:bs]
             np.dot(dhn[:bs], w_hr, dhp[:bs])  # (bs, P) @ (P, H)
@@ -244,62 +260,69 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
         for r in range(bs):
             row = o0 + r
             a = acts[row]
-            cv = cells[row]
             cp = c_prev[row]
             dgr = dgates[row]
-            # d h~ / d c~ through tanh (and LN_cell)
-            for j in range(H):
-                cnv = chat[row, j] * ln_c_w[j] + ln_c_b[j] if has_ln else cv[j]
-                tc = tanh(cnv)
+            dcr = dc[r]
+            hpr = hp_all[row] if has_proj else dcv  # o * tanh(.) for dW_hr (dcv: scratch)
+            if has_ln:  # cn = what went into tanh
+                for j in range(H):
+                    cn[j] = chat[row, j] * ln_c_w[j] + ln_c_b[j]
+            else:
+                cn[:] = cells[row]
+            for j in range(H):  # through h~ = o * tanh(cn)
+                tc = tanh(cn[j])
                 og = a[3 * H + j]
                 dcn[j] = dhp[r, j] * og * (1 - tc * tc)
                 dgr[3 * H + j] = dhp[r, j] * tc * og * (1 - og)
-                if has_proj:
-                    hp_all[row, j] = og * tc
+                hpr[j] = og * tc
             if has_ln:
-                _normalize_backward(dcn, ln_c_w, chat[row], rstd[row, 2], dcv, dln_c_w, dln_c_b)
+                _normalize_backward(dcn, ln_c_w, chat[row], rstd[row, 2], dcv, dln_c_w, dln_c_b, kc)
             else:
                 dcv[:] = dcn
-            for j in range(H):
+            # c~ reaches the carried c_t through (1 - d_c); c_{t-1} gets d_c * dc_t directly.
+            if has_zc:
+                for j in range(H):
+                    keep[j] = zc[row, j] * dcr[j]
+                    dcr[j] = (1 - zc[row, j]) * dcr[j]
+            for j in range(H):  # branch-free, vectorises; peepholes of zero cost nothing
                 ig = a[j]
                 fg = a[H + j]
                 gg = a[2 * H + j]
-                dzo = dgr[3 * H + j]
-                # c~ feeds the carried c_t with weight (1 - d_c); c_{t-1} gets d_c directly
-                dct = dc[r, j]
-                d = dcv[j] + ((1 - zc[row, j]) * dct if has_zc else dct)
-                if has_peep:
-                    d += dzo * w_peep[2, j]
-                    dw_peep[2, j] += dzo * cv[j]
+                d = dcv[j] + dcr[j] + dgr[3 * H + j] * w_peep[2, j]  # d loss / d c~
                 dzi = d * gg * ig * (1 - ig)
                 dzf = d * cp[j] * fg * (1 - fg)
                 dgr[j] = dzi
                 dgr[H + j] = dzf
                 dgr[2 * H + j] = d * ig * (1 - gg * gg)
-                dcp = d * fg + (zc[row, j] * dct if has_zc else 0.0)
-                if has_peep:
-                    dcp += dzi * w_peep[0, j] + dzf * w_peep[1, j]
-                    dw_peep[0, j] += dzi * cp[j]
-                    dw_peep[1, j] += dzf * cp[j]
-                dc[r, j] = dcp
+                dcr[j] = d * fg + keep[j] + dzi * w_peep[0, j] + dzf * w_peep[1, j]  # d c_{t-1}
             if has_ln:
-                _normalize_backward(dgr, ln_hh_w, hhat[row], rstd[row, 1], dhw[row], dln_hh_w, dln_hh_b)
+                _normalize_backward(dgr, ln_hh_w, hhat[row], rstd[row, 1], dhw[row], dln_hh_w, dln_hh_b, kc)
         src = dhw if has_ln else dgates
         np.dot(src[o0 : o0 + bs], w_hh, dhin[:bs])  # (bs, 4H) @ (4H, P)
-        for r in range(bs):
-            for k in range(P):
-                dh[r, k] += dhin[r, k] * rm[r, k] if has_rm else dhin[r, k]
+        if has_rm:  # dh_{t-1} = (zoneout's part) + m * (the recurrent GEMM's part)
+            for r in range(bs):
+                for k in range(P):
+                    dh[r, k] = (dh[r, k] if has_zh else 0) + dhin[r, k] * rm[r, k]
+        elif has_zh:
+            dh[:bs] += dhin[:bs]
+        else:
+            dh[:bs] = dhin[:bs]
 
+    if has_peep:  # pre_i, pre_f saw p * c_{t-1}; pre_o saw p_o * c~_t
+        for row in range(total):
+            dgr = dgates[row]
+            for j in range(H):
+                dw_peep[0, j] += dgr[j] * c_prev[row, j]
+                dw_peep[1, j] += dgr[H + j] * c_prev[row, j]
+                dw_peep[2, j] += dgr[3 * H + j] * cells[row, j]
     db[:] = 0
     for row in range(total):
         db += dgates[row]
     src = dhw if has_ln else dgates
     np.dot(src.T, h_in, dw_hh)  # (4H, total) @ (total, P)
-    if has_ln:  # dgates becomes d(x W_ih^T), through LN_ih (in place: each row only reads itself)
-        tmp = np.empty(4 * H, dt)
+    if has_ln:  # dgates becomes d(x W_ih^T), through LN_ih, in place
         for row in range(total):
-            _normalize_backward(dgates[row], ln_ih_w, xhat[row], rstd[row, 0], tmp, dln_ih_w, dln_ih_b)
-            dgates[row] = tmp
+            _normalize_backward(dgates[row], ln_ih_w, xhat[row], rstd[row, 0], dgates[row], dln_ih_w, dln_ih_b, kc)
     np.dot(dgates, w_ih, dx)  # (total, 4H) @ (4H, I)
     np.dot(dgates.T, x, dw_ih)  # (4H, total) @ (total, I)
     if has_proj:
