@@ -199,9 +199,20 @@ def test_bad_files(tmp_path):
     save_file(sd, tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="weight_hh_l1.* is missing"):
         runtime.load(tmp_path / "broken.safetensors")
-    save_file(nn.LSTM(3, 4, dtype=torch.bfloat16).state_dict(), tmp_path / "bf16.safetensors")
-    with pytest.raises(TypeError, match="numpy"):
-        runtime.load(tmp_path / "bf16.safetensors")
+    save_file({k: v.to(torch.int32) for k, v in nn.LSTM(3, 4).state_dict().items()}, tmp_path / "int.safetensors")
+    with pytest.raises(TypeError, match="I32"):
+        runtime.load(tmp_path / "int.safetensors")
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_run_in_float32(tmp_path, half):
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 4, num_layers=2).to(half)
+    save_file(ref.state_dict(), tmp_path / "half.safetensors")
+    rt = runtime.load(tmp_path / "half.safetensors")
+    assert rt.dtype == np.float32
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    check(ref.float().eval(), rt, x)  # exactly the widened weights
 
 
 def test_runtime_does_not_import_torch():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 from safetensors import safe_open
 
 from ..config import LSTMConfig
@@ -62,11 +63,32 @@ def load(path, prefix: str | None = None, *, batch_first: bool | None = None) ->
     weights = {}
     with safe_open(path, framework="numpy") as f:
         for name, _ in cfg.param_shapes():
-            try:
+            dtype = f.get_slice(prefix + name).get_dtype()
+            if dtype == "BF16":  # numpy has no bfloat16: widen it ourselves
+                weights[name] = _read_bf16_as_f32(path, prefix + name)
+            elif dtype in ("F16", "F32", "F64"):
                 weights[name] = f.get_tensor(prefix + name)
-            except Exception as e:  # e.g. bfloat16, which numpy has no dtype for
-                raise TypeError(f"cannot read tensor {prefix + name!r} as a numpy array ({e})") from None
+            else:
+                raise TypeError(f"tensor {prefix + name!r} is {dtype}; the runtime computes in float32/float64")
+            if dtype == "F16":
+                weights[name] = weights[name].astype(np.float32)
     return Runtime(cfg, weights)
+
+
+def _read_bf16_as_f32(path: str, name: str) -> np.ndarray:
+    """A BF16 tensor of a .safetensors file as float32 (bfloat16 is float32's upper 16 bits).
+
+    File layout: 8-byte little-endian header length, JSON header {name: {dtype, shape,
+    data_offsets}}, then the data, offsets counted from its start.
+    """
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        entry = json.loads(fh.read(n))[name]
+        start, end = entry["data_offsets"]
+        fh.seek(8 + n + start)
+        raw = fh.read(end - start)
+    bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+    return bits.view(np.float32).reshape(entry["shape"])
 
 
 __all__ = ["load", "read_safetensors", "CONFIG_KEY", "FORMAT", "FORMAT_KEY"]
