@@ -325,7 +325,9 @@ def test_gradcheck(engine, reverse, proj):
         return fn(x, batch_sizes, h0, c0, pp, reverse=reverse, variant=vv)
 
     inputs = (x, h0, c0, *[getattr(p, n) for n in pnames], *[getattr(v, n) for n in vnames])
-    assert torch.autograd.gradcheck(f, inputs, atol=1e-7)
+    # The reference engine's backward is autograd's own: fast mode (random directions) is
+    # enough there and 10x cheaper. The fused engine's hand-written backward gets the full check.
+    assert torch.autograd.gradcheck(f, inputs, atol=1e-7, fast_mode=engine == "reference")
 
 
 # ---- behaviour of the masks -----------------------------------------------------------------------
