@@ -113,18 +113,29 @@ def test_onnx(tmp_path, capsys):
         ("lstm_a", 3, 4, 1, False, 16 * 7), ("lstm_b", 2, 5, 1, False, 20 * 7)]
 
 
-@pytest.mark.parametrize("kind", ["missing", "junk", "gru", "junk_onnx", "directory"])
-def test_bad_files_one_line_nonzero_exit(tmp_path, kind):
+def bad_file(tmp_path, kind):
     path = tmp_path / {"missing": "nope.pt", "junk": "junk.pt", "gru": "gru.pt", "junk_onnx": "x.onnx",
-                       "directory": "d.pt"}[kind]
-    if kind in ("junk", "junk_onnx"):
+                       "junk_safetensors": "x.safetensors", "directory": "d.pt"}[kind]
+    if kind.startswith("junk"):
         path.write_bytes(b"this is not a checkpoint")
     elif kind == "gru":
         torch.save(nn.GRU(3, 4).state_dict(), path)
     elif kind == "directory":
         path.mkdir()
-    r = subprocess.run([sys.executable, "-m", "lstmkit", "inspect", str(path)], capture_output=True, text=True)
-    assert r.returncode != 0
-    assert r.stdout == ""
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "junk", "gru", "junk_onnx", "junk_safetensors", "directory"])
+def test_bad_files_one_line_nonzero_exit(tmp_path, capsys, kind):
+    assert main([str(bad_file(tmp_path, kind))]) != 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("lstmkit inspect: "), err
+
+
+def test_cli_bad_file_no_traceback(tmp_path):
+    """Through the real entry point: one line on stderr, exit status 1, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "lstmkit", "inspect", str(bad_file(tmp_path, "junk"))],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert r.stderr.startswith("lstmkit inspect: ")
