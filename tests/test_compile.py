@@ -106,3 +106,13 @@ def test_inductor_fullgraph_model():
         out.square().mean().backward()
         results.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
     assert_all_close(results[1], results[0], 1e-5)
+
+
+def test_variants_compile_on_the_reference_engine():
+    """Variant models compile too: while compiling they run the reference engine (plain torch ops)."""
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(3, 5, num_layers=2, layer_norm=True, peephole=True, zoneout=0.1, dtype=torch.float64)
+    m.eval()  # zoneout in eval is deterministic (its expectation), so eager and compiled can be compared
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    assert_all_close(grads_of(compiled, x), grads_of(m, x), 1e-10)
