@@ -103,6 +103,33 @@ def test_streaming_equals_full_sequence(tmp_path, batch_first, chunk):
     np.testing.assert_allclose(np.concatenate(ys), full1, rtol=0, atol=1e-12)
 
 
+def test_two_threads_streaming_on_one_runtime(tmp_path):
+    """Each stream feeds back its own state; interleaved calls from another thread
+    (another batch size) must not leak into it (the kernels release the GIL)."""
+    import threading
+
+    _, rt = oracle_and_runtime(tmp_path, dict(input_size=3, hidden_size=16, num_layers=2), torch.float64, "save")
+    rng = np.random.default_rng(0)
+    xs = {N: rng.standard_normal((40, N, 3)) for N in (1, 3)}
+    want = {N: rt(xs[N])[0] for N in xs}
+    got = {}
+
+    def stream(N):
+        state, ys = None, []
+        for t in range(40):
+            y, state = rt(xs[N][t : t + 1], state)
+            ys.append(y)
+        got[N] = np.concatenate(ys)
+
+    threads = [threading.Thread(target=stream, args=(N,)) for N in xs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for N in xs:
+        np.testing.assert_allclose(got[N], want[N], rtol=0, atol=1e-12)
+
+
 def test_matches_module_eval_with_training_only_variants(tmp_path):
     """Recurrent dropout and weight drop are training noise: the runtime equals module.eval()."""
     torch.manual_seed(0)

@@ -22,7 +22,6 @@ from ..kernels import forward_core
 from ..kernels.variants import forward_core as _variant_forward
 
 
-
 class Runtime:
     """An LSTM forward pass on numpy arrays (float32 or float64, the dtype of the weights).
 
@@ -42,9 +41,9 @@ class Runtime:
         self._I, self._H, self._L = config.input_size, config.hidden_size, config.num_layers
         self._batch_first = config.batch_first
         self._sizes = (self.dtype, self._I, self._H, self._P, self._D, self._LD)
-        # The last batched (h_n, c_n) returned, and the shape and (T, N) of that call's input:
-        # what a streaming caller feeds back next.
-        self._returned_state, self._returned_shape, self._returned_TN = None, None, None
+        # ((h_n, c_n), input shape, T, N) of the last batched call: what a streaming caller
+        # feeds back next. One attribute, so a reader never sees half of another thread's update.
+        self._returned = (None, None, 0, 0)
         # Per layer-direction, in h0/c0 order (layer-major), the kernel's arguments:
         # (w_ih (4H, I), w_hh (4H, P), b_ih, b_hh (4H,) (zeros without bias), w_hr (P, H) or (0, H)).
         # The matrices are stored column-major (Fortran order): the kernel multiplies by their
@@ -94,9 +93,10 @@ class Runtime:
     # the previous one, skips every check (they passed when those arrays were made).
     def __call__(self, x, state=None):
         dt, I, H, P, D, LD = self._sizes
-        if (state is not None and state is self._returned_state and type(x) is np.ndarray
-                and x.shape == self._returned_shape and x.dtype is dt):
-            batched, (T, N), (h0, c0) = True, self._returned_TN, state
+        returned_state, returned_shape, T, N = self._returned
+        if (state is not None and state is returned_state and type(x) is np.ndarray
+                and x.shape == returned_shape and x.dtype is dt):
+            batched, (h0, c0) = True, state
         else:
             x, batched, T, N, h0, c0 = self._checked(x, state)
 
@@ -138,8 +138,8 @@ class Runtime:
         x = x.reshape(T, N, D * P)
         if self._batch_first:
             x = x.transpose(1, 0, 2)  # (N, T, D*P)
-        state = self._returned_state = (h_n, c_n)
-        self._returned_shape, self._returned_TN = x_in.shape, (T, N)
+        state = (h_n, c_n)
+        self._returned = (state, x_in.shape, T, N)
         return x, state
 
     def _checked(self, x, state):
