@@ -417,6 +417,7 @@ def run(argv=None, *, log=True) -> dict:
             warned["curve"] = True
 
     warned = {"curve": False}
+    wrapup = {"eval": 0.0, "ckpt": 0.0}  # seconds the last evaluation / checkpoint took
     t_start = time.perf_counter()
     train_time, chars = 0.0, chars_before
     window = {"loss": 0.0, "n": 0, "chars": 0, "time": 0.0}
@@ -468,8 +469,13 @@ def run(argv=None, *, log=True) -> dict:
             why = stop["why"]
             if why is None and args.steps and step >= args.steps:
                 why = "steps"
-            if why is None and args.minutes is not None and time.perf_counter() - t_start >= 60 * args.minutes:
-                why = "time"
+            if why is None and args.minutes is not None:
+                # The time limit includes the final evaluation and checkpoint: stop when they
+                # would not fit any more (before the first evaluation, guess it from the step
+                # rate: no backward pass, so about 2x the training chars/s).
+                finish = wrapup["eval"] or len(eval_ids) / (2 * (chars - chars_before) / max(train_time, 1e-9))
+                if time.perf_counter() - t_start + finish + wrapup["ckpt"] >= 60 * args.minutes:
+                    why = "time"
             if world > 1:
                 import torch.distributed as dist
 
@@ -483,13 +489,17 @@ def run(argv=None, *, log=True) -> dict:
                 history["train"].append([step, window["loss"] / window["n"] / LN2, round(cps)])
                 window.update(loss=0.0, n=0, chars=0, time=0.0)
             if main_rank and (step % args.eval_every == 0 or why):
+                te = time.perf_counter()
                 val_bpc = evaluate(net, eval_ids, T, B, device)
+                wrapup["eval"] = time.perf_counter() - te
                 history["eval"].append([step, val_bpc, round(chars), round(train_time, 2)])
                 say.log(f"step {step}: loss {loss_v:.3f} ({loss_v / LN2:.3f} bpc), held-out {val_bpc:.3f} bpc, "
                         f"{(chars - chars_before) / max(train_time, 1e-9):,.0f} chars/s, "
                         f"{fmt_time(time.perf_counter() - t_start)}")
             if step % args.ckpt_every == 0 or why:
+                tc = time.perf_counter()
                 checkpoint()
+                wrapup["ckpt"] = time.perf_counter() - tc
             vb = f"{val_bpc:.3f}" if val_bpc is not None else "-"
             say.update(step, f"loss {loss_v:.3f} bpc {loss_v / LN2:.3f} held-out {vb} {cps:,.0f} chars/s")
             if why:
