@@ -305,15 +305,26 @@ def test_dtype_rule():
 
 
 def test_blas_threads_follow_torch():
+    """Big steps use torch.get_num_threads() BLAS threads; small ones run on one thread."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    m = lstmkit.LSTM(3, 4, engine="numba")
+    small = lstmkit.LSTM(3, 4, engine="numba")
+    big = lstmkit.LSTM(3, 512, engine="numba")  # (1, 512) @ (512, 2048) = 2^20 per step
     old = torch.get_num_threads()
+
+    def scipy_blas_threads():
+        info = [i for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas" and "scipy" in i["filepath"] and "numpy.libs" not in i["filepath"]]
+        assert info
+        return {i["num_threads"] for i in info}
+
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            m(torch.randn(2, 1, 3))
-            scipy_blas = [i for i in threadpoolctl.threadpool_info()
-                          if i["user_api"] == "blas" and "scipy" in i["filepath"] and "numpy" not in i["filepath"]]
-            assert scipy_blas and all(i["num_threads"] == n for i in scipy_blas)
+            with torch.no_grad():
+                big(torch.randn(2, 1, 3))
+            assert scipy_blas_threads() == {n}
+            with torch.no_grad():
+                small(torch.randn(2, 1, 3))
+            assert scipy_blas_threads() == {1}
     finally:
         torch.set_num_threads(old)

@@ -39,22 +39,26 @@ def case_name(c) -> str:
 
 
 # ---- timing --------------------------------------------------------------------------------------
-def timeit(fn, min_time: float = 0.02, repeats: int = 7) -> float:
-    """Median seconds per call: `repeats` batches of n calls, n sized to take >= min_time."""
-    fn()
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    n = max(1, int(min_time / one))
-    times = []
-    for _ in range(repeats):
+def compare(fns: dict, min_time: float = 0.02, rounds: int = 7) -> dict:
+    """Median seconds per call of each function. The functions are timed in interleaved
+    rounds (a, b, c, a, b, c, ...), so a change in machine load hits all of them alike;
+    in each round a function runs n times, n sized so that it takes >= min_time."""
+    ns = {}
+    for name, fn in fns.items():
+        fn()
+        fn()
         t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t0) / n)
-    times.sort()
-    return times[len(times) // 2]
+        fn()
+        ns[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = ns[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - t0) / n)
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 # ---- ONNX Runtime --------------------------------------------------------------------------------
@@ -124,24 +128,30 @@ def bench_case(c, threads: int, quick: bool, engine: str):
     ref = torch.nn.LSTM(I, H, L, bidirectional=bi)
     ours = lstmkit.LSTM.from_torch(ref, engine=engine)
     x = torch.randn(T, N, I)
-    reps = 3 if quick else 7
-    mt = 0.01 if quick else 0.05
-    res = {}
-
+    rounds = 5 if quick else 11
+    mt = 0.01 if quick else 0.03
     with torch.no_grad():
         err = (ours(x)[0] - ref(x)[0]).abs().max().item()
-        assert err < 1e-4, f"lstmkit and nn.LSTM disagree by {err}"
-        res["fwd_ours"] = timeit(lambda: ours(x), mt, reps)
-        res["fwd_torch"] = timeit(lambda: ref(x), mt, reps)
+    assert err < 1e-4, f"lstmkit and nn.LSTM disagree by {err}"
+    fwd = {}
     try:
         sess = ort_session(onnx_lstm_model(ref, T, N), threads)
         xn = x.numpy()
         with torch.no_grad():
             err = abs(sess.run(None, {"X": xn})[0] - ref(x)[0].numpy()).max()
         assert err < 1e-4, f"ONNX Runtime and nn.LSTM disagree by {err}"
-        res["fwd_ort"] = timeit(lambda: sess.run(None, {"X": xn}), mt, reps)
+        fwd["fwd_ort"] = lambda: sess.run(None, {"X": xn})
     except ImportError:
-        res["fwd_ort"] = float("nan")
+        pass
+
+    def no_grad(m):
+        def f():
+            with torch.no_grad():
+                m(x)
+        return f
+
+    fwd["fwd_ours"], fwd["fwd_torch"] = no_grad(ours), no_grad(ref)
+    res = {"fwd_ort": float("nan"), **compare(fwd, mt, rounds)}
 
     def train_step(m):
         def f():
@@ -149,8 +159,7 @@ def bench_case(c, threads: int, quick: bool, engine: str):
             y.sum().backward()
         return f
 
-    res["fb_ours"] = timeit(train_step(ours), mt, reps)
-    res["fb_torch"] = timeit(train_step(ref), mt, reps)
+    res.update(compare({"fb_ours": train_step(ours), "fb_torch": train_step(ref)}, mt, rounds))
     return res
 
 

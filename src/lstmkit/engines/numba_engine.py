@@ -14,9 +14,9 @@ dtypes: the kernels take float32 and float64. Other dtypes (bfloat16, float16) r
 TypeError here; engine="auto" sends them to the reference engine (engines/__init__.py).
 
 Threads: the kernels' GEMMs run in the BLAS that Numba links (scipy's OpenBLAS, a
-pthreads pool separate from torch's OpenMP pool). We size that pool to
-torch.get_num_threads() so `torch.set_num_threads(n)` governs lstmkit as well, and
-all the heavy work of one call runs in that single pool.
+pthreads pool separate from torch's OpenMP pool); all the heavy work of one call runs
+in that single pool, sized per call to torch.get_num_threads() for big steps and to 1
+for small ones (see _set_threads), so `torch.set_num_threads(n)` governs lstmkit too.
 """
 from __future__ import annotations
 
@@ -31,28 +31,38 @@ from .base import LayerParams
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 # ---- threads -----------------------------------------------------------------------------------
-_blas_threads = [None]  # the torch thread count the BLAS pool was last sized for
-_blas_controller = [None]
+# A BLAS call split over threads ends in a barrier: worth it for a big GEMM, a loss for
+# the small per-step products of a small batch, where the threads' hand-off costs more
+# than the arithmetic (and is a disaster on a loaded machine, where the other thread may
+# be descheduled). So each call sizes the pool: torch.get_num_threads() when the
+# per-step product is big (>= 2^20 multiply-adds: batch 32 x 256 hidden, or a 512-hidden
+# GEMV whose weights then sit half in each core's L2), else 1.
+_BIG_STEP = 1 << 20
+_blas_libs = [None]  # threadpoolctl controllers of the BLAS Numba calls
+_blas_now = [None]  # the thread count it is set to
 
 
-def _sync_threads() -> None:
-    n = torch.get_num_threads()
-    if n == _blas_threads[0]:
-        return
-    _blas_threads[0] = n
+def _blas_lib_controllers():
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:  # threadpoolctl is optional; OpenBLAS then uses all cores
-        return
-    if _blas_controller[0] is None:
-        import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls, so the controller sees it)
+        return []
+    import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls, so the controller sees it)
 
-        _blas_controller[0] = ThreadpoolController()
     # Only scipy's OpenBLAS (the one Numba calls), not numpy's or torch's pools.
-    libs = _blas_controller[0].select(user_api="blas")
-    for lib in libs.lib_controllers:
-        if "scipy.libs" in lib.filepath or "scipy/" in lib.filepath:
-            lib.set_num_threads(n)
+    libs = ThreadpoolController().select(user_api="blas").lib_controllers
+    return [lib for lib in libs if "scipy.libs" in lib.filepath or "scipy/" in lib.filepath]
+
+
+def _set_threads(step_macs: int) -> None:
+    n = torch.get_num_threads() if step_macs >= _BIG_STEP else 1
+    if n == _blas_now[0]:
+        return
+    if _blas_libs[0] is None:
+        _blas_libs[0] = _blas_lib_controllers()
+    for lib in _blas_libs[0]:
+        lib.set_num_threads(n)
+    _blas_now[0] = n
 
 
 # ---- weights: numpy views, cached ------------------------------------------------------------------
@@ -149,9 +159,9 @@ def _needs_grad(x, h0, c0, p) -> bool:
 def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False):
     if x.dtype not in SUPPORTED_DTYPES or not x.is_cpu:
         _check(x)
-    if torch.get_num_threads() != _blas_threads[0]:
-        _sync_threads()
-    weights = _weights(p, c0.shape[1])
+    H = c0.shape[1]
+    _set_threads(h0.shape[0] * h0.shape[1] * 4 * H)  # (B, P) @ (P, 4H) per step
+    weights = _weights(p, H)
     if _needs_grad(x, h0, c0, p):
         return _LSTMFunction.apply(x, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, batch_sizes, reverse, weights)
     # Inference: the kernel on numpy views, nothing saved.
@@ -190,7 +200,7 @@ class _LSTMFunction(torch.autograd.Function):
         db = np.empty(4 * H, dt)
         dw_hr = np.empty_like(w_hrn)
         bsz = np.asarray(ctx.batch_sizes, dtype=np.int64)
-        _sync_threads()
+        _set_threads(h0n.shape[0] * h0n.shape[1] * 4 * H)
         backward_core(xn, bsz, h0n, c0n, w_ihn, w_hhn, w_hrn, ctx.reverse, acts.numpy(), cells.numpy(),
                       y.detach().numpy(), dyn, dhn, dcn, dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
         need = ctx.needs_input_grad
