@@ -300,3 +300,11 @@ def test_demo_quick_run(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert demo.main(["--steps", "2", "--out", str(out), "--engine", "reference"]) == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+def test_time_limit_includes_the_final_evaluation(text_file, tmp_path):
+    t0 = time.perf_counter()
+    s = train_run(text_file, tmp_path / "t", "--steps", "0", "--minutes", "0.03", "--threads", "1")
+    assert s["stopped"] == "time" and s["step"] > 0 and s["val_bpc"] is not None
+    assert time.perf_counter() - t0 < 0.03 * 60 + 10  # loose: a shared machine
+    assert torch.load(tmp_path / "t" / "trainer.pt", weights_only=True)["step"] == s["step"]

@@ -13,6 +13,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+import torch
+
 from . import train
 from .charlm import CONFIG, RunError, read_config, write_json
 from .sample import generate
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="lstmkit-demo", help="where everything goes (default ./lstmkit-demo)")
     p.add_argument("--engine", default="auto", choices=("auto", "reference", "numba", "triton"))
     p.add_argument("--compare-torch", action="store_true", help="also time torch.nn.LSTM on the same steps")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0: torch's default (1 helps on a busy machine)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -74,8 +77,8 @@ def main(argv=None) -> int:
             raise RunError(f"cannot write to {out}: {e.strerror or e}") from None
         corpus = out / "stdlib.txt"
         flags = ["--text", str(corpus), "--out", str(out / "run"), "--engine", args.engine,
-                 "--steps", str(args.steps), "--eval-every", "250", "--ckpt-every", "250",
-                 "--eval-chars", "100000"] + MODEL
+                 "--threads", str(args.threads), "--steps", str(args.steps),
+                 "--eval-every", "250", "--ckpt-every", "250", "--eval-chars", "100000"] + MODEL
         if (out / "run" / CONFIG).exists():
             # Rerunning the demo starts over, but never over a different configuration.
             flags.append("--overwrite")
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
             "held_out_bpc": summary["val_bpc"], "unigram_bpc": summary["unigram_bpc"],
             "steps": summary["step"], "train_chars_per_s": summary["chars_per_s"],
             "seconds_total": elapsed, "seconds_training": summary["seconds"], "engine": summary["engine"],
-            "files": n_files,
+            "files": n_files, "threads": torch.get_num_threads(),
         }
         if "compare" in summary:
             result["compare"] = {k: v for k, v in summary["compare"].items() if k != "lines"}
