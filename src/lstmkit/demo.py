@@ -96,17 +96,21 @@ def main(argv=None) -> int:
 
         model, vocab = summary["model"], read_config(out / "run")["vocab"]
         samples = []
+        threads_before = torch.get_num_threads()
+        if args.threads:
+            torch.set_num_threads(args.threads)
         for prime, temp in PRIMES:
             print(f"\n--- sample (prime {prime!r}, temperature {temp}) ---")
             sys.stdout.write(prime)
             text = generate(model, vocab, 300, temp, prime, seed=0, emit=_emit)
             samples.append({"prime": prime, "temperature": temp, "text": prime + text})
+        torch.set_num_threads(threads_before)
         elapsed = time.perf_counter() - t0
         result = {
             "held_out_bpc": summary["val_bpc"], "unigram_bpc": summary["unigram_bpc"],
             "steps": summary["step"], "train_chars_per_s": summary["chars_per_s"],
             "seconds_total": elapsed, "seconds_training": summary["seconds"], "engine": summary["engine"],
-            "files": n_files, "threads": torch.get_num_threads(),
+            "files": n_files, "threads": args.threads or threads_before,
         }
         if "compare" in summary:
             result["compare"] = {k: v for k, v in summary["compare"].items() if k != "lines"}
