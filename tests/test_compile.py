@@ -108,11 +108,18 @@ def test_inductor_fullgraph_model():
     assert_all_close(results[1], results[0], 1e-5)
 
 
-def test_variants_compile_on_the_reference_engine():
-    """Variant models compile too: while compiling they run the reference engine (plain torch ops)."""
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+def test_variants_and_reference_engine_compile(engine):
+    """Variant models and engine="reference" compile too: plain torch ops, traced step by step."""
     torch.manual_seed(0)
-    m = lstmkit.LSTM(3, 5, num_layers=2, layer_norm=True, peephole=True, zoneout=0.1, dtype=torch.float64)
+    m = lstmkit.LSTM(3, 5, layer_norm=True, peephole=True, zoneout=0.1, dtype=torch.float64, engine=engine)
     m.eval()  # zoneout in eval is deterministic (its expectation), so eager and compiled can be compared
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    x = torch.randn(4, 2, 3, dtype=torch.float64)
-    assert_all_close(grads_of(compiled, x), grads_of(m, x), 1e-10)
+    x = torch.randn(3, 2, 3, dtype=torch.float64)  # the reference engine unrolls the steps: keep T small
+    eager = lstmkit.LSTM(3, 5, layer_norm=True, peephole=True, zoneout=0.1, dtype=torch.float64, engine="reference")
+    eager.load_state_dict(m.state_dict())
+    assert_all_close(grads_of(compiled, x), grads_of(eager.eval(), x), 1e-10)
+    # a plain LSTM on the reference engine, too
+    torch._dynamo.reset()
+    plain = lstmkit.LSTM(3, 5, engine="reference", dtype=torch.float64)
+    assert_all_close(grads_of(torch.compile(plain, fullgraph=True, backend="aot_eager"), x), grads_of(plain, x), 1e-12)

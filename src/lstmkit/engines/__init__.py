@@ -57,18 +57,19 @@ _warned_variant_fallback = set()
 
 
 def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False):
-    # torch.compile cannot trace into Numba: while compiling, the fused kernels run as
-    # torch.library custom ops (compile_ops.py), one opaque graph node per layer-direction;
-    # the variants run the reference engine, plain torch ops the compiler traces and fuses.
-    if (torch.compiler.is_compiling() and name in ("auto", "numba")
-            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
-        if variant:
+    # torch.compile cannot trace into Numba (nor importlib, below): while compiling, the fused
+    # kernels run as torch.library custom ops (compile_ops.py), one opaque graph node per
+    # layer-direction; variants and the reference engine run plain torch ops the compiler traces.
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        fused = name in ("auto", "numba") and x.dtype in (torch.float32, torch.float64)
+        if fused and not variant:
+            from .. import compile_ops
+
+            return compile_ops.lstm_layer
+        if variant or name in ("auto", "reference"):
             from . import reference
 
             return reference.lstm_layer
-        from .. import compile_ops
-
-        return compile_ops.lstm_layer
     if name == "auto":
         name = auto_engine_name(x)
     if not variant:
