@@ -13,7 +13,7 @@ import torch
 
 from ..kernels.variants import backward_core, forward_core
 from .base import LayerParams
-from .numba_engine import _check, _np, _sync_threads
+from .numba_engine import _check, _np, _set_threads
 
 # The differentiable variant parameters, in the order the autograd Function takes them.
 _VPARAMS = ("ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b", "w_peep")
@@ -67,7 +67,7 @@ def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False, va
 
         return vanilla(x, batch_sizes, h0, c0, p, reverse)
     _check(x)
-    _sync_threads()
+    _set_threads(h0.shape[0] * h0.shape[1] * 4 * c0.shape[1])  # BLAS threads for (B, P) @ (P, 4H) steps
     vparams = [getattr(variant, n) for n in _VPARAMS]
     tensors = [x, h0, c0, *p, *vparams]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -106,7 +106,7 @@ class _VariantFunction(torch.autograd.Function):
         db = np.empty(4 * H, dt)
         g = {n: np.empty_like(k[n]) for n in ("ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b")}
         g["w_peep"] = np.empty((3 if has_peep else 0, H), dt)
-        _sync_threads()
+        _set_threads(B * P * 4 * H)
         backward_core(
             xn, np.asarray(ctx.batch_sizes, dtype=np.int64), k["w_ih"], k["w_hh"], k["w_hr"],
             k["ln_ih_w"], k["ln_hh_w"], k["ln_c_w"], k["ln_c_b"], k["w_peep"], k["zc"], k["zh"], k["rm"],

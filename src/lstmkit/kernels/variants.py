@@ -66,10 +66,12 @@ def _normalize(v, w, b, xhat, out, k):
 
 
 @njit(**KW)
-def _normalize_backward(dy, w, xhat, rstd, dv, dw, db, k):
-    """Backward of y = xhat * w + b, xhat = normalize(v): writes dv, accumulates dw, db.
+def _normalize_backward(dy, w, xhat, rstd, dv, k):
+    """Backward of y = xhat * w + b, xhat = normalize(v), to v: writes dv.
     dv = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * w.
-    dv may be dy itself (each element reads its own dy before writing)."""
+    dv may be dy itself (each element reads its own dy before writing). The gradients of
+    w and b (sums over rows of dy * xhat and dy) are left to the caller: pure reductions
+    here vectorise, stores into two more arrays would not."""
     n = dy.shape[0]
     s1 = 0.0
     s2 = 0.0
@@ -77,8 +79,6 @@ def _normalize_backward(dy, w, xhat, rstd, dv, dw, db, k):
         dxh = dy[j] * w[j]
         s1 += dxh
         s2 += dxh * xhat[j]
-        dw[j] += dy[j] * xhat[j]
-        db[j] += dy[j]
     k[0] = s1 / n
     k[1] = s2 / n
     m1 = k[0]
@@ -119,6 +119,8 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
     nrm1c = np.empty(H, dt)
     cnl = np.empty(H, dt)  # LN_cell(c~) of one row
     kc = _constants(dt)
+    bi, bf, bg, bo = b[:H], b[H : 2 * H], b[2 * H : 3 * H], b[3 * H :]
+    pi, pf, po = w_peep[0], w_peep[1], w_peep[2]
     if T == 0:
         return
     np.dot(x, w_ih.T, acts)  # (total, 4H)
@@ -148,22 +150,26 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
             a = acts[row]
             q = hh[r]
             cr = c[r]
+            hr_ = hp[r]
             cn = cells[row] if save else nrm1  # c~ of this row
             if has_ln:  # q = LN_hh(q)
                 rs = _normalize(q, ln_hh_w, ln_hh_b, hhat[row] if save else nrm4, q, kc)
                 if save:
                     rstd[row, 1] = rs
-            # The gate loop has no branches, so it vectorises (peepholes of zero cost nothing).
+            # The gate loop: no branches (peepholes of zero cost nothing) and one 1-D slice
+            # per gate (LLVM can't prove a[j], a[H + j] apart), so it vectorises.
+            ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]
+            qi, qf, qg, qo = q[:H], q[H : 2 * H], q[2 * H : 3 * H], q[3 * H :]
             for j in range(H):
                 cp = cr[j]
-                ig = sigmoid(a[j] + q[j] + b[j] + w_peep[0, j] * cp)
-                fg = sigmoid(a[H + j] + q[H + j] + b[H + j] + w_peep[1, j] * cp)
-                gg = tanh(a[2 * H + j] + q[2 * H + j] + b[2 * H + j])
+                ig = sigmoid(ai[j] + qi[j] + bi[j] + pi[j] * cp)
+                fg = sigmoid(af[j] + qf[j] + bf[j] + pf[j] * cp)
+                gg = tanh(ag[j] + qg[j] + bg[j])
                 cv = fg * cp + ig * gg
-                a[j] = ig
-                a[H + j] = fg
-                a[2 * H + j] = gg
-                a[3 * H + j] = sigmoid(a[3 * H + j] + q[3 * H + j] + b[3 * H + j] + w_peep[2, j] * cv)
+                ai[j] = ig
+                af[j] = fg
+                ag[j] = gg
+                ao[j] = sigmoid(ao[j] + qo[j] + bo[j] + po[j] * cv)
                 cn[j] = cv
             if has_zc:  # zoneout of c: the carried state keeps c_{t-1} where d = 1
                 for j in range(H):
@@ -175,10 +181,10 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
                 if save:
                     rstd[row, 2] = rs
                 for j in range(H):
-                    hp[r, j] = a[3 * H + j] * tanh(cnl[j])
+                    hr_[j] = ao[j] * tanh(cnl[j])
             else:
                 for j in range(H):
-                    hp[r, j] = a[3 * H + j] * tanh(cn[j])
+                    hr_[j] = ao[j] * tanh(cn[j])
         if has_proj:
             np.dot(hp[:bs], w_hr.T, hn[:bs])  # (bs, H) @ (H, P)
         else:
@@ -227,6 +233,7 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
     dcn = np.empty(H, dt)  # d loss / d LN_cell(c~) of one row
     cn = np.empty(H, dt)  # LN_cell(c~) (or c~) of one row
     kc = _constants(dt)
+    pi, pf, po = w_peep[0], w_peep[1], w_peep[2]
     keep = np.zeros(H, dt)  # zoneout: d_c * dc_t, the part of dc_t that goes straight to c_{t-1}
     dh_all = np.empty((total if has_proj else 0, P), dt)  # for dW_hr in one GEMM
     hp_all = np.empty((total if has_proj else 0, H), dt)
@@ -237,6 +244,10 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
     dln_ih_w[:] = 0
     dln_ih_b[:] = 0
     dw_peep[:] = 0
+    db[:] = 0
+    dp0 = dw_peep[0] if has_peep else keep  # (keep: never written through, just a typed stand-in)
+    dp1 = dw_peep[1] if has_peep else keep
+    dp2 = dw_peep[2] if has_peep else keep
 
     for s in range(T):
         t = s if reverse else T - 1 - s
@@ -269,14 +280,21 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
                     cn[j] = chat[row, j] * ln_c_w[j] + ln_c_b[j]
             else:
                 cn[:] = cells[row]
+            ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]  # 1-D slices: see forward
+            di, df, dg, do = dgr[:H], dgr[H : 2 * H], dgr[2 * H : 3 * H], dgr[3 * H :]
+            dpr = dhp[r]
             for j in range(H):  # through h~ = o * tanh(cn)
                 tc = tanh(cn[j])
-                og = a[3 * H + j]
-                dcn[j] = dhp[r, j] * og * (1 - tc * tc)
-                dgr[3 * H + j] = dhp[r, j] * tc * og * (1 - og)
+                og = ao[j]
+                dcn[j] = dpr[j] * og * (1 - tc * tc)
+                do[j] = dpr[j] * tc * og * (1 - og)
                 hpr[j] = og * tc
             if has_ln:
-                _normalize_backward(dcn, ln_c_w, chat[row], rstd[row, 2], dcv, dln_c_w, dln_c_b, kc)
+                _normalize_backward(dcn, ln_c_w, chat[row], rstd[row, 2], dcv, kc)
+                chr_ = chat[row]
+                for j in range(H):
+                    dln_c_w[j] += dcn[j] * chr_[j]
+                    dln_c_b[j] += dcn[j]
             else:
                 dcv[:] = dcn
             # c~ reaches the carried c_t through (1 - d_c); c_{t-1} gets d_c * dc_t directly.
@@ -285,18 +303,34 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
                     keep[j] = zc[row, j] * dcr[j]
                     dcr[j] = (1 - zc[row, j]) * dcr[j]
             for j in range(H):  # branch-free, vectorises; peepholes of zero cost nothing
-                ig = a[j]
-                fg = a[H + j]
-                gg = a[2 * H + j]
-                d = dcv[j] + dcr[j] + dgr[3 * H + j] * w_peep[2, j]  # d loss / d c~
+                ig = ai[j]
+                fg = af[j]
+                gg = ag[j]
+                d = dcv[j] + dcr[j] + do[j] * po[j]  # d loss / d c~
                 dzi = d * gg * ig * (1 - ig)
                 dzf = d * cp[j] * fg * (1 - fg)
-                dgr[j] = dzi
-                dgr[H + j] = dzf
-                dgr[2 * H + j] = d * ig * (1 - gg * gg)
-                dcr[j] = d * fg + keep[j] + dzi * w_peep[0, j] + dzf * w_peep[1, j]  # d c_{t-1}
+                di[j] = dzi
+                df[j] = dzf
+                dg[j] = d * ig * (1 - gg * gg)
+                dcr[j] = d * fg + keep[j] + dzi * pi[j] + dzf * pf[j]  # d c_{t-1}
+            # While this row of dgates is in cache: the parameter gradients that need it,
+            # then (layer norm) its two LN backwards.
+            if has_peep:  # pre_i, pre_f saw p * c_{t-1}; pre_o saw p_o * c~_t
+                cvr = cells[row]
+                for j in range(H):
+                    dp0[j] += di[j] * cp[j]
+                    dp1[j] += df[j] * cp[j]
+                    dp2[j] += do[j] * cvr[j]
             if has_ln:
-                _normalize_backward(dgr, ln_hh_w, hhat[row], rstd[row, 1], dhw[row], dln_hh_w, dln_hh_b, kc)
+                xr, hr = xhat[row], hhat[row]
+                for j in range(4 * H):  # LN_ih, LN_hh outputs are added like the biases
+                    g = dgr[j]
+                    db[j] += g
+                    dln_ih_w[j] += g * xr[j]
+                    dln_hh_w[j] += g * hr[j]
+                _normalize_backward(dgr, ln_hh_w, hr, rstd[row, 1], dhw[row], kc)
+                # dgates becomes d(x W_ih^T) in place (db, dW_hh no longer need it)
+                _normalize_backward(dgr, ln_ih_w, xr, rstd[row, 0], dgr, kc)
         src = dhw if has_ln else dgates
         np.dot(src[o0 : o0 + bs], w_hh, dhin[:bs])  # (bs, 4H) @ (4H, P)
         if has_rm:  # dh_{t-1} = (zoneout's part) + m * (the recurrent GEMM's part)
@@ -308,21 +342,14 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
         else:
             dh[:bs] = dhin[:bs]
 
-    if has_peep:  # pre_i, pre_f saw p * c_{t-1}; pre_o saw p_o * c~_t
+    if has_ln:
+        dln_ih_b[:] = db
+        dln_hh_b[:] = db
+    else:
         for row in range(total):
-            dgr = dgates[row]
-            for j in range(H):
-                dw_peep[0, j] += dgr[j] * c_prev[row, j]
-                dw_peep[1, j] += dgr[H + j] * c_prev[row, j]
-                dw_peep[2, j] += dgr[3 * H + j] * cells[row, j]
-    db[:] = 0
-    for row in range(total):
-        db += dgates[row]
+            db += dgates[row]
     src = dhw if has_ln else dgates
     np.dot(src.T, h_in, dw_hh)  # (4H, total) @ (total, P)
-    if has_ln:  # dgates becomes d(x W_ih^T), through LN_ih, in place
-        for row in range(total):
-            _normalize_backward(dgates[row], ln_ih_w, xhat[row], rstd[row, 0], dgates[row], dln_ih_w, dln_ih_b, kc)
     np.dot(dgates, w_ih, dx)  # (total, 4H) @ (4H, I)
     np.dot(dgates.T, x, dw_ih)  # (4H, total) @ (total, I)
     if has_proj:
