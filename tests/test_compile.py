@@ -80,6 +80,8 @@ def test_module_forward_has_no_graph_breaks():
         explained = torch._dynamo.explain(m)(x)
         assert explained.graph_break_count == 0, explained.break_reasons
         assert explained.graph_count == 1
+    cell = lstmkit.LSTMCell(3, 4)
+    assert torch._dynamo.explain(cell)(torch.randn(2, 3)).graph_break_count == 0
 
 
 class Tagger(nn.Module):
