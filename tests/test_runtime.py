@@ -244,7 +244,14 @@ def test_half_precision_weights_run_in_float32(tmp_path, half):
 
 def test_runtime_does_not_import_torch():
     code = (
-        "import sys, lstmkit, lstmkit.runtime, lstmkit.kernels\n"
+        "import sys, lstmkit\n"
+        "assert 'torch' not in sys.modules and 'numba' not in sys.modules, 'import lstmkit is not lazy'\n"
+        "lstmkit.save, lstmkit.load, lstmkit.export_onnx  # exported, loaded on first use\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = (
+        "import sys, lstmkit.runtime, lstmkit.kernels\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
