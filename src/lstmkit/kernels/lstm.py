@@ -136,7 +136,14 @@ def backward_core(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, acts, cells
     off = _offsets(batch_sizes)
     dt = acts.dtype
     dgates = np.empty((total, 4 * H), dt)  # d loss / d pre-activation gates, every row
-    h_prev = np.empty((total, P), dt)  # h_{t-1} of every row, for dW_hh in one GEMM
+    # dW_hh = sum over rows of dgates^T h_{t-1}. With every step the same size (padded
+    # data) the h_{t-1} rows are y shifted by one step (plus h0), so two GEMMs read y in
+    # place; packed data gathers h_{t-1} into a (total, P) buffer for one GEMM.
+    uniform = True
+    for t in range(T):
+        if batch_sizes[t] != B:
+            uniform = False
+    h_prev = np.empty((0 if uniform else total, P), dt)
     dh = dh_n.copy()  # (B, P) gradient w.r.t. the state h, carried backwards in time
     dc = dc_n.copy()  # (B, H)
     dhp = np.empty((B, H), dt)  # gradient w.r.t. h before projection (proj only)
@@ -166,10 +173,12 @@ def backward_core(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, acts, cells
             row = o0 + r
             if r < n_prev:
                 cp = cells[p0 + r]
-                h_prev[row] = y[p0 + r]
+                if not uniform:
+                    h_prev[row] = y[p0 + r]
             else:
                 cp = c0[r]
-                h_prev[row] = h0[r]
+                if not uniform:
+                    h_prev[row] = h0[r]
             a = acts[row]  # (4H,) activations i, f, g, o; one slice per gate (see forward)
             ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]
             dgr = dgates[row]
@@ -201,7 +210,16 @@ def backward_core(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, acts, cells
     dc0[:] = dc
     np.dot(dgates, w_ih, dx)  # (total, 4H) @ (4H, I)
     np.dot(dgates.T, x, dw_ih)  # (4H, total) @ (total, I)
-    np.dot(dgates.T, h_prev, dw_hh)  # (4H, total) @ (total, P)
+    if not uniform:
+        np.dot(dgates.T, h_prev, dw_hh)  # (4H, total) @ (total, P)
+    else:
+        # forward: rows of steps 1.. pair with y of steps ..T-2; step 0 with h0 (reverse: mirrored)
+        first = dgates[total - B :] if reverse else dgates[:B]  # the step whose h_{t-1} is h0
+        np.dot(first.T, h0, dw_hh)  # (4H, B) @ (B, P)
+        if total > B:
+            rest = dgates[: total - B] if reverse else dgates[B:]
+            prev = y[B:] if reverse else y[: total - B]
+            dw_hh += np.dot(rest.T, prev)  # (4H, total - B) @ (total - B, P)
     db[:] = 0
     for row in range(total):
         db += dgates[row]
