@@ -193,11 +193,13 @@ def backward_core(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, acts, cells
                 og = ao[j]
                 tc = tanh(cr[j])
                 dhv = dhr[j]
-                dct = dcr[j] + dhv * og * (1 - tc * tc)  # dL/dc_t: carried + through h_t
-                di[j] = dct * gg * ig * (1 - ig)
-                df[j] = dct * cp[j] * fg * (1 - fg)
-                dg[j] = dct * ig * (1 - gg * gg)
-                do[j] = dhv * tc * og * (1 - og)
+                # No literal 1 here: int - float32 types as float64 in Numba, which would
+                # run the whole float32 loop in float64 (s' = s - s^2, tanh' = 1 - t^2).
+                dct = dcr[j] + dhv * (og - og * tc * tc)  # dL/dc_t: carried + through h_t
+                di[j] = dct * gg * (ig - ig * ig)
+                df[j] = dct * cp[j] * (fg - fg * fg)
+                dg[j] = dct * (ig - ig * gg * gg)
+                do[j] = dhv * tc * (og - og * og)
                 dcr[j] = dct * fg  # dL/dc_{t-1}
             if has_proj:
                 hr = hpre_all[row]
