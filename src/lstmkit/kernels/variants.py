@@ -4,7 +4,9 @@ zoneout, recurrent dropout. One layer-direction over packed data, forward and ba
 The equations are in lstmkit/variants.py and engines/reference.py (lstm_layer_variant);
 the layout follows kernels/lstm.py (read that first): one GEMM for the input projection
 of all steps, one GEMM per step for the recurrent projection, one fused pass over the
-gates per row, weight gradients as one GEMM each after the backward loop.
+gates per row, weight gradients as one GEMM each after the backward loop. The layer-norm
+backward runs inside the step loop, on each row of dgates while it is still in cache
+(LN is memory-bound: it reads and writes whole 4H rows).
 
 Shapes (B = batch_sizes[0], P = proj_size or H); an absent part is passed as an empty
 array, and its flag below is read off the shape:
@@ -123,7 +125,12 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
     pi, pf, po = w_peep[0], w_peep[1], w_peep[2]
     if T == 0:
         return
+    # No literal 1 in float math below: int - float32 types as float64 in Numba and would
+    # run a float32 loop in float64 (so s' = s - s*s, and (1 - d) a + d b = a + d (b - a)).
     np.dot(x, w_ih.T, acts)  # (total, 4H)
+    # W_hh^T laid out row-major is faster for BLAS on small matrices (kernels/lstm.py)
+    layout = T >= 8 and w_hh.size <= 131072
+    w_hh_t = np.ascontiguousarray(w_hh.T) if layout else np.empty((0, 0), acts.dtype)
     if has_ln:  # LN_ih of every row at once, before the loop: acts = LN_ih(x W_ih^T)
         for row in range(x.shape[0]):
             a = acts[row]
@@ -144,7 +151,10 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
             if save:
                 h_in[o0 + r] = hin[r]
                 c_prev[o0 + r] = c[r]
-        np.dot(hin[:bs], w_hh.T, hh[:bs])  # (bs, P) @ (P, 4H)
+        if layout:
+            np.dot(hin[:bs], w_hh_t, hh[:bs])  # (bs, P) @ (P, 4H)
+        else:
+            np.dot(hin[:bs], w_hh.T, hh[:bs])
         for r in range(bs):
             row = o0 + r
             a = acts[row]
@@ -173,7 +183,7 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
                 cn[j] = cv
             if has_zc:  # zoneout of c: the carried state keeps c_{t-1} where d = 1
                 for j in range(H):
-                    cr[j] = zc[row, j] * cr[j] + (1 - zc[row, j]) * cn[j]
+                    cr[j] = cn[j] + zc[row, j] * (cr[j] - cn[j])  # d c_prev + (1 - d) c~
             else:
                 cr[:] = cn
             if has_ln:  # h~ = o * tanh(LN_cell(c~))
@@ -193,7 +203,7 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
             if has_zh:
                 row = o0 + r
                 for k in range(P):
-                    h[r, k] = zh[row, k] * h[r, k] + (1 - zh[row, k]) * hn[r, k]
+                    h[r, k] = hn[r, k] + zh[row, k] * (h[r, k] - hn[r, k])
             else:
                 h[r] = hn[r]
         y[o0 : o0 + bs] = h[:bs]
@@ -224,7 +234,9 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
     has_rm = rm.shape[0] > 0
     off = _offsets(batch_sizes)
     dt = acts.dtype
-    dgates = np.empty((total, 4 * H), dt)  # d loss / d (gate pre-activations) = d b
+    # d loss / d (gate pre-activations) = d b; with layer norm each row then becomes
+    # d loss / d (x W_ih^T) (through LN_ih), in place, once its step is done.
+    dgates = np.empty((total, 4 * H), dt)
     dhw = np.empty((total if has_ln else 0, 4 * H), dt)  # d loss / d (h_in W_hh^T), before LN_hh
     dhn = np.empty((B, P), dt)  # d loss / d h~ (after projection, before zoneout)
     dhp = np.empty((B, H), dt)  # d loss / d (o * tanh(.)) before the projection
@@ -258,7 +270,7 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
             if has_zh:
                 for k in range(P):
                     g = dh[r, k] + dy[row, k]
-                    dhn[r, k] = (1 - zh[row, k]) * g
+                    dhn[r, k] = g - zh[row, k] * g  # (1 - d) g
                     dh[r, k] = zh[row, k] * g
             else:
                 for k in range(P):
@@ -286,8 +298,8 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
             for j in range(H):  # through h~ = o * tanh(cn)
                 tc = tanh(cn[j])
                 og = ao[j]
-                dcn[j] = dpr[j] * og * (1 - tc * tc)
-                do[j] = dpr[j] * tc * og * (1 - og)
+                dcn[j] = dpr[j] * (og - og * tc * tc)
+                do[j] = dpr[j] * tc * (og - og * og)
                 hpr[j] = og * tc
             if has_ln:
                 _normalize_backward(dcn, ln_c_w, chat[row], rstd[row, 2], dcv, kc)
@@ -301,17 +313,17 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
             if has_zc:
                 for j in range(H):
                     keep[j] = zc[row, j] * dcr[j]
-                    dcr[j] = (1 - zc[row, j]) * dcr[j]
+                    dcr[j] = dcr[j] - zc[row, j] * dcr[j]
             for j in range(H):  # branch-free, vectorises; peepholes of zero cost nothing
                 ig = ai[j]
                 fg = af[j]
                 gg = ag[j]
                 d = dcv[j] + dcr[j] + do[j] * po[j]  # d loss / d c~
-                dzi = d * gg * ig * (1 - ig)
-                dzf = d * cp[j] * fg * (1 - fg)
+                dzi = d * gg * (ig - ig * ig)
+                dzf = d * cp[j] * (fg - fg * fg)
                 di[j] = dzi
                 df[j] = dzf
-                dg[j] = d * ig * (1 - gg * gg)
+                dg[j] = d * (ig - ig * gg * gg)
                 dcr[j] = d * fg + keep[j] + dzi * pi[j] + dzf * pf[j]  # d c_{t-1}
             # While this row of dgates is in cache: the parameter gradients that need it,
             # then (layer norm) its two LN backwards.
@@ -333,10 +345,14 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
                 _normalize_backward(dgr, ln_ih_w, xr, rstd[row, 0], dgr, kc)
         src = dhw if has_ln else dgates
         np.dot(src[o0 : o0 + bs], w_hh, dhin[:bs])  # (bs, 4H) @ (4H, P)
-        if has_rm:  # dh_{t-1} = (zoneout's part) + m * (the recurrent GEMM's part)
+        if has_rm and has_zh:  # dh_{t-1} = (zoneout's part) + m * (the recurrent GEMM's part)
             for r in range(bs):
                 for k in range(P):
-                    dh[r, k] = (dh[r, k] if has_zh else 0) + dhin[r, k] * rm[r, k]
+                    dh[r, k] += dhin[r, k] * rm[r, k]
+        elif has_rm:
+            for r in range(bs):
+                for k in range(P):
+                    dh[r, k] = dhin[r, k] * rm[r, k]
         elif has_zh:
             dh[:bs] += dhin[:bs]
         else:
