@@ -131,12 +131,6 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
     # W_hh^T laid out row-major is faster for BLAS on small matrices (kernels/lstm.py)
     layout = T >= 8 and w_hh.size <= 131072
     w_hh_t = np.ascontiguousarray(w_hh.T) if layout else np.empty((0, 0), acts.dtype)
-    if has_ln:  # LN_ih of every row at once, before the loop: acts = LN_ih(x W_ih^T)
-        for row in range(x.shape[0]):
-            a = acts[row]
-            rs = _normalize(a, ln_ih_w, ln_ih_b, xhat[row] if save else nrm4, a, kc)
-            if save:
-                rstd[row, 0] = rs
 
     for s in range(T):
         t = T - 1 - s if reverse else s
@@ -162,7 +156,10 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
             cr = c[r]
             hr_ = hp[r]
             cn = cells[row] if save else nrm1  # c~ of this row
-            if has_ln:  # q = LN_hh(q)
+            if has_ln:  # a = LN_ih(a), q = LN_hh(q), each row when its step comes (in cache)
+                rs = _normalize(a, ln_ih_w, ln_ih_b, xhat[row] if save else nrm4, a, kc)
+                if save:
+                    rstd[row, 0] = rs
                 rs = _normalize(q, ln_hh_w, ln_hh_b, hhat[row] if save else nrm4, q, kc)
                 if save:
                     rstd[row, 1] = rs
