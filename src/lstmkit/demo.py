@@ -99,10 +99,11 @@ def main(argv=None) -> int:
         threads_before = torch.get_num_threads()
         if args.threads:
             torch.set_num_threads(args.threads)
-        for prime, temp in PRIMES:
+        for k, (prime, temp) in enumerate(PRIMES):
             print(f"\n--- sample (prime {prime!r}, temperature {temp}) ---")
             sys.stdout.write(prime)
-            text = generate(model, vocab, 300, temp, prime, seed=0, emit=_emit)
+            # A newline first, unprinted: the prime then starts a line, as code does.
+            text = generate(model, vocab, 300, temp, "\n" + prime, seed=k, emit=_emit)
             samples.append({"prime": prime, "temperature": temp, "text": prime + text})
         torch.set_num_threads(threads_before)
         elapsed = time.perf_counter() - t0
