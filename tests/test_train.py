@@ -308,3 +308,10 @@ def test_time_limit_includes_the_final_evaluation(text_file, tmp_path):
     assert s["stopped"] == "time" and s["step"] > 0 and s["val_bpc"] is not None
     assert time.perf_counter() - t0 < 0.03 * 60 + 10  # loose: a shared machine
     assert torch.load(tmp_path / "t" / "trainer.pt", weights_only=True)["step"] == s["step"]
+
+
+def test_missing_matplotlib_skips_the_curve_with_a_message(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    msg = train.write_curve(tmp_path, {"train": [[1, 2.0, 10]], "eval": [], "unigram_bpc": 3.0})
+    assert "matplotlib is not installed" in msg and "lstmkit[train]" in msg
+    assert not (tmp_path / "loss.png").exists()

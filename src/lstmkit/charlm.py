@@ -75,7 +75,7 @@ def encode(text: str, vocab: list[str]) -> torch.Tensor:
     if bad.any():
         ch = chr(int(cp[bad.argmax()]))
         raise RunError(f"character {ch!r} is not in the model's vocabulary")
-    return torch.from_numpy(ids.astype(np.int64))
+    return torch.from_numpy(ids.astype(np.int64, copy=False))
 
 
 def text_fingerprint(text: str) -> str:
