@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 
 from lstmkit import charlm, demo, sample, train
-from lstmkit.charlm import CharLM, RunError
 
 TINY = ["--hidden-size", "32", "--num-layers", "2", "--embed-size", "8", "--seq-len", "16",
         "--batch-size", "8", "--lr", "3e-2", "--engine", "reference", "--eval-chars", "400"]

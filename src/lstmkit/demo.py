@@ -6,7 +6,6 @@ unigram baseline. Everything goes to ./lstmkit-demo/.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import sysconfig

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import statistics
@@ -314,7 +313,6 @@ def run(argv=None, *, log=True) -> dict:
     streams = Streams(train_ids.to(device), cfg["batch_size"], cfg["seq_len"], rank, world)
     baseline = unigram_bpc(train_ids, eval_ids[1:], len(cfg["vocab"]))
 
-    ddp = None
     if world > 1:
         import torch.distributed as dist
 
@@ -361,8 +359,7 @@ def run(argv=None, *, log=True) -> dict:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        model = ddp
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     twin = None
     if args.compare_torch:  # the same model and optimizer state with torch.nn.LSTM inside
