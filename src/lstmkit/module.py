@@ -64,6 +64,7 @@ class LSTM(nn.Module):
         )
         cfg.warn_if_useless_dropout(stacklevel=3)
         self.config = cfg
+        self._variant = cfg.has_variant  # cached: the plain path pays one attribute read
         self.engine = check_engine_name(engine)
         # The same public attributes as torch.nn.LSTM.
         self.mode = "LSTM"
@@ -275,7 +276,7 @@ class LSTM(nn.Module):
             h_shape, c_shape = cfg.state_shapes(batch)
             h0 = data.new_zeros(h_shape)
             c0 = data.new_zeros(c_shape)
-        use_variant = variants.needs_variant_engine(cfg, self.training)
+        use_variant = self._variant and variants.needs_variant_engine(cfg, self.training)
         layer_fn = get_layer_fn(self.engine, data, variant=use_variant)
 
         x = data
@@ -286,7 +287,7 @@ class LSTM(nn.Module):
                 idx = k * cfg.num_directions + d
                 p = self.layer_params(k, d)
                 extra = {}
-                if cfg.weight_drop > 0:
+                if self._variant and cfg.weight_drop > 0:
                     p = p._replace(w_hh=variants.drop_weights(p.w_hh, cfg.weight_drop, self.training))
                 if use_variant:  # masks drawn here, so every engine sees the same ones
                     extra["variant"] = variants.layer_variant(self, k, d, batch_sizes, data)
