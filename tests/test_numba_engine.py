@@ -45,7 +45,7 @@ def np_(t):
 
 @given(
     I=st.integers(1, 6), H=st.integers(1, 7), proj=st.integers(0, 3), bias=st.booleans(), reverse=st.booleans(),
-    lengths=st.lists(st.integers(1, 5), min_size=1, max_size=4), f32=st.booleans(), seed=st.integers(0, 99),
+    lengths=st.lists(st.integers(1, 10), min_size=1, max_size=4), f32=st.booleans(), seed=st.integers(0, 99),
 )
 def test_kernels_match_reference_engine(I, H, proj, bias, reverse, lengths, f32, seed):
     proj = proj if proj < H else 0
@@ -302,6 +302,12 @@ def test_dtype_rule():
             numba(x)
     assert auto_engine_name(torch.randn(2, dtype=torch.float32)) == "numba"
     assert auto_engine_name(torch.randn(2, dtype=torch.float64)) == "numba"
+
+
+def test_engine_rejects_mixed_dtypes():
+    x, bs, h0, c0, p = layer_case(2, 3, 0, True, [2, 1], torch.float64, seed=0)
+    with pytest.raises(TypeError, match="dtype"):
+        numba_engine.lstm_layer(x.float(), bs, h0.float(), c0.float(), p)
 
 
 def test_blas_threads_follow_torch():

@@ -117,7 +117,7 @@ def _weights(p: LayerParams, H: int):
     return w_ih, _param_view(p.w_hh), b_ih, b_hh, w_hr
 
 
-def _check(x: torch.Tensor) -> None:
+def _check(x: torch.Tensor, p: LayerParams | None = None) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"engine='numba' computes in float32 or float64, got {x.dtype}; use engine='auto' "
@@ -125,6 +125,8 @@ def _check(x: torch.Tensor) -> None:
         )
     if x.device.type != "cpu":
         raise RuntimeError(f"engine='numba' runs on CPU tensors, got a tensor on {x.device}")
+    if p is not None and p.w_ih.dtype != x.dtype:
+        raise TypeError(f"engine='numba': input dtype {x.dtype} does not match weight dtype {p.w_ih.dtype}")
 
 
 def _forward(x, batch_sizes, h0, c0, weights, reverse, save):
@@ -157,8 +159,8 @@ def _needs_grad(x, h0, c0, p) -> bool:
 
 
 def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False):
-    if x.dtype not in SUPPORTED_DTYPES or not x.is_cpu:
-        _check(x)
+    if x.dtype not in SUPPORTED_DTYPES or not x.is_cpu or p.w_ih.dtype != x.dtype:
+        _check(x, p)
     H = c0.shape[1]
     _set_threads(h0.shape[0] * h0.shape[1] * 4 * H)  # (B, P) @ (P, 4H) per step
     weights = _weights(p, H)
