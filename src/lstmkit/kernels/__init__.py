@@ -15,7 +15,16 @@ the torch-free runtime:
                                                         w_hr, reverse, y, saved, dy, dh_n, dc_n)
 
 forward_core / backward_core are the compiled kernels that write into preallocated
-arrays (no conversions, for hot paths); see kernels/lstm.py.
+arrays (no conversions, for hot paths; all arrays C-contiguous, one dtype):
+
+    forward_core(x, batch_sizes(int64), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                 acts (total, 4H), y (total, P), h (B, P), c (B, H), cells (total or 0, H), save)
+        b_ih/b_hh: zeros for no bias; w_hr: (0, H) for no projection; on return h, c = h_n, c_n
+        and acts holds the gate activations; cells is written only when save.
+    backward_core(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, acts, cells, y,
+                  dy, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
+
+See kernels/lstm.py.
 """
 from .lstm import backward_core, forward_core, lstm_backward, lstm_forward
 
