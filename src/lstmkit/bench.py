@@ -4,6 +4,7 @@
     python -m lstmkit bench --memory        # + peak memory of forward+backward, one process per run
     python -m lstmkit bench --startup       # + import time, first forward (warm / cold compile cache)
     python -m lstmkit bench --quick         # fewer repeats
+    python -m lstmkit bench --markdown t.md # also write the table as BENCHMARKS.md rows
 
 Every number is a median over repeats, measured in one process with the same thread
 count for everyone (--threads, default 2). Speedup = their time / our time (>1: we win).
@@ -210,6 +211,26 @@ def speed_table(threads: int, quick: bool, engine: str, only=None) -> list[dict]
     return rows
 
 
+def markdown_table(rows: list[dict], threads: int) -> str:
+    """The speed table in the layout of BENCHMARKS.md's CPU section."""
+    lines = [
+        f"{threads} thread(s) each; {machine()}",
+        "",
+        "| case: T, N, input, hidden | ours ms | torch ms | ORT ms | fwd vs nn.LSTM | fwd vs ORT "
+        "| fwd+bwd ours / torch ms | fwd+bwd vs nn.LSTM |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        t = r["targets"]
+        s1, s2, s3 = r["fwd_torch"] / r["fwd_ours"], r["fwd_ort"] / r["fwd_ours"], r["fb_torch"] / r["fb_ours"]
+        sp = lambda v, tg: f"{v:.2f}x [{tg:g}x]" + ("*" if v < tg else "")  # noqa: E731
+        lines.append(
+            f"| {r['case']} | {r['fwd_ours'] * 1e3:.3f} | {r['fwd_torch'] * 1e3:.3f} | {r['fwd_ort'] * 1e3:.3f} "
+            f"| {sp(s1, t[0])} | {sp(s2, t[1])} | {r['fb_ours'] * 1e3:.3f} / {r['fb_torch'] * 1e3:.3f} | {sp(s3, t[2])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ---- memory: one fresh process per (case, implementation) ----------------------------------------
 def _rss_kib(field: str) -> int:
     for line in open("/proc/self/status"):
@@ -315,6 +336,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", type=str, default=None, help="comma-separated case indices (0-based)")
     ap.add_argument("--engine", default="auto", help="lstmkit engine (default auto)")
     ap.add_argument("--json", type=str, default=None, help="write the results to this file")
+    ap.add_argument("--markdown", type=str, default=None, help="write the speed table as markdown (BENCHMARKS.md rows)")
     ap.add_argument("--memory-child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.memory_child:
@@ -329,6 +351,9 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(markdown_table(out["speed"], a.threads))
     return 0
 
 
