@@ -29,6 +29,16 @@ def test_counts_match_torch(I, H, layers, bias, bidir, proj):
         assert eval(layer["formula"]) == layer["count"]  # noqa: S307 - our own arithmetic string
 
 
+@pytest.mark.parametrize("opts", [dict(layer_norm=True), dict(peephole=True), dict(layer_norm=True, peephole=True, proj_size=2)])
+def test_variant_parameters_counted(opts):
+    m = lstmkit.LSTM(3, 5, num_layers=2, bidirectional=True, **opts)
+    d = describe(m)
+    assert d.total == sum(p.numel() for p in m.parameters())
+    assert [t["name"] for t in d.tensors()] == [n for n, _ in m.named_parameters()]
+    for layer in d.layers():
+        assert eval(layer["formula"]) == layer["count"]  # noqa: S307
+
+
 def test_shapes_match_a_real_forward():
     cfg = dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
     m = lstmkit.LSTM(**cfg)

@@ -312,7 +312,7 @@ def test_engine_rejects_mixed_dtypes():
 
 def test_blas_threads_follow_torch():
     """Big steps use torch.get_num_threads() BLAS threads; small ones run on one thread."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threadpoolctl
     small = lstmkit.LSTM(3, 4, engine="numba")
     big = lstmkit.LSTM(3, 512, engine="numba")  # (1, 512) @ (512, 2048) = 2^20 per step
     old = torch.get_num_threads()

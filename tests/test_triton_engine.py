@@ -2,26 +2,21 @@
 
 The kernels are the ones the GPU runs; TRITON_INTERPRET=1 makes triton execute them with
 numpy instead of compiling them. Triton decides that when the kernels are defined, so
-this file sets the variable before lstmkit.triton_kernels is imported (and re-imports it
-if another test file got there first without it).
+conftest.py sets the variable before anything imports triton.
 """
 from __future__ import annotations
 
 import importlib
 import os
-import re
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 
-# Triton chooses between compiler and interpreter when it is first imported: set the
-# variable before anything below imports it.
-os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton", reason="the triton engine needs triton (a dev dependency)")
-
+# Triton chooses between compiler and interpreter when it is first imported; conftest.py
+# sets TRITON_INTERPRET=1 before anything imports it. Check that it worked rather than
+# silently testing nothing.
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -30,32 +25,10 @@ from torch import nn  # noqa: E402
 import lstmkit  # noqa: E402
 import lstmkit.triton_kernels as tk  # noqa: E402
 from conftest import TOL, assert_close, packed_input, padded_input, pair, run_differential  # noqa: E402
-
-if tk.mode() == "mixed":  # only our kernels were imported before the variable was set
-    tk = importlib.reload(tk)
-# False when triton itself was imported in this process before this file: then
-# test_in_fresh_process runs the whole file again in a new process.
-IN_PROCESS = tk.mode() == "interpreted"
-
 from lstmkit.engines import reference, triton_engine  # noqa: E402
 from lstmkit.engines.base import LayerParams  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _interpreter_here(request):
-    if not IN_PROCESS and request.node.name != "test_in_fresh_process":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1; test_in_fresh_process runs this test")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="this process runs the tests itself")
-def test_in_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = Path(__file__)
-    out = subprocess.run([sys.executable, "-m", "pytest", str(here), "-p", "no:cacheprovider"],
-                         cwd=here.parent.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
-    # Everything ran there except this test itself.
-    assert re.search(r"\d+ passed, 1 skipped", out.stdout), out.stdout[-2000:]
+assert tk.mode() == "interpreted", f"triton kernels are not interpreted (mode {tk.mode()!r}): set TRITON_INTERPRET=1 first"
 
 
 ENGINE = "triton"

@@ -7,7 +7,6 @@ feed the very same masks to the oracle.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
 
@@ -23,9 +22,7 @@ from lstmkit.config import LSTMConfig
 from lstmkit.engines import LayerParams, reference
 from lstmkit.variants import LayerVariant
 
-HAVE_NUMBA_VARIANTS = importlib.util.find_spec("lstmkit.engines.numba_variants") is not None
-HAVE_NUMBA_VANILLA = importlib.util.find_spec("lstmkit.engines.numba_engine") is not None
-ENGINES = ["reference"] + (["numba"] if HAVE_NUMBA_VARIANTS else [])
+ENGINES = ["reference", "numba"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -190,19 +187,12 @@ def make(opts, shape, engine, dtype=torch.float64, seed=0, I=4, H=5):
     return m
 
 
-def engine_ok(engine, opts):
-    # weight_drop / forget_bias alone run on the vanilla engine
-    return engine == "reference" or HAVE_NUMBA_VANILLA or variants.needs_variant_engine(LSTMConfig(1, 2, **opts), True)
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("training", [True, False])
 def test_variant_matches_loop(name, shape, engine, training, recorded):
     opts = VARIANTS[name]
-    if not engine_ok(engine, opts):
-        pytest.skip("vanilla numba engine not present yet")
     m = make(opts, SHAPES[shape], engine).train(training)
     cfg = m.config
     T, N = 6, 3
@@ -334,8 +324,6 @@ def test_gradcheck(engine, reverse, proj):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_eval_deterministic_and_training_masks_change(engine):
     for opts in (dict(zoneout=0.3), dict(recurrent_dropout=0.3), dict(weight_drop=0.3)):
-        if not engine_ok(engine, opts):
-            continue
         m = make(opts, dict(num_layers=2), engine)
         x = torch.randn(6, 3, 4, dtype=torch.float64)
         a, b = m(x)[0], m(x)[0]
@@ -499,8 +487,6 @@ def test_engine_without_variant_support_falls_back_with_one_warning():
 )
 def test_random_configs_match_loop(engine, data, layers, bi, proj, bias, ln_, peep, zc, zh, rd, wd, training):
     opts = dict(layer_norm=ln_, peephole=peep, zoneout=(zc, zh), recurrent_dropout=rd, weight_drop=wd)
-    if not engine_ok(engine, opts):
-        return
     H = data.draw(st.integers(2, 5))
     shape = dict(num_layers=layers, bidirectional=bi, proj_size=1 if proj else 0, bias=bias)
     m = make(opts, shape, engine, I=3, H=H).train(training)
@@ -513,7 +499,6 @@ def test_random_configs_match_loop(engine, data, layers, bi, proj, bias, ln_, pe
 
 
 # ---- the fused engine against the reference engine ----------------------------------------------------
-@pytest.mark.skipif(not HAVE_NUMBA_VARIANTS, reason="numba variant engine not built")
 @given(
     data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32]), reverse=st.booleans(),
     proj=st.booleans(), bias=st.booleans(), ln_=st.booleans(), peep=st.booleans(),
@@ -564,7 +549,6 @@ def test_numba_engine_matches_reference_packed(data, dtype, reverse, proj, bias,
     assert err(run("numba", dtype), truth) <= tol
 
 
-@pytest.mark.skipif(not HAVE_NUMBA_VARIANTS, reason="numba variant engine not built")
 def test_engines_see_the_same_masks():
     """Masks are drawn by the module, so seeded training runs agree across engines."""
     opts = dict(layer_norm=True, peephole=True, zoneout=(0.3, 0.2), recurrent_dropout=0.3, weight_drop=0.3)

@@ -63,6 +63,10 @@ class Description:
             s += f" + 2*4*{H}"
         if c.proj_size:
             s += f" + {P}*{H}"
+        if c.layer_norm:
+            s += f" + 2*(4*{H} + 4*{H} + {H})"
+        if c.peephole:
+            s += f" + 3*{H}"
         return s
 
     def formula(self) -> str:
@@ -72,6 +76,10 @@ class Description:
             s += " + 2*4*H"
         if c.proj_size:
             s += " + P*H"
+        if c.layer_norm:
+            s += " + 2*(4H + 4H + H) (layer norm gains and biases)"
+        if c.peephole:
+            s += " + 3*H (peepholes)"
         s += "   (I_0 = input_size, I_k = D*P for k > 0, P = proj_size or H, D = 2 if bidirectional)"
         return s
 
