@@ -2,7 +2,9 @@
 input form, outputs and every gradient, for every CPU engine."""
 from __future__ import annotations
 
+import copy
 import itertools
+import pickle
 import warnings
 
 import pytest
@@ -390,3 +392,75 @@ def test_no_warning_for_default_construction():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lstmkit.LSTM(3, 4, num_layers=2, dropout=0.2)
+
+
+# ---- inference (no grad): the module's fast path through the fused runtime ---------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "".join("bBdpl"[i] if v else "-" for i, v in enumerate(o)))
+def test_inference_matches_torch(engine, opts, dtype):
+    cfg = _cfg(*opts)
+    ref, ours = pair(cfg, engine, dtype)
+    x = torch.randn((3, 5, cfg["input_size"]) if cfg["batch_first"] else (5, 3, cfg["input_size"]), dtype=dtype)
+    hx = _state(cfg, 3, dtype)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            for state in (None, hx):
+                for a, b in zip(_flat(ref(x, state)), _flat(ours(x, state))):
+                    assert_close(b, a, TOL[dtype])
+            ya, _ = ref(x[:, 0] if cfg["batch_first"] else x[:, 0])  # unbatched (first sequence)
+            yb, _ = ours(x[:, 0] if cfg["batch_first"] else x[:, 0])
+            assert_close(yb, ya, TOL[dtype])
+
+
+def test_inference_sees_weight_updates(engine):
+    ref, ours = pair(dict(input_size=3, hidden_size=5, num_layers=2), engine)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        ours(x)
+        assert ("_runtime" in ours.__dict__) == (engine == "numba")  # the fast path really ran
+        copied = copy.deepcopy(ours)  # the runtime cache does not travel
+        assert "_runtime" not in copied.__dict__ and "_runtime" not in pickle.loads(pickle.dumps(ours)).__dict__
+        assert_close(copied(x)[0], ours(x)[0], 0)
+        for p, q in zip(ref.parameters(), ours.parameters()):  # in place, as an optimizer does
+            p.mul_(1.5)
+            q.mul_(1.5)
+        assert_close(ours(x)[0], ref(x)[0], 1e-10)
+        new = torch.randn_like(ours.weight_hh_l1)
+        ours.weight_hh_l1.data = new.clone()  # re-pointed to other memory
+        ref.weight_hh_l1.data = new.clone()
+        assert_close(ours(x)[0], ref(x)[0], 1e-10)
+    ours.double().float()  # dtype change: a new runtime of the new dtype
+    with torch.no_grad():
+        assert ours(x.float())[0].dtype == torch.float32
+
+
+def test_inference_streaming_equals_full_sequence(engine):
+    _, ours = pair(dict(input_size=3, hidden_size=6, num_layers=2, bidirectional=False, proj_size=2), engine)
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    with torch.inference_mode():
+        full, (h_full, c_full) = ours(x)
+        state, steps = None, []
+        for t in range(7):
+            y, state = ours(x[t : t + 1], state)
+            steps.append(y)
+    assert_close(torch.cat(steps), full, 1e-12)
+    assert_close(state[0], h_full, 1e-12)
+    assert_close(state[1], c_full, 1e-12)
+
+
+def test_inference_errors_same_as_training_path(engine):
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 4)
+    ours = lstmkit.LSTM.from_torch(ref, engine=engine)
+    cases = [
+        (torch.randn(5, 2, 7),),
+        (torch.randn(5, 2, 3, dtype=torch.float64),),
+        (torch.randn(5, 2, 3), (torch.zeros(1, 3, 4), torch.zeros(1, 2, 4))),
+        (torch.randn(5, 2, 3), (torch.zeros(2, 4), torch.zeros(2, 4))),
+        (torch.randn(0, 2, 3),),
+        (torch.randn(5, 2, 3), (torch.zeros(1, 2, 4, dtype=torch.float64), torch.zeros(1, 2, 4))),
+    ]
+    with torch.no_grad():
+        for args in cases:
+            expected = _errors(ref, *args)
+            assert expected is not None and _errors(ours, *args) is expected, args

@@ -6,6 +6,7 @@ layer-direction over packed data (engines/reference.py has the equations).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -211,6 +212,10 @@ class LSTM(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, input, hx=None):
         cfg = self.config
+        if not torch.is_grad_enabled() and type(input) is torch.Tensor:
+            out = self._inference_fast(input, hx)
+            if out is not None:
+                return out
         if isinstance(input, PackedSequence):
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
             self._check_input(data, packed=True)
@@ -263,6 +268,65 @@ class LSTM(nn.Module):
             y = y.squeeze(batch_dim)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return y, (h_n, c_n)
+
+    # ---- inference fast path --------------------------------------------------------------
+    # A one-step call at batch 1 costs a few microseconds of arithmetic and tens of
+    # microseconds of Python in the general path (checks, layers x directions, tensor <->
+    # numpy per layer). With no gradient to record, a CPU tensor of float32/float64 goes
+    # instead through the torch-free runtime (runtime/model.py: the same fused kernels,
+    # the whole stack in one call), built from this module's weights and rebuilt when any
+    # parameter changes (in-place updates bump `_version`; `p.data = ...` moves data_ptr).
+    def _inference_fast(self, input, hx):
+        cfg = self.config
+        if (self.engine not in ("auto", "numba") or input.device.type != "cpu"
+                or input.dtype not in (torch.float32, torch.float64)
+                or (self.training and ((self.dropout > 0 and cfg.num_layers > 1) or cfg.has_variant))
+                or torch.compiler.is_compiling()):
+            return None
+        params = list(self._parameters.values())  # registration order = _flat_weights_names
+        key = [(p._version, p.data_ptr()) for p in params]
+        rt = self.__dict__.get("_runtime")
+        if rt is None or rt[0] != key:
+            try:
+                from .runtime import Runtime
+            except ImportError:
+                return None
+            if params[0].dtype not in (torch.float32, torch.float64) or params[0].device.type != "cpu":
+                return None
+            weights = {n: p.detach().numpy() for n, p in zip(self._flat_weights_names, params)}
+            rt = (key, Runtime(dataclasses.replace(cfg, batch_first=self.batch_first), weights), None)
+            self.__dict__["_runtime"] = rt
+        _, runtime, last = rt
+        from .engines.numba_engine import _set_threads
+        if input.dtype != params[0].dtype:
+            return None  # the general path raises the error
+        if hx is None:
+            state = None
+        elif (last is not None and type(hx) in (tuple, list) and len(hx) == 2
+              and hx[0] is last[0][0] and hx[1] is last[0][1]):
+            state = last[1]  # the state this path returned last time: the runtime skips its checks
+        elif (type(hx) in (tuple, list) and len(hx) == 2 and type(hx[0]) is torch.Tensor
+              and type(hx[1]) is torch.Tensor and hx[0].device.type == "cpu" and hx[1].device.type == "cpu"):
+            state = (hx[0].detach().numpy(), hx[1].detach().numpy())
+        else:
+            return None
+        x = input.detach().numpy()
+        H = cfg.hidden_size
+        _set_threads(x.shape[-2 if x.ndim == 3 and not self.batch_first else 0] * cfg.real_hidden_size * 4 * H
+                                  if x.ndim == 3 else cfg.real_hidden_size * 4 * H)
+        try:
+            y, (h, c) = runtime(x, state)
+        except (ValueError, RuntimeError, TypeError):
+            return None  # bad input: the general path raises torch's error for it
+        out = (torch.from_numpy(h), torch.from_numpy(c))
+        self.__dict__["_runtime"] = (rt[0], runtime, (out, (h, c)))
+        return torch.from_numpy(y), out
+
+    def __getstate__(self):
+        # The inference runtime is a cache of the weights: never pickled or deep-copied.
+        state = self.__dict__.copy()
+        state.pop("_runtime", None)
+        return state
 
     def _run(self, data, batch_sizes, hx):
         """All layers and directions over packed data. hx: (h0, c0) or False for zeros."""
