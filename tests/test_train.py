@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from lstmkit import charlm, demo, sample, train
 
 TINY = ["--hidden-size", "32", "--num-layers", "2", "--embed-size", "8", "--seq-len", "16",
-        "--batch-size", "8", "--lr", "3e-2", "--engine", "reference", "--eval-chars", "400"]
+        "--batch-size", "8", "--lr", "3e-2", "--engine", "reference", "--eval-chars", "400", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
