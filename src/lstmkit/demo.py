@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="lstmkit-demo", help="where everything goes (default ./lstmkit-demo)")
     p.add_argument("--engine", default="auto", choices=("auto", "reference", "numba", "triton"))
     p.add_argument("--compare-torch", action="store_true", help="also time torch.nn.LSTM on the same steps")
-    # One thread by default: on the 2-core build machine 1 thread trained 4-10x faster than 2
+    # One thread by default: on the 2-core build machine 1 thread trained 4-9x faster than 2
     # (the threads meet at a barrier every time step; a descheduled one stalls both).
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; 0: torch's default)")
     args = p.parse_args(argv)
