@@ -310,8 +310,11 @@ def test_engine_rejects_mixed_dtypes():
         numba_engine.lstm_layer(x.float(), bs, h0.float(), c0.float(), p)
 
 
-def test_blas_threads_follow_torch():
-    """Big steps use torch.get_num_threads() BLAS threads; small ones run on one thread."""
+@pytest.mark.parametrize("setting", [1, 0])
+def test_blas_threads(setting, monkeypatch):
+    """By default the kernels' BLAS runs one thread; with LSTMKIT_BLAS_THREADS=0 big steps
+    use torch.get_num_threads() and small ones one thread."""
+    monkeypatch.setattr(numba_engine, "_BLAS_THREADS", setting)
     import threadpoolctl
     small = lstmkit.LSTM(3, 4, engine="numba")
     big = lstmkit.LSTM(3, 512, engine="numba")  # (1, 512) @ (512, 2048) = 2^20 per step
@@ -328,7 +331,7 @@ def test_blas_threads_follow_torch():
             torch.set_num_threads(n)
             with torch.no_grad():
                 big(torch.randn(2, 1, 3))
-            assert scipy_blas_threads() == {n}
+            assert scipy_blas_threads() == ({n} if setting == 0 else {1})
             with torch.no_grad():
                 small(torch.randn(2, 1, 3))
             assert scipy_blas_threads() == {1}

@@ -15,11 +15,12 @@ TypeError here; engine="auto" sends them to the reference engine (engines/__init
 
 Threads: the kernels' GEMMs run in the BLAS that Numba links (scipy's OpenBLAS, a
 pthreads pool separate from torch's OpenMP pool); all the heavy work of one call runs
-in that single pool, sized per call to torch.get_num_threads() for big steps and to 1
-for small ones (see _set_threads), so `torch.set_num_threads(n)` governs lstmkit too.
+in that single pool, set to one thread (see _set_threads for the measurements, and
+LSTMKIT_BLAS_THREADS to change it).
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import numpy as np
@@ -31,13 +32,16 @@ from .base import LayerParams
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 # ---- threads -----------------------------------------------------------------------------------
-# A BLAS call split over threads ends in a barrier: worth it for a big GEMM, a loss for
-# the small per-step products of a small batch, where the threads' hand-off costs more
-# than the arithmetic (and is a disaster on a loaded machine, where the other thread may
-# be descheduled). So each call sizes the pool: torch.get_num_threads() when the
-# per-step product is big (>= 2^20 multiply-adds: batch 32 x 256 hidden, or a 512-hidden
-# GEMV whose weights then sit half in each core's L2), else 1.
+# A BLAS call split over threads ends in a barrier, and the recurrence makes one call per
+# time step. Measured on the 2-core machine, quiet (BENCHMARKS.md, "Threads"): with the
+# per-step GEMM on 2 OpenBLAS threads, T=100 N=32 H=256 inference took 44 ms against 36 ms
+# on one thread, and char-LM training fell from 15,900 to 9,800 chars/s — the OpenBLAS
+# threads and torch's OpenMP threads spin-wait for work and take the cores from each
+# other. So by default the kernels' BLAS runs on ONE thread, whatever torch uses.
+# LSTMKIT_BLAS_THREADS=n lets steps of >= 2^20 multiply-adds use n threads (0: torch's
+# count), for machines where that pays.
 _BIG_STEP = 1 << 20
+_BLAS_THREADS = int(os.environ.get("LSTMKIT_BLAS_THREADS", "1"))
 _blas_libs = [None]  # threadpoolctl controllers of the BLAS Numba calls
 _blas_now = [None]  # the thread count it is set to
 
@@ -45,7 +49,7 @@ _blas_now = [None]  # the thread count it is set to
 def _blas_lib_controllers():
     try:
         from threadpoolctl import ThreadpoolController
-    except ImportError:  # threadpoolctl is optional; OpenBLAS then uses all cores
+    except ImportError:  # a dependency, but a broken install should still compute
         return []
     import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls, so the controller sees it)
 
@@ -55,7 +59,9 @@ def _blas_lib_controllers():
 
 
 def _set_threads(step_macs: int) -> None:
-    n = torch.get_num_threads() if step_macs >= _BIG_STEP else 1
+    n = 1
+    if _BLAS_THREADS != 1 and step_macs >= _BIG_STEP:
+        n = _BLAS_THREADS or torch.get_num_threads()
     if n == _blas_now[0]:
         return
     if _blas_libs[0] is None:
