@@ -26,7 +26,7 @@ import weakref
 import numpy as np
 import torch
 
-from ..kernels.lstm import backward_core, forward_core
+from ..kernels.lstm import forward_core, lstm_backward
 from .base import LayerParams
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -193,24 +193,11 @@ class _LSTMFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
         x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells = ctx.saved_tensors
-        xn, h0n, c0n, w_ihn, w_hhn = _np(x), _np(h0), _np(c0), _np(w_ih), _np(w_hh)
-        dt = xn.dtype
-        B, H = c0n.shape
-        w_hrn = _np(w_hr) if w_hr is not None else np.zeros((0, H), dt)
-        dyn = _np(dy) if dy is not None else np.zeros(tuple(y.shape), dt)
-        dhn = _np(dh_n) if dh_n is not None else np.zeros_like(h0n)
-        dcn = _np(dc_n) if dc_n is not None else np.zeros_like(c0n)
-        dx = np.empty_like(xn)
-        dh0 = np.empty_like(h0n)
-        dc0 = np.empty_like(c0n)
-        dw_ih = np.empty_like(w_ihn)
-        dw_hh = np.empty_like(w_hhn)
-        db = np.empty(4 * H, dt)
-        dw_hr = np.empty_like(w_hrn)
-        bsz = np.asarray(ctx.batch_sizes, dtype=np.int64)
-        _set_threads(h0n.shape[0] * h0n.shape[1] * 4 * H)
-        backward_core(xn, bsz, h0n, c0n, w_ihn, w_hhn, w_hrn, ctx.reverse, acts.numpy(), cells.numpy(),
-                      y.detach().numpy(), dyn, dhn, dcn, dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
+        opt = lambda t: None if t is None else _np(t)  # noqa: E731  (None: no projection / no gradient)
+        _set_threads(h0.shape[0] * h0.shape[1] * 4 * c0.shape[1])
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = lstm_backward(
+            _np(x), ctx.batch_sizes, _np(h0), _np(c0), _np(w_ih), _np(w_hh), opt(w_hr), ctx.reverse,
+            y.detach().numpy(), (acts.numpy(), cells.numpy()), opt(dy), opt(dh_n), opt(dc_n))
         need = ctx.needs_input_grad
         t = lambda a, k: torch.from_numpy(a) if need[k] else None  # noqa: E731
         db_t = torch.from_numpy(db) if ctx.has_bias else None
