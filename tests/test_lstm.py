@@ -464,3 +464,21 @@ def test_inference_errors_same_as_training_path(engine):
         for args in cases:
             expected = _errors(ref, *args)
             assert expected is not None and _errors(ours, *args) is expected, args
+
+
+@pytest.mark.parametrize("opts", [dict(layer_norm=True), dict(peephole=True), dict(zoneout=(0.2, 0.1)),
+                                  dict(recurrent_dropout=0.3, weight_drop=0.4), dict(layer_norm=True, peephole=True, proj_size=2)])
+def test_inference_fast_path_with_variants_in_eval(engine, opts):
+    """Under no_grad an eval-mode variant model gives what the autograd path gives."""
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(3, 5, num_layers=2, bidirectional=True, engine=engine, dtype=torch.float64, **opts).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # move layer-norm gains/biases off 1/0 so they matter
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    hx = tuple(torch.randn(s, dtype=torch.float64) for s in m.config.state_shapes(2))
+    want = _flat(m(x, hx))
+    with torch.no_grad():
+        got = _flat(m(x, hx))
+    for a, b in zip(got, want):
+        assert_close(a, b, 1e-10)
