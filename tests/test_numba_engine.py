@@ -337,3 +337,49 @@ def test_blas_threads(setting, monkeypatch):
             assert scipy_blas_threads() == {1}
     finally:
         torch.set_num_threads(old)
+
+
+# ---- big steps: GEMMs in torch, gate pass in the kernel (numba_engine._forward_torch_gemm) ------------
+@pytest.fixture
+def torch_gemm_everywhere():
+    old = numba_engine._TORCH_GEMM_MIN, numba_engine._TORCH_GEMM_MIN_BATCH
+    numba_engine._TORCH_GEMM_MIN = numba_engine._TORCH_GEMM_MIN_BATCH = 0  # every step takes the torch-GEMM path
+    yield
+    numba_engine._TORCH_GEMM_MIN, numba_engine._TORCH_GEMM_MIN_BATCH = old
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cfg", [
+    dict(input_size=5, hidden_size=8),
+    dict(input_size=5, hidden_size=8, num_layers=2, bidirectional=True, proj_size=3),
+    dict(input_size=4, hidden_size=6, bias=False, bidirectional=True),
+])
+def test_torch_gemm_path_three_way(cfg, dtype, torch_gemm_everywhere):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, cfg["input_size"], generator=g, dtype=dtype)
+    three_way(cfg, dtype, lambda: x.clone().requires_grad_(True), hx=True)
+    lengths = [5, 7, 1, 3]
+    xp = torch.randn(7, 4, cfg["input_size"], generator=g, dtype=dtype)
+    three_way(cfg, dtype, lambda: pack_padded_sequence(xp.clone().requires_grad_(True), torch.tensor(lengths),
+                                                        enforce_sorted=False), hx=True)
+
+
+def test_torch_gemm_path_taken_for_big_steps(monkeypatch):
+    """A batch-32 / hidden-256 step takes the torch-GEMM path, inference and training alike,
+    and agrees with the all-Numba kernel."""
+    calls = []
+    real = numba_engine._forward_torch_gemm
+    monkeypatch.setattr(numba_engine, "_forward_torch_gemm", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(16, 256, engine="numba")
+    x = torch.randn(3, 32, 16)
+    with torch.no_grad():
+        y_big = m(x)[0]
+    y_train = m(x)[0]
+    assert len(calls) == 2
+    monkeypatch.setattr(numba_engine, "_TORCH_GEMM_MIN", 1 << 62)
+    with torch.no_grad():
+        y_small = m(x)[0]
+    assert len(calls) == 2
+    assert_close(y_big, y_small, 1e-5)
+    assert_close(y_train, y_small, 1e-5)

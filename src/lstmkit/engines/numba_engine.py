@@ -26,8 +26,8 @@ import weakref
 import numpy as np
 import torch
 
-from ..kernels.lstm import forward_core, lstm_backward
-from .base import LayerParams
+from ..kernels.lstm import forward_core, gate_step, lstm_backward
+from .base import LayerParams, step_offsets
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -143,14 +143,54 @@ def _forward(x, batch_sizes, h0, c0, weights, reverse, save):
     total = xn.shape[0]
     B, H = c0n.shape
     P = h0n.shape[1]
-    bsz = np.asarray(batch_sizes, dtype=np.int64)
     acts = np.empty((total, 4 * H), dt)
     y = np.empty((total, P), dt)
     h_n = np.empty((B, P), dt)
     c_n = np.empty((B, H), dt)
     cells = np.empty((total, H), dt) if save else _zeros_of((0, H), dt)
-    forward_core(xn, bsz, h0n, c0n, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, acts, y, h_n, c_n, cells, save)
+    if B >= _TORCH_GEMM_MIN_BATCH and B * P * 4 * H >= _TORCH_GEMM_MIN:
+        _forward_torch_gemm(xn, batch_sizes, h0n, c0n, weights, reverse, acts, y, h_n, c_n, cells, save)
+    else:
+        bsz = np.asarray(batch_sizes, dtype=np.int64)
+        forward_core(xn, bsz, h0n, c0n, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, acts, y, h_n, c_n, cells, save)
     return y, h_n, c_n, acts, cells
+
+
+# Big steps (batch >= 8 and batch x P x 4H >= 2^20 multiply-adds, e.g. batch 32 at hidden 256): the
+# per-step product through OpenBLAS from Numba repacks W_hh every call on one core
+# (~175 us at batch 32 / hidden 256), while torch's MKL GEMM uses torch's threads without
+# a second pool fighting them. Measured, T=100 N=32 I=128 H=256 forward: 33 ms all-Numba
+# vs 15.5 ms with the GEMMs in torch at 2 threads (26 vs 33 ms at 1). So for big steps the
+# engine runs forward_core's loop here in Python: the GEMMs in torch, the fused gate pass
+# (kernels.gate_step) in Numba, the same buffers, so backward_core takes over unchanged.
+_TORCH_GEMM_MIN = 1 << 20
+_TORCH_GEMM_MIN_BATCH = 8  # batch 1 at hidden 512 is 2^20 too, but a GEMV: the all-Numba loop wins
+
+
+def _forward_torch_gemm(x, batch_sizes, h0, c0, weights, reverse, acts, y, h, c, cells, save):
+    T = len(batch_sizes)
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    has_proj = w_hr.shape[0] > 0
+    t_ = torch.from_numpy  # views: the tensors share the numpy buffers
+    torch.mm(t_(x), t_(w_ih).t(), out=t_(acts))  # (total, 4H): the input projection of all steps
+    h[:] = h0
+    c[:] = c0
+    B, H = c.shape
+    q = np.empty((B, 4 * H), acts.dtype)  # h_{t-1} @ W_hh^T of one step
+    hp = np.empty((B, H) if has_proj else (0, H), acts.dtype)  # h before the projection
+    qt, ht, hpt, yt = t_(q), t_(h), t_(hp), t_(y)
+    w_hh_t, w_hr_t = t_(w_hh).t(), t_(w_hr).t()
+    offsets = step_offsets(batch_sizes)
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        bs, o0 = batch_sizes[t], offsets[t]
+        torch.mm(ht[:bs], w_hh_t, out=qt[:bs])  # (bs, P) @ (P, 4H)
+        gate_step(acts[o0 : o0 + bs], q[:bs], b_ih, b_hh, c[:bs], hp[:bs] if has_proj else h[:bs],
+                  cells[o0 : o0 + bs] if save else cells, save)
+        if has_proj:
+            torch.mm(hpt[:bs], w_hr_t, out=yt[o0 : o0 + bs])  # (bs, H) @ (H, P)
+            h[:bs] = y[o0 : o0 + bs]
+        else:
+            y[o0 : o0 + bs] = h[:bs]
 
 
 def _needs_grad(x, h0, c0, p) -> bool:

@@ -50,6 +50,44 @@ def _offsets(batch_sizes):
 
 
 @njit(**KW)
+def gate_step(a, q, b_ih, b_hh, c, h_out, cells, save):
+    """The fused gate pass of one step, over its bs rows, in place.
+
+    a (bs, 4H)  in: x_t W_ih^T; out: the activations (i, f, g, o)
+    q (bs, 4H)  h_{t-1} W_hh^T
+    c (bs, H)   in: c_{t-1}; out: c_t
+    h_out (bs, H)  out: o * tanh(c_t)  (before the projection)
+    cells (bs, H)  out: c_t, written only when save
+    """
+    bs, H = c.shape
+    bi, bf, bg, bo = b_ih[:H], b_ih[H : 2 * H], b_ih[2 * H : 3 * H], b_ih[3 * H :]
+    ci, cf, cg, co = b_hh[:H], b_hh[H : 2 * H], b_hh[2 * H : 3 * H], b_hh[3 * H :]
+    for r in range(bs):
+        # Each gate gets its own 1-D slice: with a[j], a[H + j], ... on one array LLVM
+        # cannot rule out overlap and leaves the loop scalar (7x slower).
+        ar = a[r]
+        ai, af, ag, ao = ar[:H], ar[H : 2 * H], ar[2 * H : 3 * H], ar[3 * H :]
+        qr = q[r]
+        qi, qf, qg, qo = qr[:H], qr[H : 2 * H], qr[2 * H : 3 * H], qr[3 * H :]
+        cr = c[r]
+        hr = h_out[r]
+        for j in range(H):
+            ig = sigmoid(ai[j] + qi[j] + (bi[j] + ci[j]))
+            fg = sigmoid(af[j] + qf[j] + (bf[j] + cf[j]))
+            gg = tanh(ag[j] + qg[j] + (bg[j] + cg[j]))
+            og = sigmoid(ao[j] + qo[j] + (bo[j] + co[j]))
+            ai[j] = ig
+            af[j] = fg
+            ag[j] = gg
+            ao[j] = og
+            cv = fg * cr[j] + ig * gg
+            cr[j] = cv
+            hr[j] = og * tanh(cv)
+        if save:
+            cells[r] = cr
+
+
+@njit(**KW)
 def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, acts, y, h, c, cells, save):
     """The forward pass, writing into preallocated arrays (all C-contiguous, one dtype).
 
@@ -78,9 +116,6 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, 
     # it only for longer sequences and smaller matrices.
     layout = T >= 8 and w_hh.size <= 131072
     w_hh_t = np.ascontiguousarray(w_hh.T) if layout else np.empty((0, 0), acts.dtype)
-    bi, bf, bg, bo = b_ih[:H], b_ih[H : 2 * H], b_ih[2 * H : 3 * H], b_ih[3 * H :]
-    ci, cf, cg, co = b_hh[:H], b_hh[H : 2 * H], b_hh[2 * H : 3 * H], b_hh[3 * H :]
-
     for s in range(T):
         t = T - 1 - s if reverse else s
         bs = batch_sizes[t]
@@ -89,34 +124,54 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, 
             np.dot(h[:bs], w_hh_t, hh[:bs])  # (bs, P) @ (P, 4H)
         else:
             np.dot(h[:bs], w_hh.T, hh[:bs])
-        # The gate pass. Each gate gets its own 1-D slice: with a[j], a[H + j], ... on one
-        # array LLVM cannot rule out overlap and leaves the loop scalar (7x slower).
-        for r in range(bs):
-            a = acts[o0 + r]  # (4H,) input part of the gates -> the activations
-            ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]
-            q = hh[r]  # (4H,) recurrent part
-            qi, qf, qg, qo = q[:H], q[H : 2 * H], q[2 * H : 3 * H], q[3 * H :]
-            cr = c[r]
-            hout = hp[r] if has_proj else h[r]
-            for j in range(H):
-                ig = sigmoid(ai[j] + qi[j] + (bi[j] + ci[j]))
-                fg = sigmoid(af[j] + qf[j] + (bf[j] + cf[j]))
-                gg = tanh(ag[j] + qg[j] + (bg[j] + cg[j]))
-                og = sigmoid(ao[j] + qo[j] + (bo[j] + co[j]))
-                ai[j] = ig
-                af[j] = fg
-                ag[j] = gg
-                ao[j] = og
-                cv = fg * cr[j] + ig * gg
-                cr[j] = cv
-                hout[j] = og * tanh(cv)
-            if save:
-                cells[o0 + r] = cr
+        gate_step(acts[o0 : o0 + bs], hh[:bs], b_ih, b_hh, c[:bs], hp[:bs] if has_proj else h[:bs],
+                  cells[o0 : o0 + bs] if save else cells, save)
         if has_proj:
             np.dot(hp[:bs], w_hr.T, y[o0 : o0 + bs])  # (bs, H) @ (H, P)
             h[:bs] = y[o0 : o0 + bs]
         else:
             y[o0 : o0 + bs] = h[:bs]
+
+
+@njit(**KW)
+def gate_backward_step(a, cells, cprev, dh, dc, dgates, hpre, want_hpre):
+    """The gate gradients of one step, over its bs rows (the inverse of gate_step).
+
+    a (bs, 4H) activations i, f, g, o;  cells (bs, H) c_t;  cprev (bs, H) c_{t-1}
+    dh (bs, H)  dL/dh_t before the projection (carried + this step's output gradient)
+    dc (bs, H)  in: dL/dc_t carried from t+1; out: dL/dc_{t-1}
+    dgates (bs, 4H)  out: dL/d(pre-activation gates)
+    hpre (bs, H)  out when want_hpre: o * tanh(c_t), the projection's input (for dW_hr)
+    """
+    bs, H = dc.shape
+    for r in range(bs):
+        ar = a[r]  # one slice per gate (see gate_step)
+        ai, af, ag, ao = ar[:H], ar[H : 2 * H], ar[2 * H : 3 * H], ar[3 * H :]
+        dgr = dgates[r]
+        di, df, dg, do = dgr[:H], dgr[H : 2 * H], dgr[2 * H : 3 * H], dgr[3 * H :]
+        cr = cells[r]
+        cp = cprev[r]
+        dcr = dc[r]
+        dhr = dh[r]
+        for j in range(H):
+            ig = ai[j]
+            fg = af[j]
+            gg = ag[j]
+            og = ao[j]
+            tc = tanh(cr[j])
+            dhv = dhr[j]
+            # No literal 1 here: int - float32 types as float64 in Numba, which would
+            # run the whole float32 loop in float64 (s' = s - s^2, tanh' = 1 - t^2).
+            dct = dcr[j] + dhv * (og - og * tc * tc)  # dL/dc_t: carried + through h_t
+            di[j] = dct * gg * (ig - ig * ig)
+            df[j] = dct * cp[j] * (fg - fg * fg)
+            dg[j] = dct * (ig - ig * gg * gg)
+            do[j] = dhv * tc * (og - og * og)
+            dcr[j] = dct * fg  # dL/dc_{t-1}
+        if want_hpre:
+            hr = hpre[r]
+            for j in range(H):
+                hr[j] = ao[j] * tanh(cr[j])
 
 
 @njit(**KW)
@@ -147,6 +202,7 @@ def backward_core(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, acts, cells
     dh = dh_n.copy()  # (B, P) gradient w.r.t. the state h, carried backwards in time
     dc = dc_n.copy()  # (B, H)
     dhp = np.empty((B, H), dt)  # gradient w.r.t. h before projection (proj only)
+    cprev = np.empty((B, H), dt)  # c_{t-1} of one step's rows
     dh_all = np.empty((total if has_proj else 0, P), dt)  # for dW_hr in one GEMM
     hpre_all = np.empty((total if has_proj else 0, H), dt)
 
@@ -169,42 +225,14 @@ def backward_core(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, acts, cells
         if has_proj:
             dh_all[o0 : o0 + bs] = dh[:bs]
             np.dot(dh[:bs], w_hr, dhp[:bs])  # (bs, P) @ (P, H)
-        for r in range(bs):
-            row = o0 + r
-            if r < n_prev:
-                cp = cells[p0 + r]
-                if not uniform:
-                    h_prev[row] = y[p0 + r]
-            else:
-                cp = c0[r]
-                if not uniform:
-                    h_prev[row] = h0[r]
-            a = acts[row]  # (4H,) activations i, f, g, o; one slice per gate (see forward)
-            ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]
-            dgr = dgates[row]
-            di, df, dg, do = dgr[:H], dgr[H : 2 * H], dgr[2 * H : 3 * H], dgr[3 * H :]
-            cr = cells[row]
-            dcr = dc[r]
-            dhr = dhp[r] if has_proj else dh[r]
-            for j in range(H):
-                ig = ai[j]
-                fg = af[j]
-                gg = ag[j]
-                og = ao[j]
-                tc = tanh(cr[j])
-                dhv = dhr[j]
-                # No literal 1 here: int - float32 types as float64 in Numba, which would
-                # run the whole float32 loop in float64 (s' = s - s^2, tanh' = 1 - t^2).
-                dct = dcr[j] + dhv * (og - og * tc * tc)  # dL/dc_t: carried + through h_t
-                di[j] = dct * gg * (ig - ig * ig)
-                df[j] = dct * cp[j] * (fg - fg * fg)
-                dg[j] = dct * (ig - ig * gg * gg)
-                do[j] = dhv * tc * (og - og * og)
-                dcr[j] = dct * fg  # dL/dc_{t-1}
-            if has_proj:
-                hr = hpre_all[row]
-                for j in range(H):
-                    hr[j] = ao[j] * tanh(cr[j])
+        # c_{t-1} of this step's rows: the previous step's cells, or c0 for rows starting here
+        cprev[:n_prev] = cells[p0 : p0 + n_prev]
+        cprev[n_prev:bs] = c0[n_prev:bs]
+        if not uniform:
+            h_prev[o0 : o0 + n_prev] = y[p0 : p0 + n_prev]
+            h_prev[o0 + n_prev : o0 + bs] = h0[n_prev:bs]
+        gate_backward_step(acts[o0 : o0 + bs], cells[o0 : o0 + bs], cprev[:bs], dhp[:bs] if has_proj else dh[:bs],
+                           dc[:bs], dgates[o0 : o0 + bs], hpre_all[o0 : o0 + bs] if has_proj else hpre_all, has_proj)
         np.dot(dgates[o0 : o0 + bs], w_hh, dh[:bs])  # (bs, 4H) @ (4H, P): dh_{t-1}
 
     # Rows never touched again keep their last value: that is dh0/dc0 (see module doc).
