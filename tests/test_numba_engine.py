@@ -365,21 +365,29 @@ def test_torch_gemm_path_three_way(cfg, dtype, torch_gemm_everywhere):
 
 
 def test_torch_gemm_path_taken_for_big_steps(monkeypatch):
-    """A batch-32 / hidden-256 step takes the torch-GEMM path, inference and training alike,
-    and agrees with the all-Numba kernel."""
+    """A batch-32 / hidden-256 step takes the torch-GEMM path, forward (inference and
+    training) and backward, and agrees with the all-Numba kernels."""
     calls = []
-    real = numba_engine._forward_torch_gemm
-    monkeypatch.setattr(numba_engine, "_forward_torch_gemm", lambda *a: calls.append(1) or real(*a))
+    fwd, bwd = numba_engine._forward_torch_gemm, numba_engine._backward_torch_gemm
+    monkeypatch.setattr(numba_engine, "_forward_torch_gemm", lambda *a: calls.append("f") or fwd(*a))
+    monkeypatch.setattr(numba_engine, "_backward_torch_gemm", lambda *a: calls.append("b") or bwd(*a))
     torch.manual_seed(0)
     m = lstmkit.LSTM(16, 256, engine="numba")
-    x = torch.randn(3, 32, 16)
-    with torch.no_grad():
-        y_big = m(x)[0]
-    y_train = m(x)[0]
-    assert len(calls) == 2
+    x = torch.randn(3, 32, 16, requires_grad=True)
+
+    def run():
+        m.zero_grad()
+        x.grad = None
+        with torch.no_grad():
+            y_inf = m(x)[0]
+        y, (h, c) = m(x)
+        (y.sum() + h.pow(2).sum() + c.sum()).backward()
+        return [y_inf, y, x.grad] + [p.grad for p in m.parameters()]
+
+    big = run()
+    assert calls == ["f", "f", "b"]
     monkeypatch.setattr(numba_engine, "_TORCH_GEMM_MIN", 1 << 62)
-    with torch.no_grad():
-        y_small = m(x)[0]
-    assert len(calls) == 2
-    assert_close(y_big, y_small, 1e-5)
-    assert_close(y_train, y_small, 1e-5)
+    small = run()
+    assert calls == ["f", "f", "b"]
+    for a, b in zip(big, small):
+        assert_close(a, b, 1e-5)

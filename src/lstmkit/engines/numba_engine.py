@@ -26,7 +26,7 @@ import weakref
 import numpy as np
 import torch
 
-from ..kernels.lstm import forward_core, gate_step, lstm_backward
+from ..kernels.lstm import forward_core, gate_backward_step, gate_step, lstm_backward
 from .base import LayerParams, step_offsets
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -193,6 +193,51 @@ def _forward_torch_gemm(x, batch_sizes, h0, c0, weights, reverse, acts, y, h, c,
             y[o0 : o0 + bs] = h[:bs]
 
 
+def _backward_torch_gemm(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, dy, dh_n, dc_n):
+    """kernels.backward_core for big steps, with the GEMMs in torch (see _forward_torch_gemm):
+    same arguments and results as kernels.lstm_backward."""
+    acts, cells = saved
+    T, dt = len(batch_sizes), x.dtype
+    total, (B, H), P = x.shape[0], c0.shape, h0.shape[1]
+    has_proj = w_hr is not None
+    t_ = torch.from_numpy
+    dh = np.zeros((B, P), dt) if dh_n is None else dh_n.copy()  # dL/dh carried backwards in time
+    dc = np.zeros((B, H), dt) if dc_n is None else dc_n.copy()
+    dgates = np.empty((total, 4 * H), dt)
+    h_prev = np.empty((total, P), dt)  # h_{t-1} of every row, for dW_hh in one GEMM
+    cprev = np.empty((B, H), dt)
+    dhp = np.empty((B, H) if has_proj else (0, H), dt)
+    hpre_all = np.empty((total, H) if has_proj else (0, H), dt)
+    dh_all = np.empty((total, P) if has_proj else (0, P), dt)
+    dht, dhpt, dgt = t_(dh), t_(dhp), t_(dgates)
+    w_hh_t, w_hr_t = t_(w_hh), (t_(w_hr) if has_proj else None)
+    offsets = step_offsets(batch_sizes)
+    for t in (range(T) if reverse else range(T - 1, -1, -1)):
+        bs, o0 = batch_sizes[t], offsets[t]
+        tp = t + 1 if reverse else t - 1  # the step before t in the forward pass
+        n_prev = (batch_sizes[tp] if tp < T else 0) if reverse else (bs if tp >= 0 else 0)
+        p0 = offsets[tp] if n_prev > 0 else 0
+        if dy is not None:
+            dh[:bs] += dy[o0 : o0 + bs]
+        if has_proj:
+            dh_all[o0 : o0 + bs] = dh[:bs]
+            torch.mm(dht[:bs], w_hr_t, out=dhpt[:bs])  # (bs, P) @ (P, H)
+        cprev[:n_prev] = cells[p0 : p0 + n_prev]
+        cprev[n_prev:bs] = c0[n_prev:bs]
+        h_prev[o0 : o0 + n_prev] = y[p0 : p0 + n_prev]
+        h_prev[o0 + n_prev : o0 + bs] = h0[n_prev:bs]
+        gate_backward_step(acts[o0 : o0 + bs], cells[o0 : o0 + bs], cprev[:bs], dhp[:bs] if has_proj else dh[:bs],
+                           dc[:bs], dgates[o0 : o0 + bs], hpre_all[o0 : o0 + bs] if has_proj else hpre_all, has_proj)
+        torch.mm(dgt[o0 : o0 + bs], w_hh_t, out=dht[:bs])  # (bs, 4H) @ (4H, P): dh_{t-1}
+    # Rows never touched again keep their last value: that is dh0 / dc0.
+    dx = torch.mm(dgt, t_(w_ih)).numpy()  # (total, I)
+    dw_ih = torch.mm(dgt.t(), t_(x)).numpy()  # (4H, I)
+    dw_hh = torch.mm(dgt.t(), t_(h_prev)).numpy()  # (4H, P)
+    db = dgt.sum(0).numpy()
+    dw_hr = torch.mm(t_(dh_all).t(), t_(hpre_all)).numpy() if has_proj else None  # (P, H)
+    return dx, dh, dc, dw_ih, dw_hh, db, dw_hr
+
+
 def _needs_grad(x, h0, c0, p) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -234,8 +279,12 @@ class _LSTMFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n, dc_n):
         x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells = ctx.saved_tensors
         opt = lambda t: None if t is None else _np(t)  # noqa: E731  (None: no projection / no gradient)
-        _set_threads(h0.shape[0] * h0.shape[1] * 4 * c0.shape[1])
-        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = lstm_backward(
+        B, P, H = h0.shape[0], h0.shape[1], c0.shape[1]
+        backward = lstm_backward
+        if B >= _TORCH_GEMM_MIN_BATCH and B * P * 4 * H >= _TORCH_GEMM_MIN:
+            backward = _backward_torch_gemm
+        _set_threads(B * P * 4 * H)
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = backward(
             _np(x), ctx.batch_sizes, _np(h0), _np(c0), _np(w_ih), _np(w_hh), opt(w_hr), ctx.reverse,
             y.detach().numpy(), (acts.numpy(), cells.numpy()), opt(dy), opt(dh_n), opt(dc_n))
         need = ctx.needs_input_grad
