@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
-from .lstm import KW, _offsets
+from .lstm import KW, _offsets, recurrent_layout
 
 EPS = 1e-5
 
@@ -129,8 +129,8 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
     # run a float32 loop in float64 (so s' = s - s*s, and (1 - d) a + d b = a + d (b - a)).
     np.dot(x, w_ih.T, acts)  # (total, 4H)
     # W_hh^T laid out row-major is faster for BLAS on small matrices (kernels/lstm.py)
-    layout = T >= 8 and w_hh.size <= 131072
-    w_hh_t = np.ascontiguousarray(w_hh.T) if layout else np.empty((0, 0), acts.dtype)
+    w_hh_t = recurrent_layout(w_hh, T)
+    layout = w_hh_t.shape[0] > 0
 
     for s in range(T):
         t = T - 1 - s if reverse else s
