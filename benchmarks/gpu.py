@@ -97,7 +97,7 @@ class graphs:
         self.on = on
 
     def __enter__(self):
-        from lstmkit.engines import triton_engine
+        from lstmkit.engines.triton import engine as triton_engine
 
         self.mod, self.was = triton_engine, triton_engine.CUDA_GRAPHS
         triton_engine.CUDA_GRAPHS = self.on
@@ -251,7 +251,7 @@ def bench_case(case, reps):
             row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:200]
         for p in m.parameters():
             p.grad = None
-    from lstmkit.engines import triton_engine
+    from lstmkit.engines.triton import engine as triton_engine
 
     triton_engine.clear_graphs()  # their static buffers would pile up over the cases
     if "err_graphs_vs_cudnn" in row:
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
         return 2
 
     if SMOKE:  # no CUDA graphs on the CPU: "capture" = remember the loop, "replay" = run it again
-        from lstmkit.engines import triton_engine
+        from lstmkit.engines.triton import engine as triton_engine
 
         triton_engine.GRAPH_DEVICES = ("cpu",)
         triton_engine._capture = lambda fn: (fn(), fn)[1]

@@ -10,7 +10,7 @@ then runs the case's forward+backward and reports VmHWM - VmRSS-before. The same
 import argparse
 import sys
 
-from lstmkit.bench import memory_table
+from lstmkit.cli.bench import memory_table
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     rt = runtime.load(path)
 
     # ONNX Runtime: one LSTM node, weights converted the way export_onnx converts them.
-    from lstmkit.onnx_export import _gates
+    from lstmkit.interop.onnx_export import _gates
 
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     W = _gates(sd["weight_ih_l0"])[None]

@@ -25,7 +25,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 def cpu_engines() -> list[str]:
     """The engines that run on CPU tensors in every environment."""
     engines = ["reference"]
-    if importlib.util.find_spec("lstmkit.engines.numba_engine") is not None:
+    if importlib.util.find_spec("lstmkit.engines.numba.engine") is not None:
         engines.append("numba")
     return engines
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lstmkit
-from lstmkit import compile_ops  # noqa: F401  (registers torch.ops.lstmkit.*)
+from lstmkit.engines.numba import compile_ops  # noqa: F401  (registers torch.ops.lstmkit.*)
 
 
 @pytest.fixture(autouse=True)

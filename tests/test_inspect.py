@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lstmkit
-from lstmkit.inspect import main
+from lstmkit.cli.inspect_cmd import main
 
 
 class Net(nn.Module):  # module level, so torch.save(whole model) can pickle it
@@ -76,7 +76,7 @@ def test_inferred_config_matches_nn_lstm(tmp_path_factory, I, H, L, bias, bidir,
     m = nn.LSTM(I, H, L, bias=bias, bidirectional=bidir, proj_size=H - 1 if proj else 0)
     path = tmp_path_factory.mktemp("i") / "m.safetensors"
     save_file(m.state_dict(), path)
-    from lstmkit.inspect import find_in_file
+    from lstmkit.interop.inspection import find_in_file
 
     rows, _ = find_in_file(path)
     assert rows == [dict(prefix="", input_size=I, hidden_size=H, num_layers=L, bias=bias, bidirectional=bidir,

@@ -15,10 +15,11 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstmkit
-from lstmkit.engines import auto_engine_name, numba_engine, reference
+from lstmkit.engines import auto_engine_name, reference
+from lstmkit.engines.numba import engine as numba_engine
 from lstmkit.engines.base import LayerParams
-from lstmkit.kernels import lstm_backward, lstm_forward
-from lstmkit.kernels.activations import _P, _Q, _pade_coefficients
+from lstmkit.kernels.numba import lstm_backward, lstm_forward
+from lstmkit.kernels.numba.activations import _P, _Q, _pade_coefficients
 
 from conftest import TOL, assert_close
 
@@ -166,7 +167,7 @@ def test_pade_coefficients_are_the_continued_fraction():
 def test_float32_activations_accuracy_and_limits():
     from numba import njit
 
-    from lstmkit.kernels.activations import sigmoid, tanh
+    from lstmkit.kernels.numba.activations import sigmoid, tanh
 
     @njit
     def both(x, t, s):

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lstmkit import charlm, demo, sample, train
+from lstmkit.apps.charlm import demo, sample, train
+from lstmkit.apps.charlm import model as charlm
 
 TINY = ["--hidden-size", "32", "--num-layers", "2", "--embed-size", "8", "--seq-len", "16",
         "--batch-size", "8", "--lr", "3e-2", "--engine", "reference", "--eval-chars", "400", "--threads", "1"]
@@ -238,7 +239,7 @@ def test_sample_errors(trained, capsys):
 # ---- data-parallel ------------------------------------------------------------------------------
 DDP_WORKER = """
 import sys, torch
-from lstmkit import train
+from lstmkit.apps.charlm import train
 out, dump, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 s = train.run(["--out", out, *argv], log=False)
 torch.save(s["model"].state_dict(), dump)

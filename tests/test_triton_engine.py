@@ -23,9 +23,10 @@ from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lstmkit  # noqa: E402
-import lstmkit.triton_kernels as tk  # noqa: E402
+import lstmkit.kernels.triton.lstm as tk  # noqa: E402
 from conftest import TOL, assert_close, packed_input, padded_input, pair, run_differential  # noqa: E402
-from lstmkit.engines import reference, triton_engine  # noqa: E402
+from lstmkit.engines import reference
+from lstmkit.engines.triton import engine as triton_engine  # noqa: E402
 from lstmkit.engines.base import LayerParams  # noqa: E402
 
 assert tk.mode() == "interpreted", f"triton kernels are not interpreted (mode {tk.mode()!r}): set TRITON_INTERPRET=1 first"
@@ -282,9 +283,9 @@ def test_without_triton_import_error_and_auto_falls_back(monkeypatch):
     import lstmkit.engines as engines
 
     monkeypatch.setitem(sys.modules, "triton", None)  # "not installed"
-    monkeypatch.delitem(sys.modules, "lstmkit.engines.triton_engine")
+    monkeypatch.delitem(sys.modules, "lstmkit.engines.triton.engine")
     with pytest.raises(ImportError, match="triton"):
-        importlib.import_module("lstmkit.engines.triton_engine")
+        importlib.import_module("lstmkit.engines.triton.engine")
     assert not engines._available("triton")  # so engine="auto" picks another engine
 
 

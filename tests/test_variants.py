@@ -2,7 +2,7 @@
 
 The oracle is `loop_lstm` below: a plain per-step loop over padded (T, N, .) tensors that
 writes each formula out by hand (layer norm with its mean and variance too). The module
-draws its random masks in lstmkit.variants; the tests record them (see `recorded`) and
+draws its random masks in lstmkit.nn.variants; the tests record them (see `recorded`) and
 feed the very same masks to the oracle.
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import lstmkit
-from lstmkit import variants
+from lstmkit.nn import variants
 from lstmkit.config import LSTMConfig
 from lstmkit.engines import LayerParams, reference
-from lstmkit.variants import LayerVariant
+from lstmkit.nn.variants import LayerVariant
 
 ENGINES = ["reference", "numba"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -259,7 +259,7 @@ def random_params(I, H, P, dtype, gen=None, requires_grad=False):
 
 def layer_fn(engine):
     if engine == "numba":
-        from lstmkit.engines import numba_variants
+        from lstmkit.engines.numba import variants as numba_variants
 
         return numba_variants.lstm_layer
     return reference.lstm_layer

@@ -1,12 +1,13 @@
 """lstmkit: torch.nn.LSTM re-implemented from scratch — exact, fused, extended."""
 from .config import GATES, LSTMConfig
-from .params import describe
+from .describe import describe
 
 __version__ = "0.1.0"
 __all__ = ["LSTM", "LSTMCell", "LSTMConfig", "GATES", "describe", "save", "load", "export_onnx"]
 
 # name -> (module, attribute) for torch-dependent functions, imported on first use.
-_LAZY = {"save": ("io", "save"), "load": ("io", "load"), "export_onnx": ("onnx_export", "export_onnx")}
+_LAZY = {"save": ("interop.serialization", "save"), "load": ("interop.serialization", "load"),
+         "export_onnx": ("interop.onnx_export", "export_onnx")}
 
 
 def __getattr__(name):
@@ -25,7 +26,7 @@ def __getattr__(name):
 
             mod, attr = _LAZY[name]
             return getattr(importlib.import_module(f".{mod}", __name__), attr)
-        from . import module
+        from . import nn
 
-        return getattr(module, name)
+        return getattr(nn, name)
     raise AttributeError(f"module 'lstmkit' has no attribute {name!r}")

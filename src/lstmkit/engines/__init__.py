@@ -13,8 +13,8 @@ ENGINES = ("auto", "reference", "numba", "triton")
 # name -> module path; imported on first use so `import lstmkit` stays cheap.
 _MODULES = {
     "reference": "lstmkit.engines.reference",
-    "numba": "lstmkit.engines.numba_engine",
-    "triton": "lstmkit.engines.triton_engine",
+    "numba": "lstmkit.engines.numba.engine",
+    "triton": "lstmkit.engines.triton.engine",
 }
 
 
@@ -51,7 +51,7 @@ def auto_engine_name(x: torch.Tensor) -> str:
 # recurrent_dropout), called with an extra `variant=LayerVariant` keyword.
 _VARIANT_MODULES = {
     "reference": "lstmkit.engines.reference",
-    "numba": "lstmkit.engines.numba_variants",
+    "numba": "lstmkit.engines.numba.variants",
 }
 _warned_variant_fallback = set()
 
@@ -63,7 +63,7 @@ def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False):
     if torch.compiler.is_compiling() and x.device.type == "cpu":
         fused = name in ("auto", "numba") and x.dtype in (torch.float32, torch.float64)
         if fused and not variant:
-            from .. import compile_ops
+            from .numba import compile_ops
 
             return compile_ops.lstm_layer
         if variant or name in ("auto", "reference"):

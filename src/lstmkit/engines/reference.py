@@ -109,7 +109,7 @@ def lstm_layer_variant(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, v)
     updates rows [:bs] only. Forward, a row stops updating after its last step, so its
     final state stays put; reverse, a row still holds h0/c0 until it joins.
     """
-    from ..variants import layer_norm
+    from ..nn.variants import layer_norm
 
     H = c0.shape[1]
     offsets = step_offsets(batch_sizes)

@@ -1,31 +1,5 @@
-"""Numba kernels (numpy arrays in and out; never import torch).
+"""The compiled kernels, one folder per backend; none imports torch.
 
-The stable numpy-level API, shared by the torch engine (engines/numba_engine.py) and
-the torch-free runtime:
-
-    y, h_n, c_n = lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b=None, w_hr=None,
-                               reverse=False)
-        x (total, I) packed time-major rows, batch_sizes non-increasing ints
-        (padded: [N] * T), h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P),
-        b (4H,) = b_ih + b_hh or None, w_hr (P, H) or None; float32 or float64.
-        y (total, P), h_n (B, P), c_n (B, H).
-
-    y, h_n, c_n, saved = lstm_forward(..., save=True)
-    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh,
-                                                        w_hr, reverse, y, saved, dy, dh_n, dc_n)
-
-forward_core / backward_core are the compiled kernels that write into preallocated
-arrays (no conversions, for hot paths; all arrays C-contiguous, one dtype):
-
-    forward_core(x, batch_sizes(int64), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                 acts (total, 4H), y (total, P), h (B, P), c (B, H), cells (total or 0, H), save)
-        b_ih/b_hh: zeros for no bias; w_hr: (0, H) for no projection; on return h, c = h_n, c_n
-        and acts holds the gate activations; cells is written only when save.
-    backward_core(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, acts, cells, y,
-                  dy, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
-
-See kernels/lstm.py.
+numba/   CPU: numpy arrays in and out (also the torch-free runtime's kernels)
+triton/  GPU: Triton kernels, launched by engines/triton
 """
-from .lstm import backward_core, forward_core, lstm_backward, lstm_forward
-
-__all__ = ["lstm_forward", "lstm_backward", "forward_core", "backward_core"]

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import LSTMConfig
-from ..kernels import forward_core
-from ..kernels.variants import forward_core as _variant_forward
+from ..kernels.numba import forward_core
+from ..kernels.numba.variants import forward_core as _variant_forward
 
 
 class Runtime:

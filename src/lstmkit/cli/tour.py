@@ -11,10 +11,10 @@ import time
 import torch
 from torch import nn
 
-from .config import LSTMConfig
-from .engines import ENGINES
-from .module import LSTM
-from .params import describe
+from ..config import LSTMConfig
+from ..engines import ENGINES
+from ..nn import LSTM
+from ..describe import describe
 
 
 def _engines_here() -> list[str]:

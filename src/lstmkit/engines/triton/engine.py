@@ -34,8 +34,8 @@ try:
 except ImportError as e:  # engine="auto" treats this as "engine not available"
     raise ImportError("engine='triton' needs the triton package (pip install triton)") from e
 
-from .. import triton_kernels as tk
-from .base import LayerParams, step_offsets
+from ...kernels.triton import lstm as tk
+from ..base import LayerParams, step_offsets
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -450,13 +450,13 @@ def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False, va
                 stacklevel=2,
             )
             _warned_variant = True
-        from . import reference
+        from .. import reference
 
         return reference.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse, variant=variant)
 
     _check(x)
     if len(batch_sizes) == 0 or batch_sizes[0] == 0:  # nothing to run: the reference handles empties
-        from . import reference
+        from .. import reference
 
         return reference.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse)
     tensors = (x, h0, c0, *p)

@@ -278,7 +278,7 @@ def memory_table(threads: int) -> list[dict]:
         got = {}
         for impl in ("lstmkit", "torch"):
             out = subprocess.run(
-                [sys.executable, "-m", "lstmkit.bench", "--memory-child", str(k), impl, "--threads", str(threads)],
+                [sys.executable, "-m", "lstmkit.cli.bench", "--memory-child", str(k), impl, "--threads", str(threads)],
                 capture_output=True, text=True, check=True,
             )
             got[impl] = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mib"]

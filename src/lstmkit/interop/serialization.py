@@ -13,8 +13,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from .config import LSTMConfig
-from .runtime.load import CONFIG_KEY, FORMAT, FORMAT_KEY, read_safetensors
+from ..config import LSTMConfig
+from ..runtime.load import CONFIG_KEY, FORMAT, FORMAT_KEY, read_safetensors
 
 
 def save(module, path) -> None:
@@ -32,7 +32,7 @@ def save(module, path) -> None:
 
 def load(path, *, device=None, **kwargs):
     """The lstmkit.LSTM saved in `path` (in training mode, like a new module). kwargs go to the constructor (e.g. engine=)."""
-    from .module import LSTM
+    from ..nn import LSTM
 
     path = os.fspath(path)
     meta, _ = read_safetensors(path, framework="pt")
@@ -53,7 +53,7 @@ def load(path, *, device=None, **kwargs):
 
 def _config_of(module, who: str) -> LSTMConfig:
     """The LSTMConfig of an lstmkit.LSTM or a torch.nn.LSTM."""
-    from .module import LSTM
+    from ..nn import LSTM
 
     if isinstance(module, LSTM):
         return module.config
@@ -80,6 +80,6 @@ def _variants(cfg: LSTMConfig) -> dict:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .charlm import (
+from .model import (
     CONFIG, CURVE, HISTORY, LN2, TRAINER, WEIGHTS, CharLM, RunError, build_vocab, encode,
     load_weights, model_from_config, read_config, read_text, save_weights, text_fingerprint,
     unigram_bpc, write_json,
@@ -371,7 +371,7 @@ def run(argv=None, *, log=True) -> dict:
         times = {"lstmkit": [], "torch": []}
         last = {"lstmkit": float("nan"), "torch": float("nan")}
 
-    from .engines import auto_engine_name
+    from ...engines import auto_engine_name
 
     engine = auto_engine_name(ids[:1].float().to(device)) if args.engine == "auto" else args.engine
     say = Progress(args.steps or None, step, enabled=main_rank and log,

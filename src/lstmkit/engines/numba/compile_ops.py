@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .engines.base import LayerParams
+from ..base import LayerParams
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -40,7 +40,7 @@ def lstm_forward(
     x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .kernels import forward_core
+    from ...kernels.numba import forward_core
 
     xn = _np(x)
     dt = xn.dtype
@@ -77,7 +77,7 @@ def lstm_backward(
     w_hr: Optional[Tensor], reverse: bool, y: Tensor, acts: Tensor, cells: Tensor,
     dy: Tensor, dh_n: Tensor, dc_n: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .kernels import backward_core
+    from ...kernels.numba import backward_core
 
     xn, h0n, c0n, w_ihn, w_hhn = _np(x), _np(h0), _np(c0), _np(w_ih), _np(w_hh)
     dt = xn.dtype

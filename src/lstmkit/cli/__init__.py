@@ -9,13 +9,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "params": ("lstmkit.params", "parameter table, formula and shapes of an LSTM"),
-    "bench": ("lstmkit.bench", "benchmark lstmkit against torch.nn.LSTM and ONNX Runtime"),
-    "train": ("lstmkit.train", "train a character-level language model"),
-    "sample": ("lstmkit.sample", "generate text from a trained model"),
-    "demo": ("lstmkit.demo", "train on the Python standard library, then sample"),
-    "inspect": ("lstmkit.inspect", "list the LSTMs in a checkpoint"),
-    "tour": ("lstmkit.tour", "a short tour: parameters, forward/backward checked against torch"),
+    "params": ("lstmkit.cli.params", "parameter table, formula and shapes of an LSTM"),
+    "bench": ("lstmkit.cli.bench", "benchmark lstmkit against torch.nn.LSTM and ONNX Runtime"),
+    "train": ("lstmkit.apps.charlm.train", "train a character-level language model"),
+    "sample": ("lstmkit.apps.charlm.sample", "generate text from a trained model"),
+    "demo": ("lstmkit.apps.charlm.demo", "train on the Python standard library, then sample"),
+    "inspect": ("lstmkit.cli.inspect_cmd", "list the LSTMs in a checkpoint"),
+    "tour": ("lstmkit.cli.tour", "a short tour: parameters, forward/backward checked against torch"),
 }
 
 

@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .config import LSTMConfig
+from ..config import LSTMConfig
 
 LN_EPS = 1e-5
 

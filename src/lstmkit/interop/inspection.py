@@ -1,4 +1,4 @@
-"""`lstmkit inspect PATH [--json]`: every LSTM in a checkpoint, with its inferred configuration.
+"""Every LSTM in a checkpoint, with its inferred configuration (`lstmkit inspect`, cli/inspect_cmd.py).
 
 Reads, without running any code from the file:
   .safetensors       tensor names and shapes from the header (no torch needed);
@@ -15,12 +15,10 @@ front of "weight_ih_l0", the rest from the shapes.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
-from .runtime.infer import find_lstms
+from ..runtime.infer import find_lstms
 
 KEYS = ("prefix", "input_size", "hidden_size", "num_layers", "bias", "bidirectional", "proj_size", "parameters")
 
@@ -31,7 +29,7 @@ class InspectError(Exception):
 
 # ---- tensor shapes by name, per file format ------------------------------------------------------
 def _safetensors_shapes(path: str) -> dict:
-    from .runtime.load import read_safetensors
+    from ..runtime.load import read_safetensors
 
     try:
         _, shapes = read_safetensors(path)
@@ -51,7 +49,7 @@ def _torch_shapes(path: str) -> dict:
         try:
             obj = _load_with_stand_ins(torch, path)
         except Exception:  # noqa: BLE001
-            raise InspectError(f"cannot read {path!r} as a torch checkpoint ({_short(first)})") from None
+            raise InspectError(f"cannot read {path!r} as a torch checkpoint ({short_error(first)})") from None
     shapes: dict = {}
     _collect(torch, obj, "", shapes, depth=0)
     return shapes
@@ -114,7 +112,7 @@ def _onnx_lstms(path: str) -> list[dict]:
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as e:  # noqa: BLE001
-        raise InspectError(f"cannot read {path!r} as ONNX ({_short(e)})") from None
+        raise InspectError(f"cannot read {path!r} as ONNX ({short_error(e)})") from None
     graph = model.graph
     shapes = {t.name: tuple(t.dims) for t in graph.initializer}
     for node in graph.node:  # weights may also be Constant nodes
@@ -198,53 +196,7 @@ def find_in_file(path: str) -> tuple[list[dict], list[tuple[str, str]]]:
     return rows, rejected
 
 
-def format_table(path: str, rows: list[dict]) -> str:
-    heads = ("prefix", "input", "hidden", "layers", "bias", "bidir", "proj", "parameters")
-    body = [
-        (r["prefix"] or "(top level)", r["input_size"], r["hidden_size"], r["num_layers"], r["bias"],
-         r["bidirectional"], r["proj_size"], f"{r['parameters']:,}")
-        for r in rows
-    ]
-    widths = [max(len(str(x)) for x in col) for col in zip(heads, *body)]
-    line = lambda cells: "  ".join(  # noqa: E731 - text left, numbers right
-        str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-    ).rstrip()
-    n = len(rows)
-    return "\n".join([f"{path}: {n} LSTM{'s' if n != 1 else ''}", line(heads)] + [line(b) for b in body])
-
-
-def _short(e: Exception) -> str:
+def short_error(e: Exception) -> str:
     msg = str(e).strip().splitlines()
     first = msg[0].split(". ")[0] if msg else ""
     return f"{type(e).__name__}: {first}"[:160]
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="lstmkit inspect", description="List the LSTMs in a checkpoint "
-                                 "(.pt/.pth state_dict or saved module, .safetensors, .onnx).")
-    ap.add_argument("path")
-    ap.add_argument("--json", action="store_true", help="print a JSON list of objects with keys " + ", ".join(KEYS))
-    args = ap.parse_args(argv)
-    try:
-        rows, rejected = find_in_file(args.path)
-    except InspectError as e:
-        print(f"lstmkit inspect: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - a damaged file must not end in a traceback
-        print(f"lstmkit inspect: cannot read {args.path} ({_short(e)})", file=sys.stderr)
-        return 1
-    if not rows:
-        why = "".join(f"; {p or '(top level)'}: {r}" for p, r in rejected)
-        print(f"lstmkit inspect: no LSTM found in {args.path}{why}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(format_table(args.path, rows))
-        for p, r in rejected:
-            print(f"(skipped {p or '(top level)'}: {r})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -58,7 +58,7 @@ def export_onnx(module, path, *, initial_state: bool = False, opset: int = 17) -
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from .io import _config_of
+    from .serialization import _config_of
 
     cfg = _config_of(module, "export_onnx")
     _check_exportable(cfg)

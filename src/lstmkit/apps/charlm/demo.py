@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import train
-from .charlm import CONFIG, RunError, read_config, write_json
+from .model import CONFIG, RunError, read_config, write_json
 from .sample import generate
 
 # Sized for 5 minutes on 2 CPU cores (~1,000-2,000 steps): a 2-layer LSTM of 256

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .config import LSTMConfig
-from .engines import LayerParams, check_engine_name, get_layer_fn
+from ..config import LSTMConfig
+from ..engines import LayerParams, check_engine_name, get_layer_fn
 from . import variants
 
 
@@ -288,7 +288,7 @@ class LSTM(nn.Module):
         rt = self.__dict__.get("_runtime")
         if rt is None or rt[0] != key:
             try:
-                from .runtime import Runtime
+                from ..runtime import Runtime
             except ImportError:
                 return None
             if params[0].dtype not in (torch.float32, torch.float64) or params[0].device.type != "cpu":
@@ -297,7 +297,7 @@ class LSTM(nn.Module):
             rt = (key, Runtime(dataclasses.replace(cfg, batch_first=self.batch_first), weights), None)
             self.__dict__["_runtime"] = rt
         _, runtime, last = rt
-        from .engines.numba_engine import _TORCH_GEMM_MIN, _TORCH_GEMM_MIN_BATCH, _set_threads
+        from ..engines.numba.engine import _TORCH_GEMM_MIN, _TORCH_GEMM_MIN_BATCH, _set_threads
         if input.dtype != params[0].dtype:
             return None  # the general path raises the error
         if hx is None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .module import LSTM
+from ...nn import LSTM
 
 LN2 = math.log(2.0)
 

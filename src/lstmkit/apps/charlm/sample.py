@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from .charlm import RunError, encode, load_model
+from .model import RunError, encode, load_model
 
 
 def build_parser(prog="lstmkit sample") -> argparse.ArgumentParser:

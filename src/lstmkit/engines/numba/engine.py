@@ -26,8 +26,8 @@ import weakref
 import numpy as np
 import torch
 
-from ..kernels.lstm import forward_core, gate_backward_step, gate_step, lstm_backward
-from .base import LayerParams, step_offsets
+from ...kernels.numba.lstm import forward_core, gate_backward_step, gate_step, lstm_backward
+from ..base import LayerParams, step_offsets
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 

@@ -1,7 +1,7 @@
 """The Numba CPU engine for the LSTM variants: kernels/variants.py bound to torch.
 
 lstm_layer(x, batch_sizes, h0, c0, p, reverse, variant) is the engine interface of
-base.py plus `variant`, a lstmkit.variants.LayerVariant (parameters + masks, drawn by
+base.py plus `variant`, a lstmkit.nn.variants.LayerVariant (parameters + masks, drawn by
 the module). Same two paths and the same thread handling as engines/numba_engine.py:
 a thin no-grad path, and a torch.autograd.Function whose backward runs the BPTT kernel.
 The masks are constants: no gradient flows to them.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..kernels.variants import backward_core, forward_core
-from .base import LayerParams
-from .numba_engine import _check, _np, _set_threads
+from ...kernels.numba.variants import backward_core, forward_core
+from ..base import LayerParams
+from .engine import _check, _np, _set_threads
 
 # The differentiable variant parameters, in the order the autograd Function takes them.
 _VPARAMS = ("ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b", "w_peep")
@@ -63,7 +63,7 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):
 
 def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False, variant=None):
     if variant is None:
-        from .numba_engine import lstm_layer as vanilla
+        from .engine import lstm_layer as vanilla
 
         return vanilla(x, batch_sizes, h0, c0, p, reverse)
     _check(x)

@@ -1,0 +1,54 @@
+"""`lstmkit inspect PATH [--json]`: list the LSTMs in a checkpoint (see interop/inspection.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..interop.inspection import KEYS, InspectError, find_in_file, short_error
+
+
+def format_table(path: str, rows: list[dict]) -> str:
+    heads = ("prefix", "input", "hidden", "layers", "bias", "bidir", "proj", "parameters")
+    body = [
+        (r["prefix"] or "(top level)", r["input_size"], r["hidden_size"], r["num_layers"], r["bias"],
+         r["bidirectional"], r["proj_size"], f"{r['parameters']:,}")
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(heads, *body)]
+    line = lambda cells: "  ".join(  # noqa: E731 - text left, numbers right
+        str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    ).rstrip()
+    n = len(rows)
+    return "\n".join([f"{path}: {n} LSTM{'s' if n != 1 else ''}", line(heads)] + [line(b) for b in body])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lstmkit inspect", description="List the LSTMs in a checkpoint "
+                                 "(.pt/.pth state_dict or saved module, .safetensors, .onnx).")
+    ap.add_argument("path")
+    ap.add_argument("--json", action="store_true", help="print a JSON list of objects with keys " + ", ".join(KEYS))
+    args = ap.parse_args(argv)
+    try:
+        rows, rejected = find_in_file(args.path)
+    except InspectError as e:
+        print(f"lstmkit inspect: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a damaged file must not end in a traceback
+        print(f"lstmkit inspect: cannot read {args.path} ({short_error(e)})", file=sys.stderr)
+        return 1
+    if not rows:
+        why = "".join(f"; {p or '(top level)'}: {r}" for p, r in rejected)
+        print(f"lstmkit inspect: no LSTM found in {args.path}{why}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(args.path, rows))
+        for p, r in rejected:
+            print(f"(skipped {p or '(top level)'}: {r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The GPU engine: Triton kernels (kernels/triton) bound to torch."""

@@ -1,0 +1,1 @@
+"""Interoperability: save/load (.safetensors), ONNX export, finding LSTMs in checkpoint files."""
