@@ -5,7 +5,8 @@ explainer, the checkpoint tools and the torch-free runtime agree by construction
 This file must not import torch (the runtime uses it without torch).
 
 Gate order, shared by every engine and every weight layout in this project (and by
-torch.nn.LSTM): the 4H rows of weight_ih / weight_hh / biases are [i | f | g | o].
+torch.nn.LSTM): the 4H rows of weight_ih / weight_hh / biases are [i | f | g | o] (GATES).
+Orders other formats use (ONNX) are derived from it here, never typed again elsewhere.
 """
 from __future__ import annotations
 
@@ -14,6 +15,28 @@ import warnings
 from dataclasses import dataclass, fields
 
 GATES = ("i", "f", "g", "o")  # input, forget, cell candidate, output
+# Peephole weights (3, H): one row per gate that reads the cell (the candidate g does not).
+PEEPHOLE_GATES = ("i", "f", "o")
+# ONNX's LSTM operator: W/R/B rows [i | o | f | c] (its "c" is our cell candidate g), P rows [i | o | f].
+ONNX_GATES = ("i", "o", "f", "g")
+ONNX_PEEPHOLE_GATES = ("i", "o", "f")
+# ONNX block k holds our block ONNX_GATE_PERMUTATION[k] (and likewise for the peephole rows).
+ONNX_GATE_PERMUTATION = tuple(GATES.index(g) for g in ONNX_GATES)
+ONNX_PEEPHOLE_PERMUTATION = tuple(PEEPHOLE_GATES.index(g) for g in ONNX_PEEPHOLE_GATES)
+
+# Engine names accepted by LSTM(engine=...) and by every command line's --engine.
+ENGINE_NAMES = ("auto", "reference", "numba", "triton")
+
+# torch.nn.LSTM's constructor arguments, in its positional order; every other LSTMConfig
+# field is a variant option (keyword-only on lstmkit.LSTM, unknown to nn.LSTM).
+TORCH_FIELDS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional", "proj_size")
+
+
+def onnx_gate_rows(hidden_size: int) -> list[int]:
+    """Row indices that reorder a (4H, ...) or (4H,) array from GATES to ONNX_GATES order:
+    `w[onnx_gate_rows(H)]` (numpy or torch)."""
+    H = hidden_size
+    return [g * H + j for g in ONNX_GATE_PERMUTATION for j in range(H)]
 
 
 def _check_int(name: str, value) -> None:
@@ -46,7 +69,7 @@ class LSTMConfig:
     dropout: float = 0.0
     bidirectional: bool = False
     proj_size: int = 0
-    # Variants nn.LSTM lacks (see lstmkit/variants.py). All off by default, in which
+    # Variants nn.LSTM lacks (see nn/variants.py). All off by default, in which
     # case the parameters are exactly nn.LSTM's.
     layer_norm: bool = False
     peephole: bool = False
@@ -115,13 +138,53 @@ class LSTMConfig:
         z = self.zoneout
         return (z[0], z[1]) if isinstance(z, tuple) else (z, z)
 
+    # ---- which options are on: the predicates everyone asks ---------------------------------
     @property
     def has_variant(self) -> bool:
         """True when any option beyond nn.LSTM's is on."""
-        return (
+        return self.changes_forward or self.forget_bias != 0
+
+    def needs_variant_kernel(self, training: bool) -> bool:
+        """Whether one layer's equations differ from nn.LSTM's, so a variant engine/kernel must run.
+        forget_bias only changes the init and weight_drop only changes W_hh before the call, so
+        neither does; recurrent dropout is a no-op outside training."""
+        return bool(
             self.layer_norm or self.peephole or self.zoneout_probs != (0.0, 0.0)
-            or self.recurrent_dropout > 0 or self.weight_drop > 0 or self.forget_bias != 0
+            or (training and self.recurrent_dropout > 0)
         )
+
+    @property
+    def changes_forward(self) -> bool:
+        """Whether the module computes something nn.LSTM with the same weights cannot."""
+        return self.needs_variant_kernel(training=True) or self.weight_drop > 0
+
+    # ---- the nn.LSTM / variant split ---------------------------------------------------------
+    def torch_args(self) -> list:
+        """nn.LSTM's eight constructor arguments, in its positional order."""
+        return [getattr(self, name) for name in TORCH_FIELDS]
+
+    def torch_kwargs(self) -> dict:
+        """nn.LSTM's constructor arguments by name: `torch.nn.LSTM(**cfg.torch_kwargs())`."""
+        return {name: getattr(self, name) for name in TORCH_FIELDS}
+
+    def variant_kwargs(self, changed_only: bool = True) -> dict:
+        """The variant options (keyword-only on lstmkit.LSTM); by default only those not at
+        their default, so `lstmkit.LSTM(*cfg.torch_args(), **cfg.variant_kwargs())` rebuilds it."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self)
+            if f.name not in TORCH_FIELDS and not (changed_only and getattr(self, f.name) == f.default)
+        }
+
+    @classmethod
+    def from_module(cls, module, who: str = "LSTMConfig.from_module") -> "LSTMConfig":
+        """The config of an lstmkit.LSTM (its `.config`) or of a torch.nn.LSTM (read from its
+        public attributes, so this file needs no torch). `who` names the caller in the TypeError."""
+        cfg = getattr(module, "config", None)
+        if isinstance(cfg, cls):
+            return cfg
+        if getattr(module, "mode", None) == "LSTM" and all(hasattr(module, n) for n in TORCH_FIELDS):
+            return cls(*(getattr(module, n) for n in TORCH_FIELDS))
+        raise TypeError(f"{who} expects an lstmkit.LSTM or torch.nn.LSTM, got {type(module).__name__}")
 
     def warn_if_useless_dropout(self, stacklevel: int = 3) -> None:
         if self.dropout > 0 and self.num_layers == 1:
