@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..base import LayerParams
+from ..double_backward import differentiable_backward
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -102,14 +103,21 @@ def _(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, acts, cells, dy, dh_
 def _setup_context(ctx, inputs, output):
     x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = inputs
     y, _, _, acts, cells = output
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells)
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells, b_ih, b_hh)  # biases: double backward only
     ctx.batch_sizes = batch_sizes
     ctx.reverse = reverse
     ctx.has_bias = b_ih is not None
 
 
 def _backward(ctx, dy, dh_n, dc_n, _dacts, _dcells):
-    x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: this backward is itself differentiated
+        x, h0, c0, w_ih, w_hh, w_hr, _, _, _, b_ih, b_hh = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[k] for k in (0, 2, 3, 4, 5, 6, 7, 8)]  # skip batch_sizes
+        dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = differentiable_backward(
+            "numba", (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (dy, dh_n, dc_n), ctx.batch_sizes,
+            ctx.reverse, needs)
+        return dx, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
+    x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells = ctx.saved_tensors[:9]
     # An output nobody used has no gradient: zeros stand in.
     dy = torch.zeros_like(y) if dy is None else dy
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n

@@ -28,6 +28,7 @@ import torch
 
 from ...kernels.numba.lstm import forward_core, gate_backward_step, gate_step, lstm_backward
 from ..base import LayerParams, step_offsets
+from ..double_backward import differentiable_backward
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -268,16 +269,20 @@ class _LSTMFunction(torch.autograd.Function):
         y, h_n, c_n, acts, cells = _forward(x, batch_sizes, h0, c0, weights, bool(reverse), True)
         y, h_n, c_n = torch.from_numpy(y), torch.from_numpy(h_n), torch.from_numpy(c_n)
         # Saved: inputs (no copies), the output y, and the kernel's acts + cells.
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, y, torch.from_numpy(acts), torch.from_numpy(cells))
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, y, torch.from_numpy(acts), torch.from_numpy(cells),
+                              b_ih, b_hh)  # the biases: for differentiable_backward only
         ctx.batch_sizes = batch_sizes
         ctx.reverse = bool(reverse)
         ctx.has_bias = b_ih is not None
         return y, h_n, c_n
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
-        x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: this backward is itself differentiated
+            x, h0, c0, w_ih, w_hh, w_hr, _, _, _, b_ih, b_hh = ctx.saved_tensors
+            return (*differentiable_backward("numba", (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (dy, dh_n, dc_n),
+                                             ctx.batch_sizes, ctx.reverse, ctx.needs_input_grad), None, None, None)
+        x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells = ctx.saved_tensors[:9]
         opt = lambda t: None if t is None else _np(t)  # noqa: E731  (None: no projection / no gradient)
         B, P, H = h0.shape[0], h0.shape[1], c0.shape[1]
         backward = lstm_backward

@@ -13,6 +13,7 @@ import torch
 
 from ...kernels.numba.variants import backward_core, forward_core
 from ..base import LayerParams
+from ..double_backward import differentiable_backward
 from .engine import _check, _np, _set_threads
 
 # The differentiable variant parameters, in the order the autograd Function takes them.
@@ -85,14 +86,21 @@ class _VariantFunction(torch.autograd.Function):
         # numpy arrays (views of the inputs, and what the kernel saved) live on ctx:
         # none of them is an output, so save_for_backward is not needed for them.
         ctx.np = (_np(x), k, acts, saved)
+        # The inputs (no copies) and the masks: for differentiable_backward only.
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                              ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, w_peep)
+        ctx.variant = variant._replace(**{n: None for n in _VPARAMS})
         ctx.shapes = (tuple(h0.shape), tuple(c0.shape))
         ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
         ctx.has = (b_ih is not None, w_hr is not None, ln_ih_w is not None, w_peep is not None)
         return torch.from_numpy(y), torch.from_numpy(h_n), torch.from_numpy(c_n)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
+        if torch.is_grad_enabled():  # create_graph=True: this backward is itself differentiated
+            grads = differentiable_backward("numba", ctx.saved_tensors, (dy, dh_n, dc_n), ctx.batch_sizes,
+                                            ctx.reverse, ctx.needs_input_grad, variant=ctx.variant)
+            return (*grads, None, None, None)
         xn, k, acts, sv = ctx.np
         (B, P), (_, H) = ctx.shapes
         dt = xn.dtype
