@@ -27,7 +27,6 @@ import warnings
 from collections import OrderedDict
 
 import torch
-from torch.autograd.function import once_differentiable
 
 try:
     import triton  # noqa: F401
@@ -36,6 +35,7 @@ except ImportError as e:  # engine="auto" treats this as "engine not available"
 
 from ...kernels.triton import lstm as tk
 from ..base import LayerParams, step_offsets
+from ..double_backward import differentiable_backward
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -423,14 +423,18 @@ class _TritonLayer(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
         p = LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr)
         y, h_n, c_n, bufs = _forward(x, batch_sizes, h0, c0, p, reverse, store_gates=True)
-        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, w_hr, y, *bufs)
+        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, w_hr, y, *bufs, h0, c0)  # h0, c0: double backward only
         ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
         return y, h_n, c_n
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
-        x, w_ih, w_hh, b_ih, b_hh, w_hr, y, *bufs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: this backward is itself differentiated
+            x, w_ih, w_hh, b_ih, b_hh, w_hr, *_, h0, c0 = ctx.saved_tensors
+            grads = differentiable_backward("triton", (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (dy, dh_n, dc_n),
+                                            ctx.batch_sizes, ctx.reverse, ctx.needs_input_grad)
+            return (*grads, None, None)
+        x, w_ih, w_hh, b_ih, b_hh, w_hr, y, *bufs = ctx.saved_tensors[:-2]
         p = LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr)
         grads = _backward((x, p, y, bufs), dy, dh_n, dc_n, ctx.batch_sizes, ctx.reverse, ctx.needs_input_grad[:8])
         return (*grads, None, None)
