@@ -9,13 +9,21 @@ Same interface and equations as engines/reference.py. Per call:
                                                              + dc (the projection's GEMMs via cuBLAS)
               dx, dW_ih, dW_hh, dW_hr, db                    one GEMM / reduction each, over all steps
 
-One kernel launch per step is the price of this design at small batch. Setting
-LSTMKIT_TRITON_GRAPHS=1 (or triton_engine.CUDA_GRAPHS = True) records a step loop whose
-shapes and batch_sizes were seen before into a CUDA graph and replays it (see _Graphs).
+The 4H-wide buffers are gate-interleaved (see kernels/triton/lstm.py): the weights are
+permuted once per call (interleave_perm), the gate gradients un-permuted once after the
+backward loop. The step kernels are called through cached launchers (launcher.py), not
+JITFunction.run. A step loop whose shapes and batch_sizes were seen before is recorded
+into a CUDA graph and replayed (on by default on CUDA; LSTMKIT_TRITON_GRAPHS=0 turns it
+off; see _Graphs).
 
-The kernels live in lstmkit/triton_kernels.py. Tensors must be on CUDA, or on the CPU
-when triton runs its interpreter (TRITON_INTERPRET=1 in the environment before the
-process first imports triton) - that is how the tests run.
+Dtypes: the compute dtype is x's dtype (under autocast the frontend casts x first, as
+torch.nn.LSTM's rules say); h0, c0 and the weights are cast to it here, differentiably,
+and torch's autocast is switched off inside the engine so every GEMM and every tl.dot
+sees operands of that one dtype.
+
+Tensors must be on CUDA, or on the CPU when triton runs its interpreter
+(TRITON_INTERPRET=1 in the environment before the process first imports triton) - that
+is how the tests run.
 
 Importing this module raises ImportError when triton is not installed, so
 engine="auto" falls back to another engine.
@@ -31,10 +39,12 @@ import torch
 try:
     import triton  # noqa: F401
 except ImportError as e:  # engine="auto" treats this as "engine not available"
-    raise ImportError("engine='triton' needs the triton package (pip install triton)") from e
+    # ModuleNotFoundError naming triton: engines.is_available reads exactly that as "not installed".
+    raise ModuleNotFoundError("engine='triton' needs the triton package (pip install triton)", name="triton") from e
 
 from ...kernels.triton import lstm as tk
 from ..base import LayerParams, step_offsets
+from .launcher import Launcher
 from ..double_backward import differentiable_backward
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -86,6 +96,27 @@ def _sm_count(device) -> int:
     return _SM_COUNT[i]
 
 
+def tf32_enabled() -> bool:
+    """Whether torch.matmul may use TF32 for fp32 on CUDA; never raises.
+
+    torch >= 2.9 has the `fp32_precision` setting ("tf32", "ieee", or "none": follow the
+    legacy flag). Reading the legacy `allow_tf32` raises RuntimeError once a program has
+    mixed the two APIs, so it is read last and a failure counts as "no TF32" (IEEE fp32,
+    the more accurate choice).
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = getattr(matmul, "fp32_precision", "none")
+    except (RuntimeError, AttributeError):
+        precision = "none"
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except (RuntimeError, AttributeError):
+        return False
+
+
 class _Cfg:
     """Tile sizes and flags for one call (all steps share them)."""
 
@@ -98,34 +129,60 @@ class _Cfg:
         # bf16 goes to the tensor cores as is.
         self.upcast = interp and dt == torch.bfloat16
         if dt == torch.float32:
-            tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32  # follow torch.matmul's rule
-            self.precision = "tf32" if tf32 else "ieee"
+            self.precision = "tf32" if (x.is_cuda and tf32_enabled()) else "ieee"  # torch.matmul's rule
         else:
             self.precision = "ieee" if dt == torch.float64 else "tf32"  # fp16/bf16: irrelevant
-        # tl.dot needs every tile dim >= 16.
         self.warps, self.stages = 4, 3
         if interp:  # few, big programs: the interpreter pays per op, not per element
             self.bb = min(64, max(16, _next_pow2(B)))
-            self.bh = min(128, max(16, _next_pow2(H)))
+            self.bh = min(128, max(4, _next_pow2(H)))
             self.bk = min(128, max(16, _next_pow2(max(K, 4 * H))))
+            self.bh_bwd = self.bh
         else:
             # One step is a small GEMM (B x K) @ (K x 4H) that must fill the GPU by itself:
-            # start from the smallest tiles and grow them only while there are programs to
-            # spare (more than two per SM). Untuned first guess, to be revisited on a GPU.
+            # start from the smallest tiles (BLOCK_H = 4 hidden units = 16 gate columns,
+            # tl.dot's minimum) and grow them only while there are programs to spare (more
+            # than two per SM). Untuned first guess, to be revisited on a GPU.
             n_sm = _sm_count(x.device)
-            self.bb, self.bh = 16, 16
+            self.bb, self.bh = 16, 4
+            while self.bh < 32 and triton.cdiv(B, self.bb) * triton.cdiv(H, self.bh) > 2 * n_sm:
+                self.bh *= 2
             while self.bb < 64 and triton.cdiv(B, self.bb) * triton.cdiv(H, self.bh) > 2 * n_sm:
                 self.bb *= 2
-            while self.bh < 64 and triton.cdiv(B, self.bb) * triton.cdiv(H, self.bh) > 2 * n_sm:
-                self.bh *= 2
+            # The backward's recurrent dot has N = BLOCK_H: at least 16.
+            self.bh_bwd = max(16, self.bh)
             self.bk = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}.get(dt, 16)
             if dt == torch.float64:
                 self.stages = 2  # fp64 tiles are big: keep the pipeline's shared memory in bounds
         if TILES is not None:
             self.bb, self.bh, self.bk = TILES
+            self.bh_bwd = self.bh
 
-    def grid(self, bs: int, H: int):
-        return (triton.cdiv(bs, self.bb), triton.cdiv(H, self.bh))
+    def grid(self, bs: int, H: int, bwd: bool = False):
+        return (triton.cdiv(bs, self.bb), triton.cdiv(H, self.bh_bwd if bwd else self.bh))
+
+    def launcher(self, kernel, bwd: bool = False, **constexprs):
+        return Launcher(kernel, _interpreted(), ACC_F64=self.acc_f64, UPCAST_DOT=self.upcast,
+                        PRECISION=self.precision, BLOCK_B=self.bb, BLOCK_H=self.bh_bwd if bwd else self.bh,
+                        BLOCK_K=self.bk, num_warps=self.warps, num_stages=self.stages, **constexprs)
+
+
+_PERMS = {}
+
+
+def interleave_perm(H: int, device) -> torch.Tensor:
+    """perm with perm[4*j + k] = k*H + j: rows of a (4H, .) weight in the kernels' gate-interleaved order."""
+    key = (H, str(device))
+    if key not in _PERMS:
+        j = torch.arange(H)
+        _PERMS[key] = (torch.arange(4)[None, :] * H + j[:, None]).reshape(-1).to(device)
+    return _PERMS[key]
+
+
+def deinterleave(g: torch.Tensor) -> torch.Tensor:
+    """(rows, 4H) interleaved (column 4*j + k) -> torch's gate-major order (column k*H + j)."""
+    n, four_h = g.shape
+    return g.view(n, four_h // 4, 4).transpose(1, 2).reshape(n, four_h)
 
 
 def _final_rows(batch_sizes: list[int], last: bool, device) -> torch.Tensor:
@@ -169,8 +226,10 @@ def _fwd_loop(b, batch_sizes, reverse, cfg, store_gates):
     has_bias = b["bias"] is not None
     bias = b["bias"] if has_bias else xw
     H, P = cs.shape[1], y.shape[1]
+    hp_stride, cp_stride, hr_stride = P, H, hr.stride(0)  # every h / c source is row-contiguous
     T = len(batch_sizes)
     offsets = step_offsets(batch_sizes)
+    launch = cfg.launcher(tk.lstm_fwd_step, HAS_BIAS=has_bias, STORE_GATES=store_gates)
     prev = None
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         bs, row0 = batch_sizes[t], offsets[t]
@@ -182,16 +241,8 @@ def _fwd_loop(b, batch_sizes, reverse, cfg, store_gates):
             n, pr = batch_sizes[prev], offsets[prev]
             hp, hp_row = torch.cat([y[pr : pr + n], h0[n:bs]]), 0
             cp, cp_row = torch.cat([cs[pr : pr + n], c0[n:bs]]), 0
-        tk.lstm_fwd_step[cfg.grid(bs, H)](
-            xw, b["wt"], bias,
-            hp, hp_row, hp.stride(0),
-            cp, cp_row, cp.stride(0),
-            gates, cs, hr, hr.stride(0),
-            row0, bs, H, P,
-            HAS_BIAS=has_bias, STORE_GATES=store_gates,
-            ACC_F64=cfg.acc_f64, UPCAST_DOT=cfg.upcast, PRECISION=cfg.precision,
-            BLOCK_B=cfg.bb, BLOCK_H=cfg.bh, BLOCK_K=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages,
-        )
+        launch(cfg.grid(bs, H), xw, b["wt"], bias, hp, hp_row, hp_stride, cp, cp_row, cp_stride,
+               gates, cs, hr, hr_stride, row0, bs, H, P)
         if w_hr is not None:  # y_t = h_t W_hr^T, written in place into y
             torch.matmul(hr[row0 : row0 + bs], w_hr.t(), out=y[row0 : row0 + bs])
         prev = t
@@ -206,6 +257,7 @@ def _bwd_loop(b, batch_sizes, reverse, cfg):
     T = len(batch_sizes)
     offsets = step_offsets(batch_sizes)
     fuse = w_hr is None  # without a projection the recurrent GEMM of dh is fused into the kernel
+    launch = cfg.launcher(tk.lstm_bwd_step, bwd=True, FUSE_REC=fuse)
     nxt = None  # the step processed after this one in the forward pass
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         bs, row0 = batch_sizes[t], offsets[t]
@@ -230,29 +282,21 @@ def _bwd_loop(b, batch_sizes, reverse, cfg):
             if n_next < bs:
                 dhp[n_next:] += dh_n[n_next:bs]
             dh, dh_row = dhp @ w_hr, 0  # (bs, H)
-        tk.lstm_bwd_step[cfg.grid(bs, H)](
-            dh, dh_row, dh.stride(0),
-            dg, next_row, n_next,
-            w_hh, dh_n, dh_n.stride(0),
-            gates, cs,
-            cp, cp_row, cp.stride(0),
-            dc,
-            row0, bs, H,
-            FUSE_REC=fuse,
-            ACC_F64=cfg.acc_f64, UPCAST_DOT=cfg.upcast, PRECISION=cfg.precision,
-            BLOCK_B=cfg.bb, BLOCK_H=cfg.bh, BLOCK_K=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages,
-        )
+        launch(cfg.grid(bs, H, bwd=True), dh, dh_row, dh.stride(0), dg, next_row, n_next,
+               w_hh, dh_n, dh_n.stride(0), gates, cs, cp, cp_row, H, dc, row0, bs, H)
         nxt = t
 
 
-# ---- optional CUDA graphs -------------------------------------------------------------------------
+# ---- CUDA graphs -----------------------------------------------------------------------------------
 # One fused kernel per step means T launches per layer-direction; at small batch the launch
-# cost, not the GPU, sets the pace. With CUDA_GRAPHS on (LSTMKIT_TRITON_GRAPHS=1), a step loop
-# whose shapes and batch_sizes were seen before is recorded once into a CUDA graph over
-# static buffers and replayed: inputs are copied in, outputs copied out. Padded batches
-# repeat their batch_sizes; packed batches with new lengths each time run eagerly (after a
-# first sighting, a loop is captured on its second call, so one-off shapes never pay it).
-CUDA_GRAPHS = os.environ.get("LSTMKIT_TRITON_GRAPHS", "0") == "1"
+# cost, not the GPU, sets the pace. A step loop whose shapes and batch_sizes were seen
+# before is recorded once into a CUDA graph over static buffers and replayed: inputs are
+# copied in, outputs copied out. Padded batches repeat their batch_sizes; packed batches
+# with new lengths each time run eagerly (a loop is captured on its second sighting, so
+# one-off shapes never pay for it). On by default on CUDA; LSTMKIT_TRITON_GRAPHS=0 (or
+# triton_engine.CUDA_GRAPHS = False) turns it off. Not used while the caller is itself
+# capturing a graph. A capture that fails leaves that key eager for good (never an error).
+CUDA_GRAPHS = os.environ.get("LSTMKIT_TRITON_GRAPHS", "1") != "0"
 GRAPH_DEVICES = ("cuda",)  # tests add "cpu" with a stand-in for _capture
 MAX_GRAPHS = 16
 
@@ -275,6 +319,7 @@ class _Graphs:
 
     def __init__(self):
         self.seen = set()
+        self.failed = {}  # key -> why its capture failed (runs eagerly)
         self.graphs = OrderedDict()
 
     def get(self, key, make_buffers, loop):
@@ -282,14 +327,21 @@ class _Graphs:
         if key in self.graphs:
             self.graphs.move_to_end(key)
             return self.graphs[key]
-        if key not in self.seen:
+        if key not in self.seen or key in self.failed:
             self.seen.add(key)
             return None
         b = make_buffers()
         for v in b.values():  # the first capture runs on whatever is there: make it finite
             if v is not None:
                 v.zero_()
-        entry = (b, _capture(lambda: loop(b)))
+        try:
+            entry = (b, _capture(lambda: loop(b)))
+        except Exception as e:  # noqa: BLE001 - a graph is an optimization: run eagerly instead
+            self.failed[key] = f"{type(e).__name__}: {e}"
+            if len(self.failed) == 1:
+                warnings.warn(f"lstmkit triton engine: CUDA graph capture failed ({self.failed[key]}); "
+                              "running this shape without graphs", RuntimeWarning, stacklevel=4)
+            return None
         self.graphs[key] = entry
         if len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
@@ -325,7 +377,9 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, store_gates:
     cfg = _Cfg(x, B, H, P)
     proj = p.w_hr is not None
     has_bias = p.b_ih is not None
-    bias = (p.b_ih.to(cfg.acc) + p.b_hh.to(cfg.acc)) if has_bias else None  # (4H,)
+    perm = interleave_perm(H, dev)  # the kernels' gate-interleaved order of the 4H axis
+    w_ih = p.w_ih[perm]  # (4H, I): x W_ih^T comes out interleaved
+    bias = (p.b_ih.to(cfg.acc) + p.b_hh.to(cfg.acc))[perm] if has_bias else None  # (4H,)
 
     def make_buffers(static=True):
         """The loop's outputs; with static=True (a CUDA graph's buffers) its inputs too."""
@@ -343,14 +397,14 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, store_gates:
     graph = _graphs.get(key, make_buffers, loop) if _use_graphs(x) else None
     if graph is None:  # eager: the inputs themselves and fresh outputs
         b = make_buffers(static=False)
-        b.update(xw=torch.matmul(x, p.w_ih.t()),  # the input projection: one GEMM for all steps
-                 wt=p.w_hh.t().contiguous(), bias=bias,
+        b.update(xw=torch.matmul(x, w_ih.t()),  # the input projection: one GEMM for all steps
+                 wt=p.w_hh[perm].t().contiguous(), bias=bias,
                  h0=h0.contiguous(), c0=c0.to(cfg.acc).contiguous(), w_hr=p.w_hr)
         loop(b)
     else:
         b, replay = graph
-        torch.matmul(x, p.w_ih.t(), out=b["xw"])
-        _copy_in(b, dict(wt=p.w_hh.t(), bias=bias, h0=h0, c0=c0, w_hr=p.w_hr))
+        torch.matmul(x, w_ih.t(), out=b["xw"])
+        _copy_in(b, dict(wt=p.w_hh[perm].t(), bias=bias, h0=h0, c0=c0, w_hr=p.w_hr))
         replay()
         # The next replay overwrites the static buffers: keep copies of what outlives this call.
         b = {k: (v.clone() if k in ("y", "hr", "cs", "gates", "h0", "c0") and v is not None else v)
@@ -387,7 +441,8 @@ def _backward(saved, dy, dh_n, dc_n, batch_sizes, reverse, needs):
     loop = lambda b: _bwd_loop(b, batch_sizes, reverse, cfg)  # noqa: E731
     key = ("bwd", dev, dt, tuple(batch_sizes), reverse, B, H, P, proj, repr(vars(cfg)))
     graph = _graphs.get(key, make_buffers, loop) if _use_graphs(x) else None
-    inputs = dict(dy=dy, dh_n=dh_n, gates=gates, cs=cs, c0=c0, w_hh=p.w_hh, w_hr=p.w_hr)
+    w_hh = p.w_hh[interleave_perm(H, dev)]  # rows in the interleaved order of dg
+    inputs = dict(dy=dy, dh_n=dh_n, gates=gates, cs=cs, c0=c0, w_hh=w_hh, w_hr=p.w_hr)
     if graph is None:
         b = make_buffers(static=False)
         b.update({k: (v.contiguous() if v is not None else None) for k, v in inputs.items()})
@@ -398,8 +453,8 @@ def _backward(saved, dy, dh_n, dc_n, batch_sizes, reverse, needs):
         _copy_in(b, dict(inputs, dc=dc_n))
         replay()  # b's outputs are read right below, before any other replay can happen
 
-    # What remains are GEMMs over all steps at once.
-    dg = b["dg"]
+    # What remains are GEMMs over all steps at once, in torch's gate order.
+    dg = deinterleave(b["dg"])
     nx, nh0, nc0, nwih, nwhh, nbih, nbhh, nwhr = needs
     dx = dg @ p.w_ih if nx else None  # (total, I)
     dh0 = None
@@ -436,7 +491,9 @@ class _TritonLayer(torch.autograd.Function):
             return (*grads, None, None)
         x, w_ih, w_hh, b_ih, b_hh, w_hr, y, *bufs = ctx.saved_tensors[:-2]
         p = LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr)
-        grads = _backward((x, p, y, bufs), dy, dh_n, dc_n, ctx.batch_sizes, ctx.reverse, ctx.needs_input_grad[:8])
+        with torch.autocast(x.device.type, enabled=False):
+            grads = _backward((x, p, y, bufs), dy, dh_n, dc_n, ctx.batch_sizes, ctx.reverse,
+                              ctx.needs_input_grad[:8])
         return (*grads, None, None)
 
 
@@ -463,9 +520,19 @@ def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False, va
         from .. import reference
 
         return reference.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse)
+    h0, c0, p = to_compute_dtype(x.dtype, h0, c0, p)
     tensors = (x, h0, c0, *p)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _TritonLayer.apply(x, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, list(batch_sizes), reverse)
-    with torch.no_grad():
-        y, h_n, c_n, _ = _forward(x, batch_sizes, h0, c0, p, reverse, store_gates=False)
+    with torch.autocast(x.device.type, enabled=False):  # the engine's own GEMMs stay in x's dtype
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return _TritonLayer.apply(x, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, list(batch_sizes), reverse)
+        with torch.no_grad():
+            y, h_n, c_n, _ = _forward(x, batch_sizes, h0, c0, p, reverse, store_gates=False)
     return y, h_n, c_n
+
+
+def to_compute_dtype(dt: torch.dtype, h0, c0, p: LayerParams):
+    """h0, c0 and the weights in the compute dtype dt (x's), by differentiable casts, so the
+    kernels' dots and the engine's GEMMs never mix dtypes (autocast, or a caller that
+    passes fp32 weights with fp16 data); their gradients come back in their own dtype."""
+    cast = lambda t: t if t is None or t.dtype == dt else t.to(dt)  # noqa: E731
+    return cast(h0), cast(c0), LayerParams(*(cast(t) for t in p))

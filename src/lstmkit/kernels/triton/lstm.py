@@ -2,29 +2,40 @@
 
 Each kernel runs ONE time step of one layer-direction over the rows (sequences) live at
 that step. The input projection x W_ih^T of all steps is a single GEMM done by the
-caller (torch.matmul); what remains per step is fused here:
+caller; what remains per step is fused here:
 
-  forward   gates = xw_t + h_{t-1} W_hh^T + b          recurrent GEMM (tl.dot, fp32 acc)
+  forward   gates = xw_t + h_{t-1} W_hh^T + b          recurrent GEMM (one tl.dot per K block)
             i,f,o = sigmoid, g = tanh                   gate math
             c_t = f c_{t-1} + i g ;  h_t = o tanh(c_t)  state update
   backward  dh_t = dy_t + dgates_{t+1} W_hh  (or dh_n)  recurrent GEMM (no projection)
             dc_t, d(pre-activations) of the 4 gates    gate math
             dc_{t-1} = dc_t f                           state update (in place)
 
-A program owns a BLOCK_B x BLOCK_H tile of (rows, hidden units) and computes all four
-gates of it, so the gate math never leaves registers. Gate order is (i, f, g, o): gate k
-of hidden unit j lives in column k*H + j of every (rows, 4H) buffer.
+Gate-interleaved layout. Every 4H-wide buffer these kernels read or write (the input
+projection xw, W_hh^T's columns, the bias, the saved gates, their gradients) holds gate
+k of hidden unit j in column 4*j + k, gate order (i, f, g, o); the driver permutes the
+weights once per call (interleave_perm) so the input projection comes out in this order.
+A program owning hidden units j0 .. j0+BLOCK_H-1 then reads ONE contiguous block of
+4*BLOCK_H columns and runs one dot per K block instead of four, and the gates are pulled
+apart in registers (split_gates). The dot's N is 4*BLOCK_H, so BLOCK_H can be as small
+as 4 (tl.dot wants every dimension >= 16): more programs, a fuller GPU at small batch.
 
-Every (rows, ...) buffer is packed like the engine's data: a step's rows start at a
-row offset passed as an int, so the driver never slices tensors in its loop.
+A program owns a BLOCK_B x BLOCK_H tile of (rows, hidden units) and all four gates of
+it, so the gate math never leaves registers. Every (rows, ...) buffer is packed like the
+engine's data: a step's rows start at a row offset passed as an int (never specialized:
+one compiled kernel serves every step), so the driver never slices tensors in its loop.
 
-Precision: loads are upcast and everything accumulates in fp32 (fp64 for float64
-inputs); stores cast back to the buffer's dtype. The cell state c is kept in the
-accumulation dtype by the driver, so it does not lose bits between steps in fp16/bf16.
+Precision: the dots accumulate in ACC_DTYPE (fp32; fp64 when ACC_F64, for float64
+inputs), always passed as tl.dot's out_dtype: Triton 3.6 (the lent GPU machine's) checks
+that the accumulator's dtype equals out_dtype, whose default is fp32, so an fp64
+accumulator without it does not compile. Both dot operands have the same dtype (the
+driver casts everything to one compute dtype). Gate math
+runs in ACC_DTYPE; stores cast back to the buffer's dtype. The cell state c is kept in
+the accumulation dtype by the driver, so it does not lose bits between steps in fp16/bf16.
 
-This module imports triton and works on torch tensors: it is NOT under kernels/ (numpy).
-Whether kernels are compiled or interpreted is decided by triton when it is imported
-(TRITON_INTERPRET=1 -> interpreter, runs on CPU tensors); see mode().
+These kernels never import torch. Whether they are compiled or interpreted is decided by
+triton when this module is imported (TRITON_INTERPRET=1 -> interpreter, runs on CPU
+tensors); see mode().
 """
 from __future__ import annotations
 
@@ -45,14 +56,32 @@ def _tanh(x):
     return tl.where(x >= 0, t, -t)
 
 
+@triton.jit
+def split_gates(x, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(BB, 4*BH) interleaved columns 4*j + k -> the four (BB, BH) gates i, f, g, o."""
+    # k = 2*k1 + k0: the reshape puts k0 last; split peels the last axis.
+    x4 = tl.reshape(x, (BLOCK_B, BLOCK_H, 2, 2))
+    k0_is_0, k0_is_1 = tl.split(x4)  # (i, g) and (f, o), indexed by k1
+    i, g = tl.split(k0_is_0)
+    f, o = tl.split(k0_is_1)
+    return i, f, g, o
+
+
+@triton.jit
+def join_gates(i, f, g, o, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Inverse of split_gates: four (BB, BH) tiles -> (BB, 4*BH) interleaved."""
+    x4 = tl.join(tl.join(i, g), tl.join(f, o))  # (BB, BH, k1, k0)
+    return tl.reshape(x4, (BLOCK_B, 4 * BLOCK_H))
+
+
 @triton.jit(do_not_specialize=["row0", "hp_row", "cp_row", "bs"])
 def lstm_fwd_step(
-    xw_ptr,  # (total, 4H)  x W_ih^T of every step (no bias)
-    wt_ptr,  # (K, 4H)      W_hh^T, contiguous (K = P = width of h)
-    b_ptr,  # (4H,)         b_ih + b_hh (unused when not HAS_BIAS)
+    xw_ptr,  # (total, 4H)  x W_ih^T of every step (no bias), interleaved
+    wt_ptr,  # (K, 4H)      W_hh^T, interleaved columns (K = P = width of h)
+    b_ptr,  # (4H,)         b_ih + b_hh, interleaved (unused when not HAS_BIAS)
     hp_ptr, hp_row, hp_stride,  # h_{t-1}: rows hp_row.. of a (*, K) buffer
     cp_ptr, cp_row, cp_stride,  # c_{t-1}: rows cp_row.. of a (*, H) buffer
-    gates_ptr,  # (total, 4H) out: activations i, f, g, o (saved for backward)
+    gates_ptr,  # (total, 4H) out: activations i, f, g, o, interleaved (saved for backward)
     c_ptr,  # (total, H)    out: c_t
     h_ptr, h_stride,  # (total, *) out: o * tanh(c_t)  (y, or the pre-projection buffer)
     row0,  # first row of this step in xw / gates / c / h
@@ -61,79 +90,58 @@ def lstm_fwd_step(
     ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    acc_ty = tl.float64 if ACC_F64 else tl.float32
+    ACC_DTYPE = tl.float64 if ACC_F64 else tl.float32
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,) hidden units
+    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,) hidden units
+    cols = tl.program_id(1) * (4 * BLOCK_H) + tl.arange(0, 4 * BLOCK_H)  # (4BH,) their gate columns
+    four_h = 4 * H
     rmask = rows < bs
-    cmask = cols < H
-    m2 = rmask[:, None] & cmask[None, :]  # (BB, BH)
+    umask = units < H
+    cmask = cols < four_h
+    m2 = rmask[:, None] & umask[None, :]  # (BB, BH)
+    g2 = rmask[:, None] & cmask[None, :]  # (BB, 4BH)
     rows64 = rows.to(tl.int64)
 
-    # Recurrent GEMM: the four gate blocks of h_{t-1} W_hh^T, columns `cols` of each.
-    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=acc_ty)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=acc_ty)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=acc_ty)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=acc_ty)
-    four_h = 4 * H
+    # Recurrent GEMM: h_{t-1} W_hh^T for the 4*BH gate columns of this program, one dot per K block.
+    acc = tl.zeros((BLOCK_B, 4 * BLOCK_H), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
         kmask = ks < K
         a = tl.load(hp_ptr + (hp_row + rows64)[:, None] * hp_stride + ks[None, :],
                     mask=rmask[:, None] & kmask[None, :], other=0.0)  # (BB, BK)
-        wm = kmask[:, None] & cmask[None, :]
-        w_base = wt_ptr + ks.to(tl.int64)[:, None] * four_h + cols[None, :]  # (BK, BH)
-        w_i = tl.load(w_base + 0 * H, mask=wm, other=0.0)
-        w_f = tl.load(w_base + 1 * H, mask=wm, other=0.0)
-        w_g = tl.load(w_base + 2 * H, mask=wm, other=0.0)
-        w_o = tl.load(w_base + 3 * H, mask=wm, other=0.0)
+        w = tl.load(wt_ptr + ks.to(tl.int64)[:, None] * four_h + cols[None, :],
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)  # (BK, 4BH)
         if UPCAST_DOT:  # the interpreter's dot mishandles bf16; it computes in fp32 instead
             a = a.to(tl.float32)
-            w_i, w_f, w_g, w_o = w_i.to(tl.float32), w_f.to(tl.float32), w_g.to(tl.float32), w_o.to(tl.float32)
-        acc_i = tl.dot(a, w_i, acc_i, input_precision=PRECISION)
-        acc_f = tl.dot(a, w_f, acc_f, input_precision=PRECISION)
-        acc_g = tl.dot(a, w_g, acc_g, input_precision=PRECISION)
-        acc_o = tl.dot(a, w_o, acc_o, input_precision=PRECISION)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     # Add the input projection and bias, then the gate math, all in registers.
-    xw = xw_ptr + (row0 + rows64)[:, None] * four_h + cols[None, :]  # (BB, BH) pointers
-    acc_i += tl.load(xw + 0 * H, mask=m2, other=0.0).to(acc_ty)
-    acc_f += tl.load(xw + 1 * H, mask=m2, other=0.0).to(acc_ty)
-    acc_g += tl.load(xw + 2 * H, mask=m2, other=0.0).to(acc_ty)
-    acc_o += tl.load(xw + 3 * H, mask=m2, other=0.0).to(acc_ty)
-    if HAS_BIAS:
-        acc_i += tl.load(b_ptr + 0 * H + cols, mask=cmask, other=0.0).to(acc_ty)[None, :]
-        acc_f += tl.load(b_ptr + 1 * H + cols, mask=cmask, other=0.0).to(acc_ty)[None, :]
-        acc_g += tl.load(b_ptr + 2 * H + cols, mask=cmask, other=0.0).to(acc_ty)[None, :]
-        acc_o += tl.load(b_ptr + 3 * H + cols, mask=cmask, other=0.0).to(acc_ty)[None, :]
-    i = _sigmoid(acc_i)
-    f = _sigmoid(acc_f)
-    g = _tanh(acc_g)
-    o = _sigmoid(acc_o)
-
-    c_prev = tl.load(cp_ptr + (cp_row + rows64)[:, None] * cp_stride + cols[None, :], mask=m2, other=0.0).to(acc_ty)
-    c = f * c_prev + i * g  # (BB, BH)
-    h = o * _tanh(c)
-
     rc = (row0 + rows64)[:, None]
-    tl.store(c_ptr + rc * H + cols[None, :], c.to(c_ptr.dtype.element_ty), mask=m2)
-    tl.store(h_ptr + rc * h_stride + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=m2)
+    acc += tl.load(xw_ptr + rc * four_h + cols[None, :], mask=g2, other=0.0).to(ACC_DTYPE)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC_DTYPE)[None, :]
+    is_g = (cols % 4) == 2  # the cell candidate g is the only tanh gate
+    act = tl.where(is_g[None, :], _tanh(acc), _sigmoid(acc))  # (BB, 4BH)
     if STORE_GATES:
-        gp = gates_ptr + rc * four_h + cols[None, :]
-        gty = gates_ptr.dtype.element_ty
-        tl.store(gp + 0 * H, i.to(gty), mask=m2)
-        tl.store(gp + 1 * H, f.to(gty), mask=m2)
-        tl.store(gp + 2 * H, g.to(gty), mask=m2)
-        tl.store(gp + 3 * H, o.to(gty), mask=m2)
+        tl.store(gates_ptr + rc * four_h + cols[None, :], act.to(gates_ptr.dtype.element_ty), mask=g2)
+    i, f, g, o = split_gates(act, BLOCK_B, BLOCK_H)
+
+    c_prev = tl.load(cp_ptr + (cp_row + rows64)[:, None] * cp_stride + units[None, :], mask=m2, other=0.0)
+    c = f * c_prev.to(ACC_DTYPE) + i * g  # (BB, BH)
+    h = o * _tanh(c)
+    tl.store(c_ptr + rc * H + units[None, :], c.to(c_ptr.dtype.element_ty), mask=m2)
+    tl.store(h_ptr + rc * h_stride + units[None, :], h.to(h_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit(do_not_specialize=["row0", "dh_row", "next_row", "n_next", "cp_row", "bs"])
 def lstm_bwd_step(
     dh_ptr, dh_row, dh_stride,  # dL/dh_t from outside the recurrence: dy_t (FUSE_REC) or the full dh_t
-    dg_ptr,  # (total, 4H) in/out: gate pre-activation grads; reads the next step's, writes this one's
+    dg_ptr,  # (total, 4H) in/out, interleaved: reads the next step's gate grads, writes this one's
     next_row, n_next,  # the next step's rows in dg; rows < n_next get their recurrent grad from it
-    w_ptr,  # (4H, H)  W_hh (only with FUSE_REC, i.e. no projection: K = H)
+    w_ptr,  # (4H, H)  W_hh with interleaved rows (only with FUSE_REC, i.e. no projection: K = H)
     dhn_ptr, dhn_stride,  # (B, H) dL/dh_n: the recurrent grad of rows >= n_next (FUSE_REC)
-    gates_ptr,  # (total, 4H) saved activations i, f, g, o
+    gates_ptr,  # (total, 4H) saved activations, interleaved
     c_ptr,  # (total, H)    saved c_t
     cp_ptr, cp_row, cp_stride,  # c_{t-1}
     dc_ptr,  # (B, H) in/out, in place: dL/dc_t in, dL/dc_{t-1} out (rows < bs)
@@ -142,62 +150,59 @@ def lstm_bwd_step(
     ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    acc_ty = tl.float64 if ACC_F64 else tl.float32
+    ACC_DTYPE = tl.float64 if ACC_F64 else tl.float32
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    rmask = rows < bs
-    cmask = cols < H
-    m2 = rmask[:, None] & cmask[None, :]
-    rows64 = rows.to(tl.int64)
+    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.program_id(1) * (4 * BLOCK_H) + tl.arange(0, 4 * BLOCK_H)
     four_h = 4 * H
+    rmask = rows < bs
+    umask = units < H
+    cmask = cols < four_h
+    m2 = rmask[:, None] & umask[None, :]
+    g2 = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)
 
-    dh = tl.load(dh_ptr + (dh_row + rows64)[:, None] * dh_stride + cols[None, :], mask=m2, other=0.0).to(acc_ty)
+    dh = tl.load(dh_ptr + (dh_row + rows64)[:, None] * dh_stride + units[None, :], mask=m2, other=0.0).to(ACC_DTYPE)
     if FUSE_REC:
         # dh_t += dgates_{t+1} W_hh for the rows that go on to the next step; the rows
         # whose sequence ends here get dL/dh_n instead.
-        acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=acc_ty)
+        acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC_DTYPE)
         live = rmask & (rows < n_next)
         for k0 in range(0, four_h, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < four_h
             a = tl.load(dg_ptr + (next_row + rows64)[:, None] * four_h + ks[None, :],
                         mask=live[:, None] & kmask[None, :], other=0.0)  # (BB, BK)
-            w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * H + cols[None, :],
-                        mask=kmask[:, None] & cmask[None, :], other=0.0)  # (BK, BH)
+            w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * H + units[None, :],
+                        mask=kmask[:, None] & umask[None, :], other=0.0)  # (BK, BH)
             if UPCAST_DOT:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        ended = rmask[:, None] & (rows >= n_next)[:, None] & cmask[None, :]
-        acc += tl.load(dhn_ptr + rows64[:, None] * dhn_stride + cols[None, :], mask=ended, other=0.0).to(acc_ty)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ended = rmask[:, None] & (rows >= n_next)[:, None] & umask[None, :]
+        acc += tl.load(dhn_ptr + rows64[:, None] * dhn_stride + units[None, :], mask=ended, other=0.0).to(ACC_DTYPE)
         dh += acc
 
     rc = (row0 + rows64)[:, None]
-    gp = gates_ptr + rc * four_h + cols[None, :]
-    i = tl.load(gp + 0 * H, mask=m2, other=0.0).to(acc_ty)
-    f = tl.load(gp + 1 * H, mask=m2, other=0.0).to(acc_ty)
-    g = tl.load(gp + 2 * H, mask=m2, other=0.0).to(acc_ty)
-    o = tl.load(gp + 3 * H, mask=m2, other=0.0).to(acc_ty)
-    c = tl.load(c_ptr + rc * H + cols[None, :], mask=m2, other=0.0).to(acc_ty)
-    c_prev = tl.load(cp_ptr + (cp_row + rows64)[:, None] * cp_stride + cols[None, :], mask=m2, other=0.0).to(acc_ty)
-    dcp = dc_ptr + rows64[:, None] * H + cols[None, :]
+    act = tl.load(gates_ptr + rc * four_h + cols[None, :], mask=g2, other=0.0).to(ACC_DTYPE)
+    i, f, g, o = split_gates(act, BLOCK_B, BLOCK_H)
+    c = tl.load(c_ptr + rc * H + units[None, :], mask=m2, other=0.0).to(ACC_DTYPE)
+    c_prev = tl.load(cp_ptr + (cp_row + rows64)[:, None] * cp_stride + units[None, :], mask=m2, other=0.0)
+    dcp = dc_ptr + rows64[:, None] * H + units[None, :]
 
     # h = o tanh(c);  c = f c_prev + i g
     tc = _tanh(c)
-    dc = tl.load(dcp, mask=m2, other=0.0).to(acc_ty) + dh * o * (1.0 - tc * tc)
+    dc = tl.load(dcp, mask=m2, other=0.0).to(ACC_DTYPE) + dh * o * (1.0 - tc * tc)
     d_o = dh * tc
     d_i = dc * g
     d_g = dc * i
-    d_f = dc * c_prev
+    d_f = dc * c_prev.to(ACC_DTYPE)
     tl.store(dcp, (dc * f).to(dc_ptr.dtype.element_ty), mask=m2)
 
-    # Through the nonlinearities to the pre-activations.
-    dgp = dg_ptr + rc * four_h + cols[None, :]
-    gty = dg_ptr.dtype.element_ty
-    tl.store(dgp + 0 * H, (d_i * i * (1.0 - i)).to(gty), mask=m2)
-    tl.store(dgp + 1 * H, (d_f * f * (1.0 - f)).to(gty), mask=m2)
-    tl.store(dgp + 2 * H, (d_g * (1.0 - g * g)).to(gty), mask=m2)
-    tl.store(dgp + 3 * H, (d_o * o * (1.0 - o)).to(gty), mask=m2)
+    # Through the nonlinearities to the pre-activations, stored as one interleaved tile.
+    dpre = join_gates(d_i * i * (1.0 - i), d_f * f * (1.0 - f), d_g * (1.0 - g * g), d_o * o * (1.0 - o),
+                      BLOCK_B, BLOCK_H)
+    tl.store(dg_ptr + rc * four_h + cols[None, :], dpre.to(dg_ptr.dtype.element_ty), mask=g2)
 
 
 def _is_interpreted(kernel) -> bool:
