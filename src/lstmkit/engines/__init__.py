@@ -72,6 +72,12 @@ def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False):
             return reference.lstm_layer
     if name == "auto":
         name = auto_engine_name(x)
+        if name == "triton" and not variant:
+            # "auto" trusts the GPU engine only after its kernels checked themselves on this
+            # device (engines/triton/selfcheck.py); engine="triton" skips that and fails loudly.
+            from .triton import selfcheck
+
+            return selfcheck.checked_lstm_layer
     if not variant:
         return _load(name).lstm_layer
     if name not in _VARIANT_MODULES:

@@ -30,7 +30,9 @@ engine="auto" falls back to another engine.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import warnings
 from collections import OrderedDict
 
@@ -85,6 +87,23 @@ def _check(x: torch.Tensor) -> None:
 
 
 _SM_COUNT = {}
+_FORCED = threading.local()  # .options: a _Cfg.options() tuple every _Cfg of this thread takes
+
+
+@contextlib.contextmanager
+def forced_options(options: tuple):
+    """Within the block, this thread's calls compile with `options` (a _Cfg.options() tuple)
+    whatever their shapes: the self-check runs a tiny problem through a big call's kernels."""
+    _FORCED.options = options
+    try:
+        yield
+    finally:
+        _FORCED.options = None
+
+
+def kernel_options(x: torch.Tensor, B: int, H: int, P: int) -> tuple:
+    """The compile-time options a call with input x, batch B, hidden H, h width P uses."""
+    return _Cfg(x, B, H, P).options()
 
 
 def _sm_count(device) -> int:
@@ -123,6 +142,7 @@ class _Cfg:
     def __init__(self, x: torch.Tensor, B: int, H: int, K: int):
         interp = _interpreted()
         dt = x.dtype
+        self.device = str(x.device)
         self.acc = torch.float64 if dt == torch.float64 else torch.float32
         self.acc_f64 = dt == torch.float64
         # The interpreter's dot mishandles bf16 operands (numpy has no bf16); on the GPU
@@ -157,14 +177,32 @@ class _Cfg:
         if TILES is not None:
             self.bb, self.bh, self.bk = TILES
             self.bh_bwd = self.bh
+        forced = getattr(_FORCED, "options", None)
+        if forced is not None:  # a self-check reproducing another call's compiled kernels
+            (self.acc_f64, self.upcast, self.precision, self.bb, self.bh, self.bh_bwd, self.bk,
+             self.warps, self.stages) = forced
 
     def grid(self, bs: int, H: int, bwd: bool = False):
         return (triton.cdiv(bs, self.bb), triton.cdiv(H, self.bh_bwd if bwd else self.bh))
 
     def launcher(self, kernel, bwd: bool = False, **constexprs):
-        return Launcher(kernel, _interpreted(), ACC_F64=self.acc_f64, UPCAST_DOT=self.upcast,
-                        PRECISION=self.precision, BLOCK_B=self.bb, BLOCK_H=self.bh_bwd if bwd else self.bh,
-                        BLOCK_K=self.bk, num_warps=self.warps, num_stages=self.stages, **constexprs)
+        """The cached launcher of kernel with this call's compile-time options (kept across calls)."""
+        meta = dict(ACC_F64=self.acc_f64, UPCAST_DOT=self.upcast, PRECISION=self.precision, BLOCK_B=self.bb,
+                    BLOCK_H=self.bh_bwd if bwd else self.bh, BLOCK_K=self.bk, num_warps=self.warps,
+                    num_stages=self.stages, **constexprs)
+        key = (kernel, self.device, _interpreted(), tuple(sorted(meta.items())))
+        launcher = _LAUNCHERS.get(key)
+        if launcher is None:
+            launcher = _LAUNCHERS[key] = Launcher(kernel, _interpreted(), **meta)
+        return launcher
+
+    def options(self) -> tuple:
+        """Everything about this call that selects a different compiled kernel."""
+        return (self.acc_f64, self.upcast, self.precision, self.bb, self.bh, self.bh_bwd, self.bk,
+                self.warps, self.stages)
+
+
+_LAUNCHERS = {}  # (kernel, device, interpreted, options) -> Launcher
 
 
 _PERMS = {}

@@ -210,11 +210,14 @@ def _is_interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+_OURS_INTERPRETED = _is_interpreted(lstm_fwd_step)  # read once: tests may swap the kernels
+
+
 def mode() -> str:
     """"compiled", "interpreted", or "mixed": TRITON_INTERPRET was set after triton itself was
     imported but before this module, so triton.language's own helpers (tl.zeros, ...) are
     compiled-mode while our kernels are interpreted, and nothing can run."""
-    ours, theirs = _is_interpreted(lstm_fwd_step), _is_interpreted(tl.zeros)
+    ours, theirs = _OURS_INTERPRETED, _is_interpreted(tl.zeros)
     if ours and theirs:
         return "interpreted"
     return "mixed" if ours or theirs else "compiled"
