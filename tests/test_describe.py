@@ -100,3 +100,37 @@ def test_console_script_entry_point():
 
     assert main(["params", "3", "4"]) == 0
     assert main(["nonsense"]) == 2
+
+
+def test_memory_at_the_dtype():
+    cfg = LSTMConfig(3, 4, 2)
+    d = describe(cfg, seq_len=5, batch=2, dtype="float64")
+    assert d.memory()["parameters"] == 8 * d.total and d.memory_float32()["parameters"] == 4 * d.total
+    assert "memory at float64:" in d.text() and d.to_dict()["memory_bytes"]["parameters"] == 8 * d.total
+    assert describe(nn.LSTM(3, 4).double()).dtype == "float64"  # a module's own dtype by default
+    half = nn.LSTM(3, 4).half()
+    assert describe(half, dtype="bfloat16").memory()["gradients"] == 2 * sum(p.numel() for p in half.parameters())
+    with pytest.raises(ValueError, match="dtype"):
+        describe(cfg, dtype="int8")
+
+
+def test_cli_variant_options_match_the_module():
+    r = _cli("3", "5", "--num-layers", "2", "--bidirectional", "--proj-size", "2", "--layer-norm", "--peephole",
+             "--dropout", "0.25", "--zoneout", "0.1,0.05", "--recurrent-dropout", "0.2", "--weight-drop", "0.3",
+             "--forget-bias", "1", "--dtype", "float16", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    m = lstmkit.LSTM(3, 5, 2, dropout=0.25, bidirectional=True, proj_size=2, layer_norm=True, peephole=True,
+                     zoneout=(0.1, 0.05), recurrent_dropout=0.2, weight_drop=0.3, forget_bias=1.0)
+    assert d["tensors"] == [{"name": n, "shape": list(p.shape), "count": p.numel()} for n, p in m.named_parameters()]
+    assert d["config"]["dropout"] == 0.25 and d["config"]["zoneout"] == [0.1, 0.05]
+    assert d["dtype"] == "float16" and d["memory_bytes"]["parameters"] == 2 * d["total"]
+
+
+@pytest.mark.parametrize("args", [["4", "5", "--zoneout", "0.1,0.2,0.3"], ["4", "5", "--zoneout", "x"],
+                                  ["4", "5", "--dropout", "1.5"], ["4", "5", "--no-bias", "--forget-bias", "1"],
+                                  ["4", "5", "--dtype", "int8"], ["4", "5", "--weight-drop", "1"]])
+def test_cli_bad_variant_options(args):
+    r = _cli(*args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr

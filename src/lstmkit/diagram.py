@@ -74,6 +74,14 @@ class Row:
     role: str = ""
 
 
+def picture_format(path) -> str:
+    """'.svg' or '.png' from the file name; ValueError for anything else."""
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext not in (".svg", ".png"):
+        raise ValueError(f"the diagram is written as .svg or .png, got {str(path)!r}")
+    return ext
+
+
 def text_width(text: str, size: float) -> float:
     return len(text) * CHAR_EM * size
 
@@ -113,14 +121,11 @@ class Diagram:
 
     def save(self, path) -> None:
         """Write the picture: .svg as is, .png through matplotlib. Other extensions: ValueError."""
-        ext = os.path.splitext(str(path))[1].lower()
-        if ext == ".svg":
+        if picture_format(path) == ".svg":
             with open(path, "w", encoding="utf-8") as f:
                 f.write(self.svg())
-        elif ext == ".png":
-            self.save_png(path)
         else:
-            raise ValueError(f"the diagram is written as .svg or .png, not {ext or 'a file without extension'!r}: {path}")
+            self.save_png(path)
 
     def save_png(self, path, scale: float = 2.0) -> None:
         try:
@@ -354,7 +359,7 @@ def _pill(fig, lines: list, cx: float, y: float, colors, dashed=False, min_w=0.0
     h = 8 + len(lines) * LINE + 2
     fig.add(Box(cx - w / 2, y, w, h, *colors, dashed=dashed))
     for i, t in enumerate(lines):
-        fig.add(Row(y + 6 + SIZE + i * LINE, (Cell(cx, t, "middle"),), bold=(i == 0), role=role if i == 0 else "",
+        fig.add(Row(y + 6 + SIZE + i * LINE, (Cell(cx, t, "middle"),), bold=(i == 0), role=role,
                     color=INK if i == 0 else MUTED))
     return y + h
 
