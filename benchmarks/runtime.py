@@ -68,12 +68,12 @@ def main(argv=None) -> int:
     rt = runtime.load(path)
 
     # ONNX Runtime: one LSTM node, weights converted the way export_onnx converts them.
-    from lstmkit.interop.onnx_export import _gates
+    from lstmkit.interop.onnx_export import to_onnx_gate_order
 
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
-    W = _gates(sd["weight_ih_l0"])[None]
-    R = _gates(sd["weight_hh_l0"])[None]
-    B = np.concatenate([_gates(sd["bias_ih_l0"]), _gates(sd["bias_hh_l0"])])[None]
+    W = to_onnx_gate_order(sd["weight_ih_l0"])[None]
+    R = to_onnx_gate_order(sd["weight_hh_l0"])[None]
+    B = np.concatenate([to_onnx_gate_order(sd["bias_ih_l0"]), to_onnx_gate_order(sd["bias_hh_l0"])])[None]
     f32 = TensorProto.FLOAT
     node = helper.make_node("LSTM", ["X", "W", "R", "B", "", "h0", "c0"], ["Y", "Y_h", "Y_c"], hidden_size=H)
     graph = helper.make_graph(

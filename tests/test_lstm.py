@@ -277,6 +277,50 @@ def test_engine_name_error():
         lstmkit.LSTM(3, 4, engine="cudnn")
 
 
+def _forget_numba_engine(monkeypatch):
+    """Make the next import of the numba engine and kernels run again (monkeypatch restores them)."""
+    import sys
+
+    for name in [n for n in sys.modules if n.startswith(("lstmkit.engines.numba", "lstmkit.kernels.numba"))]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+def test_engine_unavailable_only_when_its_package_is_missing(monkeypatch):
+    import sys
+
+    from lstmkit.engines import is_available
+
+    _forget_numba_engine(monkeypatch)
+    monkeypatch.setitem(sys.modules, "numba", None)  # "not installed"
+    assert not is_available("numba")
+
+
+def test_engine_internal_import_error_is_loud(monkeypatch):
+    # A broken lstmkit import must not pass for "numba is not installed" and silently make
+    # engine="auto" run the slow reference engine.
+    import sys
+
+    from lstmkit.engines import is_available
+
+    _forget_numba_engine(monkeypatch)
+    monkeypatch.setitem(sys.modules, "lstmkit.kernels.numba.lstm", None)
+    with pytest.raises(ImportError, match="lstmkit.kernels.numba.lstm"):
+        is_available("numba")
+    with pytest.raises(ImportError, match="lstmkit.kernels.numba.lstm"):
+        lstmkit.LSTM(3, 4)(torch.randn(2, 1, 3))
+
+
+def test_cli_internal_import_error_is_loud(monkeypatch):
+    import sys
+
+    from lstmkit.cli import main
+
+    monkeypatch.delitem(sys.modules, "lstmkit.cli.params", raising=False)
+    monkeypatch.setitem(sys.modules, "lstmkit.describe", None)
+    with pytest.raises(ImportError, match="lstmkit.describe"):
+        main(["params", "3", "4"])
+
+
 def _errors(m, *args):
     try:
         m(*args)

@@ -38,9 +38,10 @@ def main(argv=None) -> int:
     try:
         mod = importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("lstmkit"):
-            print(f"lstmkit: command {name!r} is not available in this build", file=sys.stderr)
-            return 2
+        # Only a missing third-party package is the user's to fix; a missing lstmkit module
+        # is a bug in lstmkit and propagates with its real traceback.
+        if e.name is None or e.name.split(".")[0] == "lstmkit":
+            raise
         print(f"lstmkit {name}: needs the package {e.name!r}, which is not installed", file=sys.stderr)
         return 2
     return int(mod.main(rest) or 0)

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from ..config import ENGINE_NAMES
+
 # (T, N, input, hidden, layers, bidirectional) and the targets from issue 3:
 # (fwd vs nn.LSTM, fwd vs ORT, fwd+bwd vs nn.LSTM)
 CASES = [
@@ -338,7 +340,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", action="store_true", help="also measure peak memory of forward+backward")
     ap.add_argument("--startup", action="store_true", help="also measure import and first-call times")
     ap.add_argument("--cases", type=str, default=None, help="comma-separated case indices (0-based)")
-    ap.add_argument("--engine", default="auto", help="lstmkit engine (default auto)")
+    ap.add_argument("--engine", default="auto", choices=ENGINE_NAMES, help="lstmkit engine (default auto)")
     ap.add_argument("--json", type=str, default=None, help="write the results to this file")
     ap.add_argument("--markdown", type=str, default=None, help="write the speed table as markdown (BENCHMARKS.md rows)")
     ap.add_argument("--memory-child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)

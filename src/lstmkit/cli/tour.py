@@ -12,20 +12,26 @@ import torch
 from torch import nn
 
 from ..config import LSTMConfig
-from ..engines import ENGINES
-from ..nn import LSTM
 from ..describe import describe
+from ..engines import ENGINES, is_available
+from ..nn import LSTM
+
+TOLERANCE_FLOAT64 = 1e-10  # the project's float64 agreement bound with torch.nn.LSTM
 
 
-def _engines_here() -> list[str]:
-    out = ["reference"]
-    try:
-        import lstmkit.engines.numba_engine  # noqa: F401
+def engines_here() -> list[str]:
+    """The CPU engines that import on this machine (triton needs a GPU)."""
+    return [name for name in ("reference", "numba") if is_available(name)]
 
-        out.append("numba")
-    except ImportError:
-        pass
-    return out
+
+def _forward_backward(module, x, grad_output):
+    """(output, h_n, c_n, input grad, every parameter grad), seconds."""
+    xi = x.clone().requires_grad_(True)
+    t0 = time.perf_counter()
+    y, (h, c) = module(xi)
+    (y * grad_output).sum().backward()
+    seconds = time.perf_counter() - t0
+    return [y, h, c, xi.grad] + [p.grad for p in module.parameters()], seconds
 
 
 def main(argv=None) -> int:
@@ -40,29 +46,18 @@ def main(argv=None) -> int:
     print()
 
     torch.manual_seed(0)
-    oracle = nn.LSTM(**{k: v for k, v in cfg.to_dict().items() if k in
-                        ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "bidirectional", "proj_size")},
-                     dtype=torch.float64)
+    oracle = nn.LSTM(**cfg.torch_kwargs(), dtype=torch.float64)
     x = torch.randn(T, N, cfg.input_size, dtype=torch.float64)
-    gy = torch.randn(T, N, cfg.output_size, dtype=torch.float64)
+    grad_output = torch.randn(T, N, cfg.output_size, dtype=torch.float64)
 
-    def run(m):
-        xi = x.clone().requires_grad_(True)
-        t0 = time.perf_counter()
-        y, (h, c) = m(xi)
-        (y * gy).sum().backward()
-        dt = time.perf_counter() - t0
-        return [y, h, c, xi.grad] + [p.grad for p in m.parameters()], dt
-
-    want, t_ref = run(oracle)
-    print(f"engines: {', '.join(e for e in ENGINES if e != 'auto')}; here: {', '.join(_engines_here())}")
+    want, t_ref = _forward_backward(oracle, x, grad_output)
+    print(f"engines: {', '.join(e for e in ENGINES if e != 'auto')}; here: {', '.join(engines_here())}")
     print(f"torch.nn.LSTM float64 forward+backward: {t_ref * 1e3:.1f} ms")
     ok = True
-    for engine in _engines_here():
-        ours = LSTM.from_torch(oracle, engine=engine)
-        got, dt = run(ours)
+    for engine in engines_here():
+        got, dt = _forward_backward(LSTM.from_torch(oracle, engine=engine), x, grad_output)
         err = max((g - w).abs().max().item() for g, w in zip(got, want))
-        good = err < 1e-10
+        good = err < TOLERANCE_FLOAT64
         ok &= good
         print(f"lstmkit engine={engine:<9} forward+backward: {dt * 1e3:.1f} ms   "
               f"max |difference| vs torch.nn.LSTM (output, h_n, c_n, every gradient): {err:.2e}  "

@@ -7,8 +7,9 @@ import warnings
 import torch
 
 from .base import LayerParams, step_offsets  # noqa: F401
+from ..config import ENGINE_NAMES
 
-ENGINES = ("auto", "reference", "numba", "triton")
+ENGINES = ENGINE_NAMES  # the names live in config.py, which the command lines read without torch
 
 # name -> module path; imported on first use so `import lstmkit` stays cheap.
 _MODULES = {
@@ -28,21 +29,31 @@ def _load(name: str):
     return importlib.import_module(_MODULES[name])
 
 
-def _available(name: str) -> bool:
+# The third-party package each optional engine needs; without it the engine is unavailable.
+_NEEDS = {"numba": "numba", "triton": "triton"}
+
+
+def is_available(name: str) -> bool:
+    """Whether engine `name` imports here. Only its third-party package being absent means
+    "unavailable"; any other import error (a bug in lstmkit) propagates, so it cannot
+    silently downgrade engine="auto" to the slow reference engine."""
     try:
         _load(name)
-    except ImportError:
-        return False
+    except ModuleNotFoundError as e:
+        package = _NEEDS.get(name)
+        if package is not None and e.name is not None and e.name.split(".")[0] == package:
+            return False
+        raise
     return True
 
 
 def auto_engine_name(x: torch.Tensor) -> str:
     """The engine `engine="auto"` picks for input x."""
-    if x.device.type == "cuda" and _available("triton"):
+    if x.device.type == "cuda" and is_available("triton"):
         return "triton"
     # The Numba kernels compute in float32/float64 only; other CPU dtypes (bfloat16,
     # float16) run on the reference engine, in their own dtype, like torch.nn.LSTM.
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _available("numba"):
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and is_available("numba"):
         return "numba"
     return "reference"
 

@@ -23,16 +23,12 @@ import os
 
 import numpy as np
 
-# torch's gate blocks [i, f, g, o] -> ONNX's [i, o, f, c]
-_TORCH_TO_ONNX_GATES = (0, 3, 1, 2)
-# lstmkit's peephole rows [i, f, o] -> ONNX's P [i, o, f]
-_PEEP_ROWS = (0, 2, 1)
+from ..config import ONNX_PEEPHOLE_PERMUTATION, LSTMConfig, onnx_gate_rows
 
 
-def _gates(w: np.ndarray) -> np.ndarray:
-    """Reorder the four H-row blocks of a (4H, ...) or (4H,) array from torch's to ONNX's order."""
-    H = w.shape[0] // 4
-    return np.concatenate([w[g * H : (g + 1) * H] for g in _TORCH_TO_ONNX_GATES])
+def to_onnx_gate_order(w: np.ndarray) -> np.ndarray:
+    """A (4H, ...) or (4H,) array with its gate blocks reordered from torch's to ONNX's order."""
+    return w[onnx_gate_rows(w.shape[0] // 4)]
 
 
 def _check_exportable(cfg) -> None:
@@ -58,9 +54,7 @@ def export_onnx(module, path, *, initial_state: bool = False, opset: int = 17) -
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from .serialization import _config_of
-
-    cfg = _config_of(module, "export_onnx")
+    cfg = LSTMConfig.from_module(module, "export_onnx")
     _check_exportable(cfg)
     params = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
     dtype = params["weight_ih_l0"].dtype
@@ -91,11 +85,12 @@ def export_onnx(module, path, *, initial_state: bool = False, opset: int = 17) -
     h_outs, c_outs = [], []
     for k in range(L):
         sfx = [f"_l{k}", f"_l{k}_reverse"][:D]
-        W = np.stack([_gates(params["weight_ih" + s]) for s in sfx])  # (D, 4H, I_k)
-        R = np.stack([_gates(params["weight_hh" + s]) for s in sfx])  # (D, 4H, H)
+        W = np.stack([to_onnx_gate_order(params["weight_ih" + s]) for s in sfx])  # (D, 4H, I_k)
+        R = np.stack([to_onnx_gate_order(params["weight_hh" + s]) for s in sfx])  # (D, 4H, H)
         ins = [x, const(f"W_l{k}", W), const(f"R_l{k}", R)]
         if cfg.bias:
-            B = np.stack([np.concatenate([_gates(params["bias_ih" + s]), _gates(params["bias_hh" + s])]) for s in sfx])
+            B = np.stack([np.concatenate([to_onnx_gate_order(params[b + s]) for b in ("bias_ih", "bias_hh")])
+                          for s in sfx])
             ins.append(const(f"B_l{k}", B))  # (D, 8H)
         else:
             ins.append("")
@@ -108,7 +103,7 @@ def export_onnx(module, path, *, initial_state: bool = False, opset: int = 17) -
         else:
             ins += ["", ""]
         if peephole:
-            P = np.stack([params["weight_peephole" + s][list(_PEEP_ROWS)].reshape(-1) for s in sfx])  # (D, 3H)
+            P = np.stack([params["weight_peephole" + s][list(ONNX_PEEPHOLE_PERMUTATION)].reshape(-1) for s in sfx])  # (D, 3H)
             ins.append(const(f"P_l{k}", P))
         while ins[-1] == "":
             ins.pop()  # trailing optional inputs are left out

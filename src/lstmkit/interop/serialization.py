@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from safetensors.torch import save_file
 
 from ..config import LSTMConfig
@@ -19,7 +18,7 @@ from ..runtime.load import CONFIG_KEY, FORMAT, FORMAT_KEY, read_safetensors
 
 def save(module, path) -> None:
     """Write `module` (lstmkit.LSTM or torch.nn.LSTM) to `path` (.safetensors)."""
-    cfg = _config_of(module, "lstmkit.save")
+    cfg = LSTMConfig.from_module(module, "lstmkit.save")
     # safetensors wants contiguous CPU tensors that share no memory.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     meta = {
@@ -46,37 +45,9 @@ def load(path, *, device=None, **kwargs):
 
     state = load_file(path, device="cpu" if device is None else str(device))
     dtype = state[cfg.param_shapes()[0][0]].dtype
-    module = LSTM(*_positional(cfg), device=device, dtype=dtype, **_variants(cfg), **kwargs)
+    module = LSTM(*cfg.torch_args(), device=device, dtype=dtype, **cfg.variant_kwargs(), **kwargs)
     module.load_state_dict(state, strict=True)
     return module
-
-
-def _config_of(module, who: str) -> LSTMConfig:
-    """The LSTMConfig of an lstmkit.LSTM or a torch.nn.LSTM."""
-    from ..nn import LSTM
-
-    if isinstance(module, LSTM):
-        return module.config
-    if isinstance(module, torch.nn.LSTM):
-        return LSTMConfig(
-            module.input_size, module.hidden_size, module.num_layers, module.bias,
-            module.batch_first, module.dropout, module.bidirectional, module.proj_size,
-        )
-    raise TypeError(f"{who} expects an lstmkit.LSTM or torch.nn.LSTM, got {type(module).__name__}")
-
-
-_TORCH_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional", "proj_size")
-
-
-def _positional(cfg: LSTMConfig) -> list:
-    """nn.LSTM's eight constructor arguments, in order."""
-    return [getattr(cfg, name) for name in _TORCH_ARGS]
-
-
-def _variants(cfg: LSTMConfig) -> dict:
-    """The keyword-only variant options that differ from their defaults."""
-    defaults = LSTMConfig(1, 2).to_dict()
-    return {k: v for k, v in cfg.to_dict().items() if k not in _TORCH_ARGS and v != defaults[k]}
 
 
 def _version() -> str:

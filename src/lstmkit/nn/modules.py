@@ -121,25 +121,18 @@ class LSTM(nn.Module):
     def from_torch(cls, module: nn.LSTM, **kwargs) -> "LSTM":
         """A lstmkit.LSTM with the same configuration and a copy of the weights."""
         w = module.weight_ih_l0
-        new = cls(
-            module.input_size, module.hidden_size, module.num_layers, module.bias,
-            module.batch_first, module.dropout, module.bidirectional, module.proj_size,
-            device=w.device, dtype=w.dtype, **kwargs,
-        )
+        cfg = LSTMConfig.from_module(module, "LSTM.from_torch")
+        new = cls(*cfg.torch_args(), device=w.device, dtype=w.dtype, **kwargs)
         new.load_state_dict(module.state_dict(), strict=True)
         new.train(module.training)
         return new
 
     def to_torch(self) -> nn.LSTM:
         """The equivalent torch.nn.LSTM with a copy of the weights."""
-        if variants.changes_forward(self.config):
+        if self.config.changes_forward:
             raise ValueError("to_torch: nn.LSTM has no layer_norm/peephole/zoneout/recurrent_dropout/weight_drop")
         w = self.weight_ih_l0
-        c = self.config
-        m = nn.LSTM(
-            c.input_size, c.hidden_size, c.num_layers, c.bias, c.batch_first, c.dropout,
-            c.bidirectional, c.proj_size, device=w.device, dtype=w.dtype,
-        )
+        m = nn.LSTM(**self.config.torch_kwargs(), device=w.device, dtype=w.dtype)
         m.load_state_dict(self.state_dict(), strict=True)
         m.train(self.training)
         return m
@@ -343,7 +336,7 @@ class LSTM(nn.Module):
             h_shape, c_shape = cfg.state_shapes(batch)
             h0 = data.new_zeros(h_shape)
             c0 = data.new_zeros(c_shape)
-        use_variant = self._variant and variants.needs_variant_engine(cfg, self.training)
+        use_variant = self._variant and cfg.needs_variant_kernel(self.training)
         layer_fn = get_layer_fn(self.engine, data, variant=use_variant)
 
         x = data

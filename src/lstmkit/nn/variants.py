@@ -65,21 +65,6 @@ def layer_norm(v: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return F.layer_norm(v, v.shape[-1:], w, b, LN_EPS)
 
 
-def needs_variant_engine(cfg: LSTMConfig, training: bool) -> bool:
-    """Whether the layer math differs from nn.LSTM's. forget_bias only changes the init and
-    weight_drop only changes W_hh before the call, so neither needs a variant engine;
-    recurrent dropout is a no-op in eval."""
-    return (
-        cfg.layer_norm or cfg.peephole or cfg.zoneout_probs != (0.0, 0.0)
-        or (training and cfg.recurrent_dropout > 0)
-    )
-
-
-def changes_forward(cfg: LSTMConfig) -> bool:
-    """Whether the module computes something nn.LSTM with the same weights cannot."""
-    return needs_variant_engine(cfg, True) or cfg.weight_drop > 0
-
-
 @torch.no_grad()
 def init_parameters(module) -> None:
     """After the uniform init of every parameter: LN weights 1, LN biases 0, forget bias."""

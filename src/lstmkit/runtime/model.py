@@ -51,8 +51,7 @@ class Runtime:
         # (about 0.5 us of a 6 us step at input 64, hidden 128). The variant kernel gets C order.
         H, dt = config.hidden_size, self.dtype
         self.layers = []
-        self._variant = bool(getattr(config, "layer_norm", False) or getattr(config, "peephole", False)
-                             or getattr(config, "zoneout_probs", (0.0, 0.0)) != (0.0, 0.0))
+        self._variant = config.needs_variant_kernel(training=False)
         self._variant_args = []
         self._single = config.num_layers == 1 and not config.bidirectional and not self._variant
         for k in range(config.num_layers):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ...config import ENGINE_NAMES
 from . import train
 from .model import CONFIG, RunError, read_config, write_json
 from .sample import generate
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=5.0, help="time budget for the whole demo (default 5)")
     p.add_argument("--steps", type=int, default=0, help="also stop training after this many steps")
     p.add_argument("--out", default="lstmkit-demo", help="where everything goes (default ./lstmkit-demo)")
-    p.add_argument("--engine", default="auto", choices=("auto", "reference", "numba", "triton"))
+    p.add_argument("--engine", default="auto", choices=ENGINE_NAMES)
     p.add_argument("--compare-torch", action="store_true", help="also time torch.nn.LSTM on the same steps")
     # torch's thread count by default: since the engine's big per-step GEMMs run in torch's
     # own pool, 2 threads train the demo model 1.46x faster than 1 on the quiet 2-core build

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from ...config import ENGINE_NAMES
 from .model import RunError, encode, load_model
 
 
@@ -22,7 +23,7 @@ def build_parser(prog="lstmkit sample") -> argparse.ArgumentParser:
                    help="softmax temperature: <1 safer, >1 wilder, 0 always the likeliest (default 0.8)")
     p.add_argument("--prime", default=None, help="text to start from (default: a newline, if in the vocabulary)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
-    p.add_argument("--engine", default="auto", choices=("auto", "reference", "numba", "triton"))
+    p.add_argument("--engine", default="auto", choices=ENGINE_NAMES)
     return p
 
 

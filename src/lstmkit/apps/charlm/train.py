@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ...config import ENGINE_NAMES
 from .model import (
     CONFIG, CURVE, HISTORY, LN2, TRAINER, WEIGHTS, CharLM, RunError, build_vocab, encode,
     load_weights, model_from_config, read_config, read_text, save_weights, text_fingerprint,
@@ -59,7 +60,7 @@ def build_parser(prog="lstmkit train") -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=200, help="held-out evaluation every N steps (default 200)")
     p.add_argument("--eval-chars", type=int, default=100_000, help="held-out characters scored per evaluation (default 100000)")
     p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (default 500)")
-    p.add_argument("--engine", default="auto", choices=("auto", "reference", "numba", "triton"),
+    p.add_argument("--engine", default="auto", choices=ENGINE_NAMES,
                    help="lstmkit.LSTM engine (default auto: the fastest available)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--threads", type=int, default=0,
