@@ -234,3 +234,13 @@ def test_cli_png_without_matplotlib(tmp_path):
     assert "Traceback" not in r.stderr
     r = _cli("4", "8", "--plot", str(tmp_path / "x.svg"), pre="sys.modules['matplotlib'] = None; ")
     assert r.returncode == 0 and (tmp_path / "x.svg").exists()  # SVG needs nothing
+
+
+def test_sample_picture_in_docs_is_current():
+    """docs/img/lstm-2layer-bi.svg (shown in the README) is what the current code draws for
+    `lstmkit params 64 128 --num-layers 2 --bidirectional --proj-size 64 --dropout 0.2 --seq-len 10 --batch 3`."""
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "docs" / "img" / "lstm-2layer-bi.svg"
+    cfg = LSTMConfig(64, 128, 2, dropout=0.2, bidirectional=True, proj_size=64)
+    assert sample.read_text(encoding="utf-8") == describe(cfg, seq_len=10, batch=3).plot().svg()

@@ -106,7 +106,7 @@ class Diagram:
         w, h = int(self.width + MARGIN), int(self.height + MARGIN)
         colors = sorted({i.color for i in self.items if isinstance(i, Line) and i.head})
         out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-               f'font-family="{FONT}" xml:space="preserve">',
+               f'font-family="{FONT}" xml:space="preserve" style="white-space:pre">',
                f"<title>{escape(self.title)}</title>", "<defs>"]
         out += [f'<marker id="{_marker_id(c)}" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8" '
                 f'markerHeight="8" markerUnits="userSpaceOnUse" orient="auto"><path d="M0,0 L10,5 L0,10 z" '
@@ -535,7 +535,7 @@ def _variant_lines(d) -> list:
     if c.weight_drop:
         lines.append(f"weight_drop: W_hh ⊙ mask, p = {c.weight_drop:g}, one per forward (training)")
     if c.forget_bias:
-        lines.append(f"forget_bias: b_ih[{c.hidden_size}:{2 * c.hidden_size}] starts at +{c.forget_bias:g}")
+        lines.append(f"forget_bias: {c.forget_bias:+g} added to b_ih[{c.hidden_size}:{2 * c.hidden_size}] at init")
     return lines
 
 
