@@ -506,3 +506,74 @@ def test_auto_self_check_failure_warns_once_and_uses_reference(auto_uses_triton_
             direct(make()[0])
     else:
         assert not torch.allclose(direct(make()[0])[0], ref(make()[0])[0], atol=1e-6)
+
+
+# ---- benchmarks/gpu.py runs end to end (CPU dry run under the interpreter) ---------------------------
+def test_gpu_benchmark_dry_run_writes_its_report(tmp_path):
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+    out = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["meta"]["dry_run"] is True and report["skipped"] == []
+    assert report["checks"] and all(c["ok"] for c in report["checks"]), report["checks"]
+    assert report["meta"]["self_check_fp32"] == "trusted"
+    assert len(report["rows"]) == 4
+    for row in report["rows"]:
+        assert row["check_ok"], row
+        for key in ("cudnn", "lstmkit", "lstmkit_graphs"):
+            assert row[f"{key}_fwd_ms"] > 0 and row[f"{key}_fwdbwd_ms"] > 0, row
+    section = (tmp_path / "gpu_section.md").read_text()
+    assert section.startswith("## GPU engine (Triton)") and "NOT A MEASUREMENT" in section
+    assert section.count("\n| ") == 1 + len(report["rows"])  # header + one line per case
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---- compiled Triton on a real GPU (runs only where torch sees CUDA) ---------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="hardware tier: needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_on_gpu_vs_torch_subprocess():
+    # In a fresh process without TRITON_INTERPRET: the kernels compile for the GPU, the cached
+    # launcher and CUDA graphs are used, and everything still agrees with torch.nn.LSTM (cuDNN)
+    # at the tests' tolerances (fp32 with TF32 off).
+    code = r"""
+import torch, lstmkit
+from torch import nn
+from lstmkit.engines.triton import launcher, selfcheck
+from lstmkit.engines.triton import engine as te
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+torch.backends.cudnn.rnn.fp32_precision = "ieee"
+worst = {}
+for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+    for bidir, proj, packed in ((False, 0, False), (True, 3, True), (True, 0, True)):
+        torch.manual_seed(0)
+        ref = nn.LSTM(19, 40, 2, bidirectional=bidir, proj_size=proj, device="cuda", dtype=dtype)
+        for engine in ("triton", "auto"):
+            ours = lstmkit.LSTM.from_torch(ref, engine=engine)
+            for rep in range(3):  # eager, graph capture, graph replay
+                x = torch.randn(9, 37, 19, device="cuda", dtype=dtype)
+                lengths = torch.randint(1, 10, (37,)); lengths[0] = 9
+                inp = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+                outs = []
+                for m in (ref, ours):
+                    m.zero_grad()
+                    y, (h, c) = m(inp)
+                    y = y.data if packed else y
+                    (y.sum() + h.sum() + c.sum()).backward()
+                    outs.append([y, h, c] + [p.grad for p in m.parameters()])
+                err = max(((a - b).abs().max() / b.abs().max().clamp_min(1)).item() for b, a in zip(*outs))
+                assert err <= tol, (dtype, bidir, proj, packed, engine, rep, err)
+assert launcher.fast_launch_disabled_reason() is None, launcher.fast_launch_disabled_reason()
+assert all(v is None for v in selfcheck.VERDICTS.values()), selfcheck.VERDICTS
+assert te._graphs.graphs and not te._graphs.failed, te._graphs.failed
+print("OK")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
