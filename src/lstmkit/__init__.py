@@ -30,3 +30,10 @@ def __getattr__(name):
 
         return getattr(nn, name)
     raise AttributeError(f"module 'lstmkit' has no attribute {name!r}")
+
+
+# Whole models saved with torch.save(model) load with torch.load(weights_only=True) under the
+# program's own allowlist (interop/safe_globals.py says what this allows); torch is not imported here.
+from .interop.safe_globals import register_when_torch_loads as _register_when_torch_loads  # noqa: E402
+
+_register_when_torch_loads()

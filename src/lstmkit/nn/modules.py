@@ -205,10 +205,15 @@ class LSTM(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, input, hx=None):
         cfg = self.config
-        if not torch.is_grad_enabled() and type(input) is torch.Tensor:
+        if not torch.is_grad_enabled() and type(input) is torch.Tensor and not torch.jit.is_tracing():
             out = self._inference_fast(input, hx)
             if out is not None:
                 return out
+        if (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export():
+            # torch.onnx.export (either exporter) records standard ONNX ops, not an engine call.
+            from ..interop.onnx_graph import export_forward
+
+            return export_forward(self, input, hx)
         if isinstance(input, PackedSequence):
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
             self._check_input(data, packed=True)
@@ -320,9 +325,26 @@ class LSTM(nn.Module):
 
     def __getstate__(self):
         # The inference runtime is a cache of the weights: never pickled or deep-copied.
+        # The config goes in as a plain dict, so torch.load(weights_only=True) needs no
+        # lstmkit class but this one (registered as a safe global at the end of this file).
         state = self.__dict__.copy()
         state.pop("_runtime", None)
+        state["config"] = self.config.to_dict()
         return state
+
+    def __setstate__(self, state):
+        # A pickle's state is untrusted input: the config is validated again here, and the
+        # engine name too. Pickles that hold an LSTMConfig object (before plain dicts) still load.
+        state = dict(state)
+        cfg = state.get("config")
+        if isinstance(cfg, LSTMConfig):
+            cfg = cfg.to_dict()
+        if not isinstance(cfg, dict):
+            raise TypeError(f"lstmkit.LSTM pickle: config should be a dict, got {type(cfg).__name__}")
+        state["config"] = cfg = LSTMConfig.from_dict(cfg)
+        state["_variant"] = cfg.has_variant
+        state["engine"] = check_engine_name(state.get("engine", "auto"))
+        super().__setstate__(state)
 
     def _run(self, data, batch_sizes, hx):
         """All layers and directions over packed data. hx: (h0, c0) or False for zeros."""
@@ -434,3 +456,9 @@ class LSTMCell(nn.Module):
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
+
+
+# torch.load(weights_only=True) of a whole model that contains these modules: allowlisted
+# like torch's own layers. Only these two plain classes (their pickled state is tensors,
+# numbers, strings, dicts; __setstate__ validates it), no function: see interop/safe_globals.py.
+torch.serialization.add_safe_globals([LSTM, LSTMCell])
