@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from lstmkit import LSTMConfig, describe
-from lstmkit.diagram import FORWARD, REVERSE, SIZE, Box, Line, Row, text_width
+from lstmkit.diagram import FORWARD, REVERSE, Box, Line, Row, text_width
 
 SVG = "{http://www.w3.org/2000/svg}"
 CONFIGS = {

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from .config import LSTMConfig
 
-FLOAT32_BYTES = 4
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 
 

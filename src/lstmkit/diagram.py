@@ -411,19 +411,25 @@ def _stack(fig, d, x: float, y: float) -> float:
             _connect(fig, prev, bottom, col_mid, top)
             bottom = max(_layer_box(fig, d, item, i, col_x[i], top, bw) for i in range(c.num_directions))
             prev, k = col_mid, item
-        if k == c.num_layers - 1:
-            break
-        _connect(fig, prev, bottom, [mid], bottom + GAP)
-        bottom = _pill(fig, _link_lines(d, k), mid, bottom + GAP, ELIDED, role="link")
-        prev = [mid]
-        if c.dropout > 0:
-            _connect(fig, prev, bottom, [mid], bottom + GAP)
-            bottom = _pill(fig, [f"dropout p = {c.dropout:g}", "zeroes that fraction, training only"], mid,
-                           bottom + GAP, DROPOUT, dashed=True, role="dropout")
+        if k < c.num_layers - 1:
+            bottom, prev = _between_layers(fig, d, k, prev, bottom, mid), [mid]
     top = bottom + GAP + 6
     _connect(fig, prev, bottom, [mid], top)
     _io_box(fig, d, True, x, top, width)
     return x + width
+
+
+def _between_layers(fig, d, k: int, prev: list, bottom: float, mid: float) -> float:
+    """Layer k's output (concatenated when bidirectional), then dropout when it applies;
+    returns the bottom."""
+    _connect(fig, prev, bottom, [mid], bottom + GAP)
+    bottom = _pill(fig, _link_lines(d, k), mid, bottom + GAP, ELIDED, role="link")
+    p = d.config.dropout
+    if p > 0:
+        _connect(fig, [mid], bottom, [mid], bottom + GAP)
+        bottom = _pill(fig, [f"dropout p = {p:g}", "zeroes that fraction, training only"], mid,
+                       bottom + GAP, DROPOUT, dashed=True, role="dropout")
+    return bottom
 
 
 def _elided_box(fig, d, first: int, last: int, x: float, y: float, w: float) -> float:
@@ -457,14 +463,16 @@ def _side_panel(fig, d, x: float, y: float) -> None:
 
 def _size_lines(d) -> list:
     c = d.config
-    lines = [f"I = {c.input_size:<6} input_size", f"H = {c.hidden_size:<6} hidden_size  (4H = {4 * c.hidden_size} gate rows: i f g o)"]
+    sizes = [("I", c.input_size, "input_size"),
+             ("H", c.hidden_size, f"hidden_size  (4H = {4 * c.hidden_size} gate rows: i f g o)")]
     if c.proj_size:
-        lines.append(f"P = {c.proj_size:<6} proj_size  (h is projected from H to P)")
-    lines += [f"L = {c.num_layers:<6} num_layers", f"D = {c.num_directions:<6} direction{'s, bidirectional' if c.bidirectional else ', not bidirectional'}",
-              f"T = {d.seq_len:<6} time steps (seq_len)", f"N = {d.batch:<6} sequences (batch)"]
-    lines.append("batch_first=True: input and output are (N, T, ·)" if c.batch_first
-                 else "batch_first=False: input and output are (T, N, ·)")
-    lines.append("h0, c0, h_n, c_n are (L·D, N, ·) either way" if c.bidirectional else "h0, c0, h_n, c_n are (L, N, ·) either way")
+        sizes.append(("P", c.proj_size, "proj_size  (h is projected from H to P)"))
+    sizes += [("L", c.num_layers, "num_layers"),
+              ("D", c.num_directions, "directions, bidirectional" if c.bidirectional else "direction, not bidirectional"),
+              ("T", d.seq_len, "time steps (seq_len)"), ("N", d.batch, "sequences (batch)")]
+    lines = [f"{letter} = {value:<6} {meaning}" for letter, value, meaning in sizes]
+    lines.append(f"batch_first={c.batch_first}: input and output are ({'N, T' if c.batch_first else 'T, N'}, ·)")
+    lines.append(f"h0, c0, h_n, c_n are ({'L·D' if c.bidirectional else 'L'}, N, ·) either way")
     return lines
 
 

@@ -34,7 +34,8 @@ def _add_variant_options(ap) -> None:
     v.add_argument("--zoneout", type=_zoneout, default=0.0, metavar="P[,P_H]", help="zoneout of c (and h)")
     v.add_argument("--recurrent-dropout", type=float, default=0.0, metavar="P")
     v.add_argument("--weight-drop", type=float, default=0.0, metavar="P", help="DropConnect on weight_hh")
-    v.add_argument("--forget-bias", type=float, default=0.0, metavar="B", help="added to the forget gate's bias at init")
+    v.add_argument("--forget-bias", type=float, default=0.0, metavar="B",
+                   help="added to the forget gate's bias at init")
 
 
 def _write_plot(d, path) -> int:
