@@ -26,6 +26,21 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def run_guarded(prog: str, body, user_errors: tuple = ()) -> int:
+    """body() -> exit code, under the commands' error policy: an error in the user's input
+    (one of user_errors) prints one line `prog: error: ...` and exits 2; Ctrl-C prints
+    `prog: interrupted` and exits 130; anything else is a bug and raises with its traceback."""
+    try:
+        return int(body() or 0)
+    except user_errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...nn import LSTM
@@ -115,6 +116,19 @@ class CharLM(nn.Module):
 def model_from_config(cfg: dict, engine: str = "auto", lstm_cls=None) -> CharLM:
     return CharLM(len(cfg["vocab"]), cfg["embed_size"], cfg["hidden_size"], cfg["num_layers"],
                   cfg["dropout"], engine=engine, lstm_cls=lstm_cls)
+
+
+def bptt_step(model: nn.Module, optimizer, x, y, state, clip: float):
+    """One step of truncated BPTT on ids x (B, T) with targets y (B, T), from the carried
+    state; returns (loss, the new state detached: carried on, without the graph)."""
+    logits, state = model(x, state)  # (B, T, V)
+    state = (state[0].detach(), state[1].detach())
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss, state
 
 
 # ---- the run directory -------------------------------------------------------------------

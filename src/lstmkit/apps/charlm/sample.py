@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from ...cli import run_guarded
 from ...config import ENGINE_NAMES
 from .model import RunError, encode, load_model
 
@@ -63,24 +64,21 @@ def generate(model, vocab: list[str], length: int, temperature: float = 0.8, pri
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        model, cfg = load_model(args.dir, engine=args.engine)
-        prime = args.prime
-        if prime:
-            sys.stdout.write(prime)
+    return run_guarded("lstmkit sample", lambda: run(args), (RunError,))
 
-        def emit(ch):
-            sys.stdout.write(ch)
-            sys.stdout.flush()
 
-        generate(model, cfg["vocab"], args.length, args.temperature, prime, args.seed, emit=emit)
-        sys.stdout.write("\n")
-    except RunError as e:
-        print(f"lstmkit sample: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        sys.stdout.write("\n")
-        return 130
+def run(args) -> int:
+    model, cfg = load_model(args.dir, engine=args.engine)
+    prime = args.prime
+    if prime:
+        sys.stdout.write(prime)
+
+    def emit(ch):
+        sys.stdout.write(ch)
+        sys.stdout.flush()
+
+    generate(model, cfg["vocab"], args.length, args.temperature, prime, args.seed, emit=emit)
+    sys.stdout.write("\n")
     return 0
 
 

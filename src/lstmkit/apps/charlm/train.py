@@ -14,10 +14,10 @@ gradients; rank 0 evaluates, writes checkpoints and draws the progress bar.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ...config import ENGINE_NAMES
+from ...cli import run_guarded
 from .model import (
-    CONFIG, CURVE, HISTORY, LN2, TRAINER, WEIGHTS, CharLM, RunError, build_vocab, encode,
+    CONFIG, CURVE, HISTORY, LN2, TRAINER, WEIGHTS, CharLM, RunError, bptt_step, build_vocab, encode,
     load_weights, model_from_config, read_config, read_text, save_weights, text_fingerprint,
     unigram_bpc, write_json,
 )
@@ -287,106 +288,284 @@ def write_curve(out: Path, history: dict) -> str | None:
     return None
 
 
-# ---- the training loop ----------------------------------------------------------------------
-def run(argv=None, *, log=True) -> dict:
-    """Train; returns a summary dict (with the trained model under "model").
-    Raises RunError for bad input."""
-    args = build_parser().parse_args(argv)
-    rank, world, local_rank = dist_env()
-    main_rank = rank == 0
-    out = Path(args.out)
-    cfg, text, _ = resolve_config(args, rank, world)
+# ---- the trainer ----------------------------------------------------------------------------
+STOP_CODES = {None: 0, "steps": 1, "time": 2, "interrupted": 3}  # all-reduced with MAX across ranks
+
+
+class Trainer:
+    """One training run: `Trainer(args)` checks every input and builds the data, model and
+    optimizer (setup); `start()` resumes the run in --out or starts it fresh; `step()` trains
+    one step of truncated BPTT; `evaluate()` scores the held-out text; `checkpoint()` writes
+    what resuming needs; `train()` does all of it until a stop condition and returns a summary."""
+
+    def __init__(self, args, log: bool = True):
+        self.args = args
+        self.rank, self.world, local_rank = dist_env()
+        self.main_rank = self.rank == 0
+        self.out = Path(args.out)
+        self.cfg, self.text, _ = resolve_config(args, self.rank, self.world)
+        _check_session_args(args, self.world)
+        self.device = pick_device(args.device, self.world, local_rank)
+        self._split_text()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        cfg = self.cfg
+        # Same seed everywhere: identical initial weights on every rank (DDP also broadcasts).
+        torch.manual_seed(cfg["seed"])
+        self.net = model_from_config(cfg, engine=args.engine).to(self.device)  # plain: eval, checkpoints
+        self.model = self.net  # what trains: the DDP wrapper under torchrun
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"])
+        torch.manual_seed(cfg["seed"] + 1 + self.rank)  # dropout masks differ across ranks
+        self.B, self.T = cfg["batch_size"], cfg["seq_len"]
+        self.state = self.zero_state()
+        self.step_count, self.chars_before = 0, 0
+        self.history = {"train": [], "eval": [], "unigram_bpc": self.baseline}
+        self.log = log
+        self.twin = None
+        self.curve_warned = False
+
+    def _split_text(self) -> None:
+        # Split before the vocabulary is used: the held-out text is the end of the text.
+        cfg = self.cfg
+        self.ids = encode(self.text, cfg["vocab"])
+        n_val = max(2, int(len(self.ids) * cfg["val_frac"]))
+        self.train_ids, self.val_ids = self.ids[:-n_val], self.ids[-n_val:]
+        self.eval_ids = self.val_ids[: self.args.eval_chars + 1]
+        self.streams = Streams(self.train_ids.to(self.device), cfg["batch_size"], cfg["seq_len"],
+                               self.rank, self.world)
+        self.baseline = unigram_bpc(self.train_ids, self.eval_ids[1:], len(cfg["vocab"]))
+
+    def zero_state(self):
+        L, H = self.cfg["num_layers"], self.cfg["hidden_size"]
+        return (torch.zeros(L, self.B, H, device=self.device), torch.zeros(L, self.B, H, device=self.device))
+
+    # ---- resume or start ----
+    def start(self) -> None:
+        if self.args.resume:
+            self.resume()
+        elif self.main_rank:
+            for name in (WEIGHTS, TRAINER, HISTORY, CURVE):  # --overwrite: only our own files
+                (self.out / name).unlink(missing_ok=True)
+            write_json(self.out / CONFIG, self.cfg)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.args.compare_torch:
+            from .compare import TorchTwin
+
+            self.twin = TorchTwin(self.cfg, self.net, self.optimizer, self.state, self.device)
+        args = self.args
+        self.say = Progress(args.steps or None, self.step_count, enabled=self.main_rank and self.log,
+                            seconds=60 * args.minutes if args.minutes else None)
+
+    def resume(self) -> None:
+        out = self.out
+        if not (out / TRAINER).exists() or not (out / WEIGHTS).exists():
+            raise RunError(f"--resume: {out} has no checkpoint yet (stopped before the first one); "
+                           "use --overwrite to start over")
+        load_weights(out, self.net)
+        tr = torch.load(out / TRAINER, map_location="cpu", weights_only=True)
+        meta_step = _weights_step(out)
+        if meta_step is not None and meta_step != tr["step"]:
+            raise RunError(f"{out}: {WEIGHTS} (step {meta_step}) and {TRAINER} (step {tr['step']}) disagree")
+        self.optimizer.load_state_dict(tr["optimizer"])
+        self.step_count, self.chars_before = tr["step"], tr["chars"]
+        if self.args.steps and self.step_count >= self.args.steps:
+            raise RunError(f"{out} is already at step {self.step_count}; "
+                           f"pass --steps above {self.step_count} to train on")
+        torch.set_rng_state(tr["rng"][self.rank])
+        self.state = (tr["h"][self.rank].to(self.device), tr["c"][self.rank].to(self.device))
+        if (out / HISTORY).exists():
+            self.history = json.loads((out / HISTORY).read_text())
+        self.history["unigram_bpc"] = self.baseline
+
+    # ---- one step, evaluation, checkpoint ----
+    def step(self) -> tuple[float, float]:
+        """One step of truncated BPTT on the next batch: (loss, seconds)."""
+        t0 = time.perf_counter()
+        x, y, new_epoch = self.streams.batch(self.step_count)  # (B, T), (B, T)
+        if new_epoch:
+            self.state = self.zero_state()
+        loss, self.state = bptt_step(self.model, self.optimizer, x, y, self.state, self.cfg["clip"])
+        loss_v = loss.item()
+        seconds = time.perf_counter() - t0
+        self.step_count += 1
+        if self.twin is not None:  # the same step with torch.nn.LSTM, timed the same way
+            self.twin.step(x, y, new_epoch, self.zero_state, loss_v, seconds)
+        return loss_v, seconds
+
+    def evaluate(self) -> float:
+        return evaluate(self.net, self.eval_ids, self.T, self.B, self.device)
+
+    def checkpoint(self, chars: int) -> None:
+        # Every rank's carried state and RNG, so a resumed DDP run continues exactly.
+        rngs, hs, cs = [torch.get_rng_state()], [self.state[0].cpu()], [self.state[1].cpu()]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, (rngs[0], hs[0], cs[0]))
+            rngs, hs, cs = (list(z) for z in zip(*gathered))
+        if not self.main_rank:
+            return
+        out = self.out
+        torch.save({"step": self.step_count, "chars": chars, "optimizer": self.optimizer.state_dict(),
+                    "rng": rngs, "h": hs, "c": cs}, out / (TRAINER + ".tmp"))
+        os.replace(out / (TRAINER + ".tmp"), out / TRAINER)
+        save_weights(out, self.net, step=self.step_count)
+        write_json(out / HISTORY, self.history, indent=None)
+        msg = write_curve(out, self.history)
+        if msg and not self.curve_warned:
+            self.say.log(msg)
+            self.curve_warned = True
+
+    # ---- the loop ----
+    def train(self) -> dict:
+        """Train until --steps, --minutes or Ctrl-C/SIGTERM; returns the summary."""
+        self.start()
+        self._log_start()
+        loop = _Loop(self)
+        with _stop_on_signals() as stop, _threads(self.args.threads), _closing(self.say):
+            self.model.train()
+            if self.twin is not None:
+                self.twin.train()
+            while not loop.run_step(stop):
+                pass
+        return self._finish(loop)
+
+    def _log_start(self) -> None:
+        from ...engines import auto_engine_name
+
+        args, cfg, net = self.args, self.cfg, self.net
+        self.engine = (auto_engine_name(self.ids[:1].float().to(self.device)) if args.engine == "auto"
+                       else args.engine)
+        n_params = sum(p.numel() for p in net.parameters())
+        self.say.log(f"lstmkit train: {len(self.text):,} chars ({len(self.train_ids):,} train, "
+                     f"{len(self.val_ids):,} held out), vocab {len(cfg['vocab'])}, {n_params:,} parameters, "
+                     f"engine {self.engine}, device {self.device}"
+                     + (f", {self.world} processes" if self.world > 1 else ""))
+        self.say.log(f"unigram baseline on the held-out text: {self.baseline:.3f} bpc")
+        busy = _busy_hint(self.device, args.threads or torch.get_num_threads())
+        if busy:
+            self.say.log(busy)
+
+    def _finish(self, loop: "_Loop") -> dict:
+        elapsed = time.perf_counter() - loop.t_start
+        why, val_bpc, out = loop.why, loop.val_bpc, self.out
+        summary = {"step": self.step_count, "stopped": why, "val_bpc": val_bpc, "unigram_bpc": self.baseline,
+                   "chars_per_s": (loop.chars - self.chars_before) / max(loop.train_time, 1e-9),
+                   "seconds": elapsed, "engine": self.engine, "model": self.net, "out": str(out)}
+        if self.twin is not None:
+            summary["compare"] = self.twin.report(self.engine, self.B * self.T)
+            if self.main_rank:
+                write_json(out / "compare.json", {k: v for k, v in summary["compare"].items()})
+                for line in summary["compare"]["lines"]:
+                    self.say.log(line)
+        if self.main_rank and self.say.enabled:
+            self.say.log(f"{'interrupted' if why == 'interrupted' else 'done'}: step {self.step_count}, "
+                         f"held-out {val_bpc:.3f} bpc (unigram {self.baseline:.3f}), {fmt_time(elapsed)}, "
+                         f"checkpoint in {out}" + ("; continue with --resume" if why == "interrupted" else ""))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+        return summary
+
+
+class _Loop:
+    """The bookkeeping of one session's loop: counters, the log window, when to stop."""
+
+    def __init__(self, trainer: Trainer):
+        self.tr = trainer
+        self.t_start = time.perf_counter()
+        self.train_time, self.chars = 0.0, trainer.chars_before
+        self.window = {"loss": 0.0, "n": 0, "chars": 0, "time": 0.0}
+        self.wrapup = {"eval": 0.0, "ckpt": 0.0}  # seconds the last evaluation / checkpoint took
+        history = trainer.history
+        self.val_bpc = history["eval"][-1][1] if history["eval"] else None
+        self.why = None
+
+    def run_step(self, stop: dict) -> bool:
+        """Train one step, then log, evaluate and checkpoint when due; True when the run stops."""
+        tr = self.tr
+        loss_v, dt = tr.step()
+        step_chars = tr.B * tr.T * tr.world
+        self.chars += step_chars
+        self.train_time += dt
+        w = self.window
+        w["loss"] += loss_v
+        w["n"] += 1
+        w["chars"] += step_chars
+        w["time"] += dt
+        self.why = why = self._stop_reason(stop["why"])
+        self._after_step(loss_v, why)
+        return why is not None
+
+    def _stop_reason(self, why):
+        # Every rank must agree, or DDP would hang in the next all-reduce.
+        tr, args = self.tr, self.tr.args
+        if why is None and args.steps and tr.step_count >= args.steps:
+            why = "steps"
+        if why is None and args.minutes is not None:
+            # The time limit includes the final evaluation and checkpoint: stop when they
+            # would not fit any more (before the first evaluation, guess it from the step
+            # rate: no backward pass, so about 2x the training chars/s).
+            finish = self.wrapup["eval"] or len(tr.eval_ids) / (
+                2 * (self.chars - tr.chars_before) / max(self.train_time, 1e-9))
+            if time.perf_counter() - self.t_start + finish + self.wrapup["ckpt"] >= 60 * args.minutes:
+                why = "time"
+        if tr.world > 1:
+            import torch.distributed as dist
+
+            code = torch.tensor([STOP_CODES[why]], device=tr.device)
+            dist.all_reduce(code, op=dist.ReduceOp.MAX)
+            why = {v: k for k, v in STOP_CODES.items()}[int(code.item())]
+        return why
+
+    def _after_step(self, loss_v: float, why) -> None:
+        tr, args, step, w = self.tr, self.tr.args, self.tr.step_count, self.window
+        cps = w["chars"] / max(w["time"], 1e-9)
+        if step % 10 == 0 or why:
+            tr.history["train"].append([step, w["loss"] / w["n"] / LN2, round(cps)])
+            w.update(loss=0.0, n=0, chars=0, time=0.0)
+        if tr.main_rank and (step % args.eval_every == 0 or why):
+            te = time.perf_counter()
+            self.val_bpc = tr.evaluate()
+            self.wrapup["eval"] = time.perf_counter() - te
+            tr.history["eval"].append([step, self.val_bpc, round(self.chars), round(self.train_time, 2)])
+            tr.say.log(f"step {step}: loss {loss_v:.3f} ({loss_v / LN2:.3f} bpc), held-out {self.val_bpc:.3f} bpc, "
+                       f"{(self.chars - tr.chars_before) / max(self.train_time, 1e-9):,.0f} chars/s, "
+                       f"{fmt_time(time.perf_counter() - self.t_start)}")
+        if step % args.ckpt_every == 0 or why:
+            tc = time.perf_counter()
+            tr.checkpoint(self.chars)
+            self.wrapup["ckpt"] = time.perf_counter() - tc
+        vb = f"{self.val_bpc:.3f}" if self.val_bpc is not None else "-"
+        tr.say.update(step, f"loss {loss_v:.3f} bpc {loss_v / LN2:.3f} held-out {vb} {cps:,.0f} chars/s")
+
+
+def _check_session_args(args, world: int) -> None:
+    """The options that only concern this session (not the run's configuration)."""
     if args.compare_torch and world > 1:
         raise RunError("--compare-torch runs in a single process, not under torchrun")
     if args.steps < 0 or (args.steps == 0 and not args.minutes):
         raise RunError("--steps must be positive (0 means no limit, and then needs --minutes)")
-    device = pick_device(args.device, world, local_rank)
     if args.threads < 0:
         raise RunError(f"--threads must be >= 0, got {args.threads}")
     if args.eval_every <= 0 or args.ckpt_every <= 0 or args.eval_chars < 1:
         raise RunError("--eval-every, --ckpt-every and --eval-chars must be positive")
 
-    # Split before the vocabulary is used: the held-out text is the end of the text.
-    ids = encode(text, cfg["vocab"])
-    n_val = max(2, int(len(ids) * cfg["val_frac"]))
-    train_ids, val_ids = ids[:-n_val], ids[-n_val:]
-    eval_ids = val_ids[: args.eval_chars + 1]
-    streams = Streams(train_ids.to(device), cfg["batch_size"], cfg["seq_len"], rank, world)
-    baseline = unigram_bpc(train_ids, eval_ids[1:], len(cfg["vocab"]))
 
-    if world > 1:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    # Same seed everywhere: identical initial weights on every rank (DDP also broadcasts).
-    torch.manual_seed(cfg["seed"])
-    model = model_from_config(cfg, engine=args.engine).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    torch.manual_seed(cfg["seed"] + 1 + rank)  # dropout masks differ across ranks
-
-    V, B, T, L, H = len(cfg["vocab"]), cfg["batch_size"], cfg["seq_len"], cfg["num_layers"], cfg["hidden_size"]
-    zeros = lambda: (torch.zeros(L, B, H, device=device), torch.zeros(L, B, H, device=device))  # noqa: E731
-    state = zeros()
-    step, chars_before = 0, 0
-    history = {"train": [], "eval": [], "unigram_bpc": baseline}
-
-    if args.resume:
-        if not (out / TRAINER).exists() or not (out / WEIGHTS).exists():
-            raise RunError(f"--resume: {out} has no checkpoint yet (stopped before the first one); "
-                           "use --overwrite to start over")
-        load_weights(out, model)
-        tr = torch.load(out / TRAINER, map_location="cpu", weights_only=True)
-        meta_step = _weights_step(out)
-        if meta_step is not None and meta_step != tr["step"]:
-            raise RunError(f"{out}: {WEIGHTS} (step {meta_step}) and {TRAINER} (step {tr['step']}) disagree")
-        opt.load_state_dict(tr["optimizer"])
-        step, chars_before = tr["step"], tr["chars"]
-        if args.steps and step >= args.steps:
-            raise RunError(f"{out} is already at step {step}; pass --steps above {step} to train on")
-        torch.set_rng_state(tr["rng"][rank])
-        state = (tr["h"][rank].to(device), tr["c"][rank].to(device))
-        if (out / HISTORY).exists():
-            history = json.loads((out / HISTORY).read_text())
-        history["unigram_bpc"] = baseline
-    elif main_rank:
-        for name in (WEIGHTS, TRAINER, HISTORY, CURVE):  # --overwrite: only our own files
-            (out / name).unlink(missing_ok=True)
-        write_json(out / CONFIG, cfg)
-
-    net = model  # the plain module: evaluation, checkpoints
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    twin = None
-    if args.compare_torch:  # the same model and optimizer state with torch.nn.LSTM inside
-        twin = model_from_config(cfg, lstm_cls=torch.nn.LSTM).to(device)
-        twin.load_state_dict(net.state_dict())
-        twin_opt = torch.optim.Adam(twin.parameters(), lr=cfg["lr"])
-        twin_opt.load_state_dict(opt.state_dict())
-        twin_state = tuple(s.clone() for s in state)
-        times = {"lstmkit": [], "torch": []}
-        last = {"lstmkit": float("nan"), "torch": float("nan")}
-
-    from ...engines import auto_engine_name
-
-    engine = auto_engine_name(ids[:1].float().to(device)) if args.engine == "auto" else args.engine
-    say = Progress(args.steps or None, step, enabled=main_rank and log,
-                   seconds=60 * args.minutes if args.minutes else None)
-    n_params = sum(p.numel() for p in net.parameters())
-    say.log(f"lstmkit train: {len(text):,} chars ({len(train_ids):,} train, {len(val_ids):,} held out), "
-            f"vocab {V}, {n_params:,} parameters, engine {engine}, device {device}"
-            + (f", {world} processes" if world > 1 else ""))
-    say.log(f"unigram baseline on the held-out text: {baseline:.3f} bpc")
-    busy = _busy_hint(device, args.threads or torch.get_num_threads())
-    if busy:
-        say.log(busy)
-
-    # Ctrl-C / SIGTERM: finish the step, write a checkpoint, exit. A second Ctrl-C quits now.
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Ctrl-C / SIGTERM set stop["why"]: the loop finishes the step, writes a checkpoint and
+    exits. A second Ctrl-C quits at once."""
     stop = {"why": None}
 
     def on_signal(sig, frame):
@@ -400,151 +579,42 @@ def run(argv=None, *, log=True) -> dict:
             old_handlers[sig] = signal.signal(sig, on_signal)
     except ValueError:  # not the main thread: no handlers
         pass
-
-    def checkpoint():
-        # Every rank's carried state and RNG, so a resumed DDP run continues exactly.
-        rngs, hs, cs = [torch.get_rng_state()], [state[0].cpu()], [state[1].cpu()]
-        if world > 1:
-            import torch.distributed as dist
-
-            gathered = [None] * world
-            dist.all_gather_object(gathered, (rngs[0], hs[0], cs[0]))
-            rngs, hs, cs = (list(z) for z in zip(*gathered))
-        if not main_rank:
-            return
-        torch.save({"step": step, "chars": chars, "optimizer": opt.state_dict(), "rng": rngs,
-                    "h": hs, "c": cs}, out / (TRAINER + ".tmp"))
-        os.replace(out / (TRAINER + ".tmp"), out / TRAINER)
-        save_weights(out, net, step=step)
-        write_json(out / HISTORY, history, indent=None)
-        msg = write_curve(out, history)
-        if msg and not warned["curve"]:
-            say.log(msg)
-            warned["curve"] = True
-
-    warned = {"curve": False}
-    wrapup = {"eval": 0.0, "ckpt": 0.0}  # seconds the last evaluation / checkpoint took
-    t_start = time.perf_counter()
-    train_time, chars = 0.0, chars_before
-    window = {"loss": 0.0, "n": 0, "chars": 0, "time": 0.0}
-    val_bpc = history["eval"][-1][1] if history["eval"] else None
-
-    threads_before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        model.train()
-        if twin is not None:
-            twin.train()
-        while True:
-            # ---- one step of truncated BPTT ----
-            t0 = time.perf_counter()
-            x, y, new_epoch = streams.batch(step)  # (B, T), (B, T)
-            if new_epoch:
-                state = zeros()
-            logits, state = model(x, state)  # (B, T, V)
-            state = (state[0].detach(), state[1].detach())  # carry the state, not the graph
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
-            opt.step()
-            loss_v = loss.item()
-            dt = time.perf_counter() - t0
-            step += 1
-            chars += B * T * world
-            train_time += dt
-            window["loss"] += loss_v
-            window["n"] += 1
-            window["chars"] += B * T * world
-            window["time"] += dt
-
-            if twin is not None:  # the same step with torch.nn.LSTM, timed the same way
-                t1 = time.perf_counter()
-                if new_epoch:
-                    twin_state = zeros()
-                tl, twin_state = twin(x, twin_state)
-                twin_state = (twin_state[0].detach(), twin_state[1].detach())
-                tloss = F.cross_entropy(tl.flatten(0, 1), y.flatten())
-                twin_opt.zero_grad(set_to_none=True)
-                tloss.backward()
-                torch.nn.utils.clip_grad_norm_(twin.parameters(), cfg["clip"])
-                twin_opt.step()
-                last["torch"], last["lstmkit"] = tloss.item(), loss_v
-                times["torch"].append(time.perf_counter() - t1)
-                times["lstmkit"].append(dt)
-
-            # ---- stop? (every rank must agree, or DDP would hang in the next all-reduce) ----
-            why = stop["why"]
-            if why is None and args.steps and step >= args.steps:
-                why = "steps"
-            if why is None and args.minutes is not None:
-                # The time limit includes the final evaluation and checkpoint: stop when they
-                # would not fit any more (before the first evaluation, guess it from the step
-                # rate: no backward pass, so about 2x the training chars/s).
-                finish = wrapup["eval"] or len(eval_ids) / (2 * (chars - chars_before) / max(train_time, 1e-9))
-                if time.perf_counter() - t_start + finish + wrapup["ckpt"] >= 60 * args.minutes:
-                    why = "time"
-            if world > 1:
-                import torch.distributed as dist
-
-                code = torch.tensor([{None: 0, "steps": 1, "time": 2, "interrupted": 3}[why]], device=device)
-                dist.all_reduce(code, op=dist.ReduceOp.MAX)
-                why = {0: None, 1: "steps", 2: "time", 3: "interrupted"}[int(code.item())]
-
-            # ---- log, evaluate, checkpoint ----
-            cps = window["chars"] / max(window["time"], 1e-9)
-            if step % 10 == 0 or why:
-                history["train"].append([step, window["loss"] / window["n"] / LN2, round(cps)])
-                window.update(loss=0.0, n=0, chars=0, time=0.0)
-            if main_rank and (step % args.eval_every == 0 or why):
-                te = time.perf_counter()
-                val_bpc = evaluate(net, eval_ids, T, B, device)
-                wrapup["eval"] = time.perf_counter() - te
-                history["eval"].append([step, val_bpc, round(chars), round(train_time, 2)])
-                say.log(f"step {step}: loss {loss_v:.3f} ({loss_v / LN2:.3f} bpc), held-out {val_bpc:.3f} bpc, "
-                        f"{(chars - chars_before) / max(train_time, 1e-9):,.0f} chars/s, "
-                        f"{fmt_time(time.perf_counter() - t_start)}")
-            if step % args.ckpt_every == 0 or why:
-                tc = time.perf_counter()
-                checkpoint()
-                wrapup["ckpt"] = time.perf_counter() - tc
-            vb = f"{val_bpc:.3f}" if val_bpc is not None else "-"
-            say.update(step, f"loss {loss_v:.3f} bpc {loss_v / LN2:.3f} held-out {vb} {cps:,.0f} chars/s")
-            if why:
-                break
-
+        yield stop
     finally:
-        torch.set_num_threads(threads_before)
-        say.close()
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
-    elapsed = time.perf_counter() - t_start
-    session_chars = chars - chars_before
-    summary = {"step": step, "stopped": why, "val_bpc": val_bpc, "unigram_bpc": baseline,
-               "chars_per_s": session_chars / max(train_time, 1e-9), "seconds": elapsed,
-               "engine": engine, "model": net, "out": str(out)}
-    if twin is not None:
-        summary["compare"] = _compare_report(times, last, engine, B * T)
-        if main_rank:
-            write_json(out / "compare.json", {k: v for k, v in summary["compare"].items()})
-            for line in summary["compare"]["lines"]:
-                say.log(line)
-    if main_rank and log:
-        say.log(f"{'interrupted' if why == 'interrupted' else 'done'}: step {step}, held-out {val_bpc:.3f} bpc "
-                f"(unigram {baseline:.3f}), {fmt_time(elapsed)}, checkpoint in {out}"
-                + ("; continue with --resume" if why == "interrupted" else ""))
-    if world > 1:
-        import torch.distributed as dist
 
-        dist.barrier()
-        dist.destroy_process_group()
-    return summary
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's CPU thread count set to n (0: unchanged) for the block."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _closing(progress: Progress):
+    try:
+        yield
+    finally:
+        progress.close()
+
+
+def run(argv=None, *, log=True) -> dict:
+    """Train; returns a summary dict (with the trained model under "model").
+    Raises RunError for bad input."""
+    return Trainer(build_parser().parse_args(argv), log=log).train()
 
 
 def _busy_hint(device, threads: int) -> str | None:
     """Threads that wait on each other at every step crawl when another program holds a
-    core (measured: 8-17x slower with 2 threads than with 1 on a loaded 2-core machine)."""
+    core (see BENCHMARKS.md, threads), so say so when the machine is busy."""
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -564,33 +634,12 @@ def _weights_step(out: Path):
     return int(meta["step"]) if "step" in meta else None
 
 
-def _compare_report(times: dict, last: dict, engine: str, chars_per_step: int) -> dict:
-    # Medians over the steps after a short warm-up: robust to a noisy, shared machine.
-    skip = min(3, max(0, len(times["lstmkit"]) - 1))
-    med = {k: statistics.median(v[skip:]) for k, v in times.items()}
-    cps = {k: chars_per_step / v for k, v in med.items()}
-    ratio = cps["lstmkit"] / cps["torch"]
-    lines = [
-        f"throughput (median of {len(times['lstmkit']) - skip} interleaved steps): "
-        f"lstmkit.LSTM [{engine}] {cps['lstmkit']:,.0f} chars/s, torch.nn.LSTM {cps['torch']:,.0f} chars/s "
-        f"-> lstmkit is {ratio:.2f}x torch",
-        f"final train loss: lstmkit {last['lstmkit']:.4f}, torch.nn.LSTM {last['torch']:.4f}",
-    ]
-    return {"engine": engine, "lstmkit_chars_per_s": cps["lstmkit"], "torch_chars_per_s": cps["torch"],
-            "ratio": ratio, "steps": len(times["lstmkit"]) - skip, "loss_lstmkit": last["lstmkit"],
-            "loss_torch": last["torch"], "lines": lines}
-
-
 def main(argv=None) -> int:
-    try:
+    def body() -> int:
         summary = run(argv)
-    except RunError as e:
-        print(f"lstmkit train: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lstmkit train: interrupted", file=sys.stderr)
-        return 130
-    return 130 if summary["stopped"] == "interrupted" else 0
+        return 130 if summary["stopped"] == "interrupted" else 0
+
+    return run_guarded("lstmkit train", body, (RunError,))
 
 
 if __name__ == "__main__":
