@@ -69,18 +69,23 @@ def differentiable_backward(
         if not inputs[k].requires_grad:
             _raise_detached(engine, _name(k))
     with torch.enable_grad():
-        x, h0, c0 = inputs[:3]
-        p = LayerParams(*inputs[3:n_plain])
+        # Differentiate w.r.t. aliases, not the inputs themselves: when one input depends on
+        # another (a cell step fed (x, c) with c computed from x), autograd.grad w.r.t. x would
+        # add the path through c, a total derivative. The aliases make it the partial derivative
+        # this Function owes, still connected (through the alias) to the inputs' graph.
+        local = [t.view_as(t) if t is not None else None for t in inputs]
+        x, h0, c0 = local[:3]
+        p = LayerParams(*local[3:n_plain])
         if variant is None:
             outs = reference.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse)
         else:
-            v = variant._replace(**dict(zip(VARIANT_PARAM_NAMES, inputs[n_plain:])))
+            v = variant._replace(**dict(zip(VARIANT_PARAM_NAMES, local[n_plain:])))
             outs = reference.lstm_layer_variant(x, batch_sizes, h0, c0, p, reverse, v)
         pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
         if not pairs:
             return (None,) * len(inputs)
         grads = torch.autograd.grad(
-            [o for o, _ in pairs], [inputs[k] for k in wanted], [g for _, g in pairs],
+            [o for o, _ in pairs], [local[k] for k in wanted], [g for _, g in pairs],
             create_graph=True, allow_unused=True,
         )
     result = [None] * len(inputs)
