@@ -7,6 +7,10 @@ from torch import nn
 
 import lstmkit
 from lstmkit.engines.numba import compile_ops  # noqa: F401  (registers torch.ops.lstmkit.*)
+from harness import TOL, TOL_SAME_KERNELS, assert_all_close, outputs_and_grads, tensor_input
+
+F64, SAME = TOL[torch.float64], TOL_SAME_KERNELS[torch.float64]
+pytestmark = pytest.mark.slow  # every test here compiles (dynamo, AOTAutograd, inductor)
 
 
 @pytest.fixture(autouse=True)
@@ -18,24 +22,8 @@ def fresh_dynamo():
 
 def grads_of(model, x, state=None):
     """Output, (h_n, c_n) and the gradients of a fixed random loss w.r.t. input, state and parameters."""
-    model.zero_grad()
-    x = x.detach().clone().requires_grad_(True)
-    leaves = [x]
-    if state is not None:
-        state = tuple(t.detach().clone().requires_grad_(True) for t in state)
-        leaves += list(state)
-    y, (h, c) = model(x, state)
-    g = torch.Generator().manual_seed(1)
-    loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in (y, h, c))
-    loss.backward()
-    return [y, h, c] + [leaf.grad for leaf in leaves] + [p.grad for p in model.parameters()]
-
-
-def assert_all_close(a, b, tol):
-    assert len(a) == len(b)
-    for k, (u, v) in enumerate(zip(a, b)):
-        assert u.shape == v.shape, k
-        assert (u - v).abs().max().item() <= tol, f"item {k}: {(u - v).abs().max().item()}"
+    outputs, grads, _ = outputs_and_grads(model, tensor_input(x), state)
+    return outputs + grads
 
 
 def test_custom_ops_pass_opcheck():
@@ -70,8 +58,8 @@ def test_fullgraph_forward_backward_equal_eager(cfg, shape, with_state):
             batch = () if len(s) == 2 else (s[0] if ref.batch_first else s[1],)
             state = (torch.randn(D, *batch, P, dtype=torch.float64), torch.randn(D, *batch, 6, dtype=torch.float64))
         eager = grads_of(ours, x, state)
-        assert_all_close(grads_of(compiled, x, state), eager, 1e-12)
-        assert_all_close(grads_of(ref, x, state), eager, 1e-10)  # and eager is nn.LSTM
+        assert_all_close(grads_of(compiled, x, state), eager, SAME)
+        assert_all_close(grads_of(ref, x, state), eager, F64)  # and eager is nn.LSTM
 
 
 def test_module_forward_has_no_graph_breaks():
@@ -107,7 +95,7 @@ def test_inductor_fullgraph_model():
         out = m(tokens)
         out.square().mean().backward()
         results.append([out.detach()] + [p.grad.clone() for p in model.parameters()])
-    assert_all_close(results[1], results[0], 1e-5)
+    assert_all_close(results[1], results[0], TOL[torch.float32])
 
 
 @pytest.mark.parametrize("engine", ["auto", "reference"])
@@ -120,8 +108,8 @@ def test_variants_and_reference_engine_compile(engine):
     x = torch.randn(3, 2, 3, dtype=torch.float64)  # the reference engine unrolls the steps: keep T small
     eager = lstmkit.LSTM(3, 5, layer_norm=True, peephole=True, zoneout=0.1, dtype=torch.float64, engine="reference")
     eager.load_state_dict(m.state_dict())
-    assert_all_close(grads_of(compiled, x), grads_of(eager.eval(), x), 1e-10)
+    assert_all_close(grads_of(compiled, x), grads_of(eager.eval(), x), F64)
     # a plain LSTM on the reference engine, too
     torch._dynamo.reset()
     plain = lstmkit.LSTM(3, 5, engine="reference", dtype=torch.float64)
-    assert_all_close(grads_of(torch.compile(plain, fullgraph=True, backend="aot_eager"), x), grads_of(plain, x), 1e-12)
+    assert_all_close(grads_of(torch.compile(plain, fullgraph=True, backend="aot_eager"), x), grads_of(plain, x), SAME)

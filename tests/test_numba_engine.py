@@ -21,7 +21,7 @@ from lstmkit.engines.base import LayerParams
 from lstmkit.kernels.numba import lstm_backward, lstm_forward
 from lstmkit.kernels.numba.activations import _P, _Q, _pade_coefficients
 
-from conftest import TOL, assert_close
+from harness import TOL, assert_close
 
 
 # ---- one layer-direction: numpy kernels vs the reference engine --------------------------------------

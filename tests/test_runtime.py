@@ -14,7 +14,9 @@ from torch import nn
 import lstmkit
 from lstmkit import runtime
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+from harness import TOL, TOL_SAME_KERNELS, assert_all_close, assert_close
+
+SAME = TOL_SAME_KERNELS[torch.float64]
 
 
 def oracle_and_runtime(tmp_path, cfg: dict, dtype, via: str, seed: int = 0):
@@ -36,10 +38,9 @@ def check(ref, rt, x, state=None):
     with torch.no_grad():
         want = ref(torch.from_numpy(x), None if state is None else tuple(map(torch.from_numpy, state)))
     got = rt(x, state)
-    for name, a, b in zip(("output", "h_n", "c_n"), (got[0], *got[1]), (want[0], *want[1])):
-        assert a.shape == tuple(b.shape), f"{name}: {a.shape} != {tuple(b.shape)}"
-        assert a.dtype == x.dtype
-        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=TOL[dtype], err_msg=name)
+    got_all, want_all = (got[0], *got[1]), (want[0], *want[1])
+    assert all(a.dtype == x.dtype for a in got_all)
+    assert_all_close(got_all, want_all, TOL[dtype], ["output", "h_n", "c_n"])
     return got
 
 
@@ -90,9 +91,7 @@ def test_streaming_equals_full_sequence(tmp_path, batch_first, chunk):
         y, state = rt(part, state)
         outs.append(y)
     streamed = np.concatenate(outs, axis=1 if batch_first else 0)
-    np.testing.assert_allclose(streamed, full, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(state[0], h_full, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(state[1], c_full, rtol=0, atol=1e-12)
+    assert_all_close([streamed, *state], [full, h_full, c_full], SAME)
     # unbatched, one step at a time
     seq = x[0] if batch_first else x[:, 0]
     full1, _ = rt(seq)
@@ -100,7 +99,7 @@ def test_streaming_equals_full_sequence(tmp_path, batch_first, chunk):
     for t in range(T):
         y, state = rt(seq[t : t + 1], state)
         ys.append(y)
-    np.testing.assert_allclose(np.concatenate(ys), full1, rtol=0, atol=1e-12)
+    assert_close(np.concatenate(ys), full1, SAME)
 
 
 def test_two_threads_streaming_on_one_runtime(tmp_path):
@@ -127,7 +126,7 @@ def test_two_threads_streaming_on_one_runtime(tmp_path):
     for th in threads:
         th.join()
     for N in xs:
-        np.testing.assert_allclose(got[N], want[N], rtol=0, atol=1e-12)
+        assert_close(got[N], want[N], SAME)
 
 
 def test_matches_module_eval_with_training_only_variants(tmp_path):
@@ -140,8 +139,7 @@ def test_matches_module_eval_with_training_only_variants(tmp_path):
     with torch.no_grad():
         want, (h, c) = m(torch.from_numpy(x))
     got, (h2, c2) = rt(x)
-    for a, b in ((got, want), (h2, h), (c2, c)):
-        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-5)
+    assert_all_close([got, h2, c2], [want, h, c], TOL[torch.float32])
 
 
 @pytest.mark.parametrize("variants", [
@@ -164,8 +162,7 @@ def test_variants_run_in_inference_form(tmp_path, variants, dtype):
     with torch.no_grad():
         want, (h, c) = m(x)
     got, (h2, c2) = rt(x.numpy())
-    for a, b in ((got, want), (h2, h), (c2, c)):
-        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=TOL[dtype])
+    assert_all_close([got, h2, c2], [want, h, c], TOL[dtype])
 
 
 def test_prefix_and_attributes(tmp_path):
@@ -242,6 +239,7 @@ def test_half_precision_weights_run_in_float32(tmp_path, half):
     check(ref.float().eval(), rt, x)  # exactly the widened weights
 
 
+@pytest.mark.slow  # a subprocess
 def test_runtime_does_not_import_torch():
     code = (
         "import sys, lstmkit\n"
@@ -294,6 +292,8 @@ print("torch-free runtime OK")
 """
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_fresh_virtualenv_without_torch(tmp_path):
     """pip install the project (core dependencies only) into a new virtualenv and run the runtime there.
 

@@ -143,6 +143,7 @@ def test_existing_run_is_never_silently_overwritten(trained, text_file, capsys):
     assert (out / "config.json").read_text() == cfg_before
 
 
+@pytest.mark.slow  # a subprocess, signalled
 def test_sigint_writes_a_checkpoint_then_resume_goes_on(text_file, tmp_path):
     out = tmp_path / "int"
     cmd = [sys.executable, "-m", "lstmkit", "train", "--text", str(text_file), "--out", str(out), *TINY,
@@ -252,6 +253,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_ddp_two_processes_keep_identical_weights_and_learn(text_file, tmp_path):
     out = tmp_path / "ddp"
     argv = ["--text", str(text_file), *TINY, "--steps", "30", "--eval-every", "10", "--ckpt-every", "15"]
@@ -281,6 +283,7 @@ def test_ddp_two_processes_keep_identical_weights_and_learn(text_file, tmp_path)
 
 
 # ---- the demo -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_quick_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "MODEL", ["--hidden-size", "16", "--num-layers", "2", "--embed-size", "8",
                                         "--seq-len", "16", "--batch-size", "4"])

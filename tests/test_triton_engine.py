@@ -24,7 +24,7 @@ from torch import nn  # noqa: E402
 
 import lstmkit  # noqa: E402
 import lstmkit.kernels.triton.lstm as tk  # noqa: E402
-from conftest import TOL, assert_close, packed_input, padded_input, pair, run_differential  # noqa: E402
+from harness import TOL, assert_close, packed_input, padded_input, pair, run_differential  # noqa: E402
 from lstmkit.engines import reference
 from lstmkit.engines.triton import engine as triton_engine  # noqa: E402
 from lstmkit.engines.base import LayerParams  # noqa: E402
@@ -480,7 +480,7 @@ def test_auto_self_check_passes_and_runs_triton(auto_uses_triton_on_cpu, monkeyp
     monkeypatch.setattr(triton_engine, "lstm_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
     ref, ours = pair(_cfg(True, True, 3, 1), "auto")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", RuntimeWarning)  # no self-check failure
         run_differential(ref, ours, padded_input(4, 2, 4, torch.float64))
     verdicts = auto_uses_triton_on_cpu.VERDICTS
     assert len(verdicts) == 1 and list(verdicts.values()) == [None]
@@ -495,7 +495,7 @@ def test_auto_self_check_failure_warns_once_and_uses_reference(auto_uses_triton_
     with pytest.warns(RuntimeWarning, match="self-check.*(forced|max error).*report"):
         run_differential(ref, ours, make)  # right numbers: the reference engine ran
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per device, dtype and kernel options
+        warnings.simplefilter("error", RuntimeWarning)  # once per device, dtype and kernel options
         run_differential(ref, ours, make)
     (reason,) = auto_uses_triton_on_cpu.VERDICTS.values()
     assert ("PTX compile failed" in reason) if bad == "raises" else ("max error" in reason)

@@ -22,8 +22,10 @@ from lstmkit.config import LSTMConfig
 from lstmkit.engines import LayerParams, reference
 from lstmkit.nn.variants import LayerVariant
 
+from harness import TOL, TOL_SAME_KERNELS, assert_all_close, assert_close
+
 ENGINES = ["reference", "numba"]
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+SAME = TOL_SAME_KERNELS[torch.float64]
 
 
 # ---- the oracle: a plain loop, one formula per line ------------------------------------------------
@@ -145,8 +147,7 @@ def run_both(m, x, hx, recorded, check_grads=True):
     rec = finish(cfg.num_layers * cfg.num_directions)
     x2, h02, c02 = (t.detach().clone().requires_grad_() for t in (x, h0, c0))
     y2, h2, c2 = loop_lstm(m, x2, h02, c02, rec)
-    for a, b, what in ((y, y2, "y"), (h, h2, "h_n"), (c, c2, "c_n")):
-        assert (a - b).abs().max().item() <= tol, what
+    assert_all_close([y, h, c], [y2, h2, c2], tol, ["y", "h_n", "c_n"])
     if not check_grads:
         return
     gens = torch.Generator().manual_seed(7)
@@ -155,9 +156,7 @@ def run_both(m, x, hx, recorded, check_grads=True):
     g1 = torch.autograd.grad((y * gy).sum() + (h * gh).sum() + (c * gc).sum(), [x, h0, c0] + params, retain_graph=True)
     g2 = torch.autograd.grad((y2 * gy).sum() + (h2 * gh).sum() + (c2 * gc).sum(), [x2, h02, c02] + params)
     names = ["x", "h0", "c0"] + [n for n, _ in m.named_parameters()]
-    for a, b, n in zip(g1, g2, names):
-        scale = max(1.0, b.abs().max().item())
-        assert (a - b).abs().max().item() <= tol * scale, f"grad {n}"
+    assert_all_close(g1, g2, tol, [f"grad {n}" for n in names])
 
 
 VARIANTS = {
@@ -202,6 +201,7 @@ def test_variant_matches_loop(name, shape, engine, training, recorded):
     run_both(m, x, hx, recorded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ENGINES)
 def test_float32_matches_loop(engine, recorded):
     m = make(VARIANTS["all"], SHAPES["bi2proj"], engine, dtype=torch.float32)
@@ -216,7 +216,7 @@ def test_batch_first_unbatched_and_default_state(engine):
     x = torch.randn(3, 6, 4, dtype=torch.float64)
     y, (h, c) = m(x)
     y1, (h1, c1) = m(x[1])  # unbatched: same as row 1 of the batch
-    assert (y1 - y[1]).abs().max() < 1e-12 and (h1 - h[:, 1]).abs().max() < 1e-12
+    assert_all_close([y1, h1], [y[1], h[:, 1]], SAME)
     zeros = (torch.zeros(2, 3, 5, dtype=torch.float64),) * 2
     y0, _ = m(x, zeros)
     assert torch.equal(y0, y)
@@ -235,8 +235,7 @@ def test_packed_equals_per_sequence_eval(engine):
     y, _ = torch.nn.utils.rnn.pad_packed_sequence(out)
     for j, s in enumerate(seqs):
         yj, (hj, cj) = m(s[:, None], (h0[:, j : j + 1], c0[:, j : j + 1]))
-        assert (yj[:, 0] - y[: len(s), j]).abs().max() < 1e-12
-        assert (hj[:, 0] - h[:, j]).abs().max() < 1e-12 and (cj[:, 0] - c[:, j]).abs().max() < 1e-12
+        assert_all_close([yj[:, 0], hj[:, 0], cj[:, 0]], [y[: len(s), j], h[:, j], c[:, j]], SAME)
 
 
 def random_variant(H, P, batch_sizes, dtype, train=True, gen=None, requires_grad=False):
@@ -286,11 +285,11 @@ def test_packed_equals_per_sequence_training_masks(engine, reverse):
         rows = [offsets[t] + j for t in range(L)]
         vj = v._replace(zoneout_c=v.zoneout_c[rows], zoneout_h=v.zoneout_h[rows], rec_mask=v.rec_mask[j : j + 1])
         yj, hj, cj = fn(x[rows], [1] * L, h0[j : j + 1], c0[j : j + 1], p, reverse=reverse, variant=vj)
-        assert (yj - y[rows]).abs().max() < 1e-12
-        assert (hj - h[j : j + 1]).abs().max() < 1e-12 and (cj - c[j : j + 1]).abs().max() < 1e-12
+        assert_all_close([yj, hj, cj], [y[rows], h[j : j + 1], c[j : j + 1]], SAME)
 
 
 # ---- gradcheck ------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("proj", [False, True])
@@ -560,4 +559,4 @@ def test_engines_see_the_same_masks():
     ya = a(x)[0]
     torch.manual_seed(4)
     yb = b(x)[0]
-    assert (ya - yb).abs().max() < 1e-12
+    assert_close(yb, ya, SAME)
