@@ -58,7 +58,7 @@ def auto_engine_name(x: torch.Tensor) -> str:
     return "reference"
 
 
-# Engines that run the variants of lstmkit/variants.py (layer_norm, peephole, zoneout,
+# Engines that run the variants of nn/variants.py (layer_norm, peephole, zoneout,
 # recurrent_dropout), called with an extra `variant=LayerVariant` keyword.
 _VARIANT_MODULES = {
     "reference": "lstmkit.engines.reference",
@@ -69,7 +69,7 @@ _warned_variant_fallback = set()
 
 def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False):
     # torch.compile cannot trace into Numba (nor importlib, below): while compiling, the fused
-    # kernels run as torch.library custom ops (compile_ops.py), one opaque graph node per
+    # kernels run as torch.library custom ops (numba/compile_ops.py), one opaque graph node per
     # layer-direction; variants and the reference engine run plain torch ops the compiler traces.
     if torch.compiler.is_compiling() and x.device.type == "cpu":
         fused = name in ("auto", "numba") and x.dtype in (torch.float32, torch.float64)

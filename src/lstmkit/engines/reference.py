@@ -91,7 +91,7 @@ def lstm_layer(
 
 
 def lstm_layer_variant(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, v):
-    """The same layer with the variants of lstmkit/variants.py (v: LayerVariant).
+    """The same layer with the variants of nn/variants.py (v: LayerVariant).
 
     Per step, rows r < bs (d_c, d_h: zoneout; m: recurrent-dropout mask; LN: layer norm):
 

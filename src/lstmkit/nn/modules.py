@@ -57,7 +57,7 @@ class LSTM(nn.Module):
         forget_bias: float = 0.0,
     ) -> None:
         super().__init__()
-        # Variant options (lstmkit/variants.py); all off = exactly nn.LSTM.
+        # Variant options (nn/variants.py); all off = exactly nn.LSTM.
         cfg = LSTMConfig(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
             layer_norm=layer_norm, peephole=peephole, zoneout=zoneout,

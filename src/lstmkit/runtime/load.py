@@ -18,7 +18,7 @@ from ..config import LSTMConfig
 from .infer import find_lstms, infer_config
 from .model import Runtime
 
-# Metadata keys written by lstmkit.save (lstmkit/io.py) and read here.
+# Metadata keys written by lstmkit.save (interop/serialization.py) and read here.
 FORMAT_KEY, FORMAT = "format", "lstmkit"
 CONFIG_KEY = "lstmkit.config"
 

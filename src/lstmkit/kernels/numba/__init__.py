@@ -1,6 +1,6 @@
 """Numba kernels (numpy arrays in and out; never import torch).
 
-The stable numpy-level API, shared by the torch engine (engines/numba_engine.py) and
+The stable numpy-level API, shared by the torch engine (engines/numba/) and
 the torch-free runtime:
 
     y, h_n, c_n = lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b=None, w_hr=None,
