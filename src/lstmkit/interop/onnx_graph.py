@@ -75,10 +75,10 @@ def lstm_step(
     h_new = torch.sigmoid(pre_o) * torch.tanh(c_out)
     if w_hr is not None:
         h_new = torch.matmul(h_new, w_hr.t())
-    if zoneout_c > 0:
-        c_new = zoneout_c * c + (1 - zoneout_c) * c_new
+    if zoneout_c > 0:  # d * prev + (1 - d) * new, with d = p
+        c_new = c_new + (c - c_new) * zoneout_c
     if zoneout_h > 0:
-        h_new = zoneout_h * h + (1 - zoneout_h) * h_new
+        h_new = h_new + (h - h_new) * zoneout_h
     return h_new, c_new
 
 
