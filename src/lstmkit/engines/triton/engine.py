@@ -158,6 +158,7 @@ class _Cfg:
             self.bh = min(128, max(4, _next_pow2(H)))
             self.bk = min(128, max(16, _next_pow2(max(K, 4 * H))))
             self.bh_bwd = self.bh
+            self.bn = min(128, max(16, _next_pow2(K)))
         else:
             # One step is a small GEMM (B x K) @ (K x 4H) that must fill the GPU by itself:
             # start from the smallest tiles (BLOCK_H = 4 hidden units = 16 gate columns,
@@ -171,15 +172,16 @@ class _Cfg:
                 self.bb *= 2
             # The backward's recurrent dot has N = BLOCK_H: at least 16.
             self.bh_bwd = max(16, self.bh)
+            self.bn = 32  # the projection's output columns per program
             self.bk = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}.get(dt, 16)
             if dt == torch.float64:
                 self.stages = 2  # fp64 tiles are big: keep the pipeline's shared memory in bounds
         if TILES is not None:
             self.bb, self.bh, self.bk = TILES
-            self.bh_bwd = self.bh
+            self.bh_bwd = self.bn = max(16, self.bh)
         forced = getattr(_FORCED, "options", None)
         if forced is not None:  # a self-check reproducing another call's compiled kernels
-            (self.acc_f64, self.upcast, self.precision, self.bb, self.bh, self.bh_bwd, self.bk,
+            (self.acc_f64, self.upcast, self.precision, self.bb, self.bh, self.bh_bwd, self.bn, self.bk,
              self.warps, self.stages) = forced
 
     def grid(self, bs: int, H: int, bwd: bool = False):
@@ -196,9 +198,22 @@ class _Cfg:
             launcher = _LAUNCHERS[key] = Launcher(kernel, _interpreted(), **meta)
         return launcher
 
+    def proj_launcher(self, **constexprs):
+        """The cached launcher of rows_matmul_step (the projection's per-step GEMMs)."""
+        meta = dict(ACC_F64=self.acc_f64, UPCAST_DOT=self.upcast, PRECISION=self.precision, BLOCK_B=self.bb,
+                    BLOCK_N=self.bn, BLOCK_K=self.bk, num_warps=self.warps, num_stages=self.stages, **constexprs)
+        key = (tk.rows_matmul_step, self.device, _interpreted(), tuple(sorted(meta.items())))
+        launcher = _LAUNCHERS.get(key)
+        if launcher is None:
+            launcher = _LAUNCHERS[key] = Launcher(tk.rows_matmul_step, _interpreted(), **meta)
+        return launcher
+
+    def grid_n(self, bs: int, N: int):
+        return (triton.cdiv(bs, self.bb), triton.cdiv(N, self.bn))
+
     def options(self) -> tuple:
         """Everything about this call that selects a different compiled kernel."""
-        return (self.acc_f64, self.upcast, self.precision, self.bb, self.bh, self.bh_bwd, self.bk,
+        return (self.acc_f64, self.upcast, self.precision, self.bb, self.bh, self.bh_bwd, self.bn, self.bk,
                 self.warps, self.stages)
 
 
@@ -256,72 +271,66 @@ def _prev_rows(batch_sizes: list[int], reverse: bool, device) -> torch.Tensor:
 # The step loops only launch kernels on the tensors of a buffer dict `b`, so they can run
 # eagerly or be recorded once into a CUDA graph and replayed (see _Graphs).
 
+def _prev_step(batch_sizes, offsets, t, reverse):
+    """(row where the step before t starts, how many of t's rows continue from it); rows past
+    that count start from h0 / c0 (the first step, or new sequences joining in reverse)."""
+    prev = t + 1 if reverse else t - 1
+    if not 0 <= prev < len(batch_sizes):
+        return 0, 0
+    return offsets[prev], min(batch_sizes[prev], batch_sizes[t])
+
+
 def _fwd_loop(b, batch_sizes, reverse, cfg, store_gates):
-    """Forward over all steps. Reads b: xw, wt, bias, h0, c0, w_hr; writes b: y, hr, cs, gates."""
+    """Forward over all steps: kernel launches only, no torch op. Reads b: xw, wt, bias, h0,
+    c0, w_hrt (W_hr^T, proj only); writes b: y, hr, cs, gates."""
     xw, y, hr, cs = b["xw"], b["y"], b["hr"], b["cs"]
-    h0, c0, w_hr = b["h0"], b["c0"], b["w_hr"]
+    h0, c0, w_hrt = b["h0"], b["c0"], b["w_hrt"]
     gates = b["gates"] if store_gates else xw  # xw: an unused dummy pointer
     has_bias = b["bias"] is not None
     bias = b["bias"] if has_bias else xw
     H, P = cs.shape[1], y.shape[1]
-    hp_stride, cp_stride, hr_stride = P, H, hr.stride(0)  # every h / c source is row-contiguous
-    T = len(batch_sizes)
     offsets = step_offsets(batch_sizes)
-    launch = cfg.launcher(tk.lstm_fwd_step, HAS_BIAS=has_bias, STORE_GATES=store_gates)
-    prev = None
-    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+    step = cfg.launcher(tk.lstm_fwd_step, HAS_BIAS=has_bias, STORE_GATES=store_gates)
+    project = cfg.proj_launcher(HAS_BASE=False, HAS_ALT=False)
+    for t in (range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))):
         bs, row0 = batch_sizes[t], offsets[t]
-        if prev is None:  # first step: everyone starts from h0 / c0
-            hp, hp_row, cp, cp_row = h0, 0, c0, 0
-        elif batch_sizes[prev] >= bs:  # the first bs rows of the previous step
-            hp, hp_row, cp, cp_row = y, offsets[prev], cs, offsets[prev]
-        else:  # reverse direction, batch grows: new sequences join from their h0 / c0
-            n, pr = batch_sizes[prev], offsets[prev]
-            hp, hp_row = torch.cat([y[pr : pr + n], h0[n:bs]]), 0
-            cp, cp_row = torch.cat([cs[pr : pr + n], c0[n:bs]]), 0
-        launch(cfg.grid(bs, H), xw, b["wt"], bias, hp, hp_row, hp_stride, cp, cp_row, cp_stride,
-               gates, cs, hr, hr_stride, row0, bs, H, P)
-        if w_hr is not None:  # y_t = h_t W_hr^T, written in place into y
-            torch.matmul(hr[row0 : row0 + bs], w_hr.t(), out=y[row0 : row0 + bs])
-        prev = t
+        prev_row, n_prev = _prev_step(batch_sizes, offsets, t, reverse)
+        step(cfg.grid(bs, H), xw, b["wt"], bias, y, h0, cs, c0, prev_row, n_prev,
+             gates, cs, hr, hr.stride(0), row0, bs, H, P)
+        if w_hrt is not None:  # y_t = h_t W_hr^T
+            project(cfg.grid_n(bs, P), y, row0, P, y, 0, 0, hr, row0, H, w_hrt, y, 0, bs, bs, P, H)
 
 
 def _bwd_loop(b, batch_sizes, reverse, cfg):
-    """Backward over all steps, last to first. Reads b: dy, dh_n, gates, cs, c0, w_hh, w_hr;
-    updates b["dc"] in place (dL/dc_n in, dL/dc0 out); writes b: dg, dhp (proj only)."""
+    """Backward over all steps, last to first: kernel launches only. Reads b: dy, dh_n, gates,
+    cs, c0, w_hh (interleaved rows), w_hr; updates b["dc"] in place (dL/dc_n in, dL/dc0 out);
+    writes b: dg, dhp (proj only: dL/dy_t including the recurrence)."""
     dy, dh_n, dc, dg = b["dy"], b["dh_n"], b["dc"], b["dg"]
     gates, cs, c0, w_hh, w_hr = b["gates"], b["cs"], b["c0"], b["w_hh"], b["w_hr"]
-    H = cs.shape[1]
+    H, P = cs.shape[1], dy.shape[1]
     T = len(batch_sizes)
     offsets = step_offsets(batch_sizes)
-    fuse = w_hr is None  # without a projection the recurrent GEMM of dh is fused into the kernel
-    launch = cfg.launcher(tk.lstm_bwd_step, bwd=True, FUSE_REC=fuse)
+    proj = w_hr is not None
+    # Without a projection the recurrent GEMM of dh is fused into the step kernel; with one,
+    # rows_matmul_step first sums dL/dy_t and the recurrence (width P), and the step kernel
+    # takes that back through W_hr.
+    step = cfg.launcher(tk.lstm_bwd_step, bwd=True, HAS_DH=not proj, HAS_DHN=not proj)
+    recurrence = cfg.proj_launcher(HAS_BASE=True, HAS_ALT=True)
     nxt = None  # the step processed after this one in the forward pass
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         bs, row0 = batch_sizes[t], offsets[t]
         n_next = min(batch_sizes[nxt], bs) if nxt is not None else 0
         next_row = offsets[nxt] if nxt is not None else 0
-        prev = t + 1 if reverse else t - 1
-        if not 0 <= prev < T:
-            cp, cp_row = c0, 0
-        elif batch_sizes[prev] >= bs:
-            cp, cp_row = cs, offsets[prev]
+        prev_row, n_prev = _prev_step(batch_sizes, offsets, t, reverse)
+        if not proj:
+            step(cfg.grid(bs, H, bwd=True), dy, row0, P, dg, next_row, 4 * H, n_next, w_hh, 4 * H,
+                 dh_n, dh_n.stride(0), dg, gates, cs, cs, c0, prev_row, n_prev, dc, row0, bs, H)
         else:
-            n, pr = batch_sizes[prev], offsets[prev]
-            cp, cp_row = torch.cat([cs[pr : pr + n], c0[n:bs]]), 0
-
-        if fuse:
-            dh, dh_row = dy, row0
-        else:  # dL/dy_t plus the recurrence, then back through the projection (cuBLAS)
-            dhp = b["dhp"][row0 : row0 + bs]  # (bs, P)
-            dhp.copy_(dy[row0 : row0 + bs])
-            if n_next:
-                dhp[:n_next] += dg[next_row : next_row + n_next] @ w_hh
-            if n_next < bs:
-                dhp[n_next:] += dh_n[n_next:bs]
-            dh, dh_row = dhp @ w_hr, 0  # (bs, H)
-        launch(cfg.grid(bs, H, bwd=True), dh, dh_row, dh.stride(0), dg, next_row, n_next,
-               w_hh, dh_n, dh_n.stride(0), gates, cs, cp, cp_row, H, dc, row0, bs, H)
+            dhp = b["dhp"]
+            recurrence(cfg.grid_n(bs, P), dhp, row0, P, dy, row0, P, dg, next_row, 4 * H, w_hh,
+                       dh_n, dh_n.stride(0), n_next, bs, P, 4 * H)
+            step(cfg.grid(bs, H, bwd=True), dy, 0, 0, dhp, row0, P, bs, w_hr, P,
+                 dh_n, 0, dg, gates, cs, cs, c0, prev_row, n_prev, dc, row0, bs, H)
         nxt = t
 
 
@@ -427,7 +436,7 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, store_gates:
         b["hr"] = e(total, H) if proj else b["y"]  # o * tanh(c), before the projection
         if static:
             b.update(xw=e(total, 4 * H), wt=e(P, 4 * H), bias=e(4 * H, dtype=cfg.acc) if has_bias else None,
-                     h0=e(B, P), c0=e(B, H, dtype=cfg.acc), w_hr=e(P, H) if proj else None)
+                     h0=e(B, P), c0=e(B, H, dtype=cfg.acc), w_hrt=e(H, P) if proj else None)
         return b
 
     loop = lambda b: _fwd_loop(b, batch_sizes, reverse, cfg, store_gates)  # noqa: E731
@@ -437,12 +446,13 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, store_gates:
         b = make_buffers(static=False)
         b.update(xw=torch.matmul(x, w_ih.t()),  # the input projection: one GEMM for all steps
                  wt=p.w_hh[perm].t().contiguous(), bias=bias,
-                 h0=h0.contiguous(), c0=c0.to(cfg.acc).contiguous(), w_hr=p.w_hr)
+                 h0=h0.contiguous(), c0=c0.to(cfg.acc).contiguous(),
+                 w_hrt=p.w_hr.t().contiguous() if proj else None)
         loop(b)
     else:
         b, replay = graph
         torch.matmul(x, w_ih.t(), out=b["xw"])
-        _copy_in(b, dict(wt=p.w_hh[perm].t(), bias=bias, h0=h0, c0=c0, w_hr=p.w_hr))
+        _copy_in(b, dict(wt=p.w_hh[perm].t(), bias=bias, h0=h0, c0=c0, w_hrt=p.w_hr.t() if proj else None))
         replay()
         # The next replay overwrites the static buffers: keep copies of what outlives this call.
         b = {k: (v.clone() if k in ("y", "hr", "cs", "gates", "h0", "c0") and v is not None else v)

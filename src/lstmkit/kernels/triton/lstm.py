@@ -74,13 +74,27 @@ def join_gates(i, f, g, o, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     return tl.reshape(x4, (BLOCK_B, 4 * BLOCK_H))
 
 
-@triton.jit(do_not_specialize=["row0", "hp_row", "cp_row", "bs"])
+@triton.jit
+def _load_prev(prev_ptr, prev_row, prev_stride, init_ptr, init_stride, n_prev, rows64, rmask, cols, cmask):
+    """(BB, len(cols)) tile of a step's previous state: rows < n_prev continue from the previous
+    step's rows (prev_row.. of prev), the others start from their initial state (init, row = sequence)."""
+    cont = rmask & (rows64 < n_prev)
+    fresh = rmask & (rows64 >= n_prev)
+    a = tl.load(prev_ptr + (prev_row + rows64)[:, None] * prev_stride + cols[None, :],
+                mask=cont[:, None] & cmask[None, :], other=0.0)
+    b = tl.load(init_ptr + rows64[:, None] * init_stride + cols[None, :], mask=fresh[:, None] & cmask[None, :],
+                other=0.0)
+    return a + b
+
+
+@triton.jit(do_not_specialize=["row0", "prev_row", "n_prev", "bs"])
 def lstm_fwd_step(
     xw_ptr,  # (total, 4H)  x W_ih^T of every step (no bias), interleaved
     wt_ptr,  # (K, 4H)      W_hh^T, interleaved columns (K = P = width of h)
     b_ptr,  # (4H,)         b_ih + b_hh, interleaved (unused when not HAS_BIAS)
-    hp_ptr, hp_row, hp_stride,  # h_{t-1}: rows hp_row.. of a (*, K) buffer
-    cp_ptr, cp_row, cp_stride,  # c_{t-1}: rows cp_row.. of a (*, H) buffer
+    hp_ptr, h0_ptr,  # h_{t-1}: rows prev_row.. of hp (*, K) for rows < n_prev, else h0 (B, K)
+    cp_ptr, c0_ptr,  # c_{t-1}: the same rows of cp (*, H) / c0 (B, H)
+    prev_row, n_prev,  # where the previous step's rows start in hp / cp, and how many rows continue
     gates_ptr,  # (total, 4H) out: activations i, f, g, o, interleaved (saved for backward)
     c_ptr,  # (total, H)    out: c_t
     h_ptr, h_stride,  # (total, *) out: o * tanh(c_t)  (y, or the pre-projection buffer)
@@ -107,8 +121,7 @@ def lstm_fwd_step(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
         kmask = ks < K
-        a = tl.load(hp_ptr + (hp_row + rows64)[:, None] * hp_stride + ks[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)  # (BB, BK)
+        a = _load_prev(hp_ptr, prev_row, K, h0_ptr, K, n_prev, rows64, rmask, ks, kmask)  # (BB, BK)
         w = tl.load(wt_ptr + ks.to(tl.int64)[:, None] * four_h + cols[None, :],
                     mask=kmask[:, None] & cmask[None, :], other=0.0)  # (BK, 4BH)
         if UPCAST_DOT:  # the interpreter's dot mishandles bf16; it computes in fp32 instead
@@ -127,29 +140,76 @@ def lstm_fwd_step(
         tl.store(gates_ptr + rc * four_h + cols[None, :], act.to(gates_ptr.dtype.element_ty), mask=g2)
     i, f, g, o = split_gates(act, BLOCK_B, BLOCK_H)
 
-    c_prev = tl.load(cp_ptr + (cp_row + rows64)[:, None] * cp_stride + units[None, :], mask=m2, other=0.0)
-    c = f * c_prev.to(ACC_DTYPE) + i * g  # (BB, BH)
+    c_prev = _load_prev(cp_ptr, prev_row, H, c0_ptr, H, n_prev, rows64, rmask, units, umask).to(ACC_DTYPE)
+    c = f * c_prev + i * g  # (BB, BH)
     h = o * _tanh(c)
     tl.store(c_ptr + rc * H + units[None, :], c.to(c_ptr.dtype.element_ty), mask=m2)
     tl.store(h_ptr + rc * h_stride + units[None, :], h.to(h_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["row0", "dh_row", "next_row", "n_next", "cp_row", "bs"])
+@triton.jit(do_not_specialize=["out_row", "base_row", "a_row", "n_live", "bs"])
+def rows_matmul_step(
+    out_ptr, out_row, out_stride,  # (*, N) out: rows out_row .. out_row + bs
+    base_ptr, base_row, base_stride,  # (*, N) added to every row (HAS_BASE)
+    a_ptr, a_row, a_stride,  # (*, K) the rows r < n_live are a[a_row + r] @ w ...
+    w_ptr,  # (K, N) row-major
+    alt_ptr, alt_stride,  # (B, N) ... the rows r >= n_live get alt[r] instead (HAS_ALT)
+    n_live, bs, N, K,
+    HAS_BASE: tl.constexpr, HAS_ALT: tl.constexpr,
+    ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One step's projection GEMM, so the step loop runs no torch op: forward y_t = h_t W_hr^T;
+    backward dL/dy_t + (dgates_{t+1} W_hh for the rows that go on, dL/dh_n for the rows that end)."""
+    ACC_DTYPE = tl.float64 if ACC_F64 else tl.float32
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < bs
+    nmask = ns < N
+    m2 = rmask[:, None] & nmask[None, :]
+    rows64 = rows.to(tl.int64)
+    live = rmask & (rows64 < n_live)
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        a = tl.load(a_ptr + (a_row + rows64)[:, None] * a_stride + ks[None, :],
+                    mask=live[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * N + ns[None, :], mask=kmask[:, None] & nmask[None, :],
+                    other=0.0)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    if HAS_ALT:
+        ended = m2 & (rows64 >= n_live)[:, None]
+        acc += tl.load(alt_ptr + rows64[:, None] * alt_stride + ns[None, :], mask=ended, other=0.0).to(ACC_DTYPE)
+    if HAS_BASE:
+        acc += tl.load(base_ptr + (base_row + rows64)[:, None] * base_stride + ns[None, :], mask=m2,
+                       other=0.0).to(ACC_DTYPE)
+    tl.store(out_ptr + (out_row + rows64)[:, None] * out_stride + ns[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m2)
+
+
+@triton.jit(do_not_specialize=["row0", "dh_row", "a_row", "n_live", "prev_row", "n_prev", "bs"])
 def lstm_bwd_step(
-    dh_ptr, dh_row, dh_stride,  # dL/dh_t from outside the recurrence: dy_t (FUSE_REC) or the full dh_t
-    dg_ptr,  # (total, 4H) in/out, interleaved: reads the next step's gate grads, writes this one's
-    next_row, n_next,  # the next step's rows in dg; rows < n_next get their recurrent grad from it
-    w_ptr,  # (4H, H)  W_hh with interleaved rows (only with FUSE_REC, i.e. no projection: K = H)
-    dhn_ptr, dhn_stride,  # (B, H) dL/dh_n: the recurrent grad of rows >= n_next (FUSE_REC)
+    dh_ptr, dh_row, dh_stride,  # dL/dh_t from outside the recurrence (HAS_DH): dy_t
+    a_ptr, a_row, a_stride, n_live,  # dh_t += a[a_row + r] @ w for rows r < n_live ...
+    w_ptr, KD,  # (KD, H) ... : dgates_{t+1} (interleaved) @ W_hh (interleaved rows), or dL/dy_t @ W_hr
+    dhn_ptr, dhn_stride,  # (B, H) ... and rows r >= n_live get dL/dh_n[r] (HAS_DHN)
+    dg_ptr,  # (total, 4H) out, interleaved: this step's gate pre-activation grads
     gates_ptr,  # (total, 4H) saved activations, interleaved
     c_ptr,  # (total, H)    saved c_t
-    cp_ptr, cp_row, cp_stride,  # c_{t-1}
+    cp_ptr, c0_ptr, prev_row, n_prev,  # c_{t-1}: rows < n_prev from cp[prev_row..], the others from c0
     dc_ptr,  # (B, H) in/out, in place: dL/dc_t in, dL/dc_{t-1} out (rows < bs)
     row0, bs, H,
-    FUSE_REC: tl.constexpr,
+    HAS_DH: tl.constexpr, HAS_DHN: tl.constexpr,
     ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Without a projection: HAS_DH (dy_t), a = the next step's gate grads, w = W_hh, HAS_DHN.
+    # With one, a kernel before this one summed dL/dy_t and the recurrence into a (width P):
+    # a = those rows, w = W_hr, every row live, no dh nor dh_n here.
     ACC_DTYPE = tl.float64 if ACC_F64 else tl.float32
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -162,32 +222,31 @@ def lstm_bwd_step(
     g2 = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
 
-    dh = tl.load(dh_ptr + (dh_row + rows64)[:, None] * dh_stride + units[None, :], mask=m2, other=0.0).to(ACC_DTYPE)
-    if FUSE_REC:
-        # dh_t += dgates_{t+1} W_hh for the rows that go on to the next step; the rows
-        # whose sequence ends here get dL/dh_n instead.
-        acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC_DTYPE)
-        live = rmask & (rows < n_next)
-        for k0 in range(0, four_h, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < four_h
-            a = tl.load(dg_ptr + (next_row + rows64)[:, None] * four_h + ks[None, :],
-                        mask=live[:, None] & kmask[None, :], other=0.0)  # (BB, BK)
-            w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * H + units[None, :],
-                        mask=kmask[:, None] & umask[None, :], other=0.0)  # (BK, BH)
-            if UPCAST_DOT:
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        ended = rmask[:, None] & (rows >= n_next)[:, None] & umask[None, :]
-        acc += tl.load(dhn_ptr + rows64[:, None] * dhn_stride + units[None, :], mask=ended, other=0.0).to(ACC_DTYPE)
-        dh += acc
+    dh = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC_DTYPE)
+    live = rmask & (rows64 < n_live)
+    for k0 in range(0, KD, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < KD
+        a = tl.load(a_ptr + (a_row + rows64)[:, None] * a_stride + ks[None, :],
+                    mask=live[:, None] & kmask[None, :], other=0.0)  # (BB, BK)
+        w = tl.load(w_ptr + ks.to(tl.int64)[:, None] * H + units[None, :],
+                    mask=kmask[:, None] & umask[None, :], other=0.0)  # (BK, BH)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        dh = tl.dot(a, w, dh, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    if HAS_DHN:
+        ended = m2 & (rows64 >= n_live)[:, None]
+        dh += tl.load(dhn_ptr + rows64[:, None] * dhn_stride + units[None, :], mask=ended, other=0.0).to(ACC_DTYPE)
+    if HAS_DH:
+        dh += tl.load(dh_ptr + (dh_row + rows64)[:, None] * dh_stride + units[None, :], mask=m2,
+                      other=0.0).to(ACC_DTYPE)
 
     rc = (row0 + rows64)[:, None]
     act = tl.load(gates_ptr + rc * four_h + cols[None, :], mask=g2, other=0.0).to(ACC_DTYPE)
     i, f, g, o = split_gates(act, BLOCK_B, BLOCK_H)
     c = tl.load(c_ptr + rc * H + units[None, :], mask=m2, other=0.0).to(ACC_DTYPE)
-    c_prev = tl.load(cp_ptr + (cp_row + rows64)[:, None] * cp_stride + units[None, :], mask=m2, other=0.0)
+    c_prev = _load_prev(cp_ptr, prev_row, H, c0_ptr, H, n_prev, rows64, rmask, units, umask).to(ACC_DTYPE)
     dcp = dc_ptr + rows64[:, None] * H + units[None, :]
 
     # h = o tanh(c);  c = f c_prev + i g
@@ -196,7 +255,7 @@ def lstm_bwd_step(
     d_o = dh * tc
     d_i = dc * g
     d_g = dc * i
-    d_f = dc * c_prev.to(ACC_DTYPE)
+    d_f = dc * c_prev
     tl.store(dcp, (dc * f).to(dc_ptr.dtype.element_ty), mask=m2)
 
     # Through the nonlinearities to the pre-activations, stored as one interleaved tile.
