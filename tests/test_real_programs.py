@@ -1,0 +1,232 @@
+"""lstmkit inside programs written for torch.nn.LSTM, played the way a client runs them:
+torch.save(model) reloaded under the program's own allowlist, torch.onnx.export of the whole
+model with both exporters into ONNX Runtime, a packed variable-length classifier trained
+against its torch twin."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import lstmkit
+
+# ---- whole-model checkpoints ---------------------------------------------------------------------
+CLIENT_MODEL = """
+import torch
+import torch.nn as nn
+
+import lstmkit
+
+
+class RNNModel(nn.Module):  # word_language_model's shape: embedding -> LSTM -> linear
+    def __init__(self, ntoken=30, ninp=8, nhid=12, nlayers=2, **lstm_options):
+        super().__init__()
+        self.drop = nn.Dropout(0.2)
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnn = lstmkit.LSTM(ninp, nhid, nlayers, dropout=0.2, **lstm_options)
+        self.decoder = nn.Linear(self.rnn.config.output_size, ntoken)
+
+    def forward(self, tokens, hidden=None):
+        output, hidden = self.rnn(self.drop(self.encoder(tokens)), hidden)
+        return self.decoder(self.drop(output)), hidden
+"""
+
+
+
+def save_client_model(model_module, folder):
+    torch.manual_seed(0)
+    m = model_module.RNNModel(proj_size=5, layer_norm=True, zoneout=0.1, bidirectional=True).eval()
+    tokens = torch.randint(0, 30, (7, 3))
+    with torch.no_grad():
+        logits, _ = m(tokens)
+    torch.save(m, folder / "model.pt")
+    torch.save({"tokens": tokens, "logits": logits}, folder / "expected.pt")
+
+# The loader knows its own classes and torch's layers, nothing of lstmkit beyond model.py's import.
+LOAD = """
+{imports}
+import model
+allow = [model.RNNModel, torch.nn.Embedding, torch.nn.Linear, torch.nn.Dropout, torch.nn.LSTM]
+with torch.serialization.safe_globals(allow):
+    m = torch.load("model.pt")  # weights_only=True, torch's default
+expected = torch.load("expected.pt")
+with torch.no_grad():
+    logits, _ = m.eval()(expected["tokens"])
+assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+print("loaded", type(m.rnn).__module__, m.rnn.config.proj_size)
+"""
+
+
+def run_python(code: str, cwd) -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cwd)] + sys.path))
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_whole_model_checkpoint_loads_under_the_programs_allowlist(tmp_path, monkeypatch):
+    (tmp_path / "model.py").write_text(CLIENT_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "model", raising=False)
+    import model
+
+    save_client_model(model, tmp_path)
+    # fresh interpreters that never built an lstmkit module:
+    # torch imported before lstmkit (model.py) and after it (the hook in lstmkit/__init__)
+    for imports in ("import torch", "import lstmkit\nimport torch"):
+        assert "loaded lstmkit.nn.modules 5" in run_python(LOAD.format(imports=imports), tmp_path)
+
+
+def test_allowlist_holds_only_lstmkits_module_classes():
+    allowed = {g for g in torch.serialization.get_safe_globals()
+               if getattr(g, "__module__", "").startswith("lstmkit")}
+    assert allowed == {lstmkit.LSTM, lstmkit.LSTMCell}
+
+
+def test_pickled_state_is_plain_and_validated():
+    m = lstmkit.LSTM(3, 4, zoneout=(0.1, 0.2), proj_size=2)
+    state = m.__getstate__()
+    assert state["config"] == m.config.to_dict() and "_runtime" not in state
+    for key, bad, error in (("config", {**state["config"], "hidden_size": -1}, ValueError),
+                            ("config", "not a dict", TypeError), ("engine", "evil", ValueError)):
+        fresh = lstmkit.LSTM.__new__(lstmkit.LSTM)
+        with pytest.raises(error):
+            fresh.__setstate__({**state, key: bad})
+
+
+# ---- torch.onnx.export of the whole model ------------------------------------------------------------
+class Client(nn.Module):
+    def __init__(self, **lstm_options):
+        super().__init__()
+        self.encoder = nn.Embedding(30, 8)
+        self.rnn = lstmkit.LSTM(8, 12, **lstm_options)
+        self.decoder = nn.Linear(self.rnn.config.output_size, 30)
+
+    def forward(self, tokens):
+        output, (h, c) = self.rnn(self.encoder(tokens))
+        return self.decoder(output), h, c
+
+
+EXPORTED = [
+    dict(num_layers=2, dropout=0.3),  # ONNX LSTM nodes
+    dict(num_layers=2, proj_size=5, bidirectional=True),  # step loops from here on
+    dict(layer_norm=True, peephole=True, zoneout=(0.1, 0.3), batch_first=True, recurrent_dropout=0.2),
+]
+
+
+def export_whole_model(model, path, dynamo: bool):
+    tokens = torch.randint(0, 30, (5, 2))  # exported with T=5, N=2; run with other sizes
+    first, second = (("batch", "seq_len") if model.rnn.batch_first else ("seq_len", "batch"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dims = {0: torch.export.Dim(first, min=1), 1: torch.export.Dim(second, min=1)}
+            torch.onnx.export(model, (tokens,), str(path), dynamo=True, dynamic_shapes=({0: dims[0], 1: dims[1]},),
+                              input_names=["tokens"], verbose=False)
+        else:
+            torch.onnx.export(model, (tokens,), str(path), dynamo=False, input_names=["tokens"],
+                              output_names=["logits", "h", "c"], dynamic_axes={"tokens": {0: first, 1: second}})
+
+
+# The dynamo exporter takes seconds per model: its LSTM node and one step-loop case (Scan).
+CASES = [(o, False) for o in EXPORTED] + [(EXPORTED[0], True), (EXPORTED[2], True)]
+
+
+@pytest.mark.parametrize("options, dynamo", CASES,
+                         ids=lambda v: ("dynamo" if v else "torchscript") if isinstance(v, bool)
+                         else ",".join(f"{k}={x}" for k, x in v.items()))
+def test_torch_onnx_export_of_a_model_with_lstmkit(tmp_path, options, dynamo):
+    torch.manual_seed(1)
+    model = Client(**options).eval()
+    with torch.no_grad():
+        for name, p in model.rnn.named_parameters():
+            if "peephole" in name:
+                p.normal_(0.0, 0.3)
+    export_whole_model(model, tmp_path / "m.onnx", dynamo)
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert all(n.domain in ("", "ai.onnx") for n in graph.node), "a custom domain ORT cannot run"
+    ops = {n.op_type for n in graph.node}
+    assert ("LSTM" in ops) == (options == EXPORTED[0])
+    s = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for T, N in ((23, 3), (1, 1), (5, 2)):  # longer than exported with, too
+        tokens = torch.randint(0, 30, (N, T) if model.rnn.batch_first else (T, N))
+        got = s.run(None, {s.get_inputs()[0].name: tokens.numpy()})
+        with torch.no_grad():
+            want = model(tokens)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_training_after_export_still_runs_the_engine(tmp_path):
+    model = Client(num_layers=1)
+    export_whole_model(model.eval(), tmp_path / "m.onnx", dynamo=False)
+    model.train()
+    logits, _, _ = model(torch.randint(0, 30, (4, 2)))
+    logits.sum().backward()  # an engine ran: gradients reach the LSTM's weights
+    assert model.rnn.weight_hh_l0.grad is not None and model.rnn.weight_hh_l0.grad.abs().sum() > 0
+
+
+def test_packed_input_is_refused_by_the_exporter_with_a_clear_error(tmp_path):
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = lstmkit.LSTM(3, 4)
+
+        def forward(self, x, lengths):
+            return self.rnn(pack_padded_sequence(x, lengths, enforce_sorted=False))[1][0]
+
+    with pytest.raises(Exception, match="PackedSequence"):
+        torch.onnx.export(Packed().eval(), (torch.randn(5, 2, 3), torch.tensor([5, 3])), str(tmp_path / "p.onnx"),
+                          dynamo=False)
+
+
+# ---- a packed variable-length classifier, trained against its torch twin ------------------------------
+class Classifier(nn.Module):
+    def __init__(self, lstm_class, **kwargs):
+        super().__init__()
+        self.embed = nn.Embedding(20, 6, padding_idx=0)
+        self.rnn = lstm_class(6, 7, num_layers=2, bidirectional=True, batch_first=True, **kwargs)
+        self.head = nn.Linear(2 * 7, 3)
+
+    def forward(self, tokens, lengths):
+        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.rnn(packed)
+        return self.head(torch.cat([h[-2], h[-1]], dim=1))  # last layer, both directions
+
+
+def test_packed_classifier_trains_like_its_torch_twin():
+    torch.manual_seed(0)
+    twin = Classifier(nn.LSTM).double()
+    ours = Classifier(lstmkit.LSTM).double()
+    ours.load_state_dict(twin.state_dict())
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.5)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.5)
+    for step in range(4):
+        lengths = torch.randint(1, 9, (5,))
+        tokens = torch.randint(1, 20, (5, 8)) * (torch.arange(8) < lengths[:, None])  # 0 = padding
+        labels = torch.randint(0, 3, (5,))
+        losses = []
+        for model, opt in ((twin, opt_twin), (ours, opt_ours)):
+            opt.zero_grad()
+            logits = model(tokens, lengths)
+            loss = nn.functional.cross_entropy(logits, labels)
+            loss.backward()
+            losses.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+            opt.step()
+        (want, want_grads), (got, got_grads) = losses
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=f"logits, step {step}")
+        for name in want_grads:
+            torch.testing.assert_close(got_grads[name], want_grads[name], rtol=0, atol=1e-10,
+                                       msg=f"grad of {name}, step {step}")
