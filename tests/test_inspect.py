@@ -37,9 +37,9 @@ def expected_rows(net: Net, outer: str = "") -> list[dict]:
     enc, dec = net.encoder.lstm, net.decoder
     return [
         dict(prefix=outer + "encoder.lstm.", input_size=4, hidden_size=8, num_layers=2, bias=True,
-             bidirectional=True, proj_size=0, parameters=numel(enc)),
+             bidirectional=True, proj_size=0, parameters=numel(enc), variants={}),
         dict(prefix=outer + "decoder.", input_size=16, hidden_size=6, num_layers=1, bias=False,
-             bidirectional=False, proj_size=3, parameters=numel(dec)),
+             bidirectional=False, proj_size=3, parameters=numel(dec), variants={}),
     ]
 
 
@@ -80,7 +80,7 @@ def test_inferred_config_matches_nn_lstm(tmp_path_factory, I, H, L, bias, bidir,
 
     rows, _ = find_in_file(path)
     assert rows == [dict(prefix="", input_size=I, hidden_size=H, num_layers=L, bias=bias, bidirectional=bidir,
-                         proj_size=m.proj_size, parameters=numel(m))]
+                         proj_size=m.proj_size, parameters=numel(m), variants={})]
 
 
 def test_variant_parameters_are_counted(tmp_path, capsys):
@@ -88,6 +88,39 @@ def test_variant_parameters_are_counted(tmp_path, capsys):
     lstmkit.save(m, tmp_path / "v.safetensors")
     (row,) = run_json(capsys, tmp_path / "v.safetensors")
     assert row["parameters"] == numel(m) and row["num_layers"] == 2
+    assert row["variants"] == dict(layer_norm=True, peephole=True)
+    # in a state_dict only the options with parameters show; lstmkit.save's header has them all
+    torch.save(m.state_dict(), tmp_path / "v.pt")
+    m = lstmkit.LSTM(3, 4, zoneout=(0.1, 0.2), forget_bias=1.0, peephole=True)
+    lstmkit.save(m, tmp_path / "z.safetensors")
+    assert run_json(capsys, tmp_path / "v.pt")[0]["variants"] == dict(layer_norm=True, peephole=True)
+    assert run_json(capsys, tmp_path / "z.safetensors")[0]["variants"] == dict(
+        peephole=True, zoneout=[0.1, 0.2], forget_bias=1.0)  # JSON has no tuples
+    assert main([str(tmp_path / "z.safetensors")]) == 0
+    assert "peephole, zoneout=(0.1, 0.2), forget_bias=1.0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("options", [dict(proj_size=3, num_layers=2, bidirectional=True),
+                                     dict(layer_norm=True, zoneout=0.2, recurrent_dropout=0.1),
+                                     dict(peephole=True, forget_bias=1.0, batch_first=True)])
+def test_onnx_from_export_onnx_reports_proj_size_and_variants(tmp_path, capsys, options):
+    m = lstmkit.LSTM(5, 7, **options)
+    lstmkit.export_onnx(m, tmp_path / "m.onnx")
+    (row,) = run_json(capsys, tmp_path / "m.onnx")
+    c = m.config
+    assert row == dict(prefix="", input_size=5, hidden_size=7, num_layers=c.num_layers, bias=True,
+                       bidirectional=c.bidirectional, proj_size=c.proj_size, parameters=numel(m),
+                       variants=json.loads(json.dumps(c.variant_kwargs())))
+    # the same file without lstmkit's metadata: the structure alone, where ONNX LSTM nodes hold it
+    model = onnx.load(tmp_path / "m.onnx")
+    del model.metadata_props[:]
+    onnx.save(model, tmp_path / "bare.onnx")
+    if "proj_size" in options or "layer_norm" in options:  # step loops: nothing to read sizes from
+        assert main([str(tmp_path / "bare.onnx")]) == 1
+        assert "no LSTM found" in capsys.readouterr().err
+    else:
+        (bare,) = run_json(capsys, tmp_path / "bare.onnx")
+        assert (bare["hidden_size"], bare["variants"], bare["parameters"]) == (7, {"peephole": True}, numel(m))
 
 
 def test_onnx(tmp_path, capsys):
@@ -95,7 +128,14 @@ def test_onnx(tmp_path, capsys):
     lstmkit.export_onnx(m, tmp_path / "m.onnx")
     (row,) = run_json(capsys, tmp_path / "m.onnx")
     assert {k: v for k, v in row.items() if k != "prefix"} == dict(
-        input_size=5, hidden_size=7, num_layers=3, bias=True, bidirectional=True, proj_size=0, parameters=numel(m))
+        input_size=5, hidden_size=7, num_layers=3, bias=True, bidirectional=True, proj_size=0, parameters=numel(m),
+        variants={})
+    # a whole model through torch.onnx.export (no lstmkit metadata): its ONNX LSTM nodes
+    model = nn.Sequential(nn.Linear(4, 5))
+    model.rnn = lstmkit.LSTM(5, 6, num_layers=2)
+    torch.onnx.export(model.eval(), (torch.randn(3, 2, 4),), tmp_path / "whole.onnx", dynamo=False)
+    (row,) = run_json(capsys, tmp_path / "whole.onnx")
+    assert (row["input_size"], row["hidden_size"], row["num_layers"], row["parameters"]) == (5, 6, 2, numel(model.rnn))
 
     # two independent single-layer LSTM nodes, no bias, in one hand-written graph
     nodes, inits, inputs = [], [], []

@@ -8,16 +8,21 @@ import sys
 from ..interop.inspection import KEYS, InspectError, find_in_file, short_error
 
 
+def format_variants(variants: dict) -> str:
+    """The variant options as the constructor takes them ("layer_norm, zoneout=0.1"), or "-"."""
+    return ", ".join(k if v is True else f"{k}={v!r}" for k, v in variants.items()) or "-"
+
+
 def format_table(path: str, rows: list[dict]) -> str:
-    heads = ("prefix", "input", "hidden", "layers", "bias", "bidir", "proj", "parameters")
+    heads = ("prefix", "input", "hidden", "layers", "bias", "bidir", "proj", "parameters", "variants")
     body = [
         (r["prefix"] or "(top level)", r["input_size"], r["hidden_size"], r["num_layers"], r["bias"],
-         r["bidirectional"], r["proj_size"], f"{r['parameters']:,}")
+         r["bidirectional"], r["proj_size"], f"{r['parameters']:,}", format_variants(r["variants"]))
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(heads, *body)]
     line = lambda cells: "  ".join(  # noqa: E731 - text left, numbers right
-        str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        str(c).ljust(w) if i in (0, len(cells) - 1) else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
     ).rstrip()
     n = len(rows)
     return "\n".join([f"{path}: {n} LSTM{'s' if n != 1 else ''}", line(heads)] + [line(b) for b in body])

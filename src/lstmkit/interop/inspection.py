@@ -2,8 +2,10 @@
 
 Reads, without running any code from the file:
   .safetensors       tensor names and shapes from the header (no torch needed);
-  .onnx              ONNX `LSTM` nodes; a node whose input X comes (through Transpose,
-                     Reshape, ...) from another LSTM node is that LSTM's next layer;
+  .onnx              a model written by lstmkit.export_onnx: its configuration, from the
+                     model's metadata_props ("lstmkit.config"), whatever operators hold it;
+                     any other model: ONNX `LSTM` nodes; a node whose input X comes (through
+                     Transpose, Reshape, ...) from another LSTM node is that LSTM's next layer;
   anything else      torch.load(weights_only=True): a state_dict, possibly nested
                      ({"model": state_dict, "optimizer": ...}), or a whole module saved with
                      torch.save(model). Classes a whole-module pickle names are replaced by
@@ -20,7 +22,18 @@ import sys
 
 from ..runtime.infer import find_lstms
 
-KEYS = ("prefix", "input_size", "hidden_size", "num_layers", "bias", "bidirectional", "proj_size", "parameters")
+KEYS = ("prefix", "input_size", "hidden_size", "num_layers", "bias", "bidirectional", "proj_size", "parameters",
+        "variants")
+ONNX_CONFIG_KEY = "lstmkit.config"  # onnx_export.CONFIG_KEY (that module needs torch; this one must not)
+
+
+def row_of(prefix: str, cfg) -> dict:
+    """One LSTM as reported: sizes, parameter count, and the variant options not at their default."""
+    return {
+        "prefix": prefix, "input_size": cfg.input_size, "hidden_size": cfg.hidden_size,
+        "num_layers": cfg.num_layers, "bias": cfg.bias, "bidirectional": cfg.bidirectional,
+        "proj_size": cfg.proj_size, "parameters": cfg.num_parameters(), "variants": cfg.variant_kwargs(),
+    }
 
 
 class InspectError(Exception):
@@ -28,14 +41,29 @@ class InspectError(Exception):
 
 
 # ---- tensor shapes by name, per file format ------------------------------------------------------
-def _safetensors_shapes(path: str) -> dict:
+def _safetensors_shapes(path: str) -> tuple[dict, dict]:
+    """(tensor shapes by name, the header's metadata)."""
     from ..runtime.load import read_safetensors
 
     try:
-        _, shapes = read_safetensors(path)
+        meta, shapes = read_safetensors(path)
     except ValueError as e:
         raise InspectError(str(e)) from None
-    return shapes
+    return shapes, meta or {}
+
+
+def _saved_config(meta: dict):
+    """The LSTMConfig lstmkit.save wrote in a .safetensors header (options the weights cannot
+    show, e.g. zoneout), or None."""
+    import json
+
+    from ..config import LSTMConfig
+    from ..runtime.load import CONFIG_KEY
+
+    try:
+        return LSTMConfig.from_dict(json.loads(meta[CONFIG_KEY])) if CONFIG_KEY in meta else None
+    except (ValueError, TypeError):
+        return None  # the weights still tell the sizes
 
 
 def _torch_shapes(path: str) -> dict:
@@ -113,6 +141,17 @@ def _onnx_lstms(path: str) -> list[dict]:
         model = onnx.load(path, load_external_data=False)
     except Exception as e:  # noqa: BLE001
         raise InspectError(f"cannot read {path!r} as ONNX ({short_error(e)})") from None
+    meta = {p.key: p.value for p in model.metadata_props}
+    if ONNX_CONFIG_KEY in meta:  # written by lstmkit.export_onnx: the exact configuration
+        import json
+
+        from ..config import LSTMConfig
+
+        try:
+            cfg = LSTMConfig.from_dict(json.loads(meta[ONNX_CONFIG_KEY]))
+        except (ValueError, TypeError) as e:
+            raise InspectError(f"{path!r}: bad {ONNX_CONFIG_KEY} metadata ({short_error(e)})") from None
+        return [row_of("", cfg)]
     graph = model.graph
     shapes = {t.name: tuple(t.dims) for t in graph.initializer}
     for node in graph.node:  # weights may also be Constant nodes
@@ -168,6 +207,7 @@ def _onnx_lstms(path: str) -> list[dict]:
             "bidirectional": direction == "bidirectional",
             "proj_size": 0,
             "parameters": params,
+            "variants": {"peephole": True} if len(first.input) > 7 and first.input[7] else {},
         })
     return found
 
@@ -183,16 +223,17 @@ def find_in_file(path: str) -> tuple[list[dict], list[tuple[str, str]]]:
     ext = os.path.splitext(path)[1].lower()
     if ext == ".onnx":
         return _onnx_lstms(path), []
-    shapes = _safetensors_shapes(path) if ext == ".safetensors" else _torch_shapes(path)
+    saved = None
+    if ext == ".safetensors":
+        shapes, meta = _safetensors_shapes(path)
+        saved = _saved_config(meta)
+    else:
+        shapes = _torch_shapes(path)
     found, rejected = find_lstms(shapes)
     rows = []
     for f in found:
-        c = f.config
-        rows.append({
-            "prefix": f.prefix, "input_size": c.input_size, "hidden_size": c.hidden_size,
-            "num_layers": c.num_layers, "bias": c.bias, "bidirectional": c.bidirectional,
-            "proj_size": c.proj_size, "parameters": c.num_parameters(),
-        })
+        same = saved is not None and f.prefix == "" and saved.param_shapes() == f.config.param_shapes()
+        rows.append(row_of(f.prefix, saved if same else f.config))
     return rows, rejected
 
 
