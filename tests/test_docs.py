@@ -257,6 +257,7 @@ def quick_compile(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's legacy ONNX exporter says it is legacy
 @pytest.mark.parametrize("path", [p for p in DOC_FILES if python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_examples_run(path, tmp_path, monkeypatch, quick_compile):
     monkeypatch.chdir(tmp_path)
