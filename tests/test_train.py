@@ -192,6 +192,7 @@ def test_unwritable_output_dir_is_a_one_line_error(text_file, tmp_path, capsys):
     assert rc != 0 and err.count("\n") == 1 and "cannot write" in err
 
 
+@pytest.mark.slow  # subprocesses
 def test_cli_errors_have_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lstmkit", "train", "--text", str(tmp_path / "nope.txt"),
                         "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
