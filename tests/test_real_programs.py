@@ -159,6 +159,12 @@ def test_torch_onnx_export_of_a_model_with_lstmkit(tmp_path, options, dynamo):
     assert all(n.domain in ("", "ai.onnx") for n in graph.node), "a custom domain ORT cannot run"
     ops = {n.op_type for n in graph.node}
     assert ("LSTM" in ops) == (options == EXPORTED[0])
+    if "LSTM" in ops:  # lstmkit inspect reads the sizes from the nodes, whichever exporter wrote them
+        from lstmkit.interop.inspection import find_in_file
+
+        (row,), _ = find_in_file(tmp_path / "m.onnx")
+        assert (row["hidden_size"], row["num_layers"], row["parameters"]) == (
+            12, 2, sum(p.numel() for p in model.rnn.parameters()))
     s = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     for T, N in ((23, 3), (1, 1), (5, 2)):  # longer than exported with, too
         tokens = torch.randint(0, 30, (N, T) if model.rnn.batch_first else (T, N))

@@ -131,6 +131,21 @@ def _collect(torch, obj, prefix: str, out: dict, depth: int) -> None:
 _PASS_THROUGH = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Concat", "Dropout", "Cast"}
 
 
+def _static_shapes(onnx, model) -> dict:
+    """Shapes ONNX shape inference fixes completely: weights an exporter computes in the graph
+    (e.g. reordered for the LSTM node, left unfolded) instead of storing as initializers."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+    except Exception:  # noqa: BLE001 - shape inference is a bonus; initializers still count
+        return {}
+    shapes = {}
+    for info in inferred:
+        dims = info.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[info.name] = tuple(d.dim_value for d in dims)
+    return shapes
+
+
 def _onnx_lstms(path: str) -> list[dict]:
     try:
         import onnx
@@ -153,7 +168,8 @@ def _onnx_lstms(path: str) -> list[dict]:
             raise InspectError(f"{path!r}: bad {ONNX_CONFIG_KEY} metadata ({short_error(e)})") from None
         return [row_of("", cfg)]
     graph = model.graph
-    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    shapes = _static_shapes(onnx, model)
+    shapes.update({t.name: tuple(t.dims) for t in graph.initializer})
     for node in graph.node:  # weights may also be Constant nodes
         if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
             shapes[node.output[0]] = tuple(numpy_helper.to_array(node.attribute[0].t).shape)
