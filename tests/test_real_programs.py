@@ -236,3 +236,34 @@ def test_packed_classifier_trains_like_its_torch_twin():
         for name in want_grads:
             torch.testing.assert_close(got_grads[name], want_grads[name], rtol=0, atol=1e-10,
                                        msg=f"grad of {name}, step {step}")
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_torch_onnx_export_of_lstmkit_lstmcell(tmp_path, dynamo):
+    class Step(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = lstmkit.LSTMCell(4, 6)
+
+        def forward(self, x, h, c):
+            return self.cell(x, (h, c))
+
+    model = Step().eval()
+    names = ["x", "h", "c"]
+    example = (torch.randn(2, 4), torch.randn(2, 6), torch.randn(2, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(model, example, str(tmp_path / "c.onnx"), dynamo=True, input_names=names,
+                              dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+        else:
+            torch.onnx.export(model, example, str(tmp_path / "c.onnx"), dynamo=False, input_names=names,
+                              dynamic_axes={n: {0: "batch"} for n in names})
+    s = ort.InferenceSession(str(tmp_path / "c.onnx"), providers=["CPUExecutionProvider"])
+    inputs = (torch.randn(5, 4), torch.randn(5, 6), torch.randn(5, 6))
+    got = s.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
+    with torch.no_grad():
+        want = model(*inputs)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6)

@@ -277,3 +277,21 @@ def export_forward(module, input, hx=None):
         out = out.squeeze(0 if cfg.batch_first else 1)
         h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
     return out, (h_n, c_n)
+
+
+def cell_export_forward(cell, input, hx=None):
+    """LSTMCell.forward as recorded by torch.onnx.export: one step in plain operators, (h_1, c_1)."""
+    batched = input.dim() == 2
+    if not batched:
+        input = input.unsqueeze(0)
+    if hx is None:
+        h0 = c0 = input.new_zeros((input.shape[0], cell.hidden_size))
+    else:
+        h0, c0 = hx
+        if not batched:
+            h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
+    xw = torch.matmul(input, cell.weight_ih.t())
+    if cell.bias:
+        xw = xw + (cell.bias_ih + cell.bias_hh)
+    h, c = lstm_step(xw, h0, c0, cell.weight_hh, None, None, None, None, None, None, 0.0, 0.0)
+    return (h, c) if batched else (h.squeeze(0), c.squeeze(0))

@@ -451,6 +451,10 @@ class LSTMCell(nn.Module):
                     )
                 if v.dtype != input.dtype:
                     raise RuntimeError(f"hidden{k} dtype ({v.dtype}) does not match input dtype ({input.dtype})")
+        if (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export():
+            from ..interop.onnx_graph import cell_export_forward  # plain ONNX ops, no engine call
+
+            return cell_export_forward(self, input if batched else input.squeeze(0), hx)
         p = LayerParams(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
         _, h, c = get_layer_fn(self.engine, input)(input, [N], h0, c0, p, reverse=False)
         if not batched:
