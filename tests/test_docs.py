@@ -200,22 +200,26 @@ def test_every_subcommand_is_shown():
 OPTIONS_DOCUMENTED_IN = {
     "train": "docs/training.md", "sample": "docs/training.md", "demo": "docs/training.md",
     "bench": "docs/performance.md", "inspect": "docs/onnx.md", "params": "README.md",
+    "benchmarks/gpu.py": "docs/performance.md", "benchmarks/runtime.py": "docs/performance.md",
+    "benchmarks/variants.py": "docs/performance.md", "benchmarks/memory.py": "docs/performance.md",
 }
 
 
 def command_parser(name: str, monkeypatch) -> argparse.ArgumentParser:
-    """The ArgumentParser a subcommand builds, caught as it parses `--help`."""
+    """The ArgumentParser a subcommand or benchmark script builds, caught as it parses `--help`."""
     built = []
-    real = argparse.ArgumentParser.parse_args
 
     def catch(self, args=None, namespace=None):
         built.append(self)
         raise Parsed(None)
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
-    verdict(lambda: cli.main([name, "--help"]))
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", real)
-    assert built, f"lstmkit {name} built no ArgumentParser"
+    with monkeypatch.context() as patched:
+        patched.setattr(argparse.ArgumentParser, "parse_args", catch)
+        if name.endswith(".py"):
+            check_script(name, ["--help"], patched)
+        else:
+            check_lstmkit([name, "--help"])
+    assert built, f"{name} built no ArgumentParser"
     return built[0]
 
 
@@ -224,10 +228,10 @@ def test_every_option_is_documented(name, monkeypatch):
     parser = command_parser(name, monkeypatch)
     options = [opt for action in parser._actions if action.help != argparse.SUPPRESS
                for opt in action.option_strings if opt.startswith("--") and opt != "--help"]
-    assert options, f"lstmkit {name} has no options?"
+    assert options, f"{name} has no options?"
     text = (ROOT / OPTIONS_DOCUMENTED_IN[name]).read_text(encoding="utf-8")
     missing = [opt for opt in options if not re.search(re.escape(opt) + r"(?![\w-])", text)]
-    assert not missing, f"{OPTIONS_DOCUMENTED_IN[name]} does not mention lstmkit {name} {missing}"
+    assert not missing, f"{OPTIONS_DOCUMENTED_IN[name]} does not mention {name} {missing}"
 
 
 def test_readme_test_command_is_what_ci_runs():
