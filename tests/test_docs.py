@@ -8,7 +8,8 @@
   command actually trains, benchmarks or writes anything.
 - Every ```python block runs, file by file in one namespace, in a fresh temporary directory
   (a block preceded by `<!-- doctest: skip -->` is left out; keep those rare).
-- Every relative link points at a file that exists, and every `#anchor` at a heading.
+- Every relative link points at a file that exists, and every `#anchor` at a heading; every
+  repository path named in the text (`src/...`, `tests/...::test_name`, `benchmarks/...`) exists.
 - The README's test command is the one CI runs (.ci/run).
 """
 from __future__ import annotations
@@ -311,3 +312,18 @@ def test_relative_links_resolve(path):
         elif anchor and dest.suffix == ".md" and anchor not in heading_anchors(dest):
             broken.append(f"{target}: no heading with that anchor")
     assert not broken, broken
+
+
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:src|tests|benchmarks|docs)/[\w./-]*\w)(?:::(\w+))?")
+
+
+@pytest.mark.parametrize("path", DOC_FILES + [ROOT / "BENCHMARKS.md"], ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_repository_paths_exist(path):
+    missing = []
+    for name, test_name in REPO_PATH.findall(path.read_text(encoding="utf-8")):
+        target = ROOT / name
+        if not target.exists():
+            missing.append(name)
+        elif test_name and not re.search(rf"def {test_name}\b", target.read_text(encoding="utf-8")):
+            missing.append(f"{name}::{test_name}")
+    assert not missing, missing
