@@ -369,17 +369,17 @@ class Trainer:
             raise RunError(f"--resume: {out} has no checkpoint yet (stopped before the first one); "
                            "use --overwrite to start over")
         load_weights(out, self.net)
-        tr = torch.load(out / TRAINER, map_location="cpu", weights_only=True)
+        saved = torch.load(out / TRAINER, map_location="cpu", weights_only=True)
         meta_step = _weights_step(out)
-        if meta_step is not None and meta_step != tr["step"]:
-            raise RunError(f"{out}: {WEIGHTS} (step {meta_step}) and {TRAINER} (step {tr['step']}) disagree")
-        self.optimizer.load_state_dict(tr["optimizer"])
-        self.step_count, self.chars_before = tr["step"], tr["chars"]
+        if meta_step is not None and meta_step != saved["step"]:
+            raise RunError(f"{out}: {WEIGHTS} (step {meta_step}) and {TRAINER} (step {saved['step']}) disagree")
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.step_count, self.chars_before = saved["step"], saved["chars"]
         if self.args.steps and self.step_count >= self.args.steps:
             raise RunError(f"{out} is already at step {self.step_count}; "
                            f"pass --steps above {self.step_count} to train on")
-        torch.set_rng_state(tr["rng"][self.rank])
-        self.state = (tr["h"][self.rank].to(self.device), tr["c"][self.rank].to(self.device))
+        torch.set_rng_state(saved["rng"][self.rank])
+        self.state = (saved["h"][self.rank].to(self.device), saved["c"][self.rank].to(self.device))
         if (out / HISTORY).exists():
             self.history = json.loads((out / HISTORY).read_text())
         self.history["unigram_bpc"] = self.baseline
@@ -482,7 +482,7 @@ class _Loop:
     """The bookkeeping of one session's loop: counters, the log window, when to stop."""
 
     def __init__(self, trainer: Trainer):
-        self.tr = trainer
+        self.trainer = trainer
         self.t_start = time.perf_counter()
         self.train_time, self.chars = 0.0, trainer.chars_before
         self.window = {"loss": 0.0, "n": 0, "chars": 0, "time": 0.0}
@@ -493,9 +493,9 @@ class _Loop:
 
     def run_step(self, stop: dict) -> bool:
         """Train one step, then log, evaluate and checkpoint when due; True when the run stops."""
-        tr = self.tr
-        loss_v, dt = tr.step()
-        step_chars = tr.B * tr.T * tr.world
+        trainer = self.trainer
+        loss_v, dt = trainer.step()
+        step_chars = trainer.B * trainer.T * trainer.world
         self.chars += step_chars
         self.train_time += dt
         w = self.window
@@ -509,45 +509,46 @@ class _Loop:
 
     def _stop_reason(self, why):
         # Every rank must agree, or DDP would hang in the next all-reduce.
-        tr, args = self.tr, self.tr.args
-        if why is None and args.steps and tr.step_count >= args.steps:
+        trainer, args = self.trainer, self.trainer.args
+        if why is None and args.steps and trainer.step_count >= args.steps:
             why = "steps"
         if why is None and args.minutes is not None:
             # The time limit includes the final evaluation and checkpoint: stop when they
             # would not fit any more (before the first evaluation, guess it from the step
             # rate: no backward pass, so about 2x the training chars/s).
-            finish = self.wrapup["eval"] or len(tr.eval_ids) / (
-                2 * (self.chars - tr.chars_before) / max(self.train_time, 1e-9))
+            finish = self.wrapup["eval"] or len(trainer.eval_ids) / (
+                2 * (self.chars - trainer.chars_before) / max(self.train_time, 1e-9))
             if time.perf_counter() - self.t_start + finish + self.wrapup["ckpt"] >= 60 * args.minutes:
                 why = "time"
-        if tr.world > 1:
+        if trainer.world > 1:
             import torch.distributed as dist
 
-            code = torch.tensor([STOP_CODES[why]], device=tr.device)
+            code = torch.tensor([STOP_CODES[why]], device=trainer.device)
             dist.all_reduce(code, op=dist.ReduceOp.MAX)
             why = {v: k for k, v in STOP_CODES.items()}[int(code.item())]
         return why
 
     def _after_step(self, loss_v: float, why) -> None:
-        tr, args, step, w = self.tr, self.tr.args, self.tr.step_count, self.window
+        trainer, args, step, w = self.trainer, self.trainer.args, self.trainer.step_count, self.window
         cps = w["chars"] / max(w["time"], 1e-9)
         if step % 10 == 0 or why:
-            tr.history["train"].append([step, w["loss"] / w["n"] / LN2, round(cps)])
+            trainer.history["train"].append([step, w["loss"] / w["n"] / LN2, round(cps)])
             w.update(loss=0.0, n=0, chars=0, time=0.0)
-        if tr.main_rank and (step % args.eval_every == 0 or why):
+        if trainer.main_rank and (step % args.eval_every == 0 or why):
             te = time.perf_counter()
-            self.val_bpc = tr.evaluate()
+            self.val_bpc = trainer.evaluate()
             self.wrapup["eval"] = time.perf_counter() - te
-            tr.history["eval"].append([step, self.val_bpc, round(self.chars), round(self.train_time, 2)])
-            tr.say.log(f"step {step}: loss {loss_v:.3f} ({loss_v / LN2:.3f} bpc), held-out {self.val_bpc:.3f} bpc, "
-                       f"{(self.chars - tr.chars_before) / max(self.train_time, 1e-9):,.0f} chars/s, "
-                       f"{fmt_time(time.perf_counter() - self.t_start)}")
+            trainer.history["eval"].append([step, self.val_bpc, round(self.chars), round(self.train_time, 2)])
+            trainer.say.log(f"step {step}: loss {loss_v:.3f} ({loss_v / LN2:.3f} bpc), "
+                            f"held-out {self.val_bpc:.3f} bpc, "
+                            f"{(self.chars - trainer.chars_before) / max(self.train_time, 1e-9):,.0f} chars/s, "
+                            f"{fmt_time(time.perf_counter() - self.t_start)}")
         if step % args.ckpt_every == 0 or why:
             tc = time.perf_counter()
-            tr.checkpoint(self.chars)
+            trainer.checkpoint(self.chars)
             self.wrapup["ckpt"] = time.perf_counter() - tc
         vb = f"{self.val_bpc:.3f}" if self.val_bpc is not None else "-"
-        tr.say.update(step, f"loss {loss_v:.3f} bpc {loss_v / LN2:.3f} held-out {vb} {cps:,.0f} chars/s")
+        trainer.say.update(step, f"loss {loss_v:.3f} bpc {loss_v / LN2:.3f} held-out {vb} {cps:,.0f} chars/s")
 
 
 def _check_session_args(args, world: int) -> None:
