@@ -465,4 +465,5 @@ class LSTMCell(nn.Module):
 # torch.load(weights_only=True) of a whole model that contains these modules: allowlisted
 # like torch's own layers. Only these two plain classes (their pickled state is tensors,
 # numbers, strings, dicts; __setstate__ validates it), no function: see interop/safe_globals.py.
-torch.serialization.add_safe_globals([LSTM, LSTMCell])
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4; before it, weights_only was off by default
+    torch.serialization.add_safe_globals([LSTM, LSTMCell])
