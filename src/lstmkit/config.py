@@ -176,15 +176,17 @@ class LSTMConfig:
         }
 
     @classmethod
-    def from_module(cls, module, who: str = "LSTMConfig.from_module") -> "LSTMConfig":
+    def from_module(cls, module, who: str = "LSTMConfig.from_module",
+                    accepts: str = "an lstmkit.LSTM or torch.nn.LSTM") -> "LSTMConfig":
         """The config of an lstmkit.LSTM (its `.config`) or of a torch.nn.LSTM (read from its
-        public attributes, so this file needs no torch). `who` names the caller in the TypeError."""
+        public attributes, so this file needs no torch). Anything else: TypeError saying
+        "{who} expects {accepts}, got <type>"."""
         cfg = getattr(module, "config", None)
         if isinstance(cfg, cls):
             return cfg
         if getattr(module, "mode", None) == "LSTM" and all(hasattr(module, n) for n in TORCH_FIELDS):
             return cls(*(getattr(module, n) for n in TORCH_FIELDS))
-        raise TypeError(f"{who} expects an lstmkit.LSTM or torch.nn.LSTM, got {type(module).__name__}")
+        raise TypeError(f"{who} expects {accepts}, got {type(module).__name__}")
 
     def warn_if_useless_dropout(self, stacklevel: int = 3) -> None:
         if self.dropout > 0 and self.num_layers == 1:

@@ -193,7 +193,8 @@ def _module_dtype(obj) -> str:
 def describe(obj, seq_len: int = 1, batch: int = 1, dtype: str | None = None) -> Description:
     """Describe an LSTMConfig or an lstmkit/torch LSTM module. `dtype` (float32, float64,
     float16, bfloat16) sets the memory figures; by default a module's own, else float32."""
-    cfg = obj if isinstance(obj, LSTMConfig) else LSTMConfig.from_module(obj, "describe()")
+    cfg = obj if isinstance(obj, LSTMConfig) else LSTMConfig.from_module(
+        obj, "describe()", accepts="an LSTMConfig, lstmkit.LSTM or torch.nn.LSTM")
     for name, v in (("seq_len", seq_len), ("batch", batch)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "seq_len" else 0):
             raise ValueError(f"{name} must be a {'positive' if name == 'seq_len' else 'non-negative'} integer, got {v!r}")
