@@ -198,6 +198,28 @@ def test_parameters_match_torch(opts):
     assert [len(w) for w in ours.all_weights] == [len(w) for w in ref.all_weights]
 
 
+def test_config_is_the_one_source_of_the_torch_variant_split():
+    from lstmkit.config import GATES, ONNX_GATES, LSTMConfig, onnx_gate_rows
+
+    ref = nn.LSTM(3, 5, 2, bias=False, batch_first=True, dropout=0.25, bidirectional=True, proj_size=2)
+    cfg = LSTMConfig.from_module(ref)
+    assert nn.LSTM(**cfg.torch_kwargs()).state_dict().keys() == ref.state_dict().keys()
+    assert [tuple(v.shape) for v in ref.state_dict().values()] == [s for _, s in cfg.param_shapes()]
+    assert cfg.variant_kwargs() == {} and not cfg.has_variant
+    ours = lstmkit.LSTM(3, 4, peephole=True, zoneout=(0.1, 0.2), forget_bias=1.0)
+    assert LSTMConfig.from_module(ours) is ours.config
+    assert ours.config.variant_kwargs() == dict(peephole=True, zoneout=(0.1, 0.2), forget_bias=1.0)
+    assert lstmkit.LSTM(*ours.config.torch_args(), **ours.config.variant_kwargs()).config == ours.config
+    only_init = LSTMConfig(3, 4, forget_bias=1.0)
+    assert only_init.has_variant and not only_init.changes_forward and not only_init.needs_variant_kernel(True)
+    assert not LSTMConfig(3, 4, recurrent_dropout=0.2).needs_variant_kernel(training=False)
+    with pytest.raises(TypeError, match="save expects"):
+        LSTMConfig.from_module(nn.GRU(3, 4), "save")
+    # the ONNX row order is GATES reordered to ONNX_GATES, block by block
+    rows = onnx_gate_rows(2)
+    assert [GATES[r // 2] for r in rows] == [g for g in ONNX_GATES for _ in range(2)]
+
+
 def test_init_bound_and_reset():
     ours = lstmkit.LSTM(3, 16)
     for p in ours.parameters():
