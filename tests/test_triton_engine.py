@@ -441,19 +441,52 @@ def test_cached_launcher_falls_back_when_triton_refuses(monkeypatch):
     assert launcher_mod.fast_launch_disabled_reason().startswith("TypeError")
 
 
+def test_loop_launcher_keys_once(monkeypatch):
+    from lstmkit.engines.triton import launcher as launcher_mod
+
+    monkeypatch.setattr(launcher_mod, "_disabled_reason", None)
+    k = _FakeKernel()
+    loop = launcher_mod.Launcher(k, interpreted=False, BLOCK=16).loop()
+    t = torch.zeros(64)
+    for row in range(4):
+        loop((1,), t, row, 32)
+    assert [e[0] for e in k.log] == ["jit", "cached", "cached", "cached"]
+    monkeypatch.setattr(launcher_mod, "CHECK_LOOP_KEYS", True)
+    with pytest.raises(AssertionError, match="specialization changed"):
+        loop((1,), t[1:], 0, 32)  # a broken promise is caught when the check is on
+
+
+def test_step_loops_keep_the_loop_launcher_promise(monkeypatch):
+    # Only do_not_specialize arguments may change between the steps of a loop: checked on
+    # every step for every kernel, padded and packed, both directions, with and without proj.
+    from lstmkit.engines.triton import launcher as launcher_mod
+
+    monkeypatch.setattr(launcher_mod, "CHECK_LOOP_KEYS", True)
+    for proj in (0, 3):
+        cfg = _cfg(True, True, proj, 1, I=4, H=5)
+        ref, ours = pair(cfg, ENGINE, torch.float64)
+        run_differential(ref, ours, packed_input([3, 1, 2], 4, torch.float64, enforce_sorted=False),
+                         hx=_state(cfg, 3, torch.float64))
+
+
 # ---- engine="auto" trusts Triton only after a self-check -------------------------------------------
 class _RaisingKernel:
+    """Looks like the real kernel (signature, do_not_specialize), fails to compile."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
     def __getitem__(self, grid):
         def launch(*args, **meta):
             raise RuntimeError("PTX compile failed (forced)")
         return launch
 
 
-class _WrongKernel:
+class _WrongKernel(_RaisingKernel):
     """The real forward kernel, then h is nudged: a kernel that computes wrong numbers."""
-
-    def __init__(self, real):
-        self.real = real
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
@@ -489,7 +522,7 @@ def test_auto_self_check_passes_and_runs_triton(auto_uses_triton_on_cpu, monkeyp
 
 @pytest.mark.parametrize("bad", ["raises", "wrong"])
 def test_auto_self_check_failure_warns_once_and_uses_reference(auto_uses_triton_on_cpu, monkeypatch, bad):
-    monkeypatch.setattr(tk, "lstm_fwd_step", _RaisingKernel() if bad == "raises" else _WrongKernel(tk.lstm_fwd_step))
+    monkeypatch.setattr(tk, "lstm_fwd_step", (_RaisingKernel if bad == "raises" else _WrongKernel)(tk.lstm_fwd_step))
     ref, ours = pair(_cfg(True, False, 0, 1), "auto")
     make = padded_input(4, 2, 4, torch.float64)
     with pytest.warns(RuntimeWarning, match="self-check.*(forced|max error).*report"):

@@ -195,7 +195,7 @@ class _Cfg:
         key = (kernel, self.device, _interpreted(), tuple(sorted(meta.items())))
         launcher = _LAUNCHERS.get(key)
         if launcher is None:
-            launcher = _LAUNCHERS[key] = Launcher(kernel, _interpreted(), **meta)
+            launcher = _LAUNCHERS[key] = Launcher(kernel, _interpreted(), dns=_declared_dns(kernel), **meta)
         return launcher
 
     def proj_launcher(self, **constexprs):
@@ -205,7 +205,8 @@ class _Cfg:
         key = (tk.rows_matmul_step, self.device, _interpreted(), tuple(sorted(meta.items())))
         launcher = _LAUNCHERS.get(key)
         if launcher is None:
-            launcher = _LAUNCHERS[key] = Launcher(tk.rows_matmul_step, _interpreted(), **meta)
+            launcher = _LAUNCHERS[key] = Launcher(tk.rows_matmul_step, _interpreted(),
+                                                  dns=tk.DO_NOT_SPECIALIZE["rows_matmul_step"], **meta)
         return launcher
 
     def grid_n(self, bs: int, N: int):
@@ -218,6 +219,12 @@ class _Cfg:
 
 
 _LAUNCHERS = {}  # (kernel, device, interpreted, options) -> Launcher
+
+
+def _declared_dns(kernel) -> tuple:
+    """The kernels module's do_not_specialize list for kernel (stand-ins in tests included)."""
+    fn = getattr(kernel, "fn", None)
+    return tk.DO_NOT_SPECIALIZE.get(getattr(fn, "__name__", ""), ())
 
 
 _PERMS = {}
@@ -290,8 +297,8 @@ def _fwd_loop(b, batch_sizes, reverse, cfg, store_gates):
     bias = b["bias"] if has_bias else xw
     H, P = cs.shape[1], y.shape[1]
     offsets = step_offsets(batch_sizes)
-    step = cfg.launcher(tk.lstm_fwd_step, HAS_BIAS=has_bias, STORE_GATES=store_gates)
-    project = cfg.proj_launcher(HAS_BASE=False, HAS_ALT=False)
+    step = cfg.launcher(tk.lstm_fwd_step, HAS_BIAS=has_bias, STORE_GATES=store_gates).loop()
+    project = cfg.proj_launcher(HAS_BASE=False, HAS_ALT=False).loop()
     for t in (range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))):
         bs, row0 = batch_sizes[t], offsets[t]
         prev_row, n_prev = _prev_step(batch_sizes, offsets, t, reverse)
@@ -314,8 +321,8 @@ def _bwd_loop(b, batch_sizes, reverse, cfg):
     # Without a projection the recurrent GEMM of dh is fused into the step kernel; with one,
     # rows_matmul_step first sums dL/dy_t and the recurrence (width P), and the step kernel
     # takes that back through W_hr.
-    step = cfg.launcher(tk.lstm_bwd_step, bwd=True, HAS_DH=not proj, HAS_DHN=not proj)
-    recurrence = cfg.proj_launcher(HAS_BASE=True, HAS_ALT=True)
+    step = cfg.launcher(tk.lstm_bwd_step, bwd=True, HAS_DH=not proj, HAS_DHN=not proj).loop()
+    recurrence = cfg.proj_launcher(HAS_BASE=True, HAS_ALT=True).loop()
     nxt = None  # the step processed after this one in the forward pass
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         bs, row0 = batch_sizes[t], offsets[t]

@@ -32,6 +32,18 @@ def fast_launch_disabled_reason():
     return _disabled_reason
 
 
+def _do_not_specialize(kernel, names, declared):
+    """Per parameter, whether Triton leaves it unspecialized: Triton's own record when the
+    kernel is a JITFunction (KernelParam.do_not_specialize, or the decorator's list), else
+    `declared` (the interpreter keeps neither; the kernels module declares its lists)."""
+    params = getattr(kernel, "params", None)
+    if params and all(hasattr(p, "do_not_specialize") for p in params):
+        return [bool(p.do_not_specialize) for p in params[: len(names)]]
+    listed = getattr(kernel, "do_not_specialize", None)
+    dns = set(listed if listed is not None else declared)
+    return [i in dns or name in dns for i, name in enumerate(names)]
+
+
 def _int_key(v: int, specialize: bool):
     wide = not (-(2**31) <= v < 2**31)
     return (wide, v == 1, v % 16 == 0) if specialize else (wide,)
@@ -40,19 +52,17 @@ def _int_key(v: int, specialize: bool):
 class Launcher:
     """kernel with fixed constexprs and launch options; call it as launcher(grid, *args)."""
 
-    def __init__(self, kernel, interpreted: bool, **meta):
+    def __init__(self, kernel, interpreted: bool, dns=(), **meta):
         self.kernel = kernel
         self.meta = meta  # constexpr values and num_warps / num_stages
         self.plain = interpreted or not FAST_LAUNCH
         self.compiled = {}  # specialization key -> CompiledKernel
         self.runners = {}  # (key, grid) -> launch handle
-        if not self.plain:
-            params = list(inspect.signature(kernel.fn).parameters)
-            self.n_args = len(params) - sum(p in meta for p in params)
-            # Trailing constexpr parameters in signature order: the handle takes them too.
-            self.constexprs = tuple(meta[p] for p in params[self.n_args:])
-            dns = set(getattr(kernel, "do_not_specialize", ()) or ())
-            self.specialize = [i not in dns and p not in dns for i, p in enumerate(params[: self.n_args])]
+        params = list(inspect.signature(kernel.fn).parameters)
+        self.n_args = len(params) - sum(p in meta for p in params)
+        # Trailing constexpr parameters in signature order: the handle takes them too.
+        self.constexprs = tuple(meta[p] for p in params[self.n_args:])
+        self.specialize = [not unspecialized for unspecialized in _do_not_specialize(kernel, params[: self.n_args], dns)]
 
     def _key(self, args):
         key = []
@@ -67,12 +77,17 @@ class Launcher:
                 key.append(type(a))
         return tuple(key)
 
-    def __call__(self, grid, *args):
+    def loop(self) -> "LoopLauncher":
+        """A launcher for one step loop, which computes the specialization key once."""
+        return LoopLauncher(self)
+
+    def __call__(self, grid, *args, key=None):
         global _disabled_reason
         if self.plain or _disabled_reason is not None:
             self.kernel[grid](*args, **self.meta)
             return
-        key = self._key(args)
+        if key is None:
+            key = self._key(args)
         runner = self.runners.get((key, grid))
         if runner is None:
             compiled = self.compiled.get(key)
@@ -103,3 +118,28 @@ class Launcher:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+# Tests set this: every LoopLauncher call then checks that its arguments still have the
+# specialization key of the loop's first call (the promise LoopLauncher relies on).
+CHECK_LOOP_KEYS = False
+
+
+class LoopLauncher:
+    """launcher(grid, *args) for the steps of one loop, keyed once on the first call.
+
+    The promise (kept by the engine's step loops): from step to step only arguments in the
+    kernel's do_not_specialize list change - row offsets, row counts - while the tensors,
+    strides and sizes stay the same, so the specialization key of the first step holds for
+    all and the per-step cost is one dict lookup plus Triton's own launch handle."""
+
+    def __init__(self, launcher: Launcher):
+        self.launcher = launcher
+        self.key = None
+
+    def __call__(self, grid, *args):
+        if self.key is None:
+            self.key = self.launcher._key(args)
+        elif CHECK_LOOP_KEYS and self.launcher._key(args) != self.key:
+            raise AssertionError(f"{self.launcher.kernel}: specialization changed inside a step loop")
+        self.launcher(grid, *args, key=self.key)

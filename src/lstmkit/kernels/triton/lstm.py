@@ -43,6 +43,15 @@ import triton
 import triton.language as tl
 
 
+# The arguments that change from step to step (row offsets and counts): never specialized, so
+# one compiled kernel serves every step (engines/triton/launcher.py relies on these lists).
+DO_NOT_SPECIALIZE = {
+    "lstm_fwd_step": ("row0", "prev_row", "n_prev", "bs"),
+    "rows_matmul_step": ("out_row", "base_row", "a_row", "n_live", "bs"),
+    "lstm_bwd_step": ("row0", "dh_row", "a_row", "n_live", "prev_row", "n_prev", "bs"),
+}
+
+
 @triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
@@ -87,7 +96,7 @@ def _load_prev(prev_ptr, prev_row, prev_stride, init_ptr, init_stride, n_prev, r
     return a + b
 
 
-@triton.jit(do_not_specialize=["row0", "prev_row", "n_prev", "bs"])
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["lstm_fwd_step"])
 def lstm_fwd_step(
     xw_ptr,  # (total, 4H)  x W_ih^T of every step (no bias), interleaved
     wt_ptr,  # (K, 4H)      W_hh^T, interleaved columns (K = P = width of h)
@@ -147,7 +156,7 @@ def lstm_fwd_step(
     tl.store(h_ptr + rc * h_stride + units[None, :], h.to(h_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["out_row", "base_row", "a_row", "n_live", "bs"])
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["rows_matmul_step"])
 def rows_matmul_step(
     out_ptr, out_row, out_stride,  # (*, N) out: rows out_row .. out_row + bs
     base_ptr, base_row, base_stride,  # (*, N) added to every row (HAS_BASE)
@@ -191,7 +200,7 @@ def rows_matmul_step(
              mask=m2)
 
 
-@triton.jit(do_not_specialize=["row0", "dh_row", "a_row", "n_live", "prev_row", "n_prev", "bs"])
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE["lstm_bwd_step"])
 def lstm_bwd_step(
     dh_ptr, dh_row, dh_stride,  # dL/dh_t from outside the recurrence (HAS_DH): dy_t
     a_ptr, a_row, a_stride, n_live,  # dh_t += a[a_row + r] @ w for rows r < n_live ...
