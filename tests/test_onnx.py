@@ -51,7 +51,8 @@ def assert_runs_like(module, path, initial_state, sizes=((7, 2), (1, 1), (4, 3),
     s = session(path)
     cfg = module.config
     for T, N in sizes:  # one graph, any sequence length and batch (T=30 is longer than exported with)
-        x = torch.randn((N, T, cfg.input_size) if cfg.batch_first else (T, N, cfg.input_size), dtype=module.weight_ih_l0.dtype)
+        shape = (N, T, cfg.input_size) if cfg.batch_first else (T, N, cfg.input_size)
+        x = torch.randn(shape, dtype=module.weight_ih_l0.dtype)
         h_shape, c_shape = cfg.state_shapes(N)
         h0, c0 = torch.randn(h_shape, dtype=x.dtype), torch.randn(c_shape, dtype=x.dtype)
         feed = {"input": x.numpy()}

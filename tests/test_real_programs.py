@@ -120,7 +120,8 @@ class Client(nn.Module):
 EXPORTED = [
     dict(num_layers=2, dropout=0.3),  # ONNX LSTM nodes
     dict(num_layers=2, proj_size=5, bidirectional=True),  # step loops from here on
-    dict(layer_norm=True, peephole=True, zoneout=(0.1, 0.3), batch_first=True, bidirectional=True, recurrent_dropout=0.2),
+    dict(layer_norm=True, peephole=True, zoneout=(0.1, 0.3), batch_first=True, bidirectional=True,
+         recurrent_dropout=0.2),
 ]
 
 
