@@ -311,84 +311,186 @@ def test_engine_rejects_mixed_dtypes():
         numba_engine.lstm_layer(x.float(), bs, h0.float(), c0.float(), p)
 
 
-@pytest.mark.parametrize("setting", [1, 0])
-def test_blas_threads(setting, monkeypatch):
-    """By default the kernels' BLAS runs one thread; with LSTMKIT_BLAS_THREADS=0 big steps
-    use torch.get_num_threads() and small ones one thread."""
-    monkeypatch.setattr(numba_engine, "_BLAS_THREADS", setting)
+def test_variant_kernel_blas_held_at_one_thread():
+    """The BLAS the variant kernel calls from Numba (scipy's OpenBLAS) is held at one thread,
+    so no second spinning pool runs beside torch's."""
     import threadpoolctl
-    small = lstmkit.LSTM(3, 4, engine="numba")
-    big = lstmkit.LSTM(3, 512, engine="numba")  # (1, 512) @ (512, 2048) = 2^20 per step
-    old = torch.get_num_threads()
 
-    def scipy_blas_threads():
-        info = [i for i in threadpoolctl.threadpool_info()
-                if i["user_api"] == "blas" and "scipy" in i["filepath"] and "numpy.libs" not in i["filepath"]]
-        assert info
-        return {i["num_threads"] for i in info}
-
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                big(torch.randn(2, 1, 3))
-            assert scipy_blas_threads() == ({n} if setting == 0 else {1})
-            with torch.no_grad():
-                small(torch.randn(2, 1, 3))
-            assert scipy_blas_threads() == {1}
-    finally:
-        torch.set_num_threads(old)
+    m = lstmkit.LSTM(3, 4, layer_norm=True, engine="numba")
+    with torch.no_grad():
+        m(torch.randn(2, 1, 3))
+    info = [i for i in threadpoolctl.threadpool_info()
+            if i["user_api"] == "blas" and "scipy" in i["filepath"] and "numpy.libs" not in i["filepath"]]
+    assert info and {i["num_threads"] for i in info} == {1}
 
 
-# ---- big steps: GEMMs in torch, gate pass in the kernel (numba_engine._forward_torch_gemm) ------------
-@pytest.fixture
-def torch_gemm_everywhere():
-    old = numba_engine._TORCH_GEMM_MIN, numba_engine._TORCH_GEMM_MIN_BATCH
-    numba_engine._TORCH_GEMM_MIN = numba_engine._TORCH_GEMM_MIN_BATCH = 0  # every step takes the torch-GEMM path
-    yield
-    numba_engine._TORCH_GEMM_MIN, numba_engine._TORCH_GEMM_MIN_BATCH = old
+# ---- the batch split: rows in chunks, one thread each ---------------------------------------------------
+def test_chunk_bounds_cover_the_rows_and_balance_the_work():
+    from lstmkit.kernels.numba.lstm import chunk_bounds
+
+    assert chunk_bounds([5] * 3, 2).tolist() == [0, 2, 5]
+    assert chunk_bounds([3, 3], 8).tolist() == [0, 1, 2, 3]  # fewer rows than threads: one row each
+    assert chunk_bounds([1], 4).tolist() == [0, 1]
+    assert chunk_bounds([4, 4], 1).tolist() == [0, 4]
+    lengths = [500, 400, 300, 200, 100, 50, 10, 1]
+    bs = [sum(n > t for n in lengths) for t in range(lengths[0])]
+    b = chunk_bounds(bs, 2).tolist()
+    work = [sum(lengths[b[k]:b[k + 1]]) for k in range(len(b) - 1)]
+    assert b[0] == 0 and b[-1] == len(lengths) and all(x < y for x, y in zip(b, b[1:]))
+    assert max(work) <= sum(lengths) * 0.5 + max(lengths)  # the longest row is the granularity
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("cfg", [
-    dict(input_size=5, hidden_size=8),
-    dict(input_size=5, hidden_size=8, num_layers=2, bidirectional=True, proj_size=3),
-    dict(input_size=4, hidden_size=6, bias=False, bidirectional=True),
+def _layer_numpy(lengths, I, H, proj, dtype, seed):
+    x, bs, h0, c0, p = layer_case(I, H, proj, True, lengths, dtype, seed)
+    b = np_(p.b_ih + p.b_hh)
+    return (np_(x), bs, np_(h0), np_(c0), np_(p.w_ih), np_(p.w_hh), b, np_(p.w_hr)), (x, h0, c0, p)
+
+
+def _run_chunks(args, reverse, chunks, seed=3):
+    x, bs, h0, c0, w_ih, w_hh, b, w_hr = args
+    y, h, c, saved = lstm_forward(x, bs, h0, c0, w_ih, w_hh, b, w_hr, reverse, save=True, chunks=chunks)
+    yi, hi, ci = lstm_forward(x, bs, h0, c0, w_ih, w_hh, b, w_hr, reverse, chunks=chunks)
+    g = np.random.default_rng(seed)
+    dy, dh, dc = (g.standard_normal(a.shape).astype(a.dtype) for a in (y, h, c))
+    grads = lstm_backward(x, bs, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, dy, dh, dc, chunks=chunks)
+    return [y, h, c, yi, hi, ci] + [gr for gr in grads if gr is not None]
+
+
+@pytest.mark.parametrize("lengths", [
+    [4], [4, 4], [5, 5, 5], [3, 3, 3, 3, 3], [6, 6, 6, 6, 6, 6, 6],  # N = 1, 2, 3, odd
+    [9, 7, 7, 4, 2, 1, 1],  # packed: lengths ending inside a chunk
+    [1, 1, 1], [8, 1],
 ])
-def test_torch_gemm_path_three_way(cfg, dtype, torch_gemm_everywhere):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(7, 3, cfg["input_size"], generator=g, dtype=dtype)
-    three_way(cfg, dtype, lambda: x.clone().requires_grad_(True), hx=True)
-    lengths = [5, 7, 1, 3]
-    xp = torch.randn(7, 4, cfg["input_size"], generator=g, dtype=dtype)
-    three_way(cfg, dtype, lambda: pack_padded_sequence(xp.clone().requires_grad_(True), torch.tensor(lengths),
-                                                        enforce_sorted=False), hx=True)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("proj", [0, 2])
+def test_every_batch_split_gives_bitwise_the_same_results(lengths, reverse, proj):
+    """1, 2, 3, 4 and more chunks than rows: every row is computed by the same operations in the
+    same order whichever chunk holds it, so outputs, state and every gradient are bitwise equal;
+    and they match the reference engine."""
+    for dtype in (torch.float64, torch.float32):
+        args, (x, h0, c0, p) = _layer_numpy(lengths, 3, 5, proj, dtype, seed=len(lengths))
+        one = _run_chunks(args, reverse, 1)
+        for chunks in (2, 3, 4, len(lengths) + 3):
+            split = _run_chunks(args, reverse, chunks)
+            for a, b in zip(split, one):
+                assert np.array_equal(a, b), (chunks, lengths)
+        y, h, c = reference.lstm_layer(x, args[1], h0, c0, p, reverse)
+        for a, w in zip(one[:3], (y, h, c)):
+            assert_close(torch.from_numpy(a), w.detach(), TOL[dtype])
 
 
-def test_torch_gemm_path_taken_for_big_steps(monkeypatch):
-    """A batch-32 / hidden-256 step takes the torch-GEMM path, forward (inference and
-    training) and backward, and agrees with the all-Numba kernels."""
-    calls = []
-    fwd, bwd = numba_engine._forward_torch_gemm, numba_engine._backward_torch_gemm
-    monkeypatch.setattr(numba_engine, "_forward_torch_gemm", lambda *a: calls.append("f") or fwd(*a))
-    monkeypatch.setattr(numba_engine, "_backward_torch_gemm", lambda *a: calls.append("b") or bwd(*a))
+@given(
+    I=st.integers(1, 40), H=st.integers(1, 40), proj=st.integers(0, 5), reverse=st.booleans(),
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=9), chunks=st.integers(2, 5), f32=st.booleans(),
+)
+def test_random_configs_split_equals_one_chunk_and_reference(I, H, proj, reverse, lengths, chunks, f32):
+    """Sizes around the micro-kernel's blocks (4 rows, 16/32 columns) and any split."""
+    proj = proj if proj < H else 0
+    dtype = torch.float32 if f32 else torch.float64
+    args, (x, h0, c0, p) = _layer_numpy(lengths, I, H, proj, dtype, seed=I + H)
+    one = _run_chunks(args, reverse, 1)
+    split = _run_chunks(args, reverse, chunks)
+    for a, b in zip(split, one):
+        assert np.array_equal(a, b)
+    y, h, c = reference.lstm_layer(x, args[1], h0, c0, p, reverse)
+    for a, w in zip(one[:3], (y, h, c)):
+        assert_close(torch.from_numpy(a), w.detach(), TOL[dtype])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("K,G", [(1, 1), (7, 33), (64, 512), (3, 17)])
+def test_tile_matmul_matches_numpy(n, K, G):
+    from lstmkit.kernels.numba.tile import matmul, pack, padded_width
+
+    for dt, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        g = np.random.default_rng(n + K + G)
+        a, w = g.standard_normal((n + 2, K)).astype(dt), g.standard_normal((G, K)).astype(dt)
+        out = np.full((n + 2, padded_width(pack(w, True))), 7.0, dt)
+        matmul(a, n, pack(w, True), out)
+        assert np.abs(out[:n, :G] - a[:n] @ w.T).max() <= tol * max(1, K)
+        assert (out[n:] == 7).all()  # rows past n untouched
+        assert np.array_equal(pack(w.T.copy(), False), pack(w, True))
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Every call splits its rows, however small (the default keeps small calls on one thread)."""
+    from lstmkit.kernels.numba import lstm as kernels
+
+    monkeypatch.setattr(kernels, "MIN_SPLIT_MACS", 0)
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def _train_step(m, x, hx, pack=None):
+    """[y, h, c, y (no grad), dx, every parameter's grad] of one step; pack: input from padded x."""
+    m.zero_grad()
+    xx = x.clone().requires_grad_(True)
+    y, (h, c) = m(pack(xx) if pack else xx, hx)
+    y = y.data if hasattr(y, "batch_sizes") else y
+    g = torch.Generator().manual_seed(1)
+    ((y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() + h.pow(2).sum() + c.sum()).backward()
+    with torch.no_grad():
+        yi = m(pack(x) if pack else x, hx)[0]
+    yi = yi.data if hasattr(yi, "batch_sizes") else yi
+    return [y.detach(), h.detach(), c.detach(), yi, xx.grad] + [p.grad.clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 5, 16])
+def test_engine_deterministic_and_thread_counts_agree(N, split_everything):
+    """The same input and thread count give bitwise the same outputs and gradients run after
+    run; 1 and 2 threads agree to float32 rounding (the loop bitwise; the weight-gradient
+    GEMMs may sum in another order)."""
+    torch.manual_seed(N)
+    m = lstmkit.LSTM(6, 20, num_layers=2, bidirectional=True, engine="numba")
+    x = torch.randn(7, N, 6)
+    runs = {}
+    for threads in (1, 2, 1, 2):
+        torch.set_num_threads(threads)
+        got = _train_step(m, x, None)
+        if threads in runs:
+            for a, b in zip(got, runs[threads]):
+                assert torch.equal(a, b)
+        runs[threads] = got
+    for a, b in zip(runs[1], runs[2]):
+        assert_close(a, b, 1e-6)
+
+
+def test_engine_packed_split_matches_torch(split_everything):
+    """Packed, unsorted lengths that end inside a chunk, on 1 and 2 threads, against torch.nn.LSTM."""
+    lengths = torch.tensor([3, 9, 1, 6, 6, 2, 9])
     torch.manual_seed(0)
-    m = lstmkit.LSTM(16, 256, engine="numba")
-    x = torch.randn(3, 32, 16, requires_grad=True)
+    ref = nn.LSTM(4, 6, bidirectional=True, proj_size=3, dtype=torch.float64)
+    ours = lstmkit.LSTM.from_torch(ref, engine="numba")
+    x = torch.randn(9, 7, 4, dtype=torch.float64)
+    pack = lambda t: pack_padded_sequence(t, lengths, enforce_sorted=False)  # noqa: E731
+    want = _train_step(ref, x, None, pack)
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        got = _train_step(ours, x, None, pack)
+        for a, b in zip(got, want):
+            assert_close(a, b, TOL[torch.float64])
 
-    def run():
-        m.zero_grad()
-        x.grad = None
-        with torch.no_grad():
-            y_inf = m(x)[0]
-        y, (h, c) = m(x)
-        (y.sum() + h.pow(2).sum() + c.sum()).backward()
-        return [y_inf, y, x.grad] + [p.grad for p in m.parameters()]
 
-    big = run()
-    assert calls == ["f", "f", "b"]
-    monkeypatch.setattr(numba_engine, "_TORCH_GEMM_MIN", 1 << 62)
-    small = run()
-    assert calls == ["f", "f", "b"]
-    for a, b in zip(big, small):
-        assert_close(a, b, 1e-5)
+def test_inference_weights_cache_follows_updates_and_dies_with_the_tensor():
+    """The inference path's packed weights are rebuilt on an in-place update and never outlive
+    their parameter."""
+    import gc
+
+    from lstmkit.engines.numba import binding
+
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 4)
+    ours = lstmkit.LSTM.from_torch(ref, engine="numba")
+    x = torch.nn.utils.rnn.pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])  # not the fast path
+    with torch.no_grad():
+        assert_close(ours(x)[0].data, ref(x)[0].data, TOL[torch.float32])
+        for m in (ref, ours):
+            m.weight_hh_l0.add_(0.5)
+        assert_close(ours(x)[0].data, ref(x)[0].data, TOL[torch.float32])
+    slot = id(ours.weight_ih_l0)
+    assert slot in binding._packs
+    del ours, ref, m  # from_torch may share the parameters
+    gc.collect()
+    assert slot not in binding._packs

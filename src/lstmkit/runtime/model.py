@@ -8,17 +8,17 @@ Shapes are the module's: h (D*num_layers, N, P), c (D*num_layers, N, H), or with
 axis for unbatched 2-D input. Inference only: dropout, recurrent dropout and weight drop
 are training-time noise and do nothing here, exactly as in module.eval().
 
-Each layer-direction runs the fused CPU kernel lstmkit.kernels.forward_core (the one the
-torch engine uses) over the whole sequence: one GEMM for the input projection of all steps,
-then per step one GEMV/GEMM through W_hh and one fused pass over the gates. Models with
-layer_norm, peephole or zoneout run kernels/variants.forward_core instead.
+Each layer-direction runs the fused CPU kernel kernels/numba/lstm.forward_core (the one the
+torch engine uses) over the whole sequence, on weights packed for it once at load, the
+batch rows split over `threads` threads (attribute, default 1). Models with layer_norm,
+peephole or zoneout run kernels/numba/variants.forward_core instead.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..config import LSTMConfig
-from ..kernels.numba import forward_core
+from ..kernels.numba.lstm import chunk_bounds, chunks_for, forward_core, pack_forward
 from ..kernels.numba.variants import forward_core as _variant_forward
 
 
@@ -44,15 +44,15 @@ class Runtime:
         # ((h_n, c_n), input shape, T, N) of the last batched call: what a streaming caller
         # feeds back next. One attribute, so a reader never sees half of another thread's update.
         self._returned = (None, None, 0, 0)
-        # Per layer-direction, in h0/c0 order (layer-major), the kernel's arguments:
-        # (w_ih (4H, I), w_hh (4H, P), b_ih, b_hh (4H,) (zeros without bias), w_hr (P, H) or (0, H)).
-        # The matrices are stored column-major (Fortran order): the kernel multiplies by their
-        # transposes, W^T, which are then row-major, the layout BLAS's GEMV is fastest on
-        # (about 0.5 us of a 6 us step at input 64, hidden 128). The variant kernel gets C order.
+        # Per layer-direction, in h0/c0 order (layer-major): (w_ih (4H, I), w_hh (4H, P), b_ih,
+        # b_hh (4H,) (zeros without bias), w_hr (P, H) or (0, H)) for the variant kernel, and
+        # the plain kernel's (wp, b = b_ih + b_hh, wpr), laid out once here.
         H, dt = config.hidden_size, self.dtype
         self.layers = []
         self._variant = config.needs_variant_kernel(training=False)
         self._variant_args = []
+        self._packed = []
+        self.threads = 1  # row chunks run at once (the torch engine's fast path sets torch's count)
         self._single = config.num_layers == 1 and not config.bidirectional and not self._variant
         for k in range(config.num_layers):
             for d in range(config.num_directions):
@@ -61,14 +61,17 @@ class Runtime:
                 zeros = np.zeros(4 * H, dt)
                 b_ih, b_hh = (w["bias_ih" + sfx], w["bias_hh" + sfx]) if config.bias else (zeros, zeros)
                 w_hr = w.get("weight_hr" + sfx, np.zeros((0, H), dt))
-                order = np.ascontiguousarray if self._variant else np.asfortranarray
-                self.layers.append((order(w["weight_ih" + sfx]), order(w["weight_hh" + sfx]), b_ih, b_hh, order(w_hr)))
+                self.layers.append((w["weight_ih" + sfx], w["weight_hh" + sfx], b_ih, b_hh, w_hr))
+                wp, wpr = pack_forward(w["weight_ih" + sfx], w["weight_hh" + sfx], w_hr if w_hr.shape[0] else None)
+                self._packed.append((wp, b_ih + b_hh, wpr))
                 if self._variant:  # the variant kernel's extra arguments; an empty array = "off"
                     ln = [w.get(f"layer_norm_{part}_{kind}{sfx}", np.zeros(0, dt))
                           for part in ("ih", "hh", "cell") for kind in ("weight", "bias")]
                     peep = w.get("weight_peephole" + sfx, np.zeros((3, H), dt))  # zeros: no peepholes
                     self._variant_args.append((b_ih + b_hh, *ln, peep))
-        self._no_cells = np.zeros((0, H), dt)  # the kernel saves c_t for training only
+        self._no_cells = np.zeros((0, H), dt)  # the kernel saves c_t and the activations for training only
+        self._no_acts = np.zeros((0, 4 * H), dt)
+        self._one_chunk = {}  # N -> the bounds of one chunk of N rows
         self._batch_sizes = {}  # (T, N) -> int64 array [N] * T
 
     # ---- the module's attributes, for code that reads them ----------------------------------
@@ -115,8 +118,8 @@ class Runtime:
         c_n = np.empty((LD, N, H), dt)  # (D*L, N, H)
         if self._single:  # one layer, one direction, no variant: the common streaming model
             y = np.empty((T * N, P), dt)
-            forward_core(x, bsz, h0[0], c0[0], *self.layers[0], False, np.empty((T * N, 4 * H), dt),
-                         y, h_n[0], c_n[0], self._no_cells, False)
+            forward_core(x, bsz, h0[0], c0[0], *self._packed[0], False, self._no_acts,
+                         y, h_n[0], c_n[0], self._no_cells, False, self._bounds(bsz, N, T))
             x = y
         for k in range(0 if self._single else self._L):
             y = np.empty((T * N, P) if D == 1 else (D, T * N, P), dt)
@@ -125,10 +128,9 @@ class Runtime:
                 if self._variant:
                     self._variant_layer(idx, x, bsz, h0, c0, d == 1, y if D == 1 else y[d], h_n, c_n)
                     continue
-                w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[idx]
-                acts = np.empty((T * N, 4 * H), dt)  # kernel scratch
-                forward_core(x, bsz, h0[idx], c0[idx], w_ih, w_hh, b_ih, b_hh, w_hr, d == 1, acts,
-                             y if D == 1 else y[d], h_n[idx], c_n[idx], self._no_cells, False)
+                forward_core(x, bsz, h0[idx], c0[idx], *self._packed[idx], d == 1, self._no_acts,
+                             y if D == 1 else y[d], h_n[idx], c_n[idx], self._no_cells, False,
+                             self._bounds(bsz, N, T))
             # (T*N, D*P): both directions side by side, as the next layer reads them
             x = y if D == 1 else np.concatenate((y[0], y[1]), axis=1)
 
@@ -140,6 +142,16 @@ class Runtime:
         state = (h_n, c_n)
         self._returned = (state, x_in.shape, T, N)
         return x, state
+
+    def _bounds(self, bsz, N: int, T: int):
+        """Row chunks for `threads` threads (one when the call is too small to share)."""
+        chunks = chunks_for(N, T * N * (self._I + self._P) * 4 * self._H, self.threads)
+        if chunks > 1:
+            return chunk_bounds(bsz, chunks)
+        one = self._one_chunk.get(N)
+        if one is None:
+            one = self._one_chunk[N] = np.array([0, N], np.int64)
+        return one
 
     def _checked(self, x, state):
         """The module's checks on input and state: (x, batched, T, N, h0 (LD, N, P), c0 (LD, N, H))."""

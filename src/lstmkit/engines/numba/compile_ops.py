@@ -23,16 +23,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ..base import LayerParams
 from ..double_backward import differentiable_backward
-
-
-def _np(t: Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
+from .binding import layer_backward, layer_forward
 
 
 # ---- forward -----------------------------------------------------------------------------------
@@ -41,25 +37,8 @@ def lstm_forward(
     x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from ...kernels.numba import forward_core
-
-    xn = _np(x)
-    dt = xn.dtype
-    total = xn.shape[0]
-    B, H = c0.shape
-    P = h0.shape[1]
-    zeros = np.zeros(4 * H, dt)
-    b_ihn = _np(b_ih) if b_ih is not None else zeros
-    b_hhn = _np(b_hh) if b_hh is not None else zeros
-    w_hrn = _np(w_hr) if w_hr is not None else np.zeros((0, H), dt)
-    acts = np.empty((total, 4 * H), dt)
-    y = np.empty((total, P), dt)
-    h_n = np.empty((B, P), dt)
-    c_n = np.empty((B, H), dt)
-    cells = np.empty((total, H), dt)
-    forward_core(xn, np.asarray(batch_sizes, np.int64), _np(h0), _np(c0), _np(w_ih), _np(w_hh),
-                 b_ihn, b_hhn, w_hrn, reverse, acts, y, h_n, c_n, cells, True)
-    return tuple(torch.from_numpy(a) for a in (y, h_n, c_n, acts, cells))
+    outs = layer_forward(x, batch_sizes, h0, c0, LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr), reverse, True)
+    return tuple(torch.from_numpy(a) for a in outs)
 
 
 @lstm_forward.register_fake
@@ -78,17 +57,11 @@ def lstm_backward(
     w_hr: Optional[Tensor], reverse: bool, y: Tensor, acts: Tensor, cells: Tensor,
     dy: Tensor, dh_n: Tensor, dc_n: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from ...kernels.numba import backward_core
-
-    xn, h0n, c0n, w_ihn, w_hhn = _np(x), _np(h0), _np(c0), _np(w_ih), _np(w_hh)
-    dt = xn.dtype
-    H = c0n.shape[1]
-    w_hrn = _np(w_hr) if w_hr is not None else np.zeros((0, H), dt)
-    outs = (np.empty_like(xn), np.empty_like(h0n), np.empty_like(c0n), np.empty_like(w_ihn),
-            np.empty_like(w_hhn), np.empty(4 * H, dt), np.empty_like(w_hrn))
-    backward_core(xn, np.asarray(batch_sizes, np.int64), h0n, c0n, w_ihn, w_hhn, w_hrn, reverse,
-                  _np(acts), _np(cells), _np(y), _np(dy), _np(dh_n), _np(dc_n), *outs)
-    return tuple(torch.from_numpy(a) for a in outs)
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = layer_backward(
+        x, batch_sizes, h0, c0, LayerParams(w_ih, w_hh, None, None, w_hr), reverse, y, acts, cells, dy, dh_n, dc_n)
+    if dw_hr is None:
+        dw_hr = x.new_empty((0, c0.shape[1]))
+    return dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr
 
 
 @lstm_backward.register_fake

@@ -9,28 +9,33 @@ Shapes (B = batch_sizes[0], T = len(batch_sizes), P = proj_size or H):
 
 Forward, per step (engines/reference.py has the readable version):
 
-    gates = x_t W_ih^T + h_{t-1} W_hh^T + b      (bs, 4H)
+    gates = [x_t | h_{t-1}] [W_ih | W_hh]^T + b      (bs, 4H)
     c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
     h_t = sigmoid(o) * tanh(c_t)  [ @ W_hr^T ]
 
 How the work is laid out:
-  - the input projection of every step is ONE GEMM, x @ W_ih^T, written into `acts` (total, 4H);
-  - each step does one GEMM (GEMV at batch 1) for h_{t-1} @ W_hh^T into a (B, 4H) scratch
-    and then one fused pass over the gates that overwrites the step's rows of `acts` with
-    the activations (i, f, g, o) — so the buffer of the input GEMM is also what training
-    saves for backward, and inference keeps nothing;
-  - all buffers are allocated before the time loop; the weights are used in their torch
-    layout (BLAS reads W^T without a copy), except W_hh^T, laid out once per call for
-    sequences of 8+ steps, where it pays.
-
-Backward (BPTT) walks the steps in the opposite order, keeps the gradient of the state
-(dh, dc) in (B, P)/(B, H) buffers, does one GEMM per step for dh_{t-1} = dgates W_hh,
-and leaves every weight gradient to one GEMM each after the loop.
+  - ONE compiled call runs the whole time loop of a layer-direction, forward or backward: no
+    Python per step, whatever the batch size.
+  - The batch rows are split into chunks of whole sequences, one per thread (run_chunks). Sequences are independent through time, so each
+    chunk runs its own time loop with no barrier between steps; with packed data, at step t
+    a chunk works on its rows below batch_sizes[t] (always a prefix of its rows, as the
+    rows are sorted by decreasing length). chunk_bounds() balances the row-steps.
+  - Per step a chunk makes ONE product, [x_t | h_{t-1}] @ [W_ih | W_hh]^T, with tile.matmul
+    (a register-blocked micro-kernel on weights packed once per call, see tile.py), then
+    one fused pass over the gates per row. The input projection rides in the same product:
+    the chunk's threads do it, where a separate big GEMM before the loop ran on one thread.
+  - Backward walks the steps in the opposite order over (B, P)/(B, H) state gradients,
+    makes one product per step, dgates @ [W_ih | W_hh] = [dx_t | dh_{t-1}], and leaves the
+    weight gradients (dgates^T x, dgates^T h_prev, sums of dgates) to GEMMs after the loop,
+    which the caller runs (the torch engine in torch, on torch's threads).
+  - Every row is computed by the same operations in the same order whichever chunk holds it,
+    so results are bitwise identical for any thread count.
 """
 import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
+from .tile import matmul, pack, padded_width
 
 # Fast-math without 'nnan'/'ninf': LLVM may reassociate and contract (FMA), which SIMD
 # reductions need, but must keep inf semantics (the float64 sigmoid relies on
@@ -40,7 +45,7 @@ KW = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
 
 
 @njit(**KW)
-def _offsets(batch_sizes):
+def offsets(batch_sizes):
     T = batch_sizes.shape[0]
     off = np.empty(T + 1, np.int64)
     off[0] = 0
@@ -51,222 +56,274 @@ def _offsets(batch_sizes):
 
 @njit(**KW)
 def recurrent_layout(w_hh, T):
-    """W_hh^T laid out row-major (P, 4H) when that pays (see forward_core), else (0, 0)."""
+    """W_hh^T laid out row-major (P, 4H) for the variant kernel's per-step BLAS product, when that pays, else (0, 0)."""
     if T >= 8 and w_hh.size <= 131072:
         return np.ascontiguousarray(w_hh.T)
     return np.empty((0, 0), w_hh.dtype)
 
 
-@njit(**KW)
-def gate_step(a, q, b_ih, b_hh, c, h_out, cells, save):
-    """The fused gate pass of one step, over its bs rows, in place.
-
-    a (bs, 4H)  in: x_t W_ih^T; out: the activations (i, f, g, o)
-    q (bs, 4H)  h_{t-1} W_hh^T
-    c (bs, H)   in: c_{t-1}; out: c_t
-    h_out (bs, H)  out: o * tanh(c_t)  (before the projection)
-    cells (bs, H)  out: c_t, written only when save
-    """
-    bs, H = c.shape
-    bi, bf, bg, bo = b_ih[:H], b_ih[H : 2 * H], b_ih[2 * H : 3 * H], b_ih[3 * H :]
-    ci, cf, cg, co = b_hh[:H], b_hh[H : 2 * H], b_hh[2 * H : 3 * H], b_hh[3 * H :]
-    for r in range(bs):
-        # Each gate gets its own 1-D slice: with a[j], a[H + j], ... on one array LLVM
-        # cannot rule out overlap and leaves the loop scalar (7x slower).
-        ar = a[r]
-        ai, af, ag, ao = ar[:H], ar[H : 2 * H], ar[2 * H : 3 * H], ar[3 * H :]
-        qr = q[r]
-        qi, qf, qg, qo = qr[:H], qr[H : 2 * H], qr[2 * H : 3 * H], qr[3 * H :]
-        cr = c[r]
-        hr = h_out[r]
-        for j in range(H):
-            ig = sigmoid(ai[j] + qi[j] + (bi[j] + ci[j]))
-            fg = sigmoid(af[j] + qf[j] + (bf[j] + cf[j]))
-            gg = tanh(ag[j] + qg[j] + (bg[j] + cg[j]))
-            og = sigmoid(ao[j] + qo[j] + (bo[j] + co[j]))
-            ai[j] = ig
-            af[j] = fg
-            ag[j] = gg
-            ao[j] = og
-            cv = fg * cr[j] + ig * gg
-            cr[j] = cv
-            hr[j] = og * tanh(cv)
-        if save:
-            cells[r] = cr
+# ---- weights, laid out once per call ------------------------------------------------------------
+def pack_forward(w_ih, w_hh, w_hr=None):
+    """(wp, wpr): [W_ih | W_hh]^T and W_hr^T packed for tile.matmul (wpr empty without projection)."""
+    w_cat = np.ascontiguousarray(np.concatenate((w_ih, w_hh), axis=1))  # (4H, I + P)
+    wpr = pack(np.ascontiguousarray(w_hr), True) if w_hr is not None and w_hr.shape[0] else no_projection(w_cat)
+    return pack(w_cat, True), wpr
 
 
-@njit(**KW)
-def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, acts, y, h, c, cells, save):
-    """The forward pass, writing into preallocated arrays (all C-contiguous, one dtype).
+def pack_backward(w_ih, w_hh, w_hr=None):
+    """(wpb, wprb): [W_ih | W_hh] (4H, I + P) and W_hr (P, H) packed for tile.matmul."""
+    w_cat = np.ascontiguousarray(np.concatenate((w_ih, w_hh), axis=1))
+    wprb = pack(np.ascontiguousarray(w_hr), False) if w_hr is not None and w_hr.shape[0] else no_projection(w_cat)
+    return pack(w_cat, False), wprb
 
-    acts  (total, 4H)  scratch; on return the gate activations (i, f, g, o) of every row
-    y     (total, P)   output
-    h, c  (B, P), (B, H)  on return h_n, c_n
-    cells (total, H)   c_t of every row, written only when save (else may be (0, H))
-    b_ih, b_hh (4H,) always given (zeros for bias=False; passing both saves the caller a sum)
-    w_hr  (P, H), or (0, H) for no projection.
-    """
-    T = batch_sizes.shape[0]
-    B, H = c0.shape
-    P = h0.shape[1]
-    has_proj = w_hr.shape[0] > 0
-    off = _offsets(batch_sizes)
-    h[:] = h0
-    c[:] = c0
-    hh = np.empty((B, 4 * H), acts.dtype)  # h_{t-1} @ W_hh^T of one step
-    hp = np.empty((B, H), acts.dtype)  # h before the projection (proj only)
-    if T == 0:
+
+def no_projection(like):
+    """The empty packed W_hr that tells the kernels there is no projection."""
+    return np.zeros((0, 0, 32 if like.dtype == np.float32 else 16), like.dtype)
+
+
+def chunk_bounds(batch_sizes, chunks: int):
+    """Row boundaries (int64, chunks' + 1) splitting the B rows into at most `chunks` chunks of
+    contiguous rows with about equal row-steps (packed rows are sorted longest first)."""
+    bsz = np.asarray(batch_sizes, dtype=np.int64)
+    B = int(bsz[0]) if bsz.shape[0] else 0
+    chunks = max(1, min(int(chunks), B))
+    if chunks == 1:
+        return np.array([0, B], np.int64)
+    if bsz[-1] == B:  # padded: every row the same length
+        return np.array([B * k // chunks for k in range(chunks + 1)], np.int64)
+    lengths = np.searchsorted(-bsz, -np.arange(B), side="left")  # steps of row r: count of batch_sizes > r
+    work = np.concatenate(([0], np.cumsum(lengths)))
+    cuts = np.searchsorted(work, work[-1] * np.arange(1, chunks) / chunks)
+    bounds = np.unique(np.clip(np.concatenate(([0], cuts, [B])), 0, B))
+    return bounds.astype(np.int64)
+
+
+# ---- threads ---------------------------------------------------------------------------------------
+# The chunks run on plain Python threads that call the compiled chunk function (nogil), the
+# first chunk on the calling thread. Not Numba's parallel=True: its OpenMP pool spin-waits
+# after each region and fights torch's OpenMP pool for the cores, and compiling a parallel
+# region took seconds of the cold start. These workers sleep on a queue between calls.
+_pool = [None, 0]  # the executor and its size
+
+
+# Below this many multiply-adds per call, handing a chunk to a second thread costs more than
+# it saves (a thread wake-up is tens of microseconds).
+MIN_SPLIT_MACS = 1 << 21
+
+
+def chunks_for(batch: int, macs: int, threads: int) -> int:
+    """How many row chunks a call over `batch` rows and `macs` multiply-adds gets on `threads`
+    threads: one per thread, at most one per row, one when the work is small."""
+    if macs < MIN_SPLIT_MACS:
+        return 1
+    return max(1, min(threads, batch))
+
+
+def run_chunks(fn, bounds, *args):
+    """fn(*args, r0, r1) for every chunk [bounds[k], bounds[k+1]), all at once; returns when all are done."""
+    n = bounds.shape[0] - 1
+    if n <= 1:
+        fn(*args, bounds[0], bounds[-1])
         return
-    np.dot(x, w_ih.T, acts)  # (total, 4H): the input projection of all steps at once
-    # BLAS is faster on W_hh^T laid out (P, 4H) row-major than on W_hh transposed on the
-    # fly (measured: 4.1 vs 7.1 us for (16, 64) @ (64, 256), 2.1 vs 3.4 us at batch 1,
-    # H=128), not at (32, 256) @ (256, 1024); the copy costs about one step, so we make
-    # it only for longer sequences and smaller matrices.
-    w_hh_t = recurrent_layout(w_hh, T)
-    layout = w_hh_t.shape[0] > 0
+    if _pool[1] < n - 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if _pool[0] is not None:
+            _pool[0].shutdown(wait=False)
+        _pool[0], _pool[1] = ThreadPoolExecutor(n - 1, thread_name_prefix="lstmkit"), n - 1
+    futures = [_pool[0].submit(fn, *args, bounds[k], bounds[k + 1]) for k in range(1, n)]
+    fn(*args, bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
+# ---- the fused gate passes -----------------------------------------------------------------------
+@njit(**KW)
+def gate_row(q, b, a, c, h):
+    """One row of the gate pass. q (>= 4H) pre-activations without bias; a (4H) out: the
+    activations i, f, g, o (not q itself: see forward_chunk); c (H) in c_{t-1}, out c_t; h (H) out o*tanh(c_t)."""
+    H = c.shape[0]
+    # One slice per gate: with q[j], q[H + j], ... on one array LLVM cannot rule out overlap
+    # and leaves the loop scalar.
+    qi, qf, qg, qo = q[:H], q[H : 2 * H], q[2 * H : 3 * H], q[3 * H : 4 * H]
+    bi, bf, bg, bo = b[:H], b[H : 2 * H], b[2 * H : 3 * H], b[3 * H :]
+    ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]
+    for j in range(H):
+        ig = sigmoid(qi[j] + bi[j])
+        fg = sigmoid(qf[j] + bf[j])
+        gg = tanh(qg[j] + bg[j])
+        og = sigmoid(qo[j] + bo[j])
+        ai[j] = ig
+        af[j] = fg
+        ag[j] = gg
+        ao[j] = og
+        cv = fg * c[j] + ig * gg
+        c[j] = cv
+        h[j] = og * tanh(cv)
+
+
+@njit(**KW)
+def gate_backward_row(a, cell, cprev, dh, dc, dg, hpre, want_hpre):
+    """One row of the gate gradients (the inverse of gate_row).
+
+    a (4H) activations; cell (H) c_t; cprev (H) c_{t-1}; dh (H) dL/dh_t before the projection;
+    dc (H) in dL/dc_t carried from t+1, out dL/dc_{t-1}; dg (4H) out dL/d(pre-activations);
+    hpre (H) out when want_hpre: o * tanh(c_t), the projection's input (for dW_hr)."""
+    H = dc.shape[0]
+    ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]
+    di, df, dgg, do = dg[:H], dg[H : 2 * H], dg[2 * H : 3 * H], dg[3 * H :]
+    for j in range(H):
+        ig = ai[j]
+        fg = af[j]
+        gg = ag[j]
+        og = ao[j]
+        tc = tanh(cell[j])
+        dhv = dh[j]
+        # No literal 1 here: int - float32 types as float64 in Numba, which would run the
+        # whole float32 loop in float64 (s' = s - s^2, tanh' = 1 - t^2).
+        dct = dc[j] + dhv * (og - og * tc * tc)  # dL/dc_t: carried + through h_t
+        di[j] = dct * gg * (ig - ig * ig)
+        df[j] = dct * cprev[j] * (fg - fg * fg)
+        dgg[j] = dct * (ig - ig * gg * gg)
+        do[j] = dhv * tc * (og - og * og)
+        dc[j] = dct * fg  # dL/dc_{t-1}
+    if want_hpre:
+        for j in range(H):
+            hpre[j] = ao[j] * tanh(cell[j])
+
+
+# ---- forward ---------------------------------------------------------------------------------------
+@njit(**KW)
+def forward_chunk(x, batch_sizes, off, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save, r0, r1):
+    """The whole time loop of rows r0:r1 (see forward_core for the arguments)."""
+    T = batch_sizes.shape[0]
+    I = x.shape[1]
+    H = c.shape[1]
+    P = h.shape[1]
+    m = r1 - r0
+    dt = x.dtype
+    has_proj = wpr.shape[0] > 0
+    xh = np.empty((m, I + P), dt)  # [x_t | h_{t-1}] of the chunk's rows: the product's input
+    q = np.empty((m, padded_width(wp)), dt)
+    hp = np.empty((m if has_proj else 0, H), dt)  # h before the projection
+    qp = np.empty((m if has_proj else 0, padded_width(wpr) if has_proj else 0), dt)
+    # Inference keeps no activations, but still writes them to a scratch row: written in
+    # place into q, the gate loop's arrays would overlap and LLVM would leave it scalar.
+    scratch = np.empty((0 if save else m, 4 * H), dt)
+    for i in range(m):
+        xh[i, I:] = h0[r0 + i]
+        c[r0 + i] = c0[r0 + i]
     for s in range(T):
         t = T - 1 - s if reverse else s
-        bs = batch_sizes[t]
-        o0 = off[t]
-        if layout:
-            np.dot(h[:bs], w_hh_t, hh[:bs])  # (bs, P) @ (P, 4H)
-        else:
-            np.dot(h[:bs], w_hh.T, hh[:bs])
-        gate_step(acts[o0 : o0 + bs], hh[:bs], b_ih, b_hh, c[:bs], hp[:bs] if has_proj else h[:bs],
-                  cells[o0 : o0 + bs] if save else cells, save)
+        n = min(r1, batch_sizes[t]) - r0
+        if n <= 0:
+            continue
+        o = off[t] + r0
+        xh[:n, :I] = x[o : o + n]
+        matmul(xh, n, wp, q)
+        for i in range(n):
+            a = acts[o + i] if save else scratch[i]
+            gate_row(q[i], b, a, c[r0 + i], hp[i] if has_proj else xh[i, I:])
+            if save:
+                cells[o + i] = c[r0 + i]
         if has_proj:
-            np.dot(hp[:bs], w_hr.T, y[o0 : o0 + bs])  # (bs, H) @ (H, P)
-            h[:bs] = y[o0 : o0 + bs]
-        else:
-            y[o0 : o0 + bs] = h[:bs]
+            matmul(hp, n, wpr, qp)
+            for i in range(n):
+                xh[i, I:] = qp[i, :P]
+        y[o : o + n] = xh[:n, I:]
+    for i in range(m):
+        h[r0 + i] = xh[i, I:]
 
 
+def forward_core(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save, bounds):
+    """The forward pass into preallocated arrays (all C-contiguous, one dtype).
+
+    batch_sizes int64; wp, wpr from pack_forward; b (4H,) = b_ih + b_hh (zeros for no bias);
+    acts (total, 4H) out: the gate activations, written only when save (else may be (0, 4H));
+    y (total, P) out; h, c (B, P), (B, H) out: h_n, c_n; cells (total, H) out: c_t of every
+    row, written only when save (else may be (0, H)); bounds from chunk_bounds: one chunk per
+    thread, each running forward_chunk (see run_chunks)."""
+    off = offsets(batch_sizes)
+    run_chunks(forward_chunk, bounds, x, batch_sizes, off, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save)
+
+
+# ---- backward --------------------------------------------------------------------------------------
 @njit(**KW)
-def gate_backward_step(a, cells, cprev, dh, dc, dgates, hpre, want_hpre):
-    """The gate gradients of one step, over its bs rows (the inverse of gate_step).
-
-    a (bs, 4H) activations i, f, g, o;  cells (bs, H) c_t;  cprev (bs, H) c_{t-1}
-    dh (bs, H)  dL/dh_t before the projection (carried + this step's output gradient)
-    dc (bs, H)  in: dL/dc_t carried from t+1; out: dL/dc_{t-1}
-    dgates (bs, 4H)  out: dL/d(pre-activation gates)
-    hpre (bs, H)  out when want_hpre: o * tanh(c_t), the projection's input (for dW_hr)
-    """
-    bs, H = dc.shape
-    for r in range(bs):
-        ar = a[r]  # one slice per gate (see gate_step)
-        ai, af, ag, ao = ar[:H], ar[H : 2 * H], ar[2 * H : 3 * H], ar[3 * H :]
-        dgr = dgates[r]
-        di, df, dg, do = dgr[:H], dgr[H : 2 * H], dgr[2 * H : 3 * H], dgr[3 * H :]
-        cr = cells[r]
-        cp = cprev[r]
-        dcr = dc[r]
-        dhr = dh[r]
-        for j in range(H):
-            ig = ai[j]
-            fg = af[j]
-            gg = ag[j]
-            og = ao[j]
-            tc = tanh(cr[j])
-            dhv = dhr[j]
-            # No literal 1 here: int - float32 types as float64 in Numba, which would
-            # run the whole float32 loop in float64 (s' = s - s^2, tanh' = 1 - t^2).
-            dct = dcr[j] + dhv * (og - og * tc * tc)  # dL/dc_t: carried + through h_t
-            di[j] = dct * gg * (ig - ig * ig)
-            df[j] = dct * cp[j] * (fg - fg * fg)
-            dg[j] = dct * (ig - ig * gg * gg)
-            do[j] = dhv * tc * (og - og * og)
-            dcr[j] = dct * fg  # dL/dc_{t-1}
-        if want_hpre:
-            hr = hpre[r]
-            for j in range(H):
-                hr[j] = ao[j] * tanh(cr[j])
-
-
-@njit(**KW)
-def backward_core(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, acts, cells, y,
-                  dy, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr):
-    """BPTT through forward_core(save=True). Writes dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr.
-
-    acts, cells, y: what the forward pass left. dy (total, P), dh_n (B, P), dc_n (B, H)
-    are the incoming gradients (zeros where unused). db is the gradient of b_ih and of
-    b_hh alike. dw_hr may be (0, H) without projection.
-    """
+def backward_chunk(x, batch_sizes, off, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
+                   dx, dgates, h_prev, dh_all, hpre_all, r0, r1):
+    """BPTT over rows r0:r1 (see backward_core for the arguments)."""
     T = batch_sizes.shape[0]
-    B, H = c0.shape
-    P = h0.shape[1]
-    total = x.shape[0]
-    has_proj = w_hr.shape[0] > 0
-    off = _offsets(batch_sizes)
-    dt = acts.dtype
-    dgates = np.empty((total, 4 * H), dt)  # d loss / d pre-activation gates, every row
-    # dW_hh = sum over rows of dgates^T h_{t-1}. With every step the same size (padded
-    # data) the h_{t-1} rows are y shifted by one step (plus h0), so two GEMMs read y in
-    # place; packed data gathers h_{t-1} into a (total, P) buffer for one GEMM.
-    uniform = True
-    for t in range(T):
-        if batch_sizes[t] != B:
-            uniform = False
-    h_prev = np.empty((0 if uniform else total, P), dt)
-    dh = dh_n.copy()  # (B, P) gradient w.r.t. the state h, carried backwards in time
-    dc = dc_n.copy()  # (B, H)
-    dhp = np.empty((B, H), dt)  # gradient w.r.t. h before projection (proj only)
-    cprev = np.empty((B, H), dt)  # c_{t-1} of one step's rows
-    dh_all = np.empty((total if has_proj else 0, P), dt)  # for dW_hr in one GEMM
-    hpre_all = np.empty((total if has_proj else 0, H), dt)
-
+    I = x.shape[1]
+    H = dc.shape[1]
+    P = dh.shape[1]
+    m = r1 - r0
+    dt = x.dtype
+    has_proj = wprb.shape[0] > 0
+    qb = np.empty((m, padded_width(wpb)), dt)  # [dx_t | dh_{t-1}] of the chunk's rows
+    dhp = np.empty((m if has_proj else 0, padded_width(wprb) if has_proj else 0), dt)
+    no_hpre = np.empty(0, dt)
     for s in range(T):
         t = s if reverse else T - 1 - s
-        bs = batch_sizes[t]
-        o0 = off[t]
+        n = min(r1, batch_sizes[t]) - r0
+        if n <= 0:
+            continue
+        o = off[t] + r0
         # The step that ran just before t in the forward pass, and how many of our rows it holds.
         if reverse:
             tp = t + 1
-            n_prev = batch_sizes[tp] if tp < T else 0
+            n_prev = min(r1, batch_sizes[tp]) - r0 if tp < T else 0
         else:
             tp = t - 1
-            n_prev = bs if tp >= 0 else 0
-        p0 = off[tp] if n_prev > 0 else 0
-
-        for r in range(bs):  # dh_total = dh carried + dy of this step
-            for k in range(P):
-                dh[r, k] += dy[o0 + r, k]
+            n_prev = n if tp >= 0 else 0
+        n_prev = max(n_prev, 0)
+        p0 = off[tp] + r0 if n_prev > 0 else 0
+        for i in range(n):
+            dh[r0 + i] += dy[o + i]  # carried + this step's output gradient
         if has_proj:
-            dh_all[o0 : o0 + bs] = dh[:bs]
-            np.dot(dh[:bs], w_hr, dhp[:bs])  # (bs, P) @ (P, H)
-        # c_{t-1} of this step's rows: the previous step's cells, or c0 for rows starting here
-        cprev[:n_prev] = cells[p0 : p0 + n_prev]
-        cprev[n_prev:bs] = c0[n_prev:bs]
-        if not uniform:
-            h_prev[o0 : o0 + n_prev] = y[p0 : p0 + n_prev]
-            h_prev[o0 + n_prev : o0 + bs] = h0[n_prev:bs]
-        gate_backward_step(acts[o0 : o0 + bs], cells[o0 : o0 + bs], cprev[:bs], dhp[:bs] if has_proj else dh[:bs],
-                           dc[:bs], dgates[o0 : o0 + bs], hpre_all[o0 : o0 + bs] if has_proj else hpre_all, has_proj)
-        np.dot(dgates[o0 : o0 + bs], w_hh, dh[:bs])  # (bs, 4H) @ (4H, P): dh_{t-1}
-
-    # Rows never touched again keep their last value: that is dh0/dc0 (see module doc).
-    dh0[:] = dh
-    dc0[:] = dc
-    np.dot(dgates, w_ih, dx)  # (total, 4H) @ (4H, I)
-    np.dot(dgates.T, x, dw_ih)  # (4H, total) @ (total, I)
-    if not uniform:
-        np.dot(dgates.T, h_prev, dw_hh)  # (4H, total) @ (total, P)
-    else:
-        # forward: rows of steps 1.. pair with y of steps ..T-2; step 0 with h0 (reverse: mirrored)
-        first = dgates[total - B :] if reverse else dgates[:B]  # the step whose h_{t-1} is h0
-        np.dot(first.T, h0, dw_hh)  # (4H, B) @ (B, P)
-        if total > B:
-            rest = dgates[: total - B] if reverse else dgates[B:]
-            prev = y[B:] if reverse else y[: total - B]
-            dw_hh += np.dot(rest.T, prev)  # (4H, total - B) @ (total - B, P)
-    db[:] = 0
-    for row in range(total):
-        db += dgates[row]
-    if has_proj:
-        np.dot(dh_all.T, hpre_all, dw_hr)  # (P, total) @ (total, H)
+            dh_all[o : o + n] = dh[r0 : r0 + n]
+            matmul(dh[r0:], n, wprb, dhp)  # (n, P) @ (P, H)
+        for i in range(n):
+            if i < n_prev:
+                cprev = cells[p0 + i]
+                h_prev[o + i] = y[p0 + i]
+            else:  # the row starts here: its previous state is h0, c0
+                cprev = c0[r0 + i]
+                h_prev[o + i] = h0[r0 + i]
+            gate_backward_row(acts[o + i], cells[o + i], cprev, dhp[i, :H] if has_proj else dh[r0 + i],
+                              dc[r0 + i], dgates[o + i], hpre_all[o + i] if has_proj else no_hpre, has_proj)
+        matmul(dgates[o:], n, wpb, qb)  # (n, 4H) @ (4H, I + P)
+        for i in range(n):
+            dx[o + i] = qb[i, :I]
+            dh[r0 + i] = qb[i, I : I + P]
 
 
-# ---- numpy-level API (the torch-free runtime and the torch engine both use these) ------------
+def backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
+                  dx, dgates, h_prev, dh_all, hpre_all, bounds):
+    """BPTT through forward_core(save=True): the time loop. Weight gradients are left to the
+    caller, as GEMMs over what this writes (see weight_gradients).
 
+    wpb, wprb from pack_backward; acts, cells, y: what the forward pass left; dy (total, P);
+    dh (B, P), dc (B, H): in dL/dh_n, dL/dc_n, out dL/dh0, dL/dc0 (a row's state gradient is
+    left alone once its sequence is done). Out: dx (total, I), dgates (total, 4H) dL/d
+    pre-activations, h_prev (total, P) h_{t-1} of every row, and with a projection dh_all
+    (total, P) dL/dh_t and hpre_all (total, H) the projection's input (else (0, P), (0, H))."""
+    off = offsets(batch_sizes)
+    run_chunks(backward_chunk, bounds, x, batch_sizes, off, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
+               dx, dgates, h_prev, dh_all, hpre_all)
+
+
+def weight_gradients(x, dgates, h_prev, dh_all, hpre_all, mm=np.dot):
+    """(dw_ih, dw_hh, db, dw_hr or None) from backward_core's outputs: one GEMM each.
+    mm: the matrix product to use (the torch engine passes torch's)."""
+    dw_ih = mm(dgates.T, x)  # (4H, total) @ (total, I)
+    dw_hh = mm(dgates.T, h_prev)  # (4H, total) @ (total, P)
+    db = dgates.sum(0)
+    dw_hr = mm(dh_all.T, hpre_all) if dh_all.shape[0] else None  # (P, total) @ (total, H)
+    return dw_ih, dw_hh, db, dw_hr
+
+
+# ---- numpy-level API (the torch-free runtime and the tests use these) ------------------------------
 def _prep(dtype, *arrays):
     return [np.ascontiguousarray(a, dtype=dtype) for a in arrays]
 
@@ -280,13 +337,13 @@ def _check(x, h0, c0, w_ih, w_hh):
         raise ValueError(f"shape mismatch: h0 {h0.shape}, c0 {c0.shape}, w_hh {w_hh.shape}")
 
 
-def lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b=None, w_hr=None, reverse=False, save=False):
+def lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b=None, w_hr=None, reverse=False, save=False, chunks=1):
     """One LSTM layer-direction over packed data, numpy in and out.
 
     x (total, I); batch_sizes: ints, non-increasing, sum == total (padded data of N
     sequences: [N] * T); h0 (B, P); c0 (B, H); w_ih (4H, I); w_hh (4H, P);
     b (4H,) = b_ih + b_hh or None; w_hr (P, H) or None; gate order i, f, g, o.
-    All float arrays share x's dtype (float32 or float64).
+    All float arrays share x's dtype (float32 or float64). chunks: row chunks run in parallel.
 
     Returns (y, h_n, c_n): y (total, P); h_n (B, P), c_n (B, H) each sequence's state after
     its own last step (forward) or after step 0 (reverse=True, time runs backwards).
@@ -300,21 +357,25 @@ def lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b=None, w_hr=None, reverse=
     H = c0.shape[1]
     P = h0.shape[1]
     b = np.zeros(4 * H, dt) if b is None else _prep(dt, b)[0]
-    w_hr = np.zeros((0, H), dt) if w_hr is None else _prep(dt, w_hr)[0]
+    w_hr = None if w_hr is None else _prep(dt, w_hr)[0]
+    wp, wpr = pack_forward(w_ih, w_hh, w_hr)
     total = x.shape[0]
-    acts = np.empty((total, 4 * H), dt)
+    acts = np.empty((total if save else 0, 4 * H), dt)
+    cells = np.empty((total if save else 0, H), dt)
     y = np.empty((total, P), dt)
     h_n = np.empty_like(h0)
     c_n = np.empty_like(c0)
-    cells = np.empty((total if save else 0, H), dt)
-    forward_core(x, bsz, h0, c0, w_ih, w_hh, b, np.zeros_like(b), w_hr, bool(reverse), acts, y, h_n, c_n, cells,
-                 bool(save))
+    if total:
+        forward_core(x, bsz, h0, c0, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save),
+                     chunk_bounds(bsz, chunks))
+    else:
+        h_n[:], c_n[:] = h0, c0
     if save:
         return y, h_n, c_n, (acts, cells)
     return y, h_n, c_n
 
 
-def lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, dy, dh_n, dc_n):
+def lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, dy, dh_n, dc_n, chunks=1):
     """Gradients of one layer-direction, given lstm_forward(..., save=True)'s y and saved.
 
     dy (total, P), dh_n (B, P), dc_n (B, H): incoming gradients (None = zeros).
@@ -327,18 +388,21 @@ def lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, d
     acts, cells = saved
     bsz = np.ascontiguousarray(batch_sizes, dtype=np.int64)
     H = c0.shape[1]
+    P = h0.shape[1]
+    total = x.shape[0]
     dy = np.zeros_like(y) if dy is None else _prep(dt, dy)[0]
-    dh_n = np.zeros_like(h0) if dh_n is None else _prep(dt, dh_n)[0]
-    dc_n = np.zeros_like(c0) if dc_n is None else _prep(dt, dc_n)[0]
+    dh = np.zeros_like(h0) if dh_n is None else _prep(dt, dh_n)[0].copy()
+    dc = np.zeros_like(c0) if dc_n is None else _prep(dt, dc_n)[0].copy()
     has_proj = w_hr is not None
-    w_hr = _prep(dt, w_hr)[0] if has_proj else np.zeros((0, H), dt)
+    w_hr = _prep(dt, w_hr)[0] if has_proj else None
+    wpb, wprb = pack_backward(w_ih, w_hh, w_hr)
     dx = np.empty_like(x)
-    dh0 = np.empty_like(h0)
-    dc0 = np.empty_like(c0)
-    dw_ih = np.empty_like(w_ih)
-    dw_hh = np.empty_like(w_hh)
-    db = np.empty(4 * H, dt)
-    dw_hr = np.empty_like(w_hr)
-    backward_core(x, bsz, h0, c0, w_ih, w_hh, w_hr, bool(reverse), acts, cells, y,
-                  dy, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
-    return dx, dh0, dc0, dw_ih, dw_hh, db, (dw_hr if has_proj else None)
+    dgates = np.empty((total, 4 * H), dt)
+    h_prev = np.empty((total, P), dt)
+    dh_all = np.empty((total if has_proj else 0, P), dt)
+    hpre_all = np.empty((total if has_proj else 0, H), dt)
+    if total:
+        backward_core(x, bsz, h0, c0, wpb, wprb, bool(reverse), acts, cells, y, dy, dh, dc,
+                      dx, dgates, h_prev, dh_all, hpre_all, chunk_bounds(bsz, chunks))
+    dw_ih, dw_hh, db, dw_hr = weight_gradients(x, dgates, h_prev, dh_all, hpre_all)
+    return dx, dh, dc, dw_ih, dw_hh, db, dw_hr

@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
-from .lstm import KW, _offsets, recurrent_layout
+from .lstm import KW, offsets, recurrent_layout
 
 EPS = 1e-5
 
@@ -108,7 +108,7 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
     has_zc = zc.shape[0] > 0
     has_zh = zh.shape[0] > 0
     has_rm = rm.shape[0] > 0
-    off = _offsets(batch_sizes)
+    off = offsets(batch_sizes)
     h[:] = h0
     c[:] = c0
     dt = acts.dtype
@@ -229,7 +229,7 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
     has_zc = zc.shape[0] > 0
     has_zh = zh.shape[0] > 0
     has_rm = rm.shape[0] > 0
-    off = _offsets(batch_sizes)
+    off = offsets(batch_sizes)
     dt = acts.dtype
     # d loss / d (gate pre-activations) = d b; with layer norm each row then becomes
     # d loss / d (x W_ih^T) (through LN_ih), in place, once its step is done.

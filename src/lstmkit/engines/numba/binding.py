@@ -1,0 +1,205 @@
+"""The one binding of the Numba kernels to torch: numpy views, buffers, weights laid out for
+the kernels, the thread policy and the inference fast path. The plain engine (engine.py),
+the variant engine (variants.py), the torch.compile ops (compile_ops.py) and the module's
+inference fast path (nn/modules.py) all go through here.
+
+Threads: a call splits its batch rows into torch.get_num_threads() chunks (fewer for small
+work, see chunks_for), each running the whole time loop on its own thread
+(kernels/numba/lstm.py). The weight gradients after the loop are torch GEMMs, on torch's
+threads; the two never run at the same time. The BLAS the variant kernel calls from Numba
+(scipy's OpenBLAS) is held at one thread (LSTMKIT_BLAS_THREADS to change), so it never spins
+a pool of its own against torch's.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+import numpy as np
+import torch
+
+from ...kernels.numba.lstm import (
+    backward_core, chunk_bounds, forward_core, pack_backward, pack_forward,
+)
+from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
+from ..base import LayerParams
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def check_input(x: torch.Tensor, p: LayerParams | None = None) -> None:
+    """torch's exception types for what the Numba kernels cannot take."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"engine='numba' computes in float32 or float64, got {x.dtype}; use engine='auto' "
+            "(which runs other dtypes on the reference engine) or convert the model and input"
+        )
+    if x.device.type != "cpu":
+        raise RuntimeError(f"engine='numba' runs on CPU tensors, got a tensor on {x.device}")
+    if p is not None and p.w_ih.dtype != x.dtype:
+        raise TypeError(f"engine='numba': input dtype {x.dtype} does not match weight dtype {p.w_ih.dtype}")
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A C-contiguous numpy view of t (a copy only when t is not contiguous)."""
+    return t.detach().contiguous().numpy()
+
+
+def as_numpy_or(t, shape, dtype) -> np.ndarray:
+    """as_numpy(t), or zeros of `shape` standing in for an absent tensor (the kernels read
+    an absent part off an empty shape)."""
+    return as_numpy(t) if t is not None else np.zeros(shape, dtype)
+
+
+def needs_grad(tensors) -> bool:
+    """Whether autograd has to record a call on these tensors (None entries ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ---- threads ----------------------------------------------------------------------------------------
+_blas_limited = [False]
+
+
+def limit_blas() -> None:
+    """Hold the BLAS Numba calls (scipy's OpenBLAS, used by the variant kernel) at
+    LSTMKIT_BLAS_THREADS threads (default 1): its per-step calls split over threads end in a
+    barrier each, and its spinning pool took the cores from torch's."""
+    if _blas_limited[0]:
+        return
+    _blas_limited[0] = True
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # a dependency, but a broken install should still compute
+        return
+    import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls, so the controller sees it)
+
+    n = int(os.environ.get("LSTMKIT_BLAS_THREADS", "1")) or torch.get_num_threads()
+    for lib in ThreadpoolController().select(user_api="blas").lib_controllers:
+        if "scipy.libs" in lib.filepath or "scipy/" in lib.filepath:
+            lib.set_num_threads(n)
+
+
+def chunks_for(batch: int, macs: int) -> int:
+    """Row chunks for a call over `batch` rows and `macs` multiply-adds: one per torch thread
+    (kernels/numba/lstm.chunks_for has the rule)."""
+    return kernel_chunks_for(batch, macs, torch.get_num_threads())
+
+
+def _bounds(batch_sizes, I, H, P):
+    total = sum(batch_sizes)
+    return chunk_bounds(batch_sizes, chunks_for(batch_sizes[0], total * (I + P) * 4 * H))
+
+
+# ---- weights, laid out once per call, or once while their versions stand (inference) -------------
+# Training changes the weights at every optimizer step, so the autograd path packs them in
+# each call (forward and backward): a copy of the weights, small next to the time loop.
+# Inference with unchanged weights reuses the forward packing, as the module's fast path
+# reuses its runtime: key = the tensors' identity, version (in-place updates bump it) and
+# data pointer (p.data = ...); like the fast path, an update through p.data.add_() bypasses
+# the version counter and is not seen. One entry per layer-direction (slot: id of its w_ih),
+# replaced when a key changes, gone with its w_ih tensor.
+_packs: dict = {}
+
+
+def _version_key(tensors):
+    return tuple((id(t), t._version, t.data_ptr()) if t is not None else None for t in tensors)
+
+
+def _alive(refs, tensors) -> bool:
+    """The cached tensors are these very tensors (an id can be reused once a tensor dies,
+    e.g. weight_drop's fresh W_hh every call)."""
+    return all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
+
+
+def _pack_forward(p: LayerParams):
+    w_hr = as_numpy(p.w_hr) if p.w_hr is not None else None
+    wp, wpr = pack_forward(as_numpy(p.w_ih), as_numpy(p.w_hh), w_hr)
+    b = as_numpy(p.b_ih) + as_numpy(p.b_hh) if p.b_ih is not None else np.zeros(p.w_hh.shape[0], wp.dtype)
+    return b, wp, wpr
+
+
+def forward_weights(p: LayerParams, cache: bool):
+    """(b = b_ih + b_hh, wp, wpr): layer-direction p's weights packed for the forward kernel."""
+    if not cache:
+        return _pack_forward(p)
+    tensors = tuple(p)
+    key = _version_key(tensors)
+    slot = id(p.w_ih)
+    entry = _packs.get(slot)
+    if entry is None or entry[0] != key or not _alive(entry[1], tensors):
+        if entry is None:  # a new w_ih: its entry goes when it dies
+            weakref.finalize(p.w_ih, _packs.pop, slot, None)
+        refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
+        entry = _packs[slot] = (key, refs, _pack_forward(p))
+    return entry[2]
+
+
+def backward_weights(p: LayerParams):
+    """(wpb, wprb): layer-direction p's weights packed for the backward kernel."""
+    w_hr = as_numpy(p.w_hr) if p.w_hr is not None else None
+    return pack_backward(as_numpy(p.w_ih), as_numpy(p.w_hh), w_hr)
+
+
+# ---- one layer-direction, numpy level ---------------------------------------------------------------
+def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: bool):
+    """The forward kernel on tensors; returns numpy (y, h_n, c_n, acts, cells), acts and cells
+    empty unless save."""
+    xn, h0n, c0n = as_numpy(x), as_numpy(h0), as_numpy(c0)
+    dt = xn.dtype
+    total, I = xn.shape
+    B, H = c0n.shape
+    P = h0n.shape[1]
+    b, wp, wpr = forward_weights(p, cache=not save)
+    acts = np.empty((total if save else 0, 4 * H), dt)
+    cells = np.empty((total if save else 0, H), dt)
+    y = np.empty((total, P), dt)
+    h_n = np.empty((B, P), dt)
+    c_n = np.empty((B, H), dt)
+    bsz = np.asarray(batch_sizes, dtype=np.int64)
+    forward_core(xn, bsz, h0n, c0n, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save),
+                 _bounds(batch_sizes, I, H, P))
+    return y, h_n, c_n, acts, cells
+
+
+def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cells, dy, dh_n, dc_n):
+    """BPTT on tensors (dy, dh_n, dc_n may be None: zeros). Returns torch tensors
+    (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr or None); the weight gradients are torch GEMMs."""
+    xn, h0n, c0n = as_numpy(x), as_numpy(h0), as_numpy(c0)
+    dt = xn.dtype
+    total, I = xn.shape
+    B, H = c0n.shape
+    P = h0n.shape[1]
+    has_proj = p.w_hr is not None
+    wpb, wprb = backward_weights(p)
+    dyn = as_numpy_or(dy, (total, P), dt)
+    dh = as_numpy(dh_n).copy() if dh_n is not None else np.zeros((B, P), dt)  # becomes dh0
+    dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, H), dt)  # becomes dc0
+    dx = np.empty((total, I), dt)
+    dgates = np.empty((total, 4 * H), dt)
+    h_prev = np.empty((total, P), dt)
+    dh_all = np.empty((total if has_proj else 0, P), dt)
+    hpre_all = np.empty((total if has_proj else 0, H), dt)
+    backward_core(xn, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wpb, wprb, bool(reverse),
+                  as_numpy(acts), as_numpy(cells), as_numpy(y), dyn, dh, dc, dx, dgates, h_prev, dh_all,
+                  hpre_all, _bounds(batch_sizes, I, H, P))
+    t_ = torch.from_numpy
+    dg = t_(dgates)
+    dw_ih = dg.t().mm(t_(xn))  # (4H, total) @ (total, I)
+    dw_hh = dg.t().mm(t_(h_prev))  # (4H, total) @ (total, P)
+    db = dg.sum(0)
+    dw_hr = t_(dh_all).t().mm(t_(hpre_all)) if has_proj else None  # (P, total) @ (total, H)
+    return t_(dx), t_(dh), t_(dc), dw_ih, dw_hh, db, dw_hr
+
+
+# ---- the inference fast path ------------------------------------------------------------------------
+def run_inference(runtime, x: np.ndarray, state):
+    """The torch-free runtime (runtime/model.py: the same kernels, the whole stack in one
+    call) under the engine's thread policy: what the module's no-grad fast path calls."""
+    runtime.threads = torch.get_num_threads()
+    return runtime(x, state)
+
+
+__all__ = [
+    "SUPPORTED_DTYPES", "as_numpy", "as_numpy_or", "check_input", "chunks_for", "layer_backward", "layer_forward",
+    "backward_weights", "forward_weights", "limit_blas", "needs_grad", "run_inference",
+]

@@ -1,0 +1,179 @@
+"""A register-blocked small-matrix product for the per-step products inside the time loop.
+
+    matmul(a, wp, out)      out[:n, :nb*V] = a[:n, :K] @ W      with W packed by pack()
+
+Why not BLAS: the time loop runs on several threads at once (one chunk of batch rows each,
+kernels/lstm.py), and OpenBLAS calls made from two threads at once serialise on its buffer
+lock, so the step products did not scale; a BLAS call also re-packs W every step. Here W is
+packed once per call and the product is a few lines of LLVM IR: Numba's loop vectoriser keeps
+neither a tile of accumulators in registers nor a scalar-unrolled one (it spills them
+to memory every k), so the inner kernel is written as explicit vector code.
+
+Packed layout: wp[b, k, j] = W[k, b*V + j] for column block b (V columns, zero-padded at the
+end), so the V weights of one k are one contiguous vector load. The micro-kernel holds an
+R x V tile of `out` in R vector registers across the whole k loop and per k does one vector
+load of W, R scalar loads of `a` broadcast, and R fused multiply-adds: every weight loaded
+is used R times from a register. V = 32 float32 / 16 float64 (two AVX-512 or four AVX2
+registers per row), R = 4 rows (R = 1 for a single row: batch 1 is a matrix-vector product).
+
+The rows are independent: each output row depends only on its own input row and W, summed
+in the same k order, so a result is bitwise the same whichever chunk or tile computed it.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+KW = dict(cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"}, error_model="numpy", nogil=True)
+
+
+def _lanes_of(dtype) -> int:
+    return 32 if dtype == types.float32 else 16
+
+
+@intrinsic
+def lanes(typingctx, a):
+    """V, the packed column-block width for a's dtype (a compile-time constant)."""
+    width = _lanes_of(a.dtype)
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.IntType(64), width)
+
+    return types.int64(a), codegen
+
+
+def _as_i64(builder, v):
+    return builder.sext(v, ir.IntType(64)) if v.type.width < 64 else v
+
+
+def _make_tile(R: int):
+    """The R-row micro-kernel: out[r0:r0+R, b*V:(b+1)*V] = a[r0:r0+R] @ W[:, b*V:(b+1)*V];
+    rows at or past n are read clamped to row n-1 and not stored."""
+
+    @intrinsic
+    def tile(typingctx, a, r0, n, wp, b, out):
+        sig = types.void(a, r0, n, wp, b, out)
+        V = _lanes_of(a.dtype)
+
+        def codegen(context, builder, signature, args):
+            a_ty, _, _, wp_ty, _, out_ty = signature.args
+            arr_a = context.make_array(a_ty)(context, builder, args[0])
+            arr_w = context.make_array(wp_ty)(context, builder, args[3])
+            arr_o = context.make_array(out_ty)(context, builder, args[5])
+            i64 = ir.IntType(64)
+            c = lambda v: ir.Constant(i64, v)  # noqa: E731
+            row0, nrows, block = (_as_i64(builder, args[k]) for k in (1, 2, 4))
+            ft = context.get_value_type(a_ty.dtype)
+            vt = ir.VectorType(ft, V)
+            esize = context.get_abi_sizeof(ft)
+            K = cgutils.unpack_tuple(builder, arr_a.shape)[1]
+            a_stride = builder.sdiv(cgutils.unpack_tuple(builder, arr_a.strides)[0], c(esize))
+            o_stride = builder.sdiv(cgutils.unpack_tuple(builder, arr_o.strides)[0], c(esize))
+            last = builder.sub(nrows, c(1))
+            a_rows = []
+            for r in range(R):
+                row = builder.add(row0, c(r))
+                row = builder.select(builder.icmp_signed("<", row, nrows), row, last)
+                a_rows.append(builder.gep(arr_a.data, [builder.mul(row, a_stride)]))
+            w_base = builder.gep(arr_w.data, [builder.mul(builder.mul(block, K), c(V))])
+            name = f"llvm.fmuladd.v{V}{'f32' if esize == 4 else 'f64'}"
+            fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), name)
+            zero = ir.Constant(vt, [ir.Constant(ft, 0.0)] * V)
+            undef = ir.Constant(vt, ir.Undefined)
+            splat = ir.Constant(ir.VectorType(ir.IntType(32), V), [0] * V)
+
+            entry = builder.block
+            loop = builder.append_basic_block("tile.k")
+            done = builder.append_basic_block("tile.done")
+            builder.cbranch(builder.icmp_signed(">", K, c(0)), loop, done)
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(c(0), entry)
+            acc = []
+            for r in range(R):
+                p = builder.phi(vt)
+                p.add_incoming(zero, entry)
+                acc.append(p)
+            w_ptr = builder.bitcast(builder.gep(w_base, [builder.mul(k, c(V))]), vt.as_pointer())
+            w = builder.load(w_ptr, align=esize)
+            new = []
+            for r in range(R):
+                s = builder.load(builder.gep(a_rows[r], [k]))
+                s = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef, splat)
+                new.append(builder.call(fmuladd, [s, w, acc[r]]))
+            k_next = builder.add(k, c(1))
+            body_end = builder.block
+            k.add_incoming(k_next, body_end)
+            for r in range(R):
+                acc[r].add_incoming(new[r], body_end)
+            builder.cbranch(builder.icmp_signed("<", k_next, K), loop, done)
+
+            builder.position_at_end(done)
+            totals = []
+            for r in range(R):  # all phis first: LLVM wants them at the top of the block
+                total = builder.phi(vt)
+                total.add_incoming(zero, entry)
+                total.add_incoming(new[r], body_end)
+                totals.append(total)
+            col = builder.mul(block, c(V))
+            for r, total in enumerate(totals):
+                row = builder.add(row0, c(r))
+                with builder.if_then(builder.icmp_signed("<", row, nrows)):
+                    dst = builder.gep(arr_o.data, [builder.add(builder.mul(row, o_stride), col)])
+                    builder.store(total, builder.bitcast(dst, vt.as_pointer()), align=esize)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+tile4 = _make_tile(4)
+tile1 = _make_tile(1)
+
+
+@njit(**KW)
+def pack(w, transposed):
+    """W laid out for matmul: (nb, K, V) with wp[b, k, j] = W[k, b*V + j], zero-padded.
+    W is w (K, G) as given, or w.T when transposed (w (G, K), e.g. torch's (4H, I) weights)."""
+    V = lanes(w)
+    K, G = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+    nb = (G + V - 1) // V
+    wp = np.zeros((nb, K, V), w.dtype)
+    for b in range(nb):
+        width = min(V, G - b * V)
+        for k in range(K):
+            dst = wp[b, k]
+            if transposed:
+                for j in range(width):
+                    dst[j] = w[b * V + j, k]
+            else:
+                src = w[k]
+                for j in range(width):
+                    dst[j] = src[b * V + j]
+    return wp
+
+
+@njit(**KW)
+def padded_width(wp):
+    """Columns of matmul's output for this packed W (G rounded up to V)."""
+    return wp.shape[0] * wp.shape[2]
+
+
+@njit(**KW)
+def matmul(a, n, wp, out):
+    """out[:n, :padded_width(wp)] = a[:n] @ W. a (>= n, K) rows with unit inner stride;
+    out (>= n, >= padded_width) likewise. For each column block, all row tiles run while
+    its K x V panel of W stays in L1."""
+    nb = wp.shape[0]
+    if n == 1:
+        for b in range(nb):
+            tile1(a, 0, 1, wp, b, out)
+        return
+    for b in range(nb):
+        for r0 in range(0, n, 4):
+            if n - r0 == 1:
+                tile1(a, r0, n, wp, b, out)
+            else:
+                tile4(a, r0, n, wp, b, out)
