@@ -295,7 +295,7 @@ class LSTM(nn.Module):
             rt = (key, Runtime(dataclasses.replace(cfg, batch_first=self.batch_first), weights), None)
             self.__dict__["_runtime"] = rt
         _, runtime, last = rt
-        from ..engines.numba.engine import _TORCH_GEMM_MIN, _TORCH_GEMM_MIN_BATCH, _set_threads
+        from ..engines.numba.binding import run_inference
         if input.dtype != params[0].dtype:
             return None  # the general path raises the error
         if hx is None:
@@ -309,14 +309,8 @@ class LSTM(nn.Module):
         else:
             return None
         x = input.detach().numpy()
-        H = cfg.hidden_size
-        N = (x.shape[0] if self.batch_first else x.shape[1]) if x.ndim == 3 else 1
-        if N >= _TORCH_GEMM_MIN_BATCH and N * cfg.real_hidden_size * 4 * H >= _TORCH_GEMM_MIN:
-            return None  # big steps run faster on the engine's torch-GEMM path
-        _set_threads(x.shape[-2 if x.ndim == 3 and not self.batch_first else 0] * cfg.real_hidden_size * 4 * H
-                                  if x.ndim == 3 else cfg.real_hidden_size * 4 * H)
         try:
-            y, (h, c) = runtime(x, state)
+            y, (h, c) = run_inference(runtime, x, state)
         except (ValueError, RuntimeError, TypeError):
             return None  # bad input: the general path raises torch's error for it
         out = (torch.from_numpy(h), torch.from_numpy(c))
