@@ -24,7 +24,7 @@ from torch import nn  # noqa: E402
 
 import lstmkit  # noqa: E402
 import lstmkit.kernels.triton.lstm as tk  # noqa: E402
-from conftest import TOL, assert_close, packed_input, padded_input, pair, run_differential  # noqa: E402
+from harness import TOL, assert_close, packed_input, padded_input, pair, run_differential  # noqa: E402
 from lstmkit.engines import reference
 from lstmkit.engines.triton import engine as triton_engine  # noqa: E402
 from lstmkit.engines.base import LayerParams  # noqa: E402
