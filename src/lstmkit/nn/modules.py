@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..config import LSTMConfig
 from ..engines import LayerParams, check_engine_name, get_layer_fn
-from . import variants
+from . import autocast, variants
 
 
 def _permute(x: torch.Tensor, perm):
@@ -205,6 +205,10 @@ class LSTM(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, input, hx=None):
         cfg = self.config
+        if autocast.any_enabled():
+            data = input.data if isinstance(input, PackedSequence) else input
+            if isinstance(data, torch.Tensor) and autocast.active(data.device.type):
+                return self._forward_autocast(input, hx, data.device.type)
         if not torch.is_grad_enabled() and type(input) is torch.Tensor and not torch.jit.is_tracing():
             out = self._inference_fast(input, hx)
             if out is not None:
@@ -265,6 +269,24 @@ class LSTM(nn.Module):
         if not batched:
             y = y.squeeze(batch_dim)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return y, (h_n, c_n)
+
+    # ---- torch.autocast (nn/autocast.py has the rules) ------------------------------------------
+    def _forward_autocast(self, input, hx, device_type):
+        packed = isinstance(input, PackedSequence)
+        plan = autocast.lstm_plan(device_type, autocast.current_dtype(device_type), packed=packed,
+                                  proj_size=self.proj_size)
+        with torch.autocast(device_type, enabled=False):  # the engines compute in the plan's dtype only
+            if plan.compute is None:
+                return self.forward(input, hx)
+            if packed:
+                input = input._replace(data=autocast.cast(input.data, plan.compute))
+            else:
+                input = autocast.cast(input, plan.compute)
+            params = autocast.cast_parameters(self, plan.compute)
+            y, (h_n, c_n) = torch.func.functional_call(self, params, (input, autocast.cast(hx, plan.compute)))
+        if plan.c_n is not None:
+            c_n = c_n.to(plan.c_n)
         return y, (h_n, c_n)
 
     # ---- inference fast path --------------------------------------------------------------
@@ -406,6 +428,15 @@ class LSTMCell(nn.Module):
         for w in self.parameters():
             nn.init.uniform_(w, -stdv, stdv)
 
+    def _forward_autocast(self, input, hx, device_type):
+        plan = autocast.cell_plan(device_type, autocast.current_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):  # see LSTM._forward_autocast
+            if plan.compute is None:
+                return self.forward(input, hx)
+            params = autocast.cast_parameters(self, plan.compute)
+            return torch.func.functional_call(
+                self, params, (autocast.cast(input, plan.compute), autocast.cast(hx, plan.compute)))
+
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
         if self.bias is not True:
@@ -415,6 +446,8 @@ class LSTMCell(nn.Module):
         return s.format(**self.__dict__)
 
     def forward(self, input: torch.Tensor, hx=None):
+        if autocast.any_enabled() and isinstance(input, torch.Tensor) and autocast.active(input.device.type):
+            return self._forward_autocast(input, hx, input.device.type)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
