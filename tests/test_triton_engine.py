@@ -385,6 +385,7 @@ class _FakeCompiled:
         def runner(*args):
             if self.refuse:
                 raise TypeError("launcher takes 7 arguments")
+            grid[2]  # noqa: B018 - Triton's handle reads grid[0], grid[1], grid[2]
             self.log.append(("cached", grid, args))
         return runner
 
@@ -419,7 +420,7 @@ def test_cached_launcher_reuses_compiled_kernel_per_specialization(monkeypatch):
     launch((2, 1), t, 5, 32)  # row is never specialized: same kernel, cached handle
     launch((3, 1), t, 7, 32)
     assert [e[0] for e in k.log] == ["jit", "cached", "cached"]
-    assert k.log[1] == ("cached", (2, 1), (t, 5, 32, 16))  # constexprs appended in signature order
+    assert k.log[1] == ("cached", (2, 1, 1), (t, 5, 32, 16))  # constexprs appended in signature order
     assert k.log[0][3] == dict(BLOCK=16, num_warps=4)
     launch((2, 1), t, 0, 1)  # n == 1 specializes differently: compile again
     launch((2, 1), t[1:], 0, 32)  # a misaligned pointer too

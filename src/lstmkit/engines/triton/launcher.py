@@ -88,6 +88,7 @@ class Launcher:
             return
         if key is None:
             key = self._key(args)
+        grid = tuple(grid) + (1,) * (3 - len(grid))  # the compiled handle indexes all three axes
         runner = self.runners.get((key, grid))
         if runner is None:
             compiled = self.compiled.get(key)
@@ -103,7 +104,8 @@ class Launcher:
             self.runners[(key, grid)] = runner
         try:
             runner(*args, *self.constexprs)
-        except (TypeError, ValueError, AttributeError) as e:  # refused before launching
+        except (TypeError, ValueError, AttributeError, IndexError) as e:  # refused before launching
+            # (never relaunch after a launch that happened: the backward kernel updates dc in place)
             self._give_up(e)
             self.kernel[grid](*args, **self.meta)
 
