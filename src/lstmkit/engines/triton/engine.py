@@ -4,10 +4,16 @@ Same interface and equations as engines/reference.py. Per call:
 
     forward   xw = x W_ih^T                                  one GEMM for all steps (cuBLAS)
               for each step t:  lstm_fwd_step                fused: h W_hh^T + gates + c, h
-                                y_t = h_t W_hr^T             (proj_size > 0 only, cuBLAS)
-    backward  for each step t, last to first: lstm_bwd_step  fused: dgates_{t+1} W_hh + gate grads
-                                                             + dc (the projection's GEMMs via cuBLAS)
+                                rows_matmul_step             y_t = h_t W_hr^T (proj_size > 0 only)
+    backward  for each step t, last to first:
+                                rows_matmul_step             (proj_size > 0 only) dy_t + dgates_{t+1} W_hh
+                                lstm_bwd_step                fused: the recurrent (or W_hr) GEMM of dh,
+                                                             gate grads, dc
               dx, dW_ih, dW_hh, dW_hr, db                    one GEMM / reduction each, over all steps
+
+The step loops launch kernels and nothing else (no torch op per step): the rows of the
+previous step, including sequences that start late in the reverse direction of packed
+input, are read by the kernels from two sources (the previous step's rows, h0 / c0).
 
 The 4H-wide buffers are gate-interleaved (see kernels/triton/lstm.py): the weights are
 permuted once per call (interleave_perm), the gate gradients un-permuted once after the
@@ -25,8 +31,9 @@ Tensors must be on CUDA, or on the CPU when triton runs its interpreter
 (TRITON_INTERPRET=1 in the environment before the process first imports triton) - that
 is how the tests run.
 
-Importing this module raises ImportError when triton is not installed, so
-engine="auto" falls back to another engine.
+Importing this module raises ModuleNotFoundError (name "triton") when triton is not
+installed, so engine="auto" falls back to another engine. engine="auto" itself uses this
+engine only after its kernels pass a self-check on the device (selfcheck.py).
 """
 from __future__ import annotations
 
