@@ -1,13 +1,15 @@
 """`lstmkit bench`: lstmkit against torch.nn.LSTM and ONNX Runtime on CPU.
 
-    python -m lstmkit bench                 # speed table (inference and forward+backward)
+    python -m lstmkit bench                 # speed table at 1 and 2 threads (inference, forward+backward),
+                                            # GFLOP/s vs sgemm, runtime one step vs ONNX Runtime
+    python -m lstmkit bench --extra         # + the sizes beyond the grid (EXTRA_CASES)
     python -m lstmkit bench --memory        # + peak memory of forward+backward, one process per run
     python -m lstmkit bench --startup       # + import time, first forward (warm / cold compile cache)
     python -m lstmkit bench --quick         # fewer repeats
     python -m lstmkit bench --markdown t.md # also write the table as BENCHMARKS.md rows
 
-Every number is a median over repeats, measured in one process with the same thread
-count for everyone (--threads, default 2). Speedup = their time / our time (>1: we win).
+Every number is a median over interleaved rounds, measured in one process with the same thread
+count for everyone (--threads, default "1,2": both, one after the other). Speedup = their time / our time (>1: we win).
 ONNX Runtime runs a model built here with onnx.helper: one standard ONNX LSTM node per
 layer (gates reordered from torch's i,f,g,o to ONNX's i,o,f,c; biases as [Wb | Rb]).
 """
@@ -23,21 +25,33 @@ import time
 
 from ..config import ENGINE_NAMES
 
-# (T, N, input, hidden, layers, bidirectional) and the targets from issue 3:
-# (fwd vs nn.LSTM, fwd vs ORT, fwd+bwd vs nn.LSTM)
+# (T, N, input, hidden, layers, bidirectional[, "packed"]) and the targets from issue 11:
+# (fwd vs nn.LSTM, fwd vs ORT, fwd+bwd vs nn.LSTM). The packed case: N=16 sequences of lengths
+# drawn uniformly from 1..T, enforce_sorted=False (no ORT model for it).
 CASES = [
-    ((1, 1, 64, 128, 1, False), (10, 3, 3)),
-    ((1, 1, 128, 512, 1, False), (5, 1.5, 2)),
-    ((100, 1, 64, 128, 1, False), (2, 1, 2)),
-    ((1000, 1, 32, 64, 1, False), (2, 1, 2)),
-    ((200, 16, 64, 64, 1, False), (1.5, 1, 1.5)),
-    ((100, 32, 128, 256, 1, False), (1.3, 0.9, 1.2)),
-    ((100, 16, 128, 256, 2, True), (1.3, 0.9, 1.2)),
+    ((1, 1, 64, 128, 1, False), (8, 1, 2)),
+    ((1, 1, 128, 512, 1, False), (4, 1, 2)),
+    ((100, 1, 64, 128, 1, False), (2, 1.2, 1.5)),
+    ((1000, 1, 32, 64, 1, False), (2, 1.2, 1.5)),
+    ((200, 16, 64, 64, 1, False), (1.5, 1.2, 1.5)),
+    ((100, 32, 128, 256, 1, False), (1, 1, 1)),
+    ((100, 16, 128, 256, 2, True), (1, 1, 1)),
+    ((500, 16, 64, 128, 1, False, "packed"), (3, float("nan"), 3)),
+]
+# Sizes users train at beyond the grid (--extra): "no case slower than torch.nn.LSTM".
+EXTRA_CASES = [
+    ((50, 64, 512, 1024, 1, False), (1, float("nan"), 1)),
+    ((20, 128, 256, 2048, 1, False), (1, float("nan"), 1)),
+    ((100, 256, 64, 128, 1, False), (1, float("nan"), 1)),
+    ((2000, 8, 64, 128, 1, False), (1, float("nan"), 1)),
+    ((10000, 1, 64, 128, 1, False), (1, float("nan"), 1)),
 ]
 
 
 def case_name(c) -> str:
-    T, N, I, H, L, bi = c
+    T, N, I, H, L, bi = c[:6]
+    if len(c) > 6:
+        return f"packed 1..{T} N={N} I={I} H={H}"
     return f"T={T} N={N} I={I} H={H}" + (f" L={L}" if L > 1 else "") + (" bidir" if bi else "")
 
 
@@ -125,48 +139,114 @@ def ort_session(model, threads: int):
 
 
 # ---- the speed table -----------------------------------------------------------------------------
-def bench_case(c, threads: int, quick: bool, engine: str):
+def bench_case(c, threads: int, quick: bool, engine: str, ort: bool = True):
     import torch
+    from torch.nn.utils.rnn import pack_padded_sequence
 
     import lstmkit
 
-    T, N, I, H, L, bi = c
+    T, N, I, H, L, bi = c[:6]
+    packed = len(c) > 6
     torch.manual_seed(0)
     ref = torch.nn.LSTM(I, H, L, bidirectional=bi)
     ours = lstmkit.LSTM.from_torch(ref, engine=engine)
     x = torch.randn(T, N, I)
+    lengths = torch.randint(1, T + 1, (N,), generator=torch.Generator().manual_seed(0))
+    make = (lambda t: pack_padded_sequence(t, lengths, enforce_sorted=False)) if packed else (lambda t: t)
     rounds = 5 if quick else 11
     mt = 0.01 if quick else 0.03
     with torch.no_grad():
-        err = (ours(x)[0] - ref(x)[0]).abs().max().item()
+        err = (_data(ours(make(x))[0]) - _data(ref(make(x))[0])).abs().max().item()
     assert err < 1e-4, f"lstmkit and nn.LSTM disagree by {err}"
     fwd = {}
-    try:
-        sess = ort_session(onnx_lstm_model(ref, T, N), threads)
-        xn = x.numpy()
-        with torch.no_grad():
-            err = abs(sess.run(None, {"X": xn})[0] - ref(x)[0].numpy()).max()
-        assert err < 1e-4, f"ONNX Runtime and nn.LSTM disagree by {err}"
-        fwd["fwd_ort"] = lambda: sess.run(None, {"X": xn})
-    except ImportError:
-        pass
+    if ort and not packed:
+        try:
+            sess = ort_session(onnx_lstm_model(ref, T, N), threads)
+            xn = x.numpy()
+            with torch.no_grad():
+                err = abs(sess.run(None, {"X": xn})[0] - ref(x)[0].numpy()).max()
+            assert err < 1e-4, f"ONNX Runtime and nn.LSTM disagree by {err}"
+            fwd["fwd_ort"] = lambda: sess.run(None, {"X": xn})
+        except ImportError:
+            pass
 
     def no_grad(m):
         def f():
             with torch.no_grad():
-                m(x)
+                m(make(x))
         return f
 
     fwd["fwd_ours"], fwd["fwd_torch"] = no_grad(ours), no_grad(ref)
     res = {"fwd_ort": float("nan"), **compare(fwd, mt, rounds)}
+    xg = x.clone().requires_grad_(True)
 
     def train_step(m):
         def f():
-            y, (h, c) = m(x)
-            y.sum().backward()
+            y, (h, c) = m(make(xg))
+            _data(y).sum().backward()
         return f
 
     res.update(compare({"fb_ours": train_step(ours), "fb_torch": train_step(ref)}, mt, rounds))
+    return res
+
+
+def _data(y):
+    return y.data if hasattr(y, "batch_sizes") else y
+
+
+def gflops_vs_sgemm(quick: bool) -> dict:
+    """At T=100 N=32 I=128 H=256, 1 thread: our forward's GFLOP/s (2 T N (I+H) 4H flops) against a
+    plain sgemm of the same total shape, (T N, I+H) @ (I+H, 4H), in torch (MKL/OpenBLAS)."""
+    import torch
+
+    import lstmkit
+
+    torch.set_num_threads(1)
+    T, N, I, H = 100, 32, 128, 256
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(I, H)
+    x = torch.randn(T, N, I)
+    a, b = torch.randn(T * N, I + H), torch.randn(I + H, 4 * H)
+
+    def ours():
+        with torch.no_grad():
+            m(x)
+
+    t = compare({"ours": ours, "sgemm": lambda: torch.mm(a, b)}, 0.01 if quick else 0.03, 5 if quick else 11)
+    flops = 2 * T * N * (I + H) * 4 * H
+    res = {"ours_gflops": flops / t["ours"] / 1e9, "sgemm_gflops": flops / t["sgemm"] / 1e9}
+    res["ratio"] = res["ours_gflops"] / res["sgemm_gflops"]
+    print(f"# T=100 N=32 I=128 H=256 forward, 1 thread: {res['ours_gflops']:.1f} GFLOP/s vs sgemm "
+          f"{res['sgemm_gflops']:.1f} GFLOP/s = {res['ratio']:.0%} (target >= 85%)")
+    return res
+
+
+def runtime_vs_ort(quick: bool) -> dict:
+    """The torch-free runtime's one step (1, 1, 64, 128), 1 thread, state fed back, vs ONNX Runtime."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    import lstmkit
+    from lstmkit.runtime import Runtime
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(64, 128)
+    m = lstmkit.LSTM.from_torch(ref)
+    rt = Runtime(dataclasses.replace(m.config), {n: p.detach().numpy().copy() for n, p in m.named_parameters()})
+    x = np.random.default_rng(0).standard_normal((1, 1, 64)).astype(np.float32)
+    state = [rt(x)[1]]
+
+    def step():
+        state[0] = rt(x, state[0])[1]
+
+    sess = ort_session(onnx_lstm_model(ref, 1, 1), 1)
+    t = compare({"runtime": step, "ort": lambda: sess.run(None, {"X": x})}, 0.01 if quick else 0.03, 5 if quick else 11)
+    res = {"runtime_us": t["runtime"] * 1e6, "ort_us": t["ort"] * 1e6, "speedup": t["ort"] / t["runtime"]}
+    print(f"# runtime one step 1,1,64,128, 1 thread: {res['runtime_us']:.1f} us vs ORT {res['ort_us']:.1f} us "
+          f"= {res['speedup']:.2f}x (target >= 2x)")
     return res
 
 
@@ -192,48 +272,63 @@ def machine() -> str:
             f"numba {numba.__version__}, onnxruntime {ortv}")
 
 
-def speed_table(threads: int, quick: bool, engine: str, only=None) -> list[dict]:
+def speed_table(threads: int, quick: bool, engine: str, only=None, cases=CASES, ort=True) -> list[dict]:
     import torch
 
     torch.set_num_threads(threads)
-    print(f"# lstmkit bench, {threads} threads; {machine()}")
+    print(f"\n# lstmkit bench, {threads} thread(s); {machine()}; load average {load_average()}")
     print("# times: median per call (ms); speedup = their time / ours (target in brackets)")
     hdr = f"{'case':<32} {'ours':>8} {'torch':>8} {'ORT':>8} {'vs torch':>13} {'vs ORT':>13} | {'ours':>8} {'torch':>8} {'fwd+bwd vs torch':>17}"
     print(f"{'':<32} {'---------------- inference ----------------':^66} | {'------ forward+backward ------':^36}")
     print(hdr)
     rows = []
-    for k, (c, tgt) in enumerate(CASES):
+    for k, (c, tgt) in enumerate(cases):
         if only is not None and k not in only:
             continue
-        r = bench_case(c, threads, quick, engine)
+        r = bench_case(c, threads, quick, engine, ort)
         s1, s2, s3 = r["fwd_torch"] / r["fwd_ours"], r["fwd_ort"] / r["fwd_ours"], r["fb_torch"] / r["fb_ours"]
         ms = lambda v: f"{v * 1e3:8.3f}"  # noqa: E731
         sp = lambda s, t: f"{s:5.2f}x [{t:g}x]" + ("*" if s < t else " ")  # noqa: E731
         print(f"{case_name(c):<32} {ms(r['fwd_ours'])} {ms(r['fwd_torch'])} {ms(r['fwd_ort'])} "
               f"{sp(s1, tgt[0]):>13} {sp(s2, tgt[1]):>13} | {ms(r['fb_ours'])} {ms(r['fb_torch'])} {sp(s3, tgt[2]):>17}",
               flush=True)
-        rows.append(dict(case=case_name(c), **r, targets=tgt))
+        rows.append(dict(case=case_name(c), **r, targets=tgt, threads=threads))
     print("# * = below target")
     return rows
 
 
-def markdown_table(rows: list[dict], threads: int) -> str:
-    """The speed table in the layout of BENCHMARKS.md's CPU section."""
+def load_average() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def markdown_table(rows: list[dict], extras: dict) -> str:
+    """The speed table (every thread count) in the layout of BENCHMARKS.md's CPU section."""
     lines = [
-        f"{threads} thread(s) each; {machine()}",
+        f"{machine()}; load average at the end {load_average()}",
         "",
-        "| case: T, N, input, hidden | ours ms | torch ms | ORT ms | fwd vs nn.LSTM | fwd vs ORT "
+        "| case: T, N, input, hidden | thr | ours ms | torch ms | ORT ms | fwd vs nn.LSTM | fwd vs ORT "
         "| fwd+bwd ours / torch ms | fwd+bwd vs nn.LSTM |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         t = r["targets"]
         s1, s2, s3 = r["fwd_torch"] / r["fwd_ours"], r["fwd_ort"] / r["fwd_ours"], r["fb_torch"] / r["fb_ours"]
         sp = lambda v, tg: f"{v:.2f}x [{tg:g}x]" + ("*" if v < tg else "")  # noqa: E731
         lines.append(
-            f"| {r['case']} | {r['fwd_ours'] * 1e3:.3f} | {r['fwd_torch'] * 1e3:.3f} | {r['fwd_ort'] * 1e3:.3f} "
+            f"| {r['case']} | {r['threads']} | {r['fwd_ours'] * 1e3:.3f} | {r['fwd_torch'] * 1e3:.3f} | {r['fwd_ort'] * 1e3:.3f} "
             f"| {sp(s1, t[0])} | {sp(s2, t[1])} | {r['fb_ours'] * 1e3:.3f} / {r['fb_torch'] * 1e3:.3f} | {sp(s3, t[2])} |"
         )
+    if "gflops" in extras:
+        g = extras["gflops"]
+        lines.append(f"\nT=100 N=32 I=128 H=256 forward, 1 thread: {g['ours_gflops']:.1f} GFLOP/s, sgemm of the same "
+                     f"shape {g['sgemm_gflops']:.1f} GFLOP/s: {g['ratio']:.0%} (target >= 85%)")
+    if "runtime" in extras:
+        r = extras["runtime"]
+        lines.append(f"\nruntime one step 1,1,64,128, 1 thread: {r['runtime_us']:.1f} us vs ONNX Runtime "
+                     f"{r['ort_us']:.1f} us: {r['speedup']:.2f}x (target >= 2x)")
     return "\n".join(lines) + "\n"
 
 
@@ -252,7 +347,7 @@ def memory_child(case_index: int, impl: str, threads: int) -> dict:
     import lstmkit
 
     torch.set_num_threads(threads)
-    T, N, I, H, L, bi = CASES[case_index][0]
+    T, N, I, H, L, bi = CASES[case_index][0][:6]
     torch.manual_seed(0)
 
     def make(T, N):
@@ -335,7 +430,8 @@ def startup(threads: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lstmkit bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=str, default="1,2", help="thread counts, comma-separated (default 1,2)")
+    ap.add_argument("--extra", action="store_true", help="also the sizes beyond the grid (EXTRA_CASES)")
     ap.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
     ap.add_argument("--memory", action="store_true", help="also measure peak memory of forward+backward")
     ap.add_argument("--startup", action="store_true", help="also measure import and first-call times")
@@ -345,23 +441,30 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", type=str, default=None, help="write the speed table as markdown (BENCHMARKS.md rows)")
     ap.add_argument("--memory-child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    threads = [int(t) for t in a.threads.split(",")]
     if a.memory_child:
-        print(json.dumps(memory_child(int(a.memory_child[0]), a.memory_child[1], a.threads)))
+        print(json.dumps(memory_child(int(a.memory_child[0]), a.memory_child[1], threads[0])))
         return 0
     only = None if a.cases is None else {int(k) for k in a.cases.split(",")}
-    out = {"speed": speed_table(a.threads, a.quick, a.engine, only)}
+    out = {"speed": [], "extras": {}}
+    for n in threads:
+        out["speed"] += speed_table(n, a.quick, a.engine, only)
+        if a.extra:
+            out["speed"] += speed_table(n, True, a.engine, None, EXTRA_CASES, ort=False)
+    if only is None:
+        out["extras"]["gflops"] = gflops_vs_sgemm(a.quick)
+        try:
+            out["extras"]["runtime"] = runtime_vs_ort(a.quick)
+        except ImportError:
+            pass
     if a.memory:
-        out["memory"] = memory_table(a.threads)
+        out["memory"] = memory_table(threads[-1])
     if a.startup:
-        out["startup"] = startup(a.threads)
+        out["startup"] = startup(threads[-1])
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
     if a.markdown:
         with open(a.markdown, "w") as f:
-            f.write(markdown_table(out["speed"], a.threads))
+            f.write(markdown_table(out["speed"], out["extras"]))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -195,9 +195,10 @@ def gate_backward_row(a, cell, cprev, dh, dc, dg, hpre, want_hpre):
 
 # ---- forward ---------------------------------------------------------------------------------------
 @njit(**KW)
-def forward_chunk(x, batch_sizes, off, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save, r0, r1):
+def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save, r0, r1):
     """The whole time loop of rows r0:r1 (see forward_core for the arguments)."""
     T = batch_sizes.shape[0]
+    off = offsets(batch_sizes)
     I = x.shape[1]
     H = c.shape[1]
     P = h.shape[1]
@@ -244,16 +245,16 @@ def forward_core(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cel
     y (total, P) out; h, c (B, P), (B, H) out: h_n, c_n; cells (total, H) out: c_t of every
     row, written only when save (else may be (0, H)); bounds from chunk_bounds: one chunk per
     thread, each running forward_chunk (see run_chunks)."""
-    off = offsets(batch_sizes)
-    run_chunks(forward_chunk, bounds, x, batch_sizes, off, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save)
+    run_chunks(forward_chunk, bounds, x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save)
 
 
 # ---- backward --------------------------------------------------------------------------------------
 @njit(**KW)
-def backward_chunk(x, batch_sizes, off, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
+def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
                    dx, dgates, h_prev, dh_all, hpre_all, r0, r1):
     """BPTT over rows r0:r1 (see backward_core for the arguments)."""
     T = batch_sizes.shape[0]
+    off = offsets(batch_sizes)
     I = x.shape[1]
     H = dc.shape[1]
     P = dh.shape[1]
@@ -308,8 +309,7 @@ def backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy
     left alone once its sequence is done). Out: dx (total, I), dgates (total, 4H) dL/d
     pre-activations, h_prev (total, P) h_{t-1} of every row, and with a projection dh_all
     (total, P) dL/dh_t and hpre_all (total, H) the projection's input (else (0, P), (0, H))."""
-    off = offsets(batch_sizes)
-    run_chunks(backward_chunk, bounds, x, batch_sizes, off, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
+    run_chunks(backward_chunk, bounds, x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
                dx, dgates, h_prev, dh_all, hpre_all)
 
 

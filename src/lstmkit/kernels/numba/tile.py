@@ -29,18 +29,8 @@ KW = dict(cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"}, er
 
 
 def _lanes_of(dtype) -> int:
+    """V, the packed column-block width (pack() uses the same rule on numpy dtypes)."""
     return 32 if dtype == types.float32 else 16
-
-
-@intrinsic
-def lanes(typingctx, a):
-    """V, the packed column-block width for a's dtype (a compile-time constant)."""
-    width = _lanes_of(a.dtype)
-
-    def codegen(context, builder, signature, args):
-        return ir.Constant(ir.IntType(64), width)
-
-    return types.int64(a), codegen
 
 
 def _as_i64(builder, v):
@@ -133,26 +123,17 @@ tile4 = _make_tile(4)
 tile1 = _make_tile(1)
 
 
-@njit(**KW)
 def pack(w, transposed):
     """W laid out for matmul: (nb, K, V) with wp[b, k, j] = W[k, b*V + j], zero-padded.
-    W is w (K, G) as given, or w.T when transposed (w (G, K), e.g. torch's (4H, I) weights)."""
-    V = lanes(w)
-    K, G = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+    W is w (K, G) as given, or w.T when transposed (w (G, K), e.g. torch's (4H, I) weights).
+    numpy copies only (no compiled code: nothing to compile at the first call)."""
+    V = 32 if w.dtype == np.float32 else 16
+    W = w.T if transposed else w
+    K, G = W.shape
     nb = (G + V - 1) // V
-    wp = np.zeros((nb, K, V), w.dtype)
-    for b in range(nb):
-        width = min(V, G - b * V)
-        for k in range(K):
-            dst = wp[b, k]
-            if transposed:
-                for j in range(width):
-                    dst[j] = w[b * V + j, k]
-            else:
-                src = w[k]
-                for j in range(width):
-                    dst[j] = src[b * V + j]
-    return wp
+    padded = np.zeros((K, nb * V), w.dtype)
+    padded[:, :G] = W
+    return np.ascontiguousarray(padded.reshape(K, nb, V).transpose(1, 0, 2))
 
 
 @njit(**KW)
