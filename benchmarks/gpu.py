@@ -9,8 +9,13 @@
 On the lent GPU machine (Python 3.12, torch 2.11, Triton 3.6, numba/scipy/safetensors/
 threadpoolctl/onnx already installed, no network), from the repository root:
 
-    python -m pip install --no-deps -e .        # lstmkit itself; every dependency is already there
-    python benchmarks/gpu.py --out "$OUT"       # (sys.path also finds ./src without the install)
+    python -m pip install --no-deps --no-build-isolation -e .   # lstmkit itself; the dependencies
+                                                # are there, and without network pip must not try to
+                                                # fetch a build backend (setuptools is installed)
+    python benchmarks/gpu.py --out "$OUT"       # (it finds ./src without the install too)
+    python -m pytest tests/test_triton_engine.py -m gpu -q   # the compiled-kernel test tier
+
+If the install fails, `PYTHONPATH=src` in front of each command does the same.
 
 In one run, in this order, each step written to --out as soon as it is done (a run killed
 at the device's time limit keeps everything before the kill):
