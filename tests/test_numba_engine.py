@@ -377,6 +377,11 @@ def test_every_batch_split_gives_bitwise_the_same_results(lengths, reverse, proj
         y, h, c = reference.lstm_layer(x, args[1], h0, c0, p, reverse)
         for a, w in zip(one[:3], (y, h, c)):
             assert_close(torch.from_numpy(a), w.detach(), TOL[dtype])
+        xs, bs, h0n, c0n, w_ih, w_hh, b, w_hr = args
+        for chunks in (1, 2):  # the input projection as one GEMM before the loop
+            pre = lstm_forward(xs, bs, h0n, c0n, w_ih, w_hh, b, w_hr, reverse, chunks=chunks, precompute=True)
+            for a, w in zip(pre, (y, h, c)):
+                assert_close(torch.from_numpy(a), w.detach(), TOL[dtype])
 
 
 @given(

@@ -85,6 +85,10 @@ def chunks_for(batch: int, macs: int) -> int:
     return kernel_chunks_for(batch, macs, torch.get_num_threads())
 
 
+# With fewer rows than this, one GEMM for the input projection does not pay for its call.
+PRECOMPUTE_MIN_ROWS = 8
+
+
 def _bounds(batch_sizes, I, H, P):
     total = sum(batch_sizes)
     return chunk_bounds(batch_sizes, chunks_for(batch_sizes[0], total * (I + P) * 4 * H))
@@ -156,8 +160,14 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     h_n = np.empty((B, P), dt)
     c_n = np.empty((B, H), dt)
     bsz = np.asarray(batch_sizes, dtype=np.int64)
-    forward_core(xn, bsz, h0n, c0n, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save),
-                 _bounds(batch_sizes, I, H, P))
+    bounds = _bounds(batch_sizes, I, H, P)
+    xproj = None
+    if bounds.shape[0] == 2 and total >= PRECOMPUTE_MIN_ROWS:
+        # One chunk holds every row: x W_ih^T + b of all steps as one GEMM (torch's), where the
+        # per-step product would re-read W_ih for every step's few rows.
+        w_ih = p.w_ih.detach()
+        xproj = torch.addmm(torch.from_numpy(b), torch.from_numpy(xn), w_ih.t()).numpy()
+    forward_core(xn, bsz, h0n, c0n, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save), bounds, xproj)
     return y, h_n, c_n, acts, cells
 
 

@@ -14,17 +14,17 @@ the torch-free runtime:
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh,
                                                         w_hr, reverse, y, saved, dy, dh_n, dc_n)
 
-forward_core / backward_core are the compiled kernels that write into preallocated
-arrays (no conversions, for hot paths; all arrays C-contiguous, one dtype):
+forward_core / backward_core run the compiled time loops on preallocated arrays (no
+conversions, for hot paths; all arrays C-contiguous, one dtype), on weights laid out once
+by pack_forward / pack_backward, the batch rows split into chunk_bounds(batch_sizes, n)
+chunks that run on n threads at once:
 
-    forward_core(x, batch_sizes(int64), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                 acts (total, 4H), y (total, P), h (B, P), c (B, H), cells (total or 0, H), save)
-        b_ih/b_hh: zeros for no bias; w_hr: (0, H) for no projection; on return h, c = h_n, c_n
-        and acts holds the gate activations; cells is written only when save.
-    backward_core(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, acts, cells, y,
-                  dy, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
+    forward_core(x, batch_sizes(int64), h0, c0, wp, b, wpr, reverse,
+                 acts (total or 0, 4H), y (total, P), h (B, P), c (B, H), cells (total or 0, H), save, bounds)
+    backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
+                  dx, dgates, h_prev, dh_all, hpre_all, bounds)   # then weight_gradients(...)
 
-See kernels/lstm.py.
+See kernels/numba/lstm.py (the loops) and tile.py (the per-step product).
 """
 from .lstm import backward_core, forward_core, lstm_backward, lstm_forward
 

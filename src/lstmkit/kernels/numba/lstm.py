@@ -195,7 +195,7 @@ def gate_backward_row(a, cell, cprev, dh, dc, dg, hpre, want_hpre):
 
 # ---- forward ---------------------------------------------------------------------------------------
 @njit(**KW)
-def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save, r0, r1):
+def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, reverse, acts, y, h, c, cells, save, r0, r1):
     """The whole time loop of rows r0:r1 (see forward_core for the arguments)."""
     T = batch_sizes.shape[0]
     off = offsets(batch_sizes)
@@ -205,6 +205,8 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, ce
     m = r1 - r0
     dt = x.dtype
     has_proj = wpr.shape[0] > 0
+    pre = xproj.shape[0] > 0  # x W_ih^T + b of every row given: the step multiplies by W_hh only
+    wp_hh = wp[:, I:]
     xh = np.empty((m, I + P), dt)  # [x_t | h_{t-1}] of the chunk's rows: the product's input
     q = np.empty((m, padded_width(wp)), dt)
     hp = np.empty((m if has_proj else 0, H), dt)  # h before the projection
@@ -221,11 +223,14 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, ce
         if n <= 0:
             continue
         o = off[t] + r0
-        xh[:n, :I] = x[o : o + n]
-        matmul(xh, n, wp, q)
+        if pre:
+            matmul(xh[:, I:], n, wp_hh, q)  # (n, P) @ (P, 4H)
+        else:
+            xh[:n, :I] = x[o : o + n]
+            matmul(xh, n, wp, q)  # (n, I + P) @ (I + P, 4H)
         for i in range(n):
             a = acts[o + i] if save else scratch[i]
-            gate_row(q[i], b, a, c[r0 + i], hp[i] if has_proj else xh[i, I:])
+            gate_row(q[i], xproj[o + i] if pre else b, a, c[r0 + i], hp[i] if has_proj else xh[i, I:])
             if save:
                 cells[o + i] = c[r0 + i]
         if has_proj:
@@ -237,15 +242,19 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, ce
         h[r0 + i] = xh[i, I:]
 
 
-def forward_core(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save, bounds):
+def forward_core(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save, bounds, xproj=None):
     """The forward pass into preallocated arrays (all C-contiguous, one dtype).
 
     batch_sizes int64; wp, wpr from pack_forward; b (4H,) = b_ih + b_hh (zeros for no bias);
     acts (total, 4H) out: the gate activations, written only when save (else may be (0, 4H));
     y (total, P) out; h, c (B, P), (B, H) out: h_n, c_n; cells (total, H) out: c_t of every
     row, written only when save (else may be (0, H)); bounds from chunk_bounds: one chunk per
-    thread, each running forward_chunk (see run_chunks)."""
-    run_chunks(forward_chunk, bounds, x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save)
+    thread, each running forward_chunk (see run_chunks). xproj (total, 4H), optional: x W_ih^T + b
+    of every row, computed by the caller as one big GEMM (worth it when one chunk holds every
+    row: the steps then multiply h by W_hh alone, with no x part)."""
+    if xproj is None:
+        xproj = np.empty((0, b.shape[0]), b.dtype)
+    run_chunks(forward_chunk, bounds, x, batch_sizes, h0, c0, wp, b, wpr, xproj, reverse, acts, y, h, c, cells, save)
 
 
 # ---- backward --------------------------------------------------------------------------------------
@@ -337,13 +346,15 @@ def _check(x, h0, c0, w_ih, w_hh):
         raise ValueError(f"shape mismatch: h0 {h0.shape}, c0 {c0.shape}, w_hh {w_hh.shape}")
 
 
-def lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b=None, w_hr=None, reverse=False, save=False, chunks=1):
+def lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b=None, w_hr=None, reverse=False, save=False, chunks=1,
+                 precompute=False):
     """One LSTM layer-direction over packed data, numpy in and out.
 
     x (total, I); batch_sizes: ints, non-increasing, sum == total (padded data of N
     sequences: [N] * T); h0 (B, P); c0 (B, H); w_ih (4H, I); w_hh (4H, P);
     b (4H,) = b_ih + b_hh or None; w_hr (P, H) or None; gate order i, f, g, o.
     All float arrays share x's dtype (float32 or float64). chunks: row chunks run in parallel.
+    precompute: x W_ih^T + b of all rows as one GEMM before the loop (see forward_core).
 
     Returns (y, h_n, c_n): y (total, P); h_n (B, P), c_n (B, H) each sequence's state after
     its own last step (forward) or after step 0 (reverse=True, time runs backwards).
@@ -366,8 +377,9 @@ def lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b=None, w_hr=None, reverse=
     h_n = np.empty_like(h0)
     c_n = np.empty_like(c0)
     if total:
+        xproj = np.dot(x, w_ih.T) + b if precompute else None
         forward_core(x, bsz, h0, c0, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save),
-                     chunk_bounds(bsz, chunks))
+                     chunk_bounds(bsz, chunks), xproj)
     else:
         h_n[:], c_n[:] = h0, c0
     if save:

@@ -66,7 +66,10 @@ def _make_tile(R: int):
                 row = builder.add(row0, c(r))
                 row = builder.select(builder.icmp_signed("<", row, nrows), row, last)
                 a_rows.append(builder.gep(arr_a.data, [builder.mul(row, a_stride)]))
-            w_base = builder.gep(arr_w.data, [builder.mul(builder.mul(block, K), c(V))])
+            w_strides = cgutils.unpack_tuple(builder, arr_w.strides)  # bytes; a slice wp[:, k0:] keeps them
+            w_block = builder.sdiv(w_strides[0], c(esize))
+            w_row = builder.sdiv(w_strides[1], c(esize))
+            w_base = builder.gep(arr_w.data, [builder.mul(block, w_block)])
             name = f"llvm.fmuladd.v{V}{'f32' if esize == 4 else 'f64'}"
             fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), name)
             zero = ir.Constant(vt, [ir.Constant(ft, 0.0)] * V)
@@ -85,7 +88,7 @@ def _make_tile(R: int):
                 p = builder.phi(vt)
                 p.add_incoming(zero, entry)
                 acc.append(p)
-            w_ptr = builder.bitcast(builder.gep(w_base, [builder.mul(k, c(V))]), vt.as_pointer())
+            w_ptr = builder.bitcast(builder.gep(w_base, [builder.mul(k, w_row)]), vt.as_pointer())
             w = builder.load(w_ptr, align=esize)
             new = []
             for r in range(R):
@@ -145,7 +148,8 @@ def padded_width(wp):
 @njit(**KW)
 def matmul(a, n, wp, out):
     """out[:n, :padded_width(wp)] = a[:n] @ W. a (>= n, K) rows with unit inner stride;
-    out (>= n, >= padded_width) likewise. For each column block, all row tiles run while
+    out (>= n, >= padded_width) likewise; wp packed, or a slice wp[:, k0:k1] of it (the
+    product with rows k0:k1 of W). For each column block, all row tiles run while
     its K x V panel of W stays in L1."""
     nb = wp.shape[0]
     if n == 1:
