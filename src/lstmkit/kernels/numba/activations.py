@@ -67,7 +67,9 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-@overload(tanh, inline="always")
+# Not inline="always": inlining at Numba's IR level recompiled them at every call site
+# (seconds of the cold start); LLVM inlines the compiled function into the loops anyway.
+@overload(tanh)
 def _tanh_impl(x):
     if x == types.float32:
         def impl(x):
@@ -81,7 +83,7 @@ def _tanh_impl(x):
     return lambda x: np.tanh(x)
 
 
-@overload(sigmoid, inline="always")
+@overload(sigmoid)
 def _sigmoid_impl(x):
     if x == types.float32:
         def impl(x):
