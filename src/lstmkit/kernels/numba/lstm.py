@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
-from .tile import matmul, pack, padded_width
+from .tile import matmul, pack, pack2, padded_width
 
 # Fast-math without 'nnan'/'ninf': LLVM may reassociate and contract (FMA), which SIMD
 # reductions need, but must keep inf semantics (the float64 sigmoid relies on
@@ -64,17 +64,16 @@ def recurrent_layout(w_hh, T):
 
 # ---- weights, laid out once per call ------------------------------------------------------------
 def pack_forward(w_ih, w_hh, w_hr=None):
-    """(wp, wpr): [W_ih | W_hh]^T and W_hr^T packed for tile.matmul (wpr empty without projection)."""
-    w_cat = np.ascontiguousarray(np.concatenate((w_ih, w_hh), axis=1))  # (4H, I + P)
-    wpr = pack(np.ascontiguousarray(w_hr), True) if w_hr is not None and w_hr.shape[0] else no_projection(w_cat)
-    return pack(w_cat, True), wpr
+    """(wp, wpr): [W_ih | W_hh]^T and W_hr^T packed for tile.matmul (wpr empty without projection).
+    All C-contiguous, one dtype."""
+    wpr = pack(w_hr, True) if w_hr is not None and w_hr.shape[0] else no_projection(w_ih)
+    return pack2(w_ih, w_hh, True), wpr
 
 
 def pack_backward(w_ih, w_hh, w_hr=None):
     """(wpb, wprb): [W_ih | W_hh] (4H, I + P) and W_hr (P, H) packed for tile.matmul."""
-    w_cat = np.ascontiguousarray(np.concatenate((w_ih, w_hh), axis=1))
-    wprb = pack(np.ascontiguousarray(w_hr), False) if w_hr is not None and w_hr.shape[0] else no_projection(w_cat)
-    return pack(w_cat, False), wprb
+    wprb = pack(w_hr, False) if w_hr is not None and w_hr.shape[0] else no_projection(w_ih)
+    return pack2(w_ih, w_hh, False), wprb
 
 
 def no_projection(like):

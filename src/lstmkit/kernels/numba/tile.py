@@ -29,8 +29,19 @@ KW = dict(cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"}, er
 
 
 def _lanes_of(dtype) -> int:
-    """V, the packed column-block width (pack() uses the same rule on numpy dtypes)."""
+    """V, the packed column-block width."""
     return 32 if dtype == types.float32 else 16
+
+
+@intrinsic
+def _lanes_array(typingctx, a):
+    """V for array a's dtype, as a compile-time constant."""
+    width = _lanes_of(a.dtype)
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.IntType(64), width)
+
+    return types.int64(a), codegen
 
 
 def _as_i64(builder, v):
@@ -128,15 +139,39 @@ tile1 = _make_tile(1)
 
 def pack(w, transposed):
     """W laid out for matmul: (nb, K, V) with wp[b, k, j] = W[k, b*V + j], zero-padded.
-    W is w (K, G) as given, or w.T when transposed (w (G, K), e.g. torch's (4H, I) weights).
-    numpy copies only (no compiled code: nothing to compile at the first call)."""
-    V = 32 if w.dtype == np.float32 else 16
-    W = w.T if transposed else w
-    K, G = W.shape
+    W is w (K, G) as given, or w.T when transposed (w (G, K), e.g. torch's (4H, I) weights)."""
+    return pack2(w, w[:, :0], transposed)
+
+
+@njit(**KW)
+def pack2(w1, w2, transposed):
+    """pack() of two matrices side by side, with no concatenated copy in between:
+    transposed: W = [w1 | w2]^T, w1 (G, K1), w2 (G, K2), K = K1 + K2 (the forward weights);
+    else:       W = [w1 | w2],   w1 (K, G1), w2 (K, G2), G = G1 + G2 (the backward weights)."""
+    V = _lanes_array(w1)
+    if transposed:
+        G, K1, K = w1.shape[0], w1.shape[1], w1.shape[1] + w2.shape[1]
+    else:
+        G, K1, K = w1.shape[1] + w2.shape[1], w1.shape[1], w1.shape[0]
     nb = (G + V - 1) // V
-    padded = np.zeros((K, nb * V), w.dtype)
-    padded[:, :G] = W
-    return np.ascontiguousarray(padded.reshape(K, nb, V).transpose(1, 0, 2))
+    wp = np.zeros((nb, K, V), w1.dtype)
+    for b in range(nb):
+        width = min(V, G - b * V)
+        if transposed:
+            # A (V x KB) tile of the source rows at a time: its panel of wp stays in L1.
+            for k0 in range(0, K, 64):
+                k1 = min(K, k0 + 64)
+                for j in range(width):
+                    g = b * V + j
+                    for k in range(k0, k1):
+                        wp[b, k, j] = w1[g, k] if k < K1 else w2[g, k - K1]
+        else:
+            for k in range(K):
+                dst = wp[b, k]
+                for j in range(width):
+                    g = b * V + j
+                    dst[j] = w1[k, g] if g < K1 else w2[k, g - K1]
+    return wp
 
 
 @njit(**KW)
