@@ -137,6 +137,19 @@ def run_chunks(fn, bounds, *args):
         f.result()
 
 
+@njit(**KW)
+def copy_into(dst, src):
+    """dst[:] = src for rows known not to overlap (slice assignment checks for overlap each time)."""
+    for k in range(dst.shape[0]):
+        dst[k] = src[k]
+
+
+@njit(**KW)
+def add_into(dst, src):
+    for k in range(dst.shape[0]):
+        dst[k] += src[k]
+
+
 # ---- the fused gate passes -----------------------------------------------------------------------
 @njit(**KW)
 def gate_row(q, b, a, c, h):
@@ -214,8 +227,8 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, reverse, acts, y, h
     # place into q, the gate loop's arrays would overlap and LLVM would leave it scalar.
     scratch = np.empty((0 if save else m, 4 * H), dt)
     for i in range(m):
-        xh[i, I:] = h0[r0 + i]
-        c[r0 + i] = c0[r0 + i]
+        copy_into(xh[i, I:], h0[r0 + i])
+        copy_into(c[r0 + i], c0[r0 + i])
     for s in range(T):
         t = T - 1 - s if reverse else s
         n = min(r1, batch_sizes[t]) - r0
@@ -225,20 +238,22 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, reverse, acts, y, h
         if pre:
             matmul(xh[:, I:], n, wp_hh, q)  # (n, P) @ (P, 4H)
         else:
-            xh[:n, :I] = x[o : o + n]
+            for i in range(n):
+                copy_into(xh[i, :I], x[o + i])
             matmul(xh, n, wp, q)  # (n, I + P) @ (I + P, 4H)
         for i in range(n):
             a = acts[o + i] if save else scratch[i]
             gate_row(q[i], xproj[o + i] if pre else b, a, c[r0 + i], hp[i] if has_proj else xh[i, I:])
             if save:
-                cells[o + i] = c[r0 + i]
+                copy_into(cells[o + i], c[r0 + i])
         if has_proj:
             matmul(hp, n, wpr, qp)
             for i in range(n):
-                xh[i, I:] = qp[i, :P]
-        y[o : o + n] = xh[:n, I:]
+                copy_into(xh[i, I:], qp[i, :P])
+        for i in range(n):
+            copy_into(y[o + i], xh[i, I:])
     for i in range(m):
-        h[r0 + i] = xh[i, I:]
+        copy_into(h[r0 + i], xh[i, I:])
 
 
 def forward_core(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save, bounds, xproj=None):
@@ -287,24 +302,25 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, d
             n_prev = n if tp >= 0 else 0
         n_prev = max(n_prev, 0)
         p0 = off[tp] + r0 if n_prev > 0 else 0
-        for i in range(n):
-            dh[r0 + i] += dy[o + i]  # carried + this step's output gradient
+        for i in range(n):  # carried + this step's output gradient (a loop: `+=` on a row allocates)
+            add_into(dh[r0 + i], dy[o + i])
         if has_proj:
-            dh_all[o : o + n] = dh[r0 : r0 + n]
+            for i in range(n):
+                copy_into(dh_all[o + i], dh[r0 + i])
             matmul(dh[r0:], n, wprb, dhp)  # (n, P) @ (P, H)
         for i in range(n):
             if i < n_prev:
                 cprev = cells[p0 + i]
-                h_prev[o + i] = y[p0 + i]
+                copy_into(h_prev[o + i], y[p0 + i])
             else:  # the row starts here: its previous state is h0, c0
                 cprev = c0[r0 + i]
-                h_prev[o + i] = h0[r0 + i]
+                copy_into(h_prev[o + i], h0[r0 + i])
             gate_backward_row(acts[o + i], cells[o + i], cprev, dhp[i, :H] if has_proj else dh[r0 + i],
                               dc[r0 + i], dgates[o + i], hpre_all[o + i] if has_proj else no_hpre, has_proj)
         matmul(dgates[o:], n, wpb, qb)  # (n, 4H) @ (4H, I + P)
         for i in range(n):
-            dx[o + i] = qb[i, :I]
-            dh[r0 + i] = qb[i, I : I + P]
+            copy_into(dx[o + i], qb[i, :I])
+            copy_into(dh[r0 + i], qb[i, I : I + P])
 
 
 def backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
