@@ -21,7 +21,7 @@ from lstmkit.engines.base import LayerParams
 from lstmkit.kernels.numba import lstm_backward, lstm_forward
 from lstmkit.kernels.numba.activations import _P, _Q, _pade_coefficients
 
-from harness import TOL, assert_close
+from harness import TOL, assert_close, pair, run_differential
 
 
 # ---- one layer-direction: numpy kernels vs the reference engine --------------------------------------
@@ -88,35 +88,19 @@ def test_kernel_rejects_bad_dtype_and_shapes():
 
 # ---- the torch engine: numba vs reference vs torch.nn.LSTM, three ways -------------------------------
 def three_way(cfg, dtype, make_x, hx=False, seed=0):
-    torch.manual_seed(seed)
-    ref = nn.LSTM(**cfg, dtype=dtype)
-    mods = [ref, lstmkit.LSTM.from_torch(ref, engine="numba"), lstmkit.LSTM.from_torch(ref, engine="reference")]
-    D, L = (2 if cfg.get("bidirectional") else 1), cfg.get("num_layers", 1)
-    results = []
-    for m in mods:
+    """The numba engine against torch.nn.LSTM and against the reference engine, through the
+    shared harness: outputs and the gradients of h0, c0 and every parameter."""
+    ref, ours = pair(cfg, "numba", dtype, seed)
+    spec = lstmkit.LSTM.from_torch(ref, engine="reference")
+    state = None
+    if hx:
         x = make_x()
-        state = None
-        if hx:
-            g = torch.Generator().manual_seed(seed + 7)
-            N = x.batch_sizes[0].item() if hasattr(x, "batch_sizes") else x.shape[1]
-            P = cfg.get("proj_size") or cfg["hidden_size"]
-            state = (torch.randn(D * L, N, P, generator=g, dtype=dtype).requires_grad_(True),
-                     torch.randn(D * L, N, cfg["hidden_size"], generator=g, dtype=dtype).requires_grad_(True))
-        y, (h, c) = m(x, state)
-        y = y.data if hasattr(y, "batch_sizes") else y
-        g = torch.Generator().manual_seed(seed + 3)
-        loss = sum((t * torch.randn(t.shape, generator=g, dtype=dtype)).sum() for t in (y, h, c))
-        loss.backward()
-        grads = [p.grad for p in m.parameters()] + ([s.grad for s in state] if state else [])
-        results.append(([y, h, c], grads))
-    tol = TOL[dtype]
-    (o_t, g_t), (o_n, g_n), (o_r, g_r) = results
-    for a, b, r in zip(o_n, o_t, o_r):
-        assert_close(a, b, tol, "numba vs torch")
-        assert_close(a, r, tol, "numba vs reference")
-    for a, b, r in zip(g_n, g_t, g_r):
-        assert_close(a, b, tol, "grad numba vs torch")
-        assert_close(a, r, tol, "grad numba vs reference")
+        N = x.batch_sizes[0].item() if hasattr(x, "batch_sizes") else x.shape[1]
+        g = torch.Generator().manual_seed(seed + 7)
+        state = tuple(torch.randn(s, generator=g, dtype=dtype) for s in ours.config.state_shapes(N))
+    make = lambda: (make_x(), [])  # noqa: E731  (the input's own gradient is not compared here)
+    run_differential(ref, ours, make, state, seed=seed + 3)
+    run_differential(spec, ours, make, state, seed=seed + 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
