@@ -132,8 +132,7 @@ def ort_session(model, threads: int):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # ORT's pool spin-waits after each run by default, taking a core from whichever contender
-    # the interleaved rounds time next (measured: lstmkit 47 ms after ORT vs 19 ms without the
-    # spin, T=100 N=32, 2 threads). Off, ORT's own times did not change (11.6 vs 11.7 ms).
+    # the interleaved rounds time next; off, ORT's own times do not change (BENCHMARKS.md, "Threads").
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 

@@ -110,8 +110,8 @@ class LSTM(nn.Module):
 
     def layer_params(self, layer: int, direction: int) -> LayerParams:
         sfx = f"_l{layer}{LSTMConfig.suffix(direction)}"
-        # Parameters by plain dict lookup: nn.Module.__getattr__ costs ~0.8 us a name, which
-        # matters for one-step calls; anything else (e.g. a plain tensor attribute) via getattr.
+        # Parameters by plain dict lookup: nn.Module.__getattr__ is slow enough to matter in
+        # one-step calls; anything else (e.g. a plain tensor attribute) via getattr.
         params = self._parameters
         get = lambda n: params[n + sfx] if n + sfx in params else getattr(self, n + sfx, None)  # noqa: E731
         return LayerParams(get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr"))
