@@ -286,8 +286,8 @@ def speed_table(threads: int, quick: bool, engine: str, only=None, cases=CASES, 
             continue
         r = bench_case(c, threads, quick, engine, ort)
         s1, s2, s3 = r["fwd_torch"] / r["fwd_ours"], r["fwd_ort"] / r["fwd_ours"], r["fb_torch"] / r["fb_ours"]
-        ms = lambda v: f"{v * 1e3:8.3f}"  # noqa: E731
-        sp = lambda s, t: f"{s:5.2f}x [{t:g}x]" + ("*" if s < t else " ")  # noqa: E731
+        ms = lambda v: f"{v * 1e3:8.3f}" if v == v else f"{'-':>8}"  # noqa: E731 - nan: not measured
+        sp = lambda s, t: f"{s:5.2f}x [{t:g}x]" + ("*" if s < t else " ") if s == s else "-"  # noqa: E731
         print(f"{case_name(c):<32} {ms(r['fwd_ours'])} {ms(r['fwd_torch'])} {ms(r['fwd_ort'])} "
               f"{sp(s1, tgt[0]):>13} {sp(s2, tgt[1]):>13} | {ms(r['fb_ours'])} {ms(r['fb_torch'])} {sp(s3, tgt[2]):>17}",
               flush=True)
@@ -315,9 +315,10 @@ def markdown_table(rows: list[dict], extras: dict) -> str:
     for r in rows:
         t = r["targets"]
         s1, s2, s3 = r["fwd_torch"] / r["fwd_ours"], r["fwd_ort"] / r["fwd_ours"], r["fb_torch"] / r["fb_ours"]
-        sp = lambda v, tg: f"{v:.2f}x [{tg:g}x]" + ("*" if v < tg else "")  # noqa: E731
+        sp = lambda v, tg: f"{v:.2f}x [{tg:g}x]" + ("*" if v < tg else "") if v == v else "–"  # noqa: E731 - nan: no ORT
+        ort_ms = f"{r['fwd_ort'] * 1e3:.3f}" if r["fwd_ort"] == r["fwd_ort"] else "–"
         lines.append(
-            f"| {r['case']} | {r['threads']} | {r['fwd_ours'] * 1e3:.3f} | {r['fwd_torch'] * 1e3:.3f} | {r['fwd_ort'] * 1e3:.3f} "
+            f"| {r['case']} | {r['threads']} | {r['fwd_ours'] * 1e3:.3f} | {r['fwd_torch'] * 1e3:.3f} | {ort_ms} "
             f"| {sp(s1, t[0])} | {sp(s2, t[1])} | {r['fb_ours'] * 1e3:.3f} / {r['fb_torch'] * 1e3:.3f} | {sp(s3, t[2])} |"
         )
     if "gflops" in extras:
