@@ -130,14 +130,18 @@ def test_two_threads_streaming_on_one_runtime(tmp_path):
 
 
 def test_matches_module_eval_with_training_only_variants(tmp_path):
-    """Recurrent dropout and weight drop are training noise: the runtime equals module.eval()."""
+    """Recurrent dropout and weight drop are training noise: the runtime equals torch.nn.LSTM
+    with the same weights. (Not module.eval() under no_grad: that call runs a Runtime too, so
+    a runtime that mishandled these options would agree with itself.)"""
     torch.manual_seed(0)
     m = lstmkit.LSTM(3, 5, num_layers=2, dropout=0.3, recurrent_dropout=0.2, weight_drop=0.4, forget_bias=1.0).eval()
     lstmkit.save(m, tmp_path / "v.safetensors")
     rt = runtime.load(tmp_path / "v.safetensors")
+    ref = nn.LSTM(3, 5, num_layers=2, dropout=0.3).eval()
+    ref.load_state_dict(m.state_dict(), strict=True)  # these options add no parameters
     x = np.random.default_rng(0).standard_normal((6, 2, 3)).astype(np.float32)
     with torch.no_grad():
-        want, (h, c) = m(torch.from_numpy(x))
+        want, (h, c) = ref(torch.from_numpy(x))
     got, (h2, c2) = rt(x)
     assert_all_close([got, h2, c2], [want, h, c], TOL[torch.float32])
 
