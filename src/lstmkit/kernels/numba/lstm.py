@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
+from .simd import LANES, gate_block, vector_units
 from .tile import matmul, pack, pack2, padded_width
 
 # Fast-math without 'nnan'/'ninf': LLVM may reassociate and contract (FMA), which SIMD
@@ -161,7 +162,10 @@ def gate_row(q, b, a, c, h):
     qi, qf, qg, qo = q[:H], q[H : 2 * H], q[2 * H : 3 * H], q[3 * H : 4 * H]
     bi, bf, bg, bo = b[:H], b[H : 2 * H], b[2 * H : 3 * H], b[3 * H :]
     ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]
-    for j in range(H):
+    j0 = vector_units(q, b, a, c, h)  # float32: blocks of LANES units as explicit vector code (simd.py)
+    for j in range(0, j0, LANES):
+        gate_block(q, b, a, c, h, j)
+    for j in range(j0, H):
         ig = sigmoid(qi[j] + bi[j])
         fg = sigmoid(qf[j] + bf[j])
         gg = tanh(qg[j] + bg[j])

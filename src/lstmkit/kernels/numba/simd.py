@@ -1,0 +1,152 @@
+"""The float32 forward gate pass as explicit vector code (LLVM IR), V units at a time.
+
+    gate_block(q, b, a, c, h, j)     units j : j+V of kernels/lstm.py gate_row
+    vector_units(q, b, a, c, h)      how many of the H units gate_block covers (a multiple of V)
+
+Why not Numba's loop vectoriser: on AVX-512 machines LLVM prefers 256-bit vectors for
+loops it vectorises itself (the CPUs' "prefer-256-bit" tuning), and the gate pass is
+bound by its five divisions per unit (the rational tanh of activations.py, one per gate
+and one for tanh(c)). Written as <16 x float> code it runs on full 512-bit registers, and
+each division becomes a reciprocal estimate (14 bits, rcp14) refined by one Newton step
+(about 28 bits, below float32 rounding) times the numerator: fused multiply-adds instead
+of the divider. Without AVX-512 the block is 8 lanes (AVX2) with exact divisions.
+
+Same math as activations.py, op for op (clamp to [-9, 9], Horner in x^2, clamp to
+[-1, 1]; sigmoid(x) = 1/2 + tanh(x/2)/2); the comparisons are ordered, so NaN flows
+through as NaN. float64 is not vectorised here: vector_units returns 0 and the exact
+scalar loop (np.tanh, exp) does every unit.
+
+Numba's cache keys a compiled function by its own file: after editing this file, touch
+kernels/numba/lstm.py (its caller) or its cached code keeps the old blocks.
+"""
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.extending import intrinsic
+
+from .activations import _CLAMP, _P, _Q
+
+
+def _has_avx512() -> bool:
+    """Whether the CPU Numba compiles for has AVX-512F (NUMBA_CPU_FEATURES, else the host)."""
+    if config.CPU_FEATURES:
+        return "+avx512f" in config.CPU_FEATURES.split(",")
+    import llvmlite.binding as ll
+
+    return bool(ll.get_host_cpu_features().get("avx512f", False))
+
+
+AVX512 = _has_avx512()
+LANES = 16 if AVX512 else 8  # float32 units per block
+
+
+def _vector_ok(*arrays) -> bool:
+    return all(isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == 1 for t in arrays)
+
+
+@intrinsic
+def vector_units(typingctx, q, bias, a, c, h):
+    """How many of the H = len(c) units gate_block covers: H rounded down to a multiple of
+    LANES when every row is float32 with unit stride (checked at run time: a slice such as
+    xh[i, I:] types as layout 'A'), else 0."""
+    ok = _vector_ok(q, bias, a, c, h)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        if not ok:
+            return ir.Constant(i64, 0)
+        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args)]
+        unit = ir.Constant(ir.IntType(1), 1)
+        for arr in arrays:
+            stride = cgutils.unpack_tuple(builder, arr.strides)[0]
+            unit = builder.and_(unit, builder.icmp_signed("==", stride, ir.Constant(i64, 4)))
+        n = cgutils.unpack_tuple(builder, arrays[3].shape)[0]
+        blocks = builder.mul(builder.sdiv(n, ir.Constant(i64, LANES)), ir.Constant(i64, LANES))
+        return builder.select(unit, blocks, ir.Constant(i64, 0))
+
+    return types.int64(q, bias, a, c, h), codegen
+
+
+class _VectorMath:
+    """IR helpers on <LANES x float> values."""
+
+    def __init__(self, builder):
+        self.b = builder
+        self.ft = ir.FloatType()
+        self.vt = ir.VectorType(self.ft, LANES)
+        mod = builder.module
+        self.fma = cgutils.get_or_insert_function(mod, ir.FunctionType(self.vt, [self.vt] * 3), f"llvm.fmuladd.v{LANES}f32")
+        if AVX512:
+            sig = ir.FunctionType(self.vt, [self.vt, self.vt, ir.IntType(16)])
+            self.rcp14 = cgutils.get_or_insert_function(mod, sig, "llvm.x86.avx512.rcp14.ps.512")
+
+    def const(self, v):
+        return ir.Constant(self.vt, [ir.Constant(self.ft, float(v))] * LANES)
+
+    def clamp(self, x, lim):
+        b, lo, hi = self.b, self.const(-lim), self.const(lim)
+        x = b.select(b.fcmp_ordered("<", x, lo), lo, x)
+        return b.select(b.fcmp_ordered(">", x, hi), hi, x)
+
+    def divide(self, num, den):
+        b = self.b
+        if not AVX512:
+            return b.fdiv(num, den)
+        r = b.call(self.rcp14, [den, self.const(0.0), ir.Constant(ir.IntType(16), -1)])
+        e = b.call(self.fma, [b.fneg(den), r, self.const(1.0)])  # 1 - den * r
+        r = b.call(self.fma, [r, e, r])  # r + r * e: one Newton step
+        return b.fmul(num, r)
+
+    def horner(self, coeffs, z):
+        acc = self.const(coeffs[-1])
+        for c in reversed(coeffs[:-1]):
+            acc = self.b.call(self.fma, [z, acc, self.const(c)])
+        return acc
+
+    def tanh(self, x):
+        b = self.b
+        x = self.clamp(x, _CLAMP)
+        z = b.fmul(x, x)
+        r = self.divide(b.fmul(x, self.horner(_P, z)), self.horner(_Q, z))
+        return self.clamp(r, 1.0)
+
+    def sigmoid(self, x):
+        half = self.const(0.5)
+        return self.b.call(self.fma, [half, self.tanh(self.b.fmul(half, x)), half])
+
+
+@intrinsic
+def gate_block(typingctx, q, bias, a, c, h, j):
+    """Units j : j+LANES of gate_row(q, bias, a, c, h): a[gH + j..] = activation of gate g,
+    c[j..] = f * c + i * g, h[j..] = o * tanh(c). Only valid below vector_units(q, H)."""
+    ok = _vector_ok(q, bias, a, c, h)
+    sig = types.void(q, bias, a, c, h, j)
+
+    def codegen(context, builder, signature, args):
+        if not ok:  # float64 or strided rows: never called (vector_units is 0), but must compile
+            return context.get_dummy_value()
+        m = _VectorMath(builder)
+        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:5], args[:5])]
+        i64 = ir.IntType(64)
+        j0 = builder.sext(args[5], i64) if args[5].type.width < 64 else args[5]
+        H = cgutils.unpack_tuple(builder, arrays[3].shape)[0]
+
+        def ptr(arr, offset):
+            return builder.bitcast(builder.gep(arr.data, [offset]), m.vt.as_pointer())
+
+        def gate_offset(g):
+            return builder.add(builder.mul(H, ir.Constant(i64, g)), j0)
+
+        qa, ba, aa, ca, ha = arrays
+        pre = [builder.fadd(builder.load(ptr(qa, gate_offset(g)), align=4), builder.load(ptr(ba, gate_offset(g)), align=4))
+               for g in range(4)]
+        ig, fg, gg, og = m.sigmoid(pre[0]), m.sigmoid(pre[1]), m.tanh(pre[2]), m.sigmoid(pre[3])
+        for g, v in enumerate((ig, fg, gg, og)):
+            builder.store(v, ptr(aa, gate_offset(g)), align=4)
+        c_ptr = ptr(ca, j0)
+        cv = builder.call(m.fma, [fg, builder.load(c_ptr, align=4), builder.fmul(ig, gg)])
+        builder.store(cv, c_ptr, align=4)
+        builder.store(builder.fmul(og, m.tanh(cv)), ptr(ha, j0), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
