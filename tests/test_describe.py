@@ -134,3 +134,32 @@ def test_cli_bad_variant_options(args):
     r = _cli(*args)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_cli_unwritable_plot_is_one_line_exit_1(tmp_path):
+    path = tmp_path / "no_such_dir" / "lstm.svg"
+    r = _cli("4", "8", "--plot", str(path))
+    assert r.returncode == 1 and "total parameters" in r.stdout  # the table is printed before the plot
+    assert r.stderr == f"lstmkit params: error: cannot write {path}: No such file or directory\n"
+
+
+def test_run_guarded_is_the_commands_error_policy(capsys):
+    """Every command's one-line errors and exit codes come from cli.run_guarded."""
+    from lstmkit.cli import CommandError, run_guarded
+
+    def raises(e):
+        def body():
+            raise e
+        return body
+
+    assert run_guarded("lstmkit x", lambda: None) == 0
+    assert run_guarded("lstmkit x", raises(CommandError("cannot read f"))) == 1
+    assert capsys.readouterr().err == "lstmkit x: cannot read f\n"
+    assert run_guarded("lstmkit x", raises(CommandError("error: bad size", status=2))) == 2
+    assert capsys.readouterr().err == "lstmkit x: error: bad size\n"
+    assert run_guarded("lstmkit x", raises(ValueError("bad")), (ValueError,)) == 2
+    assert capsys.readouterr().err == "lstmkit x: error: bad\n"
+    assert run_guarded("lstmkit x", raises(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == "\nlstmkit x: interrupted\n"
+    with pytest.raises(ValueError, match="a bug"):  # not declared the user's: a traceback
+        run_guarded("lstmkit x", raises(ValueError("a bug")))

@@ -26,12 +26,26 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+class CommandError(Exception):
+    """A command's failure that is no bug in lstmkit, worded by the command: run_guarded prints
+    `prog: <message>` as one line and exits with `status` (2: the user's arguments; 1: a file
+    that cannot be read or written, an optional package that is missing)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
 def run_guarded(prog: str, body, user_errors: tuple = ()) -> int:
     """body() -> exit code, under the commands' error policy: an error in the user's input
-    (one of user_errors) prints one line `prog: error: ...` and exits 2; Ctrl-C prints
-    `prog: interrupted` and exits 130; anything else is a bug and raises with its traceback."""
+    (one of user_errors) prints one line `prog: error: ...` and exits 2; a CommandError prints
+    `prog: <its message>` and exits with its status; Ctrl-C prints `prog: interrupted` and
+    exits 130; anything else is a bug and raises with its traceback."""
     try:
         return int(body() or 0)
+    except CommandError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.status
     except user_errors as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

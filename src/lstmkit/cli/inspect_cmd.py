@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from . import CommandError, run_guarded
 from ..interop.inspection import KEYS, InspectError, find_in_file, short_error
 
 
@@ -28,24 +29,22 @@ def format_table(path: str, rows: list[dict]) -> str:
     return "\n".join([f"{path}: {n} LSTM{'s' if n != 1 else ''}", line(heads)] + [line(b) for b in body])
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="lstmkit inspect", description="List the LSTMs in a checkpoint "
-                                 "(.pt/.pth state_dict or saved module, .safetensors, .onnx).")
-    ap.add_argument("path")
-    ap.add_argument("--json", action="store_true", help="print a JSON list of objects with keys " + ", ".join(KEYS))
-    args = ap.parse_args(argv)
+def _lstms_in(path: str):
+    """find_in_file(path), its failures as one-line CommandErrors (exit 1)."""
     try:
-        rows, rejected = find_in_file(args.path)
+        rows, rejected = find_in_file(path)
     except InspectError as e:
-        print(f"lstmkit inspect: {e}", file=sys.stderr)
-        return 1
+        raise CommandError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - a damaged file must not end in a traceback
-        print(f"lstmkit inspect: cannot read {args.path} ({short_error(e)})", file=sys.stderr)
-        return 1
+        raise CommandError(f"cannot read {path} ({short_error(e)})") from None
     if not rows:
         why = "".join(f"; {p or '(top level)'}: {r}" for p, r in rejected)
-        print(f"lstmkit inspect: no LSTM found in {args.path}{why}", file=sys.stderr)
-        return 1
+        raise CommandError(f"no LSTM found in {path}{why}")
+    return rows, rejected
+
+
+def _run(args) -> int:
+    rows, rejected = _lstms_in(args.path)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -53,6 +52,15 @@ def main(argv=None) -> int:
         for p, r in rejected:
             print(f"(skipped {p or '(top level)'}: {r})")
     return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lstmkit inspect", description="List the LSTMs in a checkpoint "
+                                 "(.pt/.pth state_dict or saved module, .safetensors, .onnx).")
+    ap.add_argument("path")
+    ap.add_argument("--json", action="store_true", help="print a JSON list of objects with keys " + ", ".join(KEYS))
+    args = ap.parse_args(argv)
+    return run_guarded("lstmkit inspect", lambda: _run(args))
 
 
 if __name__ == "__main__":

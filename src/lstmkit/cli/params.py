@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from . import CommandError, run_guarded
 from ..config import LSTMConfig
 from ..describe import DTYPE_BYTES, describe
 from ..diagram import picture_format
@@ -41,14 +42,34 @@ def _add_variant_options(ap) -> None:
 def _write_plot(d, path) -> int:
     try:
         d.plot(path)
-    except ImportError as e:
-        print(f"lstmkit params: error: {e}", file=sys.stderr)
-        return 1
+    except ImportError as e:  # PNG without matplotlib
+        raise CommandError(f"error: {e}") from None
     except OSError as e:
-        print(f"lstmkit params: error: cannot write {path}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        raise CommandError(f"error: cannot write {path}: {e.strerror or e}") from None
     print(f"lstmkit params: wrote {path}", file=sys.stderr)  # stderr keeps --json output parseable
     return 0
+
+
+def _described(a):
+    """The description of the LSTM the arguments give; a bad option is the user's error (exit 2),
+    found before anything is printed (a bad --plot extension too)."""
+    try:
+        cfg = LSTMConfig(a.input_size, a.hidden_size, a.num_layers, not a.no_bias, a.batch_first, a.dropout,
+                         a.bidirectional, a.proj_size, layer_norm=a.layer_norm, peephole=a.peephole,
+                         zoneout=a.zoneout, recurrent_dropout=a.recurrent_dropout, weight_drop=a.weight_drop,
+                         forget_bias=a.forget_bias)
+        d = describe(cfg, seq_len=a.seq_len, batch=a.batch, dtype=a.dtype)
+        if a.plot is not None:
+            picture_format(a.plot)
+    except (TypeError, ValueError) as e:
+        raise CommandError(f"error: {e}", status=2) from None
+    return d
+
+
+def _run(a) -> int:
+    d = _described(a)
+    print(json.dumps(d.to_dict(), indent=2) if a.json else d.text())
+    return _write_plot(d, a.plot) if a.plot is not None else 0
 
 
 def main(argv=None) -> int:
@@ -69,16 +90,4 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", metavar="FILE", help="also draw the network: FILE.svg, or FILE.png (needs matplotlib)")
     _add_variant_options(ap)
     a = ap.parse_args(argv)
-    try:
-        cfg = LSTMConfig(a.input_size, a.hidden_size, a.num_layers, not a.no_bias, a.batch_first, a.dropout,
-                         a.bidirectional, a.proj_size, layer_norm=a.layer_norm, peephole=a.peephole,
-                         zoneout=a.zoneout, recurrent_dropout=a.recurrent_dropout, weight_drop=a.weight_drop,
-                         forget_bias=a.forget_bias)
-        d = describe(cfg, seq_len=a.seq_len, batch=a.batch, dtype=a.dtype)
-        if a.plot is not None:
-            picture_format(a.plot)  # a bad extension fails before anything is printed
-    except (TypeError, ValueError) as e:
-        print(f"lstmkit params: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(d.to_dict(), indent=2) if a.json else d.text())
-    return _write_plot(d, a.plot) if a.plot is not None else 0
+    return run_guarded("lstmkit params", lambda: _run(a))
