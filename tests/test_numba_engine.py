@@ -21,7 +21,7 @@ from lstmkit.engines.base import LayerParams
 from lstmkit.kernels.numba import lstm_backward, lstm_forward
 from lstmkit.kernels.numba.activations import _P, _Q, _pade_coefficients
 
-from harness import TOL, assert_close, pair, run_differential
+from harness import TOL, assert_close, packed_input, pair, run_differential, tensor_input
 
 
 # ---- one layer-direction: numpy kernels vs the reference engine --------------------------------------
@@ -483,3 +483,91 @@ def test_inference_weights_cache_follows_updates_and_dies_with_the_tensor():
     del ours, ref, m  # from_torch may share the parameters
     gc.collect()
     assert slot not in binding._packs
+
+
+# ---- one time step (T = 1): GEMMs on the weights as they are, no packing ----------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize("cfg", [
+    dict(input_size=5, hidden_size=8),
+    dict(input_size=5, hidden_size=8, bias=False),
+    dict(input_size=4, hidden_size=6, proj_size=3),
+    dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True, proj_size=2, bias=False),
+    dict(input_size=3, hidden_size=40, num_layers=2, bidirectional=True),  # float32: vector gate blocks
+])
+@pytest.mark.parametrize("hx", [False, True])
+def test_one_step_matches_torch(cfg, N, dtype, hx):
+    """T = 1 (the step path, reverse direction included) against torch.nn.LSTM: outputs and the
+    gradients of input, h0, c0 and every parameter."""
+    ref, ours = pair(cfg, "numba", dtype, seed=N)
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(1, N, cfg["input_size"], generator=g, dtype=dtype)
+    state = tuple(torch.randn(s, generator=g, dtype=dtype) for s in ours.config.state_shapes(N)) if hx else None
+    run_differential(ref, ours, tensor_input(x), state, seed=N + 2)
+
+
+def test_one_step_packed_and_unbatched_match_torch():
+    """Packed sequences that are all one step long, and an unbatched (I,)-per-step input."""
+    ref, ours = pair(dict(input_size=3, hidden_size=5, bidirectional=True), "numba", torch.float64)
+    run_differential(ref, ours, packed_input([1, 1, 1, 1], 3, torch.float64))
+    run_differential(ref, ours, tensor_input(torch.randn(1, 3, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_step_partial_gradients_match_torch(dtype):
+    """Only some inputs need gradients (frozen W_ih and b_hh, an input without grad, a loss on h_n and c_n only):
+    the step backward leaves the others out and the rest still match torch.nn.LSTM."""
+    ref, ours = pair(dict(input_size=4, hidden_size=6, proj_size=2), "numba", dtype)
+    for m in (ref, ours):
+        m.weight_ih_l0.requires_grad_(False)
+        m.bias_hh_l0.requires_grad_(False)
+    x = torch.randn(1, 2, 4, dtype=dtype)
+    h0 = torch.randn(1, 2, 2, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(1, 2, 6, dtype=dtype)
+    grads = []
+    for m in (ref, ours):
+        m.zero_grad()
+        _, (h, c) = m(x, (h0, c0))
+        grads.append(torch.autograd.grad((c * c).sum() + h.sum(), [h0, m.weight_hh_l0, m.bias_ih_l0, m.weight_hr_l0]))
+    for a, b, n in zip(grads[1], grads[0], ["h0", "w_hh", "b_ih", "w_hr"]):
+        assert_close(a, b, TOL[dtype], f"grad {n}")
+
+
+def test_one_step_takes_the_step_path_without_packing(monkeypatch):
+    """T = 1 forward and backward run the step kernels and never lay the weights out for the
+    time-loop kernels; T = 2 still does (the time loop)."""
+    from lstmkit.engines.numba import binding
+
+    calls = {"pack": 0, "step_forward": 0, "step_backward": 0}
+
+    def counting(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(binding, "pack_forward", counting("pack", binding.pack_forward))
+    monkeypatch.setattr(binding, "pack_backward", counting("pack", binding.pack_backward))
+    monkeypatch.setattr(binding, "step_forward_kernel", counting("step_forward", binding.step_forward_kernel))
+    monkeypatch.setattr(binding, "step_backward_kernel", counting("step_backward", binding.step_backward_kernel))
+    m = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, engine="numba")
+    y, (h, c) = m(torch.randn(1, 2, 3))
+    (y.sum() + c.sum()).backward()
+    assert calls == {"pack": 0, "step_forward": 4, "step_backward": 4}
+    y, _ = m(torch.randn(2, 2, 3))
+    y.sum().backward()
+    assert calls["pack"] == 8 and calls["step_forward"] == 4
+
+
+def test_one_step_double_backward_matches_torch():
+    """create_graph through a T = 1 call (a gradient penalty) matches torch.nn.LSTM."""
+    ref, ours = pair(dict(input_size=3, hidden_size=4, proj_size=2), "numba", torch.float64)
+    x = torch.randn(1, 2, 3, dtype=torch.float64)
+    res = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_(True)
+        y, (h, c) = m(xi)
+        (gx,) = torch.autograd.grad((y.pow(2).sum() + c.sum()), xi, create_graph=True)
+        res.append(torch.autograd.grad(gx.pow(2).sum(), list(m.parameters())))
+    for a, b in zip(res[1], res[0]):
+        assert_close(a, b, TOL[torch.float64])

@@ -22,6 +22,8 @@ from ...kernels.numba.lstm import (
     backward_core, chunk_bounds, forward_core, pack_backward, pack_forward,
 )
 from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
+from ...kernels.numba.step import step_backward as step_backward_kernel
+from ...kernels.numba.step import step_forward as step_forward_kernel
 from ..base import LayerParams
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -147,7 +149,9 @@ def backward_weights(p: LayerParams):
 # ---- one layer-direction, numpy level ---------------------------------------------------------------
 def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: bool):
     """The forward kernel on tensors; returns numpy (y, h_n, c_n, acts, cells), acts and cells
-    empty unless save."""
+    empty unless save. One time step without cached weights goes to step_forward."""
+    if save and len(batch_sizes) == 1:
+        return step_forward(x, h0, c0, p)
     xn, h0n, c0n = as_numpy(x), as_numpy(h0), as_numpy(c0)
     dt = xn.dtype
     total, I = xn.shape
@@ -171,9 +175,13 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     return y, h_n, c_n, acts, cells
 
 
-def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cells, dy, dh_n, dc_n):
+def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cells, dy, dh_n, dc_n, needs=None):
     """BPTT on tensors (dy, dh_n, dc_n may be None: zeros). Returns torch tensors
-    (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr or None); the weight gradients are torch GEMMs."""
+    (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr or None); the weight gradients are torch GEMMs.
+    One time step goes to step_backward, which leaves out (None) what `needs` (flags in
+    double_backward.INPUT_NAMES order, None: all) does not ask for."""
+    if len(batch_sizes) == 1:
+        return step_backward(x, h0, c0, p, acts, cells, dy, dh_n, dc_n, needs)
     xn, h0n, c0n = as_numpy(x), as_numpy(h0), as_numpy(c0)
     dt = xn.dtype
     total, I = xn.shape
@@ -201,6 +209,61 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     return t_(dx), t_(dh), t_(dc), dw_ih, dw_hh, db, dw_hr
 
 
+# ---- one time step: GEMMs on the weights as they are ---------------------------------------------
+# Training at T = 1 (streaming, reinforcement learning) changes the weights between calls, so
+# the time-loop kernels would lay them out again at every call, forward and backward: a copy of
+# W each, as costly as the one-step products. Here the products are torch GEMMs on the weights
+# as they are, and a Numba kernel (kernels/numba/step.py) makes the per-unit gate passes.
+def step_forward(x, h0, c0, p: LayerParams):
+    """layer_forward(save=True) for batch_sizes == [B]: numpy (y, h_n, c_n, acts, cells)."""
+    w_ih = p.w_ih.detach()
+    if p.b_ih is not None:
+        q = torch.addmm(p.b_ih.detach(), x.detach(), w_ih.t())
+        b = as_numpy(p.b_hh)
+    else:
+        q = torch.mm(x.detach(), w_ih.t())
+        b = np.zeros(q.shape[1], w_ih.numpy().dtype)
+    q.addmm_(h0.detach(), p.w_hh.detach().t())
+    qn = q.numpy()
+    B, G = qn.shape
+    dt = qn.dtype
+    acts = np.empty((B, G), dt)
+    c_n = np.empty((B, G // 4), dt)
+    cells = np.empty((B, G // 4), dt)
+    h = np.empty((B, G // 4), dt)  # o * tanh(c_1): y, or the projection's input
+    step_forward_kernel(qn, b, as_numpy(c0), acts, c_n, cells, h)
+    if p.w_hr is not None:
+        h = torch.mm(torch.from_numpy(h), p.w_hr.detach().t()).numpy()
+    return h, h.copy(), c_n, acts, cells
+
+
+def step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs=None):
+    """layer_backward for batch_sizes == [B] (same returns); gradients `needs` does not ask
+    for are None (except dc0, which the kernel makes anyway)."""
+    needs = needs or (True,) * 8
+    an = as_numpy(acts)
+    B, G = an.shape
+    dh = dy if dh_n is None else dh_n if dy is None else dy + dh_n  # y_1 is h_1
+    if dh is None:
+        dh = torch.zeros(h0.shape, dtype=h0.dtype)
+    w_hr = p.w_hr.detach() if p.w_hr is not None else None
+    dhpre = dh.mm(w_hr) if w_hr is not None else dh  # dL/d(o * tanh(c_1))
+    dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, G // 4), an.dtype)  # becomes dc0
+    dgates = torch.empty((B, G), dtype=h0.dtype)
+    hpre = torch.empty((B, G // 4 if w_hr is not None else 0), dtype=h0.dtype)
+    step_backward_kernel(an, as_numpy(cells), as_numpy(c0), as_numpy(dhpre), dc, dgates.numpy(), hpre.numpy(),
+                         w_hr is not None)
+    dg_t = dgates.t()
+    x, h0 = x.detach(), h0.detach()
+    dx = dgates.mm(p.w_ih.detach()) if needs[0] else None
+    dh0 = dgates.mm(p.w_hh.detach()) if needs[1] else None
+    dw_ih = dg_t.mm(x) if needs[3] else None
+    dw_hh = dg_t.mm(h0) if needs[4] else None
+    db = dgates.sum(0) if needs[5] or needs[6] else None
+    dw_hr = dh.detach().t().mm(hpre) if w_hr is not None and needs[7] else None
+    return dx, dh0, torch.from_numpy(dc), dw_ih, dw_hh, db, dw_hr
+
+
 # ---- the inference fast path ------------------------------------------------------------------------
 def run_inference(runtime, x: np.ndarray, state):
     """The torch-free runtime (runtime/model.py: the same kernels, the whole stack in one
@@ -211,5 +274,6 @@ def run_inference(runtime, x: np.ndarray, state):
 
 __all__ = [
     "SUPPORTED_DTYPES", "as_numpy", "as_numpy_or", "check_input", "chunks_for", "layer_backward", "layer_forward",
-    "backward_weights", "forward_weights", "limit_blas", "needs_grad", "run_inference",
+    "backward_weights", "forward_weights", "limit_blas", "needs_grad", "run_inference", "step_backward",
+    "step_forward",
 ]

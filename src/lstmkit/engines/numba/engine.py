@@ -55,7 +55,7 @@ class _LSTMFunction(torch.autograd.Function):
         x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells = ctx.saved_tensors[:9]
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = layer_backward(
             x, ctx.batch_sizes, h0, c0, LayerParams(w_ih, w_hh, None, None, w_hr), ctx.reverse, y, acts, cells,
-            dy, dh_n, dc_n)
+            dy, dh_n, dc_n, ctx.needs_input_grad)
         need = ctx.needs_input_grad
         keep = lambda g, k: g if need[k] else None  # noqa: E731
         db_ih = db if ctx.has_bias and need[5] else None
