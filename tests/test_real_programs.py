@@ -4,6 +4,7 @@ model with both exporters into ONNX Runtime, a packed variable-length classifier
 against its torch twin."""
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -88,9 +89,57 @@ def test_whole_model_checkpoint_loads_under_the_programs_allowlist(tmp_path, mon
 
 
 def test_allowlist_holds_only_lstmkits_module_classes():
-    allowed = {g for g in torch.serialization.get_safe_globals()
-               if getattr(g, "__module__", "").startswith("lstmkit")}
+    entries = torch.serialization.get_safe_globals()
+    allowed = {g for g in entries if getattr(g, "__module__", "").startswith("lstmkit")}
     assert allowed == {lstmkit.LSTM, lstmkit.LSTMCell}
+    # and the same two classes under their old path (lstmkit.module), nothing else of lstmkit
+    renamed = {g for g in entries if isinstance(g, tuple) and "lstmkit" in (g[1] + getattr(g[0], "__module__", ""))}
+    assert renamed == {(lstmkit.LSTM, "lstmkit.module.LSTM"), (lstmkit.LSTMCell, "lstmkit.module.LSTMCell")}
+
+
+# ---- checkpoints from before LSTM / LSTMCell moved to lstmkit.nn.modules ------------------------------
+def old_path_checkpoint(model) -> bytes:
+    """torch.save(model) as written when the classes lived in lstmkit.module: pickle names a
+    class by its __module__, so the file says lstmkit.module.LSTM / LSTMCell."""
+    classes = (lstmkit.LSTM, lstmkit.LSTMCell)
+    buf = io.BytesIO()
+    try:
+        for cls in classes:
+            cls.__module__ = "lstmkit.module"
+        torch.save(model, buf)  # pickle checks lstmkit.module.LSTM is this very class: the re-export
+    finally:
+        for cls in classes:
+            cls.__module__ = "lstmkit.nn.modules"
+    data = buf.getvalue()
+    assert b"lstmkit.module\nLSTM\n" in data and b"lstmkit.module\nLSTMCell\n" in data
+    assert b"lstmkit.nn.modules" not in data
+    return data
+
+
+OLD_PATH_LOAD = """
+import lstmkit  # before torch: the registration waits for torch's import
+import torch
+with torch.serialization.safe_globals([torch.nn.ModuleDict]):
+    m = torch.load("old.pt")  # weights_only=True, torch's default
+print(type(m["rnn"]).__module__, type(m["cell"]).__name__)
+"""
+
+
+def test_checkpoint_naming_the_old_module_path_loads(tmp_path):
+    torch.manual_seed(0)
+    model = nn.ModuleDict(dict(rnn=lstmkit.LSTM(3, 4, proj_size=2, layer_norm=True), cell=lstmkit.LSTMCell(3, 4)))
+    (tmp_path / "old.pt").write_bytes(old_path_checkpoint(model))
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        want = [model["rnn"](x)[0], *model["cell"](x[0])]
+    for weights_only in (True, False):
+        with torch.serialization.safe_globals([nn.ModuleDict]):
+            back = torch.load(tmp_path / "old.pt", weights_only=weights_only)
+        assert type(back["rnn"]) is lstmkit.LSTM and type(back["cell"]) is lstmkit.LSTMCell
+        with torch.no_grad():
+            got = [back["rnn"](x)[0], *back["cell"](x[0])]
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert run_python(OLD_PATH_LOAD, tmp_path).split() == ["lstmkit.nn.modules", "LSTMCell"]
 
 
 def test_pickled_state_is_plain_and_validated():

@@ -9,6 +9,9 @@ imported; this file makes sure that happens after `import lstmkit` in any torch 
 also when the program imports lstmkit before torch and never builds a module before loading
 (e.g. a generate.py that only loads).
 
+Pickles written before the classes moved name them lstmkit.module.LSTM / LSTMCell: the same
+two classes are registered under that path too (and lstmkit/module.py re-exports them there).
+
 What the registration allows: a weights-only pickle may create LSTM / LSTMCell objects and
 set their state (tensors, numbers, strings, containers; the config arrives as a plain dict
 and is validated again in LSTM.__setstate__, the engine name too). No function or other
@@ -24,11 +27,21 @@ import importlib.util
 import sys
 
 
+# Whole models saved before LSTM / LSTMCell moved to lstmkit.nn.modules name them by their old
+# module path (lstmkit/module.py re-exports them there): the same two classes, allowed under it.
+OLD_MODULE_PATHS = ("lstmkit.module",)
+
+
 def _register() -> None:
     try:
-        from .. import nn  # noqa: F401 - importing nn/modules.py registers its classes
+        from ..nn import modules  # importing nn/modules.py registers its classes
     except ImportError:  # a partial install (e.g. no numba): torch itself must still import
-        pass
+        return
+    import torch  # loaded already: _register runs only once torch is
+
+    if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
+        torch.serialization.add_safe_globals([(cls, f"{path}.{cls.__qualname__}") for path in OLD_MODULE_PATHS
+                                              for cls in (modules.LSTM, modules.LSTMCell)])
 
 
 class _RegisterAfterTorch(importlib.abc.MetaPathFinder):
