@@ -2,7 +2,6 @@
 `engine` fixture. The differential helpers and the tolerance table live in harness.py."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 # Triton decides between compiling and interpreting when it is imported: CI has no GPU,
@@ -17,10 +16,11 @@ settings.load_profile("lstmkit")
 
 
 def cpu_engines() -> list[str]:
-    """The engines that run on CPU tensors here: numba whenever its package is installed (the
-    rule of engines.is_available), decided without importing lstmkit's engine, so a bug there
-    fails the numba tests loudly instead of removing them or breaking every file's collection."""
-    return ["reference"] + (["numba"] if importlib.util.find_spec("numba") is not None else [])
+    """The engines that run on CPU tensors here: always both. numba is a core dependency
+    (pyproject.toml), so an install without it is broken and its cases must fail, not vanish
+    (deciding by find_spec("numba") dropped half of test_lstm.py without a word). Named, not
+    imported: a bug in lstmkit's engine fails the numba cases, not every file's collection."""
+    return ["reference", "numba"]
 
 
 @pytest.fixture(params=cpu_engines(), scope="session")
