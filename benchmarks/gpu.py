@@ -398,7 +398,7 @@ def markdown(meta, checks, rows, skipped):
              f"triton {meta['triton']}, CUDA {meta['cuda']}, Python {meta['python']}). Times are medians of "
              f"{meta['reps']} repeats, CUDA events, in milliseconds; forward is under `torch.no_grad()`, "
              "forward+backward backpropagates a fixed random gradient of every output. \"lstmkit\" launches its "
-             "fused step kernels eagerly; \"+graphs\" replays them from CUDA graphs (the default for shapes seen "
+             "fused step kernels eagerly (one launch per step for both directions of a bidirectional layer); \"+graphs\" replays them from CUDA graphs (the default for shapes seen "
              "before). \"vs cuDNN\" = lstmkit time / torch.nn.LSTM time, eager / graphs (below 1 = lstmkit faster); "
              "\"err vs cuDNN\" = max relative difference of outputs and all gradients, eager / graphs, with TF32 "
              "off on both sides for fp32; \"cell loop\" = torch.nn.LSTMCell called per step, its time / lstmkit's "

@@ -470,6 +470,93 @@ def test_step_loops_keep_the_loop_launcher_promise(monkeypatch):
                          hx=_state(cfg, 3, torch.float64))
 
 
+# ---- both directions of a bidirectional layer in one launch per step -------------------------------
+def _count_launches(monkeypatch):
+    """Record (kernel name, grid) of every kernel launch the engine makes from now on."""
+    from lstmkit.engines.triton import launcher as launcher_mod
+
+    launches = []
+    real = launcher_mod.Launcher.__call__
+
+    def counting(self, grid, *args, key=None):
+        launches.append((self.kernel.fn.__name__, tuple(grid)))
+        return real(self, grid, *args, key=key)
+
+    monkeypatch.setattr(launcher_mod.Launcher, "__call__", counting)
+    return launches
+
+
+@pytest.mark.parametrize("proj", [0, 3])
+def test_bidirectional_runs_both_directions_in_one_launch_per_step(proj, monkeypatch):
+    # Packed and sorted (the other bidirectional cases above are padded or unsorted): the
+    # reverse direction's batch grows while the forward's shrinks, inside the same launches.
+    from collections import Counter
+
+    layers, lengths = (1 if proj else 2), [4, 3, 1]
+    T = max(lengths)
+    cfg = _cfg(True, True, proj, layers, I=3, H=5)
+    ref, ours = pair(cfg, ENGINE, torch.float64)
+    make = packed_input(lengths, 3, torch.float64, enforce_sorted=True)
+    launches = _count_launches(monkeypatch)
+    run_differential(ref, ours, make, hx=_state(cfg, len(lengths), torch.float64))
+    expected = {"lstm_fwd_step": layers * T, "lstm_bwd_step": layers * T}
+    if proj:  # the projection: one launch per step forward, one backward
+        expected["rows_matmul_step"] = 2 * layers * T
+    assert Counter(name for name, _ in launches) == expected
+    assert all(grid[2] == 2 for _, grid in launches)  # the grid's direction axis holds both
+
+    if proj:
+        return
+    launches.clear()  # one direction: the same kernels with one direction slot
+    uni = _cfg(True, False, proj, 1, I=3, H=5)
+    ref, ours = pair(uni, ENGINE, torch.float32)
+    run_differential(ref, ours, packed_input(lengths, 3, torch.float32, enforce_sorted=True))
+    assert len(launches) == 2 * T and all(grid[2] == 1 for _, grid in launches)
+
+
+def test_engine_without_pair_hook_runs_directions_one_by_one(monkeypatch):
+    import lstmkit.engines as engines
+
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    assert engines.get_pair_fn("triton", x) is triton_engine.lstm_layer_pair
+    assert engines.get_pair_fn("triton", x, variant=True) is None
+    assert engines.get_pair_fn("reference", x) is None  # no hook: the module's per-direction loop
+    monkeypatch.delattr(triton_engine, "lstm_layer_pair")
+    assert engines.get_pair_fn("triton", x) is None
+    launches = _count_launches(monkeypatch)
+    cfg = _cfg(True, True, 0, 1, I=3, H=4)
+    ref, ours = pair(cfg, ENGINE, torch.float64)
+    run_differential(ref, ours, padded_input(3, 2, 3, torch.float64))
+    assert len(launches) == 2 * 2 * 3 and all(grid[2] == 1 for _, grid in launches)
+
+
+def test_paired_double_backward_recomputes_each_direction(monkeypatch):
+    # create_graph=True through the paired Function: differentiable_backward once per
+    # direction, and the second derivatives agree with torch.nn.LSTM's (a gradient penalty).
+    calls = []
+    real = triton_engine.differentiable_backward
+
+    def counting(engine, inputs, grad_outputs, batch_sizes, reverse, *args, **kwargs):
+        calls.append(reverse)
+        return real(engine, inputs, grad_outputs, batch_sizes, reverse, *args, **kwargs)
+
+    monkeypatch.setattr(triton_engine, "differentiable_backward", counting)
+    cfg = _cfg(True, True, 2, 1, I=3, H=4)
+    ref, ours = pair(cfg, ENGINE, torch.float64)
+    x0 = torch.randn(3, 2, 3, dtype=torch.float64)
+    results = []
+    for m in (ref, ours):
+        x = x0.clone().requires_grad_(True)
+        inp = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 2]))
+        y, (h, c) = m(inp)
+        loss = (y.data * torch.linspace(-1, 1, y.data.shape[1], dtype=torch.float64)).sum() + h.sum() + c.sum()
+        first = torch.autograd.grad(loss, [x, *m.parameters()], create_graph=True)
+        results.append(torch.autograd.grad(sum(d.square().sum() for d in first), [x, *m.parameters()]))
+    assert sorted(calls) == [False, True]
+    for a, b in zip(*results):
+        assert_close(b, a, TOL[torch.float64])
+
+
 # ---- engine="auto" trusts Triton only after a self-check -------------------------------------------
 class _RaisingKernel:
     """Looks like the real kernel (signature, do_not_specialize), fails to compile."""

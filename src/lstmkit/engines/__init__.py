@@ -101,3 +101,20 @@ def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False):
             )
         name = "reference"
     return importlib.import_module(_VARIANT_MODULES[name]).lstm_layer
+
+
+def get_pair_fn(name: str, x: torch.Tensor, variant: bool = False):
+    """The engine's optional `lstm_layer_pair(x, batch_sizes, (h0_f, h0_b), (c0_f, c0_b), (p_f, p_b))
+    -> ((y_f, h_f, c_f), (y_b, h_b, c_b))`, which runs both directions of a bidirectional layer
+    at once (the Triton engine: one kernel launch per step for the two); None when the engine
+    has none (the caller then runs the directions one by one with get_layer_fn's function)."""
+    if variant or torch.compiler.is_compiling():
+        return None
+    if name == "auto":
+        name = auto_engine_name(x)
+        if name == "triton":
+            from .triton import selfcheck
+
+            return selfcheck.checked_lstm_layer_pair
+    return getattr(_load(name), "lstm_layer_pair", None)
+

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..config import LSTMConfig
-from ..engines import LayerParams, check_engine_name, get_layer_fn
+from ..engines import LayerParams, check_engine_name, get_layer_fn, get_pair_fn
 from . import autocast, variants
 
 
@@ -364,6 +364,13 @@ class LSTM(nn.Module):
         state["engine"] = check_engine_name(state.get("engine", "auto"))
         super().__setstate__(state)
 
+    def _direction_params(self, layer: int, direction: int) -> LayerParams:
+        """layer_params, with weight_drop's mask applied to W_hh (drawn here, in training)."""
+        p = self.layer_params(layer, direction)
+        if self._variant and self.config.weight_drop > 0:
+            p = p._replace(w_hh=variants.drop_weights(p.w_hh, self.config.weight_drop, self.training))
+        return p
+
     def _run(self, data, batch_sizes, hx):
         """All layers and directions over packed data. hx: (h0, c0) or False for zeros."""
         cfg = self.config
@@ -378,20 +385,26 @@ class LSTM(nn.Module):
             c0 = data.new_zeros(c_shape)
         use_variant = self._variant and cfg.needs_variant_kernel(self.training)
         layer_fn = get_layer_fn(self.engine, data, variant=use_variant)
+        # Both directions at once where the engine can (Triton: one launch per step for the two).
+        pair_fn = get_pair_fn(self.engine, data, variant=use_variant) if cfg.num_directions == 2 else None
 
         x = data
         h_n, c_n = [], []
         for k in range(cfg.num_layers):
             outs = []
-            for d in range(cfg.num_directions):
-                idx = k * cfg.num_directions + d
-                p = self.layer_params(k, d)
-                extra = {}
-                if self._variant and cfg.weight_drop > 0:
-                    p = p._replace(w_hh=variants.drop_weights(p.w_hh, cfg.weight_drop, self.training))
-                if use_variant:  # masks drawn here, so every engine sees the same ones
-                    extra["variant"] = variants.layer_variant(self, k, d, batch_sizes, data)
-                y, h, c = layer_fn(x, batch_sizes, h0[idx], c0[idx], p, reverse=d == 1, **extra)
+            idx = k * cfg.num_directions
+            if pair_fn is not None:
+                params = tuple(self._direction_params(k, d) for d in range(2))
+                results = pair_fn(x, batch_sizes, (h0[idx], h0[idx + 1]), (c0[idx], c0[idx + 1]), params)
+            else:
+                results = []
+                for d in range(cfg.num_directions):
+                    p = self._direction_params(k, d)
+                    extra = {}
+                    if use_variant:  # masks drawn here, so every engine sees the same ones
+                        extra["variant"] = variants.layer_variant(self, k, d, batch_sizes, data)
+                    results.append(layer_fn(x, batch_sizes, h0[idx + d], c0[idx + d], p, reverse=d == 1, **extra))
+            for y, h, c in results:
                 outs.append(y)
                 h_n.append(h)
                 c_n.append(c)

@@ -1,4 +1,5 @@
-"""The Triton engine: one layer-direction on the GPU, forward and backward.
+"""The Triton engine: one layer-direction on the GPU, forward and backward; or both
+directions of a bidirectional layer in the same launches (lstm_layer_pair).
 
 Same interface and equations as engines/reference.py. Per call:
 
@@ -14,6 +15,14 @@ Same interface and equations as engines/reference.py. Per call:
 The step loops launch kernels and nothing else (no torch op per step): the rows of the
 previous step, including sequences that start late in the reverse direction of packed
 input, are read by the kernels from two sources (the previous step's rows, h0 / c0).
+
+Directions. Every tensor of the driver below carries a leading direction axis D: D=1 for
+lstm_layer (one direction, either way), D=2 for lstm_layer_pair (slot 0 forward, slot 1
+reverse). The weights, h0 and c0 are stacked once per call (differentiably, so autograd
+hands each direction its own gradients), the input projection is one batched GEMM, and each
+step launch's grid has a direction axis of size D: at loop iteration s the forward slot
+runs time step s and the reverse slot time step T-1-s (backward: the other way round), so
+a bidirectional layer costs T launches per pass instead of 2T.
 
 The 4H-wide buffers are gate-interleaved (see kernels/triton/lstm.py): the weights are
 permuted once per call (interleave_perm), the gate gradients un-permuted once after the
@@ -191,8 +200,9 @@ class _Cfg:
             (self.acc_f64, self.upcast, self.precision, self.bb, self.bh, self.bh_bwd, self.bn, self.bk,
              self.warps, self.stages) = forced
 
-    def grid(self, bs: int, H: int, bwd: bool = False):
-        return (triton.cdiv(bs, self.bb), triton.cdiv(H, self.bh_bwd if bwd else self.bh))
+    def grid(self, bs: int, H: int, D: int, bwd: bool = False):
+        """(row blocks, hidden-unit blocks, direction slots) of a step kernel's launch."""
+        return (triton.cdiv(bs, self.bb), triton.cdiv(H, self.bh_bwd if bwd else self.bh), D)
 
     def launcher(self, kernel, bwd: bool = False, **constexprs):
         """The cached launcher of kernel with this call's compile-time options (kept across calls)."""
@@ -216,8 +226,8 @@ class _Cfg:
                                                   dns=tk.DO_NOT_SPECIALIZE["rows_matmul_step"], **meta)
         return launcher
 
-    def grid_n(self, bs: int, N: int):
-        return (triton.cdiv(bs, self.bb), triton.cdiv(N, self.bn))
+    def grid_n(self, bs: int, N: int, D: int):
+        return (triton.cdiv(bs, self.bb), triton.cdiv(N, self.bn), D)
 
     def options(self) -> tuple:
         """Everything about this call that selects a different compiled kernel."""
@@ -247,9 +257,9 @@ def interleave_perm(H: int, device) -> torch.Tensor:
 
 
 def deinterleave(g: torch.Tensor) -> torch.Tensor:
-    """(rows, 4H) interleaved (column 4*j + k) -> torch's gate-major order (column k*H + j)."""
-    n, four_h = g.shape
-    return g.view(n, four_h // 4, 4).transpose(1, 2).reshape(n, four_h)
+    """(..., 4H) interleaved (column 4*j + k) -> torch's gate-major order (column k*H + j)."""
+    four_h = g.shape[-1]
+    return g.unflatten(-1, (four_h // 4, 4)).transpose(-1, -2).flatten(-2)
 
 
 def _final_rows(batch_sizes: list[int], last: bool, device) -> torch.Tensor:
@@ -294,34 +304,51 @@ def _prev_step(batch_sizes, offsets, t, reverse):
     return offsets[prev], min(batch_sizes[prev], batch_sizes[t])
 
 
-def _fwd_loop(b, batch_sizes, reverse, cfg, store_gates):
-    """Forward over all steps: kernel launches only, no torch op. Reads b: xw, wt, bias, h0,
-    c0, w_hrt (W_hr^T, proj only); writes b: y, hr, cs, gates."""
+def _step_times(T: int, s: int, reverses: tuple, backward: bool) -> list:
+    """The time step each direction slot runs at loop iteration s: forward in time for a
+    forward direction's forward pass (and for a reverse direction's backward pass), else
+    from the last step down - so the two directions of a pair walk opposite ways."""
+    return [T - 1 - s if reverse != backward else s for reverse in reverses]
+
+
+def _fwd_loop(b, batch_sizes, reverses, cfg, store_gates):
+    """Forward over all steps, every direction slot in the same launches: kernel launches
+    only, no torch op. Reads b: xw, wt, bias, h0, c0, w_hrt (W_hr^T, proj only); writes b: y,
+    hr, cs, gates (all stacked over the directions on a leading axis)."""
     xw, y, hr, cs = b["xw"], b["y"], b["hr"], b["cs"]
     h0, c0, w_hrt = b["h0"], b["c0"], b["w_hrt"]
     gates = b["gates"] if store_gates else xw  # xw: an unused dummy pointer
     has_bias = b["bias"] is not None
     bias = b["bias"] if has_bias else xw
-    H, P = cs.shape[1], y.shape[1]
+    D, total, H = cs.shape
+    B, P = h0.shape[1], y.shape[2]
+    T = len(batch_sizes)
     offsets = step_offsets(batch_sizes)
     step = cfg.launcher(tk.lstm_fwd_step, HAS_BIAS=has_bias, STORE_GATES=store_gates).loop()
     project = cfg.proj_launcher(HAS_BASE=False, HAS_ALT=False).loop()
-    for t in (range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))):
-        bs, row0 = batch_sizes[t], offsets[t]
-        prev_row, n_prev = _prev_step(batch_sizes, offsets, t, reverse)
-        step(cfg.grid(bs, H), xw, b["wt"], bias, y, h0, cs, c0, prev_row, n_prev,
-             gates, cs, hr, hr.stride(0), row0, bs, H, P)
+    for s in range(T):
+        # Per slot: (prev_row, n_prev, row0, bs); slot 1 repeats slot 0 when there is one direction.
+        per = [(*_prev_step(batch_sizes, offsets, t, rev), offsets[t], batch_sizes[t])
+               for t, rev in zip(_step_times(T, s, reverses, False), reverses)]
+        (prev_row, n_prev, row0, bs), second = per[0], per[-1]
+        n_rows = max(bs, second[3])
+        step(cfg.grid(n_rows, H, D), xw, b["wt"], bias, y, h0, cs, c0, prev_row, n_prev,
+             gates, cs, hr, hr.stride(1), row0, bs, *second, total, B, H, P)
         if w_hrt is not None:  # y_t = h_t W_hr^T
-            project(cfg.grid_n(bs, P), y, row0, P, y, 0, 0, hr, row0, H, w_hrt, y, 0, bs, bs, P, H)
+            row0_r, bs_r = second[2], second[3]
+            project(cfg.grid_n(n_rows, P, D), y, row0, P, y, 0, 0, hr, row0, H, w_hrt, y, 0, bs, bs,
+                    row0_r, 0, row0_r, bs_r, bs_r, total, B, P, H)
 
 
-def _bwd_loop(b, batch_sizes, reverse, cfg):
-    """Backward over all steps, last to first: kernel launches only. Reads b: dy, dh_n, gates,
-    cs, c0, w_hh (interleaved rows), w_hr; updates b["dc"] in place (dL/dc_n in, dL/dc0 out);
-    writes b: dg, dhp (proj only: dL/dy_t including the recurrence)."""
+def _bwd_loop(b, batch_sizes, reverses, cfg):
+    """Backward over all steps, each direction slot from its last step in time to its first,
+    all slots in the same launches: kernel launches only. Reads b: dy, dh_n, gates, cs, c0,
+    w_hh (interleaved rows), w_hr; updates b["dc"] in place (dL/dc_n in, dL/dc0 out); writes
+    b: dg, dhp (proj only: dL/dy_t including the recurrence)."""
     dy, dh_n, dc, dg = b["dy"], b["dh_n"], b["dc"], b["dg"]
     gates, cs, c0, w_hh, w_hr = b["gates"], b["cs"], b["c0"], b["w_hh"], b["w_hr"]
-    H, P = cs.shape[1], dy.shape[1]
+    D, total, H = cs.shape
+    B, P = c0.shape[1], dy.shape[2]
     T = len(batch_sizes)
     offsets = step_offsets(batch_sizes)
     proj = w_hr is not None
@@ -330,26 +357,32 @@ def _bwd_loop(b, batch_sizes, reverse, cfg):
     # takes that back through W_hr.
     step = cfg.launcher(tk.lstm_bwd_step, bwd=True, HAS_DH=not proj, HAS_DHN=not proj).loop()
     recurrence = cfg.proj_launcher(HAS_BASE=True, HAS_ALT=True).loop()
-    nxt = None  # the step processed after this one in the forward pass
-    for t in (range(T) if reverse else range(T - 1, -1, -1)):
-        bs, row0 = batch_sizes[t], offsets[t]
-        n_next = min(batch_sizes[nxt], bs) if nxt is not None else 0
-        next_row = offsets[nxt] if nxt is not None else 0
-        prev_row, n_prev = _prev_step(batch_sizes, offsets, t, reverse)
+    for s in range(T):
+        per = []  # per slot: (next_row, n_next, prev_row, n_prev, row0, bs)
+        for t, rev in zip(_step_times(T, s, reverses, True), reverses):
+            nxt = (t - 1 if rev else t + 1) if s > 0 else None  # the step after t in the forward pass
+            n_next = min(batch_sizes[nxt], batch_sizes[t]) if nxt is not None else 0
+            next_row = offsets[nxt] if nxt is not None else 0
+            per.append((next_row, n_next, *_prev_step(batch_sizes, offsets, t, rev), offsets[t], batch_sizes[t]))
+        (next_row, n_next, prev_row, n_prev, row0, bs), second = per[0], per[-1]
+        next_row_r, n_next_r, prev_row_r, n_prev_r, row0_r, bs_r = second
+        n_rows = max(bs, bs_r)
         if not proj:
-            step(cfg.grid(bs, H, bwd=True), dy, row0, P, dg, next_row, 4 * H, n_next, w_hh, 4 * H,
-                 dh_n, dh_n.stride(0), dg, gates, cs, cs, c0, prev_row, n_prev, dc, row0, bs, H)
+            step(cfg.grid(n_rows, H, D, bwd=True), dy, row0, P, dg, next_row, 4 * H, n_next, w_hh, 4 * H,
+                 dh_n, dh_n.stride(1), dg, gates, cs, cs, c0, prev_row, n_prev, dc, row0, bs,
+                 row0_r, next_row_r, n_next_r, prev_row_r, n_prev_r, row0_r, bs_r, total, B, H)
         else:
             dhp = b["dhp"]
-            recurrence(cfg.grid_n(bs, P), dhp, row0, P, dy, row0, P, dg, next_row, 4 * H, w_hh,
-                       dh_n, dh_n.stride(0), n_next, bs, P, 4 * H)
-            step(cfg.grid(bs, H, bwd=True), dy, 0, 0, dhp, row0, P, bs, w_hr, P,
-                 dh_n, 0, dg, gates, cs, cs, c0, prev_row, n_prev, dc, row0, bs, H)
-        nxt = t
+            recurrence(cfg.grid_n(n_rows, P, D), dhp, row0, P, dy, row0, P, dg, next_row, 4 * H, w_hh,
+                       dh_n, dh_n.stride(1), n_next, bs, row0_r, row0_r, next_row_r, n_next_r, bs_r,
+                       total, B, P, 4 * H)
+            step(cfg.grid(n_rows, H, D, bwd=True), dy, 0, 0, dhp, row0, P, bs, w_hr, P,
+                 dh_n, 0, dg, gates, cs, cs, c0, prev_row, n_prev, dc, row0, bs,
+                 0, row0_r, bs_r, prev_row_r, n_prev_r, row0_r, bs_r, total, B, H)
 
 
 # ---- CUDA graphs -----------------------------------------------------------------------------------
-# One fused kernel per step means T launches per layer-direction; at small batch the launch
+# One fused kernel per step means T launches per layer (both directions share them); at small batch the launch
 # cost, not the GPU, sets the pace. A step loop whose shapes and batch_sizes were seen
 # before is recorded once into a CUDA graph over static buffers and replayed: inputs are
 # copied in, outputs copied out. Padded batches repeat their batch_sizes; packed batches
@@ -428,23 +461,32 @@ def _copy_in(b, src: dict):
             b[k].copy_(v)
 
 
-# ---- forward and backward of one layer-direction ---------------------------------------------------
-def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, store_gates: bool):
-    """Run the recurrence. Returns y, h_n, c_n and the buffers backward needs."""
+# ---- forward and backward of one layer-direction, or of both directions of a layer ------------------
+# Every tensor here has a leading direction axis D (1, or 2 for a bidirectional pair: slot 0
+# forward in time, slot 1 reverse); `reverses` says which way each slot runs.
+
+def _per_direction_rows(rows_of, reverses, D_rows: int) -> torch.Tensor:
+    """Row indices into a (D * D_rows, .) view of a stacked buffer: rows_of(reverse) of each slot."""
+    return torch.cat([rows_of(rev) + d * D_rows for d, rev in enumerate(reverses)])
+
+
+def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverses: tuple, store_gates: bool):
+    """Run the recurrence of every direction slot. h0 (D, B, P), c0 (D, B, H), p: stacked
+    (D, ...) weights. Returns y (D, total, P), h_n, c_n and the buffers backward needs."""
     total = x.shape[0]
-    B, P = h0.shape
-    H = c0.shape[1]
+    D, B, P = h0.shape
+    H = c0.shape[2]
     dt, dev = x.dtype, x.device
     cfg = _Cfg(x, B, H, P)
     proj = p.w_hr is not None
     has_bias = p.b_ih is not None
     perm = interleave_perm(H, dev)  # the kernels' gate-interleaved order of the 4H axis
-    w_ih = p.w_ih[perm]  # (4H, I): x W_ih^T comes out interleaved
-    bias = (p.b_ih.to(cfg.acc) + p.b_hh.to(cfg.acc))[perm] if has_bias else None  # (4H,)
+    w_ih_t = p.w_ih[:, perm].transpose(1, 2)  # (D, I, 4H): x W_ih^T comes out interleaved
+    bias = (p.b_ih.to(cfg.acc) + p.b_hh.to(cfg.acc))[:, perm] if has_bias else None  # (D, 4H)
 
     def make_buffers(static=True):
         """The loop's outputs; with static=True (a CUDA graph's buffers) its inputs too."""
-        e = lambda *shape, dtype=dt: torch.empty(shape, device=dev, dtype=dtype)  # noqa: E731
+        e = lambda *shape, dtype=dt: torch.empty((D, *shape), device=dev, dtype=dtype)  # noqa: E731
         b = dict(y=e(total, P), cs=e(total, H, dtype=cfg.acc),  # c stays in the accumulation dtype
                  gates=e(total, 4 * H) if store_gates else None)
         b["hr"] = e(total, H) if proj else b["y"]  # o * tanh(c), before the projection
@@ -453,20 +495,21 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, store_gates:
                      h0=e(B, P), c0=e(B, H, dtype=cfg.acc), w_hrt=e(H, P) if proj else None)
         return b
 
-    loop = lambda b: _fwd_loop(b, batch_sizes, reverse, cfg, store_gates)  # noqa: E731
-    key = ("fwd", dev, dt, tuple(batch_sizes), reverse, B, H, P, has_bias, proj, store_gates, repr(vars(cfg)))
+    loop = lambda b: _fwd_loop(b, batch_sizes, reverses, cfg, store_gates)  # noqa: E731
+    key = ("fwd", dev, dt, tuple(batch_sizes), reverses, B, H, P, has_bias, proj, store_gates, repr(vars(cfg)))
     graph = _graphs.get(key, make_buffers, loop) if _use_graphs(x) else None
     if graph is None:  # eager: the inputs themselves and fresh outputs
         b = make_buffers(static=False)
-        b.update(xw=torch.matmul(x, w_ih.t()),  # the input projection: one GEMM for all steps
-                 wt=p.w_hh[perm].t().contiguous(), bias=bias,
+        b.update(xw=torch.matmul(x, w_ih_t),  # the input projection: one (batched) GEMM for all steps
+                 wt=p.w_hh[:, perm].transpose(1, 2).contiguous(), bias=bias,
                  h0=h0.contiguous(), c0=c0.to(cfg.acc).contiguous(),
-                 w_hrt=p.w_hr.t().contiguous() if proj else None)
+                 w_hrt=p.w_hr.transpose(1, 2).contiguous() if proj else None)
         loop(b)
     else:
         b, replay = graph
-        torch.matmul(x, w_ih.t(), out=b["xw"])
-        _copy_in(b, dict(wt=p.w_hh[perm].t(), bias=bias, h0=h0, c0=c0, w_hrt=p.w_hr.t() if proj else None))
+        torch.matmul(x, w_ih_t, out=b["xw"])
+        _copy_in(b, dict(wt=p.w_hh[:, perm].transpose(1, 2), bias=bias, h0=h0, c0=c0,
+                         w_hrt=p.w_hr.transpose(1, 2) if proj else None))
         replay()
         # The next replay overwrites the static buffers: keep copies of what outlives this call.
         b = {k: (v.clone() if k in ("y", "hr", "cs", "gates", "h0", "c0") and v is not None else v)
@@ -474,24 +517,24 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, store_gates:
         if not proj:
             b["hr"] = b["y"]
     y, cs = b["y"], b["cs"]
-    last = _final_rows(batch_sizes, last=not reverse, device=dev)
-    h_n = y[last]
-    c_n = cs[last].to(dt)
+    last = _per_direction_rows(lambda rev: _final_rows(batch_sizes, last=not rev, device=dev), reverses, total)
+    h_n = y.reshape(D * total, P)[last].view(D, B, P)
+    c_n = cs.reshape(D * total, H)[last].view(D, B, H).to(dt)
     return y, h_n, c_n, (b["gates"] if store_gates else None, cs, b["hr"], b["h0"], b["c0"])
 
 
-def _backward(saved, dy, dh_n, dc_n, batch_sizes, reverse, needs):
+def _backward(saved, dy, dh_n, dc_n, batch_sizes, reverses, needs):
     x, p, y, (gates, cs, hr, h0, c0) = saved
     total = x.shape[0]
-    B, P = h0.shape
-    H = c0.shape[1]
+    D, B, P = h0.shape
+    H = c0.shape[2]
     dt, dev = x.dtype, x.device
     cfg = _Cfg(x, B, H, P)
     proj = p.w_hr is not None
 
     def make_buffers(static=True):
         """The loop's outputs; with static=True (a CUDA graph's buffers) its inputs too."""
-        e = lambda *shape, dtype=dt: torch.empty(shape, device=dev, dtype=dtype)  # noqa: E731
+        e = lambda *shape, dtype=dt: torch.empty((D, *shape), device=dev, dtype=dtype)  # noqa: E731
         b = dict(dg=e(total, 4 * H),  # gate pre-activation grads
                  dhp=e(total, P) if proj else None)  # dL/dy_t including the recurrence
         if static:
@@ -500,10 +543,10 @@ def _backward(saved, dy, dh_n, dc_n, batch_sizes, reverse, needs):
                      w_hh=e(4 * H, P), w_hr=e(P, H) if proj else None)
         return b
 
-    loop = lambda b: _bwd_loop(b, batch_sizes, reverse, cfg)  # noqa: E731
-    key = ("bwd", dev, dt, tuple(batch_sizes), reverse, B, H, P, proj, repr(vars(cfg)))
+    loop = lambda b: _bwd_loop(b, batch_sizes, reverses, cfg)  # noqa: E731
+    key = ("bwd", dev, dt, tuple(batch_sizes), reverses, B, H, P, proj, repr(vars(cfg)))
     graph = _graphs.get(key, make_buffers, loop) if _use_graphs(x) else None
-    w_hh = p.w_hh[interleave_perm(H, dev)]  # rows in the interleaved order of dg
+    w_hh = p.w_hh[:, interleave_perm(H, dev)]  # rows in the interleaved order of dg
     inputs = dict(dy=dy, dh_n=dh_n, gates=gates, cs=cs, c0=c0, w_hh=w_hh, w_hr=p.w_hr)
     if graph is None:
         b = make_buffers(static=False)
@@ -515,46 +558,73 @@ def _backward(saved, dy, dh_n, dc_n, batch_sizes, reverse, needs):
         _copy_in(b, dict(inputs, dc=dc_n))
         replay()  # b's outputs are read right below, before any other replay can happen
 
-    # What remains are GEMMs over all steps at once, in torch's gate order.
-    dg = deinterleave(b["dg"])
+    # What remains are GEMMs over all steps at once (batched over the directions), in torch's gate order.
+    dg = deinterleave(b["dg"])  # (D, total, 4H)
     nx, nh0, nc0, nwih, nwhh, nbih, nbhh, nwhr = needs
-    dx = dg @ p.w_ih if nx else None  # (total, I)
+    dx = None
+    if nx:  # x fed every direction: the sum of their contributions
+        dx = torch.matmul(dg, p.w_ih)  # (D, total, I)
+        dx = dx[0] if D == 1 else dx.sum(0)
     dh0 = None
     if nh0:  # h0 of each sequence fed its first step in time: forward t=0, reverse its last
-        first = _final_rows(batch_sizes, last=reverse, device=dev)
-        dh0 = dg[first] @ p.w_hh  # (B, P)
+        first = _per_direction_rows(lambda rev: _final_rows(batch_sizes, last=rev, device=dev), reverses, total)
+        dh0 = torch.matmul(dg.reshape(D * total, 4 * H)[first].view(D, B, 4 * H), p.w_hh)  # (D, B, P)
     dc0 = b["dc"].to(dt, copy=True) if nc0 else None
-    dw_ih = dg.t() @ x if nwih else None  # (4H, I)
+    dw_ih = torch.matmul(dg.transpose(1, 2), x) if nwih else None  # (D, 4H, I)
     dw_hh = None
-    if nwhh:
-        h_prev = torch.cat([y, h0])[_prev_rows(batch_sizes, reverse, dev)]  # (total, P)
-        dw_hh = dg.t() @ h_prev  # (4H, P)
-    db = dg.sum(0, dtype=cfg.acc).to(dt) if (nbih or nbhh) else None
-    dw_hr = b["dhp"].t() @ hr if (proj and nwhr) else None  # (P, H)
+    if nwhh:  # every row's h_{t-1}, from cat([y, h0]) of its own direction
+        prev = _per_direction_rows(lambda rev: _prev_rows(batch_sizes, rev, dev), reverses, total + B)
+        h_prev = torch.cat([y, h0], dim=1).reshape(D * (total + B), P)[prev].view(D, total, P)
+        dw_hh = torch.matmul(dg.transpose(1, 2), h_prev)  # (D, 4H, P)
+    db = dg.sum(1, dtype=cfg.acc).to(dt) if (nbih or nbhh) else None
+    dw_hr = torch.matmul(b["dhp"].transpose(1, 2), hr) if (proj and nwhr) else None  # (D, P, H)
     return (dx, dh0, dc0, dw_ih, dw_hh,
             db if nbih else None, db if nbhh else None, dw_hr)
 
 
+def _differentiable_grads(saved, grads_out, batch_sizes, reverses, needs):
+    """create_graph=True: the gradients as differentiable tensors, one direction at a time
+    through engines/double_backward.py, put back together like the stacked inputs."""
+    x, *stacked = saved
+    per_direction = []
+    for d, rev in enumerate(reverses):
+        inputs = (x, *(t[d] if t is not None else None for t in stacked))
+        outs = [g[d] if g is not None else None for g in grads_out]
+        per_direction.append(differentiable_backward("triton", inputs, outs, batch_sizes, rev, needs))
+    result = []
+    for k, gs in enumerate(zip(*per_direction)):
+        if all(g is None for g in gs):
+            result.append(None)
+        elif k == 0:  # x: shared by the directions
+            result.append(sum(g for g in gs if g is not None))
+        else:  # a direction whose outputs got no gradient contributes zeros
+            result.append(torch.stack([g if g is not None else torch.zeros_like(stacked[k - 1][d])
+                                       for d, g in enumerate(gs)]))
+    return tuple(result)
+
+
 class _TritonLayer(torch.autograd.Function):
+    """One layer over packed data, D direction slots (stacked inputs) in the same launches."""
+
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverses):
         p = LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr)
-        y, h_n, c_n, bufs = _forward(x, batch_sizes, h0, c0, p, reverse, store_gates=True)
+        y, h_n, c_n, bufs = _forward(x, batch_sizes, h0, c0, p, reverses, store_gates=True)
         ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, w_hr, y, *bufs, h0, c0)  # h0, c0: double backward only
-        ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
+        ctx.batch_sizes, ctx.reverses = batch_sizes, reverses
         return y, h_n, c_n
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
         if torch.is_grad_enabled():  # create_graph=True: this backward is itself differentiated
             x, w_ih, w_hh, b_ih, b_hh, w_hr, *_, h0, c0 = ctx.saved_tensors
-            grads = differentiable_backward("triton", (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (dy, dh_n, dc_n),
-                                            ctx.batch_sizes, ctx.reverse, ctx.needs_input_grad)
+            grads = _differentiable_grads((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (dy, dh_n, dc_n),
+                                          ctx.batch_sizes, ctx.reverses, ctx.needs_input_grad[:8])
             return (*grads, None, None)
         x, w_ih, w_hh, b_ih, b_hh, w_hr, y, *bufs = ctx.saved_tensors[:-2]
         p = LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr)
         with torch.autocast(x.device.type, enabled=False):
-            grads = _backward((x, p, y, bufs), dy, dh_n, dc_n, ctx.batch_sizes, ctx.reverse,
+            grads = _backward((x, p, y, bufs), dy, dh_n, dc_n, ctx.batch_sizes, ctx.reverses,
                               ctx.needs_input_grad[:8])
         return (*grads, None, None)
 
@@ -562,34 +632,65 @@ class _TritonLayer(torch.autograd.Function):
 _warned_variant = False
 
 
+def _reference_for_variants(x, batch_sizes, h0, c0, p, reverse, variant):
+    global _warned_variant
+    if not _warned_variant:
+        warnings.warn(
+            "engine='triton' has no fused kernels for LSTM variants yet; "
+            "running them with the reference engine",
+            stacklevel=3,
+        )
+        _warned_variant = True
+    from .. import reference
+
+    return reference.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse, variant=variant)
+
+
+def _stack(params: list) -> LayerParams:
+    """The directions' LayerParams as one of (D, ...) tensors (differentiable; a view for D=1)."""
+    one = len(params) == 1
+    return LayerParams(*(None if ts[0] is None else (ts[0].unsqueeze(0) if one else torch.stack(ts))
+                         for ts in zip(*params)))
+
+
+def _run(x, batch_sizes, h0, c0, p: LayerParams, reverses: tuple):
+    """The fused layer for stacked (D, ...) h0, c0, p, in x's dtype: y, h_n, c_n stacked too."""
+    tensors = (x, h0, c0, *p)
+    with torch.autocast(x.device.type, enabled=False):  # the engine's own GEMMs stay in x's dtype
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return _TritonLayer.apply(x, h0, c0, *p, list(batch_sizes), reverses)
+        with torch.no_grad():
+            y, h_n, c_n, _ = _forward(x, batch_sizes, h0, c0, p, reverses, store_gates=False)
+    return y, h_n, c_n
+
+
 def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False, variant=None):
     """One layer-direction over packed data (see engines/reference.py for the contract)."""
     if variant is not None:  # layer norm, peepholes, ...: no fused kernels yet
-        global _warned_variant
-        if not _warned_variant:
-            warnings.warn(
-                "engine='triton' has no fused kernels for LSTM variants yet; "
-                "running them with the reference engine",
-                stacklevel=2,
-            )
-            _warned_variant = True
-        from .. import reference
-
-        return reference.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse, variant=variant)
-
+        return _reference_for_variants(x, batch_sizes, h0, c0, p, reverse, variant)
     _check(x)
     if len(batch_sizes) == 0 or batch_sizes[0] == 0:  # nothing to run: the reference handles empties
         from .. import reference
 
         return reference.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse)
     h0, c0, p = to_compute_dtype(x.dtype, h0, c0, p)
-    tensors = (x, h0, c0, *p)
-    with torch.autocast(x.device.type, enabled=False):  # the engine's own GEMMs stay in x's dtype
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return _TritonLayer.apply(x, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, list(batch_sizes), reverse)
-        with torch.no_grad():
-            y, h_n, c_n, _ = _forward(x, batch_sizes, h0, c0, p, reverse, store_gates=False)
-    return y, h_n, c_n
+    y, h_n, c_n = _run(x, batch_sizes, h0.unsqueeze(0), c0.unsqueeze(0), _stack([p]), (reverse,))
+    return y[0], h_n[0], c_n[0]
+
+
+def lstm_layer_pair(x, batch_sizes, h0, c0, params):
+    """Both directions of a bidirectional layer, forward (slot 0) and reverse (slot 1), in ONE
+    kernel launch per step, forward and backward: h0 = (h0_f, h0_b), c0 = (c0_f, c0_b),
+    params = (p_f, p_b). Returns ((y_f, h_f, c_f), (y_b, h_b, c_b)), each what lstm_layer
+    returns for that direction. The module uses it when the engine module has it and the
+    layer runs no variant (engines.get_pair_fn)."""
+    _check(x)
+    if len(batch_sizes) == 0 or batch_sizes[0] == 0:
+        return tuple(lstm_layer(x, batch_sizes, h, c, p, reverse=d == 1) for d, (h, c, p) in enumerate(zip(h0, c0, params)))
+    cast = [to_compute_dtype(x.dtype, h, c, p) for h, c, p in zip(h0, c0, params)]
+    y, h_n, c_n = _run(x, batch_sizes, torch.stack([h for h, _, _ in cast]), torch.stack([c for _, c, _ in cast]),
+                       _stack([p for _, _, p in cast]), (False, True))
+    return (y[0], h_n[0], c_n[0]), (y[1], h_n[1], c_n[1])
 
 
 def to_compute_dtype(dt: torch.dtype, h0, c0, p: LayerParams):

@@ -44,16 +44,15 @@ def _key(x, h0, c0, p: LayerParams):
             triton_engine.kernel_options(x, B, H, P))
 
 
-def checked_lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False, variant=None):
-    """triton_engine.lstm_layer once this case's kernels passed their self-check, else reference's."""
-    if variant is not None or x.device.type not in DEVICES:
-        return triton_engine.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse, variant=variant)
+def _trusted(x, h0, c0, p: LayerParams):
+    """Whether this case's kernels passed their self-check (running it on first sight); None
+    while a CUDA-graph capture is in progress and the case was never checked (no verdict)."""
     h0c, c0c, pc = triton_engine.to_compute_dtype(x.dtype, h0, c0, p)
     key = _key(x, h0c, c0c, pc)
     if key not in VERDICTS and x.is_cuda and torch.cuda.is_current_stream_capturing():
         # A check copies from the host, which a CUDA-graph capture forbids: not verdict-worthy.
-        # Run this call on the reference engine; the check happens on the first call outside.
-        return reference.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse)
+        # The call runs on the reference engine; the check happens on the first call outside.
+        return None
     if key not in VERDICTS:
         with _lock:
             if key not in VERDICTS:
@@ -62,11 +61,29 @@ def checked_lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = F
                     warnings.warn(
                         f"lstmkit engine='auto': the Triton engine failed its self-check on {key[0]} for "
                         f"{x.dtype} ({VERDICTS[key]}); using the reference engine for these layers. " + REPORT,
-                        RuntimeWarning, stacklevel=3,
+                        RuntimeWarning, stacklevel=4,
                     )
-    if VERDICTS[key] is None:
+    return VERDICTS[key] is None
+
+
+def checked_lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False, variant=None):
+    """triton_engine.lstm_layer once this case's kernels passed their self-check, else reference's."""
+    if variant is not None or x.device.type not in DEVICES:
+        return triton_engine.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse, variant=variant)
+    if _trusted(x, h0, c0, p):
         return triton_engine.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse)
     return reference.lstm_layer(x, batch_sizes, h0, c0, p, reverse=reverse)
+
+
+def checked_lstm_layer_pair(x, batch_sizes, h0, c0, params):
+    """triton_engine.lstm_layer_pair (both directions in one launch per step) once this case's
+    kernels passed their self-check, which runs that paired path too; else reference's, per direction."""
+    if x.device.type not in DEVICES:
+        return triton_engine.lstm_layer_pair(x, batch_sizes, h0, c0, params)
+    if _trusted(x, h0[0], c0[0], params[0]):
+        return triton_engine.lstm_layer_pair(x, batch_sizes, h0, c0, params)
+    return tuple(reference.lstm_layer(x, batch_sizes, h, c, p, reverse=d == 1)
+                 for d, (h, c, p) in enumerate(zip(h0, c0, params)))
 
 
 def _tiny_problem(like: torch.Tensor, p: LayerParams, seed: int = 0):
@@ -90,34 +107,70 @@ def _run(fn, x, batch_sizes, h0, c0, p, reverse, grads):
     return [o.detach() for o in outs] + [t.grad for t in leaves if t is not None]
 
 
+def _run_pair(x, batch_sizes, h0, c0, p, grads):
+    """Both directions through lstm_layer_pair (x shared, each direction its own copies of h0,
+    c0 and the weights): per direction, its outputs, dx (of both), and its other gradients."""
+    xl = x.detach().clone().requires_grad_(True)
+    sides = [[t.detach().clone().requires_grad_(True) if t is not None else None for t in (h0, c0, *p)]
+             for _ in range(2)]
+    with torch.enable_grad():
+        outs = triton_engine.lstm_layer_pair(xl, batch_sizes, (sides[0][0], sides[1][0]), (sides[0][1], sides[1][1]),
+                                             (LayerParams(*sides[0][2:]), LayerParams(*sides[1][2:])))
+        flat = [o for side in outs for o in side]
+        torch.autograd.backward(flat, [g.to(o.dtype) for g, o in zip(grads * 2, flat)])
+    return [[o.detach() for o in outs[d]] + [xl.grad] + [t.grad for t in sides[d] if t is not None]
+            for d in range(2)]
+
+
+def _disagreement(names, ours, ref, tol, label):
+    """The first name whose values differ beyond tol (relative to max(1, max |ref|)), or None."""
+    for name, a, b in zip(names, ours, ref):
+        err = (a.double() - b).abs().max().item()
+        scale = max(1.0, b.abs().max().item())
+        if not err <= tol * scale:  # also catches NaN
+            return f"{name} {label}: max error {err:.3g} > {tol:g}"
+    return None
+
+
 def self_check(like: torch.Tensor, p: LayerParams, options: tuple):
     """None when the kernels compiled with `options` agree with the reference on like's
-    device and dtype; otherwise a one-line reason."""
+    device and dtype, one direction at a time and both directions paired; otherwise a
+    one-line reason."""
     tol = TOL.get(like.dtype, 1e-1)
     try:
         x, batch_sizes, h0, c0, tp = _tiny_problem(like, p)
         as64 = lambda t: None if t is None else t.double()  # noqa: E731
+        names = ["y", "h_n", "c_n", "dx", "dh0", "dc0", "dW_ih", "dW_hh", "db_ih", "db_hh", "dW_hr"]
+        names = names[:6] + [n for n, t in zip(names[6:], tp) if t is not None]
+        names_nograd = [f"{n} (no grad)" for n in names[:3]]
         # With CUDA graphs on, a third call replays a captured graph: check that too.
         graphs = triton_engine.CUDA_GRAPHS and like.device.type in triton_engine.GRAPH_DEVICES
-        for reverse in (False, True) * (3 if graphs else 1):
+        for _ in range(3 if graphs else 1):
             gen = torch.Generator().manual_seed(1)
             shapes = [(x.shape[0], h0.shape[1]), h0.shape, c0.shape]
             grads = [torch.randn(s, generator=gen, dtype=torch.float64).to(like.device) for s in shapes]
+            refs = [_run(reference.lstm_layer, as64(x), batch_sizes, as64(h0), as64(c0),
+                         LayerParams(*(as64(t) for t in tp)), reverse, grads) for reverse in (False, True)]
             with triton_engine.forced_options(options):
-                ours = _run(triton_engine.lstm_layer, x, batch_sizes, h0, c0, tp, reverse, grads)
+                for reverse, ref in zip((False, True), refs):
+                    label = "reverse" if reverse else "forward"
+                    ours = _run(triton_engine.lstm_layer, x, batch_sizes, h0, c0, tp, reverse, grads)
+                    with torch.no_grad():
+                        ours_nograd = triton_engine.lstm_layer(x, batch_sizes, h0, c0, tp, reverse=reverse)
+                    why = (_disagreement(names, ours, ref, tol, label)
+                           or _disagreement(names_nograd, ours_nograd, ref, tol, label))
+                    if why:
+                        return why
+                paired = _run_pair(x, batch_sizes, h0, c0, tp, grads)
                 with torch.no_grad():
-                    ours_nograd = triton_engine.lstm_layer(x, batch_sizes, h0, c0, tp, reverse=reverse)
-            ref = _run(reference.lstm_layer, as64(x), batch_sizes, as64(h0), as64(c0),
-                       LayerParams(*(as64(t) for t in tp)), reverse, grads)
-            names = ["y", "h_n", "c_n", "dx", "dh0", "dc0", "dW_ih", "dW_hh", "db_ih", "db_hh", "dW_hr"]
-            names = names[:6] + [n for n, t in zip(names[6:], tp) if t is not None]
-            pairs = list(zip(names, ours, ref)) + [(f"{n} (no grad)", a, b) for n, a, b in
-                                                    zip(names[:3], ours_nograd, ref[:3])]
-            for name, a, b in pairs:
-                err = (a.double() - b).abs().max().item()
-                scale = max(1.0, b.abs().max().item())
-                if not err <= tol * scale:  # also catches NaN
-                    return f"{name} {'reverse' if reverse else 'forward'}: max error {err:.3g} > {tol:g}"
+                    paired_nograd = triton_engine.lstm_layer_pair(x, batch_sizes, (h0, h0), (c0, c0), (tp, tp))
+            dx_both = refs[0][3] + refs[1][3]
+            for d, label in enumerate(("paired forward", "paired reverse")):
+                ref = refs[d][:3] + [dx_both] + refs[d][4:]
+                why = (_disagreement(names, paired[d], ref, tol, label)
+                       or _disagreement(names_nograd, paired_nograd[d], ref, tol, label))
+                if why:
+                    return why
     except Exception as e:  # noqa: BLE001 - compile errors, launch failures, out of resources...
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
     return None

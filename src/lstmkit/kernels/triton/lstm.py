@@ -1,6 +1,6 @@
 """Triton kernels for one LSTM step, forward and backward (the GPU engine's hot loop).
 
-Each kernel runs ONE time step of one layer-direction over the rows (sequences) live at
+Each kernel runs ONE time step of one layer (one direction, or both: see Directions) over the rows (sequences) live at
 that step. The input projection x W_ih^T of all steps is a single GEMM done by the
 caller; what remains per step is fused here:
 
@@ -33,6 +33,15 @@ driver casts everything to one compute dtype). Gate math
 runs in ACC_DTYPE; stores cast back to the buffer's dtype. The cell state c is kept in
 the accumulation dtype by the driver, so it does not lose bits between steps in fp16/bf16.
 
+Directions. A launch's grid has a third axis, the direction slot d (0, or 1 for the second
+direction of a bidirectional layer run in the same launch): every buffer holds one slab per
+direction stacked on a leading axis, (D, total, .) for per-row data, (D, B, .) for states,
+(D, rows, cols) for weights, each slab contiguous, so a program finds its direction's slab
+from the row counts `total` and `B` alone (dir_offset). The two directions walk time
+opposite ways, so each per-step argument has a second copy (`*_r`) for slot 1; a launch with
+one direction passes the same values twice. The grid's first axis covers the larger of the
+two steps' row counts; each slot masks its own.
+
 These kernels never import torch. Whether they are compiled or interpreted is decided by
 triton when this module is imported (TRITON_INTERPRET=1 -> interpreter, runs on CPU
 tensors); see mode().
@@ -45,11 +54,19 @@ import triton.language as tl
 
 # The arguments that change from step to step (row offsets and counts): never specialized, so
 # one compiled kernel serves every step (engines/triton/launcher.py relies on these lists).
-DO_NOT_SPECIALIZE = {
-    "lstm_fwd_step": ("row0", "prev_row", "n_prev", "bs"),
+_STEP_ARGS = {
+    "lstm_fwd_step": ("prev_row", "n_prev", "row0", "bs"),
     "rows_matmul_step": ("out_row", "base_row", "a_row", "n_live", "bs"),
-    "lstm_bwd_step": ("row0", "dh_row", "a_row", "n_live", "prev_row", "n_prev", "bs"),
+    "lstm_bwd_step": ("dh_row", "a_row", "n_live", "prev_row", "n_prev", "row0", "bs"),
 }
+# Each per-step argument and its second direction's copy.
+DO_NOT_SPECIALIZE = {k: v + tuple(a + "_r" for a in v) for k, v in _STEP_ARGS.items()}
+
+
+@triton.jit
+def _pick(d, first, second):
+    """first for direction slot 0, second for slot 1 (scalars)."""
+    return first + d * (second - first)
 
 
 @triton.jit
@@ -108,16 +125,31 @@ def lstm_fwd_step(
     c_ptr,  # (total, H)    out: c_t
     h_ptr, h_stride,  # (total, *) out: o * tanh(c_t)  (y, or the pre-projection buffer)
     row0,  # first row of this step in xw / gates / c / h
-    bs, H, K,
+    bs,
+    prev_row_r, n_prev_r, row0_r, bs_r,  # the same for direction slot 1
+    total, B, H, K,  # rows per direction of the packed buffers, of h0 / c0
     HAS_BIAS: tl.constexpr, STORE_GATES: tl.constexpr,
     ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     ACC_DTYPE = tl.float64 if ACC_F64 else tl.float32
+    d = tl.program_id(2).to(tl.int64)  # direction slot: select its step and its slab of every buffer
+    prev_row, n_prev = _pick(d, prev_row, prev_row_r), _pick(d, n_prev, n_prev_r)
+    row0, bs = _pick(d, row0, row0_r), _pick(d, bs, bs_r)
+    four_h = 4 * H
+    xw_ptr += d * total * four_h
+    gates_ptr += d * total * four_h
+    wt_ptr += d * K * four_h
+    b_ptr += d * four_h
+    hp_ptr += d * total * K
+    h0_ptr += d * B * K
+    cp_ptr += d * total * H
+    c_ptr += d * total * H
+    c0_ptr += d * B * H
+    h_ptr += d * total * h_stride
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,) hidden units
     cols = tl.program_id(1) * (4 * BLOCK_H) + tl.arange(0, 4 * BLOCK_H)  # (4BH,) their gate columns
-    four_h = 4 * H
     rmask = rows < bs
     umask = units < H
     cmask = cols < four_h
@@ -163,7 +195,9 @@ def rows_matmul_step(
     a_ptr, a_row, a_stride,  # (*, K) the rows r < n_live are a[a_row + r] @ w ...
     w_ptr,  # (K, N) row-major
     alt_ptr, alt_stride,  # (B, N) ... the rows r >= n_live get alt[r] instead (HAS_ALT)
-    n_live, bs, N, K,
+    n_live, bs,
+    out_row_r, base_row_r, a_row_r, n_live_r, bs_r,  # the same for direction slot 1
+    total, B, N, K,  # rows per direction of out / base / a, of alt
     HAS_BASE: tl.constexpr, HAS_ALT: tl.constexpr,
     ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -171,6 +205,14 @@ def rows_matmul_step(
     """One step's projection GEMM, so the step loop runs no torch op: forward y_t = h_t W_hr^T;
     backward dL/dy_t + (dgates_{t+1} W_hh for the rows that go on, dL/dh_n for the rows that end)."""
     ACC_DTYPE = tl.float64 if ACC_F64 else tl.float32
+    d = tl.program_id(2).to(tl.int64)
+    out_row, base_row, a_row = _pick(d, out_row, out_row_r), _pick(d, base_row, base_row_r), _pick(d, a_row, a_row_r)
+    n_live, bs = _pick(d, n_live, n_live_r), _pick(d, bs, bs_r)
+    out_ptr += d * total * out_stride
+    base_ptr += d * total * base_stride
+    a_ptr += d * total * a_stride
+    w_ptr += d * K * N
+    alt_ptr += d * B * alt_stride
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < bs
@@ -211,7 +253,9 @@ def lstm_bwd_step(
     c_ptr,  # (total, H)    saved c_t
     cp_ptr, c0_ptr, prev_row, n_prev,  # c_{t-1}: rows < n_prev from cp[prev_row..], the others from c0
     dc_ptr,  # (B, H) in/out, in place: dL/dc_t in, dL/dc_{t-1} out (rows < bs)
-    row0, bs, H,
+    row0, bs,
+    dh_row_r, a_row_r, n_live_r, prev_row_r, n_prev_r, row0_r, bs_r,  # the same for direction slot 1
+    total, B, H,  # rows per direction of the packed buffers, of dh_n / c0 / dc
     HAS_DH: tl.constexpr, HAS_DHN: tl.constexpr,
     ACC_F64: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -220,10 +264,24 @@ def lstm_bwd_step(
     # With one, a kernel before this one summed dL/dy_t and the recurrence into a (width P):
     # a = those rows, w = W_hr, every row live, no dh nor dh_n here.
     ACC_DTYPE = tl.float64 if ACC_F64 else tl.float32
+    d = tl.program_id(2).to(tl.int64)
+    dh_row, a_row, n_live = _pick(d, dh_row, dh_row_r), _pick(d, a_row, a_row_r), _pick(d, n_live, n_live_r)
+    prev_row, n_prev = _pick(d, prev_row, prev_row_r), _pick(d, n_prev, n_prev_r)
+    row0, bs = _pick(d, row0, row0_r), _pick(d, bs, bs_r)
+    four_h = 4 * H
+    dh_ptr += d * total * dh_stride
+    a_ptr += d * total * a_stride
+    w_ptr += d * KD * H
+    dhn_ptr += d * B * dhn_stride
+    dg_ptr += d * total * four_h
+    gates_ptr += d * total * four_h
+    c_ptr += d * total * H
+    cp_ptr += d * total * H
+    c0_ptr += d * B * H
+    dc_ptr += d * B * H
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.program_id(1) * (4 * BLOCK_H) + tl.arange(0, 4 * BLOCK_H)
-    four_h = 4 * H
     rmask = rows < bs
     umask = units < H
     cmask = cols < four_h
