@@ -16,6 +16,7 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstmkit
+from harness import TOL, assert_close
 from lstmkit.engines import double_backward
 
 ENGINES = ["reference", "numba", "triton"]  # triton: in the interpreter (conftest sets TRITON_INTERPRET)
@@ -196,8 +197,9 @@ def test_gradient_penalty_matches_torch(engine, config, packed):
         inp = pack_padded_sequence(x, torch.tensor([4, 2, 3]), batch_first=batch_first,
                                    enforce_sorted=False) if packed else x
         results.append(_penalty_grads(m, inp, (h0, c0), [x, h0, c0]))
+    assert len(results[0]) == len(results[1])
     for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+        assert_close(b, a, TOL[F64])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -217,8 +219,9 @@ def test_cell_gradient_penalty_matches_torch(engine):
         first = torch.autograd.grad(loss, [x, *m.parameters()], create_graph=True)
         penalty = sum(d.square().sum() for d in first)
         results.append(torch.autograd.grad(penalty, [x, h0, c0, *m.parameters()]))
+    assert len(results[0]) == len(results[1])
     for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+        assert_close(b, a, TOL[F64])
 
 
 def test_hessian_vector_product_matches_torch():
@@ -234,8 +237,9 @@ def test_hessian_vector_product_matches_torch():
         loss = m(x)[0].square().sum()
         grads = torch.autograd.grad(loss, params, create_graph=True)
         hvps.append(torch.autograd.grad(sum((gr * v).sum() for gr, v in zip(grads, vs)), params))
+    assert len(hvps[0]) == len(hvps[1])
     for a, b in zip(*hvps):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+        assert_close(b, a, TOL[F64])
 
 
 # ---- the plain training step stays fused ----------------------------------------------------------
