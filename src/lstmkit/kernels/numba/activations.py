@@ -32,6 +32,8 @@ _P = (1.0, 0.14666666666666667, 0.0052173913043478265, 6.625258799171843e-05,
 _Q = (1.0, 0.48, 0.03188405797101449, 0.0006625258799171842,
       5.230467473030402e-06, 1.5193805295658393e-08, 1.1510458557316966e-11)
 _CLAMP = 9.0  # |x| beyond this: float32 tanh(x) is +-1
+# The same rational for simd.py's vector blocks (public names for another module).
+TANH_NUMERATOR, TANH_DENOMINATOR, TANH_CLAMP = _P, _Q, _CLAMP
 
 
 def _pade_coefficients(levels: int = 12):

@@ -24,7 +24,7 @@ from numba import types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
-from .activations import _CLAMP, _P, _Q
+from .activations import TANH_CLAMP, TANH_DENOMINATOR, TANH_NUMERATOR
 
 
 def _has_avx512() -> bool:
@@ -105,9 +105,9 @@ class _VectorMath:
 
     def tanh(self, x):
         b = self.b
-        x = self.clamp(x, _CLAMP)
+        x = self.clamp(x, TANH_CLAMP)
         z = b.fmul(x, x)
-        r = self.divide(b.fmul(x, self.horner(_P, z)), self.horner(_Q, z))
+        r = self.divide(b.fmul(x, self.horner(TANH_NUMERATOR, z)), self.horner(TANH_DENOMINATOR, z))
         return self.clamp(r, 1.0)
 
     def sigmoid(self, x):

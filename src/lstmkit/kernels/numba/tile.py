@@ -14,7 +14,9 @@ end), so the V weights of one k are one contiguous vector load. The micro-kernel
 R x V tile of `out` in R vector registers across the whole k loop and per k does one vector
 load of W, R scalar loads of `a` broadcast, and R fused multiply-adds: every weight loaded
 is used R times from a register. V = 32 float32 / 16 float64 (two AVX-512 or four AVX2
-registers per row), R = 4 rows (R = 1 for a single row: batch 1 is a matrix-vector product).
+registers per row), R = 8 rows on AVX-512 (16 accumulators of its 32 registers: faster than
+4-row tiles, BENCHMARKS.md), then 4, and R = 1 for a single row (batch 1
+is a matrix-vector product).
 
 The rows are independent: each output row depends only on its own input row and W, summed
 in the same k order, so a result is bitwise the same whichever chunk or tile computed it.
@@ -24,6 +26,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .simd import AVX512
 
 KW = dict(cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"}, error_model="numpy", nogil=True)
 
@@ -133,8 +137,12 @@ def _make_tile(R: int):
     return tile
 
 
+tile8 = _make_tile(8)
 tile4 = _make_tile(4)
 tile1 = _make_tile(1)
+# 8-row tiles hold 16 accumulator registers: AVX-512 has 32 vector registers, AVX2 only 16
+# (there, 4 rows of 4 ymm already fill them).
+EIGHT_ROWS = AVX512
 
 
 def pack(w, transposed):
@@ -191,8 +199,11 @@ def matmul(a, n, wp, out):
         for b in range(nb):
             tile1(a, 0, 1, wp, b, out)
         return
+    n8 = n - n % 8 if EIGHT_ROWS else 0
     for b in range(nb):
-        for r0 in range(0, n, 4):
+        for r0 in range(0, n8, 8):
+            tile8(a, r0, n, wp, b, out)
+        for r0 in range(n8, n, 4):
             if n - r0 == 1:
                 tile1(a, r0, n, wp, b, out)
             else:
