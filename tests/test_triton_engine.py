@@ -597,15 +597,18 @@ def auto_uses_triton_on_cpu(monkeypatch):
 
 def test_auto_self_check_passes_and_runs_triton(auto_uses_triton_on_cpu, monkeypatch):
     calls = []
-    real = triton_engine.lstm_layer
-    monkeypatch.setattr(triton_engine, "lstm_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("lstm_layer", "lstm_layer_pair"):
+        real = getattr(triton_engine, name)
+        monkeypatch.setattr(triton_engine, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
     ref, ours = pair(_cfg(True, True, 3, 1), "auto")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no self-check failure
         run_differential(ref, ours, padded_input(4, 2, 4, torch.float64))
     verdicts = auto_uses_triton_on_cpu.VERDICTS
     assert len(verdicts) == 1 and list(verdicts.values()) == [None]
-    assert len(calls) > 2  # the check's calls and the model's own
+    # The check: one direction and the pair, each with and without grad; then the
+    # bidirectional model's own call, paired.
+    assert calls == ["lstm_layer"] * 2 + ["lstm_layer_pair"] * 3
 
 
 @pytest.mark.parametrize("bad", ["raises", "wrong"])

@@ -47,6 +47,7 @@ engine only after its kernels pass a self-check on the device (selfcheck.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import warnings
@@ -311,6 +312,38 @@ def _step_times(T: int, s: int, reverses: tuple, backward: bool) -> list:
     return [T - 1 - s if reverse != backward else s for reverse in reverses]
 
 
+# The step loops' per-iteration arguments depend on batch_sizes and the directions only:
+# computed once per shape, so an iteration's host work is the launch itself.
+@functools.lru_cache(maxsize=64)
+def _fwd_schedule(batch_sizes: tuple, reverses: tuple) -> tuple:
+    """Per loop iteration: (rows of the larger slot, slot 0's (prev_row, n_prev, row0, bs),
+    the same for slot 1, which repeats slot 0 when there is one direction)."""
+    T, offsets = len(batch_sizes), step_offsets(batch_sizes)
+    schedule = []
+    for s in range(T):
+        per = [(*_prev_step(batch_sizes, offsets, t, rev), offsets[t], batch_sizes[t])
+               for t, rev in zip(_step_times(T, s, reverses, False), reverses)]
+        schedule.append((max(p[3] for p in per), per[0], per[-1]))
+    return tuple(schedule)
+
+
+@functools.lru_cache(maxsize=64)
+def _bwd_schedule(batch_sizes: tuple, reverses: tuple) -> tuple:
+    """Per loop iteration: (rows of the larger slot, slot 0's (next_row, n_next, prev_row,
+    n_prev, row0, bs), the same for slot 1); next: the step after t in the forward pass."""
+    T, offsets = len(batch_sizes), step_offsets(batch_sizes)
+    schedule = []
+    for s in range(T):
+        per = []
+        for t, rev in zip(_step_times(T, s, reverses, True), reverses):
+            nxt = (t - 1 if rev else t + 1) if s > 0 else None
+            n_next = min(batch_sizes[nxt], batch_sizes[t]) if nxt is not None else 0
+            next_row = offsets[nxt] if nxt is not None else 0
+            per.append((next_row, n_next, *_prev_step(batch_sizes, offsets, t, rev), offsets[t], batch_sizes[t]))
+        schedule.append((max(p[5] for p in per), per[0], per[-1]))
+    return tuple(schedule)
+
+
 def _fwd_loop(b, batch_sizes, reverses, cfg, store_gates):
     """Forward over all steps, every direction slot in the same launches: kernel launches
     only, no torch op. Reads b: xw, wt, bias, h0, c0, w_hrt (W_hr^T, proj only); writes b: y,
@@ -322,16 +355,9 @@ def _fwd_loop(b, batch_sizes, reverses, cfg, store_gates):
     bias = b["bias"] if has_bias else xw
     D, total, H = cs.shape
     B, P = h0.shape[1], y.shape[2]
-    T = len(batch_sizes)
-    offsets = step_offsets(batch_sizes)
     step = cfg.launcher(tk.lstm_fwd_step, HAS_BIAS=has_bias, STORE_GATES=store_gates).loop()
     project = cfg.proj_launcher(HAS_BASE=False, HAS_ALT=False).loop()
-    for s in range(T):
-        # Per slot: (prev_row, n_prev, row0, bs); slot 1 repeats slot 0 when there is one direction.
-        per = [(*_prev_step(batch_sizes, offsets, t, rev), offsets[t], batch_sizes[t])
-               for t, rev in zip(_step_times(T, s, reverses, False), reverses)]
-        (prev_row, n_prev, row0, bs), second = per[0], per[-1]
-        n_rows = max(bs, second[3])
+    for n_rows, (prev_row, n_prev, row0, bs), second in _fwd_schedule(tuple(batch_sizes), reverses):
         step(cfg.grid(n_rows, H, D), xw, b["wt"], bias, y, h0, cs, c0, prev_row, n_prev,
              gates, cs, hr, hr.stride(1), row0, bs, *second, total, B, H, P)
         if w_hrt is not None:  # y_t = h_t W_hr^T
@@ -349,24 +375,15 @@ def _bwd_loop(b, batch_sizes, reverses, cfg):
     gates, cs, c0, w_hh, w_hr = b["gates"], b["cs"], b["c0"], b["w_hh"], b["w_hr"]
     D, total, H = cs.shape
     B, P = c0.shape[1], dy.shape[2]
-    T = len(batch_sizes)
-    offsets = step_offsets(batch_sizes)
     proj = w_hr is not None
     # Without a projection the recurrent GEMM of dh is fused into the step kernel; with one,
     # rows_matmul_step first sums dL/dy_t and the recurrence (width P), and the step kernel
     # takes that back through W_hr.
     step = cfg.launcher(tk.lstm_bwd_step, bwd=True, HAS_DH=not proj, HAS_DHN=not proj).loop()
     recurrence = cfg.proj_launcher(HAS_BASE=True, HAS_ALT=True).loop()
-    for s in range(T):
-        per = []  # per slot: (next_row, n_next, prev_row, n_prev, row0, bs)
-        for t, rev in zip(_step_times(T, s, reverses, True), reverses):
-            nxt = (t - 1 if rev else t + 1) if s > 0 else None  # the step after t in the forward pass
-            n_next = min(batch_sizes[nxt], batch_sizes[t]) if nxt is not None else 0
-            next_row = offsets[nxt] if nxt is not None else 0
-            per.append((next_row, n_next, *_prev_step(batch_sizes, offsets, t, rev), offsets[t], batch_sizes[t]))
-        (next_row, n_next, prev_row, n_prev, row0, bs), second = per[0], per[-1]
+    for n_rows, first, second in _bwd_schedule(tuple(batch_sizes), reverses):
+        next_row, n_next, prev_row, n_prev, row0, bs = first
         next_row_r, n_next_r, prev_row_r, n_prev_r, row0_r, bs_r = second
-        n_rows = max(bs, bs_r)
         if not proj:
             step(cfg.grid(n_rows, H, D, bwd=True), dy, row0, P, dg, next_row, 4 * H, n_next, w_hh, 4 * H,
                  dh_n, dh_n.stride(1), dg, gates, cs, cs, c0, prev_row, n_prev, dc, row0, bs,
