@@ -52,9 +52,10 @@ def _as_i64(builder, v):
     return builder.sext(v, ir.IntType(64)) if v.type.width < 64 else v
 
 
-def _make_tile(R: int):
-    """The R-row micro-kernel: out[r0:r0+R, b*V:(b+1)*V] = a[r0:r0+R] @ W[:, b*V:(b+1)*V];
-    rows at or past n are read clamped to row n-1 and not stored."""
+def _make_tile(R: int, accumulate: bool = False):
+    """The R-row micro-kernel: out[r0:r0+R, b*V:(b+1)*V] = a[r0:r0+R] @ W[:, b*V:(b+1)*V]
+    (accumulate: += , the sum continuing from what out holds); rows at or past n are read
+    clamped to row n-1 and not stored."""
 
     @intrinsic
     def tile(typingctx, a, r0, n, wp, b, out):
@@ -76,11 +77,12 @@ def _make_tile(R: int):
             a_stride = builder.sdiv(cgutils.unpack_tuple(builder, arr_a.strides)[0], c(esize))
             o_stride = builder.sdiv(cgutils.unpack_tuple(builder, arr_o.strides)[0], c(esize))
             last = builder.sub(nrows, c(1))
-            a_rows = []
+            a_rows, out_rows = [], []
             for r in range(R):
                 row = builder.add(row0, c(r))
                 row = builder.select(builder.icmp_signed("<", row, nrows), row, last)
                 a_rows.append(builder.gep(arr_a.data, [builder.mul(row, a_stride)]))
+                out_rows.append(builder.mul(row, o_stride))
             w_strides = cgutils.unpack_tuple(builder, arr_w.strides)  # bytes; a slice wp[:, k0:] keeps them
             w_block = builder.sdiv(w_strides[0], c(esize))
             w_row = builder.sdiv(w_strides[1], c(esize))
@@ -90,6 +92,12 @@ def _make_tile(R: int):
             zero = ir.Constant(vt, [ir.Constant(ft, 0.0)] * V)
             undef = ir.Constant(vt, ir.Undefined)
             splat = ir.Constant(ir.VectorType(ir.IntType(32), V), [0] * V)
+            col = builder.mul(block, c(V))
+            if accumulate:  # each row's chain goes on from its stored partial sum: the same bits
+                init = [builder.load(builder.bitcast(builder.gep(arr_o.data, [builder.add(out_rows[r], col)]),
+                                                     vt.as_pointer()), align=esize) for r in range(R)]
+            else:
+                init = [zero] * R
 
             entry = builder.block
             loop = builder.append_basic_block("tile.k")
@@ -101,7 +109,7 @@ def _make_tile(R: int):
             acc = []
             for r in range(R):
                 p = builder.phi(vt)
-                p.add_incoming(zero, entry)
+                p.add_incoming(init[r], entry)
                 acc.append(p)
             w_ptr = builder.bitcast(builder.gep(w_base, [builder.mul(k, w_row)]), vt.as_pointer())
             w = builder.load(w_ptr, align=esize)
@@ -121,10 +129,9 @@ def _make_tile(R: int):
             totals = []
             for r in range(R):  # all phis first: LLVM wants them at the top of the block
                 total = builder.phi(vt)
-                total.add_incoming(zero, entry)
+                total.add_incoming(init[r], entry)
                 total.add_incoming(new[r], body_end)
                 totals.append(total)
-            col = builder.mul(block, c(V))
             for r, total in enumerate(totals):
                 row = builder.add(row0, c(r))
                 with builder.if_then(builder.icmp_signed("<", row, nrows)):
@@ -140,6 +147,9 @@ def _make_tile(R: int):
 tile8 = _make_tile(8)
 tile4 = _make_tile(4)
 tile1 = _make_tile(1)
+tile8_acc = _make_tile(8, accumulate=True)
+tile4_acc = _make_tile(4, accumulate=True)
+tile1_acc = _make_tile(1, accumulate=True)
 # 8-row tiles hold 16 accumulator registers: AVX-512 has 32 vector registers, AVX2 only 16
 # (there, 4 rows of 4 ymm already fill them).
 EIGHT_ROWS = AVX512
@@ -188,23 +198,47 @@ def padded_width(wp):
     return wp.shape[0] * wp.shape[2]
 
 
+# Rows of W per pass: a K_BLOCK x V panel of W (32 KiB) and the tile's rows of `a` stay in the
+# 48 KiB L1 while every row tile runs over them; a longer K evicted the panel between tiles.
+K_BLOCK = 256
+
+
+@njit(**KW)
+def _tiles(a, n, wp, out, accumulate):
+    """One pass over rows 0:n and every column block, K = a.shape[1] (see matmul)."""
+    nb = wp.shape[0]
+    n8 = n - n % 8 if EIGHT_ROWS else 0
+    for b in range(nb):
+        for r0 in range(0, n8, 8):
+            if accumulate:
+                tile8_acc(a, r0, n, wp, b, out)
+            else:
+                tile8(a, r0, n, wp, b, out)
+        for r0 in range(n8, n, 4):
+            if n - r0 == 1:
+                if accumulate:
+                    tile1_acc(a, r0, n, wp, b, out)
+                else:
+                    tile1(a, r0, n, wp, b, out)
+            elif accumulate:
+                tile4_acc(a, r0, n, wp, b, out)
+            else:
+                tile4(a, r0, n, wp, b, out)
+
+
 @njit(**KW)
 def matmul(a, n, wp, out):
     """out[:n, :padded_width(wp)] = a[:n] @ W. a (>= n, K) rows with unit inner stride;
     out (>= n, >= padded_width) likewise; wp packed, or a slice wp[:, k0:k1] of it (the
-    product with rows k0:k1 of W). For each column block, all row tiles run while
-    its K x V panel of W stays in L1."""
-    nb = wp.shape[0]
-    if n == 1:
-        for b in range(nb):
+    product with rows k0:k1 of W). K in passes of K_BLOCK rows of W, each pass's sums going
+    on from the last's (a row's sum runs over k in order whatever the blocking: the same
+    bits); within a pass, for each column block, all row tiles run while its panel of W
+    stays in L1."""
+    K = a.shape[1]
+    if n == 1 and K <= K_BLOCK:
+        for b in range(wp.shape[0]):
             tile1(a, 0, 1, wp, b, out)
         return
-    n8 = n - n % 8 if EIGHT_ROWS else 0
-    for b in range(nb):
-        for r0 in range(0, n8, 8):
-            tile8(a, r0, n, wp, b, out)
-        for r0 in range(n8, n, 4):
-            if n - r0 == 1:
-                tile1(a, r0, n, wp, b, out)
-            else:
-                tile4(a, r0, n, wp, b, out)
+    for k0 in range(0, max(K, 1), K_BLOCK):
+        k1 = min(K, k0 + K_BLOCK)
+        _tiles(a[:, k0:k1], n, wp[:, k0:k1], out, k0 > 0)

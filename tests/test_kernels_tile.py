@@ -1,0 +1,63 @@
+"""The per-step product (kernels/numba/tile.py) at its block boundaries: rows around the 8- and
+4-row tiles, K around the K_BLOCK passes (each pass's sums go on from the last's), and a whole
+LSTM whose products cross both, against torch.nn.LSTM."""
+import numpy as np
+import pytest
+import torch
+
+import lstmkit
+from lstmkit.kernels.numba import tile
+
+from harness import TOL, assert_all_close
+
+KB = tile.K_BLOCK
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K", [0, 1, 37, KB - 1, KB, KB + 1, 2 * KB + 5])
+def test_matmul_equals_numpy_and_rows_are_bitwise_the_same_in_any_tile(dtype, K):
+    rng = np.random.default_rng(K)
+    for n in (1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17):
+        a = rng.standard_normal((n, K)).astype(dtype)
+        w = rng.standard_normal((K, 70)).astype(dtype)
+        wp = tile.pack(w, False)
+        out = np.full((n, tile.padded_width(wp)), 7.0, dtype)  # stale values must not leak in
+        tile.matmul(a, n, wp, out)
+        tol = 1e-4 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(out[:, :70], a @ w, rtol=tol, atol=tol * max(1, K))
+        assert not out[:, 70:].any()  # zero-padded columns stay zero
+        for r in range(n):  # the same row alone (1-row tiles) gives the same bits
+            alone = np.zeros((1, tile.padded_width(wp)), dtype)
+            tile.matmul(np.ascontiguousarray(a[r : r + 1]), 1, wp, alone)
+            assert np.array_equal(alone[0], out[r]), (n, r)
+
+
+def test_matmul_on_column_slices_of_the_input():
+    """The kernels pass views such as xh[:, I:] (row stride wider than K)."""
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((9, KB + 40)).astype(np.float32)
+    a = full[:, 30:]
+    w = rng.standard_normal((a.shape[1], 33)).astype(np.float32)
+    wp = tile.pack(w, False)
+    out = np.zeros((9, tile.padded_width(wp)), np.float32)
+    tile.matmul(a, 9, wp, out)
+    np.testing.assert_allclose(out[:, :33], a @ w, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [3, 9, 17])
+def test_lstm_with_products_past_one_k_block_matches_torch(dtype, batch):
+    """I + H and 4H both above K_BLOCK: forward [x | h] @ [W_ih | W_hh]^T and backward
+    dgates @ [W_ih | W_hh] run in several passes; outputs and every gradient vs torch."""
+    torch.manual_seed(batch)
+    ours = lstmkit.LSTM(KB + 20, 70, engine="numba").to(dtype)
+    ref = torch.nn.LSTM(KB + 20, 70).to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(6, batch, KB + 20, dtype=dtype)
+    results = []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_()
+        y, (h, c) = m(xi)
+        (y.sum() + (h * 2).sum() + (c * 3).sum()).backward()
+        results.append([y, h, c, xi.grad, *(p.grad for p in m.parameters())])
+    assert_all_close(results[0], results[1], TOL[dtype])
