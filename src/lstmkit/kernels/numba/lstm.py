@@ -55,14 +55,6 @@ def offsets(batch_sizes):
     return off
 
 
-@njit(**KW)
-def recurrent_layout(w_hh, T):
-    """W_hh^T laid out row-major (P, 4H) for the variant kernel's per-step BLAS product, when that pays, else (0, 0)."""
-    if T >= 8 and w_hh.size <= 131072:
-        return np.ascontiguousarray(w_hh.T)
-    return np.empty((0, 0), w_hh.dtype)
-
-
 # ---- weights, laid out once per call ------------------------------------------------------------
 def pack_forward(w_ih, w_hh, w_hr=None):
     """(wp, wpr): [W_ih | W_hh]^T and W_hr^T packed for tile.matmul (wpr empty without projection).

@@ -3,7 +3,8 @@ zoneout, recurrent dropout. One layer-direction over packed data, forward and ba
 
 The equations are in lstmkit/variants.py and engines/reference.py (lstm_layer_variant);
 the layout follows kernels/lstm.py (read that first): one GEMM for the input projection
-of all steps, one GEMM per step for the recurrent projection, one fused pass over the
+of all steps, one product per step for the recurrent projection (tile.matmul on weights
+packed once per call), one fused pass over the
 gates per row, weight gradients as one GEMM each after the backward loop. The layer-norm
 backward runs inside the step loop, on each row of dgates while it is still in cache
 (LN is memory-bound: it reads and writes whole 4H rows).
@@ -30,7 +31,8 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
-from .lstm import KW, offsets, recurrent_layout
+from .lstm import KW, offsets
+from .tile import matmul, pack2, padded_width
 
 EPS = 1e-5
 
@@ -112,10 +114,14 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
     h[:] = h0
     c[:] = c0
     dt = acts.dtype
-    hh = np.empty((B, 4 * H), dt)  # (h_{t-1} * m) @ W_hh^T of one step
+    # The per-step products on weights packed once per call for the micro-kernel (tile.py),
+    # as the plain kernel does; their outputs are padded to the kernel's column blocks.
+    wp_hh = pack2(w_hh, w_hh[:, :0], True)  # W_hh^T (P, 4H)
+    wp_hr = pack2(w_hr, w_hr[:, :0], True)  # W_hr^T (H, P); no blocks without a projection
+    hh = np.empty((B, padded_width(wp_hh)), dt)  # (h_{t-1} * m) @ W_hh^T of one step
     hin = np.empty((B, P), dt)  # h_{t-1} * m
     hp = np.empty((B, H), dt)  # o * tanh(c~), before the projection
-    hn = np.empty((B, P), dt)  # h~ (after the projection), before zoneout
+    hn = np.empty((B, padded_width(wp_hr) if has_proj else P), dt)  # h~ (after the projection), before zoneout
     nrm4 = np.empty(4 * H, dt)  # one row normalised (scratch when not saving)
     nrm1 = np.empty(H, dt)
     nrm1c = np.empty(H, dt)
@@ -128,9 +134,6 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
     # No literal 1 in float math below: int - float32 types as float64 in Numba and would
     # run a float32 loop in float64 (so s' = s - s*s, and (1 - d) a + d b = a + d (b - a)).
     np.dot(x, w_ih.T, acts)  # (total, 4H)
-    # W_hh^T laid out row-major is faster for BLAS on small matrices (kernels/lstm.py)
-    w_hh_t = recurrent_layout(w_hh, T)
-    layout = w_hh_t.shape[0] > 0
 
     for s in range(T):
         t = T - 1 - s if reverse else s
@@ -145,14 +148,11 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
             if save:
                 h_in[o0 + r] = hin[r]
                 c_prev[o0 + r] = c[r]
-        if layout:
-            np.dot(hin[:bs], w_hh_t, hh[:bs])  # (bs, P) @ (P, 4H)
-        else:
-            np.dot(hin[:bs], w_hh.T, hh[:bs])
+        matmul(hin, bs, wp_hh, hh)  # (bs, P) @ (P, 4H)
         for r in range(bs):
             row = o0 + r
             a = acts[row]
-            q = hh[r]
+            q = hh[r, : 4 * H]
             cr = c[r]
             hr_ = hp[r]
             cn = cells[row] if save else nrm1  # c~ of this row
@@ -193,7 +193,7 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
                 for j in range(H):
                     hr_[j] = ao[j] * tanh(cn[j])
         if has_proj:
-            np.dot(hp[:bs], w_hr.T, hn[:bs])  # (bs, H) @ (H, P)
+            matmul(hp, bs, wp_hr, hn)  # (bs, H) @ (H, P)
         else:
             hn[:bs] = hp[:bs]
         for r in range(bs):  # zoneout of h, then y_t = h_t
@@ -202,7 +202,7 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
                 for k in range(P):
                     h[r, k] = hn[r, k] + zh[row, k] * (h[r, k] - hn[r, k])
             else:
-                h[r] = hn[r]
+                h[r] = hn[r, :P]
         y[o0 : o0 + bs] = h[:bs]
 
 
@@ -236,8 +236,10 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
     dgates = np.empty((total, 4 * H), dt)
     dhw = np.empty((total if has_ln else 0, 4 * H), dt)  # d loss / d (h_in W_hh^T), before LN_hh
     dhn = np.empty((B, P), dt)  # d loss / d h~ (after projection, before zoneout)
-    dhp = np.empty((B, H), dt)  # d loss / d (o * tanh(.)) before the projection
-    dhin = np.empty((B, P), dt)  # d loss / d h_in of one step
+    wpb_hh = pack2(w_hh, w_hh[:, :0], False)  # W_hh (4H, P) packed for the per-step product
+    wpb_hr = pack2(w_hr, w_hr[:, :0], False)  # W_hr (P, H); no blocks without a projection
+    dhp = np.empty((B, padded_width(wpb_hr) if has_proj else H), dt)  # d loss / d (o * tanh(.)) before the projection
+    dhin = np.empty((B, padded_width(wpb_hh)), dt)  # d loss / d h_in of one step
     dcv = np.empty(H, dt)  # d loss / d c~ of one row
     dcn = np.empty(H, dt)  # d loss / d LN_cell(c~) of one row
     cn = np.empty(H, dt)  # LN_cell(c~) (or c~) of one row
@@ -274,7 +276,7 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
                     dhn[r, k] = dh[r, k] + dy[row, k]
         if has_proj:
             dh_all[o0 : o0 + bs] = dhn[:bs]
-            np.dot(dhn[:bs], w_hr, dhp[:bs])  # (bs, P) @ (P, H)
+            matmul(dhn, bs, wpb_hr, dhp)  # (bs, P) @ (P, H)
         else:
             dhp[:bs] = dhn[:bs]
         for r in range(bs):
@@ -341,7 +343,7 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
                 # dgates becomes d(x W_ih^T) in place (db, dW_hh no longer need it)
                 _normalize_backward(dgr, ln_ih_w, xr, rstd[row, 0], dgr, kc)
         src = dhw if has_ln else dgates
-        np.dot(src[o0 : o0 + bs], w_hh, dhin[:bs])  # (bs, 4H) @ (4H, P)
+        matmul(src[o0:], bs, wpb_hh, dhin)  # (bs, 4H) @ (4H, P)
         if has_rm and has_zh:  # dh_{t-1} = (zoneout's part) + m * (the recurrent GEMM's part)
             for r in range(bs):
                 for k in range(P):
@@ -351,9 +353,9 @@ def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
                 for k in range(P):
                     dh[r, k] = dhin[r, k] * rm[r, k]
         elif has_zh:
-            dh[:bs] += dhin[:bs]
+            dh[:bs] += dhin[:bs, :P]
         else:
-            dh[:bs] = dhin[:bs]
+            dh[:bs] = dhin[:bs, :P]
 
     if has_ln:
         dln_ih_b[:] = db
