@@ -44,12 +44,10 @@ def _vector_ok(*arrays) -> bool:
     return all(isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == 1 for t in arrays)
 
 
-@intrinsic
-def vector_units(typingctx, q, bias, a, c, h):
-    """How many of the H = len(c) units gate_block covers: H rounded down to a multiple of
-    LANES when every row is float32 with unit stride (checked at run time: a slice such as
-    xh[i, I:] types as layout 'A'), else 0."""
-    ok = _vector_ok(q, bias, a, c, h)
+def _units_codegen(ok, length_arg):
+    """Codegen of a *_units intrinsic: len(args[length_arg]) rounded down to a multiple of
+    LANES when every array argument is float32 with unit stride (checked at run time: a
+    slice such as xh[i, I:] types as layout 'A'), else 0."""
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
@@ -60,11 +58,24 @@ def vector_units(typingctx, q, bias, a, c, h):
         for arr in arrays:
             stride = cgutils.unpack_tuple(builder, arr.strides)[0]
             unit = builder.and_(unit, builder.icmp_signed("==", stride, ir.Constant(i64, 4)))
-        n = cgutils.unpack_tuple(builder, arrays[3].shape)[0]
+        n = cgutils.unpack_tuple(builder, arrays[length_arg].shape)[0]
         blocks = builder.mul(builder.sdiv(n, ir.Constant(i64, LANES)), ir.Constant(i64, LANES))
         return builder.select(unit, blocks, ir.Constant(i64, 0))
 
-    return types.int64(q, bias, a, c, h), codegen
+    return codegen
+
+
+@intrinsic
+def vector_units(typingctx, q, bias, a, c, h):
+    """How many of the H = len(c) units gate_block covers (see _units_codegen)."""
+    return types.int64(q, bias, a, c, h), _units_codegen(_vector_ok(q, bias, a, c, h), 3)
+
+
+@intrinsic
+def variant_vector_units(typingctx, a, q, bias, p_i, p_f, p_o, c, cn):
+    """How many of the H = len(c) units variant_gate_block covers (see _units_codegen)."""
+    sig = types.int64(a, q, bias, p_i, p_f, p_o, c, cn)
+    return sig, _units_codegen(_vector_ok(a, q, bias, p_i, p_f, p_o, c, cn), 6)
 
 
 class _VectorMath:
@@ -147,6 +158,51 @@ def gate_block(typingctx, q, bias, a, c, h, j):
         cv = builder.call(m.fma, [fg, builder.load(c_ptr, align=4), builder.fmul(ig, gg)])
         builder.store(cv, c_ptr, align=4)
         builder.store(builder.fmul(og, m.tanh(cv)), ptr(ha, j0), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def variant_gate_block(typingctx, a, q, bias, p_i, p_f, p_o, c, cn, j):
+    """Units j : j+LANES of the variant kernel's gate loop (kernels/variants.py, peepholes
+    p_* zero when absent): with x_g = a[gH + j..] + q[gH + j..] + bias[gH + j..],
+    i = sigmoid(x_i + p_i c), f = sigmoid(x_f + p_f c), g = tanh(x_g), c~ = f c + i g,
+    o = sigmoid(x_o + p_o c~); a's gate rows become i, f, g, o and cn[j..] = c~
+    (c itself is not written: zoneout decides what is carried)."""
+    ok = _vector_ok(a, q, bias, p_i, p_f, p_o, c, cn)
+    sig = types.void(a, q, bias, p_i, p_f, p_o, c, cn, j)
+
+    def codegen(context, builder, signature, args):
+        if not ok:
+            return context.get_dummy_value()
+        m = _VectorMath(builder)
+        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:8], args[:8])]
+        aa, qa, ba, pia, pfa, poa, ca, cna = arrays
+        i64 = ir.IntType(64)
+        j0 = builder.sext(args[8], i64) if args[8].type.width < 64 else args[8]
+        H = cgutils.unpack_tuple(builder, ca.shape)[0]
+
+        def ptr(arr, offset):
+            return builder.bitcast(builder.gep(arr.data, [offset]), m.vt.as_pointer())
+
+        def load(arr, offset):
+            return builder.load(ptr(arr, offset), align=4)
+
+        def gate_offset(g):
+            return builder.add(builder.mul(H, ir.Constant(i64, g)), j0)
+
+        pre = [builder.fadd(builder.fadd(load(aa, gate_offset(g)), load(qa, gate_offset(g))), load(ba, gate_offset(g)))
+               for g in range(4)]
+        cp = load(ca, j0)
+        ig = m.sigmoid(builder.call(m.fma, [load(pia, j0), cp, pre[0]]))
+        fg = m.sigmoid(builder.call(m.fma, [load(pfa, j0), cp, pre[1]]))
+        gg = m.tanh(pre[2])
+        cv = builder.call(m.fma, [fg, cp, builder.fmul(ig, gg)])
+        og = m.sigmoid(builder.call(m.fma, [load(poa, j0), cv, pre[3]]))
+        for g, v in enumerate((ig, fg, gg, og)):
+            builder.store(v, ptr(aa, gate_offset(g)), align=4)
+        builder.store(cv, ptr(cna, j0), align=4)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -32,6 +32,7 @@ from numba import njit
 
 from .activations import sigmoid, tanh
 from .lstm import KW, offsets
+from .simd import LANES, variant_gate_block, variant_vector_units
 from .tile import matmul, pack2, padded_width
 
 EPS = 1e-5
@@ -167,7 +168,10 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
             # per gate (LLVM can't prove a[j], a[H + j] apart), so it vectorises.
             ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]
             qi, qf, qg, qo = q[:H], q[H : 2 * H], q[2 * H : 3 * H], q[3 * H :]
-            for j in range(H):
+            j0 = variant_vector_units(a, q, b, pi, pf, po, cr, cn)  # float32: vector blocks (simd.py)
+            for j in range(0, j0, LANES):
+                variant_gate_block(a, q, b, pi, pf, po, cr, cn, j)
+            for j in range(j0, H):
                 cp = cr[j]
                 ig = sigmoid(ai[j] + qi[j] + bi[j] + pi[j] * cp)
                 fg = sigmoid(af[j] + qf[j] + bf[j] + pf[j] * cp)
