@@ -26,6 +26,10 @@ chunks that run on n threads at once:
 
 See kernels/numba/lstm.py (the loops) and tile.py (the per-step product).
 """
-from .lstm import backward_core, forward_core, lstm_backward, lstm_forward
+from .cache_guard import drop_stale_cache
+
+drop_stale_cache()  # before any kernel module loads its cache (see cache_guard.py)
+
+from .lstm import backward_core, forward_core, lstm_backward, lstm_forward  # noqa: E402
 
 __all__ = ["lstm_forward", "lstm_backward", "forward_core", "backward_core"]
