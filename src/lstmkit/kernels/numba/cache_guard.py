@@ -1,23 +1,24 @@
 """Keep Numba's on-disk cache from serving kernels built from older helper code.
 
-Numba keys each cached function by the timestamp of its own source file only. tile.py, simd.py
-and activations.py are compiled *into* their callers (lstm.py, variants.py, step.py): after an
-edit or a `git pull` that changes one of them but not the caller, the caller's cache would keep
-the old code and compute with it, silently. So a hash of the helpers' sources is kept beside the
-cache; when it differs, this package's cache files are deleted before anything loads them.
+Numba keys each cached function by the timestamp of its own source file only, but the kernels
+here compile each other in (tile.py, simd.py and activations.py into lstm.py and variants.py;
+lstm.py into variants.py and step.py): after an edit or a `git pull` that changes one file but
+not its callers, the callers' cache would keep the old code and compute with it, silently. So a
+hash of all the package's sources is kept beside the cache; when it differs, the package's cache
+files are deleted before anything loads them (one full recompile after any change).
 """
 import hashlib
 import os
 from pathlib import Path
 
-HELPERS = ("tile.py", "simd.py", "activations.py")
-STAMP = "lstmkit-kernel-helpers.sha256"
+STAMP = "lstmkit-kernel-sources.sha256"
 
 
-def _helpers_hash(package_dir: Path) -> str:
+def sources_hash(package_dir: Path) -> str:
+    """sha256 over the package's .py files, names and contents."""
     h = hashlib.sha256()
-    for name in HELPERS:
-        h.update((package_dir / name).read_bytes())
+    for path in sorted(package_dir.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
@@ -36,7 +37,7 @@ def numba_cache_dir(package_dir: Path):
 
 
 def drop_stale_cache(package_dir: Path | None = None, cache: Path | None = None) -> None:
-    """Delete this package's Numba cache files when the helpers changed since they were written
+    """Delete this package's Numba cache files when its sources changed since they were written
     (package_dir / cache: this package and Numba's cache for it unless given, for tests).
     Never raises: a cache that cannot be checked is left to Numba."""
     try:
@@ -45,7 +46,7 @@ def drop_stale_cache(package_dir: Path | None = None, cache: Path | None = None)
         if cache is None or not cache.is_dir():
             return
         stamp = cache / STAMP
-        current = _helpers_hash(package_dir)
+        current = sources_hash(package_dir)
         if stamp.is_file() and stamp.read_text().strip() == current:
             return
         for pattern in ("*.nbi", "*.nbc"):
