@@ -487,7 +487,7 @@ def test_inference_weights_cache_follows_updates_and_dies_with_the_tensor():
 
 # ---- one time step (T = 1): GEMMs on the weights as they are, no packing ----------------------------
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize("N", [1, 3, 11])  # 11: above STEP_KERNEL_MAX_ROWS, the products in torch
 @pytest.mark.parametrize("cfg", [
     dict(input_size=5, hidden_size=8),
     dict(input_size=5, hidden_size=8, bias=False),
@@ -514,16 +514,17 @@ def test_one_step_packed_and_unbatched_match_torch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_one_step_partial_gradients_match_torch(dtype):
+@pytest.mark.parametrize("N", [2, 11])
+def test_one_step_partial_gradients_match_torch(dtype, N):
     """Only some inputs need gradients (frozen W_ih and b_hh, an input without grad, a loss on h_n and c_n only):
     the step backward leaves the others out and the rest still match torch.nn.LSTM."""
     ref, ours = pair(dict(input_size=4, hidden_size=6, proj_size=2), "numba", dtype)
     for m in (ref, ours):
         m.weight_ih_l0.requires_grad_(False)
         m.bias_hh_l0.requires_grad_(False)
-    x = torch.randn(1, 2, 4, dtype=dtype)
-    h0 = torch.randn(1, 2, 2, dtype=dtype, requires_grad=True)
-    c0 = torch.randn(1, 2, 6, dtype=dtype)
+    x = torch.randn(1, N, 4, dtype=dtype)
+    h0 = torch.randn(1, N, 2, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(1, N, 6, dtype=dtype)
     grads = []
     for m in (ref, ours):
         m.zero_grad()
@@ -535,10 +536,10 @@ def test_one_step_partial_gradients_match_torch(dtype):
 
 def test_one_step_takes_the_step_path_without_packing(monkeypatch):
     """T = 1 forward and backward run the step kernels and never lay the weights out for the
-    time-loop kernels; T = 2 still does (the time loop)."""
+    time-loop kernels; a longer call still does."""
     from lstmkit.engines.numba import binding
 
-    calls = {"pack": 0, "step_forward": 0, "step_backward": 0}
+    calls = {"pack": 0, "step_forward": 0, "step_backward": 0, "step_backward_all": 0}
 
     def counting(name, fn):
         def wrapped(*args):
@@ -550,13 +551,19 @@ def test_one_step_takes_the_step_path_without_packing(monkeypatch):
     monkeypatch.setattr(binding, "pack_backward", counting("pack", binding.pack_backward))
     monkeypatch.setattr(binding, "step_forward_kernel", counting("step_forward", binding.step_forward_kernel))
     monkeypatch.setattr(binding, "step_backward_kernel", counting("step_backward", binding.step_backward_kernel))
+    monkeypatch.setattr(binding, "step_backward_all_kernel", counting("step_backward_all",
+                                                                      binding.step_backward_all_kernel))
     m = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, engine="numba")
     y, (h, c) = m(torch.randn(1, 2, 3))
     (y.sum() + c.sum()).backward()
-    assert calls == {"pack": 0, "step_forward": 4, "step_backward": 4}
-    y, _ = m(torch.randn(2, 2, 3))
+    assert calls == {"pack": 0, "step_forward": 4, "step_backward": 0, "step_backward_all": 4}
+    N = binding.STEP_KERNEL_MAX_ROWS + 1  # more rows: the products as torch GEMMs
+    y, _ = m(torch.randn(1, N, 3))
     y.sum().backward()
-    assert calls["pack"] == 8 and calls["step_forward"] == 4
+    assert calls == {"pack": 0, "step_forward": 8, "step_backward": 4, "step_backward_all": 4}
+    y, _ = m(torch.randn(binding.FEW_STEPS_MAX_ROWS + 1, 1, 3))  # the time-loop kernels
+    y.sum().backward()
+    assert calls["pack"] == 8 and calls["step_forward"] == 8
 
 
 def test_one_step_double_backward_matches_torch():
@@ -571,3 +578,52 @@ def test_one_step_double_backward_matches_torch():
         res.append(torch.autograd.grad(gx.pow(2).sum(), list(m.parameters())))
     for a, b in zip(res[1], res[0]):
         assert_close(a, b, TOL[torch.float64])
+
+
+# ---- a few time steps of a few rows: the recurrent product on W_hh as it is ---------------------------
+@given(
+    I=st.integers(1, 5), H=st.integers(1, 20), proj=st.integers(0, 3), bias=st.booleans(), bidir=st.booleans(),
+    lengths=st.lists(st.integers(1, 8), min_size=1, max_size=4), packed=st.booleans(), hx=st.booleans(),
+    f32=st.booleans(),
+)
+def test_few_steps_match_torch(I, H, proj, bias, bidir, lengths, packed, hx, f32):
+    """A few steps of a few rows (padded and packed unsorted, both directions; most of them up to
+    FEW_STEPS_MAX_ROWS rows in all, the few-steps path) against torch.nn.LSTM: outputs and every
+    gradient, the input's included."""
+    dtype = torch.float32 if f32 else torch.float64
+    cfg = dict(input_size=I, hidden_size=H, bias=bias, bidirectional=bidir, proj_size=proj if proj < H else 0)
+    ref, ours = pair(cfg, "numba", dtype, seed=len(lengths))
+    N = len(lengths)
+    g = torch.Generator().manual_seed(H)
+    state = tuple(torch.randn(s, generator=g, dtype=dtype) for s in ours.config.state_shapes(N)) if hx else None
+    if packed:
+        make = packed_input(lengths, I, dtype, seed=N)
+    else:
+        make = tensor_input(torch.randn(max(lengths), N, I, generator=g, dtype=dtype))
+    run_differential(ref, ours, make, state, seed=N + 2)
+
+
+def test_few_steps_take_their_path(monkeypatch):
+    """Several steps over up to FEW_STEPS_MAX_ROWS rows in all run the few-steps kernels and never
+    pack the weights; one row more runs the time-loop kernels."""
+    from lstmkit.engines.numba import binding
+
+    calls = {"pack": 0, "steps_forward": 0, "steps_backward": 0}
+
+    def counting(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(binding, "pack_forward", counting("pack", binding.pack_forward))
+    monkeypatch.setattr(binding, "pack_backward", counting("pack", binding.pack_backward))
+    monkeypatch.setattr(binding, "steps_forward_kernel", counting("steps_forward", binding.steps_forward_kernel))
+    monkeypatch.setattr(binding, "steps_backward_kernel", counting("steps_backward", binding.steps_backward_kernel))
+    m = lstmkit.LSTM(3, 4, bidirectional=True, engine="numba")
+    rows = binding.FEW_STEPS_MAX_ROWS
+    assert rows % 2 == 0
+    for shape, want in (((2, 1, 3), (0, 2, 2)), ((rows // 2, 2, 3), (0, 4, 4)), ((rows + 1, 1, 3), (4, 4, 4))):
+        y, _ = m(torch.randn(shape))
+        y.sum().backward()
+        assert (calls["pack"], calls["steps_forward"], calls["steps_backward"]) == want, shape

@@ -23,7 +23,10 @@ from ...kernels.numba.lstm import (
 )
 from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
 from ...kernels.numba.step import step_backward as step_backward_kernel
+from ...kernels.numba.step import step_backward_all as step_backward_all_kernel
 from ...kernels.numba.step import step_forward as step_forward_kernel
+from ...kernels.numba.step import steps_backward as steps_backward_kernel
+from ...kernels.numba.step import steps_forward as steps_forward_kernel
 from ..base import LayerParams
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -149,9 +152,14 @@ def backward_weights(p: LayerParams):
 # ---- one layer-direction, numpy level ---------------------------------------------------------------
 def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: bool):
     """The forward kernel on tensors; returns numpy (y, h_n, c_n, acts, cells), acts and cells
-    empty unless save. One time step without cached weights goes to step_forward."""
-    if save and len(batch_sizes) == 1:
-        return step_forward(x, h0, c0, p)
+    empty unless save. One or a few time steps, saved for backward (the weights change between
+    calls: nothing to cache) go to step_forward / steps_forward (see unpacked_path)."""
+    if save:
+        path = unpacked_path(batch_sizes)
+        if path == "one step":
+            return step_forward(x, h0, c0, p)
+        if path == "few steps":
+            return steps_forward(x, batch_sizes, h0, c0, p, reverse)
     xn, h0n, c0n = as_numpy(x), as_numpy(h0), as_numpy(c0)
     dt = xn.dtype
     total, I = xn.shape
@@ -178,10 +186,13 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
 def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cells, dy, dh_n, dc_n, needs=None):
     """BPTT on tensors (dy, dh_n, dc_n may be None: zeros). Returns torch tensors
     (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr or None); the weight gradients are torch GEMMs.
-    One time step goes to step_backward, which leaves out (None) what `needs` (flags in
-    double_backward.INPUT_NAMES order, None: all) does not ask for."""
-    if len(batch_sizes) == 1:
+    One or a few time steps (unpacked_path) go to step_backward / steps_backward, which leave out
+    (None) what `needs` (flags in double_backward.INPUT_NAMES order, None: all) does not ask for."""
+    path = unpacked_path(batch_sizes)
+    if path == "one step":
         return step_backward(x, h0, c0, p, acts, cells, dy, dh_n, dc_n, needs)
+    if path == "few steps":
+        return steps_backward(x, batch_sizes, h0, c0, p, reverse, y, acts, cells, dy, dh_n, dc_n, needs)
     xn, h0n, c0n = as_numpy(x), as_numpy(h0), as_numpy(c0)
     dt = xn.dtype
     total, I = xn.shape
@@ -214,15 +225,33 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
 # the time-loop kernels would lay them out again at every call, forward and backward: a copy of
 # W each, as costly as the one-step products. Here the products are torch GEMMs on the weights
 # as they are, and a Numba kernel (kernels/numba/step.py) makes the per-unit gate passes.
+# Calls of at most this many steps take the one-step path (0: none, for measuring the others).
+STEP_PATH_MAX_STEPS = 1
+# Up to this many rows the step backward makes its products (dx, dh0, weight gradients) in the
+# Numba kernel's call: five torch calls cost more than the products at one-step sizes.
+STEP_KERNEL_MAX_ROWS = 8
+
+
+# Calls of several steps over at most this many rows in all (sum of batch_sizes) take the
+# few-steps path: the recurrent product as dot products on W_hh as it is, in the Numba loop.
+# Below it, laying the weights out for the time-loop kernels (a copy of W, forward and backward)
+# costs more than the slower per-step products lose (BENCHMARKS.md has the crossover).
+FEW_STEPS_MAX_ROWS = 16
+
+
+def unpacked_path(batch_sizes) -> str | None:
+    """'one step', 'few steps', or None (the time-loop kernels on packed weights) for a call
+    that saves for backward, by its batch_sizes."""
+    if len(batch_sizes) <= STEP_PATH_MAX_STEPS:
+        return "one step"
+    if sum(batch_sizes) <= FEW_STEPS_MAX_ROWS:
+        return "few steps"
+    return None
+
+
 def step_forward(x, h0, c0, p: LayerParams):
     """layer_forward(save=True) for batch_sizes == [B]: numpy (y, h_n, c_n, acts, cells)."""
-    w_ih = p.w_ih.detach()
-    if p.b_ih is not None:
-        q = torch.addmm(p.b_ih.detach(), x.detach(), w_ih.t())
-        b = as_numpy(p.b_hh)
-    else:
-        q = torch.mm(x.detach(), w_ih.t())
-        b = np.zeros(q.shape[1], w_ih.numpy().dtype)
+    q, b = _input_projection(x, p)
     q.addmm_(h0.detach(), p.w_hh.detach().t())
     qn = q.numpy()
     B, G = qn.shape
@@ -243,16 +272,40 @@ def step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs=
     needs = needs or (True,) * 8
     an = as_numpy(acts)
     B, G = an.shape
+    dt = an.dtype
     dh = dy if dh_n is None else dh_n if dy is None else dy + dh_n  # y_1 is h_1
     if dh is None:
         dh = torch.zeros(h0.shape, dtype=h0.dtype)
     w_hr = p.w_hr.detach() if p.w_hr is not None else None
     dhpre = dh.mm(w_hr) if w_hr is not None else dh  # dL/d(o * tanh(c_1))
-    dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, G // 4), an.dtype)  # becomes dc0
-    dgates = torch.empty((B, G), dtype=h0.dtype)
-    hpre = torch.empty((B, G // 4 if w_hr is not None else 0), dtype=h0.dtype)
-    step_backward_kernel(an, as_numpy(cells), as_numpy(c0), as_numpy(dhpre), dc, dgates.numpy(), hpre.numpy(),
-                         w_hr is not None)
+    dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, G // 4), dt)  # becomes dc0
+    dgates = np.empty((B, G), dt)
+    hpre = np.empty((B, G // 4 if w_hr is not None else 0), dt)
+    gate_args = (an, as_numpy(cells), as_numpy(c0), as_numpy(dhpre), dc, dgates, hpre, w_hr is not None)
+    if B <= STEP_KERNEL_MAX_ROWS:
+        dx, dh0, dw_ih, dw_hh, db = _step_products_in_kernel(gate_args, x, h0, p, needs)
+    else:
+        step_backward_kernel(*gate_args)
+        dx, dh0, dw_ih, dw_hh, db = _step_products_in_torch(torch.from_numpy(dgates), x, h0, p, needs)
+    dw_hr = dh.detach().t().mm(torch.from_numpy(hpre)) if w_hr is not None and needs[7] else None
+    return dx, dh0, torch.from_numpy(dc), dw_ih, dw_hh, db, dw_hr
+
+
+def _step_products_in_kernel(gate_args, x, h0, p: LayerParams, needs):
+    dgates = gate_args[5]
+    B, G = dgates.shape
+    dt = dgates.dtype
+    xn, h0n = as_numpy(x), as_numpy(h0)
+    I, P = xn.shape[1], h0n.shape[1]
+    outs = (np.empty((B if needs[0] else 0, I), dt), np.empty((B if needs[1] else 0, P), dt),
+            np.empty((G if needs[3] else 0, I), dt), np.empty((G if needs[4] else 0, P), dt),
+            np.empty(G if needs[5] or needs[6] else 0, dt))
+    step_backward_all_kernel(*gate_args, xn, h0n, as_numpy(p.w_ih), as_numpy(p.w_hh), *outs)
+    wanted = (needs[0], needs[1], needs[3], needs[4], needs[5] or needs[6])
+    return tuple(torch.from_numpy(a) if w else None for a, w in zip(outs, wanted))
+
+
+def _step_products_in_torch(dgates, x, h0, p: LayerParams, needs):
     dg_t = dgates.t()
     x, h0 = x.detach(), h0.detach()
     dx = dgates.mm(p.w_ih.detach()) if needs[0] else None
@@ -260,8 +313,58 @@ def step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs=
     dw_ih = dg_t.mm(x) if needs[3] else None
     dw_hh = dg_t.mm(h0) if needs[4] else None
     db = dgates.sum(0) if needs[5] or needs[6] else None
-    dw_hr = dh.detach().t().mm(hpre) if w_hr is not None and needs[7] else None
-    return dx, dh0, torch.from_numpy(dc), dw_ih, dw_hh, db, dw_hr
+    return dx, dh0, dw_ih, dw_hh, db
+
+
+def _input_projection(x, p: LayerParams):
+    """(x W_ih^T + b_ih as a torch GEMM, b_hh or zeros as numpy): the gates' parts without h."""
+    w_ih = p.w_ih.detach()
+    if p.b_ih is not None:
+        return torch.addmm(p.b_ih.detach(), x.detach(), w_ih.t()), as_numpy(p.b_hh)
+    q = torch.mm(x.detach(), w_ih.t())
+    return q, np.zeros(q.shape[1], q.numpy().dtype)
+
+
+def steps_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse):
+    """layer_forward(save=True) for a few steps of a few rows: numpy (y, h_n, c_n, acts, cells)."""
+    xproj, b = _input_projection(x, p)
+    xp = xproj.numpy()
+    total, G = xp.shape
+    B, P = h0.shape
+    dt = xp.dtype
+    acts, cells, y = np.empty((total, G), dt), np.empty((total, G // 4), dt), np.empty((total, P), dt)
+    h_n, c_n = np.empty((B, P), dt), np.empty((B, G // 4), dt)
+    w_hr = as_numpy(p.w_hr) if p.w_hr is not None else np.empty((0, G // 4), dt)
+    steps_forward_kernel(xp, np.asarray(batch_sizes, dtype=np.int64), as_numpy(h0), as_numpy(c0), as_numpy(p.w_hh),
+                         b, w_hr, bool(reverse), acts, cells, y, h_n, c_n)
+    return y, h_n, c_n, acts, cells
+
+
+def steps_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cells, dy, dh_n, dc_n, needs=None):
+    """layer_backward for a few steps of a few rows (same returns, None where `needs` says)."""
+    needs = needs or (True,) * 8
+    an = as_numpy(acts)
+    total, G = an.shape
+    B, P = h0.shape
+    dt = an.dtype
+    has_proj = p.w_hr is not None
+    dh = as_numpy(dh_n).copy() if dh_n is not None else np.zeros((B, P), dt)  # becomes dh0
+    dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, G // 4), dt)  # becomes dc0
+    dgates, h_prev = np.empty((total, G), dt), np.empty((total, P), dt)
+    dh_all = np.empty((total if has_proj else 0, P), dt)
+    hpre_all = np.empty((total if has_proj else 0, G // 4), dt)
+    w_hr = as_numpy(p.w_hr) if has_proj else np.empty((0, G // 4), dt)
+    steps_backward_kernel(an, as_numpy(cells), np.asarray(batch_sizes, dtype=np.int64), as_numpy(h0), as_numpy(c0),
+                          as_numpy(y), as_numpy_or(dy, (total, P), dt), as_numpy(p.w_hh), w_hr, bool(reverse), dh, dc,
+                          dgates, h_prev, dh_all, hpre_all)
+    t_ = torch.from_numpy
+    dg = t_(dgates)
+    dx = dg.mm(p.w_ih.detach()) if needs[0] else None
+    dw_ih = dg.t().mm(x.detach()) if needs[3] else None
+    dw_hh = dg.t().mm(t_(h_prev)) if needs[4] else None
+    db = dg.sum(0) if needs[5] or needs[6] else None
+    dw_hr = t_(dh_all).t().mm(t_(hpre_all)) if has_proj and needs[7] else None
+    return dx, t_(dh), t_(dc), dw_ih, dw_hh, db, dw_hr
 
 
 # ---- the inference fast path ------------------------------------------------------------------------
@@ -275,5 +378,5 @@ def run_inference(runtime, x: np.ndarray, state):
 __all__ = [
     "SUPPORTED_DTYPES", "as_numpy", "as_numpy_or", "check_input", "chunks_for", "layer_backward", "layer_forward",
     "backward_weights", "forward_weights", "limit_blas", "needs_grad", "run_inference", "step_backward",
-    "step_forward",
+    "step_forward", "steps_backward", "steps_forward", "unpacked_path",
 ]

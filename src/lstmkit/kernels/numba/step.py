@@ -21,9 +21,10 @@ time-loop kernel's. Numba's cache keys a compiled function by its own file: afte
 gate_row or gate_backward_row (lstm.py, simd.py, activations.py), touch this file too, or its
 cached code keeps the old rows.
 """
+import numpy as np
 from numba import njit
 
-from .lstm import KW, copy_into, gate_backward_row, gate_row
+from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row
 
 
 @njit(**KW)
@@ -38,3 +39,167 @@ def step_forward(q, b, c0, acts, c, cells, h):
 def step_backward(acts, cells, c0, dh, dc, dgates, hpre, want_hpre):
     for i in range(acts.shape[0]):
         gate_backward_row(acts[i], cells[i], c0[i], dh[i], dc[i], dgates[i], hpre[i], want_hpre)
+
+
+@njit(**KW)
+def rows_times(a, w, out):
+    """out = a @ w for a few rows of a (B, G), w (G, K): per row a sum of w's rows, each a
+    contiguous vector loop (a BLAS call costs more than this at one-step sizes)."""
+    for i in range(a.shape[0]):
+        o = out[i]
+        o[:] = 0
+        ai = a[i]
+        for j in range(w.shape[0]):
+            d = ai[j]
+            wj = w[j]
+            for k in range(o.shape[0]):
+                o[k] += d * wj[k]
+
+
+@njit(**KW)
+def outer_sum(a, x, out):
+    """out = a^T @ x for a few rows: a (B, G), x (B, K), out (G, K)."""
+    for j in range(out.shape[0]):
+        o = out[j]
+        d = a[0, j]
+        x0 = x[0]
+        for k in range(o.shape[0]):
+            o[k] = d * x0[k]
+        for i in range(1, a.shape[0]):
+            d = a[i, j]
+            xi = x[i]
+            for k in range(o.shape[0]):
+                o[k] += d * xi[k]
+
+
+@njit(**KW)
+def column_sums(a, out):
+    for k in range(out.shape[0]):
+        out[k] = a[0, k]
+    for i in range(1, a.shape[0]):
+        for k in range(out.shape[0]):
+            out[k] += a[i, k]
+
+
+@njit(**KW)
+def step_backward_all(acts, cells, c0, dh, dc, dgates, hpre, want_hpre, x, h0, w_ih, w_hh,
+                      dx, dh0, dw_ih, dw_hh, db):
+    """step_backward, then for a few rows the products after it in the same call:
+    dx = dgates W_ih, dh0 = dgates W_hh, dw_ih = dgates^T x, dw_hh = dgates^T h0 and
+    db = the column sums of dgates. An output given with no rows (shape (0, ...)) is skipped."""
+    step_backward(acts, cells, c0, dh, dc, dgates, hpre, want_hpre)
+    if dx.shape[0]:
+        rows_times(dgates, w_ih, dx)
+    if dh0.shape[0]:
+        rows_times(dgates, w_hh, dh0)
+    if dw_ih.shape[0]:
+        outer_sum(dgates, x, dw_ih)
+    if dw_hh.shape[0]:
+        outer_sum(dgates, h0, dw_hh)
+    if db.shape[0]:
+        column_sums(dgates, db)
+
+
+# ---- a few time steps of a few rows, on the weights as they are --------------------------------------
+@njit(**KW)
+def times_rows(v, n, w, out):
+    """out[:n] = v[:n] @ w^T, w (G, K) row-major: dot products with w's contiguous rows, each row
+    of w read once for all n rows of v."""
+    for j in range(w.shape[0]):
+        wj = w[j]
+        for i in range(n):
+            vi = v[i]
+            s = vi[0] * wj[0]
+            for k in range(1, vi.shape[0]):
+                s += vi[k] * wj[k]
+            out[i, j] = s
+
+
+@njit(**KW)
+def rows_times_n(v, n, w, out):
+    """out[:n] = v[:n] @ w, w (G, K) row-major: sums of w's rows, each read once for all n rows."""
+    for i in range(n):
+        o = out[i]
+        o[:] = 0
+    for j in range(w.shape[0]):
+        wj = w[j]
+        for i in range(n):
+            d = v[i, j]
+            o = out[i]
+            for k in range(o.shape[0]):
+                o[k] += d * wj[k]
+
+
+@njit(**KW)
+def steps_forward(xproj, batch_sizes, h0, c0, w_hh, b, w_hr, reverse, acts, cells, y, h, c):
+    """The time loop of lstm.py's forward_chunk (all rows, save=True) with the recurrent product
+    made as dot products on W_hh (4H, P) itself: xproj (total, 4H) = x W_ih^T + b_ih, b = b_hh
+    (or zeros); w_hr (P, H), or (0, H) for no projection. Out: acts, cells, y as forward_core,
+    h (B, P), c (B, H) the final states."""
+    T = batch_sizes.shape[0]
+    B, H = c.shape
+    has_proj = w_hr.shape[0] > 0
+    q = np.empty((B, 4 * H), xproj.dtype)
+    hp = np.empty((B if has_proj else 0, H), xproj.dtype)  # o * tanh(c_t), before the projection
+    for i in range(B):
+        copy_into(h[i], h0[i])
+        copy_into(c[i], c0[i])
+    off = np.empty(T + 1, np.int64)
+    off[0] = 0
+    for t in range(T):
+        off[t + 1] = off[t] + batch_sizes[t]
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        o = off[t]
+        n = batch_sizes[t]
+        times_rows(h, n, w_hh, q)
+        for i in range(n):
+            add_into(q[i], xproj[o + i])
+            gate_row(q[i], b, acts[o + i], c[i], hp[i] if has_proj else h[i])
+            copy_into(cells[o + i], c[i])
+        if has_proj:
+            times_rows(hp, n, w_hr, h)
+        for i in range(n):
+            copy_into(y[o + i], h[i])
+
+
+@njit(**KW)
+def steps_backward(acts, cells, batch_sizes, h0, c0, y, dy, w_hh, w_hr, reverse, dh, dc, dgates, h_prev,
+                   dh_all, hpre_all):
+    """BPTT through steps_forward, as lstm.py's backward_chunk (all rows), the products on W_hh
+    (4H, P) and W_hr (P, H) as they are. dh (B, P), dc (B, H): in dL/dh_n, dL/dc_n, out dL/dh0,
+    dL/dc0. Out: dgates (total, 4H), h_prev (total, P) h_{t-1} of every row, and with a
+    projection dh_all (total, P) dL/dh_t and hpre_all (total, H) (else (0, P), (0, H))."""
+    T = batch_sizes.shape[0]
+    B, H = dc.shape
+    has_proj = w_hr.shape[0] > 0
+    dhp = np.empty((B if has_proj else 0, H), dh.dtype)  # dL/d(o * tanh(c_t))
+    no_hpre = np.empty(0, dh.dtype)
+    off = np.empty(T + 1, np.int64)
+    off[0] = 0
+    for t in range(T):
+        off[t + 1] = off[t] + batch_sizes[t]
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        n = batch_sizes[t]
+        o = off[t]
+        # The step that ran just before t in the forward pass, and how many of the rows it holds.
+        tp = t + 1 if reverse else t - 1
+        n_prev = 0 if tp < 0 or tp >= T else min(n, batch_sizes[tp])
+        p0 = off[tp] if n_prev > 0 else 0
+        for i in range(n):
+            add_into(dh[i], dy[o + i])
+        if has_proj:
+            for i in range(n):
+                copy_into(dh_all[o + i], dh[i])
+            rows_times_n(dh, n, w_hr, dhp)
+        for i in range(n):
+            if i < n_prev:
+                cprev = cells[p0 + i]
+                copy_into(h_prev[o + i], y[p0 + i])
+            else:  # the row starts here: its previous state is h0, c0
+                cprev = c0[i]
+                copy_into(h_prev[o + i], h0[i])
+            gate_backward_row(acts[o + i], cells[o + i], cprev, dhp[i] if has_proj else dh[i], dc[i], dgates[o + i],
+                              hpre_all[o + i] if has_proj else no_hpre, has_proj)
+        rows_times_n(dgates[o:], n, w_hh, dh)
