@@ -220,7 +220,7 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     return t_(dx), t_(dh), t_(dc), dw_ih, dw_hh, db, dw_hr
 
 
-# ---- one time step: GEMMs on the weights as they are ---------------------------------------------
+# ---- one or a few time steps: no weight packing ------------------------------------------------------
 # Training at T = 1 (streaming, reinforcement learning) changes the weights between calls, so
 # the time-loop kernels would lay them out again at every call, forward and backward: a copy of
 # W each, as costly as the one-step products. Here the products are torch GEMMs on the weights
@@ -228,7 +228,8 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
 # Calls of at most this many steps take the one-step path (0: none, for measuring the others).
 STEP_PATH_MAX_STEPS = 1
 # Up to this many rows the step backward makes its products (dx, dh0, weight gradients) in the
-# Numba kernel's call: five torch calls cost more than the products at one-step sizes.
+# Numba kernel's call: as fast as five torch calls on one thread, and with two threads none of
+# them opens a torch parallel region (a wake-up of the other thread each; BENCHMARKS.md).
 STEP_KERNEL_MAX_ROWS = 8
 
 

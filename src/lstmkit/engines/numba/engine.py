@@ -41,6 +41,7 @@ class _LSTMFunction(torch.autograd.Function):
         # Saved: inputs (no copies), the output y, and the kernel's acts + cells.
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, y, torch.from_numpy(acts), torch.from_numpy(cells),
                               b_ih, b_hh)  # the biases: for differentiable_backward only
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not a tensor of zeros
         ctx.batch_sizes = batch_sizes
         ctx.reverse = bool(reverse)
         ctx.has_bias = b_ih is not None

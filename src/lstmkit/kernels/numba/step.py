@@ -1,4 +1,4 @@
-"""The gate passes of a one-step layer-direction call (T = 1), on gates the caller computed.
+"""Kernels for layer-direction calls of one or a few time steps, on the weights as they are.
 
 The streaming / reinforcement-learning case: one time step, forward and backward, the
 weights different at every call (an optimizer step in between). The time-loop kernels of
@@ -16,10 +16,16 @@ and these kernels do only the per-unit work between them:
         dh (B, H) dL/dh_1 before the projection; dc (B, H) in dL/dc_1, out dL/dc_0.
         Out: dgates (B, 4H) dL/d pre-activations; hpre (B, H) o * tanh(c_1) when want_hpre.
 
-Both reuse lstm.py's row functions (gate_row, gate_backward_row), so a row's numbers are the
-time-loop kernel's. Numba's cache keys a compiled function by its own file: after editing
-gate_row or gate_backward_row (lstm.py, simd.py, activations.py), touch this file too, or its
-cached code keeps the old rows.
+    step_backward_all(...)  step_backward, then for a few rows dx, dh0 and the weight gradients
+        in the same call (no torch call, so no torch parallel region, for these small products).
+
+    steps_forward / steps_backward
+        A few steps over a few rows (binding.unpacked_path): lstm.py's time loop with the
+        recurrent product as dot products on W_hh (4H, P) as it is, each row of W read once per
+        step for all rows; slower per step than the packed micro-kernel, but with no copy of W.
+
+All reuse lstm.py's row functions (gate_row, gate_backward_row), so a row's numbers are the
+time-loop kernel's. (cache_guard.py drops this file's cached code when lstm.py changes.)
 """
 import numpy as np
 from numba import njit
