@@ -7,16 +7,24 @@ With nothing to record for autograd the forward kernel runs alone; otherwise a
 torch.autograd.Function saves the inputs and the kernel's buffers with save_for_backward
 (so autograd catches in-place changes between forward and backward) and its backward runs
 the BPTT kernel. The masks are constants: no gradient flows to them.
+
+Threads: like the plain engine, a call with enough work splits its batch rows into one chunk
+of whole sequences per torch thread (binding.chunks_for). Here the split is made outside the
+kernel: each chunk's packed rows are gathered into a call of their own (batch_sizes of the
+chunk), the kernels run on the chunks at once (nogil), and the rows are scattered back; the
+parameter gradients are the sums of the chunks'. Rows never interact, so a row's numbers do
+not depend on the split (parameter gradients: up to the order of that final sum).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from ...kernels.numba.lstm import chunk_bounds, run_chunks
 from ...kernels.numba.variants import backward_core, forward_core
 from ..base import LayerParams
 from ..double_backward import differentiable_backward
-from .binding import as_numpy, as_numpy_or, check_input, limit_blas, needs_grad
+from .binding import as_numpy, as_numpy_or, check_input, chunks_for, limit_blas, needs_grad
 
 # The differentiable variant parameters, in the order the autograd Function takes them.
 _VPARAMS = ("ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b", "w_peep")
@@ -38,6 +46,35 @@ def _kernel_weights(p: LayerParams, v, dt, H: int, P: int) -> dict:
     return k
 
 
+def _row_chunks(batch_sizes, I: int, H: int, P: int):
+    """[(r0, r1, chunk batch_sizes (int64), packed row indices of the chunk (int64))], one per
+    chunk of rows; a single chunk means: no split (indices None)."""
+    bsz = np.asarray(batch_sizes, dtype=np.int64)
+    total = int(bsz.sum())
+    bounds = chunk_bounds(bsz, chunks_for(int(bsz[0]), total * (I + P) * 4 * H))
+    if bounds.shape[0] <= 2:
+        return [(0, int(bsz[0]), bsz, None)]
+    offsets = np.concatenate(([0], np.cumsum(bsz)[:-1]))
+    chunks = []
+    for r0, r1 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        sizes = np.clip(bsz - r0, 0, r1 - r0)
+        sizes = sizes[sizes > 0]  # rows are sorted longest first: the chunk's steps are a prefix
+        rows = np.concatenate([np.arange(o + r0, o + r0 + n) for o, n in zip(offsets, sizes)])
+        chunks.append((r0, r1, sizes, rows))
+    return chunks
+
+
+def _take_rows(k: dict, rows, r0: int, r1: int) -> dict:
+    """The kernel arguments of one chunk: per-packed-row masks gathered, rec_mask's rows sliced."""
+    k = dict(k)
+    for n in ("zc", "zh"):
+        if k[n].shape[0]:
+            k[n] = np.ascontiguousarray(k[n][rows])
+    if k["rm"].shape[0]:
+        k["rm"] = np.ascontiguousarray(k["rm"][r0:r1])
+    return k
+
+
 def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):
     """Returns numpy (y, h_n, c_n, saved); saved: the _SAVED buffers (empty unless save)."""
     xn, h0n, c0n = as_numpy(x), as_numpy(h0), as_numpy(c0)
@@ -56,11 +93,32 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):
         hhat=np.empty((nl, 4 * H), dt), chat=np.empty((nl, H), dt), rstd=np.empty((nl, 3), dt),
     )
     limit_blas()
-    forward_core(
-        xn, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, k["w_ih"], k["w_hh"], b, k["w_hr"],
-        *(k[n] for n in _LN), k["w_peep"], k["zc"], k["zh"], k["rm"], bool(reverse), sv["acts"], y, h_n, c_n,
-        *(sv[n] for n in _SAVED[1:]), bool(save),
-    )
+    chunks = _row_chunks(batch_sizes, xn.shape[1], H, P)
+    if len(chunks) == 1:
+        forward_core(
+            xn, chunks[0][2], h0n, c0n, k["w_ih"], k["w_hh"], b, k["w_hr"],
+            *(k[n] for n in _LN), k["w_peep"], k["zc"], k["zh"], k["rm"], bool(reverse), sv["acts"], y, h_n, c_n,
+            *(sv[n] for n in _SAVED[1:]), bool(save),
+        )
+        return y, h_n, c_n, sv
+
+    def run(r0, r1):
+        _, _, sizes, rows = next(c for c in chunks if c[0] == r0)
+        kk = _take_rows(k, rows, r0, r1)
+        m = len(rows)
+        yk, hk, ck = np.empty((m, P), dt), np.empty((r1 - r0, P), dt), np.empty((r1 - r0, H), dt)
+        svk = {n: np.empty((m if a.shape[0] else 0,) + a.shape[1:], dt) for n, a in sv.items()}
+        forward_core(
+            np.ascontiguousarray(xn[rows]), sizes, np.ascontiguousarray(h0n[r0:r1]), np.ascontiguousarray(c0n[r0:r1]),
+            kk["w_ih"], kk["w_hh"], b, kk["w_hr"], *(kk[n] for n in _LN), kk["w_peep"], kk["zc"], kk["zh"], kk["rm"],
+            bool(reverse), svk["acts"], yk, hk, ck, *(svk[n] for n in _SAVED[1:]), bool(save),
+        )
+        y[rows], h_n[r0:r1], c_n[r0:r1] = yk, hk, ck
+        for n, a in svk.items():
+            if a.shape[0]:
+                sv[n][rows] = a
+
+    run_chunks(run, np.array([c[0] for c in chunks] + [chunks[-1][1]], np.int64))
     return y, h_n, c_n, sv
 
 
@@ -112,12 +170,7 @@ class _VariantFunction(torch.autograd.Function):
         g = {n: np.empty_like(k[n]) for n in _LN}
         g["w_peep"] = np.empty((3 if w_peep_present(v) else 0, H), dt)
         limit_blas()
-        backward_core(
-            xn, np.asarray(ctx.batch_sizes, dtype=np.int64), k["w_ih"], k["w_hh"], k["w_hr"],
-            k["ln_ih_w"], k["ln_hh_w"], k["ln_c_w"], k["ln_c_b"], k["w_peep"], k["zc"], k["zh"], k["rm"],
-            ctx.reverse, *(sv[n] for n in _SAVED),
-            dyn, dh, dc, dx, dw_ih, dw_hh, db, dw_hr, *(g[n] for n in _VPARAMS),
-        )
+        _backward(xn, ctx.batch_sizes, k, ctx.reverse, sv, dyn, dh, dc, dx, dw_ih, dw_hh, db, dw_hr, g, H, P)
         need = ctx.needs_input_grad
         t = lambda a, i, present=True: torch.from_numpy(a) if need[i] and present else None  # noqa: E731
         has_bias, has_proj, has_ln = b_ih is not None, w_hr is not None, v.layer_norm
@@ -132,3 +185,42 @@ class _VariantFunction(torch.autograd.Function):
 
 def w_peep_present(v) -> bool:
     return v.w_peep is not None
+
+
+def _backward(xn, batch_sizes, k, reverse, sv, dyn, dh, dc, dx, dw_ih, dw_hh, db, dw_hr, g, H, P):
+    """backward_core over the whole call, or over each row chunk at once (sums of the chunks'
+    parameter gradients); dh, dc in: dh_n, dc_n, out: dh0, dc0."""
+    chunks = _row_chunks(batch_sizes, xn.shape[1], H, P)
+
+    def core(x, sizes, kk, svk, dy, dh, dc, dx, dw_ih, dw_hh, db, dw_hr, gk):
+        backward_core(
+            x, sizes, kk["w_ih"], kk["w_hh"], kk["w_hr"], kk["ln_ih_w"], kk["ln_hh_w"], kk["ln_c_w"], kk["ln_c_b"],
+            kk["w_peep"], kk["zc"], kk["zh"], kk["rm"], reverse, *(svk[n] for n in _SAVED),
+            dy, dh, dc, dx, dw_ih, dw_hh, db, dw_hr, *(gk[n] for n in _VPARAMS),
+        )
+
+    if len(chunks) == 1:
+        core(xn, chunks[0][2], k, sv, dyn, dh, dc, dx, dw_ih, dw_hh, db, dw_hr, g)
+        return
+    parts = {}
+
+    def run(r0, r1):
+        _, _, sizes, rows = next(c for c in chunks if c[0] == r0)
+        kk = _take_rows(k, rows, r0, r1)
+        svk = {n: np.ascontiguousarray(a[rows]) if a.shape[0] else a for n, a in sv.items()}
+        grads = dict(dw_ih=np.empty_like(dw_ih), dw_hh=np.empty_like(dw_hh), db=np.empty_like(db),
+                     dw_hr=np.empty_like(dw_hr), g={n: np.empty_like(a) for n, a in g.items()})
+        dxk = np.empty((len(rows), xn.shape[1]), xn.dtype)
+        dhk, dck = np.ascontiguousarray(dh[r0:r1]), np.ascontiguousarray(dc[r0:r1])
+        core(np.ascontiguousarray(xn[rows]), sizes, kk, svk, np.ascontiguousarray(dyn[rows]), dhk, dck, dxk,
+             grads["dw_ih"], grads["dw_hh"], grads["db"], grads["dw_hr"], grads["g"])
+        dx[rows], dh[r0:r1], dc[r0:r1] = dxk, dhk, dck
+        parts[r0] = grads
+
+    run_chunks(run, np.array([c[0] for c in chunks] + [chunks[-1][1]], np.int64))
+    ordered = [parts[c[0]] for c in chunks]  # a fixed order: the same sums run after run
+    for name, out in (("dw_ih", dw_ih), ("dw_hh", dw_hh), ("db", db), ("dw_hr", dw_hr)):
+        np.sum([part[name] for part in ordered], axis=0, out=out)
+    for n, out in g.items():
+        if out.size:
+            np.sum([part["g"][n] for part in ordered], axis=0, out=out)
