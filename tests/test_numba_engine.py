@@ -627,3 +627,19 @@ def test_few_steps_take_their_path(monkeypatch):
         y, _ = m(torch.randn(shape))
         y.sum().backward()
         assert (calls["pack"], calls["steps_forward"], calls["steps_backward"]) == want, shape
+
+
+@pytest.mark.parametrize("T", [1, 3, 30])  # one step, few steps, the time loop
+def test_loss_on_one_output_only_matches_torch(T):
+    """Unused outputs' gradients arrive as None (not zeros) in the engine's backward: a loss on
+    c_n alone, or on y alone, still gives torch.nn.LSTM's gradients on every path."""
+    ref, ours = pair(dict(input_size=3, hidden_size=5, bidirectional=True), "numba", torch.float64)
+    x = torch.randn(T, 2, 3, dtype=torch.float64)
+    for pick in (lambda y, h, c: c.sum(), lambda y, h, c: y.pow(2).sum()):
+        grads = []
+        for m in (ref, ours):
+            xi = x.clone().requires_grad_(True)
+            y, (h, c) = m(xi)
+            grads.append(torch.autograd.grad(pick(y, h, c), [xi, *m.parameters()]))
+        for a, b in zip(grads[1], grads[0]):
+            assert_close(a, b, TOL[torch.float64])
