@@ -223,13 +223,15 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
 # ---- one or a few time steps: no weight packing ------------------------------------------------------
 # Training at T = 1 (streaming, reinforcement learning) changes the weights between calls, so
 # the time-loop kernels would lay them out again at every call, forward and backward: a copy of
-# W each, as costly as the one-step products. Here the products are torch GEMMs on the weights
-# as they are, and a Numba kernel (kernels/numba/step.py) makes the per-unit gate passes.
+# W each, as costly as the one-step products. Here the products run on the weights as they are
+# (torch GEMMs, or Numba loops for a few rows) and Numba kernels (kernels/numba/step.py) make the
+# per-unit gate passes. A cache of the packed weights keyed on tensor versions would not be safe
+# for training: an update through p.data bypasses the version counter.
 # Calls of at most this many steps take the one-step path (0: none, for measuring the others).
 STEP_PATH_MAX_STEPS = 1
 # Up to this many rows the step backward makes its products (dx, dh0, weight gradients) in the
-# Numba kernel's call: as fast as five torch calls on one thread, and with two threads none of
-# them opens a torch parallel region (a wake-up of the other thread each; BENCHMARKS.md).
+# Numba kernel's call: measured as fast as the five torch calls on one thread, and no torch call
+# means no torch parallel region at two threads (each one wakes the other thread).
 STEP_KERNEL_MAX_ROWS = 8
 
 
