@@ -90,8 +90,17 @@ def chunks_for(batch: int, macs: int) -> int:
     return kernel_chunks_for(batch, macs, torch.get_num_threads())
 
 
-# With fewer rows than this, one GEMM for the input projection does not pay for its call.
-PRECOMPUTE_MIN_ROWS = 8
+# x W_ih^T + b of all steps as one GEMM before the time loop (one chunk only): it pays only
+# where the per-step product is bound by reading the weights, i.e. few rows per step and
+# [W_ih | W_hh] beyond the L2 cache; elsewhere the step's own product [x_t | h] @ [W_ih | W_hh]^T
+# is faster than writing and re-reading x W_ih^T (BENCHMARKS.md, "third round").
+PRECOMPUTE_MAX_BATCH = 16
+PRECOMPUTE_MIN_WEIGHT_BYTES = 2 << 20
+
+
+def precompute_input(batch: int, I: int, H: int, P: int, itemsize: int, chunks: int) -> bool:
+    """Whether a forward call computes x W_ih^T + b as one GEMM before its time loop."""
+    return chunks == 1 and batch <= PRECOMPUTE_MAX_BATCH and (I + P) * 4 * H * itemsize > PRECOMPUTE_MIN_WEIGHT_BYTES
 
 
 def _bounds(batch_sizes, I, H, P):
@@ -174,9 +183,7 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     bsz = np.asarray(batch_sizes, dtype=np.int64)
     bounds = _bounds(batch_sizes, I, H, P)
     xproj = None
-    if bounds.shape[0] == 2 and total >= PRECOMPUTE_MIN_ROWS:
-        # One chunk holds every row: x W_ih^T + b of all steps as one GEMM (torch's), where the
-        # per-step product would re-read W_ih for every step's few rows.
+    if precompute_input(B, I, H, P, xn.itemsize, bounds.shape[0] - 1):
         w_ih = p.w_ih.detach()
         xproj = torch.addmm(torch.from_numpy(b), torch.from_numpy(xn), w_ih.t()).numpy()
     forward_core(xn, bsz, h0n, c0n, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save), bounds, xproj)
