@@ -482,9 +482,10 @@ def _copy_in(b, src: dict):
 # Every tensor here has a leading direction axis D (1, or 2 for a bidirectional pair: slot 0
 # forward in time, slot 1 reverse); `reverses` says which way each slot runs.
 
-def _per_direction_rows(rows_of, reverses, D_rows: int) -> torch.Tensor:
-    """Row indices into a (D * D_rows, .) view of a stacked buffer: rows_of(reverse) of each slot."""
-    return torch.cat([rows_of(rev) + d * D_rows for d, rev in enumerate(reverses)])
+def _per_direction_rows(rows_of, reverses, D_rows: int, device) -> torch.Tensor:
+    """Row indices into a (D * D_rows, .) view of a stacked buffer: rows_of(reverse) (built on
+    the CPU) of each slot, copied to device once."""
+    return torch.cat([rows_of(rev) + d * D_rows for d, rev in enumerate(reverses)]).to(device)
 
 
 def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverses: tuple, store_gates: bool):
@@ -534,7 +535,7 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, reverses: tuple, store_gate
         if not proj:
             b["hr"] = b["y"]
     y, cs = b["y"], b["cs"]
-    last = _per_direction_rows(lambda rev: _final_rows(batch_sizes, last=not rev, device=dev), reverses, total)
+    last = _per_direction_rows(lambda rev: _final_rows(batch_sizes, not rev, "cpu"), reverses, total, dev)
     h_n = y.reshape(D * total, P)[last].view(D, B, P)
     c_n = cs.reshape(D * total, H)[last].view(D, B, H).to(dt)
     return y, h_n, c_n, (b["gates"] if store_gates else None, cs, b["hr"], b["h0"], b["c0"])
@@ -584,13 +585,13 @@ def _backward(saved, dy, dh_n, dc_n, batch_sizes, reverses, needs):
         dx = dx[0] if D == 1 else dx.sum(0)
     dh0 = None
     if nh0:  # h0 of each sequence fed its first step in time: forward t=0, reverse its last
-        first = _per_direction_rows(lambda rev: _final_rows(batch_sizes, last=rev, device=dev), reverses, total)
+        first = _per_direction_rows(lambda rev: _final_rows(batch_sizes, rev, "cpu"), reverses, total, dev)
         dh0 = torch.matmul(dg.reshape(D * total, 4 * H)[first].view(D, B, 4 * H), p.w_hh)  # (D, B, P)
     dc0 = b["dc"].to(dt, copy=True) if nc0 else None
     dw_ih = torch.matmul(dg.transpose(1, 2), x) if nwih else None  # (D, 4H, I)
     dw_hh = None
     if nwhh:  # every row's h_{t-1}, from cat([y, h0]) of its own direction
-        prev = _per_direction_rows(lambda rev: _prev_rows(batch_sizes, rev, dev), reverses, total + B)
+        prev = _per_direction_rows(lambda rev: _prev_rows(batch_sizes, rev, "cpu"), reverses, total + B, dev)
         h_prev = torch.cat([y, h0], dim=1).reshape(D * (total + B), P)[prev].view(D, total, P)
         dw_hh = torch.matmul(dg.transpose(1, 2), h_prev)  # (D, 4H, P)
     db = dg.sum(1, dtype=cfg.acc).to(dt) if (nbih or nbhh) else None
