@@ -117,7 +117,11 @@ def test_gradgradcheck_variants(engine, variant, training):
     _check_second_order(f, _inputs(m, L=2, N=2), fast=True)
 
 
-def test_gradgradcheck_variants_triton_falls_back_differentiably():
+def test_gradgradcheck_variants_triton_falls_back_differentiably(monkeypatch):
+    import lstmkit.engines as engines
+
+    # The fallback warns once per process: forget earlier tests' warning (order must not matter).
+    monkeypatch.setattr(engines, "_warned_variant_fallback", set())
     m = _make("triton", layer_norm=True, zoneout=0.3, hidden_size=3, proj_size=2)
     with pytest.warns(UserWarning, match="reference engine"):
         m(torch.randn(1, 1, 2, dtype=F64))
