@@ -27,6 +27,7 @@ from torch.testing._internal.common_utils import freeze_rng_state
 from torch.utils._pytree import tree_flatten, tree_map
 
 import lstmkit
+from harness import TOL, TOL_SAME_KERNELS, assert_all_close
 
 OURS = {nn.LSTM: lstmkit.LSTM, nn.LSTMCell: lstmkit.LSTMCell}
 INFOS = {info.module_cls: info for info in module_db if info.module_cls in OURS}
@@ -56,6 +57,11 @@ def _tensors(obj):
     return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
 
 
+def _leaves(obj):
+    """The tensors (and Nones: no gradient) of a nested output, in order, for assert_all_close."""
+    return [t for t in tree_flatten(obj)[0] if t is None or isinstance(t, torch.Tensor)]
+
+
 CASES = [(c, k) for c in OURS for k in range(len(_samples(c, torch.float64, True)))]
 CASE_IDS = [f"{c.__name__}-{k}" for c, k in CASES]
 MODES = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -79,11 +85,11 @@ def test_forward(torch_cls, k, dtype, training, engine):
     with freeze_rng_state():
         m = _build(OURS[torch_cls], sample, dtype, training, engine)
         out = m(*args, **kwargs)
-        if sample.reference_fn is not None:
-            torch.testing.assert_close(out, sample.reference_fn(m, *args, **kwargs))  # it passes the parameters itself
+        if sample.reference_fn is not None:  # the unbatched call as a batch of one (it passes the parameters itself)
+            assert_all_close(_leaves(out), _leaves(sample.reference_fn(m, *args, **kwargs)), TOL[dtype])
         ref = _build(torch_cls, sample, dtype, training)
         ref.load_state_dict(m.state_dict())
-        torch.testing.assert_close(out, ref(*args, **kwargs))
+        assert_all_close(_leaves(out), _leaves(ref(*args, **kwargs)), TOL[dtype])
         # The conversion methods move every parameter, and the module still runs.
         other = torch.float32 if dtype == torch.float64 else torch.float64
         for convert, want in ((methodcaller_for(other), other), (methodcaller_for(dtype), dtype)):
@@ -145,7 +151,7 @@ def test_pickle_and_deepcopy(torch_cls, k, training):
         copies = [torch.load(buf, weights_only=False), copy.deepcopy(m)]
         for c in copies:
             assert type(c) is type(m) and c.training == training
-            torch.testing.assert_close(c(*args, **kwargs), out, rtol=0, atol=0)
+            assert_all_close(_leaves(c(*args, **kwargs)), _leaves(out), 0)  # bitwise: the same weights
             for (n, p), (_, q) in zip(m.named_parameters(), c.named_parameters()):
                 assert p.data_ptr() != q.data_ptr(), f"{n} shares memory with the original"
 
@@ -183,7 +189,7 @@ def test_non_contiguous_tensors(torch_cls, k, training, engine):
     nc_grad = tree_map(_non_contiguous, grad_out)
     for a, go in itertools.product((args, nc_args), (grad_out, nc_grad)):
         got = _grads_of(m, a, kwargs, go)
-        torch.testing.assert_close(got, expected)
+        assert_all_close(_leaves(got), _leaves(expected), TOL_SAME_KERNELS[torch.float64])
         for t in tree_flatten(got[0])[0]:
             assert t.is_contiguous(), "outputs are contiguous whatever the input's strides"
     for t in tree_flatten(expected[1:])[0]:
