@@ -36,7 +36,7 @@ _CLAMP = 9.0  # |x| beyond this: float32 tanh(x) is +-1
 TANH_NUMERATOR, TANH_DENOMINATOR, TANH_CLAMP = _P, _Q, _CLAMP
 
 
-def _pade_coefficients(levels: int = 12):
+def pade_coefficients(levels: int = 12):
     """Recompute _P/_Q from the continued fraction (used by the tests)."""
     from fractions import Fraction
 
