@@ -33,6 +33,16 @@ def test_cache_is_kept_while_helpers_are_unchanged_and_dropped_when_one_changes(
     assert len(list(cache.glob("*.nb*"))) == 2
 
 
+def test_a_new_cache_directory_is_stamped_so_its_first_files_are_kept(tmp_path):
+    pkg, _ = _setup(tmp_path)
+    cache = tmp_path / "new" / "__pycache__"
+    cache_guard.drop_stale_cache(pkg, cache)
+    assert (cache / cache_guard.STAMP).is_file()
+    _fill(cache)
+    cache_guard.drop_stale_cache(pkg, cache)
+    assert len(list(cache.glob("*.nb*"))) == 2
+
+
 def test_never_raises_on_an_unreadable_package(tmp_path):
     (tmp_path / "x.nbi").write_bytes(b"compiled")
     cache_guard.drop_stale_cache(tmp_path / "missing", tmp_path / "nocache")  # no error

@@ -43,10 +43,12 @@ def drop_stale_cache(package_dir: Path | None = None, cache: Path | None = None)
     try:
         package_dir = package_dir or Path(__file__).resolve().parent
         cache = cache or numba_cache_dir(package_dir)
-        if cache is None or not cache.is_dir():
+        if cache is None:
             return
         stamp = cache / STAMP
         current = sources_hash(package_dir)
+        if not cache.is_dir():  # nothing cached yet: stamp the empty cache, so what Numba writes next is ours
+            cache.mkdir(parents=True, exist_ok=True)
         if stamp.is_file() and stamp.read_text().strip() == current:
             return
         for pattern in ("*.nbi", "*.nbc"):
