@@ -379,7 +379,7 @@ def test_every_batch_split_gives_bitwise_the_same_results(lengths, reverse, proj
     lengths=st.lists(st.integers(1, 12), min_size=1, max_size=9), chunks=st.integers(2, 5), f32=st.booleans(),
 )
 def test_random_configs_split_equals_one_chunk_and_reference(I, H, proj, reverse, lengths, chunks, f32):
-    """Sizes around the micro-kernel's blocks (4 rows, 16/32 columns) and any split."""
+    """Sizes around the micro-kernel's blocks (8 and 4 rows, 16/32 columns) and any split."""
     proj = proj if proj < H else 0
     dtype = torch.float32 if f32 else torch.float64
     args, (x, h0, c0, p) = _layer_numpy(lengths, I, H, proj, dtype, seed=I + H)
@@ -540,25 +540,27 @@ def test_one_step_partial_gradients_match_torch(dtype, N):
         assert_close(a, b, TOL[dtype], f"grad {n}")
 
 
+def _count_calls(monkeypatch, module, calls: dict, names: dict) -> None:
+    """Wrap module.<attr> for each (attr -> counter name) in names, counting into calls."""
+    for attr, name in names.items():
+        fn = getattr(module, attr)
+
+        def wrapped(*args, _fn=fn, _name=name):
+            calls[_name] += 1
+            return _fn(*args)
+
+        monkeypatch.setattr(module, attr, wrapped)
+
+
 def test_one_step_takes_the_step_path_without_packing(monkeypatch):
     """T = 1 forward and backward run the step kernels and never lay the weights out for the
     time-loop kernels; a longer call still does."""
     from lstmkit.engines.numba import binding
 
     calls = {"pack": 0, "step_forward": 0, "step_backward": 0, "step_backward_all": 0}
-
-    def counting(name, fn):
-        def wrapped(*args):
-            calls[name] += 1
-            return fn(*args)
-        return wrapped
-
-    monkeypatch.setattr(binding, "pack_forward", counting("pack", binding.pack_forward))
-    monkeypatch.setattr(binding, "pack_backward", counting("pack", binding.pack_backward))
-    monkeypatch.setattr(binding, "step_forward_kernel", counting("step_forward", binding.step_forward_kernel))
-    monkeypatch.setattr(binding, "step_backward_kernel", counting("step_backward", binding.step_backward_kernel))
-    monkeypatch.setattr(binding, "step_backward_all_kernel", counting("step_backward_all",
-                                                                      binding.step_backward_all_kernel))
+    _count_calls(monkeypatch, binding, calls, {
+        "pack_forward": "pack", "pack_backward": "pack", "step_forward_kernel": "step_forward",
+        "step_backward_kernel": "step_backward", "step_backward_all_kernel": "step_backward_all"})
     m = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, engine="numba")
     y, (h, c) = m(torch.randn(1, 2, 3))
     (y.sum() + c.sum()).backward()
@@ -615,17 +617,9 @@ def test_few_steps_take_their_path(monkeypatch):
     from lstmkit.engines.numba import binding
 
     calls = {"pack": 0, "steps_forward": 0, "steps_backward": 0}
-
-    def counting(name, fn):
-        def wrapped(*args):
-            calls[name] += 1
-            return fn(*args)
-        return wrapped
-
-    monkeypatch.setattr(binding, "pack_forward", counting("pack", binding.pack_forward))
-    monkeypatch.setattr(binding, "pack_backward", counting("pack", binding.pack_backward))
-    monkeypatch.setattr(binding, "steps_forward_kernel", counting("steps_forward", binding.steps_forward_kernel))
-    monkeypatch.setattr(binding, "steps_backward_kernel", counting("steps_backward", binding.steps_backward_kernel))
+    _count_calls(monkeypatch, binding, calls, {
+        "pack_forward": "pack", "pack_backward": "pack",
+        "steps_forward_kernel": "steps_forward", "steps_backward_kernel": "steps_backward"})
     m = lstmkit.LSTM(3, 4, bidirectional=True, engine="numba")
     rows = binding.FEW_STEPS_MAX_ROWS
     assert rows % 2 == 0

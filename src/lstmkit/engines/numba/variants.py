@@ -22,7 +22,7 @@ import torch
 
 from ...kernels.numba.lstm import chunk_bounds, run_chunks
 from ...kernels.numba.variants import backward_core, forward_core
-from ..base import LayerParams
+from ..base import LayerParams, step_offsets
 from ..double_backward import differentiable_backward
 from .binding import as_numpy, as_numpy_or, check_input, chunks_for, limit_blas, needs_grad
 
@@ -54,7 +54,7 @@ def _row_chunks(batch_sizes, I: int, H: int, P: int):
     bounds = chunk_bounds(bsz, chunks_for(int(bsz[0]), total * (I + P) * 4 * H))
     if bounds.shape[0] <= 2:
         return [(0, int(bsz[0]), bsz, None)]
-    offsets = np.concatenate(([0], np.cumsum(bsz)[:-1]))
+    offsets = step_offsets(batch_sizes)
     chunks = []
     for r0, r1 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         sizes = np.clip(bsz - r0, 0, r1 - r0)
@@ -64,14 +64,21 @@ def _row_chunks(batch_sizes, I: int, H: int, P: int):
     return chunks
 
 
+def _each_chunk(chunks, fn) -> None:
+    """fn(r0, r1, sizes, rows) for every chunk of _row_chunks, on threads at once."""
+    by_start = {c[0]: c for c in chunks}
+    bounds = np.array([c[0] for c in chunks] + [chunks[-1][1]], np.int64)
+    run_chunks(lambda r0, r1: fn(*by_start[r0]), bounds)
+
+
 def _take_rows(k: dict, rows, r0: int, r1: int) -> dict:
     """The kernel arguments of one chunk: per-packed-row masks gathered, rec_mask's rows sliced."""
     k = dict(k)
     for n in ("zc", "zh"):
         if k[n].shape[0]:
-            k[n] = np.ascontiguousarray(k[n][rows])
+            k[n] = k[n][rows]  # fancy indexing: a contiguous copy
     if k["rm"].shape[0]:
-        k["rm"] = np.ascontiguousarray(k["rm"][r0:r1])
+        k["rm"] = k["rm"][r0:r1]
     return k
 
 
@@ -94,31 +101,30 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):
     )
     limit_blas()
     chunks = _row_chunks(batch_sizes, xn.shape[1], H, P)
-    if len(chunks) == 1:
+
+    def core(x, sizes, h0, c0, kk, svk, y, h_n, c_n):
         forward_core(
-            xn, chunks[0][2], h0n, c0n, k["w_ih"], k["w_hh"], b, k["w_hr"],
-            *(k[n] for n in _LN), k["w_peep"], k["zc"], k["zh"], k["rm"], bool(reverse), sv["acts"], y, h_n, c_n,
-            *(sv[n] for n in _SAVED[1:]), bool(save),
+            x, sizes, h0, c0, kk["w_ih"], kk["w_hh"], b, kk["w_hr"], *(kk[n] for n in _LN), kk["w_peep"],
+            kk["zc"], kk["zh"], kk["rm"], bool(reverse), svk["acts"], y, h_n, c_n, *(svk[n] for n in _SAVED[1:]),
+            bool(save),
         )
+
+    if len(chunks) == 1:
+        core(xn, chunks[0][2], h0n, c0n, k, sv, y, h_n, c_n)
         return y, h_n, c_n, sv
 
-    def run(r0, r1):
-        _, _, sizes, rows = next(c for c in chunks if c[0] == r0)
-        kk = _take_rows(k, rows, r0, r1)
+    def run(r0, r1, sizes, rows):
         m = len(rows)
-        yk, hk, ck = np.empty((m, P), dt), np.empty((r1 - r0, P), dt), np.empty((r1 - r0, H), dt)
+        yk = np.empty((m, P), dt)
         svk = {n: np.empty((m if a.shape[0] else 0,) + a.shape[1:], dt) for n, a in sv.items()}
-        forward_core(
-            np.ascontiguousarray(xn[rows]), sizes, np.ascontiguousarray(h0n[r0:r1]), np.ascontiguousarray(c0n[r0:r1]),
-            kk["w_ih"], kk["w_hh"], b, kk["w_hr"], *(kk[n] for n in _LN), kk["w_peep"], kk["zc"], kk["zh"], kk["rm"],
-            bool(reverse), svk["acts"], yk, hk, ck, *(svk[n] for n in _SAVED[1:]), bool(save),
-        )
-        y[rows], h_n[r0:r1], c_n[r0:r1] = yk, hk, ck
+        # h_n, c_n rows: views the kernel writes (row slices of C arrays are contiguous)
+        core(xn[rows], sizes, h0n[r0:r1], c0n[r0:r1], _take_rows(k, rows, r0, r1), svk, yk, h_n[r0:r1], c_n[r0:r1])
+        y[rows] = yk
         for n, a in svk.items():
             if a.shape[0]:
                 sv[n][rows] = a
 
-    run_chunks(run, np.array([c[0] for c in chunks] + [chunks[-1][1]], np.int64))
+    _each_chunk(chunks, run)
     return y, h_n, c_n, sv
 
 
@@ -204,20 +210,19 @@ def _backward(xn, batch_sizes, k, reverse, sv, dyn, dh, dc, dx, dw_ih, dw_hh, db
         return
     parts = {}
 
-    def run(r0, r1):
-        _, _, sizes, rows = next(c for c in chunks if c[0] == r0)
+    def run(r0, r1, sizes, rows):
         kk = _take_rows(k, rows, r0, r1)
-        svk = {n: np.ascontiguousarray(a[rows]) if a.shape[0] else a for n, a in sv.items()}
+        svk = {n: a[rows] if a.shape[0] else a for n, a in sv.items()}
         grads = dict(dw_ih=np.empty_like(dw_ih), dw_hh=np.empty_like(dw_hh), db=np.empty_like(db),
                      dw_hr=np.empty_like(dw_hr), g={n: np.empty_like(a) for n, a in g.items()})
         dxk = np.empty((len(rows), xn.shape[1]), xn.dtype)
-        dhk, dck = np.ascontiguousarray(dh[r0:r1]), np.ascontiguousarray(dc[r0:r1])
-        core(np.ascontiguousarray(xn[rows]), sizes, kk, svk, np.ascontiguousarray(dyn[rows]), dhk, dck, dxk,
+        # dh, dc rows: views, updated in place by the kernel (row slices of C arrays are contiguous)
+        core(xn[rows], sizes, kk, svk, dyn[rows], dh[r0:r1], dc[r0:r1], dxk,
              grads["dw_ih"], grads["dw_hh"], grads["db"], grads["dw_hr"], grads["g"])
-        dx[rows], dh[r0:r1], dc[r0:r1] = dxk, dhk, dck
+        dx[rows] = dxk
         parts[r0] = grads
 
-    run_chunks(run, np.array([c[0] for c in chunks] + [chunks[-1][1]], np.int64))
+    _each_chunk(chunks, run)
     ordered = [parts[c[0]] for c in chunks]  # a fixed order: the same sums run after run
     for name, out in (("dw_ih", dw_ih), ("dw_hh", dw_hh), ("db", db), ("dw_hr", dw_hr)):
         np.sum([part[name] for part in ordered], axis=0, out=out)
