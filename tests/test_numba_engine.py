@@ -16,6 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstmkit
 from lstmkit.engines import auto_engine_name, reference
+from lstmkit.engines.numba import binding
 from lstmkit.engines.numba import engine as numba_engine
 from lstmkit.engines.base import LayerParams
 from lstmkit.kernels.numba import lstm_backward, lstm_forward
@@ -336,13 +337,14 @@ def _layer_numpy(lengths, I, H, proj, dtype, seed):
     return (np_(x), bs, np_(h0), np_(c0), np_(p.w_ih), np_(p.w_hh), b, np_(p.w_hr)), (x, h0, c0, p)
 
 
-def _run_chunks(args, reverse, chunks, seed=3):
+def _run_chunks(args, reverse, chunks, seed=3, dx_after=False):
     x, bs, h0, c0, w_ih, w_hh, b, w_hr = args
     y, h, c, saved = lstm_forward(x, bs, h0, c0, w_ih, w_hh, b, w_hr, reverse, save=True, chunks=chunks)
     yi, hi, ci = lstm_forward(x, bs, h0, c0, w_ih, w_hh, b, w_hr, reverse, chunks=chunks)
     g = np.random.default_rng(seed)
     dy, dh, dc = (g.standard_normal(a.shape).astype(a.dtype) for a in (y, h, c))
-    grads = lstm_backward(x, bs, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, dy, dh, dc, chunks=chunks)
+    grads = lstm_backward(x, bs, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, dy, dh, dc, chunks=chunks,
+                          dx_after=dx_after)
     return [y, h, c, yi, hi, ci] + [gr for gr in grads if gr is not None]
 
 
@@ -368,10 +370,13 @@ def test_every_batch_split_gives_bitwise_the_same_results(lengths, reverse, proj
         for a, w in zip(one[:3], (y, h, c)):
             assert_close(torch.from_numpy(a), w.detach(), TOL[dtype])
         xs, bs, h0n, c0n, w_ih, w_hh, b, w_hr = args
-        for chunks in (1, 2):  # the input projection as one GEMM before the loop
+        for chunks in (1, 2):  # the input projection as one GEMM before the loop, dx after it
             pre = lstm_forward(xs, bs, h0n, c0n, w_ih, w_hh, b, w_hr, reverse, chunks=chunks, precompute=True)
             for a, w in zip(pre, (y, h, c)):
                 assert_close(torch.from_numpy(a), w.detach(), TOL[dtype])
+            after = _run_chunks(args, reverse, chunks, dx_after=True)
+            for a, w in zip(after, one):
+                assert_close(torch.from_numpy(a), torch.from_numpy(w), TOL[dtype])
 
 
 @given(
@@ -473,8 +478,6 @@ def test_inference_weights_cache_follows_updates_and_dies_with_the_tensor():
     their parameter."""
     import gc
 
-    from lstmkit.engines.numba import binding
-
     torch.manual_seed(0)
     ref = nn.LSTM(3, 4)
     ours = lstmkit.LSTM.from_torch(ref, engine="numba")
@@ -555,8 +558,6 @@ def _count_calls(monkeypatch, module, calls: dict, names: dict) -> None:
 def test_one_step_takes_the_step_path_without_packing(monkeypatch):
     """T = 1 forward and backward run the step kernels and never lay the weights out for the
     time-loop kernels; a longer call still does."""
-    from lstmkit.engines.numba import binding
-
     calls = {"pack": 0, "step_forward": 0, "step_backward": 0, "step_backward_all": 0}
     _count_calls(monkeypatch, binding, calls, {
         "pack_forward": "pack", "pack_backward": "pack", "step_forward_kernel": "step_forward",
@@ -614,8 +615,6 @@ def test_few_steps_match_torch(I, H, proj, bias, bidir, lengths, packed, hx, f32
 def test_few_steps_take_their_path(monkeypatch):
     """Several steps over up to FEW_STEPS_MAX_ROWS rows in all run the few-steps kernels and never
     pack the weights; one row more runs the time-loop kernels."""
-    from lstmkit.engines.numba import binding
-
     calls = {"pack": 0, "steps_forward": 0, "steps_backward": 0}
     _count_calls(monkeypatch, binding, calls, {
         "pack_forward": "pack", "pack_backward": "pack",
@@ -643,3 +642,38 @@ def test_loss_on_one_output_only_matches_torch(T):
             grads.append(torch.autograd.grad(pick(y, h, c), [xi, *m.parameters()]))
         for a, b in zip(grads[1], grads[0]):
             assert_close(a, b, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_everything, monkeypatch):
+    """The paths that compute x W_ih^T + b as one GEMM before the time loop and dx = dgates W_ih
+    after the backward's (taken for big weights, kernels' precompute_input and dx_after_loop)
+    forced on for every call: training step and
+    inference (the runtime) against torch.nn.LSTM, packed unsorted, bidirectional with
+    projection, every row split."""
+    from lstmkit.kernels.numba import lstm as kernels
+
+    monkeypatch.setattr(kernels, "PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW", 0)
+    monkeypatch.setattr(kernels, "DX_AFTER_MIN_WEIGHT_BYTES", 0)
+    calls = []
+    real = binding.input_projection
+    monkeypatch.setattr(binding, "input_projection", lambda *a: calls.append(1) or real(*a))
+    packed_with_input = []
+    real_bw = binding.backward_weights
+    monkeypatch.setattr(binding, "backward_weights", lambda p, with_input=True: packed_with_input.append(with_input)
+                        or real_bw(p, with_input))
+    torch.set_num_threads(threads)
+    lengths = torch.tensor([3, 9, 1, 6, 6, 2, 9])
+    torch.manual_seed(threads)
+    ref = nn.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=4, dtype=dtype)
+    ours = lstmkit.LSTM.from_torch(ref, engine="numba")
+    x = torch.randn(9, 7, 5, dtype=dtype)
+    pack = lambda t: pack_padded_sequence(t, lengths, enforce_sorted=False)  # noqa: E731
+    for packer in (None, pack):
+        want = _train_step(ref, x, None, packer)
+        got = _train_step(ours, x, None, packer)
+        for a, b in zip(got, want):
+            assert_close(a, b, TOL[dtype])
+    assert len(calls) >= 2 * 4 * 2  # both passes (train + no-grad) of 4 layer-directions, twice
+    assert packed_with_input and not any(packed_with_input)  # every backward made dx after its loop

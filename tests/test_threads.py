@@ -147,3 +147,127 @@ def test_runtime_matches_module():
         y, (h, c) = m(x.requires_grad_(True))
     ry, (rh, rc) = rt(x.detach().numpy())
     _same((ry, rh, rc), (y.detach(), h.detach(), c.detach()))
+
+
+# ---- where a call's row chunks run (kernels/numba/threads.py) ------------------------------------
+def _os_threads() -> set[int]:
+    import os
+
+    return {int(t) for t in os.listdir("/proc/self/task")}
+
+
+def _chunk_threads(bounds):
+    """run_chunks over `bounds`, each chunk recording the OS thread it ran on."""
+    from lstmkit.kernels.numba.threads import run_chunks
+
+    seen = {}
+
+    def fn(r0, r1):
+        seen[int(r0)] = threading.get_native_id()
+
+    run_chunks(fn, bounds)
+    return seen
+
+
+@pytest.mark.skipif(not hasattr(threading, "get_native_id") or not __import__("os").path.isdir("/proc/self/task"),
+                    reason="needs Linux's /proc/self/task")
+def test_chunks_run_on_torchs_openmp_team():
+    """With torch on OpenMP the chunks run on the threads torch's own ops run on: after a torch
+    op at 2 threads, a split call starts no thread of its own, and its 2 chunks run on 2
+    different threads (the caller and torch's worker)."""
+    from lstmkit.engines.numba.binding import torch_openmp_library
+    from lstmkit.kernels.numba import threads
+
+    if torch_openmp_library() is None:
+        pytest.skip("torch here does not run on OpenMP")
+    assert threads.openmp_in_use()
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = torch.randn(512, 512)
+        a.mm(a)  # torch's team of 2 threads exists now
+        before = _os_threads()
+        seen = _chunk_threads(np.array([0, 5, 10], np.int64))
+        assert len(set(seen.values())) == 2 and threading.get_native_id() in seen.values()
+        assert _os_threads() == before  # no new OS thread: the team's worker did chunk 2
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("team", [True, False], ids=["openmp_team", "own_threads"])
+def test_chunk_exception_reaches_the_caller(team):
+    """An error inside any chunk is raised in the caller (a callback from an OpenMP thread
+    would otherwise print it and go on, leaving the output half written)."""
+    from lstmkit.engines.numba.binding import share_torch_threads
+    from lstmkit.kernels.numba import threads
+
+    if not team:
+        threads.use_openmp(None)
+    try:
+        def fn(r0, r1):
+            if r0 == 3:
+                raise ValueError("chunk 3 failed")
+
+        with pytest.raises(ValueError, match="chunk 3 failed"):
+            threads.run_chunks(fn, np.array([0, 3, 6], np.int64))
+        done = []
+        threads.run_chunks(lambda r0, r1: done.append(int(r0)), np.array([0, 3, 6, 9], np.int64))
+        assert sorted(done) == [0, 3, 6]  # more chunks than a team of 2: every chunk still runs
+    finally:
+        share_torch_threads()
+
+
+@pytest.mark.parametrize("N", [2, 5, 16])
+def test_own_threads_and_openmp_team_give_bitwise_the_same(N, monkeypatch):
+    """Where the chunks run changes nothing in the numbers: a training step on torch's team and
+    on the kernels' own threads (LSTMKIT_OWN_THREADS=1), 2 threads, split however small."""
+    from lstmkit.engines.numba.binding import share_torch_threads
+    from lstmkit.kernels.numba import lstm as kernels
+    from lstmkit.kernels.numba import threads
+
+    monkeypatch.setattr(kernels, "MIN_SPLIT_MACS", 0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.manual_seed(N)
+    m = lstmkit.LSTM(6, 20, num_layers=2, bidirectional=True, engine="numba")
+    x = torch.randn(7, N, 6, requires_grad=True)
+
+    def step():
+        m.zero_grad()
+        x.grad = None
+        y, (h, c) = m(x)
+        (y.square().sum() + h.sum() + c.sum()).backward()
+        return [y.detach(), x.grad] + [p.grad.clone() for p in m.parameters()]
+
+    try:
+        on_team = step()
+        monkeypatch.setenv("LSTMKIT_OWN_THREADS", "1")
+        assert not share_torch_threads() and not threads.openmp_in_use()
+        own = step()
+    finally:
+        monkeypatch.delenv("LSTMKIT_OWN_THREADS")
+        share_torch_threads()
+        torch.set_num_threads(old)
+    for a, b in zip(on_team, own):
+        assert torch.equal(a, b)
+
+
+def test_split_calls_from_several_threads_at_once(monkeypatch):
+    """Python threads that each make split calls at once (each becomes the master of its own
+    OpenMP team) get exactly their serial results."""
+    from lstmkit.kernels.numba import lstm as kernels
+
+    monkeypatch.setattr(kernels, "MIN_SPLIT_MACS", 0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m = _module()
+        jobs = _inputs(8, [(6, 4), (3, 7), (9, 2)])
+
+        def call(x):
+            with torch.no_grad():
+                return m(x)[0]
+
+        _run_concurrently(jobs, call, lambda a, b: _same([a], [b]))
+    finally:
+        torch.set_num_threads(old)

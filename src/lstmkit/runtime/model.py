@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import LSTMConfig
-from ..kernels.numba.lstm import chunk_bounds, chunks_for, forward_core, pack_forward
+from ..kernels.numba.lstm import chunk_bounds, chunks_for, forward_core, pack_forward, precompute_input
 from ..kernels.numba.variants import forward_core as _variant_forward
 
 
@@ -118,8 +118,7 @@ class Runtime:
         c_n = np.empty((LD, N, H), dt)  # (D*L, N, H)
         if self._single:  # one layer, one direction, no variant: the common streaming model
             y = np.empty((T * N, P), dt)
-            forward_core(x, bsz, h0[0], c0[0], *self._packed[0], False, self._no_acts,
-                         y, h_n[0], c_n[0], self._no_cells, False, self._bounds(bsz, N, T))
+            self._plain_layer(0, x, bsz, h0[0], c0[0], False, y, h_n[0], c_n[0], T, N)
             x = y
         for k in range(0 if self._single else self._L):
             y = np.empty((T * N, P) if D == 1 else (D, T * N, P), dt)
@@ -128,9 +127,8 @@ class Runtime:
                 if self._variant:
                     self._variant_layer(idx, x, bsz, h0, c0, d == 1, y if D == 1 else y[d], h_n, c_n)
                     continue
-                forward_core(x, bsz, h0[idx], c0[idx], *self._packed[idx], d == 1, self._no_acts,
-                             y if D == 1 else y[d], h_n[idx], c_n[idx], self._no_cells, False,
-                             self._bounds(bsz, N, T))
+                self._plain_layer(idx, x, bsz, h0[idx], c0[idx], d == 1, y if D == 1 else y[d], h_n[idx], c_n[idx],
+                                  T, N)
             # (T*N, D*P): both directions side by side, as the next layer reads them
             x = y if D == 1 else np.concatenate((y[0], y[1]), axis=1)
 
@@ -142,6 +140,25 @@ class Runtime:
         state = (h_n, c_n)
         self._returned = (state, x_in.shape, T, N)
         return x, state
+
+    def _plain_layer(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T: int, N: int):
+        """Layer-direction idx on the plain kernel, into y, h_n, c_n; x W_ih^T + b as one GEMM
+        first where the kernels' rule says it pays (precompute_input)."""
+        wp, b, wpr = self._packed[idx]
+        bounds = self._bounds(bsz, N, T)
+        w_ih = self.layers[idx][0]
+        xproj = None
+        if T > 1 and precompute_input(N, T, w_ih.shape[1], self._H, self._P, x.itemsize, bounds.shape[0] - 1):
+            xproj = self.input_projection(x, w_ih, b)
+        forward_core(x, bsz, h0, c0, wp, b, wpr, reverse, self._no_acts, y, h_n, c_n, self._no_cells, False,
+                     bounds, xproj)
+
+    @staticmethod
+    def input_projection(x, w_ih, b):
+        """x W_ih^T + b (numpy's BLAS; the torch engine's fast path puts torch's GEMM here)."""
+        out = np.dot(x, w_ih.T)
+        out += b
+        return out
 
     def _bounds(self, bsz, N: int, T: int):
         """Row chunks for `threads` threads (one when the call is too small to share)."""

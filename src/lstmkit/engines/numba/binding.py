@@ -5,8 +5,9 @@ inference fast path (nn/modules.py) all go through here.
 
 Threads: a call splits its batch rows into torch.get_num_threads() chunks (fewer for small
 work, see chunks_for), each running the whole time loop on its own thread
-(kernels/numba/lstm.py). The weight gradients after the loop are torch GEMMs, on torch's
-threads; the two never run at the same time. The BLAS the variant kernel calls from Numba
+(kernels/numba/lstm.py), and those threads are torch's own OpenMP team where torch runs on
+OpenMP (share_torch_threads; kernels/numba/threads.py says why). The weight gradients after
+the loop are torch GEMMs, on the same threads; the two never run at the same time. The BLAS the variant kernel calls from Numba
 (scipy's OpenBLAS) is held at one thread (LSTMKIT_BLAS_THREADS to change), so it never spins
 a pool of its own against torch's.
 """
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from ...kernels.numba.lstm import (
-    backward_core, chunk_bounds, forward_core, pack_backward, pack_forward,
+    backward_core, chunk_bounds, dx_after_loop, forward_core, pack_backward, pack_forward, precompute_input,
 )
 from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
 from ...kernels.numba.step import step_backward as step_backward_kernel
@@ -27,6 +28,7 @@ from ...kernels.numba.step import step_backward_all as step_backward_all_kernel
 from ...kernels.numba.step import step_forward as step_forward_kernel
 from ...kernels.numba.step import steps_backward as steps_backward_kernel
 from ...kernels.numba.step import steps_forward as steps_forward_kernel
+from ...kernels.numba.threads import use_openmp
 from ..base import LayerParams
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -84,23 +86,36 @@ def limit_blas() -> None:
             lib.set_num_threads(n)
 
 
+def torch_openmp_library() -> str | None:
+    """The path of the OpenMP runtime torch's own threads run on, when torch's parallel backend
+    is OpenMP and the library is loaded in this process (Linux: found in /proc/self/maps,
+    preferring one inside torch's folder); else None."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            loaded = {line.split()[-1] for line in f if "omp" in line and ".so" in line}
+    except OSError:
+        return None
+    names = ("libgomp", "libiomp5", "libomp")
+    found = sorted(p for p in loaded if os.path.basename(p).startswith(names))
+    torch_dir = os.path.dirname(torch.__file__)
+    found.sort(key=lambda p: not p.startswith(torch_dir))
+    return found[0] if found else None
+
+
+def share_torch_threads() -> bool:
+    """Run the kernels' row chunks on torch's OpenMP team (kernels/numba/threads.py says why);
+    LSTMKIT_OWN_THREADS=1 keeps them on the kernels' own Python threads."""
+    if os.environ.get("LSTMKIT_OWN_THREADS", "") not in ("", "0"):
+        return use_openmp(None)
+    return use_openmp(torch_openmp_library())
+
+
 def chunks_for(batch: int, macs: int) -> int:
     """Row chunks for a call over `batch` rows and `macs` multiply-adds: one per torch thread
     (kernels/numba/lstm.chunks_for has the rule)."""
     return kernel_chunks_for(batch, macs, torch.get_num_threads())
-
-
-# x W_ih^T + b of all steps as one GEMM before the time loop (one chunk only): it pays only
-# where the per-step product is bound by reading the weights, i.e. few rows per step and
-# [W_ih | W_hh] beyond the L2 cache; elsewhere the step's own product [x_t | h] @ [W_ih | W_hh]^T
-# is faster than writing and re-reading x W_ih^T (BENCHMARKS.md, "third round").
-PRECOMPUTE_MAX_BATCH = 16
-PRECOMPUTE_MIN_WEIGHT_BYTES = 2 << 20
-
-
-def precompute_input(batch: int, I: int, H: int, P: int, itemsize: int, chunks: int) -> bool:
-    """Whether a forward call computes x W_ih^T + b as one GEMM before its time loop."""
-    return chunks == 1 and batch <= PRECOMPUTE_MAX_BATCH and (I + P) * 4 * H * itemsize > PRECOMPUTE_MIN_WEIGHT_BYTES
 
 
 def _bounds(batch_sizes, I, H, P):
@@ -152,10 +167,18 @@ def forward_weights(p: LayerParams, cache: bool):
     return entry[2]
 
 
-def backward_weights(p: LayerParams):
-    """(wpb, wprb): layer-direction p's weights packed for the backward kernel."""
+def backward_weights(p: LayerParams, with_input: bool = True):
+    """(wpb, wprb): layer-direction p's weights packed for the backward kernel (W_ih left out
+    when not with_input: dx after the loop)."""
     w_hr = as_numpy(p.w_hr) if p.w_hr is not None else None
-    return pack_backward(as_numpy(p.w_ih), as_numpy(p.w_hh), w_hr)
+    return pack_backward(as_numpy(p.w_ih), as_numpy(p.w_hh), w_hr, with_input)
+
+
+def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """x W_ih^T + b as one torch GEMM on numpy arrays (on torch's threads, the team the time
+    loop's chunks run on too): what the kernels' precompute_input asks for."""
+    t_ = torch.from_numpy
+    return torch.addmm(t_(b), t_(x), t_(w_ih).t()).numpy()
 
 
 # ---- one layer-direction, numpy level ---------------------------------------------------------------
@@ -183,9 +206,8 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     bsz = np.asarray(batch_sizes, dtype=np.int64)
     bounds = _bounds(batch_sizes, I, H, P)
     xproj = None
-    if precompute_input(B, I, H, P, xn.itemsize, bounds.shape[0] - 1):
-        w_ih = p.w_ih.detach()
-        xproj = torch.addmm(torch.from_numpy(b), torch.from_numpy(xn), w_ih.t()).numpy()
+    if precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, bounds.shape[0] - 1):
+        xproj = input_projection(xn, as_numpy(p.w_ih), b)
     forward_core(xn, bsz, h0n, c0n, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save), bounds, xproj)
     return y, h_n, c_n, acts, cells
 
@@ -206,25 +228,28 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     B, H = c0n.shape
     P = h0n.shape[1]
     has_proj = p.w_hr is not None
-    wpb, wprb = backward_weights(p)
+    bounds = _bounds(batch_sizes, I, H, P)
+    dx_after = dx_after_loop(len(batch_sizes), I, H, P, xn.itemsize)
+    wpb, wprb = backward_weights(p, with_input=not dx_after)
     dyn = as_numpy_or(dy, (total, P), dt)
     dh = as_numpy(dh_n).copy() if dh_n is not None else np.zeros((B, P), dt)  # becomes dh0
     dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, H), dt)  # becomes dc0
-    dx = np.empty((total, I), dt)
+    dx = np.empty((0 if dx_after else total, I), dt)
     dgates = np.empty((total, 4 * H), dt)
     h_prev = np.empty((total, P), dt)
     dh_all = np.empty((total if has_proj else 0, P), dt)
     hpre_all = np.empty((total if has_proj else 0, H), dt)
     backward_core(xn, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wpb, wprb, bool(reverse),
                   as_numpy(acts), as_numpy(cells), as_numpy(y), dyn, dh, dc, dx, dgates, h_prev, dh_all,
-                  hpre_all, _bounds(batch_sizes, I, H, P))
+                  hpre_all, bounds)
     t_ = torch.from_numpy
     dg = t_(dgates)
+    dx = dg.mm(p.w_ih.detach()) if dx_after else t_(dx)  # (total, 4H) @ (4H, I)
     dw_ih = dg.t().mm(t_(xn))  # (4H, total) @ (total, I)
     dw_hh = dg.t().mm(t_(h_prev))  # (4H, total) @ (total, P)
     db = dg.sum(0)
     dw_hr = t_(dh_all).t().mm(t_(hpre_all)) if has_proj else None  # (P, total) @ (total, H)
-    return t_(dx), t_(dh), t_(dc), dw_ih, dw_hh, db, dw_hr
+    return dx, t_(dh), t_(dc), dw_ih, dw_hh, db, dw_hr
 
 
 # ---- one or a few time steps: no weight packing ------------------------------------------------------
@@ -382,11 +407,14 @@ def run_inference(runtime, x: np.ndarray, state):
     """The torch-free runtime (runtime/model.py: the same kernels, the whole stack in one
     call) under the engine's thread policy: what the module's no-grad fast path calls."""
     runtime.threads = torch.get_num_threads()
+    runtime.input_projection = input_projection
     return runtime(x, state)
 
 
+share_torch_threads()
+
 __all__ = [
     "SUPPORTED_DTYPES", "as_numpy", "as_numpy_or", "check_input", "chunks_for", "layer_backward", "layer_forward",
-    "backward_weights", "forward_weights", "limit_blas", "needs_grad", "run_inference", "step_backward",
+    "backward_weights", "forward_weights", "limit_blas", "needs_grad", "run_inference", "share_torch_threads", "step_backward",
     "step_forward", "steps_backward", "steps_forward", "unpacked_path",
 ]

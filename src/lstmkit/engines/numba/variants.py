@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...kernels.numba.lstm import chunk_bounds, run_chunks
+from ...kernels.numba.lstm import chunk_bounds
+from ...kernels.numba.threads import run_chunks
 from ...kernels.numba.variants import backward_core, forward_core
 from ..base import LayerParams, step_offsets
 from ..double_backward import differentiable_backward

@@ -36,6 +36,7 @@ from numba import njit
 
 from .activations import sigmoid, tanh
 from .simd import LANES, gate_block, vector_units
+from .threads import run_chunks
 from .tile import matmul, pack, pack2, padded_width
 
 # Fast-math without 'nnan'/'ninf': LLVM may reassociate and contract (FMA), which SIMD
@@ -63,10 +64,11 @@ def pack_forward(w_ih, w_hh, w_hr=None):
     return pack2(w_ih, w_hh, True), wpr
 
 
-def pack_backward(w_ih, w_hh, w_hr=None):
-    """(wpb, wprb): [W_ih | W_hh] (4H, I + P) and W_hr (P, H) packed for tile.matmul."""
+def pack_backward(w_ih, w_hh, w_hr=None, with_input=True):
+    """(wpb, wprb): [W_ih | W_hh] (4H, I + P), or W_hh alone when not with_input (dx is then
+    left to one GEMM after the loop, see backward_core), and W_hr (P, H) packed for tile.matmul."""
     wprb = pack(w_hr, False) if w_hr is not None and w_hr.shape[0] else no_projection(w_ih)
-    return pack2(w_ih, w_hh, False), wprb
+    return (pack2(w_ih, w_hh, False) if with_input else pack(w_hh, False)), wprb
 
 
 def no_projection(like):
@@ -92,15 +94,11 @@ def chunk_bounds(batch_sizes, chunks: int):
 
 
 # ---- threads ---------------------------------------------------------------------------------------
-# The chunks run on plain Python threads that call the compiled chunk function (nogil), the
-# first chunk on the calling thread. Not Numba's parallel=True: its OpenMP pool spin-waits
-# after each region and fights torch's OpenMP pool for the cores, and compiling a parallel
-# region took seconds of the cold start. These workers sleep on a queue between calls.
-_pool = [None, 0]  # the executor and its size
-
-
 # Below this many multiply-adds per call, handing a chunk to a second thread costs more than
-# it saves (a thread wake-up is tens of microseconds).
+# it saves (a thread wake-up is tens of microseconds). The chunks run through
+# threads.run_chunks (the host's OpenMP team, or Python threads), not Numba's parallel=True:
+# its own OpenMP pool spin-waits after each region against torch's, and compiling a
+# parallel region took seconds of the cold start.
 MIN_SPLIT_MACS = 1 << 21
 
 
@@ -112,22 +110,33 @@ def chunks_for(batch: int, macs: int, threads: int) -> int:
     return max(1, min(threads, batch))
 
 
-def run_chunks(fn, bounds, *args):
-    """fn(*args, r0, r1) for every chunk [bounds[k], bounds[k+1]), all at once; returns when all are done."""
-    n = bounds.shape[0] - 1
-    if n <= 1:
-        fn(*args, bounds[0], bounds[-1])
-        return
-    if _pool[1] < n - 1:
-        from concurrent.futures import ThreadPoolExecutor
+# x W_ih^T + b of all steps as one GEMM before the time loop, or the input part of each
+# step's own product [x_t | h_{t-1}] @ [W_ih | W_hh]^T? A BLAS GEMM runs faster than the step
+# product, on every thread, but writes and re-reads (total, 4H), four times x. It pays where
+# the step product is bound by reading the weights: many weight bytes per row of the chunk
+# that reuses each read. With more rows the fused product wins (BENCHMARKS.md, "fourth
+# round", has the measurements behind both numbers).
+PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW = 1 << 17
+PRECOMPUTE_MAX_CHUNK_ROWS = 16
 
-        if _pool[0] is not None:
-            _pool[0].shutdown(wait=False)
-        _pool[0], _pool[1] = ThreadPoolExecutor(n - 1, thread_name_prefix="lstmkit"), n - 1
-    futures = [_pool[0].submit(fn, *args, bounds[k], bounds[k + 1]) for k in range(1, n)]
-    fn(*args, bounds[0], bounds[1])
-    for f in futures:
-        f.result()
+
+def precompute_input(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, chunks: int) -> bool:
+    """Whether a forward call over `steps` steps of up to `batch` rows, split in `chunks`,
+    gets x W_ih^T + b as one GEMM before its time loop (forward_core's xproj)."""
+    rows = -(-batch // max(chunks, 1))
+    return (steps > 1 and rows <= PRECOMPUTE_MAX_CHUNK_ROWS
+            and (I + P) * 4 * H * itemsize > PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW * rows)
+
+
+# The backward's counterpart: dx = dgates W_ih as one GEMM after the loop, each step's product
+# then dgates_t @ W_hh alone. No extra buffer here (the GEMM writes dx, which the loop would
+# have written), so it pays as soon as the GEMM beats the step product's input part.
+DX_AFTER_MIN_WEIGHT_BYTES = 1 << 18
+
+
+def dx_after_loop(steps: int, I: int, H: int, P: int, itemsize: int) -> bool:
+    """Whether a backward call makes dx as one GEMM after its time loop (backward_core's dx (0, I))."""
+    return steps > 1 and (I + P) * 4 * H * itemsize > DX_AFTER_MIN_WEIGHT_BYTES
 
 
 @njit(**KW)
@@ -280,7 +289,9 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, d
     m = r1 - r0
     dt = x.dtype
     has_proj = wprb.shape[0] > 0
-    qb = np.empty((m, padded_width(wpb)), dt)  # [dx_t | dh_{t-1}] of the chunk's rows
+    dx_here = dx.shape[0] > 0  # else wpb is W_hh alone and the caller makes dx after the loop
+    I_out = I if dx_here else 0  # dh_{t-1}'s column in the product
+    qb = np.empty((m, padded_width(wpb)), dt)  # [dx_t | dh_{t-1}] (or dh_{t-1}) of the chunk's rows
     dhp = np.empty((m if has_proj else 0, padded_width(wprb) if has_proj else 0), dt)
     no_hpre = np.empty(0, dt)
     for s in range(T):
@@ -313,10 +324,11 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, d
                 copy_into(h_prev[o + i], h0[r0 + i])
             gate_backward_row(acts[o + i], cells[o + i], cprev, dhp[i, :H] if has_proj else dh[r0 + i],
                               dc[r0 + i], dgates[o + i], hpre_all[o + i] if has_proj else no_hpre, has_proj)
-        matmul(dgates[o:], n, wpb, qb)  # (n, 4H) @ (4H, I + P)
+        matmul(dgates[o:], n, wpb, qb)  # (n, 4H) @ (4H, I + P), or (4H, P)
         for i in range(n):
-            copy_into(dx[o + i], qb[i, :I])
-            copy_into(dh[r0 + i], qb[i, I : I + P])
+            if dx_here:
+                copy_into(dx[o + i], qb[i, :I])
+            copy_into(dh[r0 + i], qb[i, I_out : I_out + P])
 
 
 def backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
@@ -326,7 +338,9 @@ def backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy
 
     wpb, wprb from pack_backward; acts, cells, y: what the forward pass left; dy (total, P);
     dh (B, P), dc (B, H): in dL/dh_n, dL/dc_n, out dL/dh0, dL/dc0 (a row's state gradient is
-    left alone once its sequence is done). Out: dx (total, I), dgates (total, 4H) dL/d
+    left alone once its sequence is done). Out: dx (total, I) (or (0, I) with wpb packed
+    without the input part: the caller then makes dx = dgates W_ih as one GEMM, where
+    precompute_input says so for the forward's x W_ih^T), dgates (total, 4H) dL/d
     pre-activations, h_prev (total, P) h_{t-1} of every row, and with a projection dh_all
     (total, P) dL/dh_t and hpre_all (total, H) the projection's input (else (0, P), (0, H))."""
     run_chunks(backward_chunk, bounds, x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
@@ -398,10 +412,12 @@ def lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b=None, w_hr=None, reverse=
     return y, h_n, c_n
 
 
-def lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, dy, dh_n, dc_n, chunks=1):
+def lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, dy, dh_n, dc_n, chunks=1,
+                  dx_after=False):
     """Gradients of one layer-direction, given lstm_forward(..., save=True)'s y and saved.
 
     dy (total, P), dh_n (B, P), dc_n (B, H): incoming gradients (None = zeros).
+    dx_after: dx = dgates W_ih as one GEMM after the loop (see backward_core).
     Returns (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr); db is the gradient of b_ih and of
     b_hh alike; dw_hr is None without projection.
     """
@@ -418,8 +434,8 @@ def lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, d
     dc = np.zeros_like(c0) if dc_n is None else _prep(dt, dc_n)[0].copy()
     has_proj = w_hr is not None
     w_hr = _prep(dt, w_hr)[0] if has_proj else None
-    wpb, wprb = pack_backward(w_ih, w_hh, w_hr)
-    dx = np.empty_like(x)
+    wpb, wprb = pack_backward(w_ih, w_hh, w_hr, with_input=not dx_after)
+    dx = np.empty((0 if dx_after else total, x.shape[1]), dt)
     dgates = np.empty((total, 4 * H), dt)
     h_prev = np.empty((total, P), dt)
     dh_all = np.empty((total if has_proj else 0, P), dt)
@@ -427,5 +443,7 @@ def lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, d
     if total:
         backward_core(x, bsz, h0, c0, wpb, wprb, bool(reverse), acts, cells, y, dy, dh, dc,
                       dx, dgates, h_prev, dh_all, hpre_all, chunk_bounds(bsz, chunks))
+    if dx_after:
+        dx = np.dot(dgates, w_ih)  # (total, 4H) @ (4H, I)
     dw_ih, dw_hh, db, dw_hr = weight_gradients(x, dgates, h_prev, dh_all, hpre_all)
     return dx, dh, dc, dw_ih, dw_hh, db, dw_hr

@@ -1,0 +1,103 @@
+"""Where the row chunks of one call run (kernels/numba/lstm.py splits a call's batch rows into
+chunks, each a whole time loop in a compiled nogil function).
+
+    run_chunks(fn, bounds, *args)   fn(*args, bounds[k], bounds[k+1]) for every chunk k, at once
+    use_openmp(path)                run them on the team of the OpenMP runtime at `path`
+
+Why a host's OpenMP team: a process has one set of cores and, with torch, already a pool of
+OpenMP threads (its GEMMs, its elementwise ops). After each parallel region those threads
+spin for a while before they sleep, so a second pool of our own started right after a torch
+op found a core busy with a spinning thread, and a training step (our time loop, torch's
+weight-gradient GEMMs, our time loop, ...) ran at 1-thread speed on 2 threads
+(BENCHMARKS.md, "fourth round"). On the host's team the chunks run on the very threads that
+spin, so they pick the work up at once. The engine binding passes torch's runtime when
+torch's parallel backend is OpenMP (engines/numba/binding.py); the kernels never import torch.
+
+The team calls back into Python (a ctypes callback, which takes the GIL), and the compiled
+chunk function releases the GIL while it runs, so the chunks run in parallel. Without a
+host runtime (the torch-free runtime, or torch on another backend) the chunks run on a
+small pool of Python threads that sleep on a queue between calls.
+"""
+import ctypes
+import itertools
+import threading
+
+_omp = {}  # "parallel": GOMP_parallel, "thread_num"/"num_threads": omp_get_*, "body": the callback
+_jobs = {}  # job key -> (fn, args, bounds, errors); a key travels through OpenMP's data pointer
+_keys = itertools.count(1)  # 0 would arrive as None
+_pool = [None, 0]  # the fallback executor and its size
+_BODY_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def use_openmp(path) -> bool:
+    """Run chunks on the OpenMP team of the runtime library at `path` (libgomp, or a runtime
+    with its GOMP entry points such as LLVM's libomp), which should be the one the host
+    process's other work already uses. Returns whether it took; None: back to Python threads."""
+    _omp.clear()
+    if path is None:
+        return False
+    try:
+        lib = ctypes.CDLL(path)
+        parallel = lib.GOMP_parallel
+        thread_num, num_threads = lib.omp_get_thread_num, lib.omp_get_num_threads
+    except (OSError, AttributeError):
+        return False
+    parallel.argtypes = [_BODY_TYPE, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    parallel.restype = None
+    thread_num.restype = num_threads.restype = ctypes.c_int
+    _omp.update(parallel=parallel, thread_num=thread_num, num_threads=num_threads, body=_BODY_TYPE(_team_body))
+    return True
+
+
+def openmp_in_use() -> bool:
+    return bool(_omp)
+
+
+def _team_body(key):
+    """Each team thread runs chunks thread_num, thread_num + team size, ... (a team can be
+    smaller than asked for, e.g. inside another parallel region)."""
+    fn, args, bounds, errors = _jobs[key]
+    try:
+        for k in range(_omp["thread_num"](), bounds.shape[0] - 1, _omp["num_threads"]()):
+            fn(*args, bounds[k], bounds[k + 1])
+    except BaseException as e:  # noqa: BLE001 -- an exception must not die silently in a callback
+        errors.append(e)
+
+
+def run_chunks(fn, bounds, *args):
+    """fn(*args, r0, r1) for every chunk [bounds[k], bounds[k+1]), all at once; returns when
+    all are done, raising the first exception a chunk raised."""
+    n = bounds.shape[0] - 1
+    if n <= 1:
+        fn(*args, bounds[0], bounds[-1])
+        return
+    if _omp:
+        key = next(_keys)
+        errors = []
+        _jobs[key] = (fn, args, bounds, errors)
+        try:
+            _omp["parallel"](_omp["body"], key, n, 0)
+        finally:
+            del _jobs[key]
+        if errors:
+            raise errors[0]
+        return
+    _run_on_python_threads(fn, bounds, args, n)
+
+
+_pool_lock = threading.Lock()
+
+
+def _run_on_python_threads(fn, bounds, args, n):
+    with _pool_lock:
+        if _pool[1] < n - 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            if _pool[0] is not None:
+                _pool[0].shutdown(wait=False)
+            _pool[0], _pool[1] = ThreadPoolExecutor(n - 1, thread_name_prefix="lstmkit"), n - 1
+        pool = _pool[0]
+    futures = [pool.submit(fn, *args, bounds[k], bounds[k + 1]) for k in range(1, n)]
+    fn(*args, bounds[0], bounds[1])
+    for f in futures:
+        f.result()
