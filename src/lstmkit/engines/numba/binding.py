@@ -28,6 +28,7 @@ from ...kernels.numba.step import step_backward_all as step_backward_all_kernel
 from ...kernels.numba.step import step_forward as step_forward_kernel
 from ...kernels.numba.step import steps_backward as steps_backward_kernel
 from ...kernels.numba.step import steps_forward as steps_forward_kernel
+from ...kernels.numba import prefetch
 from ...kernels.numba.threads import use_openmp
 from ..base import LayerParams
 
@@ -186,6 +187,8 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     """The forward kernel on tensors; returns numpy (y, h_n, c_n, acts, cells), acts and cells
     empty unless save. One or a few time steps, saved for backward (the weights change between
     calls: nothing to cache) go to step_forward / steps_forward (see unpacked_path)."""
+    if not prefetch.started:  # first call, cold cache: see kernels/numba/prefetch.py
+        prefetch.start(unpacked_path(batch_sizes) or "time loop")
     if save:
         path = unpacked_path(batch_sizes)
         if path == "one step":
@@ -406,6 +409,11 @@ def steps_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
 def run_inference(runtime, x: np.ndarray, state):
     """The torch-free runtime (runtime/model.py: the same kernels, the whole stack in one
     call) under the engine's thread policy: what the module's no-grad fast path calls."""
+    if not prefetch.started:
+        steps, rows = x.shape[:2] if x.ndim == 3 else (x.shape[0], 1)
+        if runtime.batch_first and x.ndim == 3:
+            steps, rows = rows, steps
+        prefetch.start(unpacked_path([rows] * steps) or "time loop")
     runtime.threads = torch.get_num_threads()
     runtime.input_projection = input_projection
     return runtime(x, state)

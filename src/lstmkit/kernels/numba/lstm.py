@@ -116,7 +116,7 @@ def chunks_for(batch: int, macs: int, threads: int) -> int:
 # the step product is bound by reading the weights: many weight bytes per row of the chunk
 # that reuses each read. With more rows the fused product wins (BENCHMARKS.md, "fourth
 # round", has the measurements behind both numbers).
-PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW = 1 << 17
+PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW = 112 << 10
 PRECOMPUTE_MAX_CHUNK_ROWS = 16
 
 
