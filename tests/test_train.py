@@ -117,6 +117,46 @@ def test_resume_continues_exactly(text_file, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
 
 
+def test_lr_schedule_cosine_to_the_floor_then_constant():
+    cfg = {"lr": 4e-3, "lr_decay_steps": 100}
+    lrs = [train.lr_at(cfg, k) for k in range(0, 131)]
+    assert lrs[0] == 4e-3 and lrs[100] == pytest.approx(4e-3 * train.LR_FLOOR) and lrs[130] == lrs[100]
+    assert lrs[50] == pytest.approx(4e-3 * (1 + train.LR_FLOOR) / 2)
+    assert all(a > b for a, b in zip(lrs[:100], lrs[1:101]))
+    assert {train.lr_at({"lr": 1e-3, "lr_decay_steps": n}, 77) for n in (0, -1)} == {1e-3}
+
+
+def test_decayed_lr_reaches_the_optimizer_and_resume_continues_it_exactly(text_file, tmp_path):
+    extra = ["--lr-decay-steps", "10", "--ckpt-every", "100", "--eval-every", "100"]
+    straight = train_run(text_file, tmp_path / "a", "--steps", "12", *extra)
+    assert straight["model"] is not None
+    train_run(text_file, tmp_path / "b", "--steps", "5", *extra)
+    resumed = train.run(["--out", str(tmp_path / "b"), "--resume", "--steps", "12",
+                         "--engine", "reference", "--eval-chars", "400"], log=False)
+    for (k, a), (_, b) in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    const = train_run(text_file, tmp_path / "c", "--steps", "12", "--ckpt-every", "100", "--eval-every", "100")
+    moved = [(a - b).abs().max().item() for a, b in zip(straight["model"].state_dict().values(),
+                                                       const["model"].state_dict().values())]
+    assert max(moved) > 1e-4  # the schedule changed the training: the lr did reach the optimizer
+    saved = torch.load(tmp_path / "b" / "trainer.pt", weights_only=True)["optimizer"]
+    assert saved["param_groups"][0]["lr"] == pytest.approx(train.lr_at({"lr": 3e-2, "lr_decay_steps": 10}, 11))
+
+
+def test_lr_decay_fitted_to_the_time_budget_is_stored_in_the_run(text_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "FIT_AT_STEP", 4)
+    out = tmp_path / "fit"
+    s = train_run(text_file, out, "--steps", "0", "--minutes", "0.05", "--lr-decay-steps", "-1")
+    decided = json.loads((out / "config.json").read_text())["lr_decay_steps"]
+    assert s["step"] > 4 and decided > 4  # counted at step 4 from the measured rate
+    assert decided < 3 * s["step"]  # about the steps the budget held (loose: a shared machine)
+    # --resume with -1 again takes the stored number, not a new fit
+    r = train.run(["--out", str(out), "--resume", "--steps", str(s["step"] + 2), "--lr-decay-steps", "-1",
+                   "--engine", "reference", "--eval-chars", "400"], log=False)
+    assert r["step"] == s["step"] + 2
+    assert json.loads((out / "config.json").read_text())["lr_decay_steps"] == decided
+
+
 def test_resume_with_a_mismatched_configuration_is_a_one_line_error(trained, capsys):
     out, _ = trained
     before = (out / "model.safetensors").read_bytes()
@@ -304,6 +344,19 @@ def test_demo_quick_run(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert demo.main(["--steps", "2", "--out", str(out), "--engine", "reference"]) == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+def test_demo_rerun_accepts_its_own_fitted_lr_decay(tmp_path, text_file):
+    """The demo asks for --lr-decay-steps -1; its run stores the fitted number, and the next
+    demo over it is the same configuration, not another one."""
+    run_dir = tmp_path / "run"
+    train_run(text_file, run_dir, "--steps", "2")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["lr_decay_steps"] = 1234
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    flags = ["--text", str(text_file), "--out", str(run_dir), *TINY, "--lr-decay-steps", "-1"]
+    assert not demo._differs(run_dir, flags)
+    assert demo._differs(run_dir, flags[:-1] + ["77"])
 
 
 def test_time_limit_includes_the_final_evaluation(text_file, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -36,7 +37,24 @@ from .model import (
 # Built-in defaults. Options default to None so that `--resume` can tell "not given"
 # (take the run's value) from "given" (must agree with the run).
 DEFAULTS = dict(embed_size=64, hidden_size=256, num_layers=2, dropout=0.0, seq_len=64,
-                batch_size=32, lr=2e-3, clip=1.0, seed=0, val_frac=0.05)
+                batch_size=32, lr=2e-3, clip=1.0, seed=0, val_frac=0.05, lr_decay_steps=0)
+# --lr-decay-steps -1: the step at which the steps that fit in --minutes are counted (after
+# the first steps' compile and warm-up), and the share of the remaining time they may fill
+# (the rest: evaluations and checkpoints).
+FIT_AT_STEP, FIT_SHARE = 50, 0.9
+LR_FLOOR = 0.05  # the cosine ends at lr * LR_FLOOR
+
+
+def lr_at(cfg: dict, step: int) -> float:
+    """The learning rate of step `step` (0-based): cosine from lr to lr * LR_FLOOR over
+    lr_decay_steps steps, constant after them; constant lr when lr_decay_steps <= 0."""
+    n, lr = cfg["lr_decay_steps"], cfg["lr"]
+    if n <= 0:
+        return lr
+    low = lr * LR_FLOOR
+    return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * min(step, n) / n))
+
+
 # The options that define a run: resuming with any of them changed is an error.
 RUN_KEYS = tuple(DEFAULTS) + ("world_size", "text_sha256", "text_chars")
 
@@ -53,6 +71,10 @@ def build_parser(prog="lstmkit train") -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help=f"BPTT length T: characters per stream per step (default {d['seq_len']})")
     p.add_argument("--batch-size", type=int, help=f"parallel streams B per process (default {d['batch_size']})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d['lr']})")
+    p.add_argument("--lr-decay-steps", type=int,
+                   help="cosine decay of the learning rate to 1/20 of --lr over this many steps, then constant; "
+                        "0: constant (default); -1: over the steps that fit in --minutes, as measured at step "
+                        f"{FIT_AT_STEP} (the number is then stored in the run, so --resume continues it exactly)")
     p.add_argument("--clip", type=float, help=f"gradient norm clip (default {d['clip']})")
     p.add_argument("--seed", type=int, help=f"random seed (default {d['seed']})")
     p.add_argument("--val-frac", type=float, help=f"held-out fraction at the end of the text (default {d['val_frac']})")
@@ -125,6 +147,8 @@ def resolve_config(args, rank: int, world: int) -> tuple[dict, list[str], list[P
                text_paths=[str(p.resolve()) for p in paths])
 
     if args.resume:
+        if cfg["lr_decay_steps"] == -1 and old.get("lr_decay_steps", 0) > 0:
+            cfg["lr_decay_steps"] = old["lr_decay_steps"]  # -1 was decided in the run: that number
         for k in RUN_KEYS:
             if k in old and old[k] != cfg[k]:
                 if k.startswith("text_"):
@@ -157,6 +181,8 @@ def _check_values(cfg: dict) -> None:
         raise RunError(f"--val-frac must be in (0, 1), got {cfg['val_frac']}")
     if cfg["lr"] <= 0 or cfg["clip"] <= 0:
         raise RunError("--lr and --clip must be positive")
+    if cfg["lr_decay_steps"] < -1:
+        raise RunError(f"--lr-decay-steps must be >= -1, got {cfg['lr_decay_steps']}")
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -391,6 +417,10 @@ class Trainer:
         x, y, new_epoch = self.streams.batch(self.step_count)  # (B, T), (B, T)
         if new_epoch:
             self.state = self.zero_state()
+        lr = lr_at(self.cfg, self.step_count)
+        for opt in (self.optimizer, self.twin.optimizer if self.twin is not None else None):
+            for group in opt.param_groups if opt is not None else ():
+                group["lr"] = lr
         loss, self.state = bptt_step(self.model, self.optimizer, x, y, self.state, self.cfg["clip"])
         loss_v = loss.item()
         seconds = time.perf_counter() - t0
@@ -503,9 +533,34 @@ class _Loop:
         w["n"] += 1
         w["chars"] += step_chars
         w["time"] += dt
+        if trainer.cfg["lr_decay_steps"] == -1 and trainer.step_count == FIT_AT_STEP:
+            self._fit_decay_to_time()
         self.why = why = self._stop_reason(stop["why"])
         self._after_step(loss_v, why)
         return why is not None
+
+    def _fit_decay_to_time(self) -> None:
+        """--lr-decay-steps -1: decay over the steps this session's step rate fits in --minutes
+        (without --minutes: constant lr). The number goes into the run's config, so a resumed
+        run continues the same schedule; every rank takes rank 0's."""
+        trainer, args = self.trainer, self.trainer.args
+        steps = 0
+        if args.minutes is not None:
+            rate = (self.chars - trainer.chars_before) / max(self.train_time, 1e-9) / (trainer.B * trainer.T * trainer.world)
+            left = 60 * args.minutes - (time.perf_counter() - self.t_start)
+            steps = trainer.step_count + int(max(0.0, left) * FIT_SHARE * rate)
+        if trainer.world > 1:
+            import torch.distributed as dist
+
+            n = torch.tensor([steps if trainer.main_rank else 0], device=trainer.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            steps = int(n.item())
+        trainer.cfg["lr_decay_steps"] = steps
+        if trainer.main_rank:
+            write_json(trainer.out / CONFIG, trainer.cfg)
+            trainer.say.log(f"step {trainer.step_count}: learning rate decays over {steps} steps "
+                            f"(those that fit in --minutes at this rate)" if steps else
+                            "no --minutes: constant learning rate")
 
     def _stop_reason(self, why):
         # Every rank must agree, or DDP would hang in the next all-reduce.
