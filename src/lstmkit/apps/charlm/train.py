@@ -520,6 +520,8 @@ class _Loop:
         history = trainer.history
         self.val_bpc = history["eval"][-1][1] if history["eval"] else None
         self.why = None
+        self.fit_from = None  # (step, train_time) where --lr-decay-steps -1 starts counting the step rate
+        self.start_step = trainer.step_count
 
     def run_step(self, stop: dict) -> bool:
         """Train one step, then log, evaluate and checkpoint when due; True when the run stops."""
@@ -533,8 +535,11 @@ class _Loop:
         w["n"] += 1
         w["chars"] += step_chars
         w["time"] += dt
-        if trainer.cfg["lr_decay_steps"] == -1 and trainer.step_count == FIT_AT_STEP:
-            self._fit_decay_to_time()
+        if trainer.cfg["lr_decay_steps"] == -1:
+            if trainer.step_count == FIT_AT_STEP // 5:  # the rate is counted from here: after compile and warm-up
+                self.fit_from = (trainer.step_count, self.train_time)
+            elif trainer.step_count == FIT_AT_STEP:
+                self._fit_decay_to_time()
         self.why = why = self._stop_reason(stop["why"])
         self._after_step(loss_v, why)
         return why is not None
@@ -546,7 +551,8 @@ class _Loop:
         trainer, args = self.trainer, self.trainer.args
         steps = 0
         if args.minutes is not None:
-            rate = (self.chars - trainer.chars_before) / max(self.train_time, 1e-9) / (trainer.B * trainer.T * trainer.world)
+            step0, time0 = self.fit_from or (self.start_step, 0.0)  # (resumed past its start: the session's steps)
+            rate = (trainer.step_count - step0) / max(self.train_time - time0, 1e-9)  # steps per second
             left = 60 * args.minutes - (time.perf_counter() - self.t_start)
             steps = trainer.step_count + int(max(0.0, left) * FIT_SHARE * rate)
         if trainer.world > 1:
