@@ -334,11 +334,12 @@ class LSTM(nn.Module):
             return None
         x = input.detach().numpy()
         try:
-            y, (h, c) = run_inference(runtime, x, state)
+            y, returned = run_inference(runtime, x, state)
         except (ValueError, RuntimeError, TypeError):
             return None  # bad input: the general path raises torch's error for it
-        out = (torch.from_numpy(h), torch.from_numpy(c))
-        self.__dict__["_runtime"] = (rt[0], runtime, (out, (h, c)))
+        out = (torch.from_numpy(returned[0]), torch.from_numpy(returned[1]))
+        # The runtime's own state tuple: fed back as is, the runtime knows it and skips its checks.
+        self.__dict__["_runtime"] = (rt[0], runtime, (out, returned))
         return torch.from_numpy(y), out
 
     def __getstate__(self):
