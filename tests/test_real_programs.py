@@ -317,3 +317,31 @@ def test_torch_onnx_export_of_lstmkit_lstmcell(tmp_path, dynamo):
         want = model(*inputs)
     for a, b in zip(got, want):
         assert_close(a, b, TOL[torch.float32], "ONNX Runtime vs the cell")
+
+
+# ---- torch.func ------------------------------------------------------------------------------------
+def test_torch_func_grad_and_vmap_match_torch():
+    """Per-sample gradients and functional training (torch.func.grad over functional_call, vmap
+    over a batch of sequences): engine="auto" runs the reference engine under the transforms and
+    matches torch.nn.LSTM; an engine named explicitly says it cannot, and what to use."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64)
+    ours = lstmkit.LSTM.from_torch(ref)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def loss(model):
+        return lambda p, x: torch.func.functional_call(model, p, (x,))[0].square().sum()
+
+    want = torch.func.grad(loss(ref))(dict(ref.named_parameters()), x)
+    got = torch.func.grad(loss(ours))(dict(ours.named_parameters()), x)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert_close(got[k], want[k], TOL[torch.float64])
+    xs = torch.randn(4, 5, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        vm = torch.func.vmap(lambda s: ours(s)[0])(xs)
+        for i in range(4):
+            assert_close(vm[i], ref(xs[i])[0], TOL[torch.float64])
+    explicit = lstmkit.LSTM.from_torch(ref, engine="numba")
+    with pytest.raises(RuntimeError, match="engine='reference'"):
+        torch.func.grad(loss(explicit))(dict(explicit.named_parameters()), x)

@@ -67,7 +67,27 @@ _VARIANT_MODULES = {
 _warned_variant_fallback = set()
 
 
+def _under_torch_func(name: str) -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running. The fused engines'
+    autograd Functions work on the raw data (numpy views, Triton launches), which functorch's
+    wrapped tensors do not expose: engine="auto" then runs the reference engine (plain torch ops,
+    which every transform supports); an engine named explicitly raises, naming the way out."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    if name not in ("auto", "reference"):
+        raise RuntimeError(
+            f"lstmkit.LSTM(engine={name!r}) cannot run under torch.func transforms (grad, vmap, jacrev, "
+            "functional_call inside them); use engine='reference' or engine='auto' (which switches to "
+            "the reference engine there), or torch.autograd outside torch.func"
+        )
+    return True
+
+
 def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False):
+    if _under_torch_func(name):
+        from . import reference
+
+        return reference.lstm_layer  # (its variant= keyword runs the variants)
     # torch.compile cannot trace into Numba (nor importlib, below): while compiling, the fused
     # kernels run as torch.library custom ops (numba/compile_ops.py), one opaque graph node per
     # layer-direction; variants and the reference engine run plain torch ops the compiler traces.
@@ -108,7 +128,7 @@ def get_pair_fn(name: str, x: torch.Tensor, variant: bool = False):
     -> ((y_f, h_f, c_f), (y_b, h_b, c_b))`, which runs both directions of a bidirectional layer
     at once (the Triton engine: one kernel launch per step for the two); None when the engine
     has none (the caller then runs the directions one by one with get_layer_fn's function)."""
-    if variant or torch.compiler.is_compiling():
+    if variant or torch.compiler.is_compiling() or _under_torch_func(name):
         return None
     if name == "auto":
         name = auto_engine_name(x)

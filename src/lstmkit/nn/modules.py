@@ -209,7 +209,8 @@ class LSTM(nn.Module):
             data = input.data if isinstance(input, PackedSequence) else input
             if isinstance(data, torch.Tensor) and autocast.active(data.device.type):
                 return self._forward_autocast(input, hx, data.device.type)
-        if not torch.is_grad_enabled() and type(input) is torch.Tensor and not torch.jit.is_tracing():
+        if (not torch.is_grad_enabled() and type(input) is torch.Tensor and not torch.jit.is_tracing()
+                and not torch._C._are_functorch_transforms_active()):
             out = self._inference_fast(input, hx)
             if out is not None:
                 return out
