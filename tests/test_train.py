@@ -306,7 +306,14 @@ def test_ddp_two_processes_keep_identical_weights_and_learn(text_file, tmp_path)
         for r in range(2)
     ]
     errs = [p.communicate(timeout=120)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    for r, (p, err) in enumerate(zip(procs, errs)):
+        # Gloo's worker threads can abort the interpreter's own teardown after the run is done
+        # and its process group destroyed ("terminate called without an active exception",
+        # SIGABRT; pytorch/pytorch#190489, #179291): seen once here, in a fresh-clone CI run. Accepted only
+        # when the worker had finished: its weights are saved (and checked below).
+        teardown_abort = (p.returncode == -signal.SIGABRT and "terminate called without an active exception" in err
+                          and (tmp_path / f"rank{r}.pt").exists())
+        assert p.returncode == 0 or teardown_abort, errs
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k

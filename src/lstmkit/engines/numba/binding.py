@@ -7,9 +7,9 @@ Threads: a call splits its batch rows into torch.get_num_threads() chunks (fewer
 work, see chunks_for), each running the whole time loop on its own thread
 (kernels/numba/lstm.py), and those threads are torch's own OpenMP team where torch runs on
 OpenMP (share_torch_threads; kernels/numba/threads.py says why). The weight gradients after
-the loop are torch GEMMs, on the same threads; the two never run at the same time. The BLAS the variant kernel calls from Numba
-(scipy's OpenBLAS) is held at one thread (LSTMKIT_BLAS_THREADS to change), so it never spins
-a pool of its own against torch's.
+the loop are torch GEMMs, on the same threads; the two never run at the same time. The BLAS
+the variant kernel calls from Numba (scipy's OpenBLAS) is held at one thread
+(LSTMKIT_BLAS_THREADS to change), so it never spins a pool of its own against torch's.
 """
 from __future__ import annotations
 
@@ -423,6 +423,6 @@ share_torch_threads()
 
 __all__ = [
     "SUPPORTED_DTYPES", "as_numpy", "as_numpy_or", "check_input", "chunks_for", "layer_backward", "layer_forward",
-    "backward_weights", "forward_weights", "limit_blas", "needs_grad", "run_inference", "share_torch_threads", "step_backward",
-    "step_forward", "steps_backward", "steps_forward", "unpacked_path",
+    "backward_weights", "forward_weights", "input_projection", "limit_blas", "needs_grad", "run_inference",
+    "share_torch_threads", "step_backward", "step_forward", "steps_backward", "steps_forward", "unpacked_path",
 ]

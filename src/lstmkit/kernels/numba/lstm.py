@@ -16,10 +16,12 @@ Forward, per step (engines/reference.py has the readable version):
 How the work is laid out:
   - ONE compiled call runs the whole time loop of a layer-direction, forward or backward: no
     Python per step, whatever the batch size.
-  - The batch rows are split into chunks of whole sequences, one per thread (run_chunks). Sequences are independent through time, so each
-    chunk runs its own time loop with no barrier between steps; with packed data, at step t
-    a chunk works on its rows below batch_sizes[t] (always a prefix of its rows, as the
-    rows are sorted by decreasing length). chunk_bounds() balances the row-steps.
+  - The batch rows are split into chunks of whole sequences, one per thread (threads.py's
+    run_chunks: torch's OpenMP team when the engine gives it). Sequences are independent
+    through time, so each chunk runs its own time loop with no barrier between steps; with
+    packed data, at step t a chunk works on its rows below batch_sizes[t] (always a prefix
+    of its rows, as the rows are sorted by decreasing length). chunk_bounds() balances the
+    row-steps.
   - Per step a chunk makes ONE product, [x_t | h_{t-1}] @ [W_ih | W_hh]^T, with tile.matmul
     (a register-blocked micro-kernel on weights packed once per call, see tile.py), then
     one fused pass over the gates per row. The input projection rides in the same product:
