@@ -271,3 +271,45 @@ def test_split_calls_from_several_threads_at_once(monkeypatch):
         _run_concurrently(jobs, call, lambda a, b: _same([a], [b]))
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "register_at_fork"), reason="needs fork")
+@pytest.mark.parametrize("team", [True, False], ids=["openmp_team", "own_threads"])
+def test_split_calls_work_in_a_forked_child(team):
+    """A process forked after split calls (a multiprocessing worker, a pre-forking server) makes
+    split calls of its own: the parent's OpenMP team and Python threads do not exist in the
+    child (libgomp waited forever for them), so the child runs its chunks on fresh threads and
+    gets the parent's numbers bitwise. (torch's own multi-threaded ops hang in such a child,
+    so the child here compares in numpy.)"""
+    import multiprocessing as mp
+
+    from lstmkit.engines.numba.binding import share_torch_threads
+    from lstmkit.kernels.numba import threads
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    if not team:
+        threads.use_openmp(None)
+    try:
+        torch.manual_seed(0)
+        m = lstmkit.LSTM(64, 128, engine="numba").eval()
+        x = torch.randn(50, 16, 64)
+        with torch.no_grad():
+            want = m(x)[0].numpy().copy()  # split over 2 chunks in the parent
+
+        def child(q):
+            with torch.no_grad():
+                q.put(float(np.abs(m(x)[0].numpy() - want).max()))
+
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        p.join(60)
+        if p.exitcode is None:
+            p.kill()
+        assert p.exitcode == 0, "the forked child hung or failed in a split call"
+        assert q.get(timeout=5) == 0.0
+    finally:
+        share_torch_threads()
+        torch.set_num_threads(old)

@@ -20,6 +20,7 @@ small pool of Python threads that sleep on a queue between calls.
 """
 import ctypes
 import itertools
+import os
 import threading
 
 _omp = {}  # "parallel": GOMP_parallel, "thread_num"/"num_threads": omp_get_*, "body": the callback
@@ -86,6 +87,20 @@ def run_chunks(fn, bounds, *args):
 
 
 _pool_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: neither the OpenMP team (GNU libgomp
+    waits forever for the parent's workers if asked for it) nor our pool's threads (submitted
+    chunks would never run). The child splits its calls over fresh Python threads instead."""
+    global _pool_lock
+    _omp.clear()
+    _pool[0], _pool[1] = None, 0
+    _pool_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _run_on_python_threads(fn, bounds, args, n):
