@@ -420,9 +420,9 @@ class Trainer:
         if new_epoch:
             self.state = self.zero_state()
         lr = lr_at(self.cfg, self.step_count)
-        for opt in (self.optimizer, self.twin.optimizer if self.twin is not None else None):
-            for group in opt.param_groups if opt is not None else ():
-                group["lr"] = lr
+        optimizers = [self.optimizer] + ([self.twin.optimizer] if self.twin is not None else [])
+        for group in (g for opt in optimizers for g in opt.param_groups):
+            group["lr"] = lr
         loss, self.state = bptt_step(self.model, self.optimizer, x, y, self.state, self.cfg["clip"])
         loss_v = loss.item()
         seconds = time.perf_counter() - t0

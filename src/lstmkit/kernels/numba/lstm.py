@@ -141,6 +141,14 @@ def dx_after_loop(steps: int, I: int, H: int, P: int, itemsize: int) -> bool:
     return steps > 1 and (I + P) * 4 * H * itemsize > DX_AFTER_MIN_WEIGHT_BYTES
 
 
+def input_projection(x, w_ih, b):
+    """x W_ih^T + b with numpy's BLAS: forward_core's xproj where precompute_input says so (the
+    torch engine makes it with torch's GEMM instead, on the threads its chunks run on)."""
+    out = np.dot(x, w_ih.T)
+    out += b
+    return out
+
+
 @njit(**KW)
 def copy_into(dst, src):
     """dst[:] = src for rows known not to overlap (slice assignment checks for overlap each time)."""
@@ -342,7 +350,7 @@ def backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy
     dh (B, P), dc (B, H): in dL/dh_n, dL/dc_n, out dL/dh0, dL/dc0 (a row's state gradient is
     left alone once its sequence is done). Out: dx (total, I) (or (0, I) with wpb packed
     without the input part: the caller then makes dx = dgates W_ih as one GEMM, where
-    precompute_input says so for the forward's x W_ih^T), dgates (total, 4H) dL/d
+    dx_after_loop says so), dgates (total, 4H) dL/d
     pre-activations, h_prev (total, P) h_{t-1} of every row, and with a projection dh_all
     (total, P) dL/dh_t and hpre_all (total, H) the projection's input (else (0, P), (0, H))."""
     run_chunks(backward_chunk, bounds, x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
@@ -404,7 +412,7 @@ def lstm_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b=None, w_hr=None, reverse=
     h_n = np.empty_like(h0)
     c_n = np.empty_like(c0)
     if total:
-        xproj = np.dot(x, w_ih.T) + b if precompute else None
+        xproj = input_projection(x, w_ih, b) if precompute else None
         forward_core(x, bsz, h0, c0, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save),
                      chunk_bounds(bsz, chunks), xproj)
     else:

@@ -27,6 +27,7 @@ _omp = {}  # "parallel": GOMP_parallel, "thread_num"/"num_threads": omp_get_*, "
 _jobs = {}  # job key -> (fn, args, bounds, errors); a key travels through OpenMP's data pointer
 _keys = itertools.count(1)  # 0 would arrive as None
 _pool = [None, 0]  # the fallback executor and its size
+_pool_lock = threading.Lock()
 _BODY_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
@@ -84,9 +85,6 @@ def run_chunks(fn, bounds, *args):
             raise errors[0]
         return
     _run_on_python_threads(fn, bounds, args, n)
-
-
-_pool_lock = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
