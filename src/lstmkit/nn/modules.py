@@ -19,6 +19,18 @@ from ..engines import LayerParams, check_engine_name, get_layer_fn, get_pair_fn
 from . import autocast, variants
 
 
+_FAST_DTYPES = (torch.float32, torch.float64)
+
+
+def _run_inference(runtime, x, state):
+    """engines/numba/binding.run_inference, imported on the first call (it loads numba)."""
+    global _run_inference
+    from ..engines.numba.binding import run_inference
+
+    _run_inference = run_inference
+    return run_inference(runtime, x, state)
+
+
 def _permute(x: torch.Tensor, perm):
     return x if perm is None else x.index_select(1, perm)
 
@@ -298,30 +310,19 @@ class LSTM(nn.Module):
     # the whole stack in one call), built from this module's weights and rebuilt when any
     # parameter changes (in-place updates bump `_version`; `p.data = ...` moves data_ptr).
     def _inference_fast(self, input, hx):
-        cfg = self.config
-        if (self.engine not in ("auto", "numba") or input.device.type != "cpu"
-                or input.dtype not in (torch.float32, torch.float64)
-                or (self.training and ((self.dropout > 0 and cfg.num_layers > 1) or cfg.has_variant))
+        if (input.dtype not in _FAST_DTYPES or not input.is_cpu or self.engine not in ("auto", "numba")
+                or (self.training and ((self.dropout > 0 and self.config.num_layers > 1) or self._variant))
                 or torch.compiler.is_compiling()):
             return None
         params = list(self._parameters.values())  # registration order = _flat_weights_names
         key = [(p._version, p.data_ptr()) for p in params]
         rt = self.__dict__.get("_runtime")
         if rt is None or rt[0] != key:
-            try:
-                from ..runtime import Runtime
-            except ModuleNotFoundError as e:  # numba not installed: the general path runs
-                if e.name is None or e.name.split(".")[0] != "numba":
-                    raise  # a bug in lstmkit: loud, never a silent slow path
+            rt = self._build_runtime(key, params)
+            if rt is None:
                 return None
-            if params[0].dtype not in (torch.float32, torch.float64) or params[0].device.type != "cpu":
-                return None
-            weights = {n: p.detach().numpy() for n, p in zip(self._flat_weights_names, params)}
-            rt = (key, Runtime(dataclasses.replace(cfg, batch_first=self.batch_first), weights), None)
-            self.__dict__["_runtime"] = rt
         _, runtime, last = rt
-        from ..engines.numba.binding import run_inference
-        if input.dtype != params[0].dtype:
+        if input.dtype != runtime.torch_dtype:
             return None  # the general path raises the error
         if hx is None:
             state = None
@@ -329,19 +330,36 @@ class LSTM(nn.Module):
               and hx[0] is last[0][0] and hx[1] is last[0][1]):
             state = last[1]  # the state this path returned last time: the runtime skips its checks
         elif (type(hx) in (tuple, list) and len(hx) == 2 and type(hx[0]) is torch.Tensor
-              and type(hx[1]) is torch.Tensor and hx[0].device.type == "cpu" and hx[1].device.type == "cpu"):
+              and type(hx[1]) is torch.Tensor and hx[0].is_cpu and hx[1].is_cpu):
             state = (hx[0].detach().numpy(), hx[1].detach().numpy())
         else:
             return None
-        x = input.detach().numpy()
+        x = input.detach().numpy() if input.requires_grad else input.numpy()
         try:
-            y, returned = run_inference(runtime, x, state)
+            y, returned = _run_inference(runtime, x, state)
         except (ValueError, RuntimeError, TypeError):
             return None  # bad input: the general path raises torch's error for it
         out = (torch.from_numpy(returned[0]), torch.from_numpy(returned[1]))
         # The runtime's own state tuple: fed back as is, the runtime knows it and skips its checks.
         self.__dict__["_runtime"] = (rt[0], runtime, (out, returned))
         return torch.from_numpy(y), out
+
+    def _build_runtime(self, key, params):
+        """(key, Runtime of this module's weights, None), kept in __dict__; None where the
+        fast path cannot run (numba missing, weights not float32/64 on the CPU)."""
+        try:
+            from ..runtime import Runtime
+        except ModuleNotFoundError as e:  # numba not installed: the general path runs
+            if e.name is None or e.name.split(".")[0] != "numba":
+                raise  # a bug in lstmkit: loud, never a silent slow path
+            return None
+        if params[0].dtype not in _FAST_DTYPES or params[0].device.type != "cpu":
+            return None
+        weights = {n: p.detach().numpy() for n, p in zip(self._flat_weights_names, params)}
+        runtime = Runtime(dataclasses.replace(self.config, batch_first=self.batch_first), weights)
+        runtime.torch_dtype = params[0].dtype
+        rt = self.__dict__["_runtime"] = (key, runtime, None)
+        return rt
 
     def __getstate__(self):
         # The inference runtime is a cache of the weights: never pickled or deep-copied.

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..config import LSTMConfig
 from ..kernels.numba.lstm import (
-    chunk_bounds, chunks_for, forward_core, input_projection, pack_forward, precompute_input,
+    MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, input_projection, pack_forward,
+    precompute_input,
 )
 from ..kernels.numba.variants import forward_core as _variant_forward
 
@@ -73,6 +74,7 @@ class Runtime:
                     self._variant_args.append((b_ih + b_hh, *ln, peep))
         self._no_cells = np.zeros((0, H), dt)  # the kernel saves c_t and the activations for training only
         self._no_acts = np.zeros((0, 4 * H), dt)
+        self._no_xproj = self._no_acts
         self._one_chunk = {}  # N -> the bounds of one chunk of N rows
         self._batch_sizes = {}  # (T, N) -> int64 array [N] * T
 
@@ -147,10 +149,15 @@ class Runtime:
         """Layer-direction idx on the plain kernel, into y, h_n, c_n; x W_ih^T + b as one GEMM
         first where the kernels' rule says it pays (precompute_input)."""
         wp, b, wpr = self._packed[idx]
+        if T == 1 and N * (self._I + self._P) * 4 * self._H < MIN_SPLIT_MACS:
+            # The streaming call (one step, one chunk): straight into the compiled loop, where
+            # the Python around it is most of the call's time.
+            forward_chunk(x, bsz, h0, c0, wp, b, wpr, self._no_xproj, reverse, self._no_acts, y, h_n, c_n,
+                          self._no_cells, False, 0, N)
+            return
         bounds = self._bounds(bsz, N, T)
         w_ih = self.layers[idx][0]
         xproj = None
-        # (T > 1 first: the one-step streaming call skips the rule's call, a few percent of its time)
         if T > 1 and precompute_input(N, T, w_ih.shape[1], self._H, self._P, x.itemsize, bounds.shape[0] - 1):
             xproj = self.input_projection(x, w_ih, b)
         forward_core(x, bsz, h0, c0, wp, b, wpr, reverse, self._no_acts, y, h_n, c_n, self._no_cells, False,

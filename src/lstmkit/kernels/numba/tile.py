@@ -52,10 +52,12 @@ def _as_i64(builder, v):
     return builder.sext(v, ir.IntType(64)) if v.type.width < 64 else v
 
 
-def _make_tile(R: int, accumulate: bool = False):
-    """The R-row micro-kernel: out[r0:r0+R, b*V:(b+1)*V] = a[r0:r0+R] @ W[:, b*V:(b+1)*V]
+def _make_tile(R: int, accumulate: bool = False, C: int = 1):
+    """The R-row, C-block micro-kernel: out[r0:r0+R, b*V:(b+C)*V] = a[r0:r0+R] @ W[:, b*V:(b+C)*V]
     (accumulate: += , the sum continuing from what out holds); rows at or past n are read
-    clamped to row n-1 and not stored."""
+    clamped to row n-1 and not stored. Each (row, block) is its own chain of fused
+    multiply-adds over k in order, so C changes how many chains run at once, not the bits:
+    one row of one block is a single chain, bound by the FMA's latency; a single row wants C > 1."""
 
     @intrinsic
     def tile(typingctx, a, r0, n, wp, b, out):
@@ -92,12 +94,14 @@ def _make_tile(R: int, accumulate: bool = False):
             zero = ir.Constant(vt, [ir.Constant(ft, 0.0)] * V)
             undef = ir.Constant(vt, ir.Undefined)
             splat = ir.Constant(ir.VectorType(ir.IntType(32), V), [0] * V)
-            col = builder.mul(block, c(V))
-            if accumulate:  # each row's chain goes on from its stored partial sum: the same bits
-                init = [builder.load(builder.bitcast(builder.gep(arr_o.data, [builder.add(out_rows[r], col)]),
-                                                     vt.as_pointer()), align=esize) for r in range(R)]
+            cols = [builder.mul(builder.add(block, c(j)), c(V)) for j in range(C)]
+            # acc[r * C + j]: row r, block b + j
+            if accumulate:  # each chain goes on from its stored partial sum: the same bits
+                init = [builder.load(builder.bitcast(builder.gep(arr_o.data, [builder.add(out_rows[r], cols[j])]),
+                                                     vt.as_pointer()), align=esize)
+                        for r in range(R) for j in range(C)]
             else:
-                init = [zero] * R
+                init = [zero] * (R * C)
 
             entry = builder.block
             loop = builder.append_basic_block("tile.k")
@@ -107,36 +111,38 @@ def _make_tile(R: int, accumulate: bool = False):
             k = builder.phi(i64)
             k.add_incoming(c(0), entry)
             acc = []
-            for r in range(R):
+            for v in init:
                 p = builder.phi(vt)
-                p.add_incoming(init[r], entry)
+                p.add_incoming(v, entry)
                 acc.append(p)
-            w_ptr = builder.bitcast(builder.gep(w_base, [builder.mul(k, w_row)]), vt.as_pointer())
-            w = builder.load(w_ptr, align=esize)
+            w_k = builder.gep(w_base, [builder.mul(k, w_row)])
+            w = [builder.load(builder.bitcast(builder.gep(w_k, [builder.mul(c(j), w_block)]), vt.as_pointer()),
+                              align=esize) for j in range(C)]
             new = []
             for r in range(R):
                 s = builder.load(builder.gep(a_rows[r], [k]))
                 s = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef, splat)
-                new.append(builder.call(fmuladd, [s, w, acc[r]]))
+                new += [builder.call(fmuladd, [s, w[j], acc[r * C + j]]) for j in range(C)]
             k_next = builder.add(k, c(1))
             body_end = builder.block
             k.add_incoming(k_next, body_end)
-            for r in range(R):
-                acc[r].add_incoming(new[r], body_end)
+            for p, v in zip(acc, new):
+                p.add_incoming(v, body_end)
             builder.cbranch(builder.icmp_signed("<", k_next, K), loop, done)
 
             builder.position_at_end(done)
             totals = []
-            for r in range(R):  # all phis first: LLVM wants them at the top of the block
+            for v0, v in zip(init, new):  # all phis first: LLVM wants them at the top of the block
                 total = builder.phi(vt)
-                total.add_incoming(init[r], entry)
-                total.add_incoming(new[r], body_end)
+                total.add_incoming(v0, entry)
+                total.add_incoming(v, body_end)
                 totals.append(total)
-            for r, total in enumerate(totals):
+            for r in range(R):
                 row = builder.add(row0, c(r))
                 with builder.if_then(builder.icmp_signed("<", row, nrows)):
-                    dst = builder.gep(arr_o.data, [builder.add(builder.mul(row, o_stride), col)])
-                    builder.store(total, builder.bitcast(dst, vt.as_pointer()), align=esize)
+                    for j in range(C):
+                        dst = builder.gep(arr_o.data, [builder.add(builder.mul(row, o_stride), cols[j])])
+                        builder.store(totals[r * C + j], builder.bitcast(dst, vt.as_pointer()), align=esize)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -150,6 +156,7 @@ tile1 = _make_tile(1)
 tile8_acc = _make_tile(8, accumulate=True)
 tile4_acc = _make_tile(4, accumulate=True)
 tile1_acc = _make_tile(1, accumulate=True)
+tile1x4 = _make_tile(1, C=4)
 # 8-row tiles hold 16 accumulator registers: AVX-512 has 32 vector registers, AVX2 only 16
 # (there, 4 rows of 4 ymm already fill them).
 EIGHT_ROWS = AVX512
@@ -204,6 +211,19 @@ K_BLOCK = 256
 
 
 @njit(**KW)
+def _row(a, r, wp, out):
+    """out[r, :padded_width(wp)] = a[r] @ W over the whole K: four column blocks at a time,
+    eight independent chains of multiply-adds where one block alone is one chain waiting on
+    each multiply-add's latency."""
+    nb = wp.shape[0]
+    nb4 = nb - nb % 4
+    for b in range(0, nb4, 4):
+        tile1x4(a, r, r + 1, wp, b, out)
+    for b in range(nb4, nb):
+        tile1(a, r, r + 1, wp, b, out)
+
+
+@njit(**KW)
 def _tiles(a, n, wp, out, accumulate):
     """One pass over rows 0:n and every column block, K = a.shape[1] (see matmul)."""
     nb = wp.shape[0]
@@ -235,9 +255,8 @@ def matmul(a, n, wp, out):
     bits); within a pass, for each column block, all row tiles run while its panel of W
     stays in L1."""
     K = a.shape[1]
-    if n == 1 and K <= K_BLOCK:
-        for b in range(wp.shape[0]):
-            tile1(a, 0, 1, wp, b, out)
+    if n == 1:  # a matrix-vector product: no row tile reuses W, so no K passes either
+        _row(a, 0, wp, out)
         return
     for k0 in range(0, max(K, 1), K_BLOCK):
         k1 = min(K, k0 + K_BLOCK)
