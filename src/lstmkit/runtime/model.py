@@ -22,6 +22,9 @@ from ..kernels.numba.lstm import (
     MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, input_projection, pack_forward,
     precompute_input,
 )
+from ..kernels.numba.columns import columns_pay, new_sync, pack_columns
+from ..kernels.numba.columns import team_body as columns_body
+from ..kernels.numba.threads import run_compiled
 from ..kernels.numba.variants import forward_core as _variant_forward
 
 
@@ -76,6 +79,7 @@ class Runtime:
         self._no_acts = np.zeros((0, 4 * H), dt)
         self._no_xproj = self._no_acts
         self._one_chunk = {}  # N -> the bounds of one chunk of N rows
+        self._columns = {}  # (layer-direction, threads) -> its weights split by hidden units
         self._batch_sizes = {}  # (T, N) -> int64 array [N] * T
 
     # ---- the module's attributes, for code that reads them ----------------------------------
@@ -149,6 +153,9 @@ class Runtime:
         """Layer-direction idx on the plain kernel, into y, h_n, c_n; x W_ih^T + b as one GEMM
         first where the kernels' rule says it pays (precompute_input)."""
         wp, b, wpr = self._packed[idx]
+        if (self.threads > 1 and columns_pay(N, T, self._I, self._H, self._P, x.itemsize, self.threads)
+                and self._by_columns(idx, x, bsz, h0, c0, reverse, y, h_n, c_n)):
+            return
         if T == 1 and N * (self._I + self._P) * 4 * self._H < MIN_SPLIT_MACS:
             # The streaming call (one step, one chunk): straight into the compiled loop, where
             # the Python around it is most of the call's time.
@@ -162,6 +169,19 @@ class Runtime:
             xproj = self.input_projection(x, w_ih, b)
         forward_core(x, bsz, h0, c0, wp, b, wpr, reverse, self._no_acts, y, h_n, c_n, self._no_cells, False,
                      bounds, xproj)
+
+    def _by_columns(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n) -> bool:
+        """Layer-direction idx with its hidden units split over the threads (kernels/numba/
+        columns.py); False, having run nothing, where no OpenMP team is at hand."""
+        key = (idx, self.threads)
+        packed = self._columns.get(key)
+        if packed is None:
+            w_ih, w_hh, b_ih, b_hh, _ = self.layers[idx]
+            packed = self._columns[key] = pack_columns(w_ih, w_hh, b_ih + b_hh, self.threads)
+        wps, bps, units = packed
+        hbuf = np.empty((2,) + h0.shape, self.dtype)
+        return run_compiled(columns_body(self.dtype), self.threads, x, bsz, h0, c0, wps, bps, units, reverse,
+                            y, h_n, c_n, hbuf, new_sync())
 
     # x W_ih^T + b before the loop: numpy's BLAS here; the torch engine's fast path sets torch's GEMM
     input_projection = staticmethod(input_projection)

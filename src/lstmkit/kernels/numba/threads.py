@@ -2,6 +2,7 @@
 chunks, each a whole time loop in a compiled nogil function).
 
     run_chunks(fn, bounds, *args)   fn(*args, bounds[k], bounds[k+1]) for every chunk k, at once
+    run_compiled(body, threads, *args)  a compiled body (team.py) on each thread of an OpenMP team
     use_openmp(path)                run them on the team of the OpenMP runtime at `path`
 
 Why a host's OpenMP team: a process has one set of cores and, with torch, already a pool of
@@ -47,7 +48,11 @@ def use_openmp(path) -> bool:
     parallel.argtypes = [_BODY_TYPE, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     parallel.restype = None
     thread_num.restype = num_threads.restype = ctypes.c_int
-    _omp.update(parallel=parallel, thread_num=thread_num, num_threads=num_threads, body=_BODY_TYPE(_team_body))
+    # The same entry point for compiled bodies (run_compiled): a plain function pointer.
+    raw = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)(("GOMP_parallel", lib))
+    addresses = tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (thread_num, num_threads))
+    _omp.update(parallel=parallel, thread_num=thread_num, num_threads=num_threads, body=_BODY_TYPE(_team_body),
+                raw=raw, addresses=addresses)
     return True
 
 
@@ -85,6 +90,21 @@ def run_chunks(fn, bounds, *args):
             raise errors[0]
         return
     _run_on_python_threads(fn, bounds, args, n)
+
+
+def run_compiled(body, threads: int, *args) -> bool:
+    """Run the compiled team body `body` (team.py: a cfunc that decodes args and calls its
+    kernel with the thread's number and the team's size) on an OpenMP team of up to `threads`
+    threads, all at once (so the kernel may wait on its teammates: columns.py's barrier), with
+    no Python on the team's threads. Returns False, running nothing, where there is no
+    OpenMP team: Python threads from a shared pool are not sure to run one call's parts at once."""
+    if not _omp:
+        return False
+    from .team import encode
+
+    job = encode(_omp["addresses"] + args)
+    _omp["raw"](body.address, job.ctypes.data, threads, 0)
+    return True
 
 
 def _after_fork_in_child() -> None:

@@ -1,0 +1,242 @@
+"""The forward time loop with the hidden units split over threads: batch 1 on several cores.
+
+lstm.py splits a call's batch rows over threads; a single sequence has one row, and its step
+is a matrix-vector product that reads every weight once per step: bound by how fast one core
+reads the weights from its cache, not by arithmetic. Here each of S parts owns a slice of
+the hidden units and the columns of [W_ih | W_hh]^T that make them (its units' i, f, g and o
+rows), so each core reads only its part of the weights (which then fit in its own L2), and:
+
+    per step t, every thread, for each of its parts s (units u_s : u_{s+1}):
+        q_s = [x_t | h_{t-1}] @ W_s                     (n, 4 H_s)   all of h_{t-1}, own columns
+        c_t, h_t of units u_s : u_{s+1}                 the gate pass, lstm.gate_row
+    barrier: h_t complete before any thread starts step t + 1
+
+h lives in two buffers, h_{t-1} read from one and h_t written to the other, so one barrier
+per step is enough: a buffer is written again only two steps later, after every thread has
+passed the barrier that ends the step reading it. Inference only (no saved activations), no
+projection (h_t would need all units before its product: a second barrier per step).
+
+A unit's pre-activation is the same chain of multiply-adds over k, in the same order, as in
+lstm.py's row kernel (tile.py: each output column is its own chain), so the results are
+bitwise those of forward_chunk without the precomputed input projection.
+"""
+import platform
+
+import numpy as np
+from llvmlite import ir
+from numba import cfunc, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .lstm import KW, copy_into, gate_row, offsets
+from .simd import LANES
+from .team import array1, array2, array3, array4, open_job, scalar
+from .tile import matmul, pack2, padded_width
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+# ---- a spinning barrier (int64 atomics; nothing in Numba itself) ---------------------------------
+def _element_pointer(context, builder, arr_ty, arr, index):
+    array = context.make_array(arr_ty)(context, builder, arr)
+    return builder.gep(array.data, [index])
+
+
+@intrinsic
+def _fetch_add(typingctx, arr, index, value):
+    """arr[index] += value atomically (sequentially consistent); returns the old value."""
+
+    def codegen(context, builder, signature, args):
+        ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
+    return types.int64(arr, index, value), codegen
+
+
+@intrinsic
+def _load_acquire(typingctx, arr, index):
+    def codegen(context, builder, signature, args):
+        ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return types.int64(arr, index), codegen
+
+
+@intrinsic
+def _store_release(typingctx, arr, index, value):
+    def codegen(context, builder, signature, args):
+        ptr = _element_pointer(context, builder, signature.args[0], args[0], args[1])
+        builder.store_atomic(args[2], ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(arr, index, value), codegen
+
+
+@intrinsic
+def _spin_pause(typingctx):
+    """x86's PAUSE: a spinning core yields its pipeline to its hyperthread sibling."""
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+COUNT, GENERATION = 0, 8  # sync's two words, a cache line apart
+
+
+@njit(**KW)
+def barrier(sync, threads, generation):
+    """Wait until all `threads` threads called barrier with this generation; returns the next
+    generation (each thread counts its own, all alike). sync: int64 zeros (16,), one per call."""
+    if threads > 1:
+        if _fetch_add(sync, COUNT, 1) == threads - 1:  # the last to arrive resets and releases
+            _store_release(sync, COUNT, 0)
+            _store_release(sync, GENERATION, generation + 1)
+        else:
+            while _load_acquire(sync, GENERATION) == generation:
+                _spin_pause()
+    return generation + 1
+
+
+def new_sync():
+    return np.zeros(16, np.int64)
+
+
+# ---- when it pays -------------------------------------------------------------------------------
+# Measured at 2 threads against the row kernel on one thread (BENCHMARKS.md, fifth session):
+# batch 1, 2 and 4 gain once a step reads about 128 KiB of weights (input 64, hidden 128:
+# 1.3x; hidden 512: 1.6-2x); at input 32, hidden 64 (96 KiB) the two were even. Starting
+# the team costs a few microseconds: a single step of input 64, hidden 128 lost (15 us
+# against 10), one of hidden 512 (5 MiB of weights) gained 1.6x.
+MAX_ROWS = 4
+MIN_WEIGHT_BYTES = 128 << 10
+MIN_CALL_WEIGHT_BYTES = 1 << 20  # steps x weight bytes
+
+
+def columns_pay(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, threads: int) -> bool:
+    """Whether a forward call over `batch` rows runs on `threads` threads split by hidden
+    units (forward_columns) rather than on one thread (too few rows to split by rows)."""
+    weight_bytes = (I + P) * 4 * H * itemsize
+    return (threads > 1 and batch <= MAX_ROWS and P == H and weight_bytes >= MIN_WEIGHT_BYTES
+            and steps * weight_bytes >= MIN_CALL_WEIGHT_BYTES)
+
+
+# ---- weights, laid out per part ------------------------------------------------------------------
+def unit_bounds(H: int, parts: int):
+    """Unit boundaries (parts + 1,) of `parts` slices of about equal size, cut at multiples of
+    simd.LANES: the gate pass then runs every unit in the vector code or the scalar tail
+    exactly as the row kernel does over all H (the same bits)."""
+    cuts = [min(H, round(H * k / parts / LANES) * LANES) for k in range(parts + 1)]
+    cuts[-1] = H
+    return np.array(cuts, np.int64)
+
+
+def pack_columns(w_ih, w_hh, b, parts: int):
+    """(wps (S, nb, I + P, V), bps (S, 4 H_max), units (S + 1,)): part s's rows of W_ih, W_hh and
+    b (gates i, f, g, o of its units, in that order) packed for tile.matmul; every part padded
+    to the same shape with zeros."""
+    H = w_hh.shape[0] // 4
+    units = unit_bounds(H, parts)
+    packs, biases = [], []
+    for s in range(parts):
+        rows = np.concatenate([np.arange(g * H + units[s], g * H + units[s + 1]) for g in range(4)])
+        packs.append(pack2(np.ascontiguousarray(w_ih[rows]), np.ascontiguousarray(w_hh[rows]), True))
+        biases.append(b[rows])
+    nb = max(p.shape[0] for p in packs)
+    width = 4 * int(np.max(np.diff(units)))
+    wps = np.zeros((parts, nb) + packs[0].shape[1:], w_ih.dtype)
+    bps = np.zeros((parts, width), w_ih.dtype)
+    for s in range(parts):
+        wps[s, : packs[s].shape[0]] = packs[s]
+        bps[s, : biases[s].shape[0]] = biases[s]
+    return wps, bps, units
+
+
+# ---- the time loop -------------------------------------------------------------------------------
+@njit(**KW)
+def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, reverse, y, h, c, hbuf, sync, k, threads):
+    """Thread k of `threads`: the whole time loop for parts k, k + threads, ... (see the module
+    docstring). x (total, I); h0, c0, h, c (B, H); y (total, H) out; hbuf (2, B, H) scratch;
+    h, c out: h_n, c_n (c is the running state, as in lstm.forward_chunk)."""
+    T = batch_sizes.shape[0]
+    off = offsets(batch_sizes)
+    I = x.shape[1]
+    B = h0.shape[0]
+    dt = x.dtype
+    S = wps.shape[0]
+    xh = np.empty((B, I + h0.shape[1]), dt)
+    q = np.empty((B, padded_width(wps[0])), dt)
+    acts = np.empty((B, bps.shape[1]), dt)  # scratch: the activations, not kept
+    hs = np.empty(bps.shape[1] // 4, dt)
+    for s in range(k, S, threads):
+        u0, u1 = units[s], units[s + 1]
+        for i in range(B):
+            copy_into(c[i, u0:u1], c0[i, u0:u1])
+    generation = 0
+    n_prev = 0  # rows the previous step ran: a row past them starts here, from h0 (reverse joins)
+    for step in range(T):
+        t = T - 1 - step if reverse else step
+        n = batch_sizes[t]
+        o = off[t]
+        src = hbuf[(step + 1) % 2]
+        dst = hbuf[step % 2]
+        for i in range(n):
+            copy_into(xh[i, :I], x[o + i])
+            copy_into(xh[i, I:], src[i] if i < n_prev else h0[i])
+        for s in range(k, S, threads):
+            u0, u1 = units[s], units[s + 1]
+            Hs = u1 - u0
+            matmul(xh, n, wps[s], q)
+            for i in range(n):
+                gate_row(q[i, : 4 * Hs], bps[s, : 4 * Hs], acts[i, : 4 * Hs], c[i, u0:u1], hs[:Hs])
+                copy_into(dst[i, u0:u1], hs[:Hs])
+                copy_into(y[o + i, u0:u1], hs[:Hs])
+                copy_into(h[i, u0:u1], hs[:Hs])  # a finished row keeps its last step's h
+        n_prev = n
+        generation = barrier(sync, threads, generation)
+
+
+# ---- the compiled team body (team.py) ------------------------------------------------------------
+@njit(**KW)
+def _run_job(data, like):
+    job, p, k, threads = open_job(data)
+    i64 = np.int64(0)
+    x, p = array2(job, p, like)
+    batch_sizes, p = array1(job, p, i64)
+    h0, p = array2(job, p, like)
+    c0, p = array2(job, p, like)
+    wps, p = array4(job, p, like)
+    bps, p = array2(job, p, like)
+    units, p = array1(job, p, i64)
+    reverse, p = scalar(job, p)
+    y, p = array2(job, p, like)
+    h, p = array2(job, p, like)
+    c, p = array2(job, p, like)
+    hbuf, p = array3(job, p, like)
+    sync, p = array1(job, p, i64)
+    forward_columns(x, batch_sizes, h0, c0, wps, bps, units, reverse != 0, y, h, c, hbuf, sync, k, threads)
+
+
+def _body32(data):
+    _run_job(data, np.float32(0))
+
+
+def _body64(data):
+    _run_job(data, np.float64(0))
+
+
+_bodies = {}
+
+
+def team_body(dtype):
+    """The cfunc that runs forward_columns on a team, compiled on first use (or loaded from cache)."""
+    body = _bodies.get(dtype)
+    if body is None:
+        fn = _body32 if dtype == np.float32 else _body64
+        body = _bodies[dtype] = cfunc(types.void(types.voidptr), cache=True)(fn)
+    return body
