@@ -11,7 +11,7 @@ import torch
 
 import lstmkit
 from lstmkit.engines.numba.binding import share_torch_threads
-from lstmkit.kernels.numba import columns, lstm, threads
+from lstmkit.kernels.numba import columns, lstm
 from lstmkit.kernels.numba.simd import LANES
 
 from harness import TOL
@@ -43,9 +43,7 @@ def _run_columns(x, bs, h0, c0, w_ih, w_hh, b, reverse, parts, team_threads):
     wps, bps, units = columns.pack_columns(w_ih, w_hh, b, parts)
     total, (B, H) = x.shape[0], h0.shape
     y, h, c = np.full((total, H), np.nan, x.dtype), np.full((B, H), np.nan, x.dtype), np.full((B, H), np.nan, x.dtype)
-    hbuf = np.empty((2, B, H), x.dtype)
-    assert threads.run_compiled(columns.team_body(x.dtype), team_threads, x, bs, h0, c0, wps, bps, units, reverse,
-                                y, h, c, hbuf, columns.new_sync())
+    assert columns.run_columns(team_threads, x, bs, h0, c0, wps, bps, units, reverse, y, h, c)
     return y, h, c
 
 

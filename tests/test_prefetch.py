@@ -28,15 +28,20 @@ event.register("numba:compile", Listener())
 import torch, lstmkit
 from lstmkit.kernels.numba import lstm as kernels
 torch.manual_seed(0)
+torch.set_num_threads(2)  # the last size splits its calls over a team (compiled team bodies)
 for I, H, T, N in [(3, 4, 1, 2), (3, 4, 3, 2), (3, 4, 9, 5), (96, 128, 9, 5)]:  # one step, few steps, loop x2
     m = lstmkit.LSTM(I, H, engine="numba")
     x = torch.randn(T, N, I, requires_grad=True)
     y, (h, c) = m(x)
     (y.sum() + c.sum()).backward()
+with torch.no_grad():  # batch 1 on two threads: split by hidden units (columns.py)
+    m(torch.randn(9, 1, 96))
 print(json.dumps(compiled))
 """
 
 BACKWARD_KERNELS = {"backward_chunk", "steps_backward", "step_backward", "step_backward_all"}
+# What the team calls compile besides the kernels: their bodies' helpers, encoders, the column kernel.
+TEAM_CODE = {"encode", "row_chunks", "whole_team", "forward_columns"}
 
 
 def test_prefetched_kernels_are_the_ones_the_engine_calls(tmp_path):
@@ -47,7 +52,17 @@ def test_prefetched_kernels_are_the_ones_the_engine_calls(tmp_path):
                          timeout=300)
     compiled = set(json.loads(out.stdout.strip().splitlines()[-1]))
     assert "forward_chunk" in compiled  # the check does compile what the prefetch leaves out
-    assert not compiled & BACKWARD_KERNELS, sorted(compiled & BACKWARD_KERNELS)
+    assert not compiled & (BACKWARD_KERNELS | TEAM_CODE), sorted(compiled & (BACKWARD_KERNELS | TEAM_CODE))
+
+
+def test_the_check_sees_team_code_compiled_without_the_prefetch(tmp_path):
+    """The check above could pass by never splitting a call: with an empty cache it must see
+    the team code compiled."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), LSTMKIT_PREFETCH="0")
+    out = subprocess.run([sys.executable, "-c", _CHECK], env=env, check=True, capture_output=True, text=True,
+                         timeout=300)
+    compiled = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert compiled >= TEAM_CODE, sorted(TEAM_CODE - compiled)
 
 
 def test_start_runs_once_and_only_when_wanted(tmp_path, monkeypatch):

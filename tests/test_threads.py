@@ -219,8 +219,9 @@ def test_chunk_exception_reaches_the_caller(team):
 
 @pytest.mark.parametrize("N", [2, 5, 16])
 def test_own_threads_and_openmp_team_give_bitwise_the_same(N, monkeypatch):
-    """Where the chunks run changes nothing in the numbers: a training step on torch's team and
-    on the kernels' own threads (LSTMKIT_OWN_THREADS=1), 2 threads, split however small."""
+    """Where the chunks run changes nothing in the numbers: a training step on torch's team
+    (through compiled team bodies, and through Python callbacks) and on the kernels' own
+    threads (LSTMKIT_OWN_THREADS=1), 2 threads, split however small."""
     from lstmkit.engines.numba.binding import share_torch_threads
     from lstmkit.kernels.numba import lstm as kernels
     from lstmkit.kernels.numba import threads
@@ -230,7 +231,7 @@ def test_own_threads_and_openmp_team_give_bitwise_the_same(N, monkeypatch):
     torch.set_num_threads(2)
     torch.manual_seed(N)
     m = lstmkit.LSTM(6, 20, num_layers=2, bidirectional=True, engine="numba")
-    x = torch.randn(7, N, 6, requires_grad=True)
+    x = torch.randn(9, N, 6, requires_grad=True)  # 9 * N rows: the time-loop kernels (binding.unpacked_path)
 
     def step():
         m.zero_grad()
@@ -239,8 +240,21 @@ def test_own_threads_and_openmp_team_give_bitwise_the_same(N, monkeypatch):
         (y.square().sum() + h.sum() + c.sum()).backward()
         return [y.detach(), x.grad] + [p.grad.clone() for p in m.parameters()]
 
+    from lstmkit.kernels.numba import prefetch
+
+    monkeypatch.setattr(prefetch, "compiling", lambda name: False)  # the compiled bodies, not the fallback
+    launched = []
+    run_compiled = threads.run_compiled
+    monkeypatch.setattr(threads, "run_compiled", lambda *a: launched.append(a[0]) or run_compiled(*a))
     try:
-        on_team = step()
+        on_team = step()  # compiled team bodies (team.py): no Python on the team's threads
+        assert len(launched) >= 2 * 2 * 2  # 2 layers x 2 directions, forward and backward
+        with monkeypatch.context() as m2:  # the same team, each thread calling back into Python
+            m2.setattr(kernels, "forward_body", lambda dtype: None)
+            m2.setattr(kernels, "backward_body", lambda dtype: None)
+            n = len(launched)
+            callbacks = step()
+            assert len(launched) == n
         monkeypatch.setenv("LSTMKIT_OWN_THREADS", "1")
         assert not share_torch_threads() and not threads.openmp_in_use()
         own = step()
@@ -248,8 +262,8 @@ def test_own_threads_and_openmp_team_give_bitwise_the_same(N, monkeypatch):
         monkeypatch.delenv("LSTMKIT_OWN_THREADS")
         share_torch_threads()
         torch.set_num_threads(old)
-    for a, b in zip(on_team, own):
-        assert torch.equal(a, b)
+    for a, b, c in zip(on_team, callbacks, own):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_split_calls_from_several_threads_at_once(monkeypatch):

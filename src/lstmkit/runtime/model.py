@@ -22,9 +22,7 @@ from ..kernels.numba.lstm import (
     MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, input_projection, pack_forward,
     precompute_input,
 )
-from ..kernels.numba.columns import columns_pay, new_sync, pack_columns
-from ..kernels.numba.columns import team_body as columns_body
-from ..kernels.numba.threads import run_compiled
+from ..kernels.numba.columns import columns_pay, pack_columns, run_columns
 from ..kernels.numba.variants import forward_core as _variant_forward
 
 
@@ -178,10 +176,7 @@ class Runtime:
         if packed is None:
             w_ih, w_hh, b_ih, b_hh, _ = self.layers[idx]
             packed = self._columns[key] = pack_columns(w_ih, w_hh, b_ih + b_hh, self.threads)
-        wps, bps, units = packed
-        hbuf = np.empty((2,) + h0.shape, self.dtype)
-        return run_compiled(columns_body(self.dtype), self.threads, x, bsz, h0, c0, wps, bps, units, reverse,
-                            y, h_n, c_n, hbuf, new_sync())
+        return run_columns(self.threads, x, bsz, h0, c0, *packed, reverse, y, h_n, c_n)
 
     # x W_ih^T + b before the loop: numpy's BLAS here; the torch engine's fast path sets torch's GEMM
     input_projection = staticmethod(input_projection)

@@ -24,13 +24,13 @@ import platform
 
 import numpy as np
 from llvmlite import ir
-from numba import cfunc, njit, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .lstm import KW, copy_into, gate_row, offsets
 from .simd import LANES
-from .team import array1, array2, array3, array4, open_job, scalar
+from .team import kernel_address, spec, team_bodies, unpack, whole_team
 from .tile import matmul, pack2, padded_width
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
@@ -202,41 +202,33 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, reverse, y, h, c, h
 
 
 # ---- the compiled team body (team.py) ------------------------------------------------------------
-@njit(**KW)
-def _run_job(data, like):
-    job, p, k, threads = open_job(data)
-    i64 = np.int64(0)
-    x, p = array2(job, p, like)
-    batch_sizes, p = array1(job, p, i64)
-    h0, p = array2(job, p, like)
-    c0, p = array2(job, p, like)
-    wps, p = array4(job, p, like)
-    bps, p = array2(job, p, like)
-    units, p = array1(job, p, i64)
-    reverse, p = scalar(job, p)
-    y, p = array2(job, p, like)
-    h, p = array2(job, p, like)
-    c, p = array2(job, p, like)
-    hbuf, p = array3(job, p, like)
-    sync, p = array1(job, p, i64)
-    forward_columns(x, batch_sizes, h0, c0, wps, bps, units, reverse != 0, y, h, c, hbuf, sync, k, threads)
+def _kinds(dt):  # kernel address, then forward_columns's arguments up to sync
+    a, i64 = (lambda n: (dt, n)), (np.int64, 1)  # noqa: E731
+    return spec(int, a(2), i64, a(2), a(2), a(4), a(2), i64, bool, a(2), a(2), a(2), a(3), i64)
+
+
+_KINDS32, _KINDS64 = _kinds(np.float32), _kinds(np.float64)
 
 
 def _body32(data):
-    _run_job(data, np.float32(0))
+    whole_team(data, unpack(data, _KINDS32))
 
 
 def _body64(data):
-    _run_job(data, np.float64(0))
+    whole_team(data, unpack(data, _KINDS64))
 
 
-_bodies = {}
+team_body = team_bodies(_body32, _body64)
 
 
-def team_body(dtype):
-    """The cfunc that runs forward_columns on a team, compiled on first use (or loaded from cache)."""
-    body = _bodies.get(dtype)
+def run_columns(threads: int, x, batch_sizes, h0, c0, wps, bps, units, reverse: bool, y, h, c) -> bool:
+    """forward_columns on an OpenMP team of `threads` threads (threads.run_compiled); False,
+    having run nothing, where there is none (or its body is still being compiled elsewhere)."""
+    from .threads import openmp_in_use, run_compiled
+
+    body = team_body(x.dtype) if openmp_in_use() else None
     if body is None:
-        fn = _body32 if dtype == np.float32 else _body64
-        body = _bodies[dtype] = cfunc(types.void(types.voidptr), cache=True)(fn)
-    return body
+        return False
+    args = (x, batch_sizes, h0, c0, wps, bps, units, bool(reverse), y, h, c, np.empty((2,) + h0.shape, x.dtype),
+            new_sync())
+    return run_compiled(body, threads, kernel_address(forward_columns, args + (0, 0)), *args)

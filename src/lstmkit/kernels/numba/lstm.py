@@ -38,6 +38,7 @@ from numba import njit
 
 from .activations import sigmoid, tanh
 from .simd import LANES, gate_block, vector_units
+from .team import row_chunks, spec, team_bodies, unpack
 from .threads import run_chunks
 from .tile import matmul, pack, pack2, padded_width
 
@@ -283,7 +284,8 @@ def forward_core(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cel
     row: the steps then multiply h by W_hh alone, with no x part)."""
     if xproj is None:
         xproj = np.empty((0, b.shape[0]), b.dtype)
-    run_chunks(forward_chunk, bounds, x, batch_sizes, h0, c0, wp, b, wpr, xproj, reverse, acts, y, h, c, cells, save)
+    run_chunks(forward_chunk, bounds, x, batch_sizes, h0, c0, wp, b, wpr, xproj, reverse, acts, y, h, c, cells, save,
+               body=forward_body)
 
 
 # ---- backward --------------------------------------------------------------------------------------
@@ -354,7 +356,42 @@ def backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy
     pre-activations, h_prev (total, P) h_{t-1} of every row, and with a projection dh_all
     (total, P) dL/dh_t and hpre_all (total, H) the projection's input (else (0, P), (0, H))."""
     run_chunks(backward_chunk, bounds, x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
-               dx, dgates, h_prev, dh_all, hpre_all)
+               dx, dgates, h_prev, dh_all, hpre_all, body=backward_body)
+
+
+# ---- compiled team bodies (team.py): the chunks of a split call with no Python on the team -------
+def _forward_kinds(dt):  # kernel address, then forward_chunk's arguments up to save, then the bounds
+    a, i64 = (lambda n: (dt, n)), (np.int64, 1)  # noqa: E731
+    return spec(int, a(2), i64, a(2), a(2), a(3), a(1), a(3), a(2), bool, a(2), a(2), a(2), a(2), a(2), bool, i64)
+
+
+def _backward_kinds(dt):  # kernel address, then backward_chunk's arguments up to hpre_all, then the bounds
+    a, i64 = (lambda n: (dt, n)), (np.int64, 1)  # noqa: E731
+    return spec(int, a(2), i64, a(2), a(2), a(3), a(3), bool, *[a(2)] * 11, i64)
+
+
+_FORWARD32, _FORWARD64 = _forward_kinds(np.float32), _forward_kinds(np.float64)
+_BACKWARD32, _BACKWARD64 = _backward_kinds(np.float32), _backward_kinds(np.float64)
+
+
+def _forward32(data):
+    row_chunks(data, unpack(data, _FORWARD32))
+
+
+def _forward64(data):
+    row_chunks(data, unpack(data, _FORWARD64))
+
+
+def _backward32(data):
+    row_chunks(data, unpack(data, _BACKWARD32))
+
+
+def _backward64(data):
+    row_chunks(data, unpack(data, _BACKWARD64))
+
+
+forward_body = team_bodies(_forward32, _forward64)
+backward_body = team_bodies(_backward32, _backward64)
 
 
 def weight_gradients(x, dgates, h_prev, dh_all, hpre_all, mm=np.dot):

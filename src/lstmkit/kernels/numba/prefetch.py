@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 started = False  # whether start() ran in this process (callers test it before building start's argument)
+_child = [None, None]  # the compiling child process and the cache folder it writes to
 
 
 def _backward_cached(cache) -> bool:
@@ -42,11 +43,52 @@ def start(first: str) -> bool:
         cache = numba_cache_dir(Path(__file__).resolve().parent)
         if cache is None or _backward_cached(cache):
             return False
-        subprocess.Popen([sys.executable, "-m", __name__, first], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+        _child[:] = subprocess.Popen([sys.executable, "-m", __name__, first], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True), cache
         return True
     except Exception:  # noqa: BLE001 - an optimisation only
         return False
+
+
+def compiling(name: str) -> bool:
+    """Whether the child is still at work and the cache holds no `name` (module.function, e.g.
+    'lstm._forward32') yet: the caller then does without it for now (team.py's bodies)."""
+    child, cache = _child
+    if child is None or child.poll() is not None:
+        return False
+    return not any(cache.glob(f"{name}-*.nbi"))
+
+
+def compile_team_bodies() -> None:
+    """The float32 team bodies of a split forward and backward (team.py) and their job
+    encoders, for the argument types lstm.forward_core / backward_core pass (the kernels
+    themselves are not needed for that: the bodies call them through a pointer); and
+    columns.py's body, encoder and kernel."""
+    import numpy as np
+
+    from .lstm import backward_body, forward_body
+    from .team import encode
+
+    f = np.float32
+    a1, a2, a3 = np.empty(0, f), np.empty((0, 0), f), np.empty((0, 0, 0), f)
+    i64 = np.empty(0, np.int64)
+    header = (0, 0, 0)  # the OpenMP entry points, then the kernel: addresses as ints
+    forward_body(np.dtype(f))
+    encode(header + (a2, i64, a2, a2, a3, a1, a3, a2, False, a2, a2, a2, a2, a2, False, i64))
+    backward_body(np.dtype(f))
+    encode(header + (a2, i64, a2, a2, a3, a3, False) + (a2,) * 11 + (i64,))
+    # Inference at batch 1-4 on several threads (columns.py): its body, encoder and kernel.
+    from . import columns
+
+    columns.team_body(np.dtype(f))
+    T, B, I, H = 2, 1, 3, 4
+    w_ih, w_hh, b = np.zeros((4 * H, I), f), np.zeros((4 * H, H), f), np.zeros(4 * H, f)
+    wps, bps, units = columns.pack_columns(w_ih, w_hh, b, 2)
+    args = (np.zeros((T * B, I), f), np.full(T, B, np.int64), np.zeros((B, H), f), np.zeros((B, H), f), wps, bps,
+            units, False, np.empty((T * B, H), f), np.empty((B, H), f), np.empty((B, H), f),
+            np.empty((2, B, H), f), columns.new_sync())
+    encode(header + args)
+    columns.forward_columns(*args, 0, 1)  # thread 0 of 1: runs both parts, no waiting
 
 
 def compile_backward_kernels(first: str = "time loop") -> None:
@@ -93,6 +135,8 @@ def compile_backward_kernels(first: str = "time loop") -> None:
     jobs = {"time loop": loop, "few steps": steps, "one step": step}
     for name in [first] + [n for n in jobs if n != first]:
         jobs[name]()
+        if name == first:
+            compile_team_bodies()
 
 
 if __name__ == "__main__":

@@ -17,81 +17,128 @@ through those pointers, so it names no library symbol and loads from Numba's cac
 """
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, types
+from numba import njit, types
 from numba.extending import intrinsic
 from numba.core import cgutils
+from numba.core.callconv import excinfo_t
+
+from . import prefetch
 
 
 @intrinsic
-def job_of(typingctx, data):
-    """The job array at `data` (a void*): carray of its len (first element) int64 values."""
-    ptr_ty = types.CPointer(types.int64)
+def call_kernel(typingctx, address, args):
+    """kernel(*args) for the compiled njit kernel at `address` (kernel_address: the native
+    entry of its overload for exactly these argument types). Called through a pointer, so the
+    body's module does not link the kernel in: LLVM does not optimise the kernel a second
+    time inside each body (2-3 s per body with an empty cache)."""
+    argtys = tuple(args)
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(ptr_ty))
+    def codegen(context, builder, signature, a):
+        conv = context.call_conv
+        fnty = conv.get_function_type(types.none, argtys)
+        fn = builder.inttoptr(a[0], fnty.as_pointer())
+        retty = conv.get_return_type(types.none).pointee
+        ret = cgutils.alloca_once(builder, retty)
+        builder.store(cgutils.get_null_value(retty), ret)
+        excinfo = cgutils.alloca_once(builder, ir.PointerType(excinfo_t))
+        values = [builder.extract_value(a[1], k) for k in range(len(argtys))]
+        builder.call(fn, [ret, excinfo] + list(conv._get_arg_packer(argtys).as_arguments(builder, values)))
+        return context.get_dummy_value()
 
-    return ptr_ty(data), codegen
-
-
-@intrinsic
-def _pointer(typingctx, address, like):
-    """An int64 address as a pointer to elements of like's type."""
-    ptr_ty = types.CPointer(like)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(ptr_ty))
-
-    return ptr_ty(address, like), codegen
+    return types.void(address, args), codegen
 
 
-@intrinsic
-def call_int(typingctx, address):
-    """Call the C function `int f(void)` at address (omp_get_thread_num and omp_get_num_threads:
-    their addresses travel in the job, so the compiled code names no library symbol)."""
+_addresses = {}
 
-    def codegen(context, builder, signature, args):
-        fnty = ir.FunctionType(ir.IntType(32), [])
-        fn = builder.inttoptr(args[0], fnty.as_pointer())
-        return builder.sext(builder.call(fn, []), ir.IntType(64))
 
-    return types.int64(address), codegen
+def kernel_address(kernel, args) -> int:
+    """The native entry of njit `kernel` compiled for args as a body decodes them (arrays
+    C-contiguous; bools; ints as int64), compiling it if need be (the same overload a Python
+    call with those arrays uses); cached per kernel and argument kinds."""
+    kinds = tuple((a.dtype.str, a.ndim) if isinstance(a, np.ndarray) else type(a) is bool for a in args)
+    key = (kernel, kinds)
+    address = _addresses.get(key)
+    if address is None:
+        from numba import from_dtype
+
+        sig = tuple(types.Array(from_dtype(a.dtype), a.ndim, "C") if isinstance(a, np.ndarray)
+                    else types.boolean if type(a) is bool else types.int64 for a in args)
+        kernel.compile(sig)
+        cres = kernel.overloads[sig]
+        address = _addresses[key] = cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
+    return address
 
 
 KW = dict(cache=True, nogil=True)
 
 
-# Decoders: each returns (the argument, the position of the next one).
-
-@njit(**KW)
-def array1(job, p, like):
-    return carray(_pointer(job[p], like), (job[p + 1],)), p + 2
+HEADER = 3  # job[0] = len(job), job[1], job[2] = the addresses of omp_get_thread_num, omp_get_num_threads
 
 
-@njit(**KW)
-def array2(job, p, like):
-    return carray(_pointer(job[p], like), (job[p + 1], job[p + 2])), p + 3
+def spec(*kinds):
+    """A body's argument kinds, for unpack: (dtype, ndim) for a C-contiguous array, bool, or
+    int. As a tuple of empty arrays, True and 0 it is a compile-time constant in the body."""
+    return tuple(np.empty((0,) * k[1], k[0]) if isinstance(k, tuple) else k() for k in kinds)
 
 
-@njit(**KW)
-def array3(job, p, like):
-    return carray(_pointer(job[p], like), (job[p + 1], job[p + 2], job[p + 3])), p + 4
+@intrinsic
+def unpack(typingctx, data, kinds):
+    """The arguments in the job at data (a void*), as a tuple typed by `kinds` (spec()'s
+    constant): C-contiguous array views of the caller's memory, bools and int64s."""
+    out = []
+    for t in kinds:
+        if isinstance(t, types.Array):
+            out.append(types.Array(t.dtype, t.ndim, "C"))
+        else:
+            out.append(types.boolean if isinstance(t, types.Boolean) else types.int64)
+    tuple_ty = types.Tuple(out)
+
+    def codegen(context, builder, signature, args):
+        from numba.np.arrayobj import populate_array
+
+        i64 = ir.IntType(64)
+        job = builder.bitcast(args[0], i64.as_pointer())
+        word = lambda k: builder.load(builder.gep(job, [ir.Constant(i64, k)]))  # noqa: E731
+        values, pos = [], HEADER
+        for t in out:
+            if isinstance(t, types.Array):
+                elem = context.get_value_type(t.dtype)
+                shape = [word(pos + 1 + d) for d in range(t.ndim)]
+                size = context.get_abi_sizeof(elem)
+                strides, step = [], ir.Constant(i64, size)
+                for d in reversed(range(t.ndim)):
+                    strides.insert(0, step)
+                    step = builder.mul(step, shape[d])
+                arr = context.make_array(t)(context, builder)
+                populate_array(arr, data=builder.inttoptr(word(pos), elem.as_pointer()), shape=shape,
+                               strides=strides, itemsize=size, meminfo=None)
+                values.append(arr._getvalue())
+                pos += 1 + t.ndim
+            else:
+                v = word(pos)
+                values.append(builder.icmp_signed("!=", v, ir.Constant(i64, 0))
+                              if isinstance(t, types.Boolean) else v)
+                pos += 1
+        return context.make_tuple(builder, tuple_ty, values)
+
+    return tuple_ty(data, kinds), codegen
 
 
-@njit(**KW)
-def array4(job, p, like):
-    return carray(_pointer(job[p], like), (job[p + 1], job[p + 2], job[p + 3], job[p + 4])), p + 5
+@intrinsic
+def team_place(typingctx, data):
+    """(thread number, team size) of the calling thread, through the job's header addresses."""
 
-@njit(**KW)
-def scalar(job, p):
-    return job[p], p + 1
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        job = builder.bitcast(args[0], i64.as_pointer())
+        fnty = ir.FunctionType(ir.IntType(32), [])
+        place = []
+        for k in (1, 2):
+            fn = builder.inttoptr(builder.load(builder.gep(job, [ir.Constant(i64, k)])), fnty.as_pointer())
+            place.append(builder.sext(builder.call(fn, []), i64))
+        return context.make_tuple(builder, signature.return_type, place)
 
-
-@njit(**KW)
-def open_job(data):
-    """(job, position of the first kernel argument, thread number, team size) in a body."""
-    job = carray(job_of(data), (1,))
-    job = carray(job_of(data), (job[0],))
-    return job, 3, call_int(job[1]), call_int(job[2])
+    return types.UniTuple(types.int64, 2)(data), codegen
 
 
 @intrinsic
@@ -144,3 +191,41 @@ def encode(args):
     job = np.empty(_job_length(args), np.int64)
     _fill(job, args)
     return job
+
+
+@njit(**KW)
+def row_chunks(data, a):
+    """A split call's body: a = unpack(...) = (kernel address, *arguments, bounds); this thread
+    runs kernel(*arguments, bounds[k], bounds[k + 1]) for chunks k = its number, + team size, ..."""
+    k, threads = team_place(data)
+    bounds = a[-1]
+    for chunk in range(k, bounds.shape[0] - 1, threads):
+        call_kernel(a[0], a[1:-1] + (bounds[chunk], bounds[chunk + 1]))
+
+
+@njit(**KW)
+def whole_team(data, a):
+    """A team call's body: a = (kernel address, *arguments); kernel(*arguments, k, team size)."""
+    k, threads = team_place(data)
+    call_kernel(a[0], a[1:] + (k, threads))
+
+
+def team_bodies(body32, body64):
+    """dtype -> the cfunc of body32 or body64 (plain functions of the job's void*), compiled on
+    first use (or loaded from Numba's cache): a process that never splits a call never builds it."""
+    from numba import cfunc
+
+    bodies = {}
+
+    def body(dtype):
+        """The cfunc, or None while prefetch's child is compiling it (the caller then takes
+        the Python path): with an empty cache this process has its own kernels to compile."""
+        b = bodies.get(dtype)
+        if b is None:
+            fn = body32 if dtype == np.float32 else body64
+            if prefetch.compiling(f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"):
+                return None
+            b = bodies[dtype] = cfunc(types.void(types.voidptr), cache=True)(fn)
+        return b
+
+    return body

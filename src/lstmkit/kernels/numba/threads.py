@@ -71,12 +71,19 @@ def _team_body(key):
         errors.append(e)
 
 
-def run_chunks(fn, bounds, *args):
+def run_chunks(fn, bounds, *args, body=None):
     """fn(*args, r0, r1) for every chunk [bounds[k], bounds[k+1]), all at once; returns when
-    all are done, raising the first exception a chunk raised."""
+    all are done, raising the first exception a chunk raised. body: dtype -> fn's compiled
+    team body (team.py), used on an OpenMP team when every array argument is C-contiguous."""
     n = bounds.shape[0] - 1
     if n <= 1:
         fn(*args, bounds[0], bounds[-1])
+        return
+    compiled = body(args[0].dtype) if _omp and body is not None and _contiguous(args) else None
+    if compiled is not None:
+        from .team import kernel_address
+
+        run_compiled(compiled, n, kernel_address(fn, args + (0, 0)), *args, bounds)
         return
     if _omp:
         key = next(_keys)
@@ -90,6 +97,13 @@ def run_chunks(fn, bounds, *args):
             raise errors[0]
         return
     _run_on_python_threads(fn, bounds, args, n)
+
+
+def _contiguous(args) -> bool:
+    for a in args:
+        if hasattr(a, "flags") and not a.flags.c_contiguous:
+            return False
+    return True
 
 
 def run_compiled(body, threads: int, *args) -> bool:
