@@ -39,24 +39,28 @@ def _case(rng, T, B, I, H, dtype, packed):
     return x, bs, h0, c0, w_ih, w_hh, b
 
 
-def _run_columns(x, bs, h0, c0, w_ih, w_hh, b, reverse, parts, team_threads):
+def _run_columns(x, bs, h0, c0, w_ih, w_hh, b, reverse, parts, team_threads, precompute):
     wps, bps, units = columns.pack_columns(w_ih, w_hh, b, parts)
     total, (B, H) = x.shape[0], h0.shape
     y, h, c = np.full((total, H), np.nan, x.dtype), np.full((B, H), np.nan, x.dtype), np.full((B, H), np.nan, x.dtype)
-    assert columns.run_columns(team_threads, x, bs, h0, c0, wps, bps, units, reverse, y, h, c)
+    xproj = lstm.input_projection(x, w_ih, b) if precompute else None
+    assert columns.run_columns(team_threads, x, bs, h0, c0, wps, bps, units, reverse, y, h, c, xproj)
     return y, h, c
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("precompute", [False, True], ids=["fused", "xproj"])
 @pytest.mark.parametrize("parts,team_threads", [(2, 2), (3, 2), (2, 1), (1, 2), (4, 4)])
-def test_bitwise_the_row_kernel(dtype, reverse, packed, parts, team_threads):
+def test_bitwise_the_row_kernel(dtype, reverse, packed, precompute, parts, team_threads):
+    """Against lstm_forward, the row kernel, with the input projection fused into the step
+    product or made first (the same numpy GEMM for both)."""
     rng = np.random.default_rng(parts * 10 + team_threads)
     for T, B, I, H in [(1, 1, 5, 3 * LANES), (40, 1, 7, 2 * LANES + 5), (13, 3, 20, 130), (6, 4, 300, 40)]:
         x, bs, h0, c0, w_ih, w_hh, b = _case(rng, T, B, I, H, dtype, packed)
-        want = lstm.lstm_forward(x, bs, h0, c0, w_ih, w_hh, b, reverse=reverse)
-        got = _run_columns(x, bs, h0, c0, w_ih, w_hh, b, reverse, parts, team_threads)
+        want = lstm.lstm_forward(x, bs, h0, c0, w_ih, w_hh, b, reverse=reverse, precompute=precompute)
+        got = _run_columns(x, bs, h0, c0, w_ih, w_hh, b, reverse, parts, team_threads, precompute)
         for g, w in zip(got, want):
             assert np.array_equal(g, w), (T, B, I, H)
 
@@ -85,6 +89,8 @@ def test_columns_pay_rule():
     assert not columns.columns_pay(1, 1, 64, 128, 128, 4, 2)  # one small step: the team costs more
     assert columns.columns_pay(1, 1, 128, 512, 512, 4, 2)  # one big step
     assert not columns.columns_pay(1, 100, 64, 128, 32, 4, 2)  # projection: not split
+    assert columns.columns_precompute(100, 128, 512, 4, 2) and not columns.columns_precompute(1, 128, 512, 4, 2)
+    assert not columns.columns_precompute(100, 64, 128, 4, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -93,12 +99,14 @@ def test_columns_pay_rule():
     (dict(num_layers=2, bidirectional=True), (12, 3)),
     (dict(batch_first=True), (4, 9)),  # (N, L)
     (dict(), (1, 1)),  # one step: split as the rule says (float64's weights are twice the bytes)
+    (dict(input_size=640), (5, 2)),  # 3.4 MiB of float32 weights: the input projection made first
 ])
 def test_module_takes_the_split_at_two_threads_and_matches_torch(dtype, kw, shape):
     torch.manual_seed(0)
-    ref = torch.nn.LSTM(64, 256, dtype=dtype, **kw)
+    kw = dict(input_size=64) | kw
+    ref = torch.nn.LSTM(hidden_size=256, dtype=dtype, **kw)
     m = lstmkit.LSTM.from_torch(ref)
-    x = torch.randn(shape + (64,), dtype=dtype)
+    x = torch.randn(shape + (kw["input_size"],), dtype=dtype)
     h0 = torch.randn(ref.num_layers * (2 if ref.bidirectional else 1), x.shape[0 if ref.batch_first else 1], 256,
                      dtype=dtype)
     before = torch.get_num_threads()
@@ -111,7 +119,7 @@ def test_module_takes_the_split_at_two_threads_and_matches_torch(dtype, kw, shap
         torch.set_num_threads(before)
     split = bool(m.__dict__["_runtime"][1]._columns)
     N, T = shape if ref.batch_first else shape[::-1]
-    assert split == columns.columns_pay(N, T, 64, 256, 256, x.element_size(), 2)
+    assert split == columns.columns_pay(N, T, kw["input_size"], 256, 256, x.element_size(), 2)
     assert split or shape == (1, 1)
     for a, b in ((y, yt), (h, ht), (c, ct)):
         torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])

@@ -22,7 +22,7 @@ from ..kernels.numba.lstm import (
     MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, input_projection, pack_forward,
     precompute_input,
 )
-from ..kernels.numba.columns import columns_pay, pack_columns, run_columns
+from ..kernels.numba.columns import columns_pay, columns_precompute, pack_columns, run_columns
 from ..kernels.numba.variants import forward_core as _variant_forward
 
 
@@ -152,7 +152,7 @@ class Runtime:
         first where the kernels' rule says it pays (precompute_input)."""
         wp, b, wpr = self._packed[idx]
         if (self.threads > 1 and columns_pay(N, T, self._I, self._H, self._P, x.itemsize, self.threads)
-                and self._by_columns(idx, x, bsz, h0, c0, reverse, y, h_n, c_n)):
+                and self._by_columns(idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T)):
             return
         if T == 1 and N * (self._I + self._P) * 4 * self._H < MIN_SPLIT_MACS:
             # The streaming call (one step, one chunk): straight into the compiled loop, where
@@ -168,7 +168,7 @@ class Runtime:
         forward_core(x, bsz, h0, c0, wp, b, wpr, reverse, self._no_acts, y, h_n, c_n, self._no_cells, False,
                      bounds, xproj)
 
-    def _by_columns(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n) -> bool:
+    def _by_columns(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T: int) -> bool:
         """Layer-direction idx with its hidden units split over the threads (kernels/numba/
         columns.py); False, having run nothing, where no OpenMP team is at hand."""
         key = (idx, self.threads)
@@ -176,7 +176,10 @@ class Runtime:
         if packed is None:
             w_ih, w_hh, b_ih, b_hh, _ = self.layers[idx]
             packed = self._columns[key] = pack_columns(w_ih, w_hh, b_ih + b_hh, self.threads)
-        return run_columns(self.threads, x, bsz, h0, c0, *packed, reverse, y, h_n, c_n)
+        xproj = None
+        if columns_precompute(T, self._I, self._H, x.itemsize, self.threads):
+            xproj = self.input_projection(x, self.layers[idx][0], self._packed[idx][1])
+        return run_columns(self.threads, x, bsz, h0, c0, *packed, reverse, y, h_n, c_n, xproj)
 
     # x W_ih^T + b before the loop: numpy's BLAS here; the torch engine's fast path sets torch's GEMM
     input_projection = staticmethod(input_projection)

@@ -126,6 +126,17 @@ def columns_pay(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, t
             and steps * weight_bytes >= MIN_CALL_WEIGHT_BYTES)
 
 
+# x W_ih^T + b as one GEMM before the loop (forward_columns' xproj): measured at 2 threads, it
+# paid where a part's weights outgrow the core's L2 (input 128, hidden 512, 2.6 MiB a part:
+# 7.8 -> 5.5 ms at T=100) and cost 5-8 % below that (hidden 64-256).
+PRECOMPUTE_MIN_PART_BYTES = 1 << 20
+
+
+def columns_precompute(steps: int, I: int, H: int, itemsize: int, threads: int) -> bool:
+    """Whether a column-split call gets its input projection as one GEMM before the loop."""
+    return steps > 1 and (I + H) * 4 * H * itemsize > PRECOMPUTE_MIN_PART_BYTES * threads
+
+
 # ---- weights, laid out per part ------------------------------------------------------------------
 def unit_bounds(H: int, parts: int):
     """Unit boundaries (parts + 1,) of `parts` slices of about equal size, cut at multiples of
@@ -159,20 +170,24 @@ def pack_columns(w_ih, w_hh, b, parts: int):
 
 # ---- the time loop -------------------------------------------------------------------------------
 @njit(**KW)
-def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, reverse, y, h, c, hbuf, sync, k, threads):
+def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, reverse, y, h, c, hbuf, sync, k, threads):
     """Thread k of `threads`: the whole time loop for parts k, k + threads, ... (see the module
     docstring). x (total, I); h0, c0, h, c (B, H); y (total, H) out; hbuf (2, B, H) scratch;
-    h, c out: h_n, c_n (c is the running state, as in lstm.forward_chunk)."""
+    h, c out: h_n, c_n (c is the running state, as in lstm.forward_chunk). xproj (total, 4H)
+    or (0, 4H): x W_ih^T + b of every row made before the loop, as lstm.forward_core takes it
+    (the steps then multiply h by W_hh alone, each part adding its units' columns of xproj)."""
     T = batch_sizes.shape[0]
     off = offsets(batch_sizes)
     I = x.shape[1]
-    B = h0.shape[0]
+    B, H = h0.shape
     dt = x.dtype
     S = wps.shape[0]
-    xh = np.empty((B, I + h0.shape[1]), dt)
+    pre = xproj.shape[0] > 0
+    xh = np.empty((B, I + H), dt)
     q = np.empty((B, padded_width(wps[0])), dt)
     acts = np.empty((B, bps.shape[1]), dt)  # scratch: the activations, not kept
     hs = np.empty(bps.shape[1] // 4, dt)
+    xb = np.empty(bps.shape[1], dt)  # a part's columns of one row of xproj
     for s in range(k, S, threads):
         u0, u1 = units[s], units[s + 1]
         for i in range(B):
@@ -186,14 +201,23 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, reverse, y, h, c, h
         src = hbuf[(step + 1) % 2]
         dst = hbuf[step % 2]
         for i in range(n):
-            copy_into(xh[i, :I], x[o + i])
+            if not pre:
+                copy_into(xh[i, :I], x[o + i])
             copy_into(xh[i, I:], src[i] if i < n_prev else h0[i])
         for s in range(k, S, threads):
             u0, u1 = units[s], units[s + 1]
             Hs = u1 - u0
-            matmul(xh, n, wps[s], q)
+            if pre:
+                matmul(xh[:, I:], n, wps[s][:, I:], q)  # (n, H) @ (H, 4 H_s)
+            else:
+                matmul(xh, n, wps[s], q)  # (n, I + H) @ (I + H, 4 H_s)
             for i in range(n):
-                gate_row(q[i, : 4 * Hs], bps[s, : 4 * Hs], acts[i, : 4 * Hs], c[i, u0:u1], hs[:Hs])
+                bias = bps[s, : 4 * Hs]
+                if pre:
+                    for g in range(4):
+                        copy_into(xb[g * Hs : (g + 1) * Hs], xproj[o + i, g * H + u0 : g * H + u1])
+                    bias = xb[: 4 * Hs]
+                gate_row(q[i, : 4 * Hs], bias, acts[i, : 4 * Hs], c[i, u0:u1], hs[:Hs])
                 copy_into(dst[i, u0:u1], hs[:Hs])
                 copy_into(y[o + i, u0:u1], hs[:Hs])
                 copy_into(h[i, u0:u1], hs[:Hs])  # a finished row keeps its last step's h
@@ -204,7 +228,7 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, reverse, y, h, c, h
 # ---- the compiled team body (team.py) ------------------------------------------------------------
 def _kinds(dt):  # kernel address, then forward_columns's arguments up to sync
     a, i64 = (lambda n: (dt, n)), (np.int64, 1)  # noqa: E731
-    return spec(int, a(2), i64, a(2), a(2), a(4), a(2), i64, bool, a(2), a(2), a(2), a(3), i64)
+    return spec(int, a(2), i64, a(2), a(2), a(4), a(2), i64, a(2), bool, a(2), a(2), a(2), a(3), i64)
 
 
 _KINDS32, _KINDS64 = _kinds(np.float32), _kinds(np.float64)
@@ -221,7 +245,7 @@ def _body64(data):
 team_body = team_bodies(_body32, _body64)
 
 
-def run_columns(threads: int, x, batch_sizes, h0, c0, wps, bps, units, reverse: bool, y, h, c) -> bool:
+def run_columns(threads: int, x, batch_sizes, h0, c0, wps, bps, units, reverse: bool, y, h, c, xproj=None) -> bool:
     """forward_columns on an OpenMP team of `threads` threads (threads.run_compiled); False,
     having run nothing, where there is none (or its body is still being compiled elsewhere)."""
     from .threads import openmp_in_use, run_compiled
@@ -229,6 +253,8 @@ def run_columns(threads: int, x, batch_sizes, h0, c0, wps, bps, units, reverse: 
     body = team_body(x.dtype) if openmp_in_use() else None
     if body is None:
         return False
-    args = (x, batch_sizes, h0, c0, wps, bps, units, bool(reverse), y, h, c, np.empty((2,) + h0.shape, x.dtype),
-            new_sync())
+    if xproj is None:
+        xproj = np.empty((0, 4 * h0.shape[1]), x.dtype)
+    args = (x, batch_sizes, h0, c0, wps, bps, units, xproj, bool(reverse), y, h, c,
+            np.empty((2,) + h0.shape, x.dtype), new_sync())
     return run_compiled(body, threads, kernel_address(forward_columns, args + (0, 0)), *args)
