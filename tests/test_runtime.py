@@ -216,6 +216,29 @@ def test_bad_input_errors(tmp_path):
         rt(np.zeros((2, 3), np.float32), state)
 
 
+def test_bad_input_errors_on_the_one_step_path(tmp_path):
+    """One layer, one step: Runtime._one_step's own checks give the general path's errors."""
+    _, rt = oracle_and_runtime(tmp_path, dict(input_size=3, hidden_size=4), torch.float32, "save")
+    x = np.zeros((1, 2, 3), np.float32)
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 2, 4\)"):
+        rt(x, (np.zeros((1, 1, 4), np.float32), np.zeros((1, 2, 4), np.float32)))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size \(1, 2, 4\)"):
+        rt(x, (np.zeros((1, 2, 4), np.float32), np.zeros((1, 2, 5), np.float32)))
+    with pytest.raises(RuntimeError, match="should also be 3-D"):
+        rt(x, (np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32)))
+    with pytest.raises(ValueError, match=r"hidden\[0\] dtype"):
+        rt(x, (np.zeros((1, 2, 4), np.float64), np.zeros((1, 2, 4), np.float32)))
+    with pytest.raises(TypeError, match="tuple"):
+        rt(x, np.zeros((1, 2, 4), np.float32))
+    with pytest.raises(RuntimeError, match="input_size. Expected 3, got 5"):
+        rt(np.zeros((1, 2, 5), np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        rt(x.astype(np.float64))
+    _, state = rt(x)
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 3, 4\)"):
+        rt(np.zeros((1, 3, 3), np.float32), state)  # a returned state is reused only where it fits
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         runtime.load(tmp_path / "missing.safetensors")

@@ -58,6 +58,7 @@ class Runtime:
         self._packed = []
         self.threads = 1  # row chunks run at once (the torch engine's fast path sets torch's count)
         self._single = config.num_layers == 1 and not config.bidirectional and not self._variant
+        self._one_step_sizes = {}  # N -> int64 [N], for one-step calls that _one_step takes
         for k in range(config.num_layers):
             for d in range(config.num_directions):
                 sfx = f"_l{k}{LSTMConfig.suffix(d)}"
@@ -100,6 +101,10 @@ class Runtime:
     # microseconds: feeding back the state the previous call returned, with an input shaped like
     # the previous one, skips every check (they passed when those arrays were made).
     def __call__(self, x, state=None):
+        if self._single:
+            out = self._one_step(x, state)
+            if out is not None:
+                return out
         dt, I, H, P, D, LD = self._sizes
         returned_state, returned_shape, T, N = self._returned
         if (state is not None and state is returned_state and type(x) is np.ndarray
@@ -147,6 +152,38 @@ class Runtime:
         self._returned = (state, x_in.shape, T, N)
         return x, state
 
+    def _one_step(self, x, state):
+        """The streaming call of a one-layer, one-direction model: one time step, batched,
+        C-contiguous, small enough for one thread (else None: the general path runs). The same
+        kernel call as the general path, with only the checks this case needs."""
+        if type(x) is not np.ndarray or x.ndim != 3 or x.dtype is not self.dtype or not x.flags.c_contiguous:
+            return None
+        N, T = (x.shape[0], x.shape[1]) if self._batch_first else (x.shape[1], x.shape[0])
+        if T != 1 or x.shape[2] != self._I:
+            return None
+        bsz = self._one_step_sizes.get(N)
+        if bsz is None:
+            if (N * (self._I + self._P) * 4 * self._H >= MIN_SPLIT_MACS and self.threads > 1) or (
+                    self.threads > 1 and columns_pay(N, 1, self._I, self._H, self._P, x.itemsize, self.threads)):
+                return None  # a step worth splitting over the threads: the general path does
+            bsz = self._one_step_sizes[N] = np.full(1, N, np.int64)
+        dt, H, P = self.dtype, self._H, self._P
+        returned_state, returned_shape, _, _ = self._returned
+        if state is None:
+            h0, c0 = np.zeros((1, N, P), dt), np.zeros((1, N, H), dt)
+        elif state is returned_state and x.shape == returned_shape:
+            h0, c0 = state
+        else:
+            h0, c0 = self._check_state(state, N, True)
+        y = np.empty(x.shape[:2] + (P,), dt)  # (1, N, P), or (N, 1, P) batch_first: rows in the same order
+        h_n, c_n = np.empty((1, N, P), dt), np.empty((1, N, H), dt)
+        wp, b, wpr = self._packed[0]
+        forward_chunk(x.reshape(N, self._I), bsz, h0[0], c0[0], wp, b, wpr, self._no_xproj, False, self._no_acts,
+                      y.reshape(N, P), h_n[0], c_n[0], self._no_cells, False, 0, N)
+        state = (h_n, c_n)
+        self._returned = (state, x.shape, 1, N)
+        return y, state
+
     def _plain_layer(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T: int, N: int):
         """Layer-direction idx on the plain kernel, into y, h_n, c_n; x W_ih^T + b as one GEMM
         first where the kernels' rule says it pays (precompute_input)."""
@@ -155,8 +192,8 @@ class Runtime:
                 and self._by_columns(idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T)):
             return
         if T == 1 and N * (self._I + self._P) * 4 * self._H < MIN_SPLIT_MACS:
-            # The streaming call (one step, one chunk): straight into the compiled loop, where
-            # the Python around it is most of the call's time.
+            # One step, one chunk: straight into the compiled loop (the Python around it is most
+            # of such a call's time).
             forward_chunk(x, bsz, h0, c0, wp, b, wpr, self._no_xproj, reverse, self._no_acts, y, h_n, c_n,
                           self._no_cells, False, 0, N)
             return
