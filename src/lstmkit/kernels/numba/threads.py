@@ -14,10 +14,13 @@ weight-gradient GEMMs, our time loop, ...) ran at 1-thread speed on 2 threads
 spin, so they pick the work up at once. The engine binding passes torch's runtime when
 torch's parallel backend is OpenMP (engines/numba/binding.py); the kernels never import torch.
 
-The team calls back into Python (a ctypes callback, which takes the GIL), and the compiled
-chunk function releases the GIL while it runs, so the chunks run in parallel. Without a
-host runtime (the torch-free runtime, or torch on another backend) the chunks run on a
-small pool of Python threads that sleep on a queue between calls.
+A kernel with a compiled team body (team.py; lstm.py's forward and backward chunks, columns.py)
+runs with no Python on the team: run_compiled hands GOMP_parallel a Numba cfunc and one int64
+array of arguments. Any other (or while that body is not compiled yet) gets a ctypes callback
+into Python on each team thread, which takes the GIL and a thread state (about 90 us a call
+against 1.6 us), the compiled chunk releasing the GIL while it runs. Without a host runtime
+(the torch-free runtime, or torch on another backend) the chunks run on a small pool of
+Python threads that sleep on a queue between calls.
 """
 import ctypes
 import itertools
