@@ -677,3 +677,17 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
             assert_close(a, b, TOL[dtype])
     assert len(calls) >= 2 * 4 * 2  # both passes (train + no-grad) of 4 layer-directions, twice
     assert packed_with_input and not any(packed_with_input)  # every backward made dx after its loop
+
+
+def test_the_input_gemm_rule():
+    """kernels' precompute_input: weight bytes per row of a chunk, whatever the rows (the big
+    shapes of the bench's --extra gain 5-10 % from it), never for one step."""
+    from lstmkit.kernels.numba.lstm import precompute_input
+
+    assert precompute_input(64, 50, 512, 1024, 1024, 4, 1)  # 24 MiB over 64 rows
+    assert precompute_input(128, 20, 256, 2048, 2048, 4, 2)  # 72 MiB over 64 rows a chunk
+    assert precompute_input(16, 64, 256, 256, 256, 4, 1)  # the demo's second layer, 2 MiB over 16 rows
+    assert not precompute_input(32, 64, 256, 256, 256, 4, 1)  # ... over 32 rows
+    assert not precompute_input(32, 100, 128, 256, 256, 4, 1)
+    assert not precompute_input(256, 100, 64, 128, 128, 4, 2)
+    assert not precompute_input(1, 1, 512, 1024, 1024, 4, 1)  # one step

@@ -118,17 +118,16 @@ def chunks_for(batch: int, macs: int, threads: int) -> int:
 # product, on every thread, but writes and re-reads (total, 4H), four times x. It pays where
 # the step product is bound by reading the weights: many weight bytes per row of the chunk
 # that reuses each read. With more rows the fused product wins (BENCHMARKS.md, "fourth
-# round", has the measurements behind both numbers).
+# round" and "fifth session", has the measurements behind the number: the fourth session
+# also capped the rows at 16, which kept the GEMM from the big shapes, where it gains 5-10 %).
 PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW = 112 << 10
-PRECOMPUTE_MAX_CHUNK_ROWS = 16
 
 
 def precompute_input(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, chunks: int) -> bool:
     """Whether a forward call over `steps` steps of up to `batch` rows, split in `chunks`,
     gets x W_ih^T + b as one GEMM before its time loop (forward_core's xproj)."""
     rows = -(-batch // max(chunks, 1))
-    return (steps > 1 and rows <= PRECOMPUTE_MAX_CHUNK_ROWS
-            and (I + P) * 4 * H * itemsize > PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW * rows)
+    return steps > 1 and (I + P) * 4 * H * itemsize > PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW * rows
 
 
 # The backward's counterpart: dx = dgates W_ih as one GEMM after the loop, each step's product
