@@ -226,12 +226,9 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, reverse, y, 
 
 
 # ---- the compiled team body (team.py) ------------------------------------------------------------
-def _kinds(dt):  # kernel address, then forward_columns's arguments up to sync
-    a, i64 = (lambda n: (dt, n)), (np.int64, 1)  # noqa: E731
-    return spec(int, a(2), i64, a(2), a(2), a(4), a(2), i64, a(2), bool, a(2), a(2), a(2), a(3), i64)
-
-
-_KINDS32, _KINDS64 = _kinds(np.float32), _kinds(np.float64)
+# The job's kinds (team.spec): the kernel's address, then forward_columns's arguments before (k, threads).
+_KINDS = "n a2 i1 a2 a2 a4 a2 i1 a2 b a2 a2 a2 a3 i1"
+_KINDS32, _KINDS64 = spec(np.float32, _KINDS), spec(np.float64, _KINDS)
 
 
 def _body32(data):

@@ -359,18 +359,11 @@ def backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy
 
 
 # ---- compiled team bodies (team.py): the chunks of a split call with no Python on the team -------
-def _forward_kinds(dt):  # kernel address, then forward_chunk's arguments up to save, then the bounds
-    a, i64 = (lambda n: (dt, n)), (np.int64, 1)  # noqa: E731
-    return spec(int, a(2), i64, a(2), a(2), a(3), a(1), a(3), a(2), bool, a(2), a(2), a(2), a(2), a(2), bool, i64)
-
-
-def _backward_kinds(dt):  # kernel address, then backward_chunk's arguments up to hpre_all, then the bounds
-    a, i64 = (lambda n: (dt, n)), (np.int64, 1)  # noqa: E731
-    return spec(int, a(2), i64, a(2), a(2), a(3), a(3), bool, *[a(2)] * 11, i64)
-
-
-_FORWARD32, _FORWARD64 = _forward_kinds(np.float32), _forward_kinds(np.float64)
-_BACKWARD32, _BACKWARD64 = _backward_kinds(np.float32), _backward_kinds(np.float64)
+# Kinds (team.spec) of the jobs: the kernel's address, its arguments before (r0, r1), the bounds.
+_FORWARD_KINDS = "n a2 i1 a2 a2 a3 a1 a3 a2 b a2 a2 a2 a2 a2 b i1"
+_BACKWARD_KINDS = "n a2 i1 a2 a2 a3 a3 b" + " a2" * 11 + " i1"
+_FORWARD32, _FORWARD64 = spec(np.float32, _FORWARD_KINDS), spec(np.float64, _FORWARD_KINDS)
+_BACKWARD32, _BACKWARD64 = spec(np.float32, _BACKWARD_KINDS), spec(np.float64, _BACKWARD_KINDS)
 
 
 def _forward32(data):

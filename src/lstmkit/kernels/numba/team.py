@@ -75,10 +75,16 @@ KW = dict(cache=True, nogil=True)
 HEADER = 3  # job[0] = len(job), job[1], job[2] = the addresses of omp_get_thread_num, omp_get_num_threads
 
 
-def spec(*kinds):
-    """A body's argument kinds, for unpack: (dtype, ndim) for a C-contiguous array, bool, or
-    int. As a tuple of empty arrays, True and 0 it is a compile-time constant in the body."""
-    return tuple(np.empty((0,) * k[1], k[0]) if isinstance(k, tuple) else k() for k in kinds)
+def spec(dtype, kinds: str):
+    """A body's argument kinds, for unpack, from words: "a<ndim>" an array of `dtype`, "i<ndim>"
+    an int64 array, "b" a bool, "n" an int (C-contiguous arrays). As a tuple of empty arrays,
+    False and 0 it is a compile-time constant in the body."""
+    def one(word):
+        if word in ("b", "n"):
+            return 0 if word == "n" else False
+        return np.empty((0,) * int(word[1:]), dtype if word[0] == "a" else np.int64)
+
+    return tuple(one(w) for w in kinds.split())
 
 
 @intrinsic
