@@ -18,9 +18,14 @@ from harness import TOL
 
 
 @pytest.fixture(autouse=True)
-def team():
+def team(monkeypatch):
     # torch's CPU build runs its threads on OpenMP: the split needs that team.
     assert share_torch_threads(), "no OpenMP runtime found in torch: the column split cannot run"
+    # With a cold cache the prefetch child may still be compiling the team bodies, and the
+    # split would then step aside (team.team_bodies): here it must run.
+    from lstmkit.kernels.numba import prefetch
+
+    monkeypatch.setattr(prefetch, "compiling", lambda name: False)
     yield
 
 
@@ -89,6 +94,8 @@ def test_columns_pay_rule():
     assert not columns.columns_pay(1, 1, 64, 128, 128, 4, 2)  # one small step: the team costs more
     assert columns.columns_pay(1, 1, 128, 512, 512, 4, 2)  # one big step
     assert not columns.columns_pay(1, 100, 64, 128, 32, 4, 2)  # projection: not split
+    assert columns.columns_pay_training(1, 100, 128, 512, 512, 4, 2)  # 5 MiB of weights
+    assert not columns.columns_pay_training(1, 100, 64, 256, 256, 4, 2)  # 1.3 MiB: inference only
     assert columns.columns_precompute(100, 128, 512, 4, 2) and not columns.columns_precompute(1, 128, 512, 4, 2)
     assert not columns.columns_precompute(100, 64, 128, 4, 2)
 
@@ -123,3 +130,102 @@ def test_module_takes_the_split_at_two_threads_and_matches_torch(dtype, kw, shap
     assert split or shape == (1, 1)
     for a, b in ((y, yt), (h, ht), (c, ct)):
         torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("parts,team_threads", [(2, 2), (3, 2), (2, 1), (4, 4)])
+def test_training_forward_and_backward_bitwise_the_row_kernels(dtype, reverse, packed, parts, team_threads):
+    """forward_columns(save=True) writes bitwise what forward_core(save=True) writes;
+    backward_columns what backward_core writes with dx after the loop, to rounding: the unit
+    loop of gate_backward_row on a part's slices compiles to other vector code than on whole
+    rows (ULPs in float64)."""
+    rng = np.random.default_rng(parts * 7 + team_threads)
+    for T, B, I, H in [(1, 1, 5, 3 * LANES), (30, 1, 7, 2 * LANES + 5), (11, 3, 20, 130), (6, 4, 30, 40)]:
+        x, bs, h0, c0, w_ih, w_hh, b = _case(rng, T, B, I, H, dtype, packed)
+        y1, h1, c1, saved = lstm.lstm_forward(x, bs, h0, c0, w_ih, w_hh, b, reverse=reverse, save=True)
+        total = x.shape[0]
+        wps, bps, units = columns.pack_columns(w_ih, w_hh, b, parts)
+        y, h, c = np.empty((total, H), dtype), np.empty((B, H), dtype), np.empty((B, H), dtype)
+        acts, cells = np.full((total, 4 * H), np.nan, dtype), np.full((total, H), np.nan, dtype)
+        assert columns.run_columns(team_threads, x, bs, h0, c0, wps, bps, units, reverse, y, h, c, None, acts, cells)
+        for g, w in zip((y, h, c, acts, cells), (y1, h1, c1, *saved)):
+            assert np.array_equal(g, w), (T, B, I, H)
+
+        dy = rng.standard_normal((total, H)).astype(dtype)
+        dh_n, dc_n = rng.standard_normal((B, H)).astype(dtype), rng.standard_normal((B, H)).astype(dtype)
+        want = lstm.lstm_backward(x, bs, h0, c0, w_ih, w_hh, None, reverse, y1, saved, dy, dh_n, dc_n,
+                                  dx_after=True)
+        wbs, units_b = columns.pack_columns_backward(w_hh, parts)
+        dh, dc = dh_n.copy(), dc_n.copy()
+        dgates, h_prev = np.full((total, 4 * H), np.nan, dtype), np.full((total, H), np.nan, dtype)
+        assert columns.run_columns_backward(team_threads, bs, h0, c0, wbs, units_b, reverse, acts, cells, y, dy,
+                                            dh, dc, dgates, h_prev)
+        dw_ih, dw_hh, db, _ = lstm.weight_gradients(x, dgates, h_prev, np.empty((0, H), dtype),
+                                                     np.empty((0, H), dtype))
+        dx = np.dot(dgates, w_ih)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        for name, g, w in zip(("dx", "dh0", "dc0", "dw_ih", "dw_hh", "db"), (dx, dh, dc, dw_ih, dw_hh, db), want):
+            np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=f"{name} {(T, B, I, H)}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kw,N,packed", [
+    (dict(), 1, False),
+    (dict(num_layers=2, bidirectional=True), 3, True),  # packed, enforce_sorted=False: rows end and join
+    (dict(batch_first=True), 4, False),
+])
+def test_training_at_two_threads_takes_the_split_and_matches_torch(dtype, kw, N, packed, monkeypatch):
+    """A training step (forward saving, backward) at batch 1-4 on 2 threads runs split by hidden
+    units; outputs and every gradient match torch.nn.LSTM."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from lstmkit.engines.numba import binding
+
+    used = []
+    for name in ("run_columns", "run_columns_backward"):
+        real = getattr(binding, name)
+        monkeypatch.setattr(binding, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
+    monkeypatch.setattr(columns, "TRAIN_MIN_PART_BYTES", 0)  # the rule wants 2 MiB a part: small sizes here
+    torch.manual_seed(N)
+    ref = torch.nn.LSTM(64, 256, dtype=dtype, **kw)
+    m = lstmkit.LSTM.from_torch(ref, engine="numba")
+    T = 20  # over binding.FEW_STEPS_MAX_ROWS rows even at N = 1: the time-loop kernels
+    x = torch.randn((N, T, 64) if ref.batch_first else (T, N, 64), dtype=dtype)
+    lengths = torch.tensor([20, 9, 14][:N])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for mod in (m, ref):
+            xi = x.clone().requires_grad_(True)
+            inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if packed else xi
+            out, (h, c) = mod(inp)
+            y = out.data if packed else out
+            loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=dtype)).sum() + h.square().sum() + 3 * c.sum()
+            results.append([y, h, c, *torch.autograd.grad(loss, [xi, *mod.parameters()])])
+    finally:
+        torch.set_num_threads(before)
+    assert "run_columns" in used and "run_columns_backward" in used
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_without_a_compiled_body_the_rows_path_runs(monkeypatch):
+    """While the body is not at hand (prefetch's child compiling it), run_columns steps aside
+    and the module's call runs on the row kernel: the same numbers as torch."""
+    monkeypatch.setattr(columns, "team_body", lambda dtype: None)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(64, 256)
+    m = lstmkit.LSTM.from_torch(ref)
+    x = torch.randn(30, 1, 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            got, want = m(x), ref(x)
+    finally:
+        torch.set_num_threads(before)
+    assert m.__dict__["_runtime"][1]._columns  # the split was asked for ...
+    torch.testing.assert_close(got[0], want[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])  # ... rows ran

@@ -23,6 +23,8 @@ from ...kernels.numba.lstm import (
     backward_core, chunk_bounds, dx_after_loop, forward_core, pack_backward, pack_forward, precompute_input,
 )
 from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
+from ...kernels.numba.columns import columns_pay_training, pack_columns, pack_columns_backward, run_columns
+from ...kernels.numba.columns import run_columns_backward
 from ...kernels.numba.step import step_backward as step_backward_kernel
 from ...kernels.numba.step import step_backward_all as step_backward_all_kernel
 from ...kernels.numba.step import step_forward as step_forward_kernel
@@ -200,6 +202,10 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     total, I = xn.shape
     B, H = c0n.shape
     P = h0n.shape[1]
+    if save and _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize):
+        out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse)
+        if out is not None:
+            return out
     b, wp, wpr = forward_weights(p, cache=not save)
     acts = np.empty((total if save else 0, 4 * H), dt)
     cells = np.empty((total if save else 0, H), dt)
@@ -213,6 +219,43 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
         xproj = input_projection(xn, as_numpy(p.w_ih), b)
     forward_core(xn, bsz, h0n, c0n, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save), bounds, xproj)
     return y, h_n, c_n, acts, cells
+
+
+# ---- training at batch 1-4 on several threads: the hidden units split (kernels/numba/columns.py) ----
+def _by_columns(B: int, steps: int, I: int, H: int, P: int, itemsize: int) -> bool:
+    threads = torch.get_num_threads()
+    return threads > 1 and columns_pay_training(B, steps, I, H, P, itemsize, threads)
+
+
+def _forward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse):
+    """layer_forward(save=True) split by hidden units: numpy (y, h_n, c_n, acts, cells), or
+    None where no OpenMP team is at hand."""
+    dt, (total, _), (B, H) = xn.dtype, xn.shape, c0n.shape
+    b = as_numpy(p.b_ih) + as_numpy(p.b_hh) if p.b_ih is not None else np.zeros(4 * H, dt)
+    threads = torch.get_num_threads()
+    wps, bps, units = pack_columns(as_numpy(p.w_ih), as_numpy(p.w_hh), b, threads)
+    y, h_n, c_n = np.empty((total, H), dt), np.empty((B, H), dt), np.empty((B, H), dt)
+    acts, cells = np.empty((total, 4 * H), dt), np.empty((total, H), dt)
+    if not run_columns(threads, xn, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wps, bps, units, reverse,
+                       y, h_n, c_n, None, acts, cells):
+        return None
+    return y, h_n, c_n, acts, cells
+
+
+def _backward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, y, acts, cells, dy, dh_n, dc_n):
+    """layer_backward's time loop split by hidden units: numpy (dh0, dc0, dgates, h_prev), or
+    None where no OpenMP team is at hand."""
+    dt, (total, _), (B, H) = xn.dtype, xn.shape, c0n.shape
+    threads = torch.get_num_threads()
+    wbs, units = pack_columns_backward(as_numpy(p.w_hh), threads)
+    dh = as_numpy(dh_n).copy() if dh_n is not None else np.zeros((B, H), dt)
+    dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, H), dt)
+    dgates, h_prev = np.empty((total, 4 * H), dt), np.empty((total, H), dt)
+    if not run_columns_backward(threads, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wbs, units, reverse,
+                                as_numpy(acts), as_numpy(cells), as_numpy(y), as_numpy_or(dy, (total, H), dt),
+                                dh, dc, dgates, h_prev):
+        return None
+    return dh, dc, dgates, h_prev
 
 
 def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cells, dy, dh_n, dc_n, needs=None):
@@ -231,6 +274,14 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     B, H = c0n.shape
     P = h0n.shape[1]
     has_proj = p.w_hr is not None
+    t_ = torch.from_numpy
+    if _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize):
+        out = _backward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse, y, acts, cells, dy, dh_n, dc_n)
+        if out is not None:
+            dh, dc, dgates, h_prev = out
+            dg = t_(dgates)
+            return (dg.mm(p.w_ih.detach()), t_(dh), t_(dc), dg.t().mm(t_(xn)), dg.t().mm(t_(h_prev)), dg.sum(0),
+                    None)
     bounds = _bounds(batch_sizes, I, H, P)
     dx_after = dx_after_loop(len(batch_sizes), I, H, P, xn.itemsize)
     wpb, wprb = backward_weights(p, with_input=not dx_after)
@@ -245,7 +296,6 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     backward_core(xn, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wpb, wprb, bool(reverse),
                   as_numpy(acts), as_numpy(cells), as_numpy(y), dyn, dh, dc, dx, dgates, h_prev, dh_all,
                   hpre_all, bounds)
-    t_ = torch.from_numpy
     dg = t_(dgates)
     dx = dg.mm(p.w_ih.detach()) if dx_after else t_(dx)  # (total, 4H) @ (4H, I)
     dw_ih = dg.t().mm(t_(xn))  # (4H, total) @ (total, I)

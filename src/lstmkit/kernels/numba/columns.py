@@ -28,10 +28,10 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .lstm import KW, copy_into, gate_row, offsets
+from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
 from .simd import LANES
 from .team import kernel_address, spec, team_bodies, unpack, whole_team
-from .tile import matmul, pack2, padded_width
+from .tile import matmul, pack, pack2, padded_width
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
@@ -126,6 +126,19 @@ def columns_pay(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, t
             and steps * weight_bytes >= MIN_CALL_WEIGHT_BYTES)
 
 
+# Training (forward saving, then backward_columns) measured at 2 threads, split -> one thread,
+# forward+backward: hidden 512 (5 MiB of weights) 38 -> 24 ms at batch 1, 56 -> 38 at batch 4;
+# at 0.4-1.3 MiB (hidden 128-256) the split lost 5-20 % (it packs the weights per part at every
+# call and scatters the saved activations); around 2.7 MiB runs went either way.
+TRAIN_MIN_PART_BYTES = 2 << 20
+
+
+def columns_pay_training(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, threads: int) -> bool:
+    """columns_pay for a training call (forward saving for backward, and its backward)."""
+    return (columns_pay(batch, steps, I, H, P, itemsize, threads)
+            and (I + P) * 4 * H * itemsize >= TRAIN_MIN_PART_BYTES * threads)
+
+
 # x W_ih^T + b as one GEMM before the loop (forward_columns' xproj): measured at 2 threads, it
 # paid where a part's weights outgrow the core's L2 (input 128, hidden 512, 2.6 MiB a part:
 # 7.8 -> 5.5 ms at T=100) and cost 5-8 % below that (hidden 64-256).
@@ -170,12 +183,14 @@ def pack_columns(w_ih, w_hh, b, parts: int):
 
 # ---- the time loop -------------------------------------------------------------------------------
 @njit(**KW)
-def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, reverse, y, h, c, hbuf, sync, k, threads):
+def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, reverse, y, h, c, acts_out, cells_out, save,
+                    hbuf, sync, k, threads):
     """Thread k of `threads`: the whole time loop for parts k, k + threads, ... (see the module
     docstring). x (total, I); h0, c0, h, c (B, H); y (total, H) out; hbuf (2, B, H) scratch;
     h, c out: h_n, c_n (c is the running state, as in lstm.forward_chunk). xproj (total, 4H)
     or (0, 4H): x W_ih^T + b of every row made before the loop, as lstm.forward_core takes it
-    (the steps then multiply h by W_hh alone, each part adding its units' columns of xproj)."""
+    (the steps then multiply h by W_hh alone, each part adding its units' columns of xproj).
+    save: acts_out (total, 4H) and cells_out (total, H) written, as forward_core(save=True)."""
     T = batch_sizes.shape[0]
     off = offsets(batch_sizes)
     I = x.shape[1]
@@ -218,6 +233,10 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, reverse, y, 
                         copy_into(xb[g * Hs : (g + 1) * Hs], xproj[o + i, g * H + u0 : g * H + u1])
                     bias = xb[: 4 * Hs]
                 gate_row(q[i, : 4 * Hs], bias, acts[i, : 4 * Hs], c[i, u0:u1], hs[:Hs])
+                if save:
+                    for g in range(4):
+                        copy_into(acts_out[o + i, g * H + u0 : g * H + u1], acts[i, g * Hs : (g + 1) * Hs])
+                    copy_into(cells_out[o + i, u0:u1], c[i, u0:u1])
                 copy_into(dst[i, u0:u1], hs[:Hs])
                 copy_into(y[o + i, u0:u1], hs[:Hs])
                 copy_into(h[i, u0:u1], hs[:Hs])  # a finished row keeps its last step's h
@@ -225,9 +244,81 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, reverse, y, 
         generation = barrier(sync, threads, generation)
 
 
-# ---- the compiled team body (team.py) ------------------------------------------------------------
+# ---- backward ------------------------------------------------------------------------------------
+def pack_columns_backward(w_hh, parts: int):
+    """(wbs (S, nb, 4H, V), units): part s's columns of W_hh (4H, H), its units u_s : u_{s+1},
+    packed for tile.matmul: dh_{t-1}[:, units] = dgates_t @ W_hh[:, units]."""
+    H = w_hh.shape[1]
+    units = unit_bounds(H, parts)
+    packs = [pack(np.ascontiguousarray(w_hh[:, units[s] : units[s + 1]]), False) for s in range(parts)]
+    nb = max(p.shape[0] for p in packs)
+    wbs = np.zeros((parts, nb) + packs[0].shape[1:], w_hh.dtype)
+    for s in range(parts):
+        wbs[s, : packs[s].shape[0]] = packs[s]
+    return wbs, units
+
+
+@njit(**KW)
+def backward_columns(batch_sizes, h0, c0, wbs, units, reverse, acts, cells, y, dy, dh, dc, dgates, h_prev,
+                     sync, k, threads):
+    """Thread k of `threads`: BPTT through forward_columns(save=True) (or forward_core's, the
+    same arrays) for parts k, k + threads, ..., per step
+
+        dgates_t of its units (lstm.gate_backward_row on them)          own units: no waiting
+        barrier: dgates_t complete
+        dh_{t-1} of its units = dgates_t (n, 4H) @ W_hh[:, units]        all of dgates_t
+
+    dh (B, H), dc (B, H): in dL/dh_n, dL/dc_n, out dL/dh0, dL/dc0; dgates (total, 4H) and
+    h_prev (total, H) out, as lstm.backward_core writes them (dx and the weight gradients are
+    the caller's GEMMs after the loop). A step's dgates rows are its own, so one barrier per
+    step is enough. lstm.backward_core's numbers to rounding (the unit loop on a part's slices
+    vectorises otherwise than on whole rows)."""
+    T = batch_sizes.shape[0]
+    off = offsets(batch_sizes)
+    B, H = dc.shape
+    dt = dh.dtype
+    S = wbs.shape[0]
+    qb = np.empty((B, padded_width(wbs[0])), dt)
+    a_s = np.empty(4 * H, dt)  # a part's activations of one row, gates side by side
+    dg_s = np.empty(4 * H, dt)
+    no_hpre = np.empty(0, dt)
+    generation = 0
+    for step in range(T):
+        t = step if reverse else T - 1 - step
+        n = batch_sizes[t]
+        o = off[t]
+        # The step that ran just before t in the forward pass, and how many rows it holds.
+        tp = t + 1 if reverse else t - 1
+        n_prev = (batch_sizes[tp] if tp < T else 0) if reverse else (n if tp >= 0 else 0)
+        p0 = off[tp] if n_prev > 0 else 0
+        for s in range(k, S, threads):
+            u0, u1 = units[s], units[s + 1]
+            Hs = u1 - u0
+            for i in range(n):
+                add_into(dh[i, u0:u1], dy[o + i, u0:u1])
+                for g in range(4):
+                    copy_into(a_s[g * Hs : (g + 1) * Hs], acts[o + i, g * H + u0 : g * H + u1])
+                if i < n_prev:
+                    cprev = cells[p0 + i, u0:u1]
+                    copy_into(h_prev[o + i, u0:u1], y[p0 + i, u0:u1])
+                else:  # the row starts here: its previous state is h0, c0
+                    cprev = c0[i, u0:u1]
+                    copy_into(h_prev[o + i, u0:u1], h0[i, u0:u1])
+                gate_backward_row(a_s[: 4 * Hs], cells[o + i, u0:u1], cprev, dh[i, u0:u1], dc[i, u0:u1],
+                                  dg_s[: 4 * Hs], no_hpre, False)
+                for g in range(4):
+                    copy_into(dgates[o + i, g * H + u0 : g * H + u1], dg_s[g * Hs : (g + 1) * Hs])
+        generation = barrier(sync, threads, generation)
+        for s in range(k, S, threads):
+            u0, u1 = units[s], units[s + 1]
+            matmul(dgates[o:], n, wbs[s], qb)  # (n, 4H) @ (4H, H_s)
+            for i in range(n):
+                copy_into(dh[i, u0:u1], qb[i, : u1 - u0])
+
+
+# ---- the compiled team bodies (team.py) ----------------------------------------------------------
 # The job's kinds (team.spec): the kernel's address, then forward_columns's arguments before (k, threads).
-_KINDS = "n a2 i1 a2 a2 a4 a2 i1 a2 b a2 a2 a2 a3 i1"
+_KINDS = "n a2 i1 a2 a2 a4 a2 i1 a2 b a2 a2 a2 a2 a2 b a3 i1"
 _KINDS32, _KINDS64 = spec(np.float32, _KINDS), spec(np.float64, _KINDS)
 
 
@@ -241,17 +332,50 @@ def _body64(data):
 
 team_body = team_bodies(_body32, _body64)
 
+_BACKWARD_KINDS = "n i1 a2 a2 a4 i1 b a2 a2 a2 a2 a2 a2 a2 a2 i1"
+_BACKWARD32, _BACKWARD64 = spec(np.float32, _BACKWARD_KINDS), spec(np.float64, _BACKWARD_KINDS)
 
-def run_columns(threads: int, x, batch_sizes, h0, c0, wps, bps, units, reverse: bool, y, h, c, xproj=None) -> bool:
-    """forward_columns on an OpenMP team of `threads` threads (threads.run_compiled); False,
-    having run nothing, where there is none (or its body is still being compiled elsewhere)."""
+
+def _backward32(data):
+    whole_team(data, unpack(data, _BACKWARD32))
+
+
+def _backward64(data):
+    whole_team(data, unpack(data, _BACKWARD64))
+
+
+backward_body = team_bodies(_backward32, _backward64)
+
+
+def run_columns(threads: int, x, batch_sizes, h0, c0, wps, bps, units, reverse: bool, y, h, c, xproj=None,
+                acts=None, cells=None) -> bool:
+    """forward_columns on an OpenMP team of `threads` threads (threads.run_compiled), saving
+    acts and cells for backward when given; False, having run nothing, where there is no team
+    (or its body is still being compiled elsewhere)."""
     from .threads import openmp_in_use, run_compiled
 
     body = team_body(x.dtype) if openmp_in_use() else None
     if body is None:
         return False
+    H = h0.shape[1]
     if xproj is None:
-        xproj = np.empty((0, 4 * h0.shape[1]), x.dtype)
-    args = (x, batch_sizes, h0, c0, wps, bps, units, xproj, bool(reverse), y, h, c,
+        xproj = np.empty((0, 4 * H), x.dtype)
+    save = acts is not None
+    if not save:
+        acts, cells = np.empty((0, 4 * H), x.dtype), np.empty((0, H), x.dtype)
+    args = (x, batch_sizes, h0, c0, wps, bps, units, xproj, bool(reverse), y, h, c, acts, cells, save,
             np.empty((2,) + h0.shape, x.dtype), new_sync())
-    return run_compiled(body, threads, kernel_address(forward_columns, args + (0, 0)), *args)
+    return run_compiled(body, threads, kernel_address(forward_columns, args + (0, 0), x.dtype), *args)
+
+
+def run_columns_backward(threads: int, batch_sizes, h0, c0, wbs, units, reverse: bool, acts, cells, y, dy, dh, dc,
+                         dgates, h_prev) -> bool:
+    """backward_columns on an OpenMP team (see run_columns); False, having run nothing, where
+    there is none."""
+    from .threads import openmp_in_use, run_compiled
+
+    body = backward_body(dh.dtype) if openmp_in_use() else None
+    if body is None:
+        return False
+    args = (batch_sizes, h0, c0, wbs, units, bool(reverse), acts, cells, y, dy, dh, dc, dgates, h_prev, new_sync())
+    return run_compiled(body, threads, kernel_address(backward_columns, args + (0, 0), dh.dtype), *args)

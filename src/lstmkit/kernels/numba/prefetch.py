@@ -86,7 +86,8 @@ def compile_team_bodies() -> None:
     wps, bps, units = columns.pack_columns(w_ih, w_hh, b, 2)
     args = (np.zeros((T * B, I), f), np.full(T, B, np.int64), np.zeros((B, H), f), np.zeros((B, H), f), wps, bps,
             units, np.zeros((0, 4 * H), f), False, np.empty((T * B, H), f), np.empty((B, H), f),
-            np.empty((B, H), f), np.empty((2, B, H), f), columns.new_sync())
+            np.empty((B, H), f), np.empty((0, 4 * H), f), np.empty((0, H), f), False, np.empty((2, B, H), f),
+            columns.new_sync())
     encode(header + args)
     columns.forward_columns(*args, 0, 1)  # thread 0 of 1: runs both parts, no waiting
 

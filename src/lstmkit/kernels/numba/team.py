@@ -51,12 +51,12 @@ def call_kernel(typingctx, address, args):
 _addresses = {}
 
 
-def kernel_address(kernel, args) -> int:
+def kernel_address(kernel, args, dtype) -> int:
     """The native entry of njit `kernel` compiled for args as a body decodes them (arrays
     C-contiguous; bools; ints as int64), compiling it if need be (the same overload a Python
-    call with those arrays uses); cached per kernel and dtype of args[0] (a kernel's bodies
-    fix every other kind: team_bodies has one body per dtype)."""
-    key = (kernel, args[0].dtype)
+    call with those arrays uses); cached per kernel and float dtype (a kernel's bodies fix
+    every other kind: team_bodies has one body per dtype)."""
+    key = (kernel, dtype)
     address = _addresses.get(key)
     if address is None:
         from numba import from_dtype

@@ -86,7 +86,7 @@ def run_chunks(fn, bounds, *args, body=None):
     if compiled is not None:
         from .team import kernel_address
 
-        run_compiled(compiled, n, kernel_address(fn, args + (0, 0)), *args, bounds)
+        run_compiled(compiled, n, kernel_address(fn, args + (0, 0), args[0].dtype), *args, bounds)
         return
     if _omp:
         key = next(_keys)
