@@ -352,11 +352,6 @@ def run_columns(threads: int, x, batch_sizes, h0, c0, wps, bps, units, reverse: 
     """forward_columns on an OpenMP team of `threads` threads (threads.run_compiled), saving
     acts and cells for backward when given; False, having run nothing, where there is no team
     (or its body is still being compiled elsewhere)."""
-    from .threads import openmp_in_use, run_compiled
-
-    body = team_body(x.dtype) if openmp_in_use() else None
-    if body is None:
-        return False
     H = h0.shape[1]
     if xproj is None:
         xproj = np.empty((0, 4 * H), x.dtype)
@@ -365,17 +360,23 @@ def run_columns(threads: int, x, batch_sizes, h0, c0, wps, bps, units, reverse: 
         acts, cells = np.empty((0, 4 * H), x.dtype), np.empty((0, H), x.dtype)
     args = (x, batch_sizes, h0, c0, wps, bps, units, xproj, bool(reverse), y, h, c, acts, cells, save,
             np.empty((2,) + h0.shape, x.dtype), new_sync())
-    return run_compiled(body, threads, kernel_address(forward_columns, args + (0, 0), x.dtype), *args)
+    return _on_team(team_body, forward_columns, threads, x.dtype, args)
 
 
 def run_columns_backward(threads: int, batch_sizes, h0, c0, wbs, units, reverse: bool, acts, cells, y, dy, dh, dc,
                          dgates, h_prev) -> bool:
     """backward_columns on an OpenMP team (see run_columns); False, having run nothing, where
     there is none."""
+    args = (batch_sizes, h0, c0, wbs, units, bool(reverse), acts, cells, y, dy, dh, dc, dgates, h_prev, new_sync())
+    return _on_team(backward_body, backward_columns, threads, dh.dtype, args)
+
+
+def _on_team(bodies, kernel, threads: int, dtype, args) -> bool:
+    """kernel(*args, k, team size) on an OpenMP team through its compiled body; False, having
+    run nothing, without a team or while the body is being compiled elsewhere."""
     from .threads import openmp_in_use, run_compiled
 
-    body = backward_body(dh.dtype) if openmp_in_use() else None
+    body = bodies(dtype) if openmp_in_use() else None
     if body is None:
         return False
-    args = (batch_sizes, h0, c0, wbs, units, bool(reverse), acts, cells, y, dy, dh, dc, dgates, h_prev, new_sync())
-    return run_compiled(body, threads, kernel_address(backward_columns, args + (0, 0), dh.dtype), *args)
+    return run_compiled(body, threads, kernel_address(kernel, args + (0, 0), dtype), *args)
