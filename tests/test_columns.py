@@ -229,3 +229,24 @@ def test_without_a_compiled_body_the_rows_path_runs(monkeypatch):
         torch.set_num_threads(before)
     assert m.__dict__["_runtime"][1]._columns  # the split was asked for ...
     torch.testing.assert_close(got[0], want[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])  # ... rows ran
+
+
+def test_one_step_lane_steps_aside_when_the_thread_count_grows():
+    """Runtime._one_step remembers per (rows, threads) whether a step is its own: a big step
+    first run on 1 thread must still split once torch has 2."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(128, 512)
+    m = lstmkit.LSTM.from_torch(ref)
+    x = torch.randn(1, 1, 128)
+    before = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            m(x)
+            assert not m.__dict__["_runtime"][1]._columns
+            torch.set_num_threads(2)
+            got, want = m(x), ref(x)
+    finally:
+        torch.set_num_threads(before)
+    assert m.__dict__["_runtime"][1]._columns
+    torch.testing.assert_close(got[0], want[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])

@@ -58,7 +58,7 @@ class Runtime:
         self._packed = []
         self.threads = 1  # row chunks run at once (the torch engine's fast path sets torch's count)
         self._single = config.num_layers == 1 and not config.bidirectional and not self._variant
-        self._one_step_sizes = {}  # N -> int64 [N], for one-step calls that _one_step takes
+        self._one_step_sizes = {}  # (N, threads) -> int64 [N], for one-step calls that _one_step takes
         for k in range(config.num_layers):
             for d in range(config.num_directions):
                 sfx = f"_l{k}{LSTMConfig.suffix(d)}"
@@ -161,12 +161,12 @@ class Runtime:
         N, T = (x.shape[0], x.shape[1]) if self._batch_first else (x.shape[1], x.shape[0])
         if T != 1 or x.shape[2] != self._I:
             return None
-        bsz = self._one_step_sizes.get(N)
+        bsz = self._one_step_sizes.get((N, self.threads))
         if bsz is None:
             if (N * (self._I + self._P) * 4 * self._H >= MIN_SPLIT_MACS and self.threads > 1) or (
                     self.threads > 1 and columns_pay(N, 1, self._I, self._H, self._P, x.itemsize, self.threads)):
                 return None  # a step worth splitting over the threads: the general path does
-            bsz = self._one_step_sizes[N] = np.full(1, N, np.int64)
+            bsz = self._one_step_sizes[(N, self.threads)] = np.full(1, N, np.int64)
         dt, H, P = self.dtype, self._H, self._P
         returned_state, returned_shape, _, _ = self._returned
         if state is None:
