@@ -1,19 +1,21 @@
 """Compiled team bodies: an OpenMP team runs a kernel with no Python on its threads.
 
-threads.run_chunks hands each team thread a ctypes callback into Python, which then calls the
-compiled kernel: every thread takes the GIL (twice) and a Python thread state, about 90 us per
-call on this project's machines against 1.6 us for the team itself (BENCHMARKS.md). That is
-nothing next to a training step, and everything next to a one-step call. Here a kernel's
-arguments travel as one int64 array (`job`) and each thread runs a Numba cfunc that rebuilds
-the arrays from it (pointers and shapes, C-contiguous arrays only) and calls the kernel:
+A ctypes callback into Python on each team thread (threads.run_chunks' fallback) makes every
+thread take the GIL (twice) and a Python thread state: about 90 us per call on this project's
+machines against 1.6 us for the team itself (BENCHMARKS.md). That is nothing next to a training
+step, and everything next to a batch-1 step. Here a kernel's arguments travel as one int64
+array (`job`) and each thread runs a Numba cfunc that rebuilds the arrays from it (pointers and
+shapes, C-contiguous arrays only) and calls the kernel through its native address:
 
-    job = encode(args)                 [len, then per argument: ptr, *shape | value]
-    body(job) on every team thread     -> kernel(*decoded, thread_num, team_size)
+    job = encode((omp_get_thread_num, omp_get_num_threads, kernel address, *args))
+          = [len, then per argument: data pointer, *shape | value]
+    body(job) on every team thread: row_chunks (kernel(*args, bounds[k], bounds[k+1]) for its
+          chunks k) or whole_team (kernel(*args, thread number, team size))
 
-A body is written once per kernel and dtype (the decoding must know each argument's kind).
-The job's first two arguments are the addresses of the OpenMP runtime's omp_get_thread_num
-and omp_get_num_threads (threads.run_compiled puts them there): the compiled code calls them
-through those pointers, so it names no library symbol and loads from Numba's cache anywhere.
+A body is written once per kernel and dtype (spec: the kinds of its arguments). The OpenMP
+entry points and the kernel are called through their addresses in the job, so the compiled
+code names no library symbol, does not link the kernel in (compiling a body takes 0.3 s, not
+the kernel's seconds again), and loads from Numba's cache anywhere.
 """
 import numpy as np
 from llvmlite import ir
