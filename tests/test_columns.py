@@ -250,3 +250,32 @@ def test_one_step_lane_steps_aside_when_the_thread_count_grows():
         torch.set_num_threads(before)
     assert m.__dict__["_runtime"][1]._columns
     torch.testing.assert_close(got[0], want[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
+def test_gradient_penalty_through_the_split_matches_torch(monkeypatch):
+    """create_graph=True (a gradient penalty) on a model whose training runs split by units:
+    the first backward is backward_columns, the second goes through it to the parameters."""
+    from lstmkit.engines.numba import binding
+
+    used = []
+    real = binding.run_columns_backward
+    monkeypatch.setattr(binding, "run_columns_backward", lambda *a: used.append(1) or real(*a))
+    monkeypatch.setattr(columns, "TRAIN_MIN_PART_BYTES", 0)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(32, 64, dtype=torch.float64)
+    m = lstmkit.LSTM.from_torch(ref)
+    x = torch.randn(20, 1, 32, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for mod in (m, ref):
+            xi = x.clone().requires_grad_(True)
+            y, _ = mod(xi)
+            (g,) = torch.autograd.grad(y.square().sum(), xi, create_graph=True)
+            results.append([y, g, *torch.autograd.grad(g.square().sum(), list(mod.parameters()))])
+    finally:
+        torch.set_num_threads(before)
+    assert used
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=TOL[torch.float64], atol=TOL[torch.float64])
