@@ -317,6 +317,9 @@ def backward_columns(batch_sizes, h0, c0, wbs, units, reverse, acts, cells, y, d
 
 
 # ---- the compiled team bodies (team.py) ----------------------------------------------------------
+# One small module-level function per kernel and dtype, alike in shape: Numba caches a cfunc by
+# its function's source position, and the kinds must be compile-time constants (globals); a
+# factory's closures would be neither.
 # The job's kinds (team.spec): the kernel's address, then forward_columns's arguments before (k, threads).
 _KINDS = "n a2 i1 a2 a2 a4 a2 i1 a2 b a2 a2 a2 a2 a2 b a3 i1"
 _KINDS32, _KINDS64 = spec(np.float32, _KINDS), spec(np.float64, _KINDS)
