@@ -172,6 +172,68 @@ def test_float32_activations_accuracy_and_limits():
         assert t[-4] == 1 and t[-3] == -1 and s[-4] == 1 and s[-3] == 0  # +inf, -inf
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("H", [1, 16, 21, 40, 64])
+def test_gate_rows_vector_blocks_and_tail_match_the_formulas(dtype, H):
+    """gate_row / gate_backward_row (vector blocks of LANES units, then the scalar tail; float64
+    all scalar) against the LSTM formulas in float64 numpy, on rows that are column ranges of
+    bigger arrays (the pointers the time loop passes): what is outside the row stays untouched."""
+    from lstmkit.kernels.numba.lstm import gate_backward_row, gate_row
+
+    rng = np.random.default_rng(H)
+    r = lambda *s: (rng.standard_normal(s) * 2).astype(dtype)  # noqa: E731
+    q, b, c, dh, dc = r(4 * H), r(4 * H), r(H), r(H), r(H)
+    big = np.full((3, 4 * H + 8), 7.0, dtype)  # a: row 1, columns 3 : 3 + 4H
+    hbig = np.full((2, H + 5), 7.0, dtype)  # h: row 1, columns 5 :
+    c_out = c.copy()
+    gate_row(q, b, big[1, 3 : 3 + 4 * H], c_out, hbig[1, 5:])
+    z = (q + b).astype(np.float64)
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    i, f, g, o = sig(z[:H]), sig(z[H : 2 * H]), np.tanh(z[2 * H : 3 * H]), sig(z[3 * H :])
+    c1 = f * c + i * g
+    tol = 2e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(big[1, 3 : 3 + 4 * H], np.concatenate([i, f, g, o]), atol=tol, rtol=tol)
+    np.testing.assert_allclose(c_out, c1, atol=tol, rtol=tol)
+    np.testing.assert_allclose(hbig[1, 5:], o * np.tanh(c1), atol=tol, rtol=tol)
+    assert (big[[0, 2]] == 7).all() and (big[1, :3] == 7).all() and (big[1, 3 + 4 * H :] == 7).all()
+    assert (hbig[0] == 7).all() and (hbig[1, :5] == 7).all()
+
+    a = big[1, 3 : 3 + 4 * H].copy()
+    cprev, cell = r(H), c_out.copy()
+    dg, hpre, dc_out = np.full(4 * H, np.nan, dtype), np.full(H, np.nan, dtype), dc.copy()
+    gate_backward_row(a, cell, cprev, dh, dc_out, dg, hpre, True)
+    a64 = a.astype(np.float64)
+    i, f, g, o = a64[:H], a64[H : 2 * H], a64[2 * H : 3 * H], a64[3 * H :]
+    tc = np.tanh(cell.astype(np.float64))
+    dct = dc + dh * o * (1 - tc * tc)
+    want = np.concatenate([dct * g * i * (1 - i), dct * cprev * f * (1 - f), dct * i * (1 - g * g),
+                           dh * tc * o * (1 - o)])
+    np.testing.assert_allclose(dg, want, atol=4 * tol, rtol=4 * tol)
+    np.testing.assert_allclose(dc_out, dct * f, atol=4 * tol, rtol=4 * tol)
+    np.testing.assert_allclose(hpre, o * tc, atol=tol, rtol=tol)
+    hpre_kept = np.full(H, 5.0, dtype)
+    gate_backward_row(a, cell, cprev, dh, dc.copy(), dg, hpre_kept, False)
+    assert (hpre_kept == 5).all()  # want_hpre False: not written
+
+
+def test_row_pointers():
+    from numba import njit
+
+    from lstmkit.kernels.numba.rows import add_p, copy_p, ptr_add, row_ptr
+
+    @njit
+    def go(a, b, v):
+        copy_p(ptr_add(row_ptr(a, 1), 2), row_ptr(b, 0), 3)  # a[1, 2:5] = b[0, :3]
+        add_p(row_ptr(a, 2), row_ptr(v, 1), 2)  # a[2, :2] += v[1:3]
+
+    a, b, v = np.zeros((3, 6)), np.arange(12.0).reshape(2, 6), np.array([10.0, 20.0, 30.0, 40.0])
+    go(a, b, v)
+    want = np.zeros((3, 6))
+    want[1, 2:5] = [0, 1, 2]
+    want[2, :2] = [20, 30]
+    assert np.array_equal(a, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("scale", [1e-30, 1e6, 1e30])
 def test_huge_and_tiny_inputs(dtype, scale):

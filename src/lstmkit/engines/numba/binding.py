@@ -21,6 +21,7 @@ import torch
 
 from ...kernels.numba.lstm import (
     backward_core, chunk_bounds, dx_after_loop, forward_core, pack_backward, pack_forward, precompute_input,
+    weight_gradients,
 )
 from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
 from ...kernels.numba.columns import columns_pay_training, pack_columns, pack_columns_backward, run_columns
@@ -290,19 +291,18 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, H), dt)  # becomes dc0
     dx = np.empty((0 if dx_after else total, I), dt)
     dgates = np.empty((total, 4 * H), dt)
-    h_prev = np.empty((total, P), dt)
+    xh_prev = np.empty((total, I + P), dt)
+    db_rows = np.zeros((B, 4 * H), dt)
     dh_all = np.empty((total if has_proj else 0, P), dt)
     hpre_all = np.empty((total if has_proj else 0, H), dt)
     backward_core(xn, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wpb, wprb, bool(reverse),
-                  as_numpy(acts), as_numpy(cells), as_numpy(y), dyn, dh, dc, dx, dgates, h_prev, dh_all,
-                  hpre_all, bounds)
+                  as_numpy(acts), as_numpy(cells), as_numpy(y), dyn, dh, dc, dx, dgates, xh_prev, db_rows,
+                  dh_all, hpre_all, bounds)
     dg = t_(dgates)
     dx = dg.mm(p.w_ih.detach()) if dx_after else t_(dx)  # (total, 4H) @ (4H, I)
-    dw_ih = dg.t().mm(t_(xn))  # (4H, total) @ (total, I)
-    dw_hh = dg.t().mm(t_(h_prev))  # (4H, total) @ (total, P)
-    db = dg.sum(0)
-    dw_hr = t_(dh_all).t().mm(t_(hpre_all)) if has_proj else None  # (P, total) @ (total, H)
-    return dx, t_(dh), t_(dc), dw_ih, dw_hh, db, dw_hr
+    dw_ih, dw_hh, db, dw_hr = weight_gradients(I, dg, t_(xh_prev), t_(db_rows), t_(dh_all), t_(hpre_all), torch.mm)
+    # Own storage each, as torch.nn.LSTM's gradients (a custom op may not return aliases).
+    return dx, t_(dh), t_(dc), dw_ih.contiguous(), dw_hh.contiguous(), db, dw_hr
 
 
 # ---- one or a few time steps: no weight packing ------------------------------------------------------

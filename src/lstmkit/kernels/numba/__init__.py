@@ -22,7 +22,7 @@ chunks that run on n threads at once:
     forward_core(x, batch_sizes(int64), h0, c0, wp, b, wpr, reverse,
                  acts (total or 0, 4H), y (total, P), h (B, P), c (B, H), cells (total or 0, H), save, bounds)
     backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
-                  dx, dgates, h_prev, dh_all, hpre_all, bounds)   # then weight_gradients(...)
+                  dx, dgates, xh_prev, db_rows, dh_all, hpre_all, bounds)   # then weight_gradients(...)
 
 See kernels/numba/lstm.py (the loops) and tile.py (the per-step product).
 """

@@ -37,7 +37,8 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
-from .simd import LANES, gate_block, vector_units
+from .rows import add_p, copy_p, ptr_add, row_ptr
+from .simd import LANES, block_units, gate_backward_block, gate_block
 from .team import row_chunks, spec, team_bodies, unpack
 from .threads import run_chunks
 from .tile import matmul, pack, pack2, padded_width
@@ -164,60 +165,67 @@ def add_into(dst, src):
 
 # ---- the fused gate passes -----------------------------------------------------------------------
 @njit(**KW)
-def gate_row(q, b, a, c, h):
-    """One row of the gate pass. q (>= 4H) pre-activations without bias; a (4H) out: the
-    activations i, f, g, o (not q itself: see forward_chunk); c (H) in c_{t-1}, out c_t; h (H) out o*tanh(c_t)."""
-    H = c.shape[0]
-    # One slice per gate: with q[j], q[H + j], ... on one array LLVM cannot rule out overlap
-    # and leaves the loop scalar.
-    qi, qf, qg, qo = q[:H], q[H : 2 * H], q[2 * H : 3 * H], q[3 * H : 4 * H]
-    bi, bf, bg, bo = b[:H], b[H : 2 * H], b[2 * H : 3 * H], b[3 * H :]
-    ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]
-    j0 = vector_units(q, b, a, c, h)  # float32: blocks of LANES units as explicit vector code (simd.py)
+def gate_row_p(q, b, a, c, h, H):
+    """One row of the gate pass, on row pointers (rows.py). q (4H) pre-activations without bias;
+    b (4H); a (4H) out: the activations i, f, g, o (not q itself: see forward_chunk); c (H) in
+    c_{t-1}, out c_t; h (H) out o*tanh(c_t)."""
+    j0 = block_units(q, H)  # float32: blocks of LANES units as explicit vector code (simd.py)
     for j in range(0, j0, LANES):
-        gate_block(q, b, a, c, h, j)
+        gate_block(q, b, a, c, h, H, j)
     for j in range(j0, H):
-        ig = sigmoid(qi[j] + bi[j])
-        fg = sigmoid(qf[j] + bf[j])
-        gg = tanh(qg[j] + bg[j])
-        og = sigmoid(qo[j] + bo[j])
-        ai[j] = ig
-        af[j] = fg
-        ag[j] = gg
-        ao[j] = og
+        ig = sigmoid(q[j] + b[j])
+        fg = sigmoid(q[H + j] + b[H + j])
+        gg = tanh(q[2 * H + j] + b[2 * H + j])
+        og = sigmoid(q[3 * H + j] + b[3 * H + j])
+        a[j] = ig
+        a[H + j] = fg
+        a[2 * H + j] = gg
+        a[3 * H + j] = og
         cv = fg * c[j] + ig * gg
         c[j] = cv
         h[j] = og * tanh(cv)
 
 
 @njit(**KW)
-def gate_backward_row(a, cell, cprev, dh, dc, dg, hpre, want_hpre):
-    """One row of the gate gradients (the inverse of gate_row).
+def gate_row(q, b, a, c, h):
+    """gate_row_p on 1-D arrays with unit stride (H = len(c))."""
+    gate_row_p(row_ptr(q, 0), row_ptr(b, 0), row_ptr(a, 0), row_ptr(c, 0), row_ptr(h, 0), c.shape[0])
+
+
+@njit(**KW)
+def gate_backward_row_p(a, cell, cprev, dh, dc, dg, hpre, want_hpre, H):
+    """One row of the gate gradients (the inverse of gate_row), on row pointers.
 
     a (4H) activations; cell (H) c_t; cprev (H) c_{t-1}; dh (H) dL/dh_t before the projection;
     dc (H) in dL/dc_t carried from t+1, out dL/dc_{t-1}; dg (4H) out dL/d(pre-activations);
     hpre (H) out when want_hpre: o * tanh(c_t), the projection's input (for dW_hr)."""
-    H = dc.shape[0]
-    ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]
-    di, df, dgg, do = dg[:H], dg[H : 2 * H], dg[2 * H : 3 * H], dg[3 * H :]
-    for j in range(H):
-        ig = ai[j]
-        fg = af[j]
-        gg = ag[j]
-        og = ao[j]
+    j0 = block_units(a, H)
+    for j in range(0, j0, LANES):
+        gate_backward_block(a, cell, cprev, dh, dc, dg, hpre, want_hpre, H, j)
+    for j in range(j0, H):
+        ig = a[j]
+        fg = a[H + j]
+        gg = a[2 * H + j]
+        og = a[3 * H + j]
         tc = tanh(cell[j])
         dhv = dh[j]
         # No literal 1 here: int - float32 types as float64 in Numba, which would run the
         # whole float32 loop in float64 (s' = s - s^2, tanh' = 1 - t^2).
         dct = dc[j] + dhv * (og - og * tc * tc)  # dL/dc_t: carried + through h_t
-        di[j] = dct * gg * (ig - ig * ig)
-        df[j] = dct * cprev[j] * (fg - fg * fg)
-        dgg[j] = dct * (ig - ig * gg * gg)
-        do[j] = dhv * tc * (og - og * og)
+        dg[j] = dct * gg * (ig - ig * ig)
+        dg[H + j] = dct * cprev[j] * (fg - fg * fg)
+        dg[2 * H + j] = dct * (ig - ig * gg * gg)
+        dg[3 * H + j] = dhv * tc * (og - og * og)
         dc[j] = dct * fg  # dL/dc_{t-1}
-    if want_hpre:
-        for j in range(H):
-            hpre[j] = ao[j] * tanh(cell[j])
+        if want_hpre:
+            hpre[j] = og * tc
+
+
+@njit(**KW)
+def gate_backward_row(a, cell, cprev, dh, dc, dg, hpre, want_hpre):
+    """gate_backward_row_p on 1-D arrays with unit stride (H = len(dc))."""
+    gate_backward_row_p(row_ptr(a, 0), row_ptr(cell, 0), row_ptr(cprev, 0), row_ptr(dh, 0), row_ptr(dc, 0),
+                        row_ptr(dg, 0), row_ptr(hpre, 0), want_hpre, dc.shape[0])
 
 
 # ---- forward ---------------------------------------------------------------------------------------
@@ -256,17 +264,19 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, reverse, acts, y, h
             for i in range(n):
                 copy_into(xh[i, :I], x[o + i])
             matmul(xh, n, wp, q)  # (n, I + P) @ (I + P, 4H)
-        for i in range(n):
-            a = acts[o + i] if save else scratch[i]
-            gate_row(q[i], xproj[o + i] if pre else b, a, c[r0 + i], hp[i] if has_proj else xh[i, I:])
+        for i in range(n):  # row pointers, not row views: see rows.py
+            c_i = row_ptr(c, r0 + i)
+            gate_row_p(row_ptr(q, i), row_ptr(xproj, o + i) if pre else row_ptr(b, 0),
+                       row_ptr(acts, o + i) if save else row_ptr(scratch, i), c_i,
+                       row_ptr(hp, i) if has_proj else ptr_add(row_ptr(xh, i), I), H)
             if save:
-                copy_into(cells[o + i], c[r0 + i])
+                copy_p(row_ptr(cells, o + i), c_i, H)
         if has_proj:
             matmul(hp, n, wpr, qp)
             for i in range(n):
-                copy_into(xh[i, I:], qp[i, :P])
+                copy_p(ptr_add(row_ptr(xh, i), I), row_ptr(qp, i), P)
         for i in range(n):
-            copy_into(y[o + i], xh[i, I:])
+            copy_p(row_ptr(y, o + i), ptr_add(row_ptr(xh, i), I), P)
     for i in range(m):
         copy_into(h[r0 + i], xh[i, I:])
 
@@ -290,7 +300,7 @@ def forward_core(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cel
 # ---- backward --------------------------------------------------------------------------------------
 @njit(**KW)
 def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
-                   dx, dgates, h_prev, dh_all, hpre_all, r0, r1):
+                   dx, dgates, xh_prev, db_rows, dh_all, hpre_all, r0, r1):
     """BPTT over rows r0:r1 (see backward_core for the arguments)."""
     T = batch_sizes.shape[0]
     off = offsets(batch_sizes)
@@ -320,30 +330,35 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, d
             n_prev = n if tp >= 0 else 0
         n_prev = max(n_prev, 0)
         p0 = off[tp] + r0 if n_prev > 0 else 0
-        for i in range(n):  # carried + this step's output gradient (a loop: `+=` on a row allocates)
-            add_into(dh[r0 + i], dy[o + i])
+        for i in range(n):  # carried + this step's output gradient (row pointers: see rows.py)
+            add_p(row_ptr(dh, r0 + i), row_ptr(dy, o + i), P)
         if has_proj:
             for i in range(n):
-                copy_into(dh_all[o + i], dh[r0 + i])
+                copy_p(row_ptr(dh_all, o + i), row_ptr(dh, r0 + i), P)
             matmul(dh[r0:], n, wprb, dhp)  # (n, P) @ (P, H)
         for i in range(n):
+            xh_i = row_ptr(xh_prev, o + i)  # [x_t | h_{t-1}]: the weight gradients' GEMM input
+            copy_p(xh_i, row_ptr(x, o + i), I)
             if i < n_prev:
-                cprev = cells[p0 + i]
-                copy_into(h_prev[o + i], y[p0 + i])
+                cprev = row_ptr(cells, p0 + i)
+                copy_p(ptr_add(xh_i, I), row_ptr(y, p0 + i), P)
             else:  # the row starts here: its previous state is h0, c0
-                cprev = c0[r0 + i]
-                copy_into(h_prev[o + i], h0[r0 + i])
-            gate_backward_row(acts[o + i], cells[o + i], cprev, dhp[i, :H] if has_proj else dh[r0 + i],
-                              dc[r0 + i], dgates[o + i], hpre_all[o + i] if has_proj else no_hpre, has_proj)
+                cprev = row_ptr(c0, r0 + i)
+                copy_p(ptr_add(xh_i, I), row_ptr(h0, r0 + i), P)
+            gate_backward_row_p(row_ptr(acts, o + i), row_ptr(cells, o + i), cprev,
+                                row_ptr(dhp, i) if has_proj else row_ptr(dh, r0 + i), row_ptr(dc, r0 + i),
+                                row_ptr(dgates, o + i), row_ptr(hpre_all, o + i) if has_proj else row_ptr(no_hpre, 0),
+                                has_proj, H)
+            add_p(row_ptr(db_rows, r0 + i), row_ptr(dgates, o + i), 4 * H)
         matmul(dgates[o:], n, wpb, qb)  # (n, 4H) @ (4H, I + P), or (4H, P)
         for i in range(n):
             if dx_here:
-                copy_into(dx[o + i], qb[i, :I])
-            copy_into(dh[r0 + i], qb[i, I_out : I_out + P])
+                copy_p(row_ptr(dx, o + i), row_ptr(qb, i), I)
+            copy_p(row_ptr(dh, r0 + i), ptr_add(row_ptr(qb, i), I_out), P)
 
 
 def backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
-                  dx, dgates, h_prev, dh_all, hpre_all, bounds):
+                  dx, dgates, xh_prev, db_rows, dh_all, hpre_all, bounds):
     """BPTT through forward_core(save=True): the time loop. Weight gradients are left to the
     caller, as GEMMs over what this writes (see weight_gradients).
 
@@ -351,17 +366,19 @@ def backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy
     dh (B, P), dc (B, H): in dL/dh_n, dL/dc_n, out dL/dh0, dL/dc0 (a row's state gradient is
     left alone once its sequence is done). Out: dx (total, I) (or (0, I) with wpb packed
     without the input part: the caller then makes dx = dgates W_ih as one GEMM, where
-    dx_after_loop says so), dgates (total, 4H) dL/d
-    pre-activations, h_prev (total, P) h_{t-1} of every row, and with a projection dh_all
-    (total, P) dL/dh_t and hpre_all (total, H) the projection's input (else (0, P), (0, H))."""
+    dx_after_loop says so), dgates (total, 4H) dL/d pre-activations, xh_prev (total, I + P)
+    [x_t | h_{t-1}] of every row (so dW_ih and dW_hh are one GEMM, dgates^T xh_prev), db_rows
+    (B, 4H) in zeros, out each batch row's sum of its dgates (db = their sum: no pass over the
+    (total, 4H) dgates), and with a projection dh_all (total, P) dL/dh_t and hpre_all
+    (total, H) the projection's input (else (0, P), (0, H))."""
     run_chunks(backward_chunk, bounds, x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
-               dx, dgates, h_prev, dh_all, hpre_all, body=backward_body)
+               dx, dgates, xh_prev, db_rows, dh_all, hpre_all, body=backward_body)
 
 
 # ---- compiled team bodies (team.py): the chunks of a split call with no Python on the team -------
 # Kinds (team.spec) of the jobs: the kernel's address, its arguments before (r0, r1), the bounds.
 _FORWARD_KINDS = "n a2 i1 a2 a2 a3 a1 a3 a2 b a2 a2 a2 a2 a2 b i1"
-_BACKWARD_KINDS = "n a2 i1 a2 a2 a3 a3 b" + " a2" * 11 + " i1"
+_BACKWARD_KINDS = "n a2 i1 a2 a2 a3 a3 b" + " a2" * 12 + " i1"
 _FORWARD32, _FORWARD64 = spec(np.float32, _FORWARD_KINDS), spec(np.float64, _FORWARD_KINDS)
 _BACKWARD32, _BACKWARD64 = spec(np.float32, _BACKWARD_KINDS), spec(np.float64, _BACKWARD_KINDS)
 
@@ -386,14 +403,14 @@ forward_body = team_bodies(_forward32, _forward64)
 backward_body = team_bodies(_backward32, _backward64)
 
 
-def weight_gradients(x, dgates, h_prev, dh_all, hpre_all, mm=np.dot):
-    """(dw_ih, dw_hh, db, dw_hr or None) from backward_core's outputs: one GEMM each.
+def weight_gradients(I, dgates, xh_prev, db_rows, dh_all, hpre_all, mm=np.dot):
+    """(dw_ih, dw_hh, db, dw_hr or None) from backward_core's outputs: [dW_ih | dW_hh] as one
+    GEMM (views of its columns), db as the sum of the rows' sums, dW_hr one GEMM.
     mm: the matrix product to use (the torch engine passes torch's)."""
-    dw_ih = mm(dgates.T, x)  # (4H, total) @ (total, I)
-    dw_hh = mm(dgates.T, h_prev)  # (4H, total) @ (total, P)
-    db = dgates.sum(0)
+    dw = mm(dgates.T, xh_prev)  # (4H, total) @ (total, I + P)
+    db = db_rows.sum(0)
     dw_hr = mm(dh_all.T, hpre_all) if dh_all.shape[0] else None  # (P, total) @ (total, H)
-    return dw_ih, dw_hh, db, dw_hr
+    return dw[:, :I], dw[:, I:], db, dw_hr
 
 
 # ---- numpy-level API (the torch-free runtime and the tests use these) ------------------------------
@@ -476,13 +493,14 @@ def lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, d
     wpb, wprb = pack_backward(w_ih, w_hh, w_hr, with_input=not dx_after)
     dx = np.empty((0 if dx_after else total, x.shape[1]), dt)
     dgates = np.empty((total, 4 * H), dt)
-    h_prev = np.empty((total, P), dt)
+    xh_prev = np.empty((total, x.shape[1] + P), dt)
+    db_rows = np.zeros((c0.shape[0], 4 * H), dt)
     dh_all = np.empty((total if has_proj else 0, P), dt)
     hpre_all = np.empty((total if has_proj else 0, H), dt)
     if total:
         backward_core(x, bsz, h0, c0, wpb, wprb, bool(reverse), acts, cells, y, dy, dh, dc,
-                      dx, dgates, h_prev, dh_all, hpre_all, chunk_bounds(bsz, chunks))
+                      dx, dgates, xh_prev, db_rows, dh_all, hpre_all, chunk_bounds(bsz, chunks))
     if dx_after:
         dx = np.dot(dgates, w_ih)  # (total, 4H) @ (4H, I)
-    dw_ih, dw_hh, db, dw_hr = weight_gradients(x, dgates, h_prev, dh_all, hpre_all)
-    return dx, dh, dc, dw_ih, dw_hh, db, dw_hr
+    dw_ih, dw_hh, db, dw_hr = weight_gradients(x.shape[1], dgates, xh_prev, db_rows, dh_all, hpre_all)
+    return dx, dh, dc, np.ascontiguousarray(dw_ih), np.ascontiguousarray(dw_hh), db, dw_hr

@@ -66,17 +66,15 @@ def compile_team_bodies() -> None:
     columns.py's body, encoder and kernel."""
     import numpy as np
 
-    from .lstm import backward_body, forward_body
+    from .lstm import _BACKWARD32, _FORWARD32, backward_body, forward_body
     from .team import encode
 
     f = np.float32
-    a1, a2, a3 = np.empty(0, f), np.empty((0, 0), f), np.empty((0, 0, 0), f)
-    i64 = np.empty(0, np.int64)
-    header = (0, 0, 0)  # the OpenMP entry points, then the kernel: addresses as ints
+    header = (0, 0)  # the OpenMP entry points; the kinds go on with the kernel's address
     forward_body(np.dtype(f))
-    encode(header + (a2, i64, a2, a2, a3, a1, a3, a2, False, a2, a2, a2, a2, a2, False, i64))
+    encode(header + _FORWARD32)
     backward_body(np.dtype(f))
-    encode(header + (a2, i64, a2, a2, a3, a3, False) + (a2,) * 11 + (i64,))
+    encode(header + _BACKWARD32)
     # Inference at batch 1-4 on several threads (columns.py): its body, encoder and kernel.
     from . import columns
 
@@ -88,7 +86,7 @@ def compile_team_bodies() -> None:
             units, np.zeros((0, 4 * H), f), False, np.empty((T * B, H), f), np.empty((B, H), f),
             np.empty((B, H), f), np.empty((0, 4 * H), f), np.empty((0, H), f), False, np.empty((2, B, H), f),
             columns.new_sync())
-    encode(header + args)
+    encode(header + (0,) + args)
     columns.forward_columns(*args, 0, 1)  # thread 0 of 1: runs both parts, no waiting
 
 
@@ -116,7 +114,7 @@ def compile_backward_kernels(first: str = "time loop") -> None:
             wpb, wprb = pack_backward(w_ih, w_hh, None, with_input)
             backward_core(x, bsz, h0, c0, wpb, wprb, False, acts, cells, y, r(T * B, H), r(B, H), r(B, H),
                           np.empty((T * B if with_input else 0, I), f), np.empty((T * B, G), f),
-                          np.empty((T * B, H), f), no_proj, no_proj, chunk_bounds(bsz, 1))
+                          np.empty((T * B, I + H), f), np.zeros((B, G), f), no_proj, no_proj, chunk_bounds(bsz, 1))
 
     def steps():  # binding.steps_forward / steps_backward
         a, cl, yy = np.empty((T * B, G), f), np.empty((T * B, H), f), np.empty((T * B, H), f)

@@ -1,7 +1,11 @@
-"""The float32 forward gate pass as explicit vector code (LLVM IR), V units at a time.
+"""The float32 gate passes as explicit vector code (LLVM IR), V units at a time.
 
-    gate_block(q, b, a, c, h, j)     units j : j+V of kernels/lstm.py gate_row
-    vector_units(q, b, a, c, h)      how many of the H units gate_block covers (a multiple of V)
+    gate_block(q, b, a, c, h, H, j)      units j : j+V of kernels/lstm.py gate_row
+    gate_backward_block(a, cell, cprev, dh, dc, dg, hpre, want_hpre, H, j)
+                                          units j : j+V of lstm.gate_backward_row
+    block_units(p, H)                    how many of the H units the blocks cover (a multiple of V)
+
+Both blocks take row pointers (rows.py), not arrays: a step calls them for each of its rows.
 
 Why not Numba's loop vectoriser: on AVX-512 machines LLVM prefers 256-bit vectors for
 loops it vectorises itself (the CPUs' "prefer-256-bit" tuning), and the gate pass is
@@ -13,8 +17,9 @@ of the divider. Without AVX-512 the block is 8 lanes (AVX2) with exact divisions
 
 Same math as activations.py, op for op (clamp to [-9, 9], Horner in x^2, clamp to
 [-1, 1]; sigmoid(x) = 1/2 + tanh(x/2)/2); the comparisons are ordered, so NaN flows
-through as NaN. float64 is not vectorised here: vector_units returns 0 and the exact
-scalar loop (np.tanh, exp) does every unit.
+through as NaN. float64 is not vectorised here: block_units returns 0 and the exact
+scalar loop (np.tanh, exp) does every unit. The variant kernels' block (variant_gate_block)
+still takes arrays.
 
 Numba's cache keys a compiled function by its own file: after editing this file, touch
 kernels/numba/lstm.py (its caller) or its cached code keeps the old blocks.
@@ -65,10 +70,24 @@ def _units_codegen(ok, length_arg):
     return codegen
 
 
+def _f32_pointers(*ptrs) -> bool:
+    return all(isinstance(t, types.CPointer) and t.dtype == types.float32 for t in ptrs)
+
+
 @intrinsic
-def vector_units(typingctx, q, bias, a, c, h):
-    """How many of the H = len(c) units gate_block covers (see _units_codegen)."""
-    return types.int64(q, bias, a, c, h), _units_codegen(_vector_ok(q, bias, a, c, h), 3)
+def block_units(typingctx, p, H):
+    """How many of H units the pointer blocks below cover for rows of p's dtype: H rounded down
+    to a multiple of LANES for float32, 0 for float64 (the exact scalar code does those)."""
+    ok = _f32_pointers(p)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        n = builder.sext(args[1], i64) if args[1].type.width < 64 else args[1]
+        if not ok:
+            return ir.Constant(i64, 0)
+        return builder.mul(builder.sdiv(n, ir.Constant(i64, LANES)), ir.Constant(i64, LANES))
+
+    return types.int64(p, H), codegen
 
 
 @intrinsic
@@ -126,41 +145,81 @@ class _VectorMath:
         return self.b.call(self.fma, [half, self.tanh(self.b.fmul(half, x)), half])
 
 
-@intrinsic
-def gate_block(typingctx, q, bias, a, c, h, j):
-    """Units j : j+LANES of gate_row(q, bias, a, c, h): a[gH + j..] = activation of gate g,
-    c[j..] = f * c + i * g, h[j..] = o * tanh(c). Only valid below vector_units(q, H)."""
-    ok = _vector_ok(q, bias, a, c, h)
-    sig = types.void(q, bias, a, c, h, j)
+def _pointer_codegen(body):
+    """Codegen of a block intrinsic whose arguments are float32 row pointers (and flags), then
+    H and j: body(builder, m, load, store, offset, args), offset(g) = g*H + j: gate g's units
+    j : j+LANES in a row of 4H (offset(0) = j in a row of H)."""
 
     def codegen(context, builder, signature, args):
-        if not ok:  # float64 or strided rows: never called (vector_units is 0), but must compile
-            return context.get_dummy_value()
+        if not _f32_pointers(*(t for t in signature.args if isinstance(t, types.CPointer))):
+            return context.get_dummy_value()  # float64: never called (block_units is 0)
         m = _VectorMath(builder)
-        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:5], args[:5])]
         i64 = ir.IntType(64)
-        j0 = builder.sext(args[5], i64) if args[5].type.width < 64 else args[5]
-        H = cgutils.unpack_tuple(builder, arrays[3].shape)[0]
+        H, j0 = (builder.sext(v, i64) if v.type.width < 64 else v for v in args[-2:])
 
-        def ptr(arr, offset):
-            return builder.bitcast(builder.gep(arr.data, [offset]), m.vt.as_pointer())
+        def vec(p, offset):
+            return builder.bitcast(builder.gep(p, [offset]), m.vt.as_pointer())
 
-        def gate_offset(g):
+        def load(p, offset):
+            return builder.load(vec(p, offset), align=4)
+
+        def store(v, p, offset):
+            builder.store(v, vec(p, offset), align=4)
+
+        def offset(g):
             return builder.add(builder.mul(H, ir.Constant(i64, g)), j0)
 
-        qa, ba, aa, ca, ha = arrays
-        pre = [builder.fadd(builder.load(ptr(qa, gate_offset(g)), align=4), builder.load(ptr(ba, gate_offset(g)), align=4))
-               for g in range(4)]
-        ig, fg, gg, og = m.sigmoid(pre[0]), m.sigmoid(pre[1]), m.tanh(pre[2]), m.sigmoid(pre[3])
-        for g, v in enumerate((ig, fg, gg, og)):
-            builder.store(v, ptr(aa, gate_offset(g)), align=4)
-        c_ptr = ptr(ca, j0)
-        cv = builder.call(m.fma, [fg, builder.load(c_ptr, align=4), builder.fmul(ig, gg)])
-        builder.store(cv, c_ptr, align=4)
-        builder.store(builder.fmul(og, m.tanh(cv)), ptr(ha, j0), align=4)
+        body(builder, m, load, store, offset, args)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def gate_block(typingctx, q, bias, a, c, h, H, j):
+    """Units j : j+LANES of lstm.gate_row on float32 row pointers (q, bias, a rows of 4H; c, h
+    of H): a[gH + j..] = activation of gate g, c[j..] = f * c + i * g, h[j..] = o * tanh(c).
+    Only valid below block_units."""
+
+    def body(builder, m, load, store, offset, args):
+        qa, ba, aa, ca, ha = args[:5]
+        pre = [builder.fadd(load(qa, offset(g)), load(ba, offset(g))) for g in range(4)]
+        ig, fg, gg, og = m.sigmoid(pre[0]), m.sigmoid(pre[1]), m.tanh(pre[2]), m.sigmoid(pre[3])
+        for g, v in enumerate((ig, fg, gg, og)):
+            store(v, aa, offset(g))
+        j = offset(0)
+        cv = builder.call(m.fma, [fg, load(ca, j), builder.fmul(ig, gg)])
+        store(cv, ca, j)
+        store(builder.fmul(og, m.tanh(cv)), ha, j)
+
+    return types.void(q, bias, a, c, h, H, j), _pointer_codegen(body)
+
+
+@intrinsic
+def gate_backward_block(typingctx, a, cell, cprev, dh, dc, dg, hpre, want_hpre, H, j):
+    """Units j : j+LANES of lstm.gate_backward_row on float32 row pointers (a, dg rows of 4H;
+    the others of H), the same formulas: dc_t = dc + dh o (1 - tanh(c_t)^2), then the four
+    gate gradients and dc_{t-1} = dc_t f; hpre[j..] = o * tanh(c_t) when want_hpre.
+    Only valid below block_units."""
+
+    def body(builder, m, load, store, offset, args):
+        aa, cella, cpa, dha, dca, dga, hprea, want = args[:8]
+        j = offset(0)
+        ig, fg, gg, og = (load(aa, offset(g)) for g in range(4))
+        tc = m.tanh(load(cella, j))
+        dhv = load(dha, j)
+        fmul, fsub = builder.fmul, builder.fsub
+        dct = builder.call(m.fma, [dhv, fsub(og, fmul(fmul(og, tc), tc)), load(dca, j)])
+        store(fmul(fmul(dct, gg), fsub(ig, fmul(ig, ig))), dga, offset(0))
+        store(fmul(fmul(dct, load(cpa, j)), fsub(fg, fmul(fg, fg))), dga, offset(1))
+        store(fmul(dct, fsub(ig, fmul(fmul(ig, gg), gg))), dga, offset(2))
+        store(fmul(fmul(dhv, tc), fsub(og, fmul(og, og))), dga, offset(3))
+        store(fmul(dct, fg), dca, j)
+        with builder.if_then(builder.icmp_unsigned("!=", want, ir.Constant(want.type, 0))):
+            store(fmul(og, tc), hprea, j)
+
+    sig = types.void(a, cell, cprev, dh, dc, dg, hpre, want_hpre, H, j)
+    return sig, _pointer_codegen(body)
 
 
 @intrinsic
