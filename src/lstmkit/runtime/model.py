@@ -58,7 +58,8 @@ class Runtime:
         self._packed = []
         self.threads = 1  # row chunks run at once (the torch engine's fast path sets torch's count)
         self._single = config.num_layers == 1 and not config.bidirectional and not self._variant
-        self._one_step_sizes = {}  # (N, threads) -> int64 [N], for one-step calls that _one_step takes
+        self._one_step_lane = {}  # (N, threads) -> whether _one_step takes a one-step call of N rows
+        self._one_row_step = {}  # N -> int64 [N], the batch_sizes of such a call
         for k in range(config.num_layers):
             for d in range(config.num_directions):
                 sfx = f"_l{k}{LSTMConfig.suffix(d)}"
@@ -161,12 +162,14 @@ class Runtime:
         N, T = (x.shape[0], x.shape[1]) if self._batch_first else (x.shape[1], x.shape[0])
         if T != 1 or x.shape[2] != self._I:
             return None
-        bsz = self._one_step_sizes.get((N, self.threads))
-        if bsz is None:
-            if (N * (self._I + self._P) * 4 * self._H >= MIN_SPLIT_MACS and self.threads > 1) or (
-                    self.threads > 1 and columns_pay(N, 1, self._I, self._H, self._P, x.itemsize, self.threads)):
-                return None  # a step worth splitting over the threads: the general path does
-            bsz = self._one_step_sizes[(N, self.threads)] = np.full(1, N, np.int64)
+        one_thread = self._one_step_lane.get((N, self.threads))
+        if one_thread is None:  # a step worth splitting over the threads: the general path does
+            one_thread = self._one_step_lane[(N, self.threads)] = self.threads == 1 or not (
+                N * (self._I + self._P) * 4 * self._H >= MIN_SPLIT_MACS
+                or columns_pay(N, 1, self._I, self._H, self._P, x.itemsize, self.threads))
+            self._one_row_step[N] = np.full(1, N, np.int64)  # its batch_sizes
+        if not one_thread:
+            return None
         dt, H, P = self.dtype, self._H, self._P
         returned_state, returned_shape, _, _ = self._returned
         if state is None:
@@ -178,8 +181,8 @@ class Runtime:
         y = np.empty(x.shape[:2] + (P,), dt)  # (1, N, P), or (N, 1, P) batch_first: rows in the same order
         h_n, c_n = np.empty((1, N, P), dt), np.empty((1, N, H), dt)
         wp, b, wpr = self._packed[0]
-        forward_chunk(x.reshape(N, self._I), bsz, h0[0], c0[0], wp, b, wpr, self._no_xproj, False, self._no_acts,
-                      y.reshape(N, P), h_n[0], c_n[0], self._no_cells, False, 0, N)
+        forward_chunk(x.reshape(N, self._I), self._one_row_step[N], h0[0], c0[0], wp, b, wpr, self._no_xproj, False,
+                      self._no_acts, y.reshape(N, P), h_n[0], c_n[0], self._no_cells, False, 0, N)
         state = (h_n, c_n)
         self._returned = (state, x.shape, 1, N)
         return y, state
