@@ -173,7 +173,7 @@ def test_float32_activations_accuracy_and_limits():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("H", [1, 16, 21, 40, 64])
+@pytest.mark.parametrize("H", [1, 16, 21, 40, 48, 64])
 def test_gate_rows_vector_blocks_and_tail_match_the_formulas(dtype, H):
     """gate_row / gate_backward_row (vector blocks of LANES units, then the scalar tail; float64
     all scalar) against the LSTM formulas in float64 numpy, on rows that are column ranges of

@@ -1,7 +1,7 @@
 """Keep Numba's on-disk cache from serving kernels built from older helper code.
 
 Numba keys each cached function by the timestamp of its own source file only, but the kernels
-here compile each other in (tile.py, simd.py and activations.py into lstm.py and variants.py;
+here compile each other in (tile.py, simd.py, rows.py and activations.py into lstm.py and variants.py;
 lstm.py into variants.py and step.py): after an edit or a `git pull` that changes one file but
 not its callers, the callers' cache would keep the old code and compute with it, silently. So a
 hash of all the package's sources is kept beside the cache; when it differs, the package's cache

@@ -38,7 +38,7 @@ from numba import njit
 
 from .activations import sigmoid, tanh
 from .rows import add_p, copy_p, ptr_add, row_ptr
-from .simd import LANES, block_units, gate_backward_block, gate_block
+from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
 from .team import row_chunks, spec, team_bodies, unpack
 from .threads import run_chunks
 from .tile import matmul, pack, pack2, padded_width
@@ -170,8 +170,11 @@ def gate_row_p(q, b, a, c, h, H):
     b (4H); a (4H) out: the activations i, f, g, o (not q itself: see forward_chunk); c (H) in
     c_{t-1}, out c_t; h (H) out o*tanh(c_t)."""
     j0 = block_units(q, H)  # float32: blocks of LANES units as explicit vector code (simd.py)
-    for j in range(0, j0, LANES):
-        gate_block(q, b, a, c, h, H, j)
+    j2 = j0 - j0 % (2 * LANES)
+    for j in range(0, j2, 2 * LANES):
+        gate_block2(q, b, a, c, h, H, j)
+    if j2 < j0:
+        gate_block(q, b, a, c, h, H, j2)
     for j in range(j0, H):
         ig = sigmoid(q[j] + b[j])
         fg = sigmoid(q[H + j] + b[H + j])
@@ -200,8 +203,11 @@ def gate_backward_row_p(a, cell, cprev, dh, dc, dg, hpre, want_hpre, H):
     dc (H) in dL/dc_t carried from t+1, out dL/dc_{t-1}; dg (4H) out dL/d(pre-activations);
     hpre (H) out when want_hpre: o * tanh(c_t), the projection's input (for dW_hr)."""
     j0 = block_units(a, H)
-    for j in range(0, j0, LANES):
-        gate_backward_block(a, cell, cprev, dh, dc, dg, hpre, want_hpre, H, j)
+    j2 = j0 - j0 % (2 * LANES)
+    for j in range(0, j2, 2 * LANES):
+        gate_backward_block2(a, cell, cprev, dh, dc, dg, hpre, want_hpre, H, j)
+    if j2 < j0:
+        gate_backward_block(a, cell, cprev, dh, dc, dg, hpre, want_hpre, H, j2)
     for j in range(j0, H):
         ig = a[j]
         fg = a[H + j]

@@ -3,6 +3,7 @@
     gate_block(q, b, a, c, h, H, j)      units j : j+V of kernels/lstm.py gate_row
     gate_backward_block(a, cell, cprev, dh, dc, dg, hpre, want_hpre, H, j)
                                           units j : j+V of lstm.gate_backward_row
+    gate_block2, gate_backward_block2    the same for units j : j+2V, two blocks interleaved
     block_units(p, H)                    how many of the H units the blocks cover (a multiple of V)
 
 Both blocks take row pointers (rows.py), not arrays: a step calls them for each of its rows.
@@ -98,20 +99,43 @@ def variant_vector_units(typingctx, a, q, bias, p_i, p_f, p_o, c, cn):
 
 
 class _VectorMath:
-    """IR helpers on <LANES x float> values."""
+    """IR helpers on <blocks * LANES x float> values: with blocks > 1, LLVM splits each
+    operation into one per register, so independent blocks' instructions interleave (the
+    gate pass is a long chain of dependent operations per block: two at once keep the FMA
+    units busier, BENCHMARKS.md sixth session)."""
 
-    def __init__(self, builder):
+    def __init__(self, builder, blocks: int = 1):
         self.b = builder
         self.ft = ir.FloatType()
-        self.vt = ir.VectorType(self.ft, LANES)
+        self.width = LANES * blocks
+        self.vt = ir.VectorType(self.ft, self.width)
         mod = builder.module
-        self.fma = cgutils.get_or_insert_function(mod, ir.FunctionType(self.vt, [self.vt] * 3), f"llvm.fmuladd.v{LANES}f32")
+        self.fma = cgutils.get_or_insert_function(mod, ir.FunctionType(self.vt, [self.vt] * 3),
+                                                  f"llvm.fmuladd.v{self.width}f32")
         if AVX512:
-            sig = ir.FunctionType(self.vt, [self.vt, self.vt, ir.IntType(16)])
+            vt16 = ir.VectorType(self.ft, LANES)
+            sig = ir.FunctionType(vt16, [vt16, vt16, ir.IntType(16)])
             self.rcp14 = cgutils.get_or_insert_function(mod, sig, "llvm.x86.avx512.rcp14.ps.512")
 
     def const(self, v):
-        return ir.Constant(self.vt, [ir.Constant(self.ft, float(v))] * LANES)
+        return ir.Constant(self.vt, [ir.Constant(self.ft, float(v))] * self.width)
+
+    def _reciprocal_estimate(self, den):
+        """rcp14 of each LANES-wide part of den, put back together."""
+        b, i32 = self.b, ir.IntType(32)
+        zero16 = ir.Constant(ir.VectorType(self.ft, LANES), [ir.Constant(self.ft, 0.0)] * LANES)
+        mask = ir.Constant(ir.IntType(16), -1)
+        if self.width == LANES:
+            return b.call(self.rcp14, [den, zero16, mask])
+        parts = []
+        for p in range(0, self.width, LANES):
+            part = b.shuffle_vector(den, den, ir.Constant(ir.VectorType(i32, LANES), list(range(p, p + LANES))))
+            parts.append(b.call(self.rcp14, [part, zero16, mask]))
+        while len(parts) > 1:  # concatenate pairwise
+            n = 2 * parts[0].type.count
+            parts = [b.shuffle_vector(parts[k], parts[k + 1], ir.Constant(ir.VectorType(i32, n), list(range(n))))
+                     for k in range(0, len(parts), 2)]
+        return parts[0]
 
     def clamp(self, x, lim):
         b, lo, hi = self.b, self.const(-lim), self.const(lim)
@@ -122,7 +146,7 @@ class _VectorMath:
         b = self.b
         if not AVX512:
             return b.fdiv(num, den)
-        r = b.call(self.rcp14, [den, self.const(0.0), ir.Constant(ir.IntType(16), -1)])
+        r = self._reciprocal_estimate(den)
         e = b.call(self.fma, [b.fneg(den), r, self.const(1.0)])  # 1 - den * r
         r = b.call(self.fma, [r, e, r])  # r + r * e: one Newton step
         return b.fmul(num, r)
@@ -145,7 +169,7 @@ class _VectorMath:
         return self.b.call(self.fma, [half, self.tanh(self.b.fmul(half, x)), half])
 
 
-def _pointer_codegen(body):
+def _pointer_codegen(body, blocks):
     """Codegen of a block intrinsic whose arguments are float32 row pointers (and flags), then
     H and j: body(builder, m, load, store, offset, args), offset(g) = g*H + j: gate g's units
     j : j+LANES in a row of 4H (offset(0) = j in a row of H)."""
@@ -153,7 +177,7 @@ def _pointer_codegen(body):
     def codegen(context, builder, signature, args):
         if not _f32_pointers(*(t for t in signature.args if isinstance(t, types.CPointer))):
             return context.get_dummy_value()  # float64: never called (block_units is 0)
-        m = _VectorMath(builder)
+        m = _VectorMath(builder, blocks)
         i64 = ir.IntType(64)
         H, j0 = (builder.sext(v, i64) if v.type.width < 64 else v for v in args[-2:])
 
@@ -175,51 +199,61 @@ def _pointer_codegen(body):
     return codegen
 
 
-@intrinsic
-def gate_block(typingctx, q, bias, a, c, h, H, j):
-    """Units j : j+LANES of lstm.gate_row on float32 row pointers (q, bias, a rows of 4H; c, h
-    of H): a[gH + j..] = activation of gate g, c[j..] = f * c + i * g, h[j..] = o * tanh(c).
-    Only valid below block_units."""
-
-    def body(builder, m, load, store, offset, args):
-        qa, ba, aa, ca, ha = args[:5]
-        pre = [builder.fadd(load(qa, offset(g)), load(ba, offset(g))) for g in range(4)]
-        ig, fg, gg, og = m.sigmoid(pre[0]), m.sigmoid(pre[1]), m.tanh(pre[2]), m.sigmoid(pre[3])
-        for g, v in enumerate((ig, fg, gg, og)):
-            store(v, aa, offset(g))
-        j = offset(0)
-        cv = builder.call(m.fma, [fg, load(ca, j), builder.fmul(ig, gg)])
-        store(cv, ca, j)
-        store(builder.fmul(og, m.tanh(cv)), ha, j)
-
-    return types.void(q, bias, a, c, h, H, j), _pointer_codegen(body)
+def _gate_body(builder, m, load, store, offset, args):
+    """gate_block: units j : j+width of lstm.gate_row on float32 row pointers (q, bias, a rows
+    of 4H; c, h of H): a[gH + j..] = activation of gate g, c[j..] = f * c + i * g,
+    h[j..] = o * tanh(c)."""
+    qa, ba, aa, ca, ha = args[:5]
+    pre = [builder.fadd(load(qa, offset(g)), load(ba, offset(g))) for g in range(4)]
+    ig, fg, gg, og = m.sigmoid(pre[0]), m.sigmoid(pre[1]), m.tanh(pre[2]), m.sigmoid(pre[3])
+    for g, v in enumerate((ig, fg, gg, og)):
+        store(v, aa, offset(g))
+    j = offset(0)
+    cv = builder.call(m.fma, [fg, load(ca, j), builder.fmul(ig, gg)])
+    store(cv, ca, j)
+    store(builder.fmul(og, m.tanh(cv)), ha, j)
 
 
-@intrinsic
-def gate_backward_block(typingctx, a, cell, cprev, dh, dc, dg, hpre, want_hpre, H, j):
-    """Units j : j+LANES of lstm.gate_backward_row on float32 row pointers (a, dg rows of 4H;
-    the others of H), the same formulas: dc_t = dc + dh o (1 - tanh(c_t)^2), then the four
-    gate gradients and dc_{t-1} = dc_t f; hpre[j..] = o * tanh(c_t) when want_hpre.
-    Only valid below block_units."""
+def _gate_backward_body(builder, m, load, store, offset, args):
+    """gate_backward_block: units j : j+width of lstm.gate_backward_row on float32 row pointers
+    (a, dg rows of 4H; the others of H), the same formulas: dc_t = dc + dh o (1 - tanh(c_t)^2),
+    then the four gate gradients and dc_{t-1} = dc_t f; hpre[j..] = o * tanh(c_t) when want_hpre."""
+    aa, cella, cpa, dha, dca, dga, hprea, want = args[:8]
+    j = offset(0)
+    ig, fg, gg, og = (load(aa, offset(g)) for g in range(4))
+    tc = m.tanh(load(cella, j))
+    dhv = load(dha, j)
+    fmul, fsub = builder.fmul, builder.fsub
+    dct = builder.call(m.fma, [dhv, fsub(og, fmul(fmul(og, tc), tc)), load(dca, j)])
+    store(fmul(fmul(dct, gg), fsub(ig, fmul(ig, ig))), dga, offset(0))
+    store(fmul(fmul(dct, load(cpa, j)), fsub(fg, fmul(fg, fg))), dga, offset(1))
+    store(fmul(dct, fsub(ig, fmul(fmul(ig, gg), gg))), dga, offset(2))
+    store(fmul(fmul(dhv, tc), fsub(og, fmul(og, og))), dga, offset(3))
+    store(fmul(dct, fg), dca, j)
+    with builder.if_then(builder.icmp_unsigned("!=", want, ir.Constant(want.type, 0))):
+        store(fmul(og, tc), hprea, j)
 
-    def body(builder, m, load, store, offset, args):
-        aa, cella, cpa, dha, dca, dga, hprea, want = args[:8]
-        j = offset(0)
-        ig, fg, gg, og = (load(aa, offset(g)) for g in range(4))
-        tc = m.tanh(load(cella, j))
-        dhv = load(dha, j)
-        fmul, fsub = builder.fmul, builder.fsub
-        dct = builder.call(m.fma, [dhv, fsub(og, fmul(fmul(og, tc), tc)), load(dca, j)])
-        store(fmul(fmul(dct, gg), fsub(ig, fmul(ig, ig))), dga, offset(0))
-        store(fmul(fmul(dct, load(cpa, j)), fsub(fg, fmul(fg, fg))), dga, offset(1))
-        store(fmul(dct, fsub(ig, fmul(fmul(ig, gg), gg))), dga, offset(2))
-        store(fmul(fmul(dhv, tc), fsub(og, fmul(og, og))), dga, offset(3))
-        store(fmul(dct, fg), dca, j)
-        with builder.if_then(builder.icmp_unsigned("!=", want, ir.Constant(want.type, 0))):
-            store(fmul(og, tc), hprea, j)
 
-    sig = types.void(a, cell, cprev, dh, dc, dg, hpre, want_hpre, H, j)
-    return sig, _pointer_codegen(body)
+def _make_gate_block(blocks: int):
+    @intrinsic
+    def gate_block(typingctx, q, bias, a, c, h, H, j):
+        return types.void(q, bias, a, c, h, H, j), _pointer_codegen(_gate_body, blocks)
+
+    return gate_block
+
+
+def _make_gate_backward_block(blocks: int):
+    @intrinsic
+    def gate_backward_block(typingctx, a, cell, cprev, dh, dc, dg, hpre, want_hpre, H, j):
+        sig = types.void(a, cell, cprev, dh, dc, dg, hpre, want_hpre, H, j)
+        return sig, _pointer_codegen(_gate_backward_body, blocks)
+
+    return gate_backward_block
+
+
+# Units j : j + LANES (one block), and j : j + 2 LANES (two at once); only valid below block_units.
+gate_block, gate_block2 = _make_gate_block(1), _make_gate_block(2)
+gate_backward_block, gate_backward_block2 = _make_gate_backward_block(1), _make_gate_backward_block(2)
 
 
 @intrinsic
