@@ -62,3 +62,23 @@ def test_lstm_with_products_past_one_k_block_matches_torch(dtype, batch):
         (y.sum() + (h * 2).sum() + (c * 3).sum()).backward()
         results.append([y, h, c, xi.grad, *(p.grad for p in m.parameters())])
     assert_all_close(results[0], results[1], TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K1,K2,G", [(5, 7, 3), (20, 45, 70), (64, 0, 33), (0, 40, 65), (37, 100, 300)])
+def test_pack2_lays_out_both_parts_exactly(dtype, K1, K2, G):
+    """pack2's layout, element by element: wp[b, k, j] = W[k, bV + j], zero past the columns;
+    W = [w1 | w2]^T (transposed: the forward's [W_ih | W_hh]) or [w1 | w2] (the backward's),
+    with the parts meeting inside a column block."""
+    rng = np.random.default_rng(K1 + K2 + G)
+    w1, w2 = rng.standard_normal((G, K1)).astype(dtype), rng.standard_normal((G, K2)).astype(dtype)
+    # transposed: W = [w1 | w2]^T (K1 + K2, G); else W = [w1 | w2] (G, K1 + K2), with its
+    # column blocks crossing from w1 into w2 where K1 is not a multiple of V.
+    for transposed, W in ((True, np.concatenate([w1, w2], 1).T), (False, np.concatenate([w1, w2], 1))):
+        wp = tile.pack2(w1, w2, transposed)
+        V = wp.shape[2]
+        Kw, Gw = W.shape
+        assert wp.shape == (-(-Gw // V), Kw, V)
+        want = np.zeros((wp.shape[0] * V, Kw), dtype)
+        want[:Gw] = W.T
+        assert np.array_equal(wp.transpose(0, 2, 1).reshape(-1, Kw), want), transposed
