@@ -65,13 +65,14 @@ def pack_forward(w_ih, w_hh, w_hr=None):
     """(wp, wpr): [W_ih | W_hh]^T and W_hr^T packed for tile.matmul (wpr empty without projection).
     All C-contiguous, one dtype."""
     wpr = pack(w_hr, True) if w_hr is not None and w_hr.shape[0] else no_projection(w_ih)
-    return pack2(w_ih, w_hh, True), wpr
+    return pack2(np.ascontiguousarray(w_ih), np.ascontiguousarray(w_hh), True), wpr
 
 
 def pack_backward(w_ih, w_hh, w_hr=None, with_input=True):
     """(wpb, wprb): [W_ih | W_hh] (4H, I + P), or W_hh alone when not with_input (dx is then
     left to one GEMM after the loop, see backward_core), and W_hr (P, H) packed for tile.matmul."""
     wprb = pack(w_hr, False) if w_hr is not None and w_hr.shape[0] else no_projection(w_ih)
+    w_ih, w_hh = np.ascontiguousarray(w_ih), np.ascontiguousarray(w_hh)
     return (pack2(w_ih, w_hh, False) if with_input else pack(w_hh, False)), wprb
 
 

@@ -166,6 +166,7 @@ EIGHT_ROWS = AVX512
 def pack(w, transposed):
     """W laid out for matmul: (nb, K, V) with wp[b, k, j] = W[k, b*V + j], zero-padded.
     W is w (K, G) as given, or w.T when transposed (w (G, K), e.g. torch's (4H, I) weights)."""
+    w = np.ascontiguousarray(w)
     return pack2(w, w[:, :0], transposed)
 
 
@@ -173,7 +174,9 @@ def pack(w, transposed):
 def pack2(w1, w2, transposed):
     """pack() of two matrices side by side, with no concatenated copy in between:
     transposed: W = [w1 | w2]^T, w1 (G, K1), w2 (G, K2), K = K1 + K2 (the forward weights);
-    else:       W = [w1 | w2],   w1 (K, G1), w2 (K, G2), G = G1 + G2 (the backward weights)."""
+    else:       W = [w1 | w2],   w1 (K, G1), w2 (K, G2), G = G1 + G2 (the backward weights).
+    w1, w2 C-contiguous (the copies go by row pointer; pack() and lstm.pack_forward/backward
+    make them so; a check raising here would double this function's compile time)."""
     V = _lanes_array(w1)
     if transposed:
         G, K1, K = w1.shape[0], w1.shape[1], w1.shape[1] + w2.shape[1]
@@ -181,51 +184,33 @@ def pack2(w1, w2, transposed):
         G, K1, K = w1.shape[1] + w2.shape[1], w1.shape[1], w1.shape[0]
     nb = (G + V - 1) // V
     wp = np.zeros((nb, K, V), w1.dtype)
-    if transposed:  # wp[b, k, j] = W[k, bV + j] = (w1 | w2)[bV + j, k]: a transpose, by tiles
-        _pack_transposed(w1, wp, 0)
-        _pack_transposed(w2, wp, K1)
-    else:  # wp[b, k, :] = W[k, bV : bV + V]: contiguous runs of a row
-        _pack_rows(w1, wp, 0)
-        _pack_rows(w2, wp, K1)
+    # By row pointers, branch-free: 3-D indexing wraps negative indices per element and a
+    # branch per element between w1 and w2 kept these loops scalar (4x slower).
+    for part in range(2):
+        w = w1 if part == 0 else w2
+        first = 0 if part == 0 else K1  # W's row (transposed) or column where this part starts
+        if transposed:  # wp[b, first + k, j] = w[bV + j, k]: a transpose, by tiles in L1
+            Kw = w.shape[1]
+            for b in range(nb):
+                dst = ptr_add(row_ptr(wp, b), first * V)
+                for k0 in range(0, Kw, 16):
+                    k1 = min(Kw, k0 + 16)
+                    for j in range(min(V, G - b * V)):
+                        src = row_ptr(w, b * V + j)
+                        for k in range(k0, k1):
+                            dst[k * V + j] = src[k]
+        else:  # wp[g // V, k, g % V] = w[k, g - first]: each row's runs into the blocks it reaches,
+            Gw = w.shape[1]  # 16 rows at a time (row by row over all blocks jumped K*V per run)
+            for k0 in range(0, K, 16):
+                k1 = min(K, k0 + 16)
+                c = 0
+                while c < Gw:
+                    b, j = (first + c) // V, (first + c) % V
+                    n = min(V - j, Gw - c)
+                    for k in range(k0, k1):
+                        copy_p(ptr_add(row_ptr(wp, b), k * V + j), ptr_add(row_ptr(w, k), c), n)
+                    c += n
     return wp
-
-
-@njit(**KW)
-def _pack_transposed(w, wp, k_first):
-    """wp[b, k_first + k, j] = w[bV + j, k] for w (G, Kw): tiles of KT x V, each in L1, with no
-    branch in the inner loops (a branch per element between w1 and w2 was 4x slower)."""
-    G, Kw = w.shape
-    V = wp.shape[2]
-    for b in range(wp.shape[0]):
-        width = min(V, G - b * V)
-        for k0 in range(0, Kw, 16):
-            k1 = min(Kw, k0 + 16)
-            dst = ptr_add(row_ptr(wp, b), k_first * V)
-            for j in range(width):
-                src = row_ptr(w, b * V + j)
-                for k in range(k0, k1):
-                    dst[k * V + j] = src[k]
-
-
-@njit(**KW)
-def _pack_rows(w, wp, g_first):
-    """wp[g // V, k, g % V] = w[k, g - g_first] for g in g_first : g_first + Gw (w (K, Gw)):
-    contiguous runs of each row into the column blocks, KT rows at a time (block by block
-    over KT rows: both sides stay on a few pages; row by row over all blocks jumped a
-    block's size, K*V elements, at every run)."""
-    K, Gw = w.shape
-    V = wp.shape[2]
-    for k0 in range(0, K, 16):
-        k1 = min(K, k0 + 16)
-        c = 0
-        while c < Gw:
-            g = g_first + c
-            b, j = g // V, g % V
-            n = min(V - j, Gw - c)
-            dst = row_ptr(wp, b)  # pointers: 3-D indexing wraps negative indices per element
-            for k in range(k0, k1):
-                copy_p(ptr_add(dst, k * V + j), ptr_add(row_ptr(w, k), c), n)
-            c += n
 
 
 @njit(**KW)
