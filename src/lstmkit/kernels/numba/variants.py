@@ -164,13 +164,17 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
                 rs = _normalize(q, ln_hh_w, ln_hh_b, hhat[row] if save else nrm4, q, kc)
                 if save:
                     rstd[row, 1] = rs
-            # The gate loop: no branches (peepholes of zero cost nothing) and one 1-D slice
-            # per gate (LLVM can't prove a[j], a[H + j] apart), so it vectorises.
-            ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]
-            qi, qf, qg, qo = q[:H], q[H : 2 * H], q[2 * H : 3 * H], q[3 * H :]
+            # The gate loop: no branches (peepholes of zero cost nothing); float32 in vector
+            # blocks, the rest (float64, H % LANES) in a loop on one 1-D slice per gate (LLVM
+            # can't prove a[j], a[H + j] apart), made only when that loop runs: each slice is
+            # a view with a reference count, which per row costs as much as a block.
             j0 = variant_vector_units(a, q, b, pi, pf, po, cr, cn)  # float32: vector blocks (simd.py)
             for j in range(0, j0, LANES):
                 variant_gate_block(a, q, b, pi, pf, po, cr, cn, j)
+            ao = a[3 * H :]  # o, read again below
+            if j0 < H:
+                ai, af, ag = a[:H], a[H : 2 * H], a[2 * H : 3 * H]
+                qi, qf, qg, qo = q[:H], q[H : 2 * H], q[2 * H : 3 * H], q[3 * H :]
             for j in range(j0, H):
                 cp = cr[j]
                 ig = sigmoid(ai[j] + qi[j] + bi[j] + pi[j] * cp)
