@@ -27,9 +27,11 @@ How the work is laid out:
     one fused pass over the gates per row. The input projection rides in the same product:
     the chunk's threads do it, where a separate big GEMM before the loop ran on one thread.
   - Backward walks the steps in the opposite order over (B, P)/(B, H) state gradients,
-    makes one product per step, dgates @ [W_ih | W_hh] = [dx_t | dh_{t-1}], and leaves the
-    weight gradients (dgates^T x, dgates^T h_prev, sums of dgates) to GEMMs after the loop,
-    which the caller runs (the torch engine in torch, on torch's threads).
+    makes one product per step, dgates @ [W_ih | W_hh] = [dx_t | dh_{t-1}], writes each
+    row's [x_t | h_{t-1}] and adds its dgates into its batch row's sum, and leaves the weight
+    gradients to one GEMM after the loop, dgates^T [x | h_prev] = [dW_ih | dW_hh], and db to
+    a sum of B rows (weight_gradients), which the caller runs (the torch engine in torch, on
+    torch's threads).
   - Every row is computed by the same operations in the same order whichever chunk holds it,
     so results are bitwise identical for any thread count.
 """
