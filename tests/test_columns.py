@@ -5,6 +5,8 @@ The split must give bitwise the row kernel's results (each unit's pre-activation
 chain of multiply-adds, lstm.py's gate pass the same code), whatever the number of parts and
 the team's size, forward and reverse, padded and packed (rows that end, rows that join), and
 the module must take it where columns_pay says so, matching torch.nn.LSTM."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,17 @@ from lstmkit.kernels.numba import columns, lstm
 from lstmkit.kernels.numba.simd import LANES
 
 from harness import TOL
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch.set_num_threads(n) for the block, the caller's count restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
@@ -116,14 +129,10 @@ def test_module_takes_the_split_at_two_threads_and_matches_torch(dtype, kw, shap
     x = torch.randn(shape + (kw["input_size"],), dtype=dtype)
     h0 = torch.randn(ref.num_layers * (2 if ref.bidirectional else 1), x.shape[0 if ref.batch_first else 1], 256,
                      dtype=dtype)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         with torch.no_grad():
             y, (h, c) = m(x, (h0, torch.zeros_like(h0)))
             yt, (ht, ct) = ref(x, (h0, torch.zeros_like(h0)))
-    finally:
-        torch.set_num_threads(before)
     split = bool(m.__dict__["_runtime"][1]._columns)
     N, T = shape if ref.batch_first else shape[::-1]
     assert split == columns.columns_pay(N, T, kw["input_size"], 256, 256, x.element_size(), 2)
@@ -193,9 +202,7 @@ def test_training_at_two_threads_takes_the_split_and_matches_torch(dtype, kw, N,
     T = 20  # over binding.FEW_STEPS_MAX_ROWS rows even at N = 1: the time-loop kernels
     x = torch.randn((N, T, 64) if ref.batch_first else (T, N, 64), dtype=dtype)
     lengths = torch.tensor([20, 9, 14][:N])
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         results = []
         for mod in (m, ref):
             xi = x.clone().requires_grad_(True)
@@ -204,8 +211,6 @@ def test_training_at_two_threads_takes_the_split_and_matches_torch(dtype, kw, N,
             y = out.data if packed else out
             loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=dtype)).sum() + h.square().sum() + 3 * c.sum()
             results.append([y, h, c, *torch.autograd.grad(loss, [xi, *mod.parameters()])])
-    finally:
-        torch.set_num_threads(before)
     assert "run_columns" in used and "run_columns_backward" in used
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
@@ -219,13 +224,9 @@ def test_without_a_compiled_body_the_rows_path_runs(monkeypatch):
     ref = torch.nn.LSTM(64, 256)
     m = lstmkit.LSTM.from_torch(ref)
     x = torch.randn(30, 1, 64)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         with torch.no_grad():
             got, want = m(x), ref(x)
-    finally:
-        torch.set_num_threads(before)
     assert m.__dict__["_runtime"][1]._columns  # the split was asked for ...
     torch.testing.assert_close(got[0], want[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])  # ... rows ran
 
@@ -237,16 +238,12 @@ def test_one_step_lane_steps_aside_when_the_thread_count_grows():
     ref = torch.nn.LSTM(128, 512)
     m = lstmkit.LSTM.from_torch(ref)
     x = torch.randn(1, 1, 128)
-    before = torch.get_num_threads()
-    try:
-        with torch.no_grad():
-            torch.set_num_threads(1)
+    with torch.no_grad():
+        with torch_threads(1):
             m(x)
             assert not m.__dict__["_runtime"][1]._columns
-            torch.set_num_threads(2)
+        with torch_threads(2):
             got, want = m(x), ref(x)
-    finally:
-        torch.set_num_threads(before)
     assert m.__dict__["_runtime"][1]._columns
     torch.testing.assert_close(got[0], want[0], rtol=TOL[torch.float32], atol=TOL[torch.float32])
 
@@ -264,17 +261,13 @@ def test_gradient_penalty_through_the_split_matches_torch(monkeypatch):
     ref = torch.nn.LSTM(32, 64, dtype=torch.float64)
     m = lstmkit.LSTM.from_torch(ref)
     x = torch.randn(20, 1, 32, dtype=torch.float64)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         results = []
         for mod in (m, ref):
             xi = x.clone().requires_grad_(True)
             y, _ = mod(xi)
             (g,) = torch.autograd.grad(y.square().sum(), xi, create_graph=True)
             results.append([y, g, *torch.autograd.grad(g.square().sum(), list(mod.parameters()))])
-    finally:
-        torch.set_num_threads(before)
     assert used
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=TOL[torch.float64], atol=TOL[torch.float64])

@@ -27,10 +27,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .rows import copy_p, ptr_add, row_ptr
+from .rows import KW, copy_p, ptr_add, row_ptr
 from .simd import AVX512
 
-KW = dict(cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"}, error_model="numpy", nogil=True)
 
 
 def _lanes_of(dtype) -> int:
