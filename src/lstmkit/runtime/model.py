@@ -274,8 +274,7 @@ class Runtime:
         _variant_forward(
             x, bsz, h0[idx], c0[idx], w_ih, w_hh, b, w_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
             peep, zc, zh, empty(0, P), reverse, empty(total, 4 * H), y, h_n[idx], c_n[idx],
-            empty(total, H), empty(0, H), empty(0, P), empty(0, 4 * H), empty(0, 4 * H), empty(0, H), empty(0, 3),
-            False,
+            empty(0, H), empty(0, H), empty(0, 4 * H), empty(0, 4 * H), empty(0, H), empty(0, 3), False,
         )
 
     def _check_state(self, state, N: int, batched: bool):

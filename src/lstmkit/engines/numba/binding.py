@@ -68,28 +68,6 @@ def needs_grad(tensors) -> bool:
 
 
 # ---- threads ----------------------------------------------------------------------------------------
-_blas_limited = [False]
-
-
-def limit_blas() -> None:
-    """Hold the BLAS Numba calls (scipy's OpenBLAS, used by the variant kernel) at
-    LSTMKIT_BLAS_THREADS threads (default 1): its per-step calls split over threads end in a
-    barrier each, and its spinning pool took the cores from torch's."""
-    if _blas_limited[0]:
-        return
-    _blas_limited[0] = True
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # a dependency, but a broken install should still compute
-        return
-    import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls, so the controller sees it)
-
-    n = int(os.environ.get("LSTMKIT_BLAS_THREADS", "1")) or torch.get_num_threads()
-    for lib in ThreadpoolController().select(user_api="blas").lib_controllers:
-        if "scipy.libs" in lib.filepath or "scipy/" in lib.filepath:
-            lib.set_num_threads(n)
-
-
 def torch_openmp_library() -> str | None:
     """The path of the OpenMP runtime torch's own threads run on, when torch's parallel backend
     is OpenMP and the library is loaded in this process (Linux: found in /proc/self/maps,
@@ -473,6 +451,6 @@ share_torch_threads()
 
 __all__ = [
     "SUPPORTED_DTYPES", "as_numpy", "as_numpy_or", "check_input", "chunks_for", "layer_backward", "layer_forward",
-    "backward_weights", "forward_weights", "input_projection", "limit_blas", "needs_grad", "run_inference",
+    "backward_weights", "forward_weights", "input_projection", "needs_grad", "run_inference",
     "share_torch_threads", "step_backward", "step_forward", "steps_backward", "steps_forward", "unpacked_path",
 ]

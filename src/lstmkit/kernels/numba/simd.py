@@ -19,8 +19,8 @@ of the divider. Without AVX-512 the block is 8 lanes (AVX2) with exact divisions
 Same math as activations.py, op for op (clamp to [-9, 9], Horner in x^2, clamp to
 [-1, 1]; sigmoid(x) = 1/2 + tanh(x/2)/2); the comparisons are ordered, so NaN flows
 through as NaN. float64 is not vectorised here: block_units returns 0 and the exact
-scalar loop (np.tanh, exp) does every unit. The variant kernels' block (variant_gate_block)
-still takes arrays.
+scalar loop (np.tanh, exp) does every unit. The variant kernel's blocks (variant_gate_block,
+out_tanh_block, variant_out_backward_block, variant_gate_backward_block) are written the same way.
 
 Numba's cache keys a compiled function by its own file: after editing this file, touch
 kernels/numba/lstm.py (its caller) or its cached code keeps the old blocks.
@@ -46,31 +46,6 @@ AVX512 = _has_avx512()
 LANES = 16 if AVX512 else 8  # float32 units per block
 
 
-def _vector_ok(*arrays) -> bool:
-    return all(isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == 1 for t in arrays)
-
-
-def _units_codegen(ok, length_arg):
-    """Codegen of a *_units intrinsic: len(args[length_arg]) rounded down to a multiple of
-    LANES when every array argument is float32 with unit stride (checked at run time: a
-    slice such as xh[i, I:] types as layout 'A'), else 0."""
-
-    def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        if not ok:
-            return ir.Constant(i64, 0)
-        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args)]
-        unit = ir.Constant(ir.IntType(1), 1)
-        for arr in arrays:
-            stride = cgutils.unpack_tuple(builder, arr.strides)[0]
-            unit = builder.and_(unit, builder.icmp_signed("==", stride, ir.Constant(i64, 4)))
-        n = cgutils.unpack_tuple(builder, arrays[length_arg].shape)[0]
-        blocks = builder.mul(builder.sdiv(n, ir.Constant(i64, LANES)), ir.Constant(i64, LANES))
-        return builder.select(unit, blocks, ir.Constant(i64, 0))
-
-    return codegen
-
-
 def _f32_pointers(*ptrs) -> bool:
     return all(isinstance(t, types.CPointer) and t.dtype == types.float32 for t in ptrs)
 
@@ -89,13 +64,6 @@ def block_units(typingctx, p, H):
         return builder.mul(builder.sdiv(n, ir.Constant(i64, LANES)), ir.Constant(i64, LANES))
 
     return types.int64(p, H), codegen
-
-
-@intrinsic
-def variant_vector_units(typingctx, a, q, bias, p_i, p_f, p_o, c, cn):
-    """How many of the H = len(c) units variant_gate_block covers (see _units_codegen)."""
-    sig = types.int64(a, q, bias, p_i, p_f, p_o, c, cn)
-    return sig, _units_codegen(_vector_ok(a, q, bias, p_i, p_f, p_o, c, cn), 6)
 
 
 class _VectorMath:
@@ -256,46 +224,90 @@ gate_block, gate_block2 = _make_gate_block(1), _make_gate_block(2)
 gate_backward_block, gate_backward_block2 = _make_gate_backward_block(1), _make_gate_backward_block(2)
 
 
+# ---- the variant kernel's blocks (kernels/numba/variants.py), on row pointers as above ---------
+def _variant_gate_body(builder, m, load, store, offset, args):
+    """variant_gate_block: with x_g = a[gH + j..] + q[gH + j..] + bias[gH + j..] (a, q, bias rows
+    of 4H; p_*, c, cn rows of H; peepholes zero when absent): i = sigmoid(x_i + p_i c),
+    f = sigmoid(x_f + p_f c), g = tanh(x_g), c~ = f c + i g, o = sigmoid(x_o + p_o c~); a's gate
+    rows become i, f, g, o and cn[j..] = c~ (c itself is not written: zoneout decides what is
+    carried)."""
+    aa, qa, ba, pia, pfa, poa, ca, cna = args[:8]
+    fadd, fma = builder.fadd, (lambda x, y, z: builder.call(m.fma, [x, y, z]))
+    pre = [fadd(fadd(load(aa, offset(g)), load(qa, offset(g))), load(ba, offset(g))) for g in range(4)]
+    j = offset(0)
+    cp = load(ca, j)
+    ig = m.sigmoid(fma(load(pia, j), cp, pre[0]))
+    fg = m.sigmoid(fma(load(pfa, j), cp, pre[1]))
+    gg = m.tanh(pre[2])
+    cv = fma(fg, cp, builder.fmul(ig, gg))
+    og = m.sigmoid(fma(load(poa, j), cv, pre[3]))
+    for g, v in enumerate((ig, fg, gg, og)):
+        store(v, aa, offset(g))
+    store(cv, cna, j)
+
+
+def _out_tanh_body(builder, m, load, store, offset, args):
+    """out_tanh_block: out[j..] = o * tanh(v[j..]), o = a[3H + j..] (a a row of 4H; v, out of H)."""
+    aa, va, outa = args[:3]
+    j = offset(0)
+    store(builder.fmul(load(aa, offset(3)), m.tanh(load(va, j))), outa, j)
+
+
+def _out_backward_body(builder, m, load, store, offset, args):
+    """variant_out_backward_block, through h~ = o * tanh(v) (a, dg rows of 4H; the others of H):
+    dv[j..] = dhp o (1 - tanh(v)^2), dg[3H + j..] = dhp tanh(v) o (1 - o), and
+    hpre[j..] = o tanh(v) when want_hpre (the projection's input, for dW_hr)."""
+    aa, va, dhpa, dga, dva, hprea, want = args[:7]
+    j = offset(0)
+    og = load(aa, offset(3))
+    tc = m.tanh(load(va, j))
+    dhv = load(dhpa, j)
+    fmul, fsub = builder.fmul, builder.fsub
+    store(fmul(dhv, fsub(og, fmul(fmul(og, tc), tc))), dva, j)
+    store(fmul(fmul(dhv, tc), fsub(og, fmul(og, og))), dga, offset(3))
+    with builder.if_then(builder.icmp_unsigned("!=", want, ir.Constant(want.type, 0))):
+        store(fmul(og, tc), hprea, j)
+
+
+def _variant_gate_backward_body(builder, m, load, store, offset, args):
+    """variant_gate_backward_block (a, dg rows of 4H; the others of H; zc zeros without zoneout,
+    p_* zeros without peepholes): keep = zc dc, d = dcv + (dc - keep) + do p_o (dL/dc~), then
+    dg's i, f, g rows and dc[j..] = d f + keep + di p_i + df p_f (dL/dc_{t-1})."""
+    aa, cpa, dcva, dca, zca, dga, pia, pfa, poa = args[:9]
+    j = offset(0)
+    fmul, fsub, fadd = builder.fmul, builder.fsub, builder.fadd
+
+    def fma(x, y, z):
+        return builder.call(m.fma, [x, y, z])
+
+    ig, fg, gg = (load(aa, offset(g)) for g in range(3))
+    dc = load(dca, j)
+    keep = fmul(load(zca, j), dc)
+    d = fma(load(dga, offset(3)), load(poa, j), fadd(load(dcva, j), fsub(dc, keep)))
+    dzi = fmul(fmul(d, gg), fsub(ig, fmul(ig, ig)))
+    dzf = fmul(fmul(d, load(cpa, j)), fsub(fg, fmul(fg, fg)))
+    store(dzi, dga, offset(0))
+    store(dzf, dga, offset(1))
+    store(fmul(d, fsub(ig, fmul(fmul(ig, gg), gg))), dga, offset(2))
+    store(fma(dzf, load(pfa, j), fma(dzi, load(pia, j), fma(d, fg, keep))), dca, j)
+
+
 @intrinsic
-def variant_gate_block(typingctx, a, q, bias, p_i, p_f, p_o, c, cn, j):
-    """Units j : j+LANES of the variant kernel's gate loop (kernels/variants.py, peepholes
-    p_* zero when absent): with x_g = a[gH + j..] + q[gH + j..] + bias[gH + j..],
-    i = sigmoid(x_i + p_i c), f = sigmoid(x_f + p_f c), g = tanh(x_g), c~ = f c + i g,
-    o = sigmoid(x_o + p_o c~); a's gate rows become i, f, g, o and cn[j..] = c~
-    (c itself is not written: zoneout decides what is carried)."""
-    ok = _vector_ok(a, q, bias, p_i, p_f, p_o, c, cn)
-    sig = types.void(a, q, bias, p_i, p_f, p_o, c, cn, j)
+def variant_gate_block(typingctx, a, q, bias, p_i, p_f, p_o, c, cn, H, j):
+    return types.void(a, q, bias, p_i, p_f, p_o, c, cn, H, j), _pointer_codegen(_variant_gate_body, 1)
 
-    def codegen(context, builder, signature, args):
-        if not ok:
-            return context.get_dummy_value()
-        m = _VectorMath(builder)
-        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:8], args[:8])]
-        aa, qa, ba, pia, pfa, poa, ca, cna = arrays
-        i64 = ir.IntType(64)
-        j0 = builder.sext(args[8], i64) if args[8].type.width < 64 else args[8]
-        H = cgutils.unpack_tuple(builder, ca.shape)[0]
 
-        def ptr(arr, offset):
-            return builder.bitcast(builder.gep(arr.data, [offset]), m.vt.as_pointer())
+@intrinsic
+def out_tanh_block(typingctx, a, v, out, H, j):
+    return types.void(a, v, out, H, j), _pointer_codegen(_out_tanh_body, 1)
 
-        def load(arr, offset):
-            return builder.load(ptr(arr, offset), align=4)
 
-        def gate_offset(g):
-            return builder.add(builder.mul(H, ir.Constant(i64, g)), j0)
+@intrinsic
+def variant_out_backward_block(typingctx, a, v, dhp, dg, dv, hpre, want_hpre, H, j):
+    return types.void(a, v, dhp, dg, dv, hpre, want_hpre, H, j), _pointer_codegen(_out_backward_body, 1)
 
-        pre = [builder.fadd(builder.fadd(load(aa, gate_offset(g)), load(qa, gate_offset(g))), load(ba, gate_offset(g)))
-               for g in range(4)]
-        cp = load(ca, j0)
-        ig = m.sigmoid(builder.call(m.fma, [load(pia, j0), cp, pre[0]]))
-        fg = m.sigmoid(builder.call(m.fma, [load(pfa, j0), cp, pre[1]]))
-        gg = m.tanh(pre[2])
-        cv = builder.call(m.fma, [fg, cp, builder.fmul(ig, gg)])
-        og = m.sigmoid(builder.call(m.fma, [load(poa, j0), cv, pre[3]]))
-        for g, v in enumerate((ig, fg, gg, og)):
-            builder.store(v, ptr(aa, gate_offset(g)), align=4)
-        builder.store(cv, ptr(cna, j0), align=4)
-        return context.get_dummy_value()
 
-    return sig, codegen
+@intrinsic
+def variant_gate_backward_block(typingctx, a, cprev, dcv, dc, zc, dg, p_i, p_f, p_o, H, j):
+    sig = types.void(a, cprev, dcv, dc, zc, dg, p_i, p_f, p_o, H, j)
+    return sig, _pointer_codegen(_variant_gate_backward_body, 1)

@@ -1,13 +1,20 @@
 """Fused kernels for the LSTM variants (numpy + Numba, no torch): layer norm, peepholes,
 zoneout, recurrent dropout. One layer-direction over packed data, forward and backward.
 
-The equations are in lstmkit/variants.py and engines/reference.py (lstm_layer_variant);
-the layout follows kernels/lstm.py (read that first): one GEMM for the input projection
-of all steps, one product per step for the recurrent projection (tile.matmul on weights
-packed once per call), one fused pass over the
-gates per row, weight gradients as one GEMM each after the backward loop. The layer-norm
-backward runs inside the step loop, on each row of dgates while it is still in cache
-(LN is memory-bound: it reads and writes whole 4H rows).
+The equations are in lstmkit/nn/variants.py and engines/reference.py (lstm_layer_variant);
+the layout follows kernels/lstm.py (read that first):
+  - the caller makes x W_ih^T for all steps as one GEMM (into acts) before the time loop,
+    and the weight gradients as GEMMs after the backward loop (both in torch in the engine);
+  - the batch rows are split into chunks of whole sequences, one per thread, each chunk
+    running its own time loop (forward_chunk / backward_chunk over rows r0:r1);
+  - per step a chunk makes one product, (h_{t-1} * m) @ W_hh^T (tile.matmul on weights packed
+    once per call), then one fused pass per row, on row pointers (rows.py), with the float32
+    gate passes as explicit vector blocks (simd.py);
+  - the parameter gradients that are sums over rows (db, layer-norm weights, peepholes) are
+    summed per batch row (db_rows, dln_rows, dpeep_rows), so no chunk writes another's
+    memory, and the caller adds the B rows up: the same sums for any thread count.
+The layer-norm backward runs inside the step loop, on each row of dgates while it is still in
+cache (LN is memory-bound: it reads and writes whole 4H rows).
 
 Shapes (B = batch_sizes[0], P = proj_size or H); an absent part is passed as an empty
 array, and its flag below is read off the shape:
@@ -24,40 +31,60 @@ gradients the same way, so what is left in them at the end is dh0/dc0.
 
 What the forward pass saves for backward (save=True), per packed row:
     acts (4H) gate activations i, f, g, o      cells (H) c~_t (before zoneout)
-    c_prev (H) c_{t-1}                          h_in (P) h_{t-1} * m (the GEMM's input)
+    with zoneout of c: c_prev (H) c_{t-1} (else it is the previous row's cells, or c0)
     with layer norm: xhat, hhat (4H), chat (H) normalised values, and 1/std of each (3,)
+h_{t-1} is y of the previous step (or h0): the backward reads it there.
 """
 import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
-from .lstm import KW, offsets
-from .simd import LANES, variant_gate_block, variant_vector_units
-from .tile import matmul, pack2, padded_width
+from .lstm import no_projection, offsets
+from .rows import KW, add_p, copy_p, ptr_add, row_ptr
+from .simd import (LANES, block_units, out_tanh_block, variant_gate_backward_block, variant_gate_block,
+                   variant_out_backward_block)
+from .threads import run_chunks
+from .tile import matmul, pack, padded_width
 
 EPS = 1e-5
 
 
+# ---- small row operations on pointers -------------------------------------------------------------
 @njit(**KW)
-def _constants(dt):
-    """Two scratch slots of dtype dt: a float64 scalar stored and read back is rounded to dt,
-    so the per-element math stays in float32 for float32 data (a float64 scalar would
-    promote every element and halve the SIMD width)."""
-    return np.empty(2, dt)
+def mul_p(dst, a, b, n):
+    """dst[:n] = a[:n] * b[:n]."""
+    for k in range(n):
+        dst[k] = a[k] * b[k]
 
 
 @njit(**KW)
-def _normalize(v, w, b, xhat, out, k):
-    """Layer norm of the row v: xhat = (v - mean) / sqrt(var + eps), out = xhat * w + b
-    (out may be v itself); returns 1 / sqrt(var + eps). k = _constants(dtype).
-    Two passes for the statistics (no E[v^2] - mean^2 cancellation), summed in float64."""
-    n = v.shape[0]
-    s = 0.0
+def blend_p(dst, new, d, n):
+    """Zoneout: dst[:n] = d dst + (1 - d) new, written new + d (dst - new) (no literal 1: see
+    forward_chunk)."""
+    for k in range(n):
+        dst[k] = new[k] + d[k] * (dst[k] - new[k])
+
+
+@njit(**KW)
+def fma_into(dst, a, b, n):
+    """dst[:n] += a[:n] * b[:n]."""
+    for k in range(n):
+        dst[k] += a[k] * b[k]
+
+
+@njit(**KW)
+def normalize(v, w, b, xhat, out, n, k):
+    """Layer norm of the row v (n values): xhat = (v - mean) / sqrt(var + eps), out = xhat * w + b
+    (out may be v itself); returns 1 / sqrt(var + eps). k: two scratch slots of v's dtype.
+    Two passes for the statistics (no E[v^2] - mean^2 cancellation), summed in v's dtype with
+    the lanes of a vector (as torch's layer_norm sums float32 in float32)."""
+    zero = v[0] - v[0]  # v's dtype: a float64 literal would promote a float32 row
+    s = zero
     for j in range(n):
         s += v[j]
-    k[0] = s / n
+    k[0] = s / n  # stored and read back: rounded to v's dtype
     mean = k[0]
-    s = 0.0
+    s = zero
     for j in range(n):
         d = v[j] - mean
         s += d * d
@@ -71,15 +98,13 @@ def _normalize(v, w, b, xhat, out, k):
 
 
 @njit(**KW)
-def _normalize_backward(dy, w, xhat, rstd, dv, k):
-    """Backward of y = xhat * w + b, xhat = normalize(v), to v: writes dv.
+def normalize_backward(dy, w, xhat, rstd, dv, n, k):
+    """Backward of y = xhat * w + b, xhat = normalize(v), to v: writes dv (n values).
     dv = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * w.
     dv may be dy itself (each element reads its own dy before writing). The gradients of
-    w and b (sums over rows of dy * xhat and dy) are left to the caller: pure reductions
-    here vectorise, stores into two more arrays would not."""
-    n = dy.shape[0]
-    s1 = 0.0
-    s2 = 0.0
+    w and b are left to the caller."""
+    s1 = dy[0] - dy[0]
+    s2 = s1
     for j in range(n):
         dxh = dy[j] * w[j]
         s1 += dxh
@@ -92,288 +117,351 @@ def _normalize_backward(dy, w, xhat, rstd, dv, k):
         dv[j] = rstd * (dy[j] * w[j] - m1 - xhat[j] * m2)
 
 
+# ---- the fused row passes: float32 vector blocks (simd.py), the rest (float64, H % LANES) scalar --
 @njit(**KW)
-def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
-                 ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, w_peep, zc, zh, rm,
-                 reverse, acts, y, h, c, cells, c_prev, h_in, xhat, hhat, chat, rstd, save):
-    """Forward pass into preallocated arrays (C-contiguous, one dtype).
+def gate_row(a, q, b, pi, pf, po, c, cn, H):
+    """a (4H) in x W_ih^T (normalised), out the activations i, f, g, o; q (4H) the recurrent
+    part; b (4H); pi, pf, po (H) peepholes; c (H) c_{t-1}; cn (H) out c~_t."""
+    j0 = block_units(a, H)
+    for j in range(0, j0, LANES):
+        variant_gate_block(a, q, b, pi, pf, po, c, cn, H, j)
+    for j in range(j0, H):
+        cp = c[j]
+        ig = sigmoid(a[j] + q[j] + b[j] + pi[j] * cp)
+        fg = sigmoid(a[H + j] + q[H + j] + b[H + j] + pf[j] * cp)
+        gg = tanh(a[2 * H + j] + q[2 * H + j] + b[2 * H + j])
+        cv = fg * cp + ig * gg
+        a[j] = ig
+        a[H + j] = fg
+        a[2 * H + j] = gg
+        a[3 * H + j] = sigmoid(a[3 * H + j] + q[3 * H + j] + b[3 * H + j] + po[j] * cv)
+        cn[j] = cv
 
-    acts (total, 4H) scratch, on return the activations; y (total, P); h, c (B, P), (B, H)
-    on return h_n, c_n. Saved arrays (written when save, else may have 0 rows): cells,
-    c_prev (total, H), h_in (total, P); with layer norm xhat (total, 4H), hhat (total, 4H),
-    chat (total, H), rstd (total, 3) (else 0 rows).
-    """
+
+@njit(**KW)
+def out_tanh_row(a, v, out, H):
+    """out (H) = o * tanh(v), o the last gate row of a (4H)."""
+    j0 = block_units(a, H)
+    for j in range(0, j0, LANES):
+        out_tanh_block(a, v, out, H, j)
+    for j in range(j0, H):
+        out[j] = a[3 * H + j] * tanh(v[j])
+
+
+@njit(**KW)
+def out_backward_row(a, v, dhp, dg, dv, hpre, want_hpre, H):
+    """Through h~ = o * tanh(v): dv (H) out dL/dv; dg[3H:] out dL/d pre_o; hpre (H) out o tanh(v)
+    when want_hpre. dhp (H) dL/dh~ before the projection."""
+    j0 = block_units(a, H)
+    for j in range(0, j0, LANES):
+        variant_out_backward_block(a, v, dhp, dg, dv, hpre, want_hpre, H, j)
+    for j in range(j0, H):
+        # No literal 1 here: int - float32 types as float64 in Numba (s' = s - s^2).
+        og = a[3 * H + j]
+        tc = tanh(v[j])
+        dv[j] = dhp[j] * (og - og * tc * tc)
+        dg[3 * H + j] = dhp[j] * tc * (og - og * og)
+        if want_hpre:
+            hpre[j] = og * tc
+
+
+@njit(**KW)
+def gate_backward_row(a, cp, dcv, dc, zc, dg, pi, pf, po, H):
+    """dc (H) in dL/dc_t carried, out dL/dc_{t-1}; dcv (H) dL/dc~ through h~; zc (H) zoneout's d
+    (zeros without); dg (4H) out dL/d pre-activations i, f, g (o: out_backward_row)."""
+    j0 = block_units(a, H)
+    for j in range(0, j0, LANES):
+        variant_gate_backward_block(a, cp, dcv, dc, zc, dg, pi, pf, po, H, j)
+    for j in range(j0, H):
+        ig = a[j]
+        fg = a[H + j]
+        gg = a[2 * H + j]
+        keep = zc[j] * dc[j]  # c~ reaches the carried c_t through (1 - d); c_{t-1} gets d dc_t
+        d = dcv[j] + (dc[j] - keep) + dg[3 * H + j] * po[j]  # dL/dc~
+        dzi = d * gg * (ig - ig * ig)
+        dzf = d * cp[j] * (fg - fg * fg)
+        dg[j] = dzi
+        dg[H + j] = dzf
+        dg[2 * H + j] = d * (ig - ig * gg * gg)
+        dc[j] = d * fg + keep + dzi * pi[j] + dzf * pf[j]
+
+
+# ---- forward ---------------------------------------------------------------------------------------
+@njit(**KW)
+def forward_chunk(batch_sizes, h0, c0, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
+                  w_peep, zc, zh, rm, reverse, acts, y, h, c, cells, c_prev, xhat, hhat, chat, rstd, save, r0, r1):
+    """The whole time loop of rows r0:r1 (see forward_core for the arguments)."""
     T = batch_sizes.shape[0]
-    B, H = c0.shape
-    P = h0.shape[1]
-    has_proj = w_hr.shape[0] > 0
+    off = offsets(batch_sizes)
+    H = c.shape[1]
+    P = h.shape[1]
+    m = r1 - r0
+    dt = acts.dtype
+    has_proj = wp_hr.shape[0] > 0
     has_ln = ln_ih_w.shape[0] > 0
     has_zc = zc.shape[0] > 0
     has_zh = zh.shape[0] > 0
     has_rm = rm.shape[0] > 0
-    off = offsets(batch_sizes)
-    h[:] = h0
-    c[:] = c0
-    dt = acts.dtype
-    # The per-step products on weights packed once per call for the micro-kernel (tile.py),
-    # as the plain kernel does; their outputs are padded to the kernel's column blocks.
-    wp_hh = pack2(w_hh, w_hh[:, :0], True)  # W_hh^T (P, 4H)
-    wp_hr = pack2(w_hr, w_hr[:, :0], True)  # W_hr^T (H, P); no blocks without a projection
-    hh = np.empty((B, padded_width(wp_hh)), dt)  # (h_{t-1} * m) @ W_hh^T of one step
-    hin = np.empty((B, P), dt)  # h_{t-1} * m
-    hp = np.empty((B, H), dt)  # o * tanh(c~), before the projection
-    hn = np.empty((B, padded_width(wp_hr) if has_proj else P), dt)  # h~ (after the projection), before zoneout
-    nrm4 = np.empty(4 * H, dt)  # one row normalised (scratch when not saving)
+    hin = np.empty((m, P), dt)  # h_{t-1} * m: the product's input
+    hh = np.empty((m, padded_width(wp_hh)), dt)  # (h_{t-1} * m) W_hh^T
+    hp = np.empty((m, H), dt)  # o * tanh(.), before the projection
+    hn = np.empty((m if has_proj else 0, padded_width(wp_hr)), dt)  # after the projection
+    cscr = np.empty((0 if save else m, H), dt)  # c~ when not saving
+    nrm4 = np.empty(4 * H, dt)  # normalised rows when not saving
     nrm1 = np.empty(H, dt)
-    nrm1c = np.empty(H, dt)
     cnl = np.empty(H, dt)  # LN_cell(c~) of one row
-    kc = _constants(dt)
-    bi, bf, bg, bo = b[:H], b[H : 2 * H], b[2 * H : 3 * H], b[3 * H :]
-    pi, pf, po = w_peep[0], w_peep[1], w_peep[2]
-    if T == 0:
-        return
-    # No literal 1 in float math below: int - float32 types as float64 in Numba and would
-    # run a float32 loop in float64 (so s' = s - s*s, and (1 - d) a + d b = a + d (b - a)).
-    np.dot(x, w_ih.T, acts)  # (total, 4H)
-
+    k = np.empty(2, dt)
+    # No literal 1 in float math: int - float32 types as float64 in Numba and would run a
+    # float32 loop in float64 (so s' = s - s*s, and (1 - d) a + d b = a + d (b - a)).
+    pb, pi, pf, po = row_ptr(b, 0), row_ptr(w_peep, 0), row_ptr(w_peep, 1), row_ptr(w_peep, 2)
+    lih_w, lih_b, lhh_w, lhh_b = row_ptr(ln_ih_w, 0), row_ptr(ln_ih_b, 0), row_ptr(ln_hh_w, 0), row_ptr(ln_hh_b, 0)
+    lc_w, lc_b = row_ptr(ln_c_w, 0), row_ptr(ln_c_b, 0)
+    for i in range(m):
+        copy_p(row_ptr(h, r0 + i), row_ptr(h0, r0 + i), P)
+        copy_p(row_ptr(c, r0 + i), row_ptr(c0, r0 + i), H)
     for s in range(T):
         t = T - 1 - s if reverse else s
-        bs = batch_sizes[t]
-        o0 = off[t]
-        for r in range(bs):
+        n = min(r1, batch_sizes[t]) - r0
+        if n <= 0:
+            continue
+        o = off[t] + r0
+        for i in range(n):
             if has_rm:
-                for k in range(P):
-                    hin[r, k] = h[r, k] * rm[r, k]
+                mul_p(row_ptr(hin, i), row_ptr(h, r0 + i), row_ptr(rm, r0 + i), P)
             else:
-                hin[r] = h[r]
-            if save:
-                h_in[o0 + r] = hin[r]
-                c_prev[o0 + r] = c[r]
-        matmul(hin, bs, wp_hh, hh)  # (bs, P) @ (P, 4H)
-        for r in range(bs):
-            row = o0 + r
-            a = acts[row]
-            q = hh[r, : 4 * H]
-            cr = c[r]
-            hr_ = hp[r]
-            cn = cells[row] if save else nrm1  # c~ of this row
+                copy_p(row_ptr(hin, i), row_ptr(h, r0 + i), P)
+            if save and has_zc:
+                copy_p(row_ptr(c_prev, o + i), row_ptr(c, r0 + i), H)
+        matmul(hin, n, wp_hh, hh)  # (n, P) @ (P, 4H)
+        for i in range(n):
+            row = o + i
+            a = row_ptr(acts, row)
+            q = row_ptr(hh, i)
+            cr = row_ptr(c, r0 + i)
+            cn = row_ptr(cells, row) if save else row_ptr(cscr, i)  # c~
             if has_ln:  # a = LN_ih(a), q = LN_hh(q), each row when its step comes (in cache)
-                rs = _normalize(a, ln_ih_w, ln_ih_b, xhat[row] if save else nrm4, a, kc)
+                rs = normalize(a, lih_w, lih_b, row_ptr(xhat, row) if save else row_ptr(nrm4, 0), a, 4 * H, k)
                 if save:
                     rstd[row, 0] = rs
-                rs = _normalize(q, ln_hh_w, ln_hh_b, hhat[row] if save else nrm4, q, kc)
+                rs = normalize(q, lhh_w, lhh_b, row_ptr(hhat, row) if save else row_ptr(nrm4, 0), q, 4 * H, k)
                 if save:
                     rstd[row, 1] = rs
-            # The gate loop: no branches (peepholes of zero cost nothing); float32 in vector
-            # blocks, the rest (float64, H % LANES) in a loop on one 1-D slice per gate (LLVM
-            # can't prove a[j], a[H + j] apart), made only when that loop runs: each slice is
-            # a view with a reference count, which per row costs as much as a block.
-            j0 = variant_vector_units(a, q, b, pi, pf, po, cr, cn)  # float32: vector blocks (simd.py)
-            for j in range(0, j0, LANES):
-                variant_gate_block(a, q, b, pi, pf, po, cr, cn, j)
-            ao = a[3 * H :]  # o, read again below
-            if j0 < H:
-                ai, af, ag = a[:H], a[H : 2 * H], a[2 * H : 3 * H]
-                qi, qf, qg, qo = q[:H], q[H : 2 * H], q[2 * H : 3 * H], q[3 * H :]
-            for j in range(j0, H):
-                cp = cr[j]
-                ig = sigmoid(ai[j] + qi[j] + bi[j] + pi[j] * cp)
-                fg = sigmoid(af[j] + qf[j] + bf[j] + pf[j] * cp)
-                gg = tanh(ag[j] + qg[j] + bg[j])
-                cv = fg * cp + ig * gg
-                ai[j] = ig
-                af[j] = fg
-                ag[j] = gg
-                ao[j] = sigmoid(ao[j] + qo[j] + bo[j] + po[j] * cv)
-                cn[j] = cv
-            if has_zc:  # zoneout of c: the carried state keeps c_{t-1} where d = 1
-                for j in range(H):
-                    cr[j] = cn[j] + zc[row, j] * (cr[j] - cn[j])  # d c_prev + (1 - d) c~
+            gate_row(a, q, pb, pi, pf, po, cr, cn, H)
+            if has_zc:  # the carried state keeps c_{t-1} where d = 1
+                blend_p(cr, cn, row_ptr(zc, row), H)
             else:
-                cr[:] = cn
+                copy_p(cr, cn, H)
+            v = cn
             if has_ln:  # h~ = o * tanh(LN_cell(c~))
-                rs = _normalize(cn, ln_c_w, ln_c_b, chat[row] if save else nrm1c, cnl, kc)
+                v = row_ptr(cnl, 0)
+                rs = normalize(cn, lc_w, lc_b, row_ptr(chat, row) if save else row_ptr(nrm1, 0), v, H, k)
                 if save:
                     rstd[row, 2] = rs
-                for j in range(H):
-                    hr_[j] = ao[j] * tanh(cnl[j])
-            else:
-                for j in range(H):
-                    hr_[j] = ao[j] * tanh(cn[j])
+            out_tanh_row(a, v, row_ptr(hp, i), H)
         if has_proj:
-            matmul(hp, bs, wp_hr, hn)  # (bs, H) @ (H, P)
-        else:
-            hn[:bs] = hp[:bs]
-        for r in range(bs):  # zoneout of h, then y_t = h_t
+            matmul(hp, n, wp_hr, hn)  # (n, H) @ (H, P)
+        for i in range(n):  # zoneout of h, then y_t = h_t
+            hr = row_ptr(h, r0 + i)
+            new = row_ptr(hn, i) if has_proj else row_ptr(hp, i)
             if has_zh:
-                row = o0 + r
-                for k in range(P):
-                    h[r, k] = hn[r, k] + zh[row, k] * (h[r, k] - hn[r, k])
+                blend_p(hr, new, row_ptr(zh, o + i), P)
             else:
-                h[r] = hn[r, :P]
-        y[o0 : o0 + bs] = h[:bs]
+                copy_p(hr, new, P)
+            copy_p(row_ptr(y, o + i), hr, P)
 
 
-@njit(**KW)
-def backward_core(x, batch_sizes, w_ih, w_hh, w_hr,
-                  ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, w_peep, zc, zh, rm, reverse,
-                  acts, cells, c_prev, h_in, xhat, hhat, chat, rstd,
-                  dy, dh, dc, dx, dw_ih, dw_hh, db, dw_hr,
-                  dln_ih_w, dln_ih_b, dln_hh_w, dln_hh_b, dln_c_w, dln_c_b, dw_peep):
-    """BPTT through forward_core(save=True).
+def pack_forward(w_hh, w_hr):
+    """(wp_hh, wp_hr): W_hh^T and W_hr^T packed for tile.matmul (wp_hr empty without projection)."""
+    return pack(w_hh, True), (pack(w_hr, True) if w_hr.shape[0] else no_projection(w_hh))
 
-    dy (total, P) incoming; dh (B, P), dc (B, H) hold dh_n, dc_n on entry and dh0, dc0
-    on return. Writes dx, dw_ih, dw_hh, db (of b_ih and b_hh alike), dw_hr, and the
-    gradients of the layer-norm parameters and of w_peep (empty arrays when absent;
-    w_peep itself is zeros (3, H) without peepholes, and dw_peep (0, H)).
+
+def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
+                 ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, w_peep, zc, zh, rm,
+                 reverse, acts, y, h, c, cells, c_prev, xhat, hhat, chat, rstd, save, bounds=None, projected=False):
+    """The forward pass into preallocated arrays (C-contiguous, one dtype).
+
+    acts (total, 4H): x W_ih^T on entry when projected (the caller's GEMM; else made here with
+    numpy), on return the activations; y (total, P); h, c (B, P), (B, H) on return h_n, c_n;
+    cells (total, H) c~ (written when save, else may have 0 rows); c_prev (total, H) with
+    zoneout of c and save (else 0 rows); with layer norm and save xhat (total, 4H), hhat
+    (total, 4H), chat (total, H), rstd (total, 3) (else 0 rows). w_hr (0, H) without a
+    projection. bounds: row chunks (lstm.chunk_bounds), None: one.
     """
+    if x.shape[0] == 0:
+        h[:], c[:] = h0, c0
+        return
+    if not projected:
+        np.dot(x, w_ih.T, acts)
+    wp_hh, wp_hr = pack_forward(w_hh, w_hr)
+    if bounds is None:
+        bounds = np.array([0, c0.shape[0]], np.int64)
+    run_chunks(forward_chunk, bounds, batch_sizes, h0, c0, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b,
+               ln_c_w, ln_c_b, w_peep, zc, zh, rm, reverse, acts, y, h, c, cells, c_prev, xhat, hhat, chat, rstd, save)
+
+
+# ---- backward --------------------------------------------------------------------------------------
+@njit(**KW)
+def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, w_peep,
+                   zc, zh, rm, reverse, acts, cells, c_prev, y, xhat, hhat, chat, rstd, dy, dh, dc,
+                   dgates, dhw, xh_prev, db_rows, dln_rows, dpeep_rows, dh_all, hpre_all, r0, r1):
+    """BPTT over rows r0:r1 (see backward_core for the arguments)."""
     T = batch_sizes.shape[0]
-    B, H = dc.shape
+    off = offsets(batch_sizes)
+    I = x.shape[1]
+    H = dc.shape[1]
     P = dh.shape[1]
-    total = x.shape[0]
-    has_proj = w_hr.shape[0] > 0
+    m = r1 - r0
+    dt = acts.dtype
+    has_proj = wpb_hr.shape[0] > 0
     has_ln = ln_ih_w.shape[0] > 0
-    has_peep = dw_peep.shape[0] > 0  # (0, H): no peepholes, no gradient wanted
+    has_peep = dpeep_rows.shape[0] > 0  # (0, 3H): no peepholes, no gradient wanted
     has_zc = zc.shape[0] > 0
     has_zh = zh.shape[0] > 0
     has_rm = rm.shape[0] > 0
-    off = offsets(batch_sizes)
-    dt = acts.dtype
-    # d loss / d (gate pre-activations) = d b; with layer norm each row then becomes
-    # d loss / d (x W_ih^T) (through LN_ih), in place, once its step is done.
-    dgates = np.empty((total, 4 * H), dt)
-    dhw = np.empty((total if has_ln else 0, 4 * H), dt)  # d loss / d (h_in W_hh^T), before LN_hh
-    dhn = np.empty((B, P), dt)  # d loss / d h~ (after projection, before zoneout)
-    wpb_hh = pack2(w_hh, w_hh[:, :0], False)  # W_hh (4H, P) packed for the per-step product
-    wpb_hr = pack2(w_hr, w_hr[:, :0], False)  # W_hr (P, H); no blocks without a projection
-    dhp = np.empty((B, padded_width(wpb_hr) if has_proj else H), dt)  # d loss / d (o * tanh(.)) before the projection
-    dhin = np.empty((B, padded_width(wpb_hh)), dt)  # d loss / d h_in of one step
-    dcv = np.empty(H, dt)  # d loss / d c~ of one row
-    dcn = np.empty(H, dt)  # d loss / d LN_cell(c~) of one row
-    cn = np.empty(H, dt)  # LN_cell(c~) (or c~) of one row
-    kc = _constants(dt)
-    pi, pf, po = w_peep[0], w_peep[1], w_peep[2]
-    keep = np.zeros(H, dt)  # zoneout: d_c * dc_t, the part of dc_t that goes straight to c_{t-1}
-    dh_all = np.empty((total if has_proj else 0, P), dt)  # for dW_hr in one GEMM
-    hp_all = np.empty((total if has_proj else 0, H), dt)
-    dln_c_w[:] = 0
-    dln_c_b[:] = 0
-    dln_hh_w[:] = 0
-    dln_hh_b[:] = 0
-    dln_ih_w[:] = 0
-    dln_ih_b[:] = 0
-    dw_peep[:] = 0
-    db[:] = 0
-    dp0 = dw_peep[0] if has_peep else keep  # (keep: never written through, just a typed stand-in)
-    dp1 = dw_peep[1] if has_peep else keep
-    dp2 = dw_peep[2] if has_peep else keep
-
+    dhn = np.empty((m, P), dt)  # dL/dh~ (after the projection, before zoneout)
+    dhp = np.empty((m if has_proj else 0, padded_width(wpb_hr)), dt)  # dL/d(o * tanh(.))
+    dhin = np.empty((m, padded_width(wpb_hh)), dt)  # dL/d(h_{t-1} * m) of one step
+    dcn = np.empty(H, dt)  # dL/d(what went into tanh) of one row
+    dcv = np.empty(H, dt)  # dL/dc~ through LN_cell
+    cnl = np.empty(H, dt)  # LN_cell(c~)
+    zeros = np.zeros(H, dt)  # zoneout's d without zoneout
+    k = np.empty(2, dt)
+    pi, pf, po = row_ptr(w_peep, 0), row_ptr(w_peep, 1), row_ptr(w_peep, 2)
+    lih_w, lhh_w, lc_w, lc_b = row_ptr(ln_ih_w, 0), row_ptr(ln_hh_w, 0), row_ptr(ln_c_w, 0), row_ptr(ln_c_b, 0)
     for s in range(T):
         t = s if reverse else T - 1 - s
-        bs = batch_sizes[t]
-        o0 = off[t]
-        for r in range(bs):  # dh_t = carried + dy_t; zoneout splits it into h~ and h_{t-1} parts
-            row = o0 + r
+        n = min(r1, batch_sizes[t]) - r0
+        if n <= 0:
+            continue
+        o = off[t] + r0
+        # The step that ran just before t in the forward pass, and how many of our rows it holds.
+        if reverse:
+            tp = t + 1
+            n_prev = min(r1, batch_sizes[tp]) - r0 if tp < T else 0
+        else:
+            tp = t - 1
+            n_prev = n if tp >= 0 else 0
+        n_prev = max(n_prev, 0)
+        p0 = off[tp] + r0 if n_prev > 0 else 0
+        for i in range(n):  # dh_t = carried + dy_t; zoneout splits it into h~ and h_{t-1} parts
+            g, dr = row_ptr(dhn, i), row_ptr(dh, r0 + i)
+            copy_p(g, dr, P)
+            add_p(g, row_ptr(dy, o + i), P)
             if has_zh:
-                for k in range(P):
-                    g = dh[r, k] + dy[row, k]
-                    dhn[r, k] = g - zh[row, k] * g  # (1 - d) g
-                    dh[r, k] = zh[row, k] * g
-            else:
-                for k in range(P):
-                    dhn[r, k] = dh[r, k] + dy[row, k]
+                mul_p(dr, g, row_ptr(zh, o + i), P)  # d g
+                for kk in range(P):
+                    g[kk] = g[kk] - dr[kk]  # (1 - d) g
         if has_proj:
-            dh_all[o0 : o0 + bs] = dhn[:bs]
-            matmul(dhn, bs, wpb_hr, dhp)  # (bs, P) @ (P, H)
-        else:
-            dhp[:bs] = dhn[:bs]
-        for r in range(bs):
-            row = o0 + r
-            a = acts[row]
-            cp = c_prev[row]
-            dgr = dgates[row]
-            dcr = dc[r]
-            hpr = hp_all[row] if has_proj else dcv  # o * tanh(.) for dW_hr (dcv: scratch)
-            if has_ln:  # cn = what went into tanh
-                for j in range(H):
-                    cn[j] = chat[row, j] * ln_c_w[j] + ln_c_b[j]
+            for i in range(n):
+                copy_p(row_ptr(dh_all, o + i), row_ptr(dhn, i), P)
+            matmul(dhn, n, wpb_hr, dhp)  # (n, P) @ (P, H)
+        for i in range(n):
+            row = o + i
+            xh = row_ptr(xh_prev, row)  # [x_t | h_{t-1} * m]: the weight gradients' GEMM input
+            copy_p(xh, row_ptr(x, row), I)
+            hprev = row_ptr(y, p0 + i) if i < n_prev else row_ptr(h0, r0 + i)
+            if has_rm:
+                mul_p(ptr_add(xh, I), hprev, row_ptr(rm, r0 + i), P)
             else:
-                cn[:] = cells[row]
-            ai, af, ag, ao = a[:H], a[H : 2 * H], a[2 * H : 3 * H], a[3 * H :]  # 1-D slices: see forward
-            di, df, dg, do = dgr[:H], dgr[H : 2 * H], dgr[2 * H : 3 * H], dgr[3 * H :]
-            dpr = dhp[r]
-            for j in range(H):  # through h~ = o * tanh(cn)
-                tc = tanh(cn[j])
-                og = ao[j]
-                dcn[j] = dpr[j] * (og - og * tc * tc)
-                do[j] = dpr[j] * tc * (og - og * og)
-                hpr[j] = og * tc
-            if has_ln:
-                _normalize_backward(dcn, ln_c_w, chat[row], rstd[row, 2], dcv, kc)
-                chr_ = chat[row]
-                for j in range(H):
-                    dln_c_w[j] += dcn[j] * chr_[j]
-                    dln_c_b[j] += dcn[j]
-            else:
-                dcv[:] = dcn
-            # c~ reaches the carried c_t through (1 - d_c); c_{t-1} gets d_c * dc_t directly.
+                copy_p(ptr_add(xh, I), hprev, P)
             if has_zc:
+                cp = row_ptr(c_prev, row)
+            else:
+                cp = row_ptr(cells, p0 + i) if i < n_prev else row_ptr(c0, r0 + i)
+            a = row_ptr(acts, row)
+            dg = row_ptr(dgates, row)
+            cv = row_ptr(cells, row)  # c~_t
+            v = cv
+            if has_ln:  # what went into tanh: LN_cell(c~) = chat * w + b
+                v = row_ptr(cnl, 0)
+                ch = row_ptr(chat, row)
                 for j in range(H):
-                    keep[j] = zc[row, j] * dcr[j]
-                    dcr[j] = dcr[j] - zc[row, j] * dcr[j]
-            for j in range(H):  # branch-free, vectorises; peepholes of zero cost nothing
-                ig = ai[j]
-                fg = af[j]
-                gg = ag[j]
-                d = dcv[j] + dcr[j] + do[j] * po[j]  # d loss / d c~
-                dzi = d * gg * (ig - ig * ig)
-                dzf = d * cp[j] * (fg - fg * fg)
-                di[j] = dzi
-                df[j] = dzf
-                dg[j] = d * (ig - ig * gg * gg)
-                dcr[j] = d * fg + keep[j] + dzi * pi[j] + dzf * pf[j]  # d c_{t-1}
-            # While this row of dgates is in cache: the parameter gradients that need it,
-            # then (layer norm) its two LN backwards.
-            if has_peep:  # pre_i, pre_f saw p * c_{t-1}; pre_o saw p_o * c~_t
-                cvr = cells[row]
-                for j in range(H):
-                    dp0[j] += di[j] * cp[j]
-                    dp1[j] += df[j] * cp[j]
-                    dp2[j] += do[j] * cvr[j]
+                    v[j] = ch[j] * lc_w[j] + lc_b[j]
+            out_backward_row(a, v, row_ptr(dhp, i) if has_proj else row_ptr(dhn, i), dg, row_ptr(dcn, 0),
+                             row_ptr(hpre_all, row) if has_proj else row_ptr(dcv, 0), has_proj, H)
+            dcv_p = row_ptr(dcn, 0)
             if has_ln:
-                xr, hr = xhat[row], hhat[row]
-                for j in range(4 * H):  # LN_ih, LN_hh outputs are added like the biases
-                    g = dgr[j]
-                    db[j] += g
-                    dln_ih_w[j] += g * xr[j]
-                    dln_hh_w[j] += g * hr[j]
-                _normalize_backward(dgr, ln_hh_w, hr, rstd[row, 1], dhw[row], kc)
-                # dgates becomes d(x W_ih^T) in place (db, dW_hh no longer need it)
-                _normalize_backward(dgr, ln_ih_w, xr, rstd[row, 0], dgr, kc)
+                dl = row_ptr(dln_rows, r0 + i)  # [ih_w 4H | hh_w 4H | c_w H | c_b H]
+                fma_into(ptr_add(dl, 8 * H), row_ptr(dcn, 0), row_ptr(chat, row), H)
+                add_p(ptr_add(dl, 9 * H), row_ptr(dcn, 0), H)
+                dcv_p = row_ptr(dcv, 0)
+                normalize_backward(row_ptr(dcn, 0), lc_w, row_ptr(chat, row), rstd[row, 2], dcv_p, H, k)
+            gate_backward_row(a, cp, dcv_p, row_ptr(dc, r0 + i), row_ptr(zc, row) if has_zc else row_ptr(zeros, 0),
+                              dg, pi, pf, po, H)
+            if has_peep:  # pre_i, pre_f saw p * c_{t-1}; pre_o saw p_o * c~_t
+                dp = row_ptr(dpeep_rows, r0 + i)
+                fma_into(dp, dg, cp, H)
+                fma_into(ptr_add(dp, H), ptr_add(dg, H), cp, H)
+                fma_into(ptr_add(dp, 2 * H), ptr_add(dg, 3 * H), cv, H)
+            add_p(row_ptr(db_rows, r0 + i), dg, 4 * H)
+            if has_ln:  # LN_ih, LN_hh outputs are added like the biases
+                dl = row_ptr(dln_rows, r0 + i)
+                xr, hr = row_ptr(xhat, row), row_ptr(hhat, row)
+                fma_into(dl, dg, xr, 4 * H)
+                fma_into(ptr_add(dl, 4 * H), dg, hr, 4 * H)
+                normalize_backward(dg, lhh_w, hr, rstd[row, 1], row_ptr(dhw, row), 4 * H, k)
+                # dgates becomes d(x W_ih^T) in place (db and the LN sums no longer need it)
+                normalize_backward(dg, lih_w, xr, rstd[row, 0], dg, 4 * H, k)
         src = dhw if has_ln else dgates
-        matmul(src[o0:], bs, wpb_hh, dhin)  # (bs, 4H) @ (4H, P)
-        if has_rm and has_zh:  # dh_{t-1} = (zoneout's part) + m * (the recurrent GEMM's part)
-            for r in range(bs):
-                for k in range(P):
-                    dh[r, k] += dhin[r, k] * rm[r, k]
-        elif has_rm:
-            for r in range(bs):
-                for k in range(P):
-                    dh[r, k] = dhin[r, k] * rm[r, k]
-        elif has_zh:
-            dh[:bs] += dhin[:bs, :P]
-        else:
-            dh[:bs] = dhin[:bs, :P]
+        matmul(src[o:], n, wpb_hh, dhin)  # (n, 4H) @ (4H, P)
+        for i in range(n):  # dh_{t-1} = (zoneout's part) + m * (the recurrent product's part)
+            dr, di = row_ptr(dh, r0 + i), row_ptr(dhin, i)
+            if has_rm and has_zh:
+                fma_into(dr, di, row_ptr(rm, r0 + i), P)
+            elif has_rm:
+                mul_p(dr, di, row_ptr(rm, r0 + i), P)
+            elif has_zh:
+                add_p(dr, di, P)
+            else:
+                copy_p(dr, di, P)
 
-    if has_ln:
-        dln_ih_b[:] = db
-        dln_hh_b[:] = db
+
+def pack_backward(w_hh, w_hr):
+    """(wpb_hh, wpb_hr): W_hh (4H, P) and W_hr (P, H) packed for tile.matmul."""
+    return pack(w_hh, False), (pack(w_hr, False) if w_hr.shape[0] else no_projection(w_hh))
+
+
+def backward_core(x, batch_sizes, h0, c0, w_hh, w_hr, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, w_peep, zc, zh, rm,
+                  reverse, acts, cells, c_prev, y, xhat, hhat, chat, rstd, dy, dh, dc,
+                  dgates, dhw, xh_prev, db_rows, dln_rows, dpeep_rows, dh_all, hpre_all, bounds=None):
+    """BPTT through forward_core(save=True): the time loop. The weight gradients are left to
+    the caller, as GEMMs over what this writes (weight_gradients).
+
+    y: forward_core's output (h_{t-1} of each row); dy (total, P); dh (B, P), dc (B, H): in
+    dL/dh_n, dL/dc_n, out dL/dh0, dL/dc0. Out: dgates (total, 4H) dL/d pre-activations (with
+    layer norm: dL/d(x W_ih^T), through LN_ih), dhw (total, 4H) with layer norm dL/d(h_in W_hh^T)
+    (else 0 rows), xh_prev (total, I + P) [x_t | h_{t-1} * m] of every row, db_rows (B, 4H)
+    zeros in, each batch row's sum of dgates; dln_rows (B, 10H) zeros in, with layer norm each
+    batch row's sums for [ln_ih_w | ln_hh_w | ln_c_w | ln_c_b] (the LN biases' gradients are
+    db); dpeep_rows (B, 3H) zeros in, with peepholes the sums for p_i, p_f, p_o (0 rows: none
+    wanted); with a projection dh_all (total, P) dL/dh~ and hpre_all (total, H) its input."""
+    if x.shape[0] == 0:
+        return
+    wpb_hh, wpb_hr = pack_backward(w_hh, w_hr)
+    if bounds is None:
+        bounds = np.array([0, dc.shape[0]], np.int64)
+    run_chunks(backward_chunk, bounds, x, batch_sizes, h0, c0, wpb_hh, wpb_hr, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b,
+               w_peep, zc, zh, rm, reverse, acts, cells, c_prev, y, xhat, hhat, chat, rstd, dy, dh, dc,
+               dgates, dhw, xh_prev, db_rows, dln_rows, dpeep_rows, dh_all, hpre_all)
+
+
+def weight_gradients(I, H, dgates, dhw, xh_prev, db_rows, dln_rows, dpeep_rows, dh_all, hpre_all, mm=np.dot):
+    """The parameter gradients from backward_core's outputs: dict of dw_ih, dw_hh, db, dw_hr
+    (None without projection), dln (ln_ih_w, ln_hh_w, ln_c_w, ln_c_b; None without layer norm)
+    and dpeep ((3, H) or None). Without layer norm [dW_ih | dW_hh] is one GEMM (column views);
+    mm: the matrix product (the torch engine passes torch's)."""
+    if dhw.shape[0]:
+        dw_ih = mm(dgates.T, xh_prev[:, :I])  # (4H, total) @ (total, I)
+        dw_hh = mm(dhw.T, xh_prev[:, I:])  # (4H, total) @ (total, P)
     else:
-        for row in range(total):
-            db += dgates[row]
-    src = dhw if has_ln else dgates
-    np.dot(src.T, h_in, dw_hh)  # (4H, total) @ (total, P)
-    np.dot(dgates, w_ih, dx)  # (total, 4H) @ (4H, I)
-    np.dot(dgates.T, x, dw_ih)  # (4H, total) @ (total, I)
-    if has_proj:
-        np.dot(dh_all.T, hp_all, dw_hr)  # (P, total) @ (total, H)
+        dw = mm(dgates.T, xh_prev)
+        dw_ih, dw_hh = dw[:, :I], dw[:, I:]
+    g = dict(dw_ih=dw_ih, dw_hh=dw_hh, db=db_rows.sum(0), dw_hr=None, dln=None, dpeep=None)
+    if dh_all.shape[0]:
+        g["dw_hr"] = mm(dh_all.T, hpre_all)  # (P, total) @ (total, H)
+    if dhw.shape[0]:
+        d = dln_rows.sum(0)
+        g["dln"] = (d[: 4 * H], d[4 * H : 8 * H], d[8 * H : 9 * H], d[9 * H :])
+    if dpeep_rows.shape[0]:
+        g["dpeep"] = dpeep_rows.sum(0).reshape(3, H)
+    return g
