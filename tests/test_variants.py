@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -351,6 +352,28 @@ def test_mask_statistics():
     m.eval()
     v = variants.layer_variant(m, 0, 0, [3] * 2, torch.zeros(1))
     assert v.rec_mask is None and torch.all(v.zoneout_c == 0.3) and torch.all(v.zoneout_h == 0.6)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.3, 0.5, 0.97, 1.0])
+def test_hash_masks_have_the_probability_and_no_pattern(p):
+    """kernels/numba/masks.py: the share of ones is p (within 5 sigma of 400k draws), neighbours
+    and rows are independent (P(both) = p^2), the seed fixes the mask and another seed changes it."""
+    from lstmkit.kernels.numba.masks import bernoulli
+
+    n = 400_000
+    m = bernoulli((n // 100, 100), p, np.float32, seed=12345)
+    assert m.dtype == np.float32 and m.shape == (n // 100, 100)
+    assert set(np.unique(m).tolist()) <= {0.0, 1.0}
+    sigma = max(math.sqrt(p * (1 - p) / n), 1e-12)
+    assert abs(m.mean() - p) <= 5 * sigma
+    flat = m.ravel().astype(np.float64)
+    for lag in (1, 2, 100):  # the next unit, two along, the same unit one row later
+        both = (flat[:-lag] * flat[lag:]).mean()
+        assert abs(both - p * p) <= 5 * max(math.sqrt(p * p * (1 - p * p) / n), 1e-12), lag
+    assert np.array_equal(m, bernoulli((n // 100, 100), p, np.float32, seed=12345))
+    if 0 < p < 1:
+        assert not np.array_equal(m, bernoulli((n // 100, 100), p, np.float32, seed=12346))
+    assert np.array_equal(bernoulli((7,), p, np.float64, seed=-3), bernoulli((7,), p, np.float64, seed=2**64 - 3))
 
 
 def test_weight_drop_gradient_reaches_raw_weight():

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -81,9 +82,19 @@ def init_parameters(module) -> None:
                 getattr(module, f"bias_ih{sfx}")[H : 2 * H] += cfg.forget_bias
 
 
+_NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _bernoulli(shape, p: float, like: torch.Tensor) -> torch.Tensor:
-    """1 with probability p, else 0 (like's dtype and device). uniform < p: faster
-    than Tensor.bernoulli_(p) on CPU, and the masks are a measurable part of a step."""
+    """1 with probability p, else 0 (like's dtype and device). On CPU, float32/64: a compiled
+    hash seeded from torch's generator (kernels/numba/masks.py: torch's CPU generator is 8x
+    slower, and the masks were a fifth of a zoneout step); elsewhere uniform < p (faster than
+    Tensor.bernoulli_(p))."""
+    if like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64):
+        from ..kernels.numba.masks import bernoulli
+
+        seed = int(torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64))  # torch.manual_seed fixes it
+        return torch.from_numpy(bernoulli(tuple(shape), p, _NUMPY_FLOAT[like.dtype], seed))
     return (torch.rand(shape, dtype=like.dtype, device=like.device) < p).to(like.dtype)
 
 
