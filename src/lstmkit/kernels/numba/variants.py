@@ -117,6 +117,68 @@ def normalize_backward(dy, w, xhat, rstd, dv, n, k):
         dv[j] = rstd * (dy[j] * w[j] - m1 - xhat[j] * m2)
 
 
+@njit(**KW)
+def normalize2(a, q, wa, ba, wq, bq, xa, xq, n, k):
+    """normalize() of two rows at once, in place (a = LN(a) with wa, ba; q = LN(q) with wq, bq;
+    xa, xq out the normalised values); k[2], k[3] out their 1/std. Each pass carries two
+    independent sums: 2.7x faster than two normalize() calls (BENCHMARKS.md, seventh session)."""
+    zero = a[0] - a[0]
+    sa = zero
+    sq = zero
+    for j in range(n):
+        sa += a[j]
+        sq += q[j]
+    k[0] = sa / n
+    k[1] = sq / n
+    ma = k[0]
+    mq = k[1]
+    sa = zero
+    sq = zero
+    for j in range(n):
+        da = a[j] - ma
+        dq = q[j] - mq
+        sa += da * da
+        sq += dq * dq
+    k[2] = 1.0 / np.sqrt(sa / n + EPS)
+    k[3] = 1.0 / np.sqrt(sq / n + EPS)
+    ra = k[2]
+    rq = k[3]
+    for j in range(n):
+        xh = (a[j] - ma) * ra
+        xa[j] = xh
+        a[j] = xh * wa[j] + ba[j]
+        xg = (q[j] - mq) * rq
+        xq[j] = xg
+        q[j] = xg * wq[j] + bq[j]
+
+
+@njit(**KW)
+def normalize_backward2(dg, wa, xa, ra, wq, xq, rq, dq, n, k):
+    """normalize_backward() of one incoming row dg through two layer norms: dq (n) out the
+    gradient through LN(q) (wq, xq, rq), then dg in place through LN(a) (wa, xa, ra). One pass
+    for the four sums, one for the two results."""
+    s1a = dg[0] - dg[0]
+    s2a = s1a
+    s1q = s1a
+    s2q = s1a
+    for j in range(n):
+        ga = dg[j] * wa[j]
+        gq = dg[j] * wq[j]
+        s1a += ga
+        s2a += ga * xa[j]
+        s1q += gq
+        s2q += gq * xq[j]
+    k[0] = s1a / n
+    k[1] = s2a / n
+    k[2] = s1q / n
+    k[3] = s2q / n
+    m1a, m2a, m1q, m2q = k[0], k[1], k[2], k[3]
+    for j in range(n):
+        g = dg[j]
+        dq[j] = rq * (g * wq[j] - m1q - xq[j] * m2q)
+        dg[j] = ra * (g * wa[j] - m1a - xa[j] * m2a)
+
+
 # ---- the fused row passes: float32 vector blocks (simd.py), the rest (float64, H % LANES) scalar --
 @njit(**KW)
 def gate_row(a, q, b, pi, pf, po, c, cn, H):
@@ -207,10 +269,10 @@ def forward_chunk(batch_sizes, h0, c0, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_
     hp = np.empty((m, H), dt)  # o * tanh(.), before the projection
     hn = np.empty((m if has_proj else 0, padded_width(wp_hr)), dt)  # after the projection
     cscr = np.empty((0 if save else m, H), dt)  # c~ when not saving
-    nrm4 = np.empty(4 * H, dt)  # normalised rows when not saving
+    nrm4 = np.empty(4 * H, dt)  # normalised rows when not saving (written, never read)
     nrm1 = np.empty(H, dt)
     cnl = np.empty(H, dt)  # LN_cell(c~) of one row
-    k = np.empty(2, dt)
+    k = np.empty(4, dt)
     # No literal 1 in float math: int - float32 types as float64 in Numba and would run a
     # float32 loop in float64 (so s' = s - s*s, and (1 - d) a + d b = a + d (b - a)).
     pb, pi, pf, po = row_ptr(b, 0), row_ptr(w_peep, 0), row_ptr(w_peep, 1), row_ptr(w_peep, 2)
@@ -240,12 +302,11 @@ def forward_chunk(batch_sizes, h0, c0, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_
             cr = row_ptr(c, r0 + i)
             cn = row_ptr(cells, row) if save else row_ptr(cscr, i)  # c~
             if has_ln:  # a = LN_ih(a), q = LN_hh(q), each row when its step comes (in cache)
-                rs = normalize(a, lih_w, lih_b, row_ptr(xhat, row) if save else row_ptr(nrm4, 0), a, 4 * H, k)
+                normalize2(a, q, lih_w, lih_b, lhh_w, lhh_b, row_ptr(xhat, row) if save else row_ptr(nrm4, 0),
+                           row_ptr(hhat, row) if save else row_ptr(nrm4, 0), 4 * H, k)
                 if save:
-                    rstd[row, 0] = rs
-                rs = normalize(q, lhh_w, lhh_b, row_ptr(hhat, row) if save else row_ptr(nrm4, 0), q, 4 * H, k)
-                if save:
-                    rstd[row, 1] = rs
+                    rstd[row, 0] = k[2]
+                    rstd[row, 1] = k[3]
             gate_row(a, q, pb, pi, pf, po, cr, cn, H)
             if has_zc:  # the carried state keeps c_{t-1} where d = 1
                 blend_p(cr, cn, row_ptr(zc, row), H)
@@ -325,7 +386,7 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, ln_ih_w, ln_hh_w, ln_
     dcv = np.empty(H, dt)  # dL/dc~ through LN_cell
     cnl = np.empty(H, dt)  # LN_cell(c~)
     zeros = np.zeros(H, dt)  # zoneout's d without zoneout
-    k = np.empty(2, dt)
+    k = np.empty(4, dt)
     pi, pf, po = row_ptr(w_peep, 0), row_ptr(w_peep, 1), row_ptr(w_peep, 2)
     lih_w, lhh_w, lc_w, lc_b = row_ptr(ln_ih_w, 0), row_ptr(ln_hh_w, 0), row_ptr(ln_c_w, 0), row_ptr(ln_c_b, 0)
     for s in range(T):
@@ -399,9 +460,8 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, ln_ih_w, ln_hh_w, ln_
                 xr, hr = row_ptr(xhat, row), row_ptr(hhat, row)
                 fma_into(dl, dg, xr, 4 * H)
                 fma_into(ptr_add(dl, 4 * H), dg, hr, 4 * H)
-                normalize_backward(dg, lhh_w, hr, rstd[row, 1], row_ptr(dhw, row), 4 * H, k)
-                # dgates becomes d(x W_ih^T) in place (db and the LN sums no longer need it)
-                normalize_backward(dg, lih_w, xr, rstd[row, 0], dg, 4 * H, k)
+                # dhw = dL/d(h_in W_hh^T) through LN_hh; dgates becomes dL/d(x W_ih^T) in place
+                normalize_backward2(dg, lih_w, xr, rstd[row, 0], lhh_w, hr, rstd[row, 1], row_ptr(dhw, row), 4 * H, k)
         src = dhw if has_ln else dgates
         matmul(src[o:], n, wpb_hh, dhin)  # (n, 4H) @ (4H, P)
         for i in range(n):  # dh_{t-1} = (zoneout's part) + m * (the recurrent product's part)
