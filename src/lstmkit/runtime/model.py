@@ -24,6 +24,7 @@ from ..kernels.numba.lstm import (
 )
 from ..kernels.numba.columns import columns_pay, columns_precompute, pack_columns, run_columns
 from ..kernels.numba.variants import forward_core as _variant_forward
+from ..kernels.numba.variants import pack_forward as _variant_pack
 
 
 class Runtime:
@@ -74,13 +75,15 @@ class Runtime:
                     ln = [w.get(f"layer_norm_{part}_{kind}{sfx}", np.zeros(0, dt))
                           for part in ("ih", "hh", "cell") for kind in ("weight", "bias")]
                     peep = w.get("weight_peephole" + sfx, np.zeros((3, H), dt))  # zeros: no peepholes
-                    self._variant_args.append((b_ih + b_hh, *ln, peep))
+                    self._variant_args.append((b_ih + b_hh, *ln, peep, _variant_pack(w["weight_hh" + sfx], w_hr, w["weight_ih" + sfx])))
         self._no_cells = np.zeros((0, H), dt)  # the kernel saves c_t and the activations for training only
         self._no_acts = np.zeros((0, 4 * H), dt)
         self._no_xproj = self._no_acts
         self._one_chunk = {}  # N -> the bounds of one chunk of N rows
         self._columns = {}  # (layer-direction, threads) -> its weights split by hidden units
         self._batch_sizes = {}  # (T, N) -> int64 array [N] * T
+        self._zero_bias = np.zeros(4 * H, dt)  # the variant kernel adds the bias itself (after layer norm)
+        self._zoneout_eval = {}  # total rows -> zoneout's d at inference (p everywhere), made once
 
     # ---- the module's attributes, for code that reads them ----------------------------------
     def __getattr__(self, name):
@@ -261,21 +264,39 @@ class Runtime:
         return (x, batched, T, N, *self._check_state(state, N, batched))
 
     def _variant_layer(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n):
-        """Layer-direction idx through the variant kernel (kernels/variants.py), inference form."""
+        """Layer-direction idx through the variant kernel (kernels/variants.py), inference form, on
+        weights packed once at build: x W_ih^T as one GEMM first where the plain kernel's rule
+        says it pays (precompute_input), else per step in the loop."""
         dt, H, P = self.dtype, self._H, self._P
-        total = x.shape[0]
+        total, N, T = x.shape[0], int(bsz[0]), bsz.shape[0]
         w_ih, w_hh, _, _, w_hr = self.layers[idx]
-        b, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, peep = self._variant_args[idx]
-        p_c, p_h = self.config.zoneout_probs
-        # zoneout at inference: d = p for every row and unit (0 rows: off)
-        zc = np.full((total, H), p_c, dt) if p_c > 0 else np.zeros((0, H), dt)
-        zh = np.full((total, P), p_h, dt) if p_h > 0 else np.zeros((0, P), dt)
+        b, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, peep, packed = self._variant_args[idx]
+        zc, zh = self._zoneout_masks(total)
         empty = lambda *shape: np.empty(shape, dt)  # noqa: E731
+        bounds = self._bounds(bsz, N, T)
+        projected = precompute_input(N, T, w_ih.shape[1], H, P, x.itemsize,
+                                     bounds.shape[0] - 1)
+        acts = self.input_projection(x, w_ih, self._zero_bias) if projected else self._no_acts  # (total, 4H)
         _variant_forward(
             x, bsz, h0[idx], c0[idx], w_ih, w_hh, b, w_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
-            peep, zc, zh, empty(0, P), reverse, empty(total, 4 * H), y, h_n[idx], c_n[idx],
+            peep, zc, zh, empty(0, P), reverse, acts, y, h_n[idx], c_n[idx],
             empty(0, H), empty(0, H), empty(0, 4 * H), empty(0, 4 * H), empty(0, H), empty(0, 3), False,
+            bounds, projected=projected, packed=packed,
         )
+
+    def _zoneout_masks(self, total: int):
+        """zoneout at inference: d = p for every row and unit (0 rows: off), kept per row count."""
+        masks = self._zoneout_eval.get(total)
+        if masks is None:
+            dt, H, P = self.dtype, self._H, self._P
+            p_c, p_h = self.config.zoneout_probs
+            if len(self._zoneout_eval) > 16:
+                self._zoneout_eval.clear()
+            masks = self._zoneout_eval[total] = (
+                np.full((total, H), p_c, dt) if p_c > 0 else np.zeros((0, H), dt),
+                np.full((total, P), p_h, dt) if p_h > 0 else np.zeros((0, P), dt),
+            )
+        return masks
 
     def _check_state(self, state, N: int, batched: bool):
         """(h0, c0) as C-contiguous (D*L, N, P) / (D*L, N, H) arrays, checked like the module does."""

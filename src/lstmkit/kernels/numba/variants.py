@@ -250,7 +250,7 @@ def gate_backward_row(a, cp, dcv, dc, zc, dg, pi, pf, po, H):
 
 # ---- forward ---------------------------------------------------------------------------------------
 @njit(**KW)
-def forward_chunk(batch_sizes, h0, c0, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
+def forward_chunk(x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
                   w_peep, zc, zh, rm, reverse, acts, y, h, c, cells, c_prev, xhat, hhat, chat, rstd, save, r0, r1):
     """The whole time loop of rows r0:r1 (see forward_core for the arguments)."""
     T = batch_sizes.shape[0]
@@ -264,6 +264,8 @@ def forward_chunk(batch_sizes, h0, c0, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_
     has_zc = zc.shape[0] > 0
     has_zh = zh.shape[0] > 0
     has_rm = rm.shape[0] > 0
+    in_loop = wp_ih.shape[0] > 0  # x W_ih^T made per step here (else acts holds it on entry)
+    xq = np.empty((m if in_loop else 0, padded_width(wp_ih)), dt)  # x_t W_ih^T of one step
     hin = np.empty((m, P), dt)  # h_{t-1} * m: the product's input
     hh = np.empty((m, padded_width(wp_hh)), dt)  # (h_{t-1} * m) W_hh^T
     hp = np.empty((m, H), dt)  # o * tanh(.), before the projection
@@ -295,9 +297,11 @@ def forward_chunk(batch_sizes, h0, c0, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_
             if save and has_zc:
                 copy_p(row_ptr(c_prev, o + i), row_ptr(c, r0 + i), H)
         matmul(hin, n, wp_hh, hh)  # (n, P) @ (P, 4H)
+        if in_loop:
+            matmul(x[o:], n, wp_ih, xq)  # (n, I) @ (I, 4H)
         for i in range(n):
             row = o + i
-            a = row_ptr(acts, row)
+            a = row_ptr(xq, i) if in_loop else row_ptr(acts, row)
             q = row_ptr(hh, i)
             cr = row_ptr(c, r0 + i)
             cn = row_ptr(cells, row) if save else row_ptr(cscr, i)  # c~
@@ -319,6 +323,8 @@ def forward_chunk(batch_sizes, h0, c0, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_
                 if save:
                     rstd[row, 2] = rs
             out_tanh_row(a, v, row_ptr(hp, i), H)
+            if in_loop and save:
+                copy_p(row_ptr(acts, row), a, 4 * H)
         if has_proj:
             matmul(hp, n, wp_hr, hn)  # (n, H) @ (H, P)
         for i in range(n):  # zoneout of h, then y_t = h_t
@@ -331,32 +337,39 @@ def forward_chunk(batch_sizes, h0, c0, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_
             copy_p(row_ptr(y, o + i), hr, P)
 
 
-def pack_forward(w_hh, w_hr):
-    """(wp_hh, wp_hr): W_hh^T and W_hr^T packed for tile.matmul (wp_hr empty without projection)."""
-    return pack(w_hh, True), (pack(w_hr, True) if w_hr.shape[0] else no_projection(w_hh))
+def pack_forward(w_hh, w_hr, w_ih=None):
+    """(wp_ih, wp_hh, wp_hr): W_ih^T, W_hh^T and W_hr^T packed for tile.matmul; wp_ih empty unless
+    w_ih is given (x W_ih^T then made per step in the loop), wp_hr empty without projection."""
+    wp_ih = pack(w_ih, True) if w_ih is not None else no_projection(w_hh)
+    return wp_ih, pack(w_hh, True), (pack(w_hr, True) if w_hr.shape[0] else no_projection(w_hh))
 
 
 def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
                  ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, w_peep, zc, zh, rm,
-                 reverse, acts, y, h, c, cells, c_prev, xhat, hhat, chat, rstd, save, bounds=None, projected=False):
+                 reverse, acts, y, h, c, cells, c_prev, xhat, hhat, chat, rstd, save, bounds=None, projected=False,
+                 packed=None):
     """The forward pass into preallocated arrays (C-contiguous, one dtype).
 
-    acts (total, 4H): x W_ih^T on entry when projected (the caller's GEMM; else made here with
-    numpy), on return the activations; y (total, P); h, c (B, P), (B, H) on return h_n, c_n;
+    acts (total, 4H): x W_ih^T on entry when projected (the caller's GEMM), on return the
+    activations; when not projected, x W_ih^T is made per step in the loop where packed holds a
+    packed W_ih (then acts may have 0 rows unless save), else here with numpy's GEMM; y (total, P); h, c (B, P), (B, H) on return h_n, c_n;
     cells (total, H) c~ (written when save, else may have 0 rows); c_prev (total, H) with
     zoneout of c and save (else 0 rows); with layer norm and save xhat (total, 4H), hhat
     (total, 4H), chat (total, H), rstd (total, 3) (else 0 rows). w_hr (0, H) without a
-    projection. bounds: row chunks (lstm.chunk_bounds), None: one.
+    projection. bounds: row chunks (lstm.chunk_bounds), None: one. packed: pack_forward(...) made
+    once by a caller whose weights do not change (the runtime), else made here.
     """
     if x.shape[0] == 0:
         h[:], c[:] = h0, c0
         return
-    if not projected:
-        np.dot(x, w_ih.T, acts)
-    wp_hh, wp_hr = pack_forward(w_hh, w_hr)
+    wp_ih, wp_hh, wp_hr = packed if packed is not None else pack_forward(w_hh, w_hr)
+    if projected or not wp_ih.shape[0]:
+        wp_ih = no_projection(w_hh)  # nothing to make in the loop
+        if not projected:
+            np.dot(x, w_ih.T, acts)
     if bounds is None:
         bounds = np.array([0, c0.shape[0]], np.int64)
-    run_chunks(forward_chunk, bounds, batch_sizes, h0, c0, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b,
+    run_chunks(forward_chunk, bounds, x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b,
                ln_c_w, ln_c_b, w_peep, zc, zh, rm, reverse, acts, y, h, c, cells, c_prev, xhat, hhat, chat, rstd, save)
 
 
