@@ -345,3 +345,42 @@ def test_torch_func_grad_and_vmap_match_torch():
     explicit = lstmkit.LSTM.from_torch(ref, engine="numba")
     with pytest.raises(RuntimeError, match="engine='reference'"):
         torch.func.grad(loss(explicit))(dict(explicit.named_parameters()), x)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(peephole=True, zoneout=0.1), dict(layer_norm=True, proj_size=2)],
+                         ids=["plain", "peephole-zoneout", "layernorm-proj"])
+@pytest.mark.parametrize("engine", ["numba", "reference"])
+def test_output_changed_in_place_before_backward_never_gives_a_wrong_gradient(options, engine):
+    """A program that scales the output in place and then calls backward gets either autograd's
+    error (the fused engines save y for their backward, as torch.nn.LSTM does) or the right
+    gradient (the reference engine's ops do not need y): never one computed from changed numbers."""
+    def grad(scale_in_place):
+        torch.manual_seed(1)  # the same masks
+        x = torch.randn(5, 2, 3, requires_grad=True)
+        y, _ = m(x)
+        if scale_in_place:
+            y.mul_(2)
+        else:
+            y = 2 * y
+        y.sum().backward()
+        return x.grad
+
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(3, 4, engine=engine, **options)
+    want = grad(False)
+    try:
+        got = grad(True)
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
+        assert engine == "numba"  # the engines that save y
+    else:
+        assert engine == "reference"
+        assert_close(got, want, TOL[torch.float32])
+
+
+def test_nn_lstm_raises_on_an_output_changed_in_place_too():
+    """What the fused engines copy: torch.nn.LSTM's own error."""
+    y, _ = nn.LSTM(3, 4)(torch.randn(5, 2, 3, requires_grad=True))
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
