@@ -308,6 +308,27 @@ def forward_core(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cel
 
 # ---- backward --------------------------------------------------------------------------------------
 @njit(**KW)
+def backward_step(batch_sizes, off, s, reverse, r0, r1):
+    """Step s of a backward loop over rows r0:r1 (the steps in the forward's opposite order):
+    (n, o, n_prev, p0): how many of the rows the step holds (n <= 0: none) and its first packed
+    row o; how many of them the step that ran just before it in the forward pass holds and
+    that step's first packed row (n_prev = 0: the rows start here, from h0 and c0)."""
+    T = batch_sizes.shape[0]
+    t = s if reverse else T - 1 - s
+    n = min(r1, batch_sizes[t]) - r0
+    o = off[t] + r0
+    if reverse:
+        tp = t + 1
+        n_prev = min(r1, batch_sizes[tp]) - r0 if tp < T else 0
+    else:
+        tp = t - 1
+        n_prev = n if tp >= 0 else 0
+    n_prev = max(n_prev, 0)
+    p0 = off[tp] + r0 if n_prev > 0 else 0
+    return n, o, n_prev, p0
+
+
+@njit(**KW)
 def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
                    dx, dgates, xh_prev, db_rows, dh_all, hpre_all, r0, r1):
     """BPTT over rows r0:r1 (see backward_core for the arguments)."""
@@ -325,20 +346,9 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, d
     dhp = np.empty((m if has_proj else 0, padded_width(wprb) if has_proj else 0), dt)
     no_hpre = np.empty(0, dt)
     for s in range(T):
-        t = s if reverse else T - 1 - s
-        n = min(r1, batch_sizes[t]) - r0
+        n, o, n_prev, p0 = backward_step(batch_sizes, off, s, reverse, r0, r1)
         if n <= 0:
             continue
-        o = off[t] + r0
-        # The step that ran just before t in the forward pass, and how many of our rows it holds.
-        if reverse:
-            tp = t + 1
-            n_prev = min(r1, batch_sizes[tp]) - r0 if tp < T else 0
-        else:
-            tp = t - 1
-            n_prev = n if tp >= 0 else 0
-        n_prev = max(n_prev, 0)
-        p0 = off[tp] + r0 if n_prev > 0 else 0
         for i in range(n):  # carried + this step's output gradient (row pointers: see rows.py)
             add_p(row_ptr(dh, r0 + i), row_ptr(dy, o + i), P)
         if has_proj:

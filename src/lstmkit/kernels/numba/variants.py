@@ -39,7 +39,7 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
-from .lstm import no_projection, offsets
+from .lstm import backward_step, no_projection, offsets
 from .rows import KW, add_p, copy_p, ptr_add, row_ptr
 from .simd import (LANES, block_units, out_tanh_block, variant_gate_backward_block, variant_gate_block,
                    variant_out_backward_block)
@@ -403,20 +403,9 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, ln_ih_w, ln_hh_w, ln_
     pi, pf, po = row_ptr(w_peep, 0), row_ptr(w_peep, 1), row_ptr(w_peep, 2)
     lih_w, lhh_w, lc_w, lc_b = row_ptr(ln_ih_w, 0), row_ptr(ln_hh_w, 0), row_ptr(ln_c_w, 0), row_ptr(ln_c_b, 0)
     for s in range(T):
-        t = s if reverse else T - 1 - s
-        n = min(r1, batch_sizes[t]) - r0
+        n, o, n_prev, p0 = backward_step(batch_sizes, off, s, reverse, r0, r1)
         if n <= 0:
             continue
-        o = off[t] + r0
-        # The step that ran just before t in the forward pass, and how many of our rows it holds.
-        if reverse:
-            tp = t + 1
-            n_prev = min(r1, batch_sizes[tp]) - r0 if tp < T else 0
-        else:
-            tp = t - 1
-            n_prev = n if tp >= 0 else 0
-        n_prev = max(n_prev, 0)
-        p0 = off[tp] + r0 if n_prev > 0 else 0
         for i in range(n):  # dh_t = carried + dy_t; zoneout splits it into h~ and h_{t-1} parts
             g, dr = row_ptr(dhn, i), row_ptr(dh, r0 + i)
             copy_p(g, dr, P)
