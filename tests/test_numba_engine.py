@@ -725,8 +725,8 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
     monkeypatch.setattr(binding, "input_projection", lambda *a: calls.append(1) or real(*a))
     packed_with_input = []
     real_bw = binding.backward_weights
-    monkeypatch.setattr(binding, "backward_weights", lambda p, with_input=True: packed_with_input.append(with_input)
-                        or real_bw(p, with_input))
+    monkeypatch.setattr(binding, "backward_weights", lambda p, with_input=True, *rest: packed_with_input.append(
+                        with_input) or real_bw(p, with_input, *rest))
     torch.set_num_threads(threads)
     lengths = torch.tensor([3, 9, 1, 6, 6, 2, 9])
     torch.manual_seed(threads)

@@ -79,6 +79,9 @@ class Runtime:
         self._no_cells = np.zeros((0, H), dt)  # the kernel saves c_t and the activations for training only
         self._no_acts = np.zeros((0, 4 * H), dt)
         self._no_xproj = self._no_acts
+        self._no_wg = np.zeros(0, dt)  # no BLAS-packed weights (kernels/numba/blas.py)
+        self.blas = None  # a packed-GEMM provider (engines/numba/mkl.py's use, pack), set by the torch engine
+        self._gemm = {}  # (layer-direction, x W_ih^T precomputed) -> its (address, packed W)
         self._one_chunk = {}  # N -> the bounds of one chunk of N rows
         self._columns = {}  # (layer-direction, threads) -> its weights split by hidden units
         self._batch_sizes = {}  # (T, N) -> int64 array [N] * T
@@ -184,8 +187,8 @@ class Runtime:
         y = np.empty(x.shape[:2] + (P,), dt)  # (1, N, P), or (N, 1, P) batch_first: rows in the same order
         h_n, c_n = np.empty((1, N, P), dt), np.empty((1, N, H), dt)
         wp, b, wpr = self._packed[0]
-        forward_chunk(x.reshape(N, self._I), self._one_row_step[N], h0[0], c0[0], wp, b, wpr, self._no_xproj, False,
-                      self._no_acts, y.reshape(N, P), h_n[0], c_n[0], self._no_cells, False, 0, N)
+        forward_chunk(x.reshape(N, self._I), self._one_row_step[N], h0[0], c0[0], wp, b, wpr, self._no_xproj, 0,
+                      self._no_wg, False, self._no_acts, y.reshape(N, P), h_n[0], c_n[0], self._no_cells, False, 0, N)
         state = (h_n, c_n)
         self._returned = (state, x.shape, 1, N)
         return y, state
@@ -200,16 +203,31 @@ class Runtime:
         if T == 1 and N * (self._I + self._P) * 4 * self._H < MIN_SPLIT_MACS:
             # One step, one chunk: straight into the compiled loop (the Python around it is most
             # of such a call's time).
-            forward_chunk(x, bsz, h0, c0, wp, b, wpr, self._no_xproj, reverse, self._no_acts, y, h_n, c_n,
-                          self._no_cells, False, 0, N)
+            forward_chunk(x, bsz, h0, c0, wp, b, wpr, self._no_xproj, 0, self._no_wg, reverse, self._no_acts, y,
+                          h_n, c_n, self._no_cells, False, 0, N)
             return
         bounds = self._bounds(bsz, N, T)
+        chunks = bounds.shape[0] - 1
         w_ih = self.layers[idx][0]
-        xproj = None
-        if T > 1 and precompute_input(N, T, w_ih.shape[1], self._H, self._P, x.itemsize, bounds.shape[0] - 1):
-            xproj = self.input_projection(x, w_ih, b)
+        pre = T > 1 and precompute_input(N, T, w_ih.shape[1], self._H, self._P, x.itemsize, chunks)
+        xproj = self.input_projection(x, w_ih, b) if pre else None
+        gemm, wg = self._gemm_weights(idx, pre, -(-N // chunks))
         forward_core(x, bsz, h0, c0, wp, b, wpr, reverse, self._no_acts, y, h_n, c_n, self._no_cells, False,
-                     bounds, xproj)
+                     bounds, xproj, gemm, wg)
+
+    def _gemm_weights(self, idx, pre: bool, rows: int):
+        """(address, packed W) of a BLAS's packed GEMM for the step products (kernels/numba/blas.py)
+        where one is plugged in (`blas`: the torch engine's fast path sets MKL's) and pays for
+        chunks of `rows` rows; else (0, empty): the micro-kernel. Packed once per layer-direction."""
+        w_ih, w_hh = self.layers[idx][:2]
+        K = w_hh.shape[1] if pre else w_ih.shape[1] + w_hh.shape[1]
+        if self.blas is None or not self.blas.use(K, w_hh.shape[0], rows, self.dtype):
+            return 0, self._no_wg
+        got = self._gemm.get((idx, pre))
+        if got is None:
+            w = w_hh if pre else np.concatenate((w_ih, w_hh), axis=1)
+            got = self._gemm[(idx, pre)] = self.blas.pack(w, True, rows)
+        return got
 
     def _by_columns(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T: int) -> bool:
         """Layer-direction idx with its hidden units split over the threads (kernels/numba/

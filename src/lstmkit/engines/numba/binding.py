@@ -34,6 +34,7 @@ from ...kernels.numba.step import steps_forward as steps_forward_kernel
 from ...kernels.numba import prefetch
 from ...kernels.numba.threads import use_openmp
 from ..base import LayerParams
+from . import mkl
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -126,34 +127,47 @@ def _alive(refs, tensors) -> bool:
     return all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
 
 
-def _pack_forward(p: LayerParams):
+def _pack_forward(p: LayerParams, gemm_pre=None, rows: int = 0):
+    """(b, wp, wpr, gemm, wg); gemm_pre None: the micro-kernel's packing (gemm 0, wg None), else
+    MKL's of W_hh^T (True: x W_ih^T precomputed) or [W_ih | W_hh]^T (False) for products of
+    `rows` rows (MKL lays B out for that many), wp then empty."""
     w_hr = as_numpy(p.w_hr) if p.w_hr is not None else None
-    wp, wpr = pack_forward(as_numpy(p.w_ih), as_numpy(p.w_hh), w_hr)
+    wp, wpr = pack_forward(as_numpy(p.w_ih), as_numpy(p.w_hh), w_hr, gemm_pre is None)  # tile: no MKL
     b = as_numpy(p.b_ih) + as_numpy(p.b_hh) if p.b_ih is not None else np.zeros(p.w_hh.shape[0], wp.dtype)
-    return b, wp, wpr
+    gemm, wg = 0, None
+    if gemm_pre is not None:
+        w = as_numpy(p.w_hh) if gemm_pre else np.concatenate((as_numpy(p.w_ih), as_numpy(p.w_hh)), axis=1)
+        gemm, wg = mkl.pack(w, True, rows)
+    return b, wp, wpr, gemm, wg
 
 
-def forward_weights(p: LayerParams, cache: bool):
-    """(b = b_ih + b_hh, wp, wpr): layer-direction p's weights packed for the forward kernel."""
+def forward_weights(p: LayerParams, cache: bool, gemm_pre=None, rows: int = 0):
+    """(b = b_ih + b_hh, wp, wpr, gemm, wg): layer-direction p's weights packed for the forward
+    kernel, by the micro-kernel's layout or (gemm_pre not None) MKL's (see _pack_forward)."""
     if not cache:
-        return _pack_forward(p)
+        return _pack_forward(p, gemm_pre, rows)
     tensors = tuple(p)
-    key = _version_key(tensors)
+    key = (_version_key(tensors), gemm_pre, rows if gemm_pre is not None else 0)
     slot = id(p.w_ih)
     entry = _packs.get(slot)
     if entry is None or entry[0] != key or not _alive(entry[1], tensors):
         if entry is None:  # a new w_ih: its entry goes when it dies
             weakref.finalize(p.w_ih, _packs.pop, slot, None)
         refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
-        entry = _packs[slot] = (key, refs, _pack_forward(p))
+        entry = _packs[slot] = (key, refs, _pack_forward(p, gemm_pre, rows))
     return entry[2]
 
 
-def backward_weights(p: LayerParams, with_input: bool = True):
-    """(wpb, wprb): layer-direction p's weights packed for the backward kernel (W_ih left out
-    when not with_input: dx after the loop)."""
+def backward_weights(p: LayerParams, with_input: bool = True, gemm: bool = False, rows: int = 0):
+    """(wpb, wprb, gemm address, wgb): layer-direction p's weights packed for the backward kernel
+    (W_ih left out when not with_input: dx after the loop), by the micro-kernel's layout or
+    (gemm) MKL's for products of `rows` rows, wpb then empty."""
     w_hr = as_numpy(p.w_hr) if p.w_hr is not None else None
-    return pack_backward(as_numpy(p.w_ih), as_numpy(p.w_hh), w_hr, with_input)
+    wpb, wprb = pack_backward(as_numpy(p.w_ih), as_numpy(p.w_hh), w_hr, with_input, not gemm)  # tile: no MKL
+    if not gemm:
+        return wpb, wprb, 0, None
+    w = np.concatenate((as_numpy(p.w_ih), as_numpy(p.w_hh)), axis=1) if with_input else as_numpy(p.w_hh)
+    return (wpb, wprb, *mkl.pack(w, False, rows))
 
 
 def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -185,18 +199,21 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
         out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse)
         if out is not None:
             return out
-    b, wp, wpr = forward_weights(p, cache=not save)
+    bounds = _bounds(batch_sizes, I, H, P)
+    chunks = bounds.shape[0] - 1
+    pre = precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, chunks)
+    rows = -(-B // chunks)
+    gemm_pre = pre if mkl.use(P if pre else I + P, 4 * H, rows, dt) else None
+    b, wp, wpr, gemm, wg = forward_weights(p, not save, gemm_pre, rows)
     acts = np.empty((total if save else 0, 4 * H), dt)
     cells = np.empty((total if save else 0, H), dt)
     y = np.empty((total, P), dt)
     h_n = np.empty((B, P), dt)
     c_n = np.empty((B, H), dt)
     bsz = np.asarray(batch_sizes, dtype=np.int64)
-    bounds = _bounds(batch_sizes, I, H, P)
-    xproj = None
-    if precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, bounds.shape[0] - 1):
-        xproj = input_projection(xn, as_numpy(p.w_ih), b)
-    forward_core(xn, bsz, h0n, c0n, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save), bounds, xproj)
+    xproj = input_projection(xn, as_numpy(p.w_ih), b) if pre else None
+    forward_core(xn, bsz, h0n, c0n, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save), bounds, xproj,
+                 gemm, wg)
     return y, h_n, c_n, acts, cells
 
 
@@ -263,7 +280,8 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
                     None)
     bounds = _bounds(batch_sizes, I, H, P)
     dx_after = dx_after_loop(len(batch_sizes), I, H, P, xn.itemsize)
-    wpb, wprb = backward_weights(p, with_input=not dx_after)
+    rows = -(-B // (bounds.shape[0] - 1))
+    wpb, wprb, gemm, wgb = backward_weights(p, not dx_after, mkl.use(4 * H, P if dx_after else I + P, rows, dt), rows)
     dyn = as_numpy_or(dy, (total, P), dt)
     dh = as_numpy(dh_n).copy() if dh_n is not None else np.zeros((B, P), dt)  # becomes dh0
     dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, H), dt)  # becomes dc0
@@ -275,7 +293,7 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     hpre_all = np.empty((total if has_proj else 0, H), dt)
     backward_core(xn, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wpb, wprb, bool(reverse),
                   as_numpy(acts), as_numpy(cells), as_numpy(y), dyn, dh, dc, dx, dgates, xh_prev, db_rows,
-                  dh_all, hpre_all, bounds)
+                  dh_all, hpre_all, bounds, gemm, wgb)
     dg = t_(dgates)
     dx = dg.mm(p.w_ih.detach()) if dx_after else t_(dx)  # (total, 4H) @ (4H, I)
     dw_ih, dw_hh, db, dw_hr = weight_gradients(I, dg, t_(xh_prev), t_(db_rows), t_(dh_all), t_(hpre_all), torch.mm)
@@ -444,6 +462,7 @@ def run_inference(runtime, x: np.ndarray, state):
         prefetch.start(unpacked_path([rows] * steps) or "time loop")
     runtime.threads = torch.get_num_threads()
     runtime.input_projection = input_projection
+    runtime.blas = mkl
     return runtime(x, state)
 
 

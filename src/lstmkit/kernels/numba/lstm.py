@@ -39,6 +39,7 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
+from .blas import gemm_packed
 from .rows import add_p, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
 from .team import row_chunks, spec, team_bodies, unpack
@@ -63,17 +64,23 @@ def offsets(batch_sizes):
 
 
 # ---- weights, laid out once per call ------------------------------------------------------------
-def pack_forward(w_ih, w_hh, w_hr=None):
-    """(wp, wpr): [W_ih | W_hh]^T and W_hr^T packed for tile.matmul (wpr empty without projection).
+def pack_forward(w_ih, w_hh, w_hr=None, tile=True):
+    """(wp, wpr): [W_ih | W_hh]^T and W_hr^T packed for tile.matmul (wpr empty without projection;
+    wp empty when not tile: a BLAS makes the step products, see forward_core's gemm).
     All C-contiguous, one dtype."""
     wpr = pack(w_hr, True) if w_hr is not None and w_hr.shape[0] else no_projection(w_ih)
+    if not tile:
+        return no_projection(w_ih), wpr
     return pack2(np.ascontiguousarray(w_ih), np.ascontiguousarray(w_hh), True), wpr
 
 
-def pack_backward(w_ih, w_hh, w_hr=None, with_input=True):
+def pack_backward(w_ih, w_hh, w_hr=None, with_input=True, tile=True):
     """(wpb, wprb): [W_ih | W_hh] (4H, I + P), or W_hh alone when not with_input (dx is then
-    left to one GEMM after the loop, see backward_core), and W_hr (P, H) packed for tile.matmul."""
+    left to one GEMM after the loop, see backward_core), and W_hr (P, H) packed for tile.matmul
+    (wpb empty when not tile: a BLAS makes the step products, see backward_core's gemm)."""
     wprb = pack(w_hr, False) if w_hr is not None and w_hr.shape[0] else no_projection(w_ih)
+    if not tile:
+        return no_projection(w_ih), wprb
     w_ih, w_hh = np.ascontiguousarray(w_ih), np.ascontiguousarray(w_hh)
     return (pack2(w_ih, w_hh, False) if with_input else pack(w_hh, False)), wprb
 
@@ -239,7 +246,7 @@ def gate_backward_row(a, cell, cprev, dh, dc, dg, hpre, want_hpre):
 
 # ---- forward ---------------------------------------------------------------------------------------
 @njit(**KW)
-def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, reverse, acts, y, h, c, cells, save, r0, r1):
+def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, acts, y, h, c, cells, save, r0, r1):
     """The whole time loop of rows r0:r1 (see forward_core for the arguments)."""
     T = batch_sizes.shape[0]
     off = offsets(batch_sizes)
@@ -251,8 +258,9 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, reverse, acts, y, h
     has_proj = wpr.shape[0] > 0
     pre = xproj.shape[0] > 0  # x W_ih^T + b of every row given: the step multiplies by W_hh only
     wp_hh = wp[:, I:]
+    K = P if pre else I + P  # the product's inner dimension
     xh = np.empty((m, I + P), dt)  # [x_t | h_{t-1}] of the chunk's rows: the product's input
-    q = np.empty((m, padded_width(wp)), dt)
+    q = np.empty((m, max(padded_width(wp), 4 * H)), dt)  # (wp is empty when gemm does the product)
     hp = np.empty((m if has_proj else 0, H), dt)  # h before the projection
     qp = np.empty((m if has_proj else 0, padded_width(wpr) if has_proj else 0), dt)
     # Inference keeps no activations, but still writes them to a scratch row: written in
@@ -267,11 +275,15 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, reverse, acts, y, h
         if n <= 0:
             continue
         o = off[t] + r0
-        if pre:
-            matmul(xh[:, I:], n, wp_hh, q)  # (n, P) @ (P, 4H)
-        else:
+        if not pre:
             for i in range(n):
                 copy_into(xh[i, :I], x[o + i])
+        if gemm != 0:  # the BLAS's packed GEMM (blas.py), on W laid out by the caller
+            gemm_packed(gemm, n, 4 * H, K, ptr_add(row_ptr(xh, 0), I if pre else 0), I + P, row_ptr(wg, 0),
+                        row_ptr(q, 0), q.shape[1])
+        elif pre:
+            matmul(xh[:, I:], n, wp_hh, q)  # (n, P) @ (P, 4H)
+        else:
             matmul(xh, n, wp, q)  # (n, I + P) @ (I + P, 4H)
         for i in range(n):  # row pointers, not row views: see rows.py
             c_i = row_ptr(c, r0 + i)
@@ -290,7 +302,8 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, reverse, acts, y, h
         copy_into(h[r0 + i], xh[i, I:])
 
 
-def forward_core(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save, bounds, xproj=None):
+def forward_core(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save, bounds, xproj=None,
+                 gemm=0, wg=None):
     """The forward pass into preallocated arrays (all C-contiguous, one dtype).
 
     batch_sizes int64; wp, wpr from pack_forward; b (4H,) = b_ih + b_hh (zeros for no bias);
@@ -299,11 +312,15 @@ def forward_core(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cel
     row, written only when save (else may be (0, H)); bounds from chunk_bounds: one chunk per
     thread, each running forward_chunk (see run_chunks). xproj (total, 4H), optional: x W_ih^T + b
     of every row, computed by the caller as one big GEMM (worth it when one chunk holds every
-    row: the steps then multiply h by W_hh alone, with no x part)."""
+    row: the steps then multiply h by W_hh alone, with no x part). gemm, wg (optional): the
+    address of a BLAS's packed GEMM and [W_ih | W_hh]^T (W_hh^T with xproj) packed for it
+    (blas.py): the step products then go there, and wp may be empty."""
     if xproj is None:
         xproj = np.empty((0, b.shape[0]), b.dtype)
-    run_chunks(forward_chunk, bounds, x, batch_sizes, h0, c0, wp, b, wpr, xproj, reverse, acts, y, h, c, cells, save,
-               body=forward_body)
+    if wg is None:
+        wg = np.empty(0, b.dtype)
+    run_chunks(forward_chunk, bounds, x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, acts, y, h, c,
+               cells, save, body=forward_body)
 
 
 # ---- backward --------------------------------------------------------------------------------------
@@ -329,7 +346,7 @@ def backward_step(batch_sizes, off, s, reverse, r0, r1):
 
 
 @njit(**KW)
-def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
+def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, gemm, wgb, reverse, acts, cells, y, dy, dh, dc,
                    dx, dgates, xh_prev, db_rows, dh_all, hpre_all, r0, r1):
     """BPTT over rows r0:r1 (see backward_core for the arguments)."""
     T = batch_sizes.shape[0]
@@ -342,7 +359,8 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, d
     has_proj = wprb.shape[0] > 0
     dx_here = dx.shape[0] > 0  # else wpb is W_hh alone and the caller makes dx after the loop
     I_out = I if dx_here else 0  # dh_{t-1}'s column in the product
-    qb = np.empty((m, padded_width(wpb)), dt)  # [dx_t | dh_{t-1}] (or dh_{t-1}) of the chunk's rows
+    # [dx_t | dh_{t-1}] (or dh_{t-1}) of the chunk's rows (wpb is empty when gemm does the product)
+    qb = np.empty((m, max(padded_width(wpb), I_out + P)), dt)
     dhp = np.empty((m if has_proj else 0, padded_width(wprb) if has_proj else 0), dt)
     no_hpre = np.empty(0, dt)
     for s in range(T):
@@ -369,7 +387,11 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, d
                                 row_ptr(dgates, o + i), row_ptr(hpre_all, o + i) if has_proj else row_ptr(no_hpre, 0),
                                 has_proj, H)
             add_p(row_ptr(db_rows, r0 + i), row_ptr(dgates, o + i), 4 * H)
-        matmul(dgates[o:], n, wpb, qb)  # (n, 4H) @ (4H, I + P), or (4H, P)
+        if gemm != 0:  # the BLAS's packed GEMM (blas.py)
+            gemm_packed(gemm, n, I_out + P, 4 * H, row_ptr(dgates, o), 4 * H, row_ptr(wgb, 0), row_ptr(qb, 0),
+                        qb.shape[1])
+        else:
+            matmul(dgates[o:], n, wpb, qb)  # (n, 4H) @ (4H, I + P), or (4H, P)
         for i in range(n):
             if dx_here:
                 copy_p(row_ptr(dx, o + i), row_ptr(qb, i), I)
@@ -377,7 +399,7 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, d
 
 
 def backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
-                  dx, dgates, xh_prev, db_rows, dh_all, hpre_all, bounds):
+                  dx, dgates, xh_prev, db_rows, dh_all, hpre_all, bounds, gemm=0, wgb=None):
     """BPTT through forward_core(save=True): the time loop. Weight gradients are left to the
     caller, as GEMMs over what this writes (see weight_gradients).
 
@@ -389,15 +411,19 @@ def backward_core(x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy
     [x_t | h_{t-1}] of every row (so dW_ih and dW_hh are one GEMM, dgates^T xh_prev), db_rows
     (B, 4H) in zeros, out each batch row's sum of its dgates (db = their sum: no pass over the
     (total, 4H) dgates), and with a projection dh_all (total, P) dL/dh_t and hpre_all
-    (total, H) the projection's input (else (0, P), (0, H))."""
-    run_chunks(backward_chunk, bounds, x, batch_sizes, h0, c0, wpb, wprb, reverse, acts, cells, y, dy, dh, dc,
-               dx, dgates, xh_prev, db_rows, dh_all, hpre_all, body=backward_body)
+    (total, H) the projection's input (else (0, P), (0, H)). gemm, wgb (optional): the address of
+    a BLAS's packed GEMM and [W_ih | W_hh] (W_hh with dx after the loop) packed for it (blas.py):
+    the step products then go there, and wpb may be empty."""
+    if wgb is None:
+        wgb = np.empty(0, x.dtype)
+    run_chunks(backward_chunk, bounds, x, batch_sizes, h0, c0, wpb, wprb, gemm, wgb, reverse, acts, cells, y, dy, dh,
+               dc, dx, dgates, xh_prev, db_rows, dh_all, hpre_all, body=backward_body)
 
 
 # ---- compiled team bodies (team.py): the chunks of a split call with no Python on the team -------
 # Kinds (team.spec) of the jobs: the kernel's address, its arguments before (r0, r1), the bounds.
-_FORWARD_KINDS = "n a2 i1 a2 a2 a3 a1 a3 a2 b a2 a2 a2 a2 a2 b i1"
-_BACKWARD_KINDS = "n a2 i1 a2 a2 a3 a3 b" + " a2" * 12 + " i1"
+_FORWARD_KINDS = "n a2 i1 a2 a2 a3 a1 a3 a2 n a1 b a2 a2 a2 a2 a2 b i1"
+_BACKWARD_KINDS = "n a2 i1 a2 a2 a3 a3 n a1 b" + " a2" * 12 + " i1"
 _FORWARD32, _FORWARD64 = spec(np.float32, _FORWARD_KINDS), spec(np.float64, _FORWARD_KINDS)
 _BACKWARD32, _BACKWARD64 = spec(np.float32, _BACKWARD_KINDS), spec(np.float64, _BACKWARD_KINDS)
 

@@ -1,0 +1,74 @@
+"""Intel MKL's packed GEMM, found in torch's own library, for the time loops' per-step products
+where the weights outgrow L2 (kernels/numba/blas.py says why; BENCHMARKS.md, seventh session,
+has the measurements behind the thresholds).
+
+    use(K, G, rows, dtype)        whether a product of `rows` rows by a K x G weight goes to MKL
+    pack(w, transposed, rows)     (address of cblas_sgemm_compute, w (or w^T) packed for it)
+
+torch's CPU wheels for x86 Linux link MKL into libtorch_cpu and export its CBLAS entry points;
+elsewhere (no such library or symbol, float64) nothing here is used and the kernels keep their
+own micro-kernel.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+import torch
+
+# W (K x G float32) from this many bytes: beyond L2 the micro-kernel streams W at each step and
+# falls behind MKL's packed GEMM; below it the micro-kernel is as fast or faster.
+MIN_WEIGHT_BYTES = 512 << 10
+# A chunk of fewer rows than this is a matrix-vector product: MKL's call costs more there.
+MIN_ROWS = 4
+
+_ROW_MAJOR, _NO_TRANS, _TRANS, _B_MATRIX = 101, 111, 112, 162
+_ALIGN = 64  # bytes: MKL's packed buffers want cache-line alignment
+_entry = []  # [(compute address, pack, pack_get_size)] or [None], found once
+
+
+def _find():
+    if _entry:
+        return _entry[0]
+    found = None
+    names = ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll")
+    for name in names:
+        path = os.path.join(os.path.dirname(torch.__file__), "lib", name)
+        if not os.path.exists(path):
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+            compute, pack_fn, size_fn = lib.cblas_sgemm_compute, lib.cblas_sgemm_pack, lib.cblas_sgemm_pack_get_size
+        except (OSError, AttributeError):
+            continue
+        i = ctypes.c_int
+        size_fn.restype, size_fn.argtypes = ctypes.c_size_t, [i, i, i, i]
+        pack_fn.restype = None
+        pack_fn.argtypes = [i, i, i, i, i, i, ctypes.c_float, ctypes.c_void_p, i, ctypes.c_void_p]
+        found = (ctypes.cast(compute, ctypes.c_void_p).value, pack_fn, size_fn)
+        break
+    if os.environ.get("LSTMKIT_MKL", "1") == "0":
+        found = None
+    _entry.append(found)
+    return found
+
+
+def use(K: int, G: int, rows: int, dtype) -> bool:
+    """Whether the per-step product of `rows` rows (a chunk's) by a K x G weight goes to MKL."""
+    return (dtype == np.float32 and rows >= MIN_ROWS and K * G * 4 >= MIN_WEIGHT_BYTES
+            and _find() is not None)
+
+
+def pack(w: np.ndarray, transposed: bool, rows: int):
+    """(compute address, B packed): B = w^T (transposed: w (G, K), torch's weight layout) or
+    w (K, G), float32 C-contiguous. The packed array must stay where it is (MKL's rule)."""
+    address, pack_fn, size_fn = _find()
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    (G, K), trans, ld = (w.shape, _TRANS, w.shape[1]) if transposed else (w.shape[::-1], _NO_TRANS, w.shape[1])
+    size = -(-size_fn(_B_MATRIX, rows, G, K) // 4) * 4
+    raw = np.empty(size + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    buf = raw[start : start + size].view(np.float32)  # a view: raw lives as long as buf
+    pack_fn(_ROW_MAJOR, _B_MATRIX, trans, rows, G, K, 1.0, w.ctypes.data, ld, buf.ctypes.data)
+    return address, buf

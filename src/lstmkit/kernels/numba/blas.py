@@ -1,0 +1,45 @@
+"""A per-step product through a BLAS's packed GEMM, when the caller hands one in.
+
+    gemm_packed(fn, m, n, k, a, lda, b, c, ldc)     c[:m, :n] = a[:m, :k] @ B   (row-major)
+
+fn is the address of a `cblas_sgemm_compute` (Intel MKL's packed GEMM: B laid out once by
+`cblas_sgemm_pack`, then multiplied as often as wanted), b the data of that packed B; a and c
+are row pointers (rows.py) with leading dimensions lda, ldc. 0 for fn means: none, and the
+kernels use tile.matmul. The kernels never look for a BLAS themselves (they import no torch and
+link no library): the torch engine finds MKL in torch's own library and passes its address,
+the way team.py's bodies get the OpenMP entry points.
+
+Why: the micro-kernel of tile.py runs at about MKL's speed while W stays in L2, but when W is
+larger than L2 (hidden 1024 and more: tens of MB) each step streams it from L3 and the
+micro-kernel falls to about 70 % of MKL's packed GEMM (BENCHMARKS.md, seventh session).
+Called from a chunk's thread inside an OpenMP team, MKL runs the product on that thread.
+Float32 only (MKL's packed GEMM is single and double, torch exports the single one); for
+float64 the call compiles to nothing and fn is 0.
+"""
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+ROW_MAJOR, NO_TRANS, PACKED = 101, 111, 151  # CBLAS_LAYOUT, CBLAS_TRANSPOSE, MKL's CblasPacked
+
+
+@intrinsic
+def gemm_packed(typingctx, fn, m, n, k, a, lda, b, c, ldc):
+    ok = all(isinstance(t, types.CPointer) and t.dtype == types.float32 for t in (a, b, c))
+    sig = types.void(fn, m, n, k, a, lda, b, c, ldc)
+
+    def codegen(context, builder, signature, args):
+        if not ok:
+            return context.get_dummy_value()
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        fp = f32.as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i32] * 6 + [fp, i32, fp, i32, f32, fp, i32])
+        callee = builder.inttoptr(args[0], fnty.as_pointer())
+        int32 = lambda v: builder.trunc(v, i32) if v.type.width > 32 else v  # noqa: E731  (MKL_INT: 32 bits)
+        const = lambda v: ir.Constant(i32, v)  # noqa: E731
+        mm, nn, kk, lda_, ldc_ = (int32(args[i]) for i in (1, 2, 3, 5, 8))
+        builder.call(callee, [const(ROW_MAJOR), const(NO_TRANS), const(PACKED), mm, nn, kk, args[4], lda_,
+                              args[6], nn, ir.Constant(f32, 0.0), args[7], ldc_])
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -1,0 +1,107 @@
+"""The per-step products through MKL's packed GEMM (kernels/numba/blas.py, engines/numba/mkl.py).
+
+The engine sends a time loop's step products there when its weights outgrow L2; here the
+thresholds are lowered so that small, fast configurations take that path, and every result is
+checked against torch.nn.LSTM (float32: MKL's path exists for float32 only), then the split
+over threads and the switch itself."""
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_sequence
+
+import lstmkit
+from lstmkit.engines.numba import binding, mkl
+
+from harness import TOL, assert_all_close, pair, run_differential, tensor_input
+
+pytestmark = pytest.mark.skipif(mkl._find() is None, reason="torch's library exports no MKL packed GEMM here")
+
+
+@pytest.fixture
+def every_product_to_mkl(monkeypatch):
+    """Count the packings, and make every float32 product of 1+ rows go to MKL."""
+    monkeypatch.setattr(mkl, "MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(mkl, "MIN_ROWS", 1)
+    packed = []
+    real = mkl.pack
+    monkeypatch.setattr(mkl, "pack", lambda *a: packed.append(a[1]) or real(*a))
+    return packed
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(input_size=5, hidden_size=7),
+    dict(input_size=4, hidden_size=6, proj_size=3, num_layers=2),
+    dict(input_size=3, hidden_size=9, bidirectional=True, bias=False),
+])
+@pytest.mark.parametrize("precompute", [False, True])
+def test_training_through_mkl_matches_nn_lstm(every_product_to_mkl, monkeypatch, cfg, precompute):
+    """Outputs and every gradient, with x W_ih^T in the step product or precomputed, dx in the
+    loop or after it (the packed W is then [W_ih | W_hh] or W_hh alone, each way)."""
+    monkeypatch.setattr(binding, "precompute_input", lambda *a: precompute)
+    monkeypatch.setattr(binding, "dx_after_loop", lambda *a: precompute)
+    ref, ours = pair(cfg, "numba", torch.float32)
+    run_differential(ref, ours, tensor_input(torch.randn(7, 5, cfg["input_size"])))
+    assert {True, False} <= set(every_product_to_mkl)  # forward (W^T) and backward (W) packings
+
+
+def test_packed_unsorted_input_through_mkl(every_product_to_mkl):
+    """PackedSequence from enforce_sorted=False: at later steps a chunk has fewer rows."""
+    ref, ours = pair(dict(input_size=4, hidden_size=8), "numba", torch.float32)
+    seqs = [torch.randn(n, 4) for n in (3, 9, 1, 6, 9, 2)]
+
+    def make():
+        leaves = [s.clone().requires_grad_(True) for s in seqs]
+        return pack_sequence(leaves, enforce_sorted=False), leaves
+
+    run_differential(ref, ours, make)
+    assert every_product_to_mkl
+
+
+def test_inference_through_mkl_matches_nn_lstm(every_product_to_mkl):
+    """The no-grad fast path (the torch-free runtime with MKL plugged in) and a streaming loop."""
+    ref, ours = pair(dict(input_size=6, hidden_size=10, num_layers=2), "numba", torch.float32)
+    x = torch.randn(12, 5, 6)
+    with torch.no_grad():
+        want, (h, c) = ref(x)
+        got, (h2, c2) = ours(x)
+        assert_all_close([got, h2, c2], [want, h, c], TOL[torch.float32])
+        state, ys = None, []
+        for t in range(12):
+            y, state = ours(x[t : t + 1], state)
+            ys.append(y)
+    assert_all_close([torch.cat(ys), *state], [want, h, c], TOL[torch.float32])
+    assert every_product_to_mkl
+
+
+def test_split_over_threads_through_mkl(every_product_to_mkl, monkeypatch):
+    """Forced into 3 chunks, the loops agree with one chunk to float32 rounding (MKL may sum a
+    row's product in another order for another number of rows: unlike the micro-kernel's, its
+    results are not bitwise the same across splits), and the same split gives bitwise the same
+    numbers run after run."""
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(4, 8, engine="numba")
+    x = torch.randn(6, 7, 4)
+
+    def run(chunks):
+        monkeypatch.setattr(binding, "chunks_for", lambda batch, macs: chunks)
+        xi = x.clone().requires_grad_(True)
+        y, (h, c) = m(xi)
+        (y.sum() + h.sum() * 2 + c.sum() * 3).backward()
+        grads = [p.grad.clone() for p in m.parameters()]
+        m.zero_grad()
+        return [y.detach(), h.detach(), c.detach(), xi.grad, *grads]
+
+    one, split = run(1), run(3)
+    assert_all_close(split, one, TOL[torch.float32])
+    for a, b in zip(run(3), split):
+        assert torch.equal(a, b)
+
+
+def test_float64_and_the_switch_keep_the_micro_kernel(monkeypatch):
+    assert not mkl.use(4096, 4096, 64, np.float64)
+    assert mkl.use(4096, 4096, 64, np.float32)
+    assert not mkl.use(4096, 4096, mkl.MIN_ROWS - 1, np.float32)
+    assert not mkl.use(16, 16, 64, np.float32)  # W in L2: the micro-kernel
+    monkeypatch.setattr(mkl, "_entry", [])
+    monkeypatch.setenv("LSTMKIT_MKL", "0")
+    assert not mkl.use(4096, 4096, 64, np.float32)
