@@ -23,6 +23,7 @@ from ...kernels.numba.lstm import chunk_bounds
 from ...kernels.numba.variants import backward_core, forward_core, weight_gradients
 from ..base import LayerParams
 from ..double_backward import differentiable_backward
+from . import mkl
 from .binding import as_numpy, as_numpy_or, check_input, chunks_for, needs_grad
 
 # The differentiable variant parameters, in the order the autograd Function takes them.
@@ -50,6 +51,15 @@ def _bounds(bsz, I: int, H: int, P: int):
     return chunk_bounds(bsz, chunks_for(int(bsz[0]), total * (I + P) * 4 * H))
 
 
+def _gemm(w_hh, transposed: bool, rows: int):
+    """(address, W_hh^T or W_hh packed) of MKL's packed GEMM for the loop's recurrent product where
+    it pays (engines/numba/mkl.py), else (0, None): the micro-kernel."""
+    G, K = w_hh.shape if transposed else w_hh.shape[::-1]
+    if not mkl.use(K, G, rows, w_hh.dtype):
+        return 0, None
+    return mkl.pack(w_hh, transposed, rows)
+
+
 def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):
     """Returns numpy (y, h_n, c_n, saved); saved: the _SAVED buffers (0 rows where not saved)."""
     xn, h0n, c0n = as_numpy(x), as_numpy(h0), as_numpy(c0)
@@ -69,9 +79,11 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):
         hhat=np.empty((nl, 4 * H), dt), chat=np.empty((nl, H), dt), rstd=np.empty((nl, 3), dt),
     )
     bsz = np.asarray(batch_sizes, dtype=np.int64)
+    bounds = _bounds(bsz, I, H, P)
+    gemm, wg = _gemm(k["w_hh"], True, -(-B // (bounds.shape[0] - 1)))
     forward_core(xn, bsz, h0n, c0n, k["w_ih"], k["w_hh"], b, k["w_hr"], *(k[n] for n in _LN), k["w_peep"],
                  k["zc"], k["zh"], k["rm"], bool(reverse), acts, y, h_n, c_n, *(sv[n] for n in _SAVED[1:]),
-                 bool(save), _bounds(bsz, I, H, P), projected=True)
+                 bool(save), bounds, projected=True, gemm=gemm, wg=wg)
     return y, h_n, c_n, sv
 
 
@@ -126,10 +138,12 @@ class _VariantFunction(torch.autograd.Function):
             dh_all=np.empty((total if has_proj else 0, P), dt), hpre_all=np.empty((total if has_proj else 0, H), dt),
         )
         bsz = np.asarray(ctx.batch_sizes, dtype=np.int64)
+        bounds = _bounds(bsz, I, H, P)
+        gemm, wgb = _gemm(k["w_hh"], False, -(-B // (bounds.shape[0] - 1)))
         backward_core(xn, bsz, h0n, c0n, k["w_hh"], k["w_hr"], k["ln_ih_w"], k["ln_hh_w"], k["ln_c_w"], k["ln_c_b"],
                       k["w_peep"], k["zc"], k["zh"], k["rm"], bool(ctx.reverse), sv["acts"], sv["cells"],
                       sv["c_prev"], y.numpy(), *(sv[n] for n in _SAVED[3:]), as_numpy_or(dy, (total, P), dt), dh, dc,
-                      *bufs.values(), _bounds(bsz, I, H, P))
+                      *bufs.values(), bounds, gemm, wgb)
         t_ = torch.from_numpy
         g = weight_gradients(I, H, *(t_(a) for a in bufs.values()), mm=torch.mm)
         need = ctx.needs_input_grad

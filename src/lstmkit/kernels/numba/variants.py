@@ -39,6 +39,7 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
+from .blas import gemm_packed
 from .lstm import backward_step, no_projection, offsets
 from .rows import KW, add_p, copy_p, ptr_add, row_ptr
 from .simd import (LANES, block_units, out_tanh_block, variant_gate_backward_block, variant_gate_block,
@@ -250,7 +251,7 @@ def gate_backward_row(a, cp, dcv, dc, zc, dg, pi, pf, po, H):
 
 # ---- forward ---------------------------------------------------------------------------------------
 @njit(**KW)
-def forward_chunk(x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
+def forward_chunk(x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, gemm, wg, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
                   w_peep, zc, zh, rm, reverse, acts, y, h, c, cells, c_prev, xhat, hhat, chat, rstd, save, r0, r1):
     """The whole time loop of rows r0:r1 (see forward_core for the arguments)."""
     T = batch_sizes.shape[0]
@@ -267,7 +268,7 @@ def forward_chunk(x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, ln_ih_w, ln_ih
     in_loop = wp_ih.shape[0] > 0  # x W_ih^T made per step here (else acts holds it on entry)
     xq = np.empty((m if in_loop else 0, padded_width(wp_ih)), dt)  # x_t W_ih^T of one step
     hin = np.empty((m, P), dt)  # h_{t-1} * m: the product's input
-    hh = np.empty((m, padded_width(wp_hh)), dt)  # (h_{t-1} * m) W_hh^T
+    hh = np.empty((m, max(padded_width(wp_hh), 4 * H)), dt)  # (h_{t-1} * m) W_hh^T (wp_hh empty with gemm)
     hp = np.empty((m, H), dt)  # o * tanh(.), before the projection
     hn = np.empty((m if has_proj else 0, padded_width(wp_hr)), dt)  # after the projection
     cscr = np.empty((0 if save else m, H), dt)  # c~ when not saving
@@ -296,7 +297,10 @@ def forward_chunk(x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, ln_ih_w, ln_ih
                 copy_p(row_ptr(hin, i), row_ptr(h, r0 + i), P)
             if save and has_zc:
                 copy_p(row_ptr(c_prev, o + i), row_ptr(c, r0 + i), H)
-        matmul(hin, n, wp_hh, hh)  # (n, P) @ (P, 4H)
+        if gemm != 0:  # the BLAS's packed GEMM (blas.py)
+            gemm_packed(gemm, n, 4 * H, P, row_ptr(hin, 0), P, row_ptr(wg, 0), row_ptr(hh, 0), hh.shape[1])
+        else:
+            matmul(hin, n, wp_hh, hh)  # (n, P) @ (P, 4H)
         if in_loop:
             matmul(x[o:], n, wp_ih, xq)  # (n, I) @ (I, 4H)
         for i in range(n):
@@ -337,17 +341,19 @@ def forward_chunk(x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, ln_ih_w, ln_ih
             copy_p(row_ptr(y, o + i), hr, P)
 
 
-def pack_forward(w_hh, w_hr, w_ih=None):
+def pack_forward(w_hh, w_hr, w_ih=None, tile_hh=True):
     """(wp_ih, wp_hh, wp_hr): W_ih^T, W_hh^T and W_hr^T packed for tile.matmul; wp_ih empty unless
-    w_ih is given (x W_ih^T then made per step in the loop), wp_hr empty without projection."""
+    w_ih is given (x W_ih^T then made per step in the loop), wp_hr empty without projection,
+    wp_hh empty when not tile_hh (a BLAS makes that product: forward_core's gemm)."""
     wp_ih = pack(w_ih, True) if w_ih is not None else no_projection(w_hh)
-    return wp_ih, pack(w_hh, True), (pack(w_hr, True) if w_hr.shape[0] else no_projection(w_hh))
+    wp_hh = pack(w_hh, True) if tile_hh else no_projection(w_hh)
+    return wp_ih, wp_hh, (pack(w_hr, True) if w_hr.shape[0] else no_projection(w_hh))
 
 
 def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
                  ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, w_peep, zc, zh, rm,
                  reverse, acts, y, h, c, cells, c_prev, xhat, hhat, chat, rstd, save, bounds=None, projected=False,
-                 packed=None):
+                 packed=None, gemm=0, wg=None):
     """The forward pass into preallocated arrays (C-contiguous, one dtype).
 
     acts (total, 4H): x W_ih^T on entry when projected (the caller's GEMM), on return the
@@ -357,25 +363,29 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
     zoneout of c and save (else 0 rows); with layer norm and save xhat (total, 4H), hhat
     (total, 4H), chat (total, H), rstd (total, 3) (else 0 rows). w_hr (0, H) without a
     projection. bounds: row chunks (lstm.chunk_bounds), None: one. packed: pack_forward(...) made
-    once by a caller whose weights do not change (the runtime), else made here.
+    once by a caller whose weights do not change (the runtime), else made here. gemm, wg: the
+    address of a BLAS's packed GEMM and W_hh^T packed for it (blas.py), or 0: tile.matmul.
     """
     if x.shape[0] == 0:
         h[:], c[:] = h0, c0
         return
-    wp_ih, wp_hh, wp_hr = packed if packed is not None else pack_forward(w_hh, w_hr)
+    wp_ih, wp_hh, wp_hr = packed if packed is not None else pack_forward(w_hh, w_hr, None, gemm == 0)
+    if wg is None:
+        wg = np.empty(0, acts.dtype)
     if projected or not wp_ih.shape[0]:
         wp_ih = no_projection(w_hh)  # nothing to make in the loop
         if not projected:
             np.dot(x, w_ih.T, acts)
     if bounds is None:
         bounds = np.array([0, c0.shape[0]], np.int64)
-    run_chunks(forward_chunk, bounds, x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b,
-               ln_c_w, ln_c_b, w_peep, zc, zh, rm, reverse, acts, y, h, c, cells, c_prev, xhat, hhat, chat, rstd, save)
+    run_chunks(forward_chunk, bounds, x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, gemm, wg, ln_ih_w, ln_ih_b,
+               ln_hh_w, ln_hh_b, ln_c_w, ln_c_b, w_peep, zc, zh, rm, reverse, acts, y, h, c, cells, c_prev, xhat, hhat,
+               chat, rstd, save)
 
 
 # ---- backward --------------------------------------------------------------------------------------
 @njit(**KW)
-def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, w_peep,
+def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, gemm, wgb, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, w_peep,
                    zc, zh, rm, reverse, acts, cells, c_prev, y, xhat, hhat, chat, rstd, dy, dh, dc,
                    dgates, dhw, xh_prev, db_rows, dln_rows, dpeep_rows, dh_all, hpre_all, r0, r1):
     """BPTT over rows r0:r1 (see backward_core for the arguments)."""
@@ -394,7 +404,7 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, ln_ih_w, ln_hh_w, ln_
     has_rm = rm.shape[0] > 0
     dhn = np.empty((m, P), dt)  # dL/dh~ (after the projection, before zoneout)
     dhp = np.empty((m if has_proj else 0, padded_width(wpb_hr)), dt)  # dL/d(o * tanh(.))
-    dhin = np.empty((m, padded_width(wpb_hh)), dt)  # dL/d(h_{t-1} * m) of one step
+    dhin = np.empty((m, max(padded_width(wpb_hh), P)), dt)  # dL/d(h_{t-1} * m) of one step
     dcn = np.empty(H, dt)  # dL/d(what went into tanh) of one row
     dcv = np.empty(H, dt)  # dL/dc~ through LN_cell
     cnl = np.empty(H, dt)  # LN_cell(c~)
@@ -465,7 +475,10 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, ln_ih_w, ln_hh_w, ln_
                 # dhw = dL/d(h_in W_hh^T) through LN_hh; dgates becomes dL/d(x W_ih^T) in place
                 normalize_backward2(dg, lih_w, xr, rstd[row, 0], lhh_w, hr, rstd[row, 1], row_ptr(dhw, row), 4 * H, k)
         src = dhw if has_ln else dgates
-        matmul(src[o:], n, wpb_hh, dhin)  # (n, 4H) @ (4H, P)
+        if gemm != 0:  # the BLAS's packed GEMM (blas.py)
+            gemm_packed(gemm, n, P, 4 * H, row_ptr(src, o), 4 * H, row_ptr(wgb, 0), row_ptr(dhin, 0), dhin.shape[1])
+        else:
+            matmul(src[o:], n, wpb_hh, dhin)  # (n, 4H) @ (4H, P)
         for i in range(n):  # dh_{t-1} = (zoneout's part) + m * (the recurrent product's part)
             dr, di = row_ptr(dh, r0 + i), row_ptr(dhin, i)
             if has_rm and has_zh:
@@ -478,14 +491,17 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, ln_ih_w, ln_hh_w, ln_
                 copy_p(dr, di, P)
 
 
-def pack_backward(w_hh, w_hr):
-    """(wpb_hh, wpb_hr): W_hh (4H, P) and W_hr (P, H) packed for tile.matmul."""
-    return pack(w_hh, False), (pack(w_hr, False) if w_hr.shape[0] else no_projection(w_hh))
+def pack_backward(w_hh, w_hr, tile_hh=True):
+    """(wpb_hh, wpb_hr): W_hh (4H, P) and W_hr (P, H) packed for tile.matmul (wpb_hh empty when
+    not tile_hh: a BLAS makes that product)."""
+    wpb_hh = pack(w_hh, False) if tile_hh else no_projection(w_hh)
+    return wpb_hh, (pack(w_hr, False) if w_hr.shape[0] else no_projection(w_hh))
 
 
 def backward_core(x, batch_sizes, h0, c0, w_hh, w_hr, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, w_peep, zc, zh, rm,
                   reverse, acts, cells, c_prev, y, xhat, hhat, chat, rstd, dy, dh, dc,
-                  dgates, dhw, xh_prev, db_rows, dln_rows, dpeep_rows, dh_all, hpre_all, bounds=None):
+                  dgates, dhw, xh_prev, db_rows, dln_rows, dpeep_rows, dh_all, hpre_all, bounds=None, gemm=0,
+                  wgb=None):
     """BPTT through forward_core(save=True): the time loop. The weight gradients are left to
     the caller, as GEMMs over what this writes (weight_gradients).
 
@@ -496,14 +512,17 @@ def backward_core(x, batch_sizes, h0, c0, w_hh, w_hr, ln_ih_w, ln_hh_w, ln_c_w, 
     zeros in, each batch row's sum of dgates; dln_rows (B, 10H) zeros in, with layer norm each
     batch row's sums for [ln_ih_w | ln_hh_w | ln_c_w | ln_c_b] (the LN biases' gradients are
     db); dpeep_rows (B, 3H) zeros in, with peepholes the sums for p_i, p_f, p_o (0 rows: none
-    wanted); with a projection dh_all (total, P) dL/dh~ and hpre_all (total, H) its input."""
+    wanted); with a projection dh_all (total, P) dL/dh~ and hpre_all (total, H) its input.
+    gemm, wgb: the address of a BLAS's packed GEMM and W_hh packed for it, or 0 (blas.py)."""
     if x.shape[0] == 0:
         return
-    wpb_hh, wpb_hr = pack_backward(w_hh, w_hr)
+    wpb_hh, wpb_hr = pack_backward(w_hh, w_hr, gemm == 0)
+    if wgb is None:
+        wgb = np.empty(0, acts.dtype)
     if bounds is None:
         bounds = np.array([0, dc.shape[0]], np.int64)
-    run_chunks(backward_chunk, bounds, x, batch_sizes, h0, c0, wpb_hh, wpb_hr, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b,
-               w_peep, zc, zh, rm, reverse, acts, cells, c_prev, y, xhat, hhat, chat, rstd, dy, dh, dc,
+    run_chunks(backward_chunk, bounds, x, batch_sizes, h0, c0, wpb_hh, wpb_hr, gemm, wgb, ln_ih_w, ln_hh_w, ln_c_w,
+               ln_c_b, w_peep, zc, zh, rm, reverse, acts, cells, c_prev, y, xhat, hhat, chat, rstd, dy, dh, dc,
                dgates, dhw, xh_prev, db_rows, dln_rows, dpeep_rows, dh_all, hpre_all)
 
 
