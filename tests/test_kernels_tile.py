@@ -82,3 +82,24 @@ def test_pack2_lays_out_both_parts_exactly(dtype, K1, K2, G):
         want = np.zeros((wp.shape[0] * V, Kw), dtype)
         want[:Gw] = W.T
         assert np.array_equal(wp.transpose(0, 2, 1).reshape(-1, Kw), want), transposed
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (64, 512), (513, 96)])
+def test_packed_weights_start_on_a_cache_line(shape):
+    """The packed W starts on a 64-byte boundary, whatever the allocator gave (a 512-bit load
+    straddling two cache lines made a whole time loop a third slower in some processes)."""
+    from lstmkit.kernels.numba import columns
+    from lstmkit.kernels.numba.tile import ALIGN, aligned_zeros, pack, pack2
+
+    for dt in (np.float32, np.float64):
+        w = np.ones(shape, dt)
+        for wp in (pack(w, True), pack(w, False), pack2(w, w, True), pack2(w, w, False)):
+            assert wp.ctypes.data % ALIGN == 0 and wp.flags.c_contiguous
+        assert np.array_equal(pack(w, True), pack(w.T.copy(), False))
+        for _ in range(8):  # whatever the heap's state
+            z = aligned_zeros((3, shape[0], 5), dt)
+            assert z.ctypes.data % ALIGN == 0 and z.shape == (3, shape[0], 5) and not z.any()
+    H = 8
+    wps, _, _ = columns.pack_columns(np.ones((4 * H, 3), np.float32), np.ones((4 * H, H), np.float32),
+                                     np.zeros(4 * H, np.float32), 2)
+    assert wps.ctypes.data % ALIGN == 0

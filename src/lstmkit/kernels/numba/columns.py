@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
 from .simd import LANES
 from .team import kernel_address, spec, team_bodies, unpack, whole_team
-from .tile import matmul, pack, pack2, padded_width
+from .tile import aligned_zeros, matmul, pack, pack2, padded_width
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
@@ -173,7 +173,7 @@ def pack_columns(w_ih, w_hh, b, parts: int):
         biases.append(b[rows])
     nb = max(p.shape[0] for p in packs)
     width = 4 * int(np.max(np.diff(units)))
-    wps = np.zeros((parts, nb) + packs[0].shape[1:], w_ih.dtype)
+    wps = aligned_zeros((parts, nb) + packs[0].shape[1:], w_ih.dtype)
     bps = np.zeros((parts, width), w_ih.dtype)
     for s in range(parts):
         wps[s, : packs[s].shape[0]] = packs[s]
@@ -252,7 +252,7 @@ def pack_columns_backward(w_hh, parts: int):
     units = unit_bounds(H, parts)
     packs = [pack(np.ascontiguousarray(w_hh[:, units[s] : units[s + 1]]), False) for s in range(parts)]
     nb = max(p.shape[0] for p in packs)
-    wbs = np.zeros((parts, nb) + packs[0].shape[1:], w_hh.dtype)
+    wbs = aligned_zeros((parts, nb) + packs[0].shape[1:], w_hh.dtype)
     for s in range(parts):
         wbs[s, : packs[s].shape[0]] = packs[s]
     return wbs, units

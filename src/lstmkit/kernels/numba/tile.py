@@ -162,6 +162,29 @@ tile1x4 = _make_tile(1, C=4)
 EIGHT_ROWS = AVX512
 
 
+# The packed weights start on a cache line: a 512-bit load of W that straddles two lines cost
+# a third more time (numpy and Numba align to 16 bytes only; BENCHMARKS.md, seventh session).
+ALIGN = 64
+
+
+@njit(**KW)
+def aligned_zeros3(n0, n1, n2, like):
+    """np.zeros((n0, n1, n2), like.dtype), its first element on an ALIGN-byte boundary."""
+    n = n0 * n1 * n2
+    raw = np.zeros(n + ALIGN // like.itemsize, like.dtype)
+    off = ((-raw.ctypes.data) % ALIGN) // like.itemsize
+    return raw[off : off + n].reshape((n0, n1, n2))
+
+
+def aligned_zeros(shape, dtype):
+    """np.zeros(shape, dtype), its first element on an ALIGN-byte boundary (for Python callers)."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(size + ALIGN, np.uint8)
+    off = -raw.ctypes.data % ALIGN
+    return raw[off : off + size].view(dtype).reshape(shape)
+
+
 def pack(w, transposed):
     """W laid out for matmul: (nb, K, V) with wp[b, k, j] = W[k, b*V + j], zero-padded.
     W is w (K, G) as given, or w.T when transposed (w (G, K), e.g. torch's (4H, I) weights)."""
@@ -182,7 +205,7 @@ def pack2(w1, w2, transposed):
     else:
         G, K1, K = w1.shape[1] + w2.shape[1], w1.shape[1], w1.shape[0]
     nb = (G + V - 1) // V
-    wp = np.zeros((nb, K, V), w1.dtype)
+    wp = aligned_zeros3(nb, K, V, w1)
     # By row pointers, branch-free: 3-D indexing wraps negative indices per element and a
     # branch per element between w1 and w2 kept these loops scalar (4x slower).
     for part in range(2):
