@@ -33,7 +33,9 @@ How the work is laid out:
     a sum of B rows (weight_gradients), which the caller runs (the torch engine in torch, on
     torch's threads).
   - Every row is computed by the same operations in the same order whichever chunk holds it,
-    so results are bitwise identical for any thread count.
+    so results are bitwise identical for any thread count. (Where the caller hands the step
+    products to a BLAS, forward_core's gemm, that BLAS may sum a row in another order for
+    another row count: 1 and 2 threads then agree to rounding; the same count stays bitwise.)
 """
 import numpy as np
 from numba import njit
