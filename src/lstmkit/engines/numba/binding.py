@@ -106,6 +106,11 @@ def _bounds(batch_sizes, I, H, P):
     return chunk_bounds(batch_sizes, chunks_for(batch_sizes[0], total * (I + P) * 4 * H))
 
 
+def chunk_rows(B: int, bounds) -> int:
+    """Rows of a chunk (the most) when B rows are split at bounds: what MKL's products are sized for."""
+    return -(-B // (bounds.shape[0] - 1))
+
+
 # ---- weights, laid out once per call, or once while their versions stand (inference) -------------
 # Training changes the weights at every optimizer step, so the autograd path packs them in
 # each call (forward and backward): a copy of the weights, small next to the time loop.
@@ -200,9 +205,8 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
         if out is not None:
             return out
     bounds = _bounds(batch_sizes, I, H, P)
-    chunks = bounds.shape[0] - 1
-    pre = precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, chunks)
-    rows = -(-B // chunks)
+    pre = precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, bounds.shape[0] - 1)
+    rows = chunk_rows(B, bounds)
     gemm_pre = pre if mkl.use(P if pre else I + P, 4 * H, rows, dt) else None
     b, wp, wpr, gemm, wg = forward_weights(p, not save, gemm_pre, rows)
     acts = np.empty((total if save else 0, 4 * H), dt)
@@ -280,7 +284,7 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
                     None)
     bounds = _bounds(batch_sizes, I, H, P)
     dx_after = dx_after_loop(len(batch_sizes), I, H, P, xn.itemsize)
-    rows = -(-B // (bounds.shape[0] - 1))
+    rows = chunk_rows(B, bounds)
     wpb, wprb, gemm, wgb = backward_weights(p, not dx_after, mkl.use(4 * H, P if dx_after else I + P, rows, dt), rows)
     dyn = as_numpy_or(dy, (total, P), dt)
     dh = as_numpy(dh_n).copy() if dh_n is not None else np.zeros((B, P), dt)  # becomes dh0

@@ -33,6 +33,8 @@ def _find():
         return _entry[0]
     found = None
     names = ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll")
+    if os.environ.get("LSTMKIT_MKL", "1") == "0":
+        names = ()  # turned off: not even looked for
     for name in names:
         path = os.path.join(os.path.dirname(torch.__file__), "lib", name)
         if not os.path.exists(path):
@@ -48,8 +50,6 @@ def _find():
         pack_fn.argtypes = [i, i, i, i, i, i, ctypes.c_float, ctypes.c_void_p, i, ctypes.c_void_p]
         found = (ctypes.cast(compute, ctypes.c_void_p).value, pack_fn, size_fn)
         break
-    if os.environ.get("LSTMKIT_MKL", "1") == "0":
-        found = None
     _entry.append(found)
     return found
 

@@ -24,7 +24,7 @@ from ...kernels.numba.variants import backward_core, forward_core, weight_gradie
 from ..base import LayerParams
 from ..double_backward import differentiable_backward
 from . import mkl
-from .binding import as_numpy, as_numpy_or, check_input, chunks_for, needs_grad
+from .binding import as_numpy, as_numpy_or, check_input, chunk_rows, chunks_for, needs_grad
 
 # The differentiable variant parameters, in the order the autograd Function takes them.
 _VPARAMS = ("ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b", "w_peep")
@@ -46,9 +46,9 @@ def _kernel_weights(p: LayerParams, v, dt, H: int, P: int) -> dict:
     return k
 
 
-def _bounds(bsz, I: int, H: int, P: int):
-    total = int(bsz.sum())
-    return chunk_bounds(bsz, chunks_for(int(bsz[0]), total * (I + P) * 4 * H))
+def _bounds(batch_sizes, I: int, H: int, P: int):
+    """Row chunks of a call (chunks_for is looked up here: the tests force splits through it)."""
+    return chunk_bounds(batch_sizes, chunks_for(int(batch_sizes[0]), int(sum(batch_sizes)) * (I + P) * 4 * H))
 
 
 def _gemm(w_hh, transposed: bool, rows: int):
@@ -79,8 +79,8 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):
         hhat=np.empty((nl, 4 * H), dt), chat=np.empty((nl, H), dt), rstd=np.empty((nl, 3), dt),
     )
     bsz = np.asarray(batch_sizes, dtype=np.int64)
-    bounds = _bounds(bsz, I, H, P)
-    gemm, wg = _gemm(k["w_hh"], True, -(-B // (bounds.shape[0] - 1)))
+    bounds = _bounds(batch_sizes, I, H, P)
+    gemm, wg = _gemm(k["w_hh"], True, chunk_rows(B, bounds))
     forward_core(xn, bsz, h0n, c0n, k["w_ih"], k["w_hh"], b, k["w_hr"], *(k[n] for n in _LN), k["w_peep"],
                  k["zc"], k["zh"], k["rm"], bool(reverse), acts, y, h_n, c_n, *(sv[n] for n in _SAVED[1:]),
                  bool(save), bounds, projected=True, gemm=gemm, wg=wg)
@@ -138,8 +138,8 @@ class _VariantFunction(torch.autograd.Function):
             dh_all=np.empty((total if has_proj else 0, P), dt), hpre_all=np.empty((total if has_proj else 0, H), dt),
         )
         bsz = np.asarray(ctx.batch_sizes, dtype=np.int64)
-        bounds = _bounds(bsz, I, H, P)
-        gemm, wgb = _gemm(k["w_hh"], False, -(-B // (bounds.shape[0] - 1)))
+        bounds = _bounds(ctx.batch_sizes, I, H, P)
+        gemm, wgb = _gemm(k["w_hh"], False, chunk_rows(B, bounds))
         backward_core(xn, bsz, h0n, c0n, k["w_hh"], k["w_hr"], k["ln_ih_w"], k["ln_hh_w"], k["ln_c_w"], k["ln_c_b"],
                       k["w_peep"], k["zc"], k["zh"], k["rm"], bool(ctx.reverse), sv["acts"], sv["cells"],
                       sv["c_prev"], y.numpy(), *(sv[n] for n in _SAVED[3:]), as_numpy_or(dy, (total, P), dt), dh, dc,

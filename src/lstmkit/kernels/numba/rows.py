@@ -4,6 +4,8 @@
     ptr_add(p, k)          p + k elements
     copy_p(dst, src, n)    dst[:n] = src[:n]   (no overlap)
     add_p(dst, src, n)     dst[:n] += src[:n]
+    mul_p(dst, a, b, n)    dst[:n] = a[:n] * b[:n]
+    fma_p(dst, a, b, n)    dst[:n] += a[:n] * b[:n]
 
 Why: a step of the time loop touches each of its rows a few times (the gate pass, the copies
 into y, cells, h_prev). Written as calls on row views (acts[o + i], xh[i, I:]), each view is an
@@ -72,3 +74,15 @@ def copy_p(typingctx, dst, src, n):
 def add_p(dst, src, n):
     for k in range(n):
         dst[k] += src[k]
+
+
+@njit(**KW)
+def mul_p(dst, a, b, n):
+    for k in range(n):
+        dst[k] = a[k] * b[k]
+
+
+@njit(**KW)
+def fma_p(dst, a, b, n):
+    for k in range(n):
+        dst[k] += a[k] * b[k]

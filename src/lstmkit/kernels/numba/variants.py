@@ -41,7 +41,7 @@ from numba import njit
 from .activations import sigmoid, tanh
 from .blas import gemm_packed
 from .lstm import backward_step, no_projection, offsets
-from .rows import KW, add_p, copy_p, ptr_add, row_ptr
+from .rows import KW, add_p, copy_p, fma_p, mul_p, ptr_add, row_ptr
 from .simd import (LANES, block_units, out_tanh_block, variant_gate_backward_block, variant_gate_block,
                    variant_out_backward_block)
 from .threads import run_chunks
@@ -52,25 +52,11 @@ EPS = 1e-5
 
 # ---- small row operations on pointers -------------------------------------------------------------
 @njit(**KW)
-def mul_p(dst, a, b, n):
-    """dst[:n] = a[:n] * b[:n]."""
-    for k in range(n):
-        dst[k] = a[k] * b[k]
-
-
-@njit(**KW)
 def blend_p(dst, new, d, n):
     """Zoneout: dst[:n] = d dst + (1 - d) new, written new + d (dst - new) (no literal 1: see
     forward_chunk)."""
     for k in range(n):
         dst[k] = new[k] + d[k] * (dst[k] - new[k])
-
-
-@njit(**KW)
-def fma_into(dst, a, b, n):
-    """dst[:n] += a[:n] * b[:n]."""
-    for k in range(n):
-        dst[k] += a[k] * b[k]
 
 
 @njit(**KW)
@@ -455,7 +441,7 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, gemm, wgb, ln_ih_w, l
             dcv_p = row_ptr(dcn, 0)
             if has_ln:
                 dl = row_ptr(dln_rows, r0 + i)  # [ih_w 4H | hh_w 4H | c_w H | c_b H]
-                fma_into(ptr_add(dl, 8 * H), row_ptr(dcn, 0), row_ptr(chat, row), H)
+                fma_p(ptr_add(dl, 8 * H), row_ptr(dcn, 0), row_ptr(chat, row), H)
                 add_p(ptr_add(dl, 9 * H), row_ptr(dcn, 0), H)
                 dcv_p = row_ptr(dcv, 0)
                 normalize_backward(row_ptr(dcn, 0), lc_w, row_ptr(chat, row), rstd[row, 2], dcv_p, H, k)
@@ -463,15 +449,15 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, gemm, wgb, ln_ih_w, l
                               dg, pi, pf, po, H)
             if has_peep:  # pre_i, pre_f saw p * c_{t-1}; pre_o saw p_o * c~_t
                 dp = row_ptr(dpeep_rows, r0 + i)
-                fma_into(dp, dg, cp, H)
-                fma_into(ptr_add(dp, H), ptr_add(dg, H), cp, H)
-                fma_into(ptr_add(dp, 2 * H), ptr_add(dg, 3 * H), cv, H)
+                fma_p(dp, dg, cp, H)
+                fma_p(ptr_add(dp, H), ptr_add(dg, H), cp, H)
+                fma_p(ptr_add(dp, 2 * H), ptr_add(dg, 3 * H), cv, H)
             add_p(row_ptr(db_rows, r0 + i), dg, 4 * H)
             if has_ln:  # LN_ih, LN_hh outputs are added like the biases
                 dl = row_ptr(dln_rows, r0 + i)
                 xr, hr = row_ptr(xhat, row), row_ptr(hhat, row)
-                fma_into(dl, dg, xr, 4 * H)
-                fma_into(ptr_add(dl, 4 * H), dg, hr, 4 * H)
+                fma_p(dl, dg, xr, 4 * H)
+                fma_p(ptr_add(dl, 4 * H), dg, hr, 4 * H)
                 # dhw = dL/d(h_in W_hh^T) through LN_hh; dgates becomes dL/d(x W_ih^T) in place
                 normalize_backward2(dg, lih_w, xr, rstd[row, 0], lhh_w, hr, rstd[row, 1], row_ptr(dhw, row), 4 * H, k)
         src = dhw if has_ln else dgates
@@ -482,7 +468,7 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, gemm, wgb, ln_ih_w, l
         for i in range(n):  # dh_{t-1} = (zoneout's part) + m * (the recurrent product's part)
             dr, di = row_ptr(dh, r0 + i), row_ptr(dhin, i)
             if has_rm and has_zh:
-                fma_into(dr, di, row_ptr(rm, r0 + i), P)
+                fma_p(dr, di, row_ptr(rm, r0 + i), P)
             elif has_rm:
                 mul_p(dr, di, row_ptr(rm, r0 + i), P)
             elif has_zh:
