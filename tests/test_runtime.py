@@ -102,6 +102,36 @@ def test_streaming_equals_full_sequence(tmp_path, batch_first, chunk):
     assert_close(np.concatenate(ys), full1, SAME)
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("N", [1, 3])
+def test_one_step_lane_streams_like_the_full_sequence(tmp_path, batch_first, N):
+    """One layer, one direction: steps take Runtime._one_step (lstm.one_step). Streamed with the
+    state fed back, with no state, with a state the caller made, and from a non-contiguous
+    input, it gives the full-sequence call's numbers; its shared zero state never leaks out."""
+    cfg = dict(input_size=5, hidden_size=8, batch_first=batch_first)
+    ref, rt = oracle_and_runtime(tmp_path, cfg, torch.float64, "save")
+    T = 6
+    x = np.random.default_rng(2).standard_normal((N, T, 5) if batch_first else (T, N, 5))
+    full, (h_full, c_full) = check(ref, rt, x)
+    step = (lambda t: x[:, t : t + 1]) if batch_first else (lambda t: x[t : t + 1])
+    state, outs = None, []
+    for t in range(T):
+        part = step(t)
+        assert part.flags.c_contiguous == (not batch_first or N == 1)  # batch_first slices: the general path
+        y, state = rt(np.ascontiguousarray(part) if t % 2 else part, state)
+        outs.append(y)
+    assert_all_close([np.concatenate(outs, axis=1 if batch_first else 0), *state], [full, h_full, c_full], SAME)
+    assert rt._one_step_lane  # the lane was planned ...
+    first, (h1, c1) = rt(np.ascontiguousarray(step(0)))
+    assert_close(first, full[:, :1] if batch_first else full[:1], SAME)
+    h1[...] = 7.0  # ... and the returned state is the caller's, not the lane's zeros
+    c1[...] = 7.0
+    again, _ = rt(np.ascontiguousarray(step(0)))
+    assert_close(again, first, SAME)
+    own = (np.full((1, N, 8), 0.5), np.full((1, N, 8), -0.25))  # a state the caller made: checked, then used
+    check(ref, rt, np.ascontiguousarray(step(1)), own)
+
+
 def test_two_threads_streaming_on_one_runtime(tmp_path):
     """Each stream feeds back its own state; interleaved calls from another thread
     (another batch size) must not leak into it (the kernels release the GIL)."""

@@ -221,7 +221,7 @@ class LSTM(nn.Module):
             data = input.data if isinstance(input, PackedSequence) else input
             if isinstance(data, torch.Tensor) and autocast.active(data.device.type):
                 return self._forward_autocast(input, hx, data.device.type)
-        if (not torch.is_grad_enabled() and type(input) is torch.Tensor and not torch.jit.is_tracing()
+        if (not torch.is_grad_enabled() and type(input) is torch.Tensor and not torch._C._is_tracing()
                 and not torch._C._are_functorch_transforms_active()):
             out = self._inference_fast(input, hx)
             if out is not None:
@@ -314,11 +314,10 @@ class LSTM(nn.Module):
                 or (self.training and ((self.dropout > 0 and self.config.num_layers > 1) or self._variant))
                 or torch.compiler.is_compiling()):
             return None
-        params = list(self._parameters.values())  # registration order = _flat_weights_names
-        key = [(p._version, p.data_ptr()) for p in params]
+        key = [(p._version, p.data_ptr()) for p in self._parameters.values()]  # order = _flat_weights_names
         rt = self.__dict__.get("_runtime")
         if rt is None or rt[0] != key:
-            rt = self._build_runtime(key, params)
+            rt = self._build_runtime(key, list(self._parameters.values()))
             if rt is None:
                 return None
         _, runtime, last = rt

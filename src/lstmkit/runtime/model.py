@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import LSTMConfig
 from ..kernels.numba.lstm import (
-    MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, input_projection, pack_forward,
+    MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, input_projection, one_step, pack_forward,
     precompute_input,
 )
 from ..kernels.numba.columns import columns_pay, columns_precompute, pack_columns, run_columns
@@ -59,8 +59,7 @@ class Runtime:
         self._packed = []
         self.threads = 1  # row chunks run at once (the torch engine's fast path sets torch's count)
         self._single = config.num_layers == 1 and not config.bidirectional and not self._variant
-        self._one_step_lane = {}  # (N, threads) -> whether _one_step takes a one-step call of N rows
-        self._one_row_step = {}  # N -> int64 [N], the batch_sizes of such a call
+        self._one_step_lane = {}  # (input shape, threads) -> _one_step's plan for it (_one_step_plan)
         for k in range(config.num_layers):
             for d in range(config.num_directions):
                 sfx = f"_l{k}{LSTMConfig.suffix(d)}"
@@ -162,36 +161,46 @@ class Runtime:
     def _one_step(self, x, state):
         """The streaming call of a one-layer, one-direction model: one time step, batched,
         C-contiguous, small enough for one thread (else None: the general path runs). The same
-        kernel call as the general path, with only the checks this case needs."""
-        if type(x) is not np.ndarray or x.ndim != 3 or x.dtype is not self.dtype or not x.flags.c_contiguous:
+        kernel as the general path, with only the checks this case needs."""
+        if type(x) is not np.ndarray or x.dtype is not self.dtype:
             return None
-        N, T = (x.shape[0], x.shape[1]) if self._batch_first else (x.shape[1], x.shape[0])
-        if T != 1 or x.shape[2] != self._I:
+        lane = self._one_step_lane.get((x.shape, self.threads))
+        if lane is None:
+            lane = self._one_step_plan(x.shape)
+        if not lane or not x.flags.c_contiguous:
             return None
-        one_thread = self._one_step_lane.get((N, self.threads))
-        if one_thread is None:  # a step worth splitting over the threads: the general path does
-            one_thread = self._one_step_lane[(N, self.threads)] = self.threads == 1 or not (
-                N * (self._I + self._P) * 4 * self._H >= MIN_SPLIT_MACS
-                or columns_pay(N, 1, self._I, self._H, self._P, x.itemsize, self.threads))
-            self._one_row_step[N] = np.full(1, N, np.int64)  # its batch_sizes
-        if not one_thread:
-            return None
-        dt, H, P = self.dtype, self._H, self._P
-        returned_state, returned_shape, _, _ = self._returned
+        y_shape, h_shape, c_shape, zeros = lane
+        dt = self.dtype
         if state is None:
-            h0, c0 = np.zeros((1, N, P), dt), np.zeros((1, N, H), dt)
-        elif state is returned_state and x.shape == returned_shape:
+            h0, c0 = zeros  # read only by the kernel, never handed out
+        elif state is self._returned[0] and x.shape == self._returned[1]:
             h0, c0 = state
         else:
-            h0, c0 = self._check_state(state, N, True)
-        y = np.empty(x.shape[:2] + (P,), dt)  # (1, N, P), or (N, 1, P) batch_first: rows in the same order
-        h_n, c_n = np.empty((1, N, P), dt), np.empty((1, N, H), dt)
+            h0, c0 = self._check_state(state, h_shape[1], True)
+        y, h_n, c_n = np.empty(y_shape, dt), np.empty(h_shape, dt), np.empty(c_shape, dt)
         wp, b, wpr = self._packed[0]
-        forward_chunk(x.reshape(N, self._I), self._one_row_step[N], h0[0], c0[0], wp, b, wpr, self._no_xproj, 0,
-                      self._no_wg, False, self._no_acts, y.reshape(N, P), h_n[0], c_n[0], self._no_cells, False, 0, N)
+        one_step(x, h0, c0, wp, b, wpr, y, h_n, c_n)
         state = (h_n, c_n)
-        self._returned = (state, x.shape, 1, N)
+        self._returned = (state, x.shape, 1, h_shape[1])
         return y, state
+
+    def _one_step_plan(self, shape):
+        """For _one_step, per (input shape, threads): (y, h, c shapes, zero state) where a call
+        of that shape is one step on one thread, else False (the general path: other shapes,
+        or a step worth splitting over the threads)."""
+        lane = False
+        if len(shape) == 3 and shape[2] == self._I:
+            N, T = (shape[0], shape[1]) if self._batch_first else (shape[1], shape[0])
+            if T == 1 and (self.threads == 1 or not (
+                    N * (self._I + self._P) * 4 * self._H >= MIN_SPLIT_MACS
+                    or columns_pay(N, 1, self._I, self._H, self._P, self.dtype.itemsize, self.threads))):
+                dt, H, P = self.dtype, self._H, self._P
+                zeros = (np.zeros((1, N, P), dt), np.zeros((1, N, H), dt))
+                lane = (shape[:2] + (P,), (1, N, P), (1, N, H), zeros)
+        if len(self._one_step_lane) > 64:  # many distinct shapes: keep the cache small
+            self._one_step_lane.clear()
+        self._one_step_lane[(shape, self.threads)] = lane
+        return lane
 
     def _plain_layer(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T: int, N: int):
         """Layer-direction idx on the plain kernel, into y, h_n, c_n; x W_ih^T + b as one GEMM

@@ -465,8 +465,9 @@ def run_inference(runtime, x: np.ndarray, state):
             steps, rows = rows, steps
         prefetch.start(unpacked_path([rows] * steps) or "time loop")
     runtime.threads = torch.get_num_threads()
-    runtime.input_projection = input_projection
-    runtime.blas = mkl
+    if runtime.blas is not mkl:  # once per runtime: torch's GEMM and MKL's packed products
+        runtime.input_projection = input_projection
+        runtime.blas = mkl
     return runtime(x, state)
 
 
