@@ -7,9 +7,9 @@ Threads: a call splits its batch rows into torch.get_num_threads() chunks (fewer
 work, see chunks_for), each running the whole time loop on its own thread
 (kernels/numba/lstm.py), and those threads are torch's own OpenMP team where torch runs on
 OpenMP (share_torch_threads; kernels/numba/threads.py says why). The weight gradients after
-the loop are torch GEMMs, on the same threads; the two never run at the same time. The BLAS
-the variant kernel calls from Numba (scipy's OpenBLAS) is held at one thread
-(LSTMKIT_BLAS_THREADS to change), so it never spins a pool of its own against torch's.
+the loop are torch GEMMs, on the same threads; the two never run at the same time. The
+kernels call no BLAS of their own pool: a step product goes to the micro-kernel or to MKL's
+packed GEMM (mkl.py), both on the calling chunk's thread.
 """
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ is a matrix-vector product).
 The rows are independent: each output row depends only on its own input row and W, summed
 in the same k order, so a result is bitwise the same whichever chunk or tile computed it.
 """
+import math
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -167,21 +169,19 @@ EIGHT_ROWS = AVX512
 ALIGN = 64
 
 
-@njit(**KW)
-def aligned_zeros3(n0, n1, n2, like):
-    """np.zeros((n0, n1, n2), like.dtype), its first element on an ALIGN-byte boundary."""
-    n = n0 * n1 * n2
-    raw = np.zeros(n + ALIGN // like.itemsize, like.dtype)
-    off = ((-raw.ctypes.data) % ALIGN) // like.itemsize
-    return raw[off : off + n].reshape((n0, n1, n2))
-
-
 def aligned_zeros(shape, dtype):
     """np.zeros(shape, dtype), its first element on an ALIGN-byte boundary (for Python callers)."""
+    out = aligned_empty(shape, dtype)
+    out.fill(0)
+    return out
+
+
+def aligned_empty(shape, dtype):
+    """np.empty(shape, dtype), its first element on an ALIGN-byte boundary."""
     dtype = np.dtype(dtype)
-    size = int(np.prod(shape)) * dtype.itemsize
-    raw = np.zeros(size + ALIGN, np.uint8)
-    off = -raw.ctypes.data % ALIGN
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + ALIGN, np.uint8)
+    off = -raw.__array_interface__["data"][0] % ALIGN
     return raw[off : off + size].view(dtype).reshape(shape)
 
 
@@ -192,20 +192,40 @@ def pack(w, transposed):
     return pack2(w, w[:, :0], transposed)
 
 
-@njit(**KW)
 def pack2(w1, w2, transposed):
     """pack() of two matrices side by side, with no concatenated copy in between:
     transposed: W = [w1 | w2]^T, w1 (G, K1), w2 (G, K2), K = K1 + K2 (the forward weights);
     else:       W = [w1 | w2],   w1 (K, G1), w2 (K, G2), G = G1 + G2 (the backward weights).
     w1, w2 C-contiguous (the copies go by row pointer; pack() and lstm.pack_forward/backward
-    make them so; a check raising here would double this function's compile time)."""
-    V = _lanes_array(w1)
+    make them so; a check raising in the compiled copy would double its compile time).
+    The zeroed, aligned output is made here, in Python: made in the compiled function, its
+    allocation took half a second of the cold compile."""
+    V = 32 if w1.dtype == np.float32 else 16  # tile.py's column block: _lanes_of
     if transposed:
-        G, K1, K = w1.shape[0], w1.shape[1], w1.shape[1] + w2.shape[1]
+        G, K = w1.shape[0], w1.shape[1] + w2.shape[1]
     else:
-        G, K1, K = w1.shape[1] + w2.shape[1], w1.shape[1], w1.shape[0]
-    nb = (G + V - 1) // V
-    wp = aligned_zeros3(nb, K, V, w1)
+        G, K = w1.shape[1] + w2.shape[1], w1.shape[0]
+    wp = aligned_empty(((G + V - 1) // V, K, V), w1.dtype)
+    _pack2_into(w1, w2, transposed, wp)
+    return wp
+
+
+@njit(**KW)
+def _pack2_into(w1, w2, transposed, wp):
+    """pack2's copies into wp (nb, K, V), uninitialised: every element is written, the
+    columns past G with zeros."""
+    V = _lanes_array(w1)  # a compile-time constant, as the loops below want it
+    nb, K = wp.shape[0], wp.shape[1]
+    if transposed:
+        G, K1 = w1.shape[0], w1.shape[1]
+    else:
+        G, K1 = w1.shape[1] + w2.shape[1], w1.shape[1]
+    pad = nb * V - G  # the last block's columns past G
+    if pad:
+        last = row_ptr(wp, nb - 1)
+        for k in range(K):
+            for j in range(V - pad, V):
+                last[k * V + j] = 0
     # By row pointers, branch-free: 3-D indexing wraps negative indices per element and a
     # branch per element between w1 and w2 kept these loops scalar (4x slower).
     for part in range(2):
@@ -232,7 +252,6 @@ def pack2(w1, w2, transposed):
                     for k in range(k0, k1):
                         copy_p(ptr_add(row_ptr(wp, b), k * V + j), ptr_add(row_ptr(w, k), c), n)
                     c += n
-    return wp
 
 
 @njit(**KW)
