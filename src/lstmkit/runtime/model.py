@@ -171,9 +171,10 @@ class Runtime:
             return None
         y_shape, h_shape, c_shape, zeros = lane
         dt = self.dtype
+        returned = self._returned  # read once: another thread may replace it meanwhile
         if state is None:
             h0, c0 = zeros  # read only by the kernel, never handed out
-        elif state is self._returned[0] and x.shape == self._returned[1]:
+        elif state is returned[0] and x.shape == returned[1]:
             h0, c0 = state
         else:
             h0, c0 = self._check_state(state, h_shape[1], True)
