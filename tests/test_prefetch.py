@@ -74,7 +74,11 @@ def test_start_runs_once_and_only_when_wanted(tmp_path, monkeypatch):
     monkeypatch.setattr(prefetch, "started", False)
     monkeypatch.delenv("LSTMKIT_PREFETCH")
     monkeypatch.setattr("lstmkit.kernels.numba.cache_guard.numba_cache_dir", lambda _: tmp_path)
-    assert prefetch.start("few steps") and launched[-1][-1] == "few steps"  # empty cache: the child starts
+    monkeypatch.setattr(prefetch, "_child", [None, None, None])  # restored after the test, as is pending
+    monkeypatch.setattr(prefetch, "pending", False)
+    assert prefetch.start("few steps") and launched[-1][-3] == "few steps"  # empty cache: the child starts
+    assert launched[-1][-2].startswith(str(tmp_path)) and prefetch.pending  # with a file to name its parts in
+    assert launched[-1][-1] == "training"
     assert not prefetch.start("few steps") and len(launched) == 1  # once per process
     for name in ("lstm.backward_chunk-1.py311.nbi", "step.steps_backward-1.py311.nbi"):
         (tmp_path / name).write_bytes(b"")
@@ -91,6 +95,84 @@ def test_first_path_is_compiled_first(first, monkeypatch):
     for mod, name in ((lstm, "backward_core"), (step, "steps_forward"), (step, "steps_backward"),
                       (step, "step_forward"), (step, "step_backward"), (step, "step_backward_all")):
         monkeypatch.setattr(mod, name, lambda *a, name=name: order.append(name))
+    parts = []
+    monkeypatch.setattr(prefetch, "_announce", lambda _, part: parts.append(part))
+    monkeypatch.setattr(prefetch, "compile_team_bodies", lambda: order.append("team bodies"))
     prefetch.compile_backward_kernels(first)
-    firsts = {"time loop": "backward_core", "few steps": "steps_forward", "one step": "step_forward"}
+    # Each path's backward before its forward: see compile_backward_kernels.
+    firsts = {"time loop": "backward_core", "few steps": "steps_backward", "one step": "step_backward"}
     assert order[0] == firsts[first] and set(order) >= set(firsts.values())
+    assert order.index("steps_backward") < order.index("steps_forward")
+    assert order.index("step_backward_all") < order.index("step_forward")
+    assert order[order.index("team bodies") - 1].startswith(firsts[first][:4])  # right after the first path
+    assert parts[0] == f"{first} backward" and "team bodies" in parts
+    assert len(parts) == len(set(parts)) == 6  # every part named, once
+    monkeypatch.setattr(lstm, "gate_row", lambda *a: order.append("gate_row"))
+    parts.clear()
+    order.clear()
+    prefetch.compile_backward_kernels(first, None, forward_rows=True)  # an inference call came first
+    assert parts[:2] == ["forward rows", f"{first} backward"] and order[:2] == ["gate_row", firsts[first]]
+
+
+def _fake_child(monkeypatch, tmp_path, seconds):
+    """A child process that lives `seconds` and a part file this test writes for it."""
+    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    part_file = tmp_path / "part"
+    monkeypatch.setattr(prefetch, "_child", [child, tmp_path, part_file])
+    monkeypatch.setattr(prefetch, "pending", True)
+    return child, part_file
+
+
+def test_wait_for_waits_while_the_child_compiles_that_part(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    child, part_file = _fake_child(monkeypatch, tmp_path, 30)
+    try:
+        prefetch._announce(part_file, "few steps backward")
+        t0 = time.monotonic()
+        prefetch.wait_for("few steps forward")  # another part: no wait
+        prefetch.wait_for("time loop backward")
+        assert time.monotonic() - t0 < 0.5
+        threading.Timer(0.4, prefetch._announce, (part_file, "few steps forward")).start()
+        t0 = time.monotonic()
+        prefetch.wait_for("few steps backward")  # the child's part now: until it moves on
+        assert 0.3 < time.monotonic() - t0 < 5
+        assert prefetch.pending  # the child still runs
+    finally:
+        child.kill()
+        child.wait()
+    prefetch.wait_for("few steps forward")  # the child is gone: no wait, and nothing pending
+    assert not prefetch.pending
+
+
+def test_wait_for_ends_when_the_child_exits(tmp_path, monkeypatch):
+    import time
+
+    child, part_file = _fake_child(monkeypatch, tmp_path, 0.3)
+    prefetch._announce(part_file, "one step backward")  # a child that dies in its part
+    t0 = time.monotonic()
+    prefetch.wait_for("one step backward")
+    assert time.monotonic() - t0 < 5 and child.poll() is not None and not prefetch.pending
+
+
+def test_wait_for_is_bounded(tmp_path, monkeypatch):
+    import time
+
+    child, part_file = _fake_child(monkeypatch, tmp_path, 30)
+    monkeypatch.setattr(prefetch, "WAIT_LIMIT_S", 0.3)
+    try:
+        prefetch._announce(part_file, "time loop backward")  # a child stuck in its part
+        t0 = time.monotonic()
+        prefetch.wait_for("time loop backward")
+        assert 0.25 < time.monotonic() - t0 < 5
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_no_child_no_wait(monkeypatch):
+    monkeypatch.setattr(prefetch, "_child", [None, None, None])
+    monkeypatch.setattr(prefetch, "pending", True)
+    prefetch.wait_for("few steps backward")
+    assert not prefetch.pending

@@ -188,9 +188,11 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     empty unless save. One or a few time steps, saved for backward (the weights change between
     calls: nothing to cache) go to step_forward / steps_forward (see unpacked_path)."""
     if not prefetch.started:  # first call, cold cache: see kernels/numba/prefetch.py
-        prefetch.start(unpacked_path(batch_sizes) or "time loop")
+        prefetch.start(unpacked_path(batch_sizes) or "time loop", save)
     if save:
         path = unpacked_path(batch_sizes)
+        if path is not None and prefetch.pending:  # the child may be compiling these kernels now
+            prefetch.wait_for(path + " forward")
         if path == "one step":
             return step_forward(x, h0, c0, p)
         if path == "few steps":
@@ -264,6 +266,8 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     One or a few time steps (unpacked_path) go to step_backward / steps_backward, which leave out
     (None) what `needs` (flags in double_backward.INPUT_NAMES order, None: all) does not ask for."""
     path = unpacked_path(batch_sizes)
+    if path is not None and prefetch.pending:  # the child may be compiling these kernels now
+        prefetch.wait_for(path + " backward")
     if path == "one step":
         return step_backward(x, h0, c0, p, acts, cells, dy, dh_n, dc_n, needs)
     if path == "few steps":
@@ -282,6 +286,8 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
             dg = t_(dgates)
             return (dg.mm(p.w_ih.detach()), t_(dh), t_(dc), dg.t().mm(t_(xn)), dg.t().mm(t_(h_prev)), dg.sum(0),
                     None)
+    if prefetch.pending:  # the child may be compiling backward_chunk now
+        prefetch.wait_for("time loop backward")
     bounds = _bounds(batch_sizes, I, H, P)
     dx_after = dx_after_loop(len(batch_sizes), I, H, P, xn.itemsize)
     rows = chunk_rows(B, bounds)
@@ -463,7 +469,7 @@ def run_inference(runtime, x: np.ndarray, state):
         steps, rows = x.shape[:2] if x.ndim == 3 else (x.shape[0], 1)
         if runtime.batch_first and x.ndim == 3:
             steps, rows = rows, steps
-        prefetch.start(unpacked_path([rows] * steps) or "time loop")
+        prefetch.start(unpacked_path([rows] * steps) or "time loop", False)
     runtime.threads = torch.get_num_threads()
     if runtime.blas is not mkl:  # once per runtime: torch's GEMM and MKL's packed products
         runtime.input_projection = input_projection

@@ -11,25 +11,36 @@ where this process finds them at its first backward instead of compiling them it
 It runs at most once per process, only when the cache holds no backward kernel yet and the
 machine has a second core; LSTMKIT_PREFETCH=0 turns it off. It never raises: if the child
 cannot start or fails, this process compiles as before.
+
+The child names the part it is compiling ('few steps backward', ...) in a small file (its
+second argument); when this process needs kernels the child is compiling at that moment, it
+waits for them (wait_for) rather than compile the same kernels a second time alongside it.
 """
 import os
 import subprocess
 import sys
+import time
 
 started = False  # whether start() ran in this process (callers test it before building start's argument)
-_child = [None, None]  # the compiling child process and the cache folder it writes to
+pending = False  # whether a child may still be compiling (callers test it before calling wait_for)
+_child = [None, None, None]  # the compiling child process, the cache folder it writes to, its part's file
+# Longest wait for the child's part: one compiles in seconds; this only guards against a child
+# that hangs.
+WAIT_LIMIT_S = 30.0
 
 
 def _backward_cached(cache) -> bool:
     return any(cache.glob("lstm.backward_chunk-*.nbi")) and any(cache.glob("step.steps_backward-*.nbi"))
 
 
-def start(first: str) -> bool:
+def start(first: str, training: bool = True) -> bool:
     """Launch the compiling child if the cache lacks the backward kernels; returns whether it
     did. first: the engine's path for the first call ('time loop', 'few steps' or 'one step',
     see engines/numba/binding.unpacked_path), whose backward the child compiles first: it has
-    about the time this process takes to compile the forward loop, enough for one of them."""
-    global started
+    about the time this process takes to compile the forward loop, enough for one of them.
+    training: whether that call records for backward; if not (inference), the child first
+    compiles the forward's row function, which that call's kernel then finds in the cache."""
+    global started, pending
     if started:
         return False
     started = True
@@ -43,17 +54,59 @@ def start(first: str) -> bool:
         cache = numba_cache_dir(Path(__file__).resolve().parent)
         if cache is None or _backward_cached(cache):
             return False
-        _child[:] = subprocess.Popen([sys.executable, "-m", __name__, first], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True), cache
+        part_file = cache / f".lstmkit-prefetch-part-{os.getpid()}"
+        args = [sys.executable, "-m", __name__, first, str(part_file), "training" if training else "inference"]
+        child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, close_fds=True)
+        _child[:] = child, cache, part_file
+        pending = True
         return True
     except Exception:  # noqa: BLE001 - an optimisation only
         return False
 
 
+def wait_for(part: str) -> None:
+    """Before this process compiles the kernels of `part` (a path, 'time loop', 'few steps' or
+    'one step', then ' forward' or ' backward'): if the child is compiling those now, wait until
+    it moves on (they are then in the cache, where this process's first call finds them), it
+    exits, or WAIT_LIMIT_S pass."""
+    global pending
+    child, _, part_file = _child
+    if child is None:
+        pending = False
+        return
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while child.poll() is None and _part_now(part_file) == part and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if child.poll() is not None:
+        pending = False
+
+
+def _part_now(part_file):
+    try:
+        return part_file.read_text()
+    except OSError:  # not written yet, or gone: the child is between parts
+        return None
+
+
+def _announce(part_file, part: str) -> None:
+    """The child: name the part it starts (written whole: another process reads it meanwhile)."""
+    if part_file is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(part_file), exist_ok=True)
+        tmp = f"{part_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(part)
+        os.replace(tmp, part_file)
+    except OSError:
+        pass
+
+
 def compiling(name: str) -> bool:
     """Whether the child is still at work and the cache holds no `name` (module.function, e.g.
     'lstm._forward32') yet: the caller then does without it for now (team.py's bodies)."""
-    child, cache = _child
+    child, cache, _ = _child
     if child is None or child.poll() is not None:
         return False
     return not any(cache.glob(f"{name}-*.nbi"))
@@ -90,13 +143,15 @@ def compile_team_bodies() -> None:
     columns.forward_columns(*args, 0, 1)  # thread 0 of 1: runs both parts, no waiting
 
 
-def compile_backward_kernels(first: str = "time loop") -> None:
+def compile_backward_kernels(first: str = "time loop", part_file=None, forward_rows: bool = False) -> None:
     """Call each float32 backward kernel once on tiny arrays typed as the engine's binding
     types them (all C-contiguous; batch_sizes int64; flags bool): the time-loop backward, the
-    few-steps kernels and the one-step kernels, the path `first` names first (see start)."""
+    few-steps kernels and the one-step kernels, the path `first` names first (see start),
+    naming each part in `part_file` (a path, or None) while it compiles (see wait_for).
+    forward_rows: the forward's row function before all (see start's `training`)."""
     import numpy as np
 
-    from .lstm import backward_core, chunk_bounds, pack_backward
+    from .lstm import backward_core, chunk_bounds, gate_row, pack_backward
     from .step import step_backward, step_backward_all, step_forward, steps_backward, steps_forward
 
     f = np.float32
@@ -110,33 +165,56 @@ def compile_backward_kernels(first: str = "time loop") -> None:
     no_proj = np.empty((0, H), f)
 
     def loop():
+        announce("time loop backward")
         for with_input in (True, False):  # dx in the loop, or after it (dx_after_loop)
             wpb, wprb = pack_backward(w_ih, w_hh, None, with_input)
             backward_core(x, bsz, h0, c0, wpb, wprb, False, acts, cells, y, r(T * B, H), r(B, H), r(B, H),
                           np.empty((T * B if with_input else 0, I), f), np.empty((T * B, G), f),
                           np.empty((T * B, I + H), f), np.zeros((B, G), f), no_proj, no_proj, chunk_bounds(bsz, 1))
 
+    # The backward first: where this process's first call is a training step it compiles the
+    # forward itself meanwhile (and would only wait for the child's); where an inference call
+    # came first, it reaches the training forward as the child reaches the forward.
     def steps():  # binding.steps_forward / steps_backward
-        a, cl, yy = np.empty((T * B, G), f), np.empty((T * B, H), f), np.empty((T * B, H), f)
-        steps_forward(r(T * B, G), bsz, h0, c0, w_hh, r(G), no_proj, False, a, cl, yy, np.empty((B, H), f),
-                      np.empty((B, H), f))
-        steps_backward(a, cl, bsz, h0, c0, yy, r(T * B, H), w_hh, no_proj, False, r(B, H), r(B, H),
+        announce("few steps backward")
+        steps_backward(acts, cells, bsz, h0, c0, y, r(T * B, H), w_hh, no_proj, False, r(B, H), r(B, H),
                        np.empty((T * B, G), f), np.empty((T * B, H), f), no_proj, no_proj)
+        announce("few steps forward")
+        steps_forward(r(T * B, G), bsz, h0, c0, w_hh, r(G), no_proj, False, np.empty((T * B, G), f),
+                      np.empty((T * B, H), f), np.empty((T * B, H), f), np.empty((B, H), f), np.empty((B, H), f))
 
     def step():  # binding.step_forward / step_backward
-        a1, c1, cells1, h1 = np.empty((B, G), f), np.empty((B, H), f), np.empty((B, H), f), np.empty((B, H), f)
-        step_forward(r(B, G), r(G), c0, a1, c1, cells1, h1)
-        args = (a1, cells1, c0, r(B, H), r(B, H), np.empty((B, G), f), np.empty((B, 0), f), False)
+        announce("one step backward")
+        args = (r(B, G), r(B, H), c0, r(B, H), r(B, H), np.empty((B, G), f), np.empty((B, 0), f), False)
         step_backward(*args)
         step_backward_all(*args, r(B, I), h0, w_ih, w_hh, np.empty((B, I), f), np.empty((B, H), f),
                           np.empty((G, I), f), np.empty((G, H), f), np.empty(G, f))
+        announce("one step forward")
+        step_forward(r(B, G), r(G), c0, np.empty((B, G), f), np.empty((B, H), f), np.empty((B, H), f),
+                     np.empty((B, H), f))
 
+    announce = lambda part: _announce(part_file, part)  # noqa: E731
     jobs = {"time loop": loop, "few steps": steps, "one step": step}
-    for name in [first] + [n for n in jobs if n != first]:
-        jobs[name]()
-        if name == first:
-            compile_team_bodies()
+    try:
+        if forward_rows:  # the parent's first forward, compiling meanwhile, finds it in the cache
+            announce("forward rows")
+            gate_row(r(G), r(G), np.empty(G, f), r(H), np.empty(H, f))
+        for name in [first] + [n for n in jobs if n != first]:
+            jobs[name]()
+            if name == first:
+                announce("team bodies")
+                compile_team_bodies()
+    finally:
+        if part_file is not None:
+            try:
+                os.remove(part_file)
+            except OSError:
+                pass
 
 
 if __name__ == "__main__":
-    compile_backward_kernels(*sys.argv[1:2])
+    from pathlib import Path
+
+    compile_backward_kernels(sys.argv[1] if len(sys.argv) > 1 else "time loop",
+                             Path(sys.argv[2]) if len(sys.argv) > 2 else None,
+                             len(sys.argv) > 3 and sys.argv[3] == "inference")
