@@ -1,4 +1,4 @@
-"""lstmkit.runtime: LSTM inference with numpy, numba (+ scipy for its BLAS) and safetensors only (no torch).
+"""lstmkit.runtime: LSTM inference with numpy, numba and safetensors only (no torch).
 
     from lstmkit import runtime
     rt = runtime.load("model.safetensors")      # lstmkit.save file, or a torch.nn.LSTM state_dict

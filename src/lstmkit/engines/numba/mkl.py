@@ -17,6 +17,8 @@ import os
 import numpy as np
 import torch
 
+from ...kernels.numba.tile import aligned_empty
+
 # W (K x G float32) from this many bytes: beyond L2 the micro-kernel streams W at each step and
 # falls behind MKL's packed GEMM; below it the micro-kernel is as fast or faster.
 MIN_WEIGHT_BYTES = 512 << 10
@@ -24,7 +26,6 @@ MIN_WEIGHT_BYTES = 512 << 10
 MIN_ROWS = 4
 
 _ROW_MAJOR, _NO_TRANS, _TRANS, _B_MATRIX = 101, 111, 112, 162
-_ALIGN = 64  # bytes: MKL's packed buffers want cache-line alignment
 _entry = []  # [(compute address, pack, pack_get_size)] or [None], found once
 
 
@@ -66,9 +67,6 @@ def pack(w: np.ndarray, transposed: bool, rows: int):
     address, pack_fn, size_fn = _find()
     w = np.ascontiguousarray(w, dtype=np.float32)
     (G, K), trans, ld = (w.shape, _TRANS, w.shape[1]) if transposed else (w.shape[::-1], _NO_TRANS, w.shape[1])
-    size = -(-size_fn(_B_MATRIX, rows, G, K) // 4) * 4
-    raw = np.empty(size + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    buf = raw[start : start + size].view(np.float32)  # a view: raw lives as long as buf
+    buf = aligned_empty((-(-size_fn(_B_MATRIX, rows, G, K) // 4),), np.float32)  # MKL wants a cache line
     pack_fn(_ROW_MAJOR, _B_MATRIX, trans, rows, G, K, 1.0, w.ctypes.data, ld, buf.ctypes.data)
     return address, buf
