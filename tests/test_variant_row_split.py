@@ -7,7 +7,7 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import lstmkit
-from lstmkit.engines.numba import variants as numba_variants
+from lstmkit.engines.numba import binding
 
 from harness import TOL, assert_all_close
 
@@ -52,10 +52,10 @@ def test_row_split_equals_one_chunk(monkeypatch, opts, packed, chunks):
     h_shape, c_shape = m.config.state_shapes(7)
     hx = (torch.randn(h_shape, dtype=torch.float64), torch.randn(c_shape, dtype=torch.float64))
 
-    monkeypatch.setattr(numba_variants, "chunks_for", lambda batch, macs: 1)
+    monkeypatch.setattr(binding, "chunks_for", lambda batch, macs: 1)
     one = _run(m, data, hx, seed=5)
     calls = []
-    monkeypatch.setattr(numba_variants, "chunks_for", lambda batch, macs: calls.append(batch) or chunks)
+    monkeypatch.setattr(binding, "chunks_for", lambda batch, macs: calls.append(batch) or chunks)
     split = _run(m, data, hx, seed=5)
     assert calls  # the split path ran
     # Bitwise: each row is computed by the same operations whichever chunk holds it, the sums
@@ -76,7 +76,7 @@ def test_row_split_matches_torch_with_zero_peepholes(monkeypatch):
     ref = torch.nn.LSTM(3, 6).double()
     ref.load_state_dict({k: v for k, v in m.state_dict().items() if "peephole" not in k})
     calls = []
-    monkeypatch.setattr(numba_variants, "chunks_for", lambda batch, macs: calls.append(batch) or 3)
+    monkeypatch.setattr(binding, "chunks_for", lambda batch, macs: calls.append(batch) or 3)
     x = torch.randn(5, 6, 3, dtype=torch.float64)
     hx = (torch.randn(1, 6, 6, dtype=torch.float64), torch.randn(1, 6, 6, dtype=torch.float64))
     ours = _run(m, x, hx, 0)

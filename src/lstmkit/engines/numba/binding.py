@@ -101,7 +101,8 @@ def chunks_for(batch: int, macs: int) -> int:
     return kernel_chunks_for(batch, macs, torch.get_num_threads())
 
 
-def _bounds(batch_sizes, I, H, P):
+def row_bounds(batch_sizes, I, H, P):
+    """Row chunks of a call over these batch_sizes, for either engine's time loops."""
     total = sum(batch_sizes)
     return chunk_bounds(batch_sizes, chunks_for(batch_sizes[0], total * (I + P) * 4 * H))
 
@@ -206,7 +207,7 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
         out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse)
         if out is not None:
             return out
-    bounds = _bounds(batch_sizes, I, H, P)
+    bounds = row_bounds(batch_sizes, I, H, P)
     pre = precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, bounds.shape[0] - 1)
     rows = chunk_rows(B, bounds)
     gemm_pre = pre if mkl.use(P if pre else I + P, 4 * H, rows, dt) else None
@@ -288,7 +289,7 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
                     None)
     if prefetch.pending:  # the child may be compiling backward_chunk now
         prefetch.wait_for("time loop backward")
-    bounds = _bounds(batch_sizes, I, H, P)
+    bounds = row_bounds(batch_sizes, I, H, P)
     dx_after = dx_after_loop(len(batch_sizes), I, H, P, xn.itemsize)
     rows = chunk_rows(B, bounds)
     wpb, wprb, gemm, wgb = backward_weights(p, not dx_after, mkl.use(4 * H, P if dx_after else I + P, rows, dt), rows)
@@ -481,6 +482,6 @@ share_torch_threads()
 
 __all__ = [
     "SUPPORTED_DTYPES", "as_numpy", "as_numpy_or", "check_input", "chunks_for", "layer_backward", "layer_forward",
-    "backward_weights", "forward_weights", "input_projection", "needs_grad", "run_inference",
+    "backward_weights", "forward_weights", "input_projection", "needs_grad", "row_bounds", "run_inference",
     "share_torch_threads", "step_backward", "step_forward", "steps_backward", "steps_forward", "unpacked_path",
 ]

@@ -10,7 +10,7 @@ backward runs the BPTT kernel. The masks are constants: no gradient flows to the
 
 The GEMMs around the time loops are torch's (x W_ih^T before the forward loop; dx and the
 weight gradients after the backward loop), on torch's threads; the loops split their batch
-rows into one chunk of whole sequences per torch thread (binding.chunks_for), inside the
+rows into one chunk of whole sequences per torch thread (binding.row_bounds), inside the
 kernel call (kernels/numba/variants.py). Rows never interact and the row-sum gradients are
 summed per batch row, so the results do not depend on the split.
 """
@@ -19,12 +19,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...kernels.numba.lstm import chunk_bounds
 from ...kernels.numba.variants import backward_core, forward_core, weight_gradients
 from ..base import LayerParams
 from ..double_backward import differentiable_backward
 from . import mkl
-from .binding import as_numpy, as_numpy_or, check_input, chunk_rows, chunks_for, needs_grad
+from .binding import as_numpy, as_numpy_or, check_input, chunk_rows, needs_grad, row_bounds
 
 # The differentiable variant parameters, in the order the autograd Function takes them.
 _VPARAMS = ("ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b", "w_peep")
@@ -44,11 +43,6 @@ def _kernel_weights(p: LayerParams, v, dt, H: int, P: int) -> dict:
     for n in _LN:
         k[n] = as_numpy_or(getattr(v, n), (0,), dt)
     return k
-
-
-def _bounds(batch_sizes, I: int, H: int, P: int):
-    """Row chunks of a call (chunks_for is looked up here: the tests force splits through it)."""
-    return chunk_bounds(batch_sizes, chunks_for(int(batch_sizes[0]), int(sum(batch_sizes)) * (I + P) * 4 * H))
 
 
 def _gemm(w_hh, transposed: bool, rows: int):
@@ -79,7 +73,7 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):
         hhat=np.empty((nl, 4 * H), dt), chat=np.empty((nl, H), dt), rstd=np.empty((nl, 3), dt),
     )
     bsz = np.asarray(batch_sizes, dtype=np.int64)
-    bounds = _bounds(batch_sizes, I, H, P)
+    bounds = row_bounds(batch_sizes, I, H, P)
     gemm, wg = _gemm(k["w_hh"], True, chunk_rows(B, bounds))
     forward_core(xn, bsz, h0n, c0n, k["w_ih"], k["w_hh"], b, k["w_hr"], *(k[n] for n in _LN), k["w_peep"],
                  k["zc"], k["zh"], k["rm"], bool(reverse), acts, y, h_n, c_n, *(sv[n] for n in _SAVED[1:]),
@@ -138,7 +132,7 @@ class _VariantFunction(torch.autograd.Function):
             dh_all=np.empty((total if has_proj else 0, P), dt), hpre_all=np.empty((total if has_proj else 0, H), dt),
         )
         bsz = np.asarray(ctx.batch_sizes, dtype=np.int64)
-        bounds = _bounds(ctx.batch_sizes, I, H, P)
+        bounds = row_bounds(ctx.batch_sizes, I, H, P)
         gemm, wgb = _gemm(k["w_hh"], False, chunk_rows(B, bounds))
         backward_core(xn, bsz, h0n, c0n, k["w_hh"], k["w_hr"], k["ln_ih_w"], k["ln_hh_w"], k["ln_c_w"], k["ln_c_b"],
                       k["w_peep"], k["zc"], k["zh"], k["rm"], bool(ctx.reverse), sv["acts"], sv["cells"],
