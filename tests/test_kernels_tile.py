@@ -16,21 +16,25 @@ KB = tile.K_BLOCK
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("K", [0, 1, 37, KB - 1, KB, KB + 1, 2 * KB + 5])
 @pytest.mark.parametrize("G", [70, 300])  # column blocks: a single row takes them four at a time, then one
-def test_matmul_equals_numpy_and_rows_are_bitwise_the_same_in_any_tile(dtype, K, G):
+def test_matmul_equals_numpy_and_rows_are_bitwise_the_same_in_any_tile_and_block_order(dtype, K, G):
     rng = np.random.default_rng(K)
     for n in (1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17):
         a = rng.standard_normal((n, K)).astype(dtype)
         w = rng.standard_normal((K, G)).astype(dtype)
         wp = tile.pack(w, False)
         out = np.full((n, tile.padded_width(wp)), 7.0, dtype)  # stale values must not leak in
-        tile.matmul(a, n, wp, out)
+        tile.matmul(a, n, wp, out, False)
         tol = 1e-4 if dtype == np.float32 else 1e-12
         np.testing.assert_allclose(out[:, :G], a @ w, rtol=tol, atol=tol * max(1, K))
         assert not out[:, G:].any()  # zero-padded columns stay zero
-        for r in range(n):  # the same row alone (1-row tiles) gives the same bits
-            alone = np.zeros((1, tile.padded_width(wp)), dtype)
-            tile.matmul(np.ascontiguousarray(a[r : r + 1]), 1, wp, alone)
-            assert np.array_equal(alone[0], out[r]), (n, r)
+        flipped = np.full_like(out, 7.0)  # the column blocks in the opposite order: the same bits
+        tile.matmul(a, n, wp, flipped, True)
+        assert np.array_equal(flipped, out), n
+        for r in range(n):  # the same row alone (1-row tiles) gives the same bits, either order
+            for flip in (False, True):
+                alone = np.zeros((1, tile.padded_width(wp)), dtype)
+                tile.matmul(np.ascontiguousarray(a[r : r + 1]), 1, wp, alone, flip)
+                assert np.array_equal(alone[0], out[r]), (n, r, flip)
 
 
 def test_matmul_on_column_slices_of_the_input():
@@ -41,7 +45,7 @@ def test_matmul_on_column_slices_of_the_input():
     w = rng.standard_normal((a.shape[1], 33)).astype(np.float32)
     wp = tile.pack(w, False)
     out = np.zeros((9, tile.padded_width(wp)), np.float32)
-    tile.matmul(a, 9, wp, out)
+    tile.matmul(a, 9, wp, out, False)
     np.testing.assert_allclose(out[:, :33], a @ w, rtol=1e-4, atol=1e-3)
 
 

@@ -470,7 +470,7 @@ def test_tile_matmul_matches_numpy(n, K, G):
         g = np.random.default_rng(n + K + G)
         a, w = g.standard_normal((n + 2, K)).astype(dt), g.standard_normal((G, K)).astype(dt)
         out = np.full((n + 2, padded_width(pack(w, True))), 7.0, dt)
-        matmul(a, n, pack(w, True), out)
+        matmul(a, n, pack(w, True), out, False)
         assert np.abs(out[:n, :G] - a[:n] @ w.T).max() <= tol * max(1, K)
         assert (out[n:] == 7).all()  # rows past n untouched
         assert np.array_equal(pack(w.T.copy(), False), pack(w, True))

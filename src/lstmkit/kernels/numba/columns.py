@@ -223,9 +223,9 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, reverse, y, 
             u0, u1 = units[s], units[s + 1]
             Hs = u1 - u0
             if pre:
-                matmul(xh[:, I:], n, wps[s][:, I:], q)  # (n, H) @ (H, 4 H_s)
+                matmul(xh[:, I:], n, wps[s][:, I:], q, step % 2 == 1)  # (n, H) @ (H, 4 H_s)
             else:
-                matmul(xh, n, wps[s], q)  # (n, I + H) @ (I + H, 4 H_s)
+                matmul(xh, n, wps[s], q, step % 2 == 1)  # (n, I + H) @ (I + H, 4 H_s)
             for i in range(n):
                 bias = bps[s, : 4 * Hs]
                 if pre:
@@ -311,7 +311,7 @@ def backward_columns(batch_sizes, h0, c0, wbs, units, reverse, acts, cells, y, d
         generation = barrier(sync, threads, generation)
         for s in range(k, S, threads):
             u0, u1 = units[s], units[s + 1]
-            matmul(dgates[o:], n, wbs[s], qb)  # (n, 4H) @ (4H, H_s)
+            matmul(dgates[o:], n, wbs[s], qb, step % 2 == 1)  # (n, 4H) @ (4H, H_s)
             for i in range(n):
                 copy_into(dh[i, u0:u1], qb[i, : u1 - u0])
 

@@ -284,9 +284,9 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
             gemm_packed(gemm, n, 4 * H, K, ptr_add(row_ptr(xh, 0), I if pre else 0), I + P, row_ptr(wg, 0),
                         row_ptr(q, 0), q.shape[1])
         elif pre:
-            matmul(xh[:, I:], n, wp_hh, q)  # (n, P) @ (P, 4H)
+            matmul(xh[:, I:], n, wp_hh, q, s % 2 == 1)  # (n, P) @ (P, 4H)
         else:
-            matmul(xh, n, wp, q)  # (n, I + P) @ (I + P, 4H)
+            matmul(xh, n, wp, q, s % 2 == 1)  # (n, I + P) @ (I + P, 4H)
         for i in range(n):  # row pointers, not row views: see rows.py
             c_i = row_ptr(c, r0 + i)
             gate_row_p(row_ptr(q, i), row_ptr(xproj, o + i) if pre else row_ptr(b, 0),
@@ -295,7 +295,7 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
             if save:
                 copy_p(row_ptr(cells, o + i), c_i, H)
         if has_proj:
-            matmul(hp, n, wpr, qp)
+            matmul(hp, n, wpr, qp, s % 2 == 1)
             for i in range(n):
                 copy_p(ptr_add(row_ptr(xh, i), I), row_ptr(qp, i), P)
         for i in range(n):
@@ -388,7 +388,7 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, gemm, wgb, reverse, acts, 
         if has_proj:
             for i in range(n):
                 copy_p(row_ptr(dh_all, o + i), row_ptr(dh, r0 + i), P)
-            matmul(dh[r0:], n, wprb, dhp)  # (n, P) @ (P, H)
+            matmul(dh[r0:], n, wprb, dhp, s % 2 == 1)  # (n, P) @ (P, H)
         for i in range(n):
             xh_i = row_ptr(xh_prev, o + i)  # [x_t | h_{t-1}]: the weight gradients' GEMM input
             copy_p(xh_i, row_ptr(x, o + i), I)
@@ -407,7 +407,7 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, gemm, wgb, reverse, acts, 
             gemm_packed(gemm, n, I_out + P, 4 * H, row_ptr(dgates, o), 4 * H, row_ptr(wgb, 0), row_ptr(qb, 0),
                         qb.shape[1])
         else:
-            matmul(dgates[o:], n, wpb, qb)  # (n, 4H) @ (4H, I + P), or (4H, P)
+            matmul(dgates[o:], n, wpb, qb, s % 2 == 1)  # (n, 4H) @ (4H, I + P), or (4H, P)
         for i in range(n):
             if dx_here:
                 copy_p(row_ptr(dx, o + i), row_ptr(qb, i), I)

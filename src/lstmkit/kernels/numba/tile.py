@@ -1,6 +1,6 @@
 """A register-blocked small-matrix product for the per-step products inside the time loop.
 
-    matmul(a, wp, out)      out[:n, :nb*V] = a[:n, :K] @ W      with W packed by pack()
+    matmul(a, n, wp, out, flip)   out[:n, :nb*V] = a[:n, :K] @ W      with W packed by pack()
 
 Why not BLAS: the time loop runs on several threads at once (one chunk of batch rows each,
 kernels/lstm.py), and OpenBLAS calls made from two threads at once serialise on its buffer
@@ -266,24 +266,29 @@ K_BLOCK = 256
 
 
 @njit(**KW)
-def _row(a, r, wp, out):
+def _row(a, r, wp, out, flip):
     """out[r, :padded_width(wp)] = a[r] @ W over the whole K: four column blocks at a time,
     eight independent chains of multiply-adds where one block alone is one chain waiting on
-    each multiply-add's latency."""
+    each multiply-add's latency, then the blocks left one at a time. flip: all of that in the
+    opposite order (see matmul); one call site of each tile, as its code is inlined (compile time)."""
     nb = wp.shape[0]
-    nb4 = nb - nb % 4
-    for b in range(0, nb4, 4):
-        tile1x4(a, r, r + 1, wp, b, out)
-    for b in range(nb4, nb):
-        tile1(a, r, r + 1, wp, b, out)
+    fours = nb // 4
+    jobs = fours + nb % 4  # the four-block groups, then the single blocks
+    for u in range(jobs):
+        job = jobs - 1 - u if flip else u
+        if job < fours:
+            tile1x4(a, r, r + 1, wp, 4 * job, out)
+        else:
+            tile1(a, r, r + 1, wp, 3 * fours + job, out)  # block 4 * fours + (job - fours)
 
 
 @njit(**KW)
-def _tiles(a, n, wp, out, accumulate):
+def _tiles(a, n, wp, out, accumulate, flip):
     """One pass over rows 0:n and every column block, K = a.shape[1] (see matmul)."""
     nb = wp.shape[0]
     n8 = n - n % 8 if EIGHT_ROWS else 0
-    for b in range(nb):
+    for i in range(nb):
+        b = nb - 1 - i if flip else i
         for r0 in range(0, n8, 8):
             if accumulate:
                 tile8_acc(a, r0, n, wp, b, out)
@@ -302,17 +307,20 @@ def _tiles(a, n, wp, out, accumulate):
 
 
 @njit(**KW)
-def matmul(a, n, wp, out):
+def matmul(a, n, wp, out, flip):
     """out[:n, :padded_width(wp)] = a[:n] @ W. a (>= n, K) rows with unit inner stride;
     out (>= n, >= padded_width) likewise; wp packed, or a slice wp[:, k0:k1] of it (the
     product with rows k0:k1 of W). K in passes of K_BLOCK rows of W, each pass's sums going
     on from the last's (a row's sum runs over k in order whatever the blocking: the same
     bits); within a pass, for each column block, all row tiles run while its panel of W
-    stays in L1."""
+    stays in L1.
+    flip: the column blocks in the opposite order, the same bits (each block's sums are their
+    own). A time loop flips every other step, so that a step starts on the blocks the last
+    one ended on, still in L1, where W is somewhat bigger than L1 (batch 1-8, hidden 64-128)."""
     K = a.shape[1]
     if n == 1:  # a matrix-vector product: no row tile reuses W, so no K passes either
-        _row(a, 0, wp, out)
+        _row(a, 0, wp, out, flip)
         return
     for k0 in range(0, max(K, 1), K_BLOCK):
         k1 = min(K, k0 + K_BLOCK)
-        _tiles(a[:, k0:k1], n, wp[:, k0:k1], out, k0 > 0)
+        _tiles(a[:, k0:k1], n, wp[:, k0:k1], out, k0 > 0, flip)
