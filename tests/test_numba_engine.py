@@ -721,8 +721,8 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
     monkeypatch.setattr(kernels, "PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW", 0)
     monkeypatch.setattr(kernels, "DX_AFTER_MIN_WEIGHT_BYTES", 0)
     calls = []
-    real = binding.input_projection
-    monkeypatch.setattr(binding, "input_projection", lambda *a: calls.append(1) or real(*a))
+    real = binding.input_projection_scratch
+    monkeypatch.setattr(binding, "input_projection_scratch", lambda *a: calls.append(1) or real(*a))
     packed_with_input = []
     real_bw = binding.backward_weights
     monkeypatch.setattr(binding, "backward_weights", lambda p, with_input=True, *rest: packed_with_input.append(
@@ -755,3 +755,51 @@ def test_the_input_gemm_rule():
     assert not precompute_input(32, 100, 128, 256, 256, 4, 1)
     assert not precompute_input(256, 100, 64, 128, 128, 4, 2)
     assert not precompute_input(1, 1, 512, 1024, 1024, 4, 1)  # one step
+
+
+@pytest.mark.parametrize("variant, proj_size", [({}, 0), ({}, 3), ({"layer_norm": True, "peephole": True}, 0)])
+def test_scratch_buffers_never_reach_what_a_backward_returns(variant, proj_size):
+    """The backward's temporaries live in per-thread buffers reused by the next call
+    (binding.scratch): gradients kept from one backward stay as they were after a second,
+    different backward of the same shapes, and match torch's (variants: the reference engine)."""
+    torch.manual_seed(0)
+    kw = dict(num_layers=2, bidirectional=True, proj_size=proj_size)
+    ours = lstmkit.LSTM(6, 8, engine="numba", dtype=torch.float64, **kw, **variant)
+    oracle = (lstmkit.LSTM(6, 8, engine="reference", dtype=torch.float64, **kw, **variant) if variant
+              else nn.LSTM(6, 8, dtype=torch.float64, **kw))
+    oracle.load_state_dict(ours.state_dict())
+    xs = [torch.randn(30, 5, 6, dtype=torch.float64), torch.randn(30, 5, 6, dtype=torch.float64) * 3]
+    kept = []
+    for x in xs:
+        x_ours = x.clone().requires_grad_()
+        y, _ = ours(x_ours)
+        grads = torch.autograd.grad(y.square().sum(), [x_ours, *ours.parameters()])
+        kept.append((x, grads, [g.clone() for g in grads]))
+    for x, grads, copies in kept:
+        for g, c in zip(grads, copies):
+            assert torch.equal(g, c)  # untouched by the later call
+        x_ref = x.clone().requires_grad_()
+        y, _ = oracle(x_ref)
+        want = torch.autograd.grad(y.square().sum(), [x_ref, *oracle.parameters()])
+        for g, w in zip(grads, want):
+            assert_close(g, w, TOL[torch.float64])
+    assert binding._scratch_pool.__dict__  # the buffers exist: this test covers them
+
+
+def test_scratch_keeps_a_buffer_per_thread_and_name():
+    b = binding.scratch("test_buffer", (2, 5), np.float64)
+    a = binding.scratch("test_buffer", (3, 4), np.float32)
+    assert a.shape == (3, 4) and b.shape == (2, 5) and b.dtype == np.float64 and a.flags.c_contiguous
+    assert np.shares_memory(a, b)  # the same buffer, big enough for both
+    grown = binding.scratch("test_buffer", (4, 5), np.float64)
+    assert not np.shares_memory(grown, b) and np.shares_memory(grown, binding.scratch("test_buffer", (1,), np.int8))
+    other = []
+    import threading
+
+    t = threading.Thread(target=lambda: other.append(binding.scratch("test_buffer", (3, 4), np.float32)))
+    t.start()
+    t.join()
+    assert not np.shares_memory(a, other[0])  # another thread's own
+    big = binding.SCRATCH_MAX_BYTES // 4 + 1
+    assert not np.shares_memory(binding.scratch("test_buffer", (big,), np.float32),
+                                binding.scratch("test_buffer", (big,), np.float32))  # not kept

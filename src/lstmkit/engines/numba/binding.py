@@ -13,7 +13,9 @@ packed GEMM (mkl.py), both on the calling chunk's thread.
 """
 from __future__ import annotations
 
+import math
 import os
+import threading
 import weakref
 
 import numpy as np
@@ -112,6 +114,31 @@ def chunk_rows(B: int, bounds) -> int:
     return -(-B // (bounds.shape[0] - 1))
 
 
+# ---- scratch: the backward's temporaries, kept from call to call -----------------------------------
+# The backward's dgates and [x | h_prev] (and the input projection of a forward) are
+# megabytes that live only inside one call. Allocated fresh, glibc hands such blocks back to
+# the kernel when they are freed (heap trimming) and the next call takes a page fault per 4 KiB
+# on its first write: 1,000-2,000 faults per training call at T=200 N=16 H=64 (BENCHMARKS.md,
+# ninth session). Here each thread keeps one buffer per name, grown as needed, so the pages
+# stay mapped. Nothing made from a scratch buffer may leave the call that asked for it (the
+# next call overwrites it). Buffers over SCRATCH_MAX_BYTES are allocated each time, not kept.
+SCRATCH_MAX_BYTES = 64 << 20
+_scratch_pool = threading.local()
+
+
+def scratch(name: str, shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array of `shape`, on this thread's buffer `name` (see above)."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    if size > SCRATCH_MAX_BYTES:
+        return np.empty(shape, dtype)
+    pool = _scratch_pool.__dict__
+    raw = pool.get(name)
+    if raw is None or raw.size < size:
+        raw = pool[name] = np.empty(size, np.uint8)
+    return raw[:size].view(dtype).reshape(shape)
+
+
 # ---- weights, laid out once per call, or once while their versions stand (inference) -------------
 # Training changes the weights at every optimizer step, so the autograd path packs them in
 # each call (forward and backward): a copy of the weights, small next to the time loop.
@@ -183,6 +210,15 @@ def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray) -> np.ndarr
     return torch.addmm(t_(b), t_(x), t_(w_ih).t()).numpy()
 
 
+def input_projection_scratch(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """input_projection into this thread's scratch buffer (layer_forward's own use: the result
+    never leaves the call)."""
+    t_ = torch.from_numpy
+    out = scratch("xproj", (x.shape[0], w_ih.shape[0]), x.dtype)
+    torch.addmm(t_(b), t_(x), t_(w_ih).t(), out=t_(out))
+    return out
+
+
 # ---- one layer-direction, numpy level ---------------------------------------------------------------
 def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: bool):
     """The forward kernel on tensors; returns numpy (y, h_n, c_n, acts, cells), acts and cells
@@ -218,7 +254,7 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     h_n = np.empty((B, P), dt)
     c_n = np.empty((B, H), dt)
     bsz = np.asarray(batch_sizes, dtype=np.int64)
-    xproj = input_projection(xn, as_numpy(p.w_ih), b) if pre else None
+    xproj = input_projection_scratch(xn, as_numpy(p.w_ih), b) if pre else None
     forward_core(xn, bsz, h0n, c0n, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save), bounds, xproj,
                  gemm, wg)
     return y, h_n, c_n, acts, cells
@@ -253,7 +289,7 @@ def _backward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, y, 
     wbs, units = pack_columns_backward(as_numpy(p.w_hh), threads)
     dh = as_numpy(dh_n).copy() if dh_n is not None else np.zeros((B, H), dt)
     dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, H), dt)
-    dgates, h_prev = np.empty((total, 4 * H), dt), np.empty((total, H), dt)
+    dgates, h_prev = scratch("dgates", (total, 4 * H), dt), scratch("xh_prev", (total, H), dt)
     if not run_columns_backward(threads, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wbs, units, reverse,
                                 as_numpy(acts), as_numpy(cells), as_numpy(y), as_numpy_or(dy, (total, H), dt),
                                 dh, dc, dgates, h_prev):
@@ -297,11 +333,11 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     dh = as_numpy(dh_n).copy() if dh_n is not None else np.zeros((B, P), dt)  # becomes dh0
     dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, H), dt)  # becomes dc0
     dx = np.empty((0 if dx_after else total, I), dt)
-    dgates = np.empty((total, 4 * H), dt)
-    xh_prev = np.empty((total, I + P), dt)
+    dgates = scratch("dgates", (total, 4 * H), dt)  # scratch: nothing below returns a view of them
+    xh_prev = scratch("xh_prev", (total, I + P), dt)
     db_rows = np.zeros((B, 4 * H), dt)
-    dh_all = np.empty((total if has_proj else 0, P), dt)
-    hpre_all = np.empty((total if has_proj else 0, H), dt)
+    dh_all = scratch("dh_all", (total if has_proj else 0, P), dt)
+    hpre_all = scratch("hpre_all", (total if has_proj else 0, H), dt)
     backward_core(xn, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wpb, wprb, bool(reverse),
                   as_numpy(acts), as_numpy(cells), as_numpy(y), dyn, dh, dc, dx, dgates, xh_prev, db_rows,
                   dh_all, hpre_all, bounds, gemm, wgb)
@@ -472,8 +508,8 @@ def run_inference(runtime, x: np.ndarray, state):
             steps, rows = rows, steps
         prefetch.start(unpacked_path([rows] * steps) or "time loop", False)
     runtime.threads = torch.get_num_threads()
-    if runtime.blas is not mkl:  # once per runtime: torch's GEMM and MKL's packed products
-        runtime.input_projection = input_projection
+    if runtime.blas is not mkl:  # once per runtime: torch's GEMM (into scratch) and MKL's packed products
+        runtime.input_projection = input_projection_scratch
         runtime.blas = mkl
     return runtime(x, state)
 
@@ -482,6 +518,6 @@ share_torch_threads()
 
 __all__ = [
     "SUPPORTED_DTYPES", "as_numpy", "as_numpy_or", "check_input", "chunks_for", "layer_backward", "layer_forward",
-    "backward_weights", "forward_weights", "input_projection", "needs_grad", "row_bounds", "run_inference",
+    "backward_weights", "forward_weights", "input_projection", "input_projection_scratch", "needs_grad", "row_bounds", "run_inference", "scratch",
     "share_torch_threads", "step_backward", "step_forward", "steps_backward", "steps_forward", "unpacked_path",
 ]

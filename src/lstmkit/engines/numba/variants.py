@@ -23,7 +23,7 @@ from ...kernels.numba.variants import backward_core, forward_core, weight_gradie
 from ..base import LayerParams
 from ..double_backward import differentiable_backward
 from . import mkl
-from .binding import as_numpy, as_numpy_or, check_input, chunk_rows, needs_grad, row_bounds
+from .binding import as_numpy, as_numpy_or, check_input, chunk_rows, needs_grad, row_bounds, scratch
 
 # The differentiable variant parameters, in the order the autograd Function takes them.
 _VPARAMS = ("ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b", "w_peep")
@@ -126,10 +126,12 @@ class _VariantFunction(torch.autograd.Function):
         dh = as_numpy(dh_n).copy() if dh_n is not None else np.zeros((B, P), dt)  # becomes dh0
         dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, H), dt)  # becomes dc0
         bufs = dict(
-            dgates=np.empty((total, 4 * H), dt), dhw=np.empty((total if has_ln else 0, 4 * H), dt),
-            xh_prev=np.empty((total, I + P), dt), db_rows=np.zeros((B, 4 * H), dt),
+            # scratch (binding.scratch): weight_gradients and dx below return none of them
+            dgates=scratch("dgates", (total, 4 * H), dt), dhw=scratch("dhw", (total if has_ln else 0, 4 * H), dt),
+            xh_prev=scratch("xh_prev", (total, I + P), dt), db_rows=np.zeros((B, 4 * H), dt),
             dln_rows=np.zeros((B if has_ln else 0, 10 * H), dt), dpeep_rows=np.zeros((B if has_peep else 0, 3 * H), dt),
-            dh_all=np.empty((total if has_proj else 0, P), dt), hpre_all=np.empty((total if has_proj else 0, H), dt),
+            dh_all=scratch("dh_all", (total if has_proj else 0, P), dt),
+            hpre_all=scratch("hpre_all", (total if has_proj else 0, H), dt),
         )
         bsz = np.asarray(ctx.batch_sizes, dtype=np.int64)
         bounds = row_bounds(ctx.batch_sizes, I, H, P)
