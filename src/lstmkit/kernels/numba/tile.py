@@ -231,16 +231,17 @@ def _pack2_into(w1, w2, transposed, wp):
     for part in range(2):
         w = w1 if part == 0 else w2
         first = 0 if part == 0 else K1  # W's row (transposed) or column where this part starts
-        if transposed:  # wp[b, first + k, j] = w[bV + j, k]: a transpose, by tiles in L1
+        if transposed:  # wp[b, first + k, j] = w[bV + j, k]: a transpose, block by block
             Kw = w.shape[1]
             for b in range(nb):
+                jn = min(V, G - b * V)
+                if jn <= 0 or Kw == 0:
+                    continue
                 dst = ptr_add(row_ptr(wp, b), first * V)
-                for k0 in range(0, Kw, 16):
-                    k1 = min(Kw, k0 + 16)
-                    for j in range(min(V, G - b * V)):
-                        src = row_ptr(w, b * V + j)
-                        for k in range(k0, k1):
-                            dst[k * V + j] = src[k]
+                src = row_ptr(w, b * V)  # the block's jn rows of w, Kw apart
+                for k in range(Kw):  # contiguous stores of a k's V columns, loads down the rows
+                    for j in range(jn):
+                        dst[k * V + j] = src[j * Kw + k]
         else:  # wp[g // V, k, g % V] = w[k, g - first]: each row's runs into the blocks it reaches,
             Gw = w.shape[1]  # 16 rows at a time (row by row over all blocks jumped K*V per run)
             for k0 in range(0, K, 16):
