@@ -468,7 +468,7 @@ def weight_gradients(I, dgates, xh_prev, db_rows, dh_all, hpre_all, mm=np.dot):
     """(dw_ih, dw_hh, db, dw_hr or None) from backward_core's outputs: [dW_ih | dW_hh] as one
     GEMM (views of its columns), db as the sum of the rows' sums, dW_hr one GEMM.
     mm: the matrix product to use (the torch engine passes torch's)."""
-    dw = mm(xh_prev.T, dgates).T  # ((I + P, total) @ (total, 4H))^T: faster than dgates^T @ xh_prev (BENCHMARKS.md)
+    dw = mm(dgates.T, xh_prev)  # (4H, total) @ (total, I + P)
     db = db_rows.sum(0)
     dw_hr = mm(dh_all.T, hpre_all) if dh_all.shape[0] else None  # (P, total) @ (total, H)
     return dw[:, :I], dw[:, I:], db, dw_hr

@@ -521,7 +521,7 @@ def weight_gradients(I, H, dgates, dhw, xh_prev, db_rows, dln_rows, dpeep_rows, 
         dw_ih = mm(dgates.T, xh_prev[:, :I])  # (4H, total) @ (total, I)
         dw_hh = mm(dhw.T, xh_prev[:, I:])  # (4H, total) @ (total, P)
     else:
-        dw = mm(xh_prev.T, dgates).T  # as lstm.weight_gradients
+        dw = mm(dgates.T, xh_prev)
         dw_ih, dw_hh = dw[:, :I], dw[:, I:]
     g = dict(dw_ih=dw_ih, dw_hh=dw_hh, db=db_rows.sum(0), dw_hr=None, dln=None, dpeep=None)
     if dh_all.shape[0]:
