@@ -211,8 +211,8 @@ def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray) -> np.ndarr
 
 
 def input_projection_scratch(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """input_projection into this thread's scratch buffer (layer_forward's own use: the result
-    never leaves the call)."""
+    """input_projection into this thread's scratch buffer, for callers whose result never leaves
+    their call: layer_forward and the module's runtime (run_inference plugs it in)."""
     t_ = torch.from_numpy
     out = scratch("xproj", (x.shape[0], w_ih.shape[0]), x.dtype)
     torch.addmm(t_(b), t_(x), t_(w_ih).t(), out=t_(out))
@@ -518,6 +518,7 @@ share_torch_threads()
 
 __all__ = [
     "SUPPORTED_DTYPES", "as_numpy", "as_numpy_or", "check_input", "chunks_for", "layer_backward", "layer_forward",
-    "backward_weights", "forward_weights", "input_projection", "input_projection_scratch", "needs_grad", "row_bounds", "run_inference", "scratch",
-    "share_torch_threads", "step_backward", "step_forward", "steps_backward", "steps_forward", "unpacked_path",
+    "backward_weights", "forward_weights", "input_projection", "input_projection_scratch", "needs_grad", "row_bounds",
+    "run_inference", "scratch", "share_torch_threads", "step_backward", "step_forward", "steps_backward",
+    "steps_forward", "unpacked_path",
 ]
