@@ -721,8 +721,8 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
     monkeypatch.setattr(kernels, "PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW", 0)
     monkeypatch.setattr(kernels, "DX_AFTER_MIN_WEIGHT_BYTES", 0)
     calls = []
-    real = binding.input_projection_scratch
-    monkeypatch.setattr(binding, "input_projection_scratch", lambda *a: calls.append(1) or real(*a))
+    real = binding.input_projection
+    monkeypatch.setattr(binding, "input_projection", lambda *a: calls.append(1) or real(*a))
     packed_with_input = []
     real_bw = binding.backward_weights
     monkeypatch.setattr(binding, "backward_weights", lambda p, with_input=True, *rest: packed_with_input.append(

@@ -205,14 +205,9 @@ def backward_weights(p: LayerParams, with_input: bool = True, gemm: bool = False
 
 def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray) -> np.ndarray:
     """x W_ih^T + b as one torch GEMM on numpy arrays (on torch's threads, the team the time
-    loop's chunks run on too): what the kernels' precompute_input asks for."""
-    t_ = torch.from_numpy
-    return torch.addmm(t_(b), t_(x), t_(w_ih).t()).numpy()
-
-
-def input_projection_scratch(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """input_projection into this thread's scratch buffer, for callers whose result never leaves
-    their call: layer_forward and the module's runtime (run_inference plugs it in)."""
+    loop's chunks run on too): what the kernels' precompute_input asks for. Into this thread's
+    scratch buffer: its callers (layer_forward, and the module's runtime, where run_inference
+    plugs it in) use it inside their call only."""
     t_ = torch.from_numpy
     out = scratch("xproj", (x.shape[0], w_ih.shape[0]), x.dtype)
     torch.addmm(t_(b), t_(x), t_(w_ih).t(), out=t_(out))
@@ -254,7 +249,7 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     h_n = np.empty((B, P), dt)
     c_n = np.empty((B, H), dt)
     bsz = np.asarray(batch_sizes, dtype=np.int64)
-    xproj = input_projection_scratch(xn, as_numpy(p.w_ih), b) if pre else None
+    xproj = input_projection(xn, as_numpy(p.w_ih), b) if pre else None
     forward_core(xn, bsz, h0n, c0n, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save), bounds, xproj,
                  gemm, wg)
     return y, h_n, c_n, acts, cells
@@ -509,7 +504,7 @@ def run_inference(runtime, x: np.ndarray, state):
         prefetch.start(unpacked_path([rows] * steps) or "time loop", False)
     runtime.threads = torch.get_num_threads()
     if runtime.blas is not mkl:  # once per runtime: torch's GEMM (into scratch) and MKL's packed products
-        runtime.input_projection = input_projection_scratch
+        runtime.input_projection = input_projection
         runtime.blas = mkl
     return runtime(x, state)
 
@@ -518,7 +513,7 @@ share_torch_threads()
 
 __all__ = [
     "SUPPORTED_DTYPES", "as_numpy", "as_numpy_or", "check_input", "chunks_for", "layer_backward", "layer_forward",
-    "backward_weights", "forward_weights", "input_projection", "input_projection_scratch", "needs_grad", "row_bounds",
+    "backward_weights", "forward_weights", "input_projection", "needs_grad", "row_bounds",
     "run_inference", "scratch", "share_torch_threads", "step_backward", "step_forward", "steps_backward",
     "steps_forward", "unpacked_path",
 ]
