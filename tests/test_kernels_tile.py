@@ -23,30 +23,60 @@ def test_matmul_equals_numpy_and_rows_are_bitwise_the_same_in_any_tile_and_block
         w = rng.standard_normal((K, G)).astype(dtype)
         wp = tile.pack(w, False)
         out = np.full((n, tile.padded_width(wp)), 7.0, dtype)  # stale values must not leak in
-        tile.matmul(a, n, wp, out, False)
+        tile.matmul(a, n, wp, out, False, tile.WHOLE_K)
         tol = 1e-4 if dtype == np.float32 else 1e-12
         np.testing.assert_allclose(out[:, :G], a @ w, rtol=tol, atol=tol * max(1, K))
         assert not out[:, G:].any()  # zero-padded columns stay zero
         flipped = np.full_like(out, 7.0)  # the column blocks in the opposite order: the same bits
-        tile.matmul(a, n, wp, flipped, True)
+        tile.matmul(a, n, wp, flipped, True, tile.WHOLE_K)
         assert np.array_equal(flipped, out), n
         for r in range(n):  # the same row alone (1-row tiles) gives the same bits, either order
             for flip in (False, True):
                 alone = np.zeros((1, tile.padded_width(wp)), dtype)
-                tile.matmul(np.ascontiguousarray(a[r : r + 1]), 1, wp, alone, flip)
+                tile.matmul(np.ascontiguousarray(a[r : r + 1]), 1, wp, alone, flip, tile.WHOLE_K)
                 assert np.array_equal(alone[0], out[r]), (n, r, flip)
 
 
-def test_matmul_on_column_slices_of_the_input():
-    """The kernels pass views such as xh[:, I:] (row stride wider than K)."""
-    rng = np.random.default_rng(0)
-    full = rng.standard_normal((9, KB + 40)).astype(np.float32)
-    a = full[:, 30:]
-    w = rng.standard_normal((a.shape[1], 33)).astype(np.float32)
-    wp = tile.pack(w, False)
-    out = np.zeros((9, tile.padded_width(wp)), np.float32)
-    tile.matmul(a, 9, wp, out, False)
-    np.testing.assert_allclose(out[:, :33], a @ w, rtol=1e-4, atol=1e-3)
+@pytest.mark.parametrize("k0", [0, 1, 30, KB - 1, KB + 3])
+def test_matmul_from_row_k0_equals_the_product_of_the_parts(k0):
+    """matmul(a, n, wp, out, flip, k0) = a[:, k0:] @ W[k0:] (the forward with x W_ih^T made
+    before the loop passes k0 = I): the same bits as the product of contiguous copies of the
+    parts, K passes counted from k0, in either block order."""
+    rng = np.random.default_rng(k0)
+    K, G = KB + 40, 70
+    for n in (1, 3, 9):
+        a = rng.standard_normal((n, K)).astype(np.float32)
+        w = rng.standard_normal((K, G)).astype(np.float32)
+        wp, wp_part = tile.pack(w, False), tile.pack(np.ascontiguousarray(w[k0:]), False)
+        for flip in (False, True):
+            out = np.full((n, tile.padded_width(wp)), 7.0, np.float32)
+            tile.matmul(a, n, wp, out, flip, np.int64(k0))
+            part = np.zeros_like(out)
+            tile.matmul(np.ascontiguousarray(a[:, k0:]), n, wp_part, part, flip, tile.WHOLE_K)
+            assert np.array_equal(out, part), (n, flip)
+            np.testing.assert_allclose(out[:, :G], a[:, k0:] @ w[k0:], rtol=1e-4, atol=1e-3)
+
+
+def test_the_time_loops_compile_one_matmul(tmp_path):
+    """Every call site passes whole arrays and an int64 k0: a slice (another array type) or a
+    literal 0 at one of them compiles another matmul and its tiles, about 1 s of a cold start.
+    A fresh process with an empty compile cache (a cached kernel links its matmul in: nothing
+    compiles) runs the float32 time loops, forward and backward: one matmul between them."""
+    code = """
+import torch, lstmkit
+from lstmkit.kernels.numba import tile
+torch.set_num_threads(1)
+x = torch.randn(4, 20, 8, requires_grad=True)
+lstmkit.LSTM(8, 16, engine="numba")(x)[0].sum().backward()
+print(len(tile.matmul.signatures))
+"""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), LSTMKIT_PREFETCH="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split()[-1] == "1", out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

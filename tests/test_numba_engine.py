@@ -464,13 +464,13 @@ def test_random_configs_split_equals_one_chunk_and_reference(I, H, proj, reverse
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9])
 @pytest.mark.parametrize("K,G", [(1, 1), (7, 33), (64, 512), (3, 17)])
 def test_tile_matmul_matches_numpy(n, K, G):
-    from lstmkit.kernels.numba.tile import matmul, pack, padded_width
+    from lstmkit.kernels.numba.tile import WHOLE_K, matmul, pack, padded_width
 
     for dt, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
         g = np.random.default_rng(n + K + G)
         a, w = g.standard_normal((n + 2, K)).astype(dt), g.standard_normal((G, K)).astype(dt)
         out = np.full((n + 2, padded_width(pack(w, True))), 7.0, dt)
-        matmul(a, n, pack(w, True), out, False)
+        matmul(a, n, pack(w, True), out, False, WHOLE_K)
         assert np.abs(out[:n, :G] - a[:n] @ w.T).max() <= tol * max(1, K)
         assert (out[n:] == 7).all()  # rows past n untouched
         assert np.array_equal(pack(w.T.copy(), False), pack(w, True))

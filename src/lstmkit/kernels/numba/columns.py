@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
 from .simd import LANES
 from .team import kernel_address, spec, team_bodies, unpack, whole_team
-from .tile import aligned_zeros, matmul, pack, pack2, padded_width
+from .tile import WHOLE_K, aligned_zeros, matmul, pack, pack2, padded_width
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
@@ -198,6 +198,7 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, reverse, y, 
     dt = x.dtype
     S = wps.shape[0]
     pre = xproj.shape[0] > 0
+    k_first = I if pre else 0  # the product's first row of W (and column of xh): h's part with xproj
     xh = np.empty((B, I + H), dt)
     q = np.empty((B, padded_width(wps[0])), dt)
     acts = np.empty((B, bps.shape[1]), dt)  # scratch: the activations, not kept
@@ -222,10 +223,8 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, reverse, y, 
         for s in range(k, S, threads):
             u0, u1 = units[s], units[s + 1]
             Hs = u1 - u0
-            if pre:
-                matmul(xh[:, I:], n, wps[s][:, I:], q, step % 2 == 1)  # (n, H) @ (H, 4 H_s)
-            else:
-                matmul(xh, n, wps[s], q, step % 2 == 1)  # (n, I + H) @ (I + H, 4 H_s)
+            # (n, I + H) @ (I + H, 4 H_s), or with xproj (n, H) @ (H, 4 H_s): k_first = I
+            matmul(xh, n, wps[s], q, step % 2 == 1, k_first)
             for i in range(n):
                 bias = bps[s, : 4 * Hs]
                 if pre:
@@ -311,7 +310,7 @@ def backward_columns(batch_sizes, h0, c0, wbs, units, reverse, acts, cells, y, d
         generation = barrier(sync, threads, generation)
         for s in range(k, S, threads):
             u0, u1 = units[s], units[s + 1]
-            matmul(dgates[o:], n, wbs[s], qb, step % 2 == 1)  # (n, 4H) @ (4H, H_s)
+            matmul(dgates[o:], n, wbs[s], qb, step % 2 == 1, WHOLE_K)  # (n, 4H) @ (4H, H_s)
             for i in range(n):
                 copy_into(dh[i, u0:u1], qb[i, : u1 - u0])
 

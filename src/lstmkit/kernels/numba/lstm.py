@@ -46,7 +46,7 @@ from .rows import add_p, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
 from .team import row_chunks, spec, team_bodies, unpack
 from .threads import run_chunks
-from .tile import matmul, pack, pack2, padded_width
+from .tile import WHOLE_K, matmul, pack, pack2, padded_width
 
 # Fast-math without 'nnan'/'ninf': LLVM may reassociate and contract (FMA), which SIMD
 # reductions need, but must keep inf semantics (the float64 sigmoid relies on
@@ -259,7 +259,7 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
     dt = x.dtype
     has_proj = wpr.shape[0] > 0
     pre = xproj.shape[0] > 0  # x W_ih^T + b of every row given: the step multiplies by W_hh only
-    wp_hh = wp[:, I:]
+    k_first = I if pre else 0  # the product's first row of W (and column of xh): h's part with xproj
     K = P if pre else I + P  # the product's inner dimension
     xh = np.empty((m, I + P), dt)  # [x_t | h_{t-1}] of the chunk's rows: the product's input
     q = np.empty((m, max(padded_width(wp), 4 * H)), dt)  # (wp is empty when gemm does the product)
@@ -281,12 +281,10 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
             for i in range(n):
                 copy_into(xh[i, :I], x[o + i])
         if gemm != 0:  # the BLAS's packed GEMM (blas.py), on W laid out by the caller
-            gemm_packed(gemm, n, 4 * H, K, ptr_add(row_ptr(xh, 0), I if pre else 0), I + P, row_ptr(wg, 0),
+            gemm_packed(gemm, n, 4 * H, K, ptr_add(row_ptr(xh, 0), k_first), I + P, row_ptr(wg, 0),
                         row_ptr(q, 0), q.shape[1])
-        elif pre:
-            matmul(xh[:, I:], n, wp_hh, q, s % 2 == 1)  # (n, P) @ (P, 4H)
-        else:
-            matmul(xh, n, wp, q, s % 2 == 1)  # (n, I + P) @ (I + P, 4H)
+        else:  # (n, I + P) @ (I + P, 4H), or with xproj (n, P) @ (P, 4H): k_first = I
+            matmul(xh, n, wp, q, s % 2 == 1, k_first)
         for i in range(n):  # row pointers, not row views: see rows.py
             c_i = row_ptr(c, r0 + i)
             gate_row_p(row_ptr(q, i), row_ptr(xproj, o + i) if pre else row_ptr(b, 0),
@@ -295,7 +293,7 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
             if save:
                 copy_p(row_ptr(cells, o + i), c_i, H)
         if has_proj:
-            matmul(hp, n, wpr, qp, s % 2 == 1)
+            matmul(hp, n, wpr, qp, s % 2 == 1, WHOLE_K)
             for i in range(n):
                 copy_p(ptr_add(row_ptr(xh, i), I), row_ptr(qp, i), P)
         for i in range(n):
@@ -388,7 +386,7 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, gemm, wgb, reverse, acts, 
         if has_proj:
             for i in range(n):
                 copy_p(row_ptr(dh_all, o + i), row_ptr(dh, r0 + i), P)
-            matmul(dh[r0:], n, wprb, dhp, s % 2 == 1)  # (n, P) @ (P, H)
+            matmul(dh[r0:], n, wprb, dhp, s % 2 == 1, WHOLE_K)  # (n, P) @ (P, H)
         for i in range(n):
             xh_i = row_ptr(xh_prev, o + i)  # [x_t | h_{t-1}]: the weight gradients' GEMM input
             copy_p(xh_i, row_ptr(x, o + i), I)
@@ -407,7 +405,7 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, gemm, wgb, reverse, acts, 
             gemm_packed(gemm, n, I_out + P, 4 * H, row_ptr(dgates, o), 4 * H, row_ptr(wgb, 0), row_ptr(qb, 0),
                         qb.shape[1])
         else:
-            matmul(dgates[o:], n, wpb, qb, s % 2 == 1)  # (n, 4H) @ (4H, I + P), or (4H, P)
+            matmul(dgates[o:], n, wpb, qb, s % 2 == 1, WHOLE_K)  # (n, 4H) @ (4H, I + P), or (4H, P)
         for i in range(n):
             if dx_here:
                 copy_p(row_ptr(dx, o + i), row_ptr(qb, i), I)

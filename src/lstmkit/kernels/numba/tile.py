@@ -1,6 +1,6 @@
 """A register-blocked small-matrix product for the per-step products inside the time loop.
 
-    matmul(a, n, wp, out, flip)   out[:n, :nb*V] = a[:n, :K] @ W      with W packed by pack()
+    matmul(a, n, wp, out, flip, k0)   out[:n, :nb*V] = a[:n, k0:] @ W[k0:]   with W packed by pack()
 
 Why not BLAS: the time loop runs on several threads at once (one chunk of batch rows each,
 kernels/lstm.py), and OpenBLAS calls made from two threads at once serialise on its buffer
@@ -307,21 +307,28 @@ def _tiles(a, n, wp, out, accumulate, flip):
                 tile4(a, r0, n, wp, b, out)
 
 
+# matmul's k0 for the product over all of W: an int64, not a literal 0. Numba compiles a
+# function once per set of argument types, and a literal 0 is a type of its own: one call site
+# passing it cost another compile of matmul and its tiles (about 1 s of a cold start).
+WHOLE_K = np.int64(0)
+
+
 @njit(**KW)
-def matmul(a, n, wp, out, flip):
-    """out[:n, :padded_width(wp)] = a[:n] @ W. a (>= n, K) rows with unit inner stride;
-    out (>= n, >= padded_width) likewise; wp packed, or a slice wp[:, k0:k1] of it (the
-    product with rows k0:k1 of W). K in passes of K_BLOCK rows of W, each pass's sums going
-    on from the last's (a row's sum runs over k in order whatever the blocking: the same
-    bits); within a pass, for each column block, all row tiles run while its panel of W
-    stays in L1.
+def matmul(a, n, wp, out, flip, k0):
+    """out[:n, :padded_width(wp)] = a[:n, k0:] @ W[k0:] (rows k0: of W), k0 an int64 (WHOLE_K
+    for all of W). a (>= n, K) rows with unit inner stride; out (>= n, >= padded_width)
+    likewise; wp packed. Every caller passes whole C-contiguous arrays and k0, never slices:
+    then each kernel file compiles one matmul (slices are arrays of another type).
+    K in passes of K_BLOCK rows of W, each pass's sums going on from the last's (a row's sum
+    runs over k in order whatever the blocking: the same bits); within a pass, for each column
+    block, all row tiles run while its panel of W stays in L1.
     flip: the column blocks in the opposite order, the same bits (each block's sums are their
     own). A time loop flips every other step, so that a step starts on the blocks the last
     one ended on, still in L1, where W is somewhat bigger than L1 (batch 1-8, hidden 64-128)."""
     K = a.shape[1]
     if n == 1:  # a matrix-vector product: no row tile reuses W, so no K passes either
-        _row(a, 0, wp, out, flip)
+        _row(a[:, k0:], 0, wp[:, k0:], out, flip)
         return
-    for k0 in range(0, max(K, 1), K_BLOCK):
-        k1 = min(K, k0 + K_BLOCK)
-        _tiles(a[:, k0:k1], n, wp[:, k0:k1], out, k0 > 0, flip)
+    for kb in range(k0, max(K, k0 + 1), K_BLOCK):
+        k1 = min(K, kb + K_BLOCK)
+        _tiles(a[:, kb:k1], n, wp[:, kb:k1], out, kb > k0, flip)

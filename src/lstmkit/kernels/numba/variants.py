@@ -45,7 +45,7 @@ from .rows import KW, add_p, copy_p, fma_p, mul_p, ptr_add, row_ptr
 from .simd import (LANES, block_units, out_tanh_block, variant_gate_backward_block, variant_gate_block,
                    variant_out_backward_block)
 from .threads import run_chunks
-from .tile import matmul, pack, padded_width
+from .tile import WHOLE_K, matmul, pack, padded_width
 
 EPS = 1e-5
 
@@ -286,9 +286,9 @@ def forward_chunk(x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, gemm, wg, ln_i
         if gemm != 0:  # the BLAS's packed GEMM (blas.py)
             gemm_packed(gemm, n, 4 * H, P, row_ptr(hin, 0), P, row_ptr(wg, 0), row_ptr(hh, 0), hh.shape[1])
         else:
-            matmul(hin, n, wp_hh, hh, s % 2 == 1)  # (n, P) @ (P, 4H)
+            matmul(hin, n, wp_hh, hh, s % 2 == 1, WHOLE_K)  # (n, P) @ (P, 4H)
         if in_loop:
-            matmul(x[o:], n, wp_ih, xq, s % 2 == 1)  # (n, I) @ (I, 4H)
+            matmul(x[o:], n, wp_ih, xq, s % 2 == 1, WHOLE_K)  # (n, I) @ (I, 4H)
         for i in range(n):
             row = o + i
             a = row_ptr(xq, i) if in_loop else row_ptr(acts, row)
@@ -316,7 +316,7 @@ def forward_chunk(x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, gemm, wg, ln_i
             if in_loop and save:
                 copy_p(row_ptr(acts, row), a, 4 * H)
         if has_proj:
-            matmul(hp, n, wp_hr, hn, s % 2 == 1)  # (n, H) @ (H, P)
+            matmul(hp, n, wp_hr, hn, s % 2 == 1, WHOLE_K)  # (n, H) @ (H, P)
         for i in range(n):  # zoneout of h, then y_t = h_t
             hr = row_ptr(h, r0 + i)
             new = row_ptr(hn, i) if has_proj else row_ptr(hp, i)
@@ -413,7 +413,7 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, gemm, wgb, ln_ih_w, l
         if has_proj:
             for i in range(n):
                 copy_p(row_ptr(dh_all, o + i), row_ptr(dhn, i), P)
-            matmul(dhn, n, wpb_hr, dhp, s % 2 == 1)  # (n, P) @ (P, H)
+            matmul(dhn, n, wpb_hr, dhp, s % 2 == 1, WHOLE_K)  # (n, P) @ (P, H)
         for i in range(n):
             row = o + i
             xh = row_ptr(xh_prev, row)  # [x_t | h_{t-1} * m]: the weight gradients' GEMM input
@@ -464,7 +464,7 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, gemm, wgb, ln_ih_w, l
         if gemm != 0:  # the BLAS's packed GEMM (blas.py)
             gemm_packed(gemm, n, P, 4 * H, row_ptr(src, o), 4 * H, row_ptr(wgb, 0), row_ptr(dhin, 0), dhin.shape[1])
         else:
-            matmul(src[o:], n, wpb_hh, dhin, s % 2 == 1)  # (n, 4H) @ (4H, P)
+            matmul(src[o:], n, wpb_hh, dhin, s % 2 == 1, WHOLE_K)  # (n, 4H) @ (4H, P)
         for i in range(n):  # dh_{t-1} = (zoneout's part) + m * (the recurrent product's part)
             dr, di = row_ptr(dh, r0 + i), row_ptr(dhin, i)
             if has_rm and has_zh:
