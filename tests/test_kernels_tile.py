@@ -37,6 +37,26 @@ def test_matmul_equals_numpy_and_rows_are_bitwise_the_same_in_any_tile_and_block
                 assert np.array_equal(alone[0], out[r]), (n, r, flip)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K1,K2,G", [(64, 128, 512), (7, 0, 33), (0, 5, 40), (3, 4, 64)])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_the_numpy_packing_is_bitwise_the_compiled_one(dtype, K1, K2, G, transposed, monkeypatch):
+    """pack2 packs with numpy's copies while the prefetch child compiles _pack2_into (a cold
+    start): the same bits, zero padding included, into a buffer that held garbage."""
+    rng = np.random.default_rng(K1 + K2 + G)
+    if transposed:  # [w1 | w2]^T, w1 (G, K1), w2 (G, K2)
+        w1, w2 = rng.standard_normal((G, K1)).astype(dtype), rng.standard_normal((G, K2)).astype(dtype)
+    else:  # [w1 | w2], w1 (K, G1), w2 (K, G - G1)
+        w1, w2 = rng.standard_normal((K1, G // 3)).astype(dtype), rng.standard_normal((K1, G - G // 3)).astype(dtype)
+    compiled = tile.pack2(w1, w2, transposed)
+    by_numpy = np.full_like(compiled, np.nan)
+    tile._pack2_numpy(w1, w2, transposed, by_numpy)
+    assert np.array_equal(by_numpy, compiled)
+    monkeypatch.setattr(tile.prefetch, "compiling", lambda name: name == "tile._pack2_into")
+    monkeypatch.setattr(tile, "_pack2_into", None)  # pack2 must not call it now
+    assert np.array_equal(tile.pack2(w1, w2, transposed), compiled)
+
+
 @pytest.mark.parametrize("k0", [0, 1, 30, KB - 1, KB + 3])
 def test_matmul_from_row_k0_equals_the_product_of_the_parts(k0):
     """matmul(a, n, wp, out, flip, k0) = a[:, k0:] @ W[k0:] (the forward with x W_ih^T made

@@ -317,7 +317,7 @@ class LSTM(nn.Module):
         key = [(p._version, p.data_ptr()) for p in self._parameters.values()]  # order = _flat_weights_names
         rt = self.__dict__.get("_runtime")
         if rt is None or rt[0] != key:
-            rt = self._build_runtime(key, list(self._parameters.values()))
+            rt = self._build_runtime(key, list(self._parameters.values()), input.shape)
             if rt is None:
                 return None
         _, runtime, last = rt
@@ -343,11 +343,12 @@ class LSTM(nn.Module):
         self.__dict__["_runtime"] = (rt[0], runtime, (out, returned))
         return torch.from_numpy(y), out
 
-    def _build_runtime(self, key, params):
+    def _build_runtime(self, key, params, shape):
         """(key, Runtime of this module's weights, None), kept in __dict__; None where the
-        fast path cannot run (numba missing, weights not float32/64 on the CPU)."""
+        fast path cannot run (numba missing, weights not float32/64 on the CPU). shape: the
+        input's, for the engine's cold-start plan (engines/numba/binding.new_runtime)."""
         try:
-            from ..runtime import Runtime
+            from ..engines.numba.binding import new_runtime
         except ModuleNotFoundError as e:  # numba not installed: the general path runs
             if e.name is None or e.name.split(".")[0] != "numba":
                 raise  # a bug in lstmkit: loud, never a silent slow path
@@ -355,7 +356,7 @@ class LSTM(nn.Module):
         if params[0].dtype not in _FAST_DTYPES or params[0].device.type != "cpu":
             return None
         weights = {n: p.detach().numpy() for n, p in zip(self._flat_weights_names, params)}
-        runtime = Runtime(dataclasses.replace(self.config, batch_first=self.batch_first), weights)
+        runtime = new_runtime(dataclasses.replace(self.config, batch_first=self.batch_first), weights, shape)
         runtime.torch_dtype = params[0].dtype
         rt = self.__dict__["_runtime"] = (key, runtime, None)
         return rt

@@ -494,14 +494,31 @@ def steps_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
 
 
 # ---- the inference fast path ------------------------------------------------------------------------
+def _start_prefetch(shape, batch_first: bool) -> None:
+    """A process's first call is an inference of input `shape`: the prefetch child starts."""
+    steps, rows = shape[:2] if len(shape) == 3 else (shape[0], 1)
+    if batch_first and len(shape) == 3:
+        steps, rows = rows, steps
+    prefetch.start(unpacked_path([rows] * steps) or "time loop", False)
+
+
+def new_runtime(config, weights: dict, shape):
+    """The module fast path's Runtime of these weights, for a first input of `shape`. On a
+    process's first call the prefetch child starts before the weights are packed: with an
+    empty compile cache they are then packed by numpy's copies while it compiles the packing
+    (tile.pack2), not by compiling it here too."""
+    from ...runtime import Runtime
+
+    if not prefetch.started:
+        _start_prefetch(shape, config.batch_first)
+    return Runtime(config, weights)
+
+
 def run_inference(runtime, x: np.ndarray, state):
     """The torch-free runtime (runtime/model.py: the same kernels, the whole stack in one
     call) under the engine's thread policy: what the module's no-grad fast path calls."""
     if not prefetch.started:
-        steps, rows = x.shape[:2] if x.ndim == 3 else (x.shape[0], 1)
-        if runtime.batch_first and x.ndim == 3:
-            steps, rows = rows, steps
-        prefetch.start(unpacked_path([rows] * steps) or "time loop", False)
+        _start_prefetch(x.shape, runtime.batch_first)
     runtime.threads = torch.get_num_threads()
     if runtime.blas is not mkl:  # once per runtime: torch's GEMM (into scratch) and MKL's packed products
         runtime.input_projection = input_projection
@@ -513,7 +530,7 @@ share_torch_threads()
 
 __all__ = [
     "SUPPORTED_DTYPES", "as_numpy", "as_numpy_or", "check_input", "chunks_for", "layer_backward", "layer_forward",
-    "backward_weights", "forward_weights", "input_projection", "needs_grad", "row_bounds",
+    "backward_weights", "forward_weights", "input_projection", "needs_grad", "new_runtime", "row_bounds",
     "run_inference", "scratch", "share_torch_threads", "step_backward", "step_forward", "steps_backward",
     "steps_forward", "unpacked_path",
 ]

@@ -29,6 +29,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import prefetch
 from .rows import KW, copy_p, ptr_add, row_ptr
 from .simd import AVX512
 
@@ -206,8 +207,29 @@ def pack2(w1, w2, transposed):
     else:
         G, K = w1.shape[1] + w2.shape[1], w1.shape[0]
     wp = aligned_empty(((G + V - 1) // V, K, V), w1.dtype)
-    _pack2_into(w1, w2, transposed, wp)
+    if prefetch.compiling("tile._pack2_into"):  # a cold start: numpy's copies, not 0.5-1 s of compiling
+        _pack2_numpy(w1, w2, transposed, wp)
+    else:
+        _pack2_into(w1, w2, transposed, wp)
     return wp
+
+
+def _pack2_numpy(w1, w2, transposed, wp):
+    """_pack2_into with numpy's copies: the same bits, 2-3x slower (BENCHMARKS.md, tenth session).
+    What pack2 does while the cold start's prefetch child compiles _pack2_into (it is in the
+    child's list) rather than compile it here as well, on the first call's critical path."""
+    nb, K, V = wp.shape
+    if transposed:  # W^T = [w1 | w2] (G, K), rows past G zero
+        wt = np.zeros((nb * V, K), wp.dtype)
+        wt[: w1.shape[0], : w1.shape[1]] = w1
+        wt[: w1.shape[0], w1.shape[1] :] = w2
+        wp[...] = wt.reshape(nb, V, K).transpose(0, 2, 1)
+    else:  # W = [w1 | w2] (K, G), columns past G zero
+        G1 = w1.shape[1]
+        w = np.zeros((K, nb * V), wp.dtype)
+        w[:, :G1] = w1
+        w[:, G1 : G1 + w2.shape[1]] = w2
+        wp[...] = w.reshape(K, nb, V).transpose(1, 0, 2)
 
 
 @njit(**KW)
