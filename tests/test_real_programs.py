@@ -384,3 +384,61 @@ def test_nn_lstm_raises_on_an_output_changed_in_place_too():
     y.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+# ---- weights changed where autograd's version counter does not look ----------------------------------
+def _update(m, how):
+    """A change to m's weights the way programs make them; the first four leave the tensors'
+    version counters as they were (p.data is a tensor with its own counter)."""
+    w = m.weight_hh_l0
+    if how == "data.mul_":  # an EMA / manual SGD step through .data
+        w.data.mul_(0.5)
+    elif how == "data.copy_":  # loading weights by hand
+        w.data.copy_(torch.randn_like(w))
+    elif how == "data.clamp_":  # WGAN's weight clipping
+        m.bias_ih_l0.data.clamp_(-0.01, 0.01)
+    elif how == "numpy view":  # a write through numpy
+        w.detach().numpy()[0, 0] += 1.0
+    elif how == "data =":  # new storage
+        w.data = torch.randn_like(w)
+    elif how == "not contiguous":  # a transposed copy (no flat view to watch), then changed through .data
+        w.data = torch.randn(w.shape[1], w.shape[0], dtype=w.dtype).t()
+        m(_stream_input(m))
+        w.data.mul_(0.5)
+    else:  # under no_grad: the version counter moves
+        with torch.no_grad():
+            w.add_(0.25)
+
+
+def _stream_input(m):
+    return torch.randn(1, 1, m.input_size, dtype=m.weight_ih_l0.dtype)
+
+
+@pytest.mark.parametrize("how", ["data.mul_", "data.copy_", "data.clamp_", "numpy view", "data =", "not contiguous",
+                                 "no_grad add_"])
+@pytest.mark.parametrize("call", ["stream", "padded", "packed", "layer_norm"])
+def test_inference_sees_every_change_to_the_weights(how, call):
+    """Inference reuses weights laid out at an earlier call (the module's runtime, the packed
+    weights cache); after each kind of update the next call must compute with the new weights,
+    as torch.nn.LSTM (or the reference engine, for a variant) does, float64 to 1e-10."""
+    torch.manual_seed(0)
+    kw = {"layer_norm": True} if call == "layer_norm" else {}
+    m = lstmkit.LSTM(4, 6, **kw).double().eval()
+    T, N = (1, 1) if call == "stream" else (5, 3)
+    x = torch.randn(T, N, 4, dtype=torch.float64)
+    if call == "packed":
+        x = pack_padded_sequence(x, torch.tensor([5, 3, 2]))
+    with torch.no_grad():
+        state = m(x)[1]
+        state = m(x, state)[1]  # the state it returned fed back: the streaming lane
+        _update(m, how)
+        y, (h, c) = m(x, state)
+        if call == "layer_norm":
+            twin = lstmkit.LSTM(4, 6, engine="reference", **kw).double().eval()
+        else:
+            twin = nn.LSTM(4, 6).double().eval()
+        twin.load_state_dict(m.state_dict())
+        y_ref, (h_ref, c_ref) = twin(x, state)
+    data = (lambda t: t.data) if call == "packed" else (lambda t: t)  # noqa: E731
+    for ours, ref in ((data(y), data(y_ref)), (h, h_ref), (c, c_ref)):
+        assert_close(ours, ref, TOL[torch.float64])

@@ -308,7 +308,9 @@ class LSTM(nn.Module):
     # numpy per layer). With no gradient to record, a CPU tensor of float32/float64 goes
     # instead through the torch-free runtime (runtime/model.py: the same fused kernels,
     # the whole stack in one call), built from this module's weights and rebuilt when any
-    # parameter changes (in-place updates bump `_version`; `p.data = ...` moves data_ptr).
+    # parameter changes: in-place updates bump `_version`, `p.data = ...` moves data_ptr, and
+    # what neither shows (p.data.clamp_(), a write through a numpy view) makes the weights'
+    # bits differ from the copy taken at build (engines/numba/binding.WeightWatch).
     def _inference_fast(self, input, hx):
         if (input.dtype not in _FAST_DTYPES or not input.is_cpu or self.engine not in ("auto", "numba")
                 or (self.training and ((self.dropout > 0 and self.config.num_layers > 1) or self._variant))
@@ -316,11 +318,11 @@ class LSTM(nn.Module):
             return None
         key = [(p._version, p.data_ptr()) for p in self._parameters.values()]  # order = _flat_weights_names
         rt = self.__dict__.get("_runtime")
-        if rt is None or rt[0] != key:
+        if rt is None or rt[0] != key or not rt[3].unchanged():
             rt = self._build_runtime(key, list(self._parameters.values()), input.shape)
             if rt is None:
                 return None
-        _, runtime, last = rt
+        _, runtime, last, _ = rt
         if input.dtype != runtime.torch_dtype:
             return None  # the general path raises the error
         if hx is None:
@@ -340,15 +342,16 @@ class LSTM(nn.Module):
             return None  # bad input: the general path raises torch's error for it
         out = (torch.from_numpy(returned[0]), torch.from_numpy(returned[1]))
         # The runtime's own state tuple: fed back as is, the runtime knows it and skips its checks.
-        self.__dict__["_runtime"] = (rt[0], runtime, (out, returned))
+        self.__dict__["_runtime"] = (rt[0], runtime, (out, returned), rt[3])
         return torch.from_numpy(y), out
 
     def _build_runtime(self, key, params, shape):
-        """(key, Runtime of this module's weights, None), kept in __dict__; None where the
-        fast path cannot run (numba missing, weights not float32/64 on the CPU). shape: the
+        """(key, Runtime of this module's weights, None, its WeightWatch), kept in __dict__; None
+        where the fast path cannot run (numba missing, weights not float32/64 on the CPU or not
+        C-contiguous). shape: the
         input's, for the engine's cold-start plan (engines/numba/binding.new_runtime)."""
         try:
-            from ..engines.numba.binding import new_runtime
+            from ..engines.numba.binding import new_runtime, watch_weights
         except ModuleNotFoundError as e:  # numba not installed: the general path runs
             if e.name is None or e.name.split(".")[0] != "numba":
                 raise  # a bug in lstmkit: loud, never a silent slow path
@@ -356,9 +359,12 @@ class LSTM(nn.Module):
         if params[0].dtype not in _FAST_DTYPES or params[0].device.type != "cpu":
             return None
         weights = {n: p.detach().numpy() for n, p in zip(self._flat_weights_names, params)}
+        watch = watch_weights(weights)  # snapshots taken before packing: a change meanwhile shows up next call
+        if not watch.watched:
+            return None  # a weight not C-contiguous: the general path
         runtime = new_runtime(dataclasses.replace(self.config, batch_first=self.batch_first), weights, shape)
         runtime.torch_dtype = params[0].dtype
-        rt = self.__dict__["_runtime"] = (key, runtime, None)
+        rt = self.__dict__["_runtime"] = (key, runtime, None, watch)
         return rt
 
     def __getstate__(self):

@@ -23,7 +23,7 @@ import torch
 
 from ...kernels.numba.lstm import (
     backward_core, chunk_bounds, dx_after_loop, forward_core, pack_backward, pack_forward, precompute_input,
-    weight_gradients,
+    same_words, weight_gradients,
 )
 from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
 from ...kernels.numba.columns import columns_pay_training, pack_columns, pack_columns_backward, run_columns
@@ -139,15 +139,38 @@ def scratch(name: str, shape, dtype) -> np.ndarray:
     return raw[:size].view(dtype).reshape(shape)
 
 
-# ---- weights, laid out once per call, or once while their versions stand (inference) -------------
+# ---- weights, laid out once per call, or once while they stand (inference) -------------------------
 # Training changes the weights at every optimizer step, so the autograd path packs them in
 # each call (forward and backward): a copy of the weights, small next to the time loop.
 # Inference with unchanged weights reuses the forward packing, as the module's fast path
-# reuses its runtime: key = the tensors' identity, version (in-place updates bump it) and
-# data pointer (p.data = ...); like the fast path, an update through p.data.add_() bypasses
-# the version counter and is not seen. One entry per layer-direction (slot: id of its w_ih),
-# replaced when a key changes, gone with its w_ih tensor.
+# reuses its runtime. "Unchanged" is checked on the weights themselves (WeightWatch): the
+# tensors' version counters miss updates through p.data (p.data.clamp_(), p.data.copy_(),
+# an EMA's p.data.mul_()) and writes through numpy views, and a stale copy would give wrong
+# numbers without an error. One entry per layer-direction (slot: id of its w_ih), replaced when
+# its key or its weights change, gone with its w_ih tensor.
 _packs: dict = {}
+
+
+class WeightWatch:
+    """A copy of the weights a cache was made from, to tell whether they still hold the same
+    bits. `watched` is False when some weight is not C-contiguous (no flat view of its memory
+    to compare): such weights are then not cached. A check reads the weights and the copy
+    (kernels/numba/lstm.same_words): about a weight pass's time, where the cached product
+    reads them once per step."""
+
+    def __init__(self, arrays):
+        arrays = [a for a in arrays if a is not None]
+        self.watched = all(a.flags.c_contiguous for a in arrays)
+        self._pairs = [(w, w.copy()) for w in map(_words, arrays)] if self.watched else []
+
+    def unchanged(self) -> bool:
+        return self.watched and all(same_words(live, copy) for live, copy in self._pairs)
+
+
+def _words(a: np.ndarray) -> np.ndarray:
+    """A flat view of C-contiguous float array a's memory as unsigned integers (bits, NaNs
+    included): 64-bit words where the size allows (half the loop of 32-bit ones)."""
+    return a.reshape(-1).view(np.uint64 if a.nbytes % 8 == 0 else np.uint32)
 
 
 def _version_key(tensors):
@@ -183,12 +206,16 @@ def forward_weights(p: LayerParams, cache: bool, gemm_pre=None, rows: int = 0):
     key = (_version_key(tensors), gemm_pre, rows if gemm_pre is not None else 0)
     slot = id(p.w_ih)
     entry = _packs.get(slot)
-    if entry is None or entry[0] != key or not _alive(entry[1], tensors):
+    if entry is None or entry[0] != key or not _alive(entry[1], tensors) or not entry[2].unchanged():
+        watch = WeightWatch([t.detach().numpy() if t is not None else None for t in tensors])
+        packed = _pack_forward(p, gemm_pre, rows)
+        if not watch.watched:
+            return packed
         if entry is None:  # a new w_ih: its entry goes when it dies
             weakref.finalize(p.w_ih, _packs.pop, slot, None)
         refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
-        entry = _packs[slot] = (key, refs, _pack_forward(p, gemm_pre, rows))
-    return entry[2]
+        entry = _packs[slot] = (key, refs, watch, packed)
+    return entry[3]
 
 
 def backward_weights(p: LayerParams, with_input: bool = True, gemm: bool = False, rows: int = 0):
@@ -514,6 +541,11 @@ def new_runtime(config, weights: dict, shape):
     return Runtime(config, weights)
 
 
+def watch_weights(weights: dict) -> WeightWatch:
+    """What tells the module's fast path that its runtime's weights changed (see WeightWatch)."""
+    return WeightWatch(list(weights.values()))
+
+
 def run_inference(runtime, x: np.ndarray, state):
     """The torch-free runtime (runtime/model.py: the same kernels, the whole stack in one
     call) under the engine's thread policy: what the module's no-grad fast path calls."""
@@ -529,8 +561,8 @@ def run_inference(runtime, x: np.ndarray, state):
 share_torch_threads()
 
 __all__ = [
-    "SUPPORTED_DTYPES", "as_numpy", "as_numpy_or", "check_input", "chunks_for", "layer_backward", "layer_forward",
-    "backward_weights", "forward_weights", "input_projection", "needs_grad", "new_runtime", "row_bounds",
-    "run_inference", "scratch", "share_torch_threads", "step_backward", "step_forward", "steps_backward",
-    "steps_forward", "unpacked_path",
+    "SUPPORTED_DTYPES", "WeightWatch", "as_numpy", "as_numpy_or", "backward_weights", "check_input", "chunks_for",
+    "forward_weights", "input_projection", "layer_backward", "layer_forward", "needs_grad", "new_runtime",
+    "row_bounds", "run_inference", "scratch", "share_torch_threads", "step_backward", "step_forward",
+    "steps_backward", "steps_forward", "unpacked_path", "watch_weights",
 ]
