@@ -416,16 +416,18 @@ def _stream_input(m):
 
 @pytest.mark.parametrize("how", ["data.mul_", "data.copy_", "data.clamp_", "numpy view", "data =", "not contiguous",
                                  "no_grad add_"])
-@pytest.mark.parametrize("call", ["stream", "padded", "packed", "layer_norm"])
+@pytest.mark.parametrize("call", ["stream", "stream big", "padded", "packed", "layer_norm"])
 def test_inference_sees_every_change_to_the_weights(how, call):
     """Inference reuses weights laid out at an earlier call (the module's runtime, the packed
-    weights cache); after each kind of update the next call must compute with the new weights,
-    as torch.nn.LSTM (or the reference engine, for a variant) does, float64 to 1e-10."""
+    weights cache) and checks them; one step on big weights reads them as they are. After each
+    kind of update the next call must compute with the new weights, as torch.nn.LSTM (or the
+    reference engine, for a variant) does, float64 to 1e-10."""
     torch.manual_seed(0)
     kw = {"layer_norm": True} if call == "layer_norm" else {}
-    m = lstmkit.LSTM(4, 6, **kw).double().eval()
-    T, N = (1, 1) if call == "stream" else (5, 3)
-    x = torch.randn(T, N, 4, dtype=torch.float64)
+    I, H = (128, 128) if call == "stream big" else (4, 6)  # 1 MiB of float64 weights: binding.live_step
+    m = lstmkit.LSTM(I, H, **kw).double().eval()
+    T, N = (1, 1) if call.startswith("stream") else (5, 3)
+    x = torch.randn(T, N, I, dtype=torch.float64)
     if call == "packed":
         x = pack_padded_sequence(x, torch.tensor([5, 3, 2]))
     with torch.no_grad():
@@ -434,11 +436,13 @@ def test_inference_sees_every_change_to_the_weights(how, call):
         _update(m, how)
         y, (h, c) = m(x, state)
         if call == "layer_norm":
-            twin = lstmkit.LSTM(4, 6, engine="reference", **kw).double().eval()
+            twin = lstmkit.LSTM(I, H, engine="reference", **kw).double().eval()
         else:
-            twin = nn.LSTM(4, 6).double().eval()
+            twin = nn.LSTM(I, H).double().eval()
         twin.load_state_dict(m.state_dict())
         y_ref, (h_ref, c_ref) = twin(x, state)
+    if call.startswith("stream"):  # which lane ran: the runtime (checked copy), or the weights as they are
+        assert ("_runtime" in m.__dict__) == (call == "stream" and how != "not contiguous")
     data = (lambda t: t.data) if call == "packed" else (lambda t: t)  # noqa: E731
     for ours, ref in ((data(y), data(y_ref)), (h, h_ref), (c, c_ref)):
         assert_close(ours, ref, TOL[torch.float64])

@@ -316,6 +316,11 @@ class LSTM(nn.Module):
                 or (self.training and ((self.dropout > 0 and self.config.num_layers > 1) or self._variant))
                 or torch.compiler.is_compiling()):
             return None
+        if input.dim() not in (2, 3):
+            return None  # the general path raises torch's error
+        steps = input.shape[1] if self.batch_first and input.dim() == 3 else input.shape[0]
+        if steps == 1 and self._live_step(input.dtype):
+            return None  # the general path reads big weights as they are at one step (binding.live_step)
         key = [(p._version, p.data_ptr()) for p in self._parameters.values()]  # order = _flat_weights_names
         rt = self.__dict__.get("_runtime")
         if rt is None or rt[0] != key or not rt[3].unchanged():
@@ -345,6 +350,20 @@ class LSTM(nn.Module):
         self.__dict__["_runtime"] = (rt[0], runtime, (out, returned), rt[3])
         return torch.from_numpy(y), out
 
+    def _live_step(self, dtype) -> bool:
+        """engines/numba/binding.live_step_model for this module and dtype, kept in __dict__."""
+        live = self.__dict__.get("_live_step_of")
+        if live is None or live[0] != dtype:
+            try:
+                from ..engines.numba.binding import live_step_model
+            except ModuleNotFoundError as e:  # numba not installed: the fast path does not run anyway
+                if e.name is None or e.name.split(".")[0] != "numba":
+                    raise
+                return False
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            live = self.__dict__["_live_step_of"] = (dtype, live_step_model(self.config, itemsize))
+        return live[1]
+
     def _build_runtime(self, key, params, shape):
         """(key, Runtime of this module's weights, None, its WeightWatch), kept in __dict__; None
         where the fast path cannot run (numba missing, weights not float32/64 on the CPU or not
@@ -360,8 +379,9 @@ class LSTM(nn.Module):
             return None
         weights = {n: p.detach().numpy() for n, p in zip(self._flat_weights_names, params)}
         watch = watch_weights(weights)  # snapshots taken before packing: a change meanwhile shows up next call
-        if not watch.watched:
-            return None  # a weight not C-contiguous: the general path
+        if not watch.watched:  # a weight not C-contiguous: the general path (and no stale runtime kept)
+            self.__dict__.pop("_runtime", None)
+            return None
         runtime = new_runtime(dataclasses.replace(self.config, batch_first=self.batch_first), weights, shape)
         runtime.torch_dtype = params[0].dtype
         rt = self.__dict__["_runtime"] = (key, runtime, None, watch)
@@ -373,6 +393,7 @@ class LSTM(nn.Module):
         # lstmkit class but this one (registered as a safe global at the end of this file).
         state = self.__dict__.copy()
         state.pop("_runtime", None)
+        state.pop("_live_step_of", None)
         state["config"] = self.config.to_dict()
         return state
 

@@ -167,6 +167,26 @@ class WeightWatch:
         return self.watched and all(same_words(live, copy) for live, copy in self._pairs)
 
 
+# One-step inference on weights this big reads them as they are (torch's GEMVs and the gate
+# kernel: step_forward) instead of a cached packing, whose check (WeightWatch: a read of the
+# weights and of their copy) would cost twice the step's own product where the weights are
+# past the L2 (BENCHMARKS.md, tenth session).
+LIVE_STEP_MIN_WEIGHT_BYTES = 1 << 20
+
+
+def live_step(I: int, H: int, P: int, itemsize: int) -> bool:
+    """Whether a one-step inference of this layer-direction reads its weights as they are."""
+    return (I + P) * 4 * H * itemsize >= LIVE_STEP_MIN_WEIGHT_BYTES
+
+
+def live_step_model(config, itemsize: int) -> bool:
+    """Whether some layer-direction of this model takes live_step at one step (the module's fast
+    path then leaves one-step calls to the general path, which runs it)."""
+    H, P, D = config.hidden_size, config.real_hidden_size, config.num_directions
+    inputs = [config.input_size] + [D * P] * (config.num_layers - 1)
+    return any(live_step(I, H, P, itemsize) for I in inputs)
+
+
 def _words(a: np.ndarray) -> np.ndarray:
     """A flat view of C-contiguous float array a's memory as unsigned integers (bits, NaNs
     included): 64-bit words where the size allows (half the loop of 32-bit ones)."""
@@ -245,7 +265,8 @@ def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray) -> np.ndarr
 def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: bool):
     """The forward kernel on tensors; returns numpy (y, h_n, c_n, acts, cells), acts and cells
     empty unless save. One or a few time steps, saved for backward (the weights change between
-    calls: nothing to cache) go to step_forward / steps_forward (see unpacked_path)."""
+    calls: nothing to cache) go to step_forward / steps_forward (see unpacked_path), and so does
+    one step of inference on big weights (live_step)."""
     if not prefetch.started:  # first call, cold cache: see kernels/numba/prefetch.py
         prefetch.start(unpacked_path(batch_sizes) or "time loop", save)
     if save:
@@ -256,6 +277,10 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
             return step_forward(x, h0, c0, p)
         if path == "few steps":
             return steps_forward(x, batch_sizes, h0, c0, p, reverse)
+    elif len(batch_sizes) == 1 and live_step(x.shape[1], c0.shape[1], h0.shape[1], x.element_size()):
+        if prefetch.pending:
+            prefetch.wait_for("one step forward")
+        return step_forward(x, h0, c0, p)  # inference, one step, big weights: read as they are
     xn, h0n, c0n = as_numpy(x), as_numpy(h0), as_numpy(c0)
     dt = xn.dtype
     total, I = xn.shape
@@ -562,7 +587,8 @@ share_torch_threads()
 
 __all__ = [
     "SUPPORTED_DTYPES", "WeightWatch", "as_numpy", "as_numpy_or", "backward_weights", "check_input", "chunks_for",
-    "forward_weights", "input_projection", "layer_backward", "layer_forward", "needs_grad", "new_runtime",
+    "forward_weights", "input_projection", "layer_backward", "layer_forward", "live_step", "live_step_model",
+    "needs_grad", "new_runtime",
     "row_bounds", "run_inference", "scratch", "share_torch_threads", "step_backward", "step_forward",
     "steps_backward", "steps_forward", "unpacked_path", "watch_weights",
 ]
