@@ -446,3 +446,20 @@ def test_inference_sees_every_change_to_the_weights(how, call):
     data = (lambda t: t.data) if call == "packed" else (lambda t: t)  # noqa: E731
     for ours, ref in ((data(y), data(y_ref)), (h, h_ref), (c, c_ref)):
         assert_close(ours, ref, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("first", ["from lstmkit.nn import LSTM", "import lstmkit.nn.modules", "import lstmkit",
+                                   "import torch, lstmkit"])
+def test_every_import_order_loads_and_registers_both_paths(first):
+    """A program's first import may be lstmkit.nn itself, which then imports torch for the first
+    time (torch's import hook must not reach the half-made module); either way both classes end
+    up allowlisted under their current and their old module path."""
+    code = f"""
+{first}
+import torch, lstmkit
+names = sorted(str(g) for g in torch.serialization.get_safe_globals() if "lstmkit" in str(g))
+assert len(names) == 4 and sum("lstmkit.module." in n for n in names) == 2, names
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

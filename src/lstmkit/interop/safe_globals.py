@@ -37,11 +37,18 @@ def _register() -> None:
         from ..nn import modules  # importing nn/modules.py registers its classes
     except ImportError:  # a partial install (e.g. no numba): torch itself must still import
         return
-    import torch  # loaded already: _register runs only once torch is
+    if not hasattr(modules, "LSTMCell"):
+        return  # torch's first import is nn/modules.py's own (`import lstmkit.nn` first): it registers at its end
+    register_old_paths(modules.LSTM, modules.LSTMCell)
+
+
+def register_old_paths(lstm, cell) -> None:
+    """Allow the two classes under OLD_MODULE_PATHS too (torch is loaded when this runs)."""
+    import torch
 
     if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
         torch.serialization.add_safe_globals([(cls, f"{path}.{cls.__qualname__}") for path in OLD_MODULE_PATHS
-                                              for cls in (modules.LSTM, modules.LSTMCell)])
+                                              for cls in (lstm, cell)])
 
 
 class _RegisterAfterTorch(importlib.abc.MetaPathFinder):

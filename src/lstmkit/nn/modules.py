@@ -367,8 +367,7 @@ class LSTM(nn.Module):
     def _build_runtime(self, key, params, shape):
         """(key, Runtime of this module's weights, None, its WeightWatch), kept in __dict__; None
         where the fast path cannot run (numba missing, weights not float32/64 on the CPU or not
-        C-contiguous). shape: the
-        input's, for the engine's cold-start plan (engines/numba/binding.new_runtime)."""
+        C-contiguous). shape: the input's, for the engine's cold-start plan (binding.new_runtime)."""
         try:
             from ..engines.numba.binding import new_runtime, watch_weights
         except ModuleNotFoundError as e:  # numba not installed: the general path runs
@@ -556,3 +555,6 @@ class LSTMCell(nn.Module):
 # numbers, strings, dicts; __setstate__ validates it), no function: see interop/safe_globals.py.
 if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4; before it, weights_only was off by default
     torch.serialization.add_safe_globals([LSTM, LSTMCell])
+    from ..interop.safe_globals import register_old_paths
+
+    register_old_paths(LSTM, LSTMCell)
