@@ -463,3 +463,30 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kw,N", [(dict(), 1), (dict(), 5), (dict(proj_size=3), 2), (dict(bias=False), 1),
+                                  (dict(batch_first=True), 3)])
+def test_one_step_reads_the_parameters_as_they_are(dtype, kw, N):
+    """A streaming step through the fast path runs on the parameters' own memory
+    (kernels/numba/lstm.one_step_live): it matches torch.nn.LSTM step after step with the state
+    fed back, sees a p.data update at once, and never needs the copy's check."""
+    torch.manual_seed(N)
+    ref = nn.LSTM(7, 9, **kw).to(dtype).eval()
+    m = lstmkit.LSTM.from_torch(ref).eval()
+    xs = torch.randn(4, N, 1, 7, dtype=dtype) if kw.get("batch_first") else torch.randn(4, 1, N, 7, dtype=dtype)
+    with torch.no_grad():
+        state = ref_state = None
+        for k, x in enumerate(xs):
+            if k == 2:  # an update no version counter records, on both
+                for p, q in zip(m.parameters(), ref.parameters()):
+                    p.data.mul_(0.5)
+                    q.data.mul_(0.5)
+            y, state = m(x, state)
+            y_ref, ref_state = ref(x, ref_state)
+            assert_close(y, y_ref, TOL[dtype])
+            assert_close(state[1], ref_state[1], TOL[dtype])
+            if k == 0:  # the runtime exists now: from here on the step must not check a copy
+                watch = m.__dict__["_runtime"][3]
+                watch.unchanged = lambda: pytest.fail("a one-step call checked the weights' copy")

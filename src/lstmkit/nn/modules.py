@@ -323,7 +323,10 @@ class LSTM(nn.Module):
             return None  # the general path reads big weights as they are at one step (binding.live_step)
         key = [(p._version, p.data_ptr()) for p in self._parameters.values()]  # order = _flat_weights_names
         rt = self.__dict__.get("_runtime")
-        if rt is None or rt[0] != key or not rt[3].unchanged():
+        if rt is None or rt[0] != key or (
+                # a one-step call reads the parameters as they are (Runtime.live_step): no copy to check
+                not (steps == 1 and input.is_contiguous() and rt[1].live_step(input.shape, torch.get_num_threads()))
+                and not rt[3].unchanged()):
             rt = self._build_runtime(key, list(self._parameters.values()), input.shape)
             if rt is None:
                 return None

@@ -19,8 +19,8 @@ import numpy as np
 
 from ..config import LSTMConfig
 from ..kernels.numba.lstm import (
-    MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, input_projection, one_step, pack_forward,
-    precompute_input,
+    MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, input_projection, one_step, one_step_live,
+    pack_forward, precompute_input,
 )
 from ..kernels.numba.columns import columns_pay, columns_precompute, pack_columns, run_columns
 from ..kernels.numba.variants import forward_core as _variant_forward
@@ -80,6 +80,10 @@ class Runtime:
         self._no_xproj = self._no_acts
         self._no_wg = np.zeros(0, dt)  # no BLAS-packed weights (kernels/numba/blas.py)
         self.blas = None  # a packed-GEMM provider (engines/numba/mkl.py's use, pack), set by the torch engine
+        # True (the torch engine's fast path, whose weights are its module's parameters): one-step
+        # calls read self.layers as they are (kernels/numba/lstm.one_step_live), not the packed copy,
+        # so they see any change to them with no check (see live_step).
+        self.live = False
         self._gemm = {}  # (layer-direction, x W_ih^T precomputed) -> its (address, packed W)
         self._one_chunk = {}  # N -> the bounds of one chunk of N rows
         self._columns = {}  # (layer-direction, threads) -> its weights split by hidden units
@@ -179,11 +183,29 @@ class Runtime:
         else:
             h0, c0 = self._check_state(state, h_shape[1], True)
         y, h_n, c_n = np.empty(y_shape, dt), np.empty(h_shape, dt), np.empty(c_shape, dt)
-        wp, b, wpr = self._packed[0]
-        one_step(x, h0, c0, wp, b, wpr, y, h_n, c_n)
+        if self.live:
+            w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[0]
+            one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h_n, c_n)
+        else:
+            wp, b, wpr = self._packed[0]
+            one_step(x, h0, c0, wp, b, wpr, y, h_n, c_n)
         state = (h_n, c_n)
         self._returned = (state, x.shape, 1, h_shape[1])
         return y, state
+
+    def live_step(self, shape, threads: int) -> bool:
+        """Whether a call on a C-contiguous array of `shape`, with self.threads = threads, runs
+        one_step_live (self.live): it then reads self.layers, not a packed copy of them."""
+        if not (self.live and self._single):
+            return False
+        lane = self._one_step_lane.get((shape, threads))
+        if lane is None:
+            saved, self.threads = self.threads, threads
+            try:
+                lane = self._one_step_plan(shape)
+            finally:
+                self.threads = saved
+        return bool(lane)
 
     def _one_step_plan(self, shape):
         """For _one_step, per (input shape, threads): (y, h, c shapes, zero state) where a call

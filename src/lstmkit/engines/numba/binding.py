@@ -563,7 +563,9 @@ def new_runtime(config, weights: dict, shape):
 
     if not prefetch.started:
         _start_prefetch(shape, config.batch_first)
-    return Runtime(config, weights)
+    runtime = Runtime(config, weights)
+    runtime.live = True  # its layers are the module's parameters: one steps read them as they are
+    return runtime
 
 
 def watch_weights(weights: dict) -> WeightWatch:
