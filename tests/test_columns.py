@@ -119,7 +119,7 @@ def test_columns_pay_rule():
     (dict(), (30, 1)),
     (dict(num_layers=2, bidirectional=True), (12, 3)),
     (dict(batch_first=True), (4, 9)),  # (N, L)
-    (dict(), (1, 1)),  # one step on 1.3 / 2.6 MiB of weights: read as they are, on the general path
+    (dict(), (1, 1)),  # one step: the parameters read as they are, not split
     (dict(input_size=640), (5, 2)),  # 3.4 MiB of float32 weights: the input projection made first
 ])
 def test_module_takes_the_split_at_two_threads_and_matches_torch(dtype, kw, shape):
@@ -135,8 +135,9 @@ def test_module_takes_the_split_at_two_threads_and_matches_torch(dtype, kw, shap
             y, (h, c) = m(x, (h0, torch.zeros_like(h0)))
             yt, (ht, ct) = ref(x, (h0, torch.zeros_like(h0)))
     N, T = shape if ref.batch_first else shape[::-1]
-    if T == 1 and binding.live_step_model(m.config, x.element_size()):  # no runtime: binding.live_step
-        assert "_runtime" not in m.__dict__
+    if T == 1:  # one step reads the parameters as they are, unsplit (Runtime.live_step, binding.live_step)
+        runtime = m.__dict__.get("_runtime")
+        assert runtime is None or not runtime[1]._columns
     else:
         split = bool(m.__dict__["_runtime"][1]._columns)
         assert split == columns.columns_pay(N, T, kw["input_size"], 256, 256, x.element_size(), 2)
@@ -237,16 +238,17 @@ def test_without_a_compiled_body_the_rows_path_runs(monkeypatch):
 
 def test_one_step_lane_steps_aside_when_the_thread_count_grows():
     """Runtime._one_step remembers per (rows, threads) whether a step is its own: a big step
-    first run on 1 thread must still split once torch has 2. (The module's fast path leaves a
-    step this big to the general path, binding.live_step: the runtime is called as the engine
-    calls it.)"""
+    first run on 1 thread must still split once torch has 2. A runtime of its own weights (the
+    module's reads its parameters as they are at one step, unsplit), called as the engine calls it."""
     import dataclasses
+
+    from lstmkit.runtime import Runtime
 
     torch.manual_seed(0)
     ref = torch.nn.LSTM(128, 512)
     m = lstmkit.LSTM.from_torch(ref)
     weights = {n: p.detach().numpy() for n, p in zip(m._flat_weights_names, m.parameters())}
-    runtime = binding.new_runtime(dataclasses.replace(m.config, batch_first=False), weights, (1, 1, 128))
+    runtime = Runtime(dataclasses.replace(m.config, batch_first=False), weights)
     x = torch.randn(1, 1, 128)
     with torch.no_grad():
         with torch_threads(1):

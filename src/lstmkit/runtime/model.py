@@ -214,7 +214,7 @@ class Runtime:
         lane = False
         if len(shape) == 3 and shape[2] == self._I:
             N, T = (shape[0], shape[1]) if self._batch_first else (shape[1], shape[0])
-            if T == 1 and (self.threads == 1 or not (
+            if T == 1 and (self.live or self.threads == 1 or not (  # (live: the parameters as they are, unsplit)
                     N * (self._I + self._P) * 4 * self._H >= MIN_SPLIT_MACS
                     or columns_pay(N, 1, self._I, self._H, self._P, self.dtype.itemsize, self.threads))):
                 dt, H, P = self.dtype, self._H, self._P
