@@ -325,7 +325,7 @@ class LSTM(nn.Module):
         rt = self.__dict__.get("_runtime")
         if rt is None or rt[0] != key or (
                 # a one-step call reads the parameters as they are (Runtime.live_step): no copy to check
-                not (steps == 1 and input.is_contiguous() and rt[1].live_step(input.shape, torch.get_num_threads()))
+                not (steps == 1 and input.is_contiguous() and rt[1].live_step(input.shape))
                 and not rt[3].unchanged()):
             rt = self._build_runtime(key, list(self._parameters.values()), input.shape)
             if rt is None:
@@ -363,8 +363,7 @@ class LSTM(nn.Module):
                 if e.name is None or e.name.split(".")[0] != "numba":
                     raise
                 return False
-            itemsize = torch.empty(0, dtype=dtype).element_size()
-            live = self.__dict__["_live_step_of"] = (dtype, live_step_model(self.config, itemsize))
+            live = self.__dict__["_live_step_of"] = (dtype, live_step_model(self.config, dtype.itemsize))
         return live[1]
 
     def _build_runtime(self, key, params, shape):
@@ -372,7 +371,7 @@ class LSTM(nn.Module):
         where the fast path cannot run (numba missing, weights not float32/64 on the CPU or not
         C-contiguous). shape: the input's, for the engine's cold-start plan (binding.new_runtime)."""
         try:
-            from ..engines.numba.binding import new_runtime, watch_weights
+            from ..engines.numba.binding import WeightWatch, new_runtime
         except ModuleNotFoundError as e:  # numba not installed: the general path runs
             if e.name is None or e.name.split(".")[0] != "numba":
                 raise  # a bug in lstmkit: loud, never a silent slow path
@@ -380,7 +379,7 @@ class LSTM(nn.Module):
         if params[0].dtype not in _FAST_DTYPES or params[0].device.type != "cpu":
             return None
         weights = {n: p.detach().numpy() for n, p in zip(self._flat_weights_names, params)}
-        watch = watch_weights(weights)  # snapshots taken before packing: a change meanwhile shows up next call
+        watch = WeightWatch(list(weights.values()))  # snapshots taken before packing: a change meanwhile shows up next call
         if not watch.watched:  # a weight not C-contiguous: the general path (and no stale runtime kept)
             self.__dict__.pop("_runtime", None)
             return None

@@ -193,19 +193,14 @@ class Runtime:
         self._returned = (state, x.shape, 1, h_shape[1])
         return y, state
 
-    def live_step(self, shape, threads: int) -> bool:
-        """Whether a call on a C-contiguous array of `shape`, with self.threads = threads, runs
-        one_step_live (self.live): it then reads self.layers, not a packed copy of them."""
+    def live_step(self, shape) -> bool:
+        """Whether a call on a C-contiguous array of `shape` runs one_step_live (self.live): it
+        then reads self.layers, not a packed copy of them. (With self.live the one-step lane
+        never depends on the thread count: see _one_step_plan.)"""
         if not (self.live and self._single):
             return False
-        lane = self._one_step_lane.get((shape, threads))
-        if lane is None:
-            saved, self.threads = self.threads, threads
-            try:
-                lane = self._one_step_plan(shape)
-            finally:
-                self.threads = saved
-        return bool(lane)
+        lane = self._one_step_lane.get((shape, self.threads))
+        return bool(lane if lane is not None else self._one_step_plan(shape))
 
     def _one_step_plan(self, shape):
         """For _one_step, per (input shape, threads): (y, h, c shapes, zero state) where a call

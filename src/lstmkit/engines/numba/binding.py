@@ -159,7 +159,6 @@ class WeightWatch:
     reads them once per step."""
 
     def __init__(self, arrays):
-        arrays = [a for a in arrays if a is not None]
         self.watched = all(a.flags.c_contiguous for a in arrays)
         self._pairs = [(w, w.copy()) for w in map(_words, arrays)] if self.watched else []
 
@@ -231,7 +230,7 @@ def forward_weights(p: LayerParams, cache: bool, gemm_pre=None, rows: int = 0):
     slot = id(p.w_ih)
     entry = _packs.get(slot)
     if entry is None or entry[0] != key or not _alive(entry[1], tensors) or not entry[2].unchanged():
-        watch = WeightWatch([t.detach().numpy() if t is not None else None for t in tensors])
+        watch = WeightWatch([t.detach().numpy() for t in tensors if t is not None])
         packed = _pack_forward(p, gemm_pre, rows)
         if not watch.watched:
             return packed
@@ -572,11 +571,6 @@ def new_runtime(config, weights: dict, shape):
     return runtime
 
 
-def watch_weights(weights: dict) -> WeightWatch:
-    """What tells the module's fast path that its runtime's weights changed (see WeightWatch)."""
-    return WeightWatch(list(weights.values()))
-
-
 def run_inference(runtime, x: np.ndarray, state):
     """The torch-free runtime (runtime/model.py: the same kernels, the whole stack in one
     call) under the engine's thread policy: what the module's no-grad fast path calls."""
@@ -595,5 +589,5 @@ __all__ = [
     "SUPPORTED_DTYPES", "WeightWatch", "as_numpy", "as_numpy_or", "backward_weights", "check_input", "chunks_for",
     "forward_weights", "input_projection", "layer_backward", "layer_forward", "live_step", "live_step_model",
     "needs_grad", "new_runtime", "row_bounds", "run_inference", "scratch", "share_torch_threads", "step_backward",
-    "step_forward", "steps_backward", "steps_forward", "unpacked_path", "watch_weights",
+    "step_forward", "steps_backward", "steps_forward", "unpacked_path",
 ]
