@@ -143,6 +143,27 @@ def test_decayed_lr_reaches_the_optimizer_and_resume_continues_it_exactly(text_f
     assert saved["param_groups"][0]["lr"] == pytest.approx(train.lr_at({"lr": 3e-2, "lr_decay_steps": 10}, 11))
 
 
+def test_the_optimizer_is_fused_adam_and_an_older_unfused_checkpoint_resumes_fused(text_file, tmp_path):
+    """The trainer steps Adam as torch's fused kernel (one pass over all parameters, the same
+    update rule). A run saved before that (param groups with fused=None) resumes on the fused
+    kernel and lands where a run fused from the start lands."""
+    extra = ["--ckpt-every", "100", "--eval-every", "100"]
+    straight = train_run(text_file, tmp_path / "a", "--steps", "8", *extra)
+    train_run(text_file, tmp_path / "b", "--steps", "4", *extra)
+    saved = torch.load(tmp_path / "b" / "trainer.pt", weights_only=True)
+    assert saved["optimizer"]["param_groups"][0]["fused"] is True
+    for group in saved["optimizer"]["param_groups"]:  # as an older run wrote it
+        group["fused"] = None
+    torch.save(saved, tmp_path / "b" / "trainer.pt")
+    trainer = train.Trainer(train.build_parser().parse_args(
+        ["--out", str(tmp_path / "b"), "--resume", "--steps", "8", "--engine", "reference", "--eval-chars", "400"]),
+        log=False)
+    resumed = trainer.train()
+    assert all(g["fused"] is True for g in trainer.optimizer.param_groups)  # what Adam.step reads each step
+    for (k, a), (_, b) in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+
+
 def test_lr_decay_fitted_to_the_time_budget_is_stored_in_the_run(text_file, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "FIT_AT_STEP", 4)
     out = tmp_path / "fit"

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from .model import bptt_step, model_from_config
+from .model import adam, bptt_step, model_from_config
 
 
 class TorchTwin:
@@ -20,7 +20,7 @@ class TorchTwin:
     def __init__(self, cfg: dict, model, optimizer, state, device):
         self.model = model_from_config(cfg, lstm_cls=torch.nn.LSTM).to(device)
         self.model.load_state_dict(model.state_dict())
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
+        self.optimizer = adam(self.model.parameters(), cfg["lr"], device)
         self.optimizer.load_state_dict(optimizer.state_dict())
         self.state = tuple(s.clone() for s in state)
         self.clip = cfg["clip"]

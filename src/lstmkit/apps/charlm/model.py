@@ -118,6 +118,21 @@ def model_from_config(cfg: dict, engine: str = "auto", lstm_cls=None) -> CharLM:
                   cfg["dropout"], engine=engine, lstm_cls=lstm_cls)
 
 
+def adam(params, lr: float, device) -> torch.optim.Adam:
+    """The trainer's optimizer: Adam, as one fused kernel over all parameters where torch has
+    one (CPU and CUDA). torch's default on CPU runs a dozen small ops per parameter tensor,
+    several milliseconds a step of the demo model, which the LSTM's speed then hides."""
+    return torch.optim.Adam(params, lr=lr, fused=True if torch.device(device).type in ("cpu", "cuda") else None)
+
+
+def use_fused_adam(optimizer: torch.optim.Adam, device) -> None:
+    """After load_state_dict: a checkpoint's param groups bring their own `fused` flag (None in
+    runs saved before the fused optimizer); the state is the same, so the kernel can change."""
+    fused = True if torch.device(device).type in ("cpu", "cuda") else None
+    for group in optimizer.param_groups:
+        group["fused"] = fused
+
+
 def bptt_step(model: nn.Module, optimizer, x, y, state, clip: float):
     """One step of truncated BPTT on ids x (B, T) with targets y (B, T), from the carried
     state; returns (loss, the new state detached: carried on, without the graph)."""

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from ...config import ENGINE_NAMES
 from ...cli import run_guarded
 from .model import (
-    CONFIG, CURVE, HISTORY, LN2, TRAINER, WEIGHTS, CharLM, RunError, bptt_step, build_vocab, encode,
+    CONFIG, CURVE, HISTORY, LN2, TRAINER, WEIGHTS, CharLM, RunError, adam, bptt_step, build_vocab, encode,
     load_weights, model_from_config, read_config, read_text, save_weights, text_fingerprint,
-    unigram_bpc, write_json,
+    unigram_bpc, use_fused_adam, write_json,
 )
 
 # Built-in defaults. Options default to None so that `--resume` can tell "not given"
@@ -346,7 +346,7 @@ class Trainer:
         torch.manual_seed(cfg["seed"])
         self.net = model_from_config(cfg, engine=args.engine).to(self.device)  # plain: eval, checkpoints
         self.model = self.net  # what trains: the DDP wrapper under torchrun
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"])
+        self.optimizer = adam(self.net.parameters(), cfg["lr"], self.device)
         torch.manual_seed(cfg["seed"] + 1 + self.rank)  # dropout masks differ across ranks
         self.B, self.T = cfg["batch_size"], cfg["seq_len"]
         self.state = self.zero_state()
@@ -402,6 +402,7 @@ class Trainer:
         if meta_step is not None and meta_step != saved["step"]:
             raise RunError(f"{out}: {WEIGHTS} (step {meta_step}) and {TRAINER} (step {saved['step']}) disagree")
         self.optimizer.load_state_dict(saved["optimizer"])
+        use_fused_adam(self.optimizer, self.device)
         self.step_count, self.chars_before = saved["step"], saved["chars"]
         if self.args.steps and self.step_count >= self.args.steps:
             raise RunError(f"{out} is already at step {self.step_count}; "
