@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 
 import torch
@@ -26,7 +27,10 @@ def check_engine_name(name) -> str:
 
 
 def _load(name: str):
-    return importlib.import_module(_MODULES[name])
+    # sys.modules first: importlib's own lookup runs several Python frames, and this is on the
+    # path of every call (get_layer_fn).
+    path = _MODULES[name]
+    return sys.modules.get(path) or importlib.import_module(path)
 
 
 # The third-party package each optional engine needs; without it the engine is unavailable.
@@ -49,11 +53,11 @@ def is_available(name: str) -> bool:
 
 def auto_engine_name(x: torch.Tensor) -> str:
     """The engine `engine="auto"` picks for input x."""
-    if x.device.type == "cuda" and is_available("triton"):
+    if x.is_cuda and is_available("triton"):
         return "triton"
     # The Numba kernels compute in float32/float64 only; other CPU dtypes (bfloat16,
     # float16) run on the reference engine, in their own dtype, like torch.nn.LSTM.
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and is_available("numba"):
+    if x.is_cpu and x.dtype in (torch.float32, torch.float64) and is_available("numba"):
         return "numba"
     return "reference"
 

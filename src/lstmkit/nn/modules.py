@@ -7,6 +7,7 @@ layer-direction over packed data (engines/reference.py has the equations).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -29,6 +30,13 @@ def _run_inference(runtime, x, state):
 
     _run_inference = run_inference
     return run_inference(runtime, x, state)
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_names(layer: int, direction: int) -> tuple[str, ...]:
+    """The names of a layer-direction's weight_ih, weight_hh, bias_ih, bias_hh, weight_hr (LayerParams' order)."""
+    sfx = f"_l{layer}{LSTMConfig.suffix(direction)}"
+    return tuple(n + sfx for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
 
 
 def _permute(x: torch.Tensor, perm):
@@ -121,12 +129,11 @@ class LSTM(nn.Module):
         """No-op, kept so code written for cuDNN's flat weight buffer still runs."""
 
     def layer_params(self, layer: int, direction: int) -> LayerParams:
-        sfx = f"_l{layer}{LSTMConfig.suffix(direction)}"
         # Parameters by plain dict lookup: nn.Module.__getattr__ is slow enough to matter in
-        # one-step calls; anything else (e.g. a plain tensor attribute) via getattr.
+        # one-step calls; anything else (e.g. a plain tensor attribute, as torch.func's
+        # functional_call puts there) via getattr.
         params = self._parameters
-        get = lambda n: params[n + sfx] if n + sfx in params else getattr(self, n + sfx, None)  # noqa: E731
-        return LayerParams(get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("weight_hr"))
+        return LayerParams(*[params[n] if n in params else getattr(self, n, None) for n in _layer_names(layer, direction)])
 
     # ---- interop -----------------------------------------------------------------------
     @classmethod
@@ -175,7 +182,10 @@ class LSTM(nn.Module):
 
     # ---- input checks (torch's exception types and messages) ---------------------------------
     def _check_input(self, x: torch.Tensor, packed: bool) -> None:
-        wdtype = self.weight_ih_l0.dtype
+        w = self._parameters.get("weight_ih_l0")
+        if w is None:
+            w = self.weight_ih_l0
+        wdtype = w.dtype
         if x.dtype != wdtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(
                 f"RNN input dtype ({x.dtype}) does not match weight dtype ({wdtype}). "
@@ -188,10 +198,10 @@ class LSTM(nn.Module):
             raise RuntimeError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.size(-1)}"
             )
-        if x.device != self.weight_ih_l0.device:
+        if x.device != w.device:
             raise RuntimeError(
                 f"Input and parameter tensors are not on the same device, found input on "
-                f"{x.device} and parameters on {self.weight_ih_l0.device}"
+                f"{x.device} and parameters on {w.device}"
             )
 
     def _check_hidden(self, hx, batch: int, x: torch.Tensor) -> None:
