@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstmkit
+from lstmkit.runtime.model import LIVE_STEP_MAX_ROWS
 from harness import TOL, assert_close
 
 # ---- whole-model checkpoints ---------------------------------------------------------------------
@@ -466,16 +467,26 @@ print("ok")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("kw,N", [(dict(), 1), (dict(), 5), (dict(proj_size=3), 2), (dict(bias=False), 1),
-                                  (dict(batch_first=True), 3)])
+@pytest.mark.parametrize("kw,N", [(dict(), 1), (dict(), 2), (dict(proj_size=3), 2), (dict(bias=False), 1),
+                                  (dict(batch_first=True), 2), (dict(), None), (dict(num_layers=2), 1),
+                                  (dict(num_layers=3, bidirectional=True, proj_size=4), 2),
+                                  (dict(num_layers=2, batch_first=True), None),
+                                  (dict(), 5), (dict(num_layers=2, bidirectional=True), 3)])
 def test_one_step_reads_the_parameters_as_they_are(dtype, kw, N):
-    """A streaming step through the fast path runs on the parameters' own memory
+    """A streaming step of at most runtime.model.LIVE_STEP_MAX_ROWS rows (None: unbatched input)
+    through the fast path runs on the parameters' own memory, every layer and direction
     (kernels/numba/lstm.one_step_live): it matches torch.nn.LSTM step after step with the state
-    fed back, sees a p.data update at once, and never needs the copy's check."""
-    torch.manual_seed(N)
+    fed back, sees a p.data update at once, and never needs the copy's check. A step of more
+    rows runs on the packed copy and checks it: the same results."""
+    torch.manual_seed(N or 0)
     ref = nn.LSTM(7, 9, **kw).to(dtype).eval()
     m = lstmkit.LSTM.from_torch(ref).eval()
-    xs = torch.randn(4, N, 1, 7, dtype=dtype) if kw.get("batch_first") else torch.randn(4, 1, N, 7, dtype=dtype)
+    if N is None:
+        xs = torch.randn(4, 1, 7, dtype=dtype)
+    else:
+        xs = torch.randn(4, N, 1, 7, dtype=dtype) if kw.get("batch_first") else torch.randn(4, 1, N, 7, dtype=dtype)
+    live = N is None or N <= LIVE_STEP_MAX_ROWS
+    checks = []
     with torch.no_grad():
         state = ref_state = None
         for k, x in enumerate(xs):
@@ -486,7 +497,10 @@ def test_one_step_reads_the_parameters_as_they_are(dtype, kw, N):
             y, state = m(x, state)
             y_ref, ref_state = ref(x, ref_state)
             assert_close(y, y_ref, TOL[dtype])
+            assert_close(state[0], ref_state[0], TOL[dtype])
             assert_close(state[1], ref_state[1], TOL[dtype])
-            if k == 0:  # the runtime exists now: from here on the step must not check a copy
+            if k == 0:  # the runtime exists now: from here on a live step must not check a copy
                 watch = m.__dict__["_runtime"][3]
-                watch.unchanged = lambda: pytest.fail("a one-step call checked the weights' copy")
+                unchanged = watch.unchanged
+                watch.unchanged = lambda: checks.append(k) or unchanged()
+    assert (checks == []) == live, checks

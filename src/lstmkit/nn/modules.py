@@ -329,7 +329,7 @@ class LSTM(nn.Module):
         if input.dim() not in (2, 3):
             return None  # the general path raises torch's error
         steps = input.shape[1] if self.batch_first and input.dim() == 3 else input.shape[0]
-        if steps == 1 and self._live_step(input.dtype):
+        if steps == 1 and self._live_step(input.dtype, input.shape):
             return None  # the general path reads big weights as they are at one step (binding.live_step)
         key = [(p._version, p.data_ptr()) for p in self._parameters.values()]  # order = _flat_weights_names
         rt = self.__dict__.get("_runtime")
@@ -363,18 +363,21 @@ class LSTM(nn.Module):
         self.__dict__["_runtime"] = (rt[0], runtime, (out, returned), rt[3])
         return torch.from_numpy(y), out
 
-    def _live_step(self, dtype) -> bool:
-        """engines/numba/binding.live_step_model for this module and dtype, kept in __dict__."""
+    def _live_step(self, dtype, shape) -> bool:
+        """Whether a one-step call on input `shape` goes to the general path, which reads big
+        weights as they are (engines/numba/binding.live_step_model, kept in __dict__ per dtype):
+        not where the fast path's runtime reads them as they are itself (runtime.model.live_lane)."""
         live = self.__dict__.get("_live_step_of")
         if live is None or live[0] != dtype:
             try:
                 from ..engines.numba.binding import live_step_model
+                from ..runtime.model import live_lane
             except ModuleNotFoundError as e:  # numba not installed: the fast path does not run anyway
                 if e.name is None or e.name.split(".")[0] != "numba":
                     raise
                 return False
-            live = self.__dict__["_live_step_of"] = (dtype, live_step_model(self.config, dtype.itemsize))
-        return live[1]
+            live = self.__dict__["_live_step_of"] = (dtype, live_step_model(self.config, dtype.itemsize), live_lane)
+        return live[1] and not live[2](self.config, shape)
 
     def _build_runtime(self, key, params, shape):
         """(key, Runtime of this module's weights, None, its WeightWatch), kept in __dict__; None

@@ -27,6 +27,32 @@ from ..kernels.numba.variants import forward_core as _variant_forward
 from ..kernels.numba.variants import pack_forward as _variant_pack
 
 
+# One-step calls of at most this many rows read the weights as they are where the module's
+# fast path runs them (Runtime.live): one_step_live's row dot products, each input row reading
+# all of W again. With more rows the packed kernel (W read once per eight rows) and the check of
+# the weights' copy it needs cost less (BENCHMARKS.md, eleventh session).
+LIVE_STEP_MAX_ROWS = 2
+
+
+def one_live_step(shape, batch_first: bool, input_size: int) -> bool:
+    """Whether input `shape` (batched 3-D or unbatched 2-D) is one step of at most
+    LIVE_STEP_MAX_ROWS rows of `input_size` features."""
+    if len(shape) == 3:
+        N, T = (shape[0], shape[1]) if batch_first else (shape[1], shape[0])
+    elif len(shape) == 2:
+        N, T = 1, shape[0]
+    else:
+        return False
+    return T == 1 and N <= LIVE_STEP_MAX_ROWS and shape[-1] == input_size
+
+
+def live_lane(config: LSTMConfig, shape) -> bool:
+    """Whether a live Runtime of this model (the module's fast path) runs a call on input `shape`
+    on its layers as they are, with no packed copy to check (Runtime.live_step)."""
+    return not config.needs_variant_kernel(training=False) and one_live_step(shape, config.batch_first,
+                                                                             config.input_size)
+
+
 class Runtime:
     """An LSTM forward pass on numpy arrays (float32 or float64, the dtype of the weights).
 
@@ -137,11 +163,14 @@ class Runtime:
             x = np.ascontiguousarray(x)
         h_n = np.empty((LD, N, P), dt)  # (D*L, N, P)
         c_n = np.empty((LD, N, H), dt)  # (D*L, N, H)
-        if self._single:  # one layer, one direction, no variant: the common streaming model
+        live = T == 1 and N <= LIVE_STEP_MAX_ROWS and self.live and not self._variant
+        if live:  # the parameters as they are (see live_step)
+            x = self._live_step_layers(x, h0, c0, h_n, c_n, N)  # (N, D*P)
+        elif self._single:  # one layer, one direction, no variant: the common streaming model
             y = np.empty((T * N, P), dt)
             self._plain_layer(0, x, bsz, h0[0], c0[0], False, y, h_n[0], c_n[0], T, N)
             x = y
-        for k in range(0 if self._single else self._L):
+        for k in range(0 if self._single or live else self._L):
             y = np.empty((T * N, P) if D == 1 else (D, T * N, P), dt)
             for d in range(D):
                 idx = k * D + d
@@ -173,7 +202,7 @@ class Runtime:
             lane = self._one_step_plan(x.shape)
         if not lane or not x.flags.c_contiguous:
             return None
-        y_shape, h_shape, c_shape, zeros = lane
+        y_shape, h_shape, c_shape, zeros, live = lane
         dt = self.dtype
         returned = self._returned  # read once: another thread may replace it meanwhile
         if state is None:
@@ -183,7 +212,7 @@ class Runtime:
         else:
             h0, c0 = self._check_state(state, h_shape[1], True)
         y, h_n, c_n = np.empty(y_shape, dt), np.empty(h_shape, dt), np.empty(c_shape, dt)
-        if self.live:
+        if live:
             w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[0]
             one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h_n, c_n)
         else:
@@ -194,27 +223,41 @@ class Runtime:
         return y, state
 
     def live_step(self, shape) -> bool:
-        """Whether a call on a C-contiguous array of `shape` runs one_step_live (self.live): it
-        then reads self.layers, not a packed copy of them. (With self.live the one-step lane
-        never depends on the thread count: see _one_step_plan.)"""
-        if not (self.live and self._single):
-            return False
-        lane = self._one_step_lane.get((shape, self.threads))
-        return bool(lane if lane is not None else self._one_step_plan(shape))
+        """Whether a call on a C-contiguous array of `shape` runs one_step_live on every
+        layer-direction (self.live: the module's fast path): it then reads self.layers, the
+        module's parameters, not a packed copy of them. One step of at most LIVE_STEP_MAX_ROWS
+        rows, any model without a variant kernel, whatever the thread count."""
+        return self.live and not self._variant and one_live_step(shape, self._batch_first, self._I)
+
+    def _live_step_layers(self, x, h0, c0, h_n, c_n, N: int):
+        """One step of N rows through every layer-direction on self.layers as they are
+        (one_step_live; one step runs the same in either direction). x (N, I); h0, c0 (D*L, N, P),
+        (D*L, N, H) in; h_n, c_n likewise, out. Returns the last layer's output (N, D*P)."""
+        dt, P, D = self.dtype, self._P, self._D
+        for k in range(self._L):
+            y = np.empty((D, N, P), dt)
+            for d in range(D):
+                i = k * D + d
+                w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[i]
+                one_step_live(x.reshape(1, N, x.shape[1]), h0[i:i + 1], c0[i:i + 1], w_ih, w_hh, b_ih, b_hh, w_hr,
+                              y[d:d + 1], h_n[i:i + 1], c_n[i:i + 1])
+            x = y[0] if D == 1 else np.concatenate((y[0], y[1]), axis=1)
+        return x
 
     def _one_step_plan(self, shape):
-        """For _one_step, per (input shape, threads): (y, h, c shapes, zero state) where a call
-        of that shape is one step on one thread, else False (the general path: other shapes,
-        or a step worth splitting over the threads)."""
+        """For _one_step, per (input shape, threads): (y, h, c shapes, zero state, whether it runs
+        live: see live_step) where a call of that shape is one step on one thread, else False
+        (the general path: other shapes, or a step worth splitting over the threads)."""
         lane = False
         if len(shape) == 3 and shape[2] == self._I:
             N, T = (shape[0], shape[1]) if self._batch_first else (shape[1], shape[0])
-            if T == 1 and (self.live or self.threads == 1 or not (  # (live: the parameters as they are, unsplit)
+            live = self.live_step(shape)  # the parameters as they are, unsplit
+            if T == 1 and (live or self.threads == 1 or not (
                     N * (self._I + self._P) * 4 * self._H >= MIN_SPLIT_MACS
                     or columns_pay(N, 1, self._I, self._H, self._P, self.dtype.itemsize, self.threads))):
                 dt, H, P = self.dtype, self._H, self._P
                 zeros = (np.zeros((1, N, P), dt), np.zeros((1, N, H), dt))
-                lane = (shape[:2] + (P,), (1, N, P), (1, N, H), zeros)
+                lane = (shape[:2] + (P,), (1, N, P), (1, N, H), zeros, live)
         if len(self._one_step_lane) > 64:  # many distinct shapes: keep the cache small
             self._one_step_lane.clear()
         self._one_step_lane[(shape, self.threads)] = lane

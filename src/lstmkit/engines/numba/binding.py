@@ -180,11 +180,8 @@ def live_step(I: int, H: int, P: int, itemsize: int) -> bool:
 
 def live_step_model(config, itemsize: int) -> bool:
     """Whether some layer-direction of this model takes live_step at one step (the module's fast
-    path then leaves one-step calls to the general path, which runs it). Not for one layer, one
-    direction, no variant kernel: the fast path's runtime reads those weights as they are itself
-    (runtime Runtime.live_step)."""
-    if config.num_layers == 1 and config.num_directions == 1 and not config.needs_variant_kernel(training=False):
-        return False
+    path then leaves one-step calls to the general path, which runs it, except those of a few
+    rows that its runtime reads as they are itself: runtime.model.live_lane)."""
     H, P, D = config.hidden_size, config.real_hidden_size, config.num_directions
     inputs = [config.input_size] + [D * P] * (config.num_layers - 1)
     return any(live_step(I, H, P, itemsize) for I in inputs)
