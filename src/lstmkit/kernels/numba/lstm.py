@@ -538,13 +538,23 @@ forward_body = team_bodies(_forward32, _forward64)
 backward_body = team_bodies(_backward32, _backward64)
 
 
+# Calls of at most this many batch rows make dW_ih and dW_hh as two GEMMs, each into its own
+# array; more rows make them as one, whose two column blocks the caller then copies apart. The
+# one GEMM runs faster from about 8 rows; at batch 1-2 the copies cost more than it gains
+# (BENCHMARKS.md, tenth and eleventh sessions).
+SPLIT_WEIGHT_GRADIENT_MAX_ROWS = 2
+
+
 def weight_gradients(I, dgates, xh_prev, db_rows, dh_all, hpre_all, mm=np.dot):
     """(dw_ih, dw_hh, db, dw_hr or None) from backward_core's outputs: [dW_ih | dW_hh] as one
-    GEMM (views of its columns), db as the sum of the rows' sums, dW_hr one GEMM.
+    GEMM (views of its columns), or, for a few batch rows (db_rows' count), as two GEMMs on
+    xh_prev's column blocks; db as the sum of the rows' sums, dW_hr one GEMM.
     mm: the matrix product to use (the torch engine passes torch's)."""
-    dw = mm(dgates.T, xh_prev)  # (4H, total) @ (total, I + P)
     db = db_rows.sum(0)
     dw_hr = mm(dh_all.T, hpre_all) if dh_all.shape[0] else None  # (P, total) @ (total, H)
+    if db_rows.shape[0] <= SPLIT_WEIGHT_GRADIENT_MAX_ROWS:
+        return mm(dgates.T, xh_prev[:, :I]), mm(dgates.T, xh_prev[:, I:]), db, dw_hr
+    dw = mm(dgates.T, xh_prev)  # (4H, total) @ (total, I + P)
     return dw[:, :I], dw[:, I:], db, dw_hr
 
 
