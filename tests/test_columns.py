@@ -117,7 +117,7 @@ def test_columns_pay_rule():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kw,shape", [
     (dict(), (30, 1)),
-    (dict(num_layers=2, bidirectional=True), (12, 3)),
+    (dict(num_layers=2), (12, 3)),
     (dict(batch_first=True), (4, 9)),  # (N, L)
     (dict(), (1, 1)),  # one step: the parameters read as they are, not split
     (dict(input_size=640), (5, 2)),  # 3.4 MiB of float32 weights: the input projection made first
@@ -283,3 +283,47 @@ def test_gradient_penalty_through_the_split_matches_torch(monkeypatch):
     assert used
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=TOL[torch.float64], atol=TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kw,shape", [
+    (dict(num_layers=2, bidirectional=True), (12, 3)),
+    (dict(bidirectional=True), (30, 1)),
+    (dict(bidirectional=True, batch_first=True, proj_size=48), (16, 20)),  # (N, L)
+    (dict(num_layers=3, bidirectional=True), (1, 5)),  # one step of more rows than the live lane's
+    (dict(bidirectional=True, input_size=640), (5, 2)),  # the input projection made first, per direction
+])
+@pytest.mark.parametrize("openmp", [True, False])
+def test_bidirectional_layers_run_both_directions_at_once(dtype, kw, shape, openmp, monkeypatch):
+    """At 2 threads each direction of a bidirectional layer runs on a thread of its own (all its
+    rows, no split, no barrier): the same bits as one thread, which runs them one after the
+    other (to rounding where torch's GEMM makes the input projection first: its sums depend on
+    its thread count), and torch.nn.LSTM's numbers. Without an OpenMP team, on Python threads."""
+    from lstmkit.kernels.numba import threads as kernel_threads
+    from lstmkit.runtime import model as runtime_model
+
+    if not openmp:
+        monkeypatch.setattr(kernel_threads, "_omp", {})
+    pairs = []
+    real_pair = runtime_model.run_pair
+    monkeypatch.setattr(runtime_model, "run_pair", lambda *a, **k: pairs.append(1) or real_pair(*a, **k))
+    torch.manual_seed(0)
+    kw = dict(input_size=64) | kw
+    ref = torch.nn.LSTM(hidden_size=96, dtype=dtype, **kw)
+    x = torch.randn(shape + (kw["input_size"],), dtype=dtype)
+    out = {}
+    for threads in (1, 2):
+        m = lstmkit.LSTM.from_torch(ref)
+        with torch_threads(threads), torch.no_grad():
+            out[threads] = m(x)
+    assert len(pairs) == ref.num_layers  # at 2 threads, every layer; at 1, none
+    (y1, (h1, c1)), (y2, (h2, c2)) = out[1], out[2]
+    for a, b in ((y1, y2), (h1, h2), (c1, c2)):
+        if kw["input_size"] == 640:
+            torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
+        else:
+            assert torch.equal(a, b)
+    with torch.no_grad():
+        yt, (ht, ct) = ref(x)
+    for a, b in ((y2, yt), (h2, ht), (c2, ct)):
+        torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])

@@ -19,10 +19,11 @@ import numpy as np
 
 from ..config import LSTMConfig
 from ..kernels.numba.lstm import (
-    MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, input_projection, one_step, one_step_live,
-    pack_forward, precompute_input,
+    MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, forward_pair_body, input_projection, one_step,
+    one_step_live, pack_forward, precompute_input,
 )
 from ..kernels.numba.columns import columns_pay, columns_precompute, pack_columns, run_columns
+from ..kernels.numba.threads import run_pair
 from ..kernels.numba.variants import forward_core as _variant_forward
 from ..kernels.numba.variants import pack_forward as _variant_pack
 
@@ -172,13 +173,16 @@ class Runtime:
             x = y
         for k in range(0 if self._single or live else self._L):
             y = np.empty((T * N, P) if D == 1 else (D, T * N, P), dt)
-            for d in range(D):
-                idx = k * D + d
-                if self._variant:
-                    self._variant_layer(idx, x, bsz, h0, c0, d == 1, y if D == 1 else y[d], h_n, c_n)
-                    continue
-                self._plain_layer(idx, x, bsz, h0[idx], c0[idx], d == 1, y if D == 1 else y[d], h_n[idx], c_n[idx],
-                                  T, N)
+            if D == 2 and self._directions_at_once(N):
+                self._both_directions(k, x, bsz, h0, c0, y, h_n, c_n, T, N)
+            else:
+                for d in range(D):
+                    idx = k * D + d
+                    if self._variant:
+                        self._variant_layer(idx, x, bsz, h0, c0, d == 1, y if D == 1 else y[d], h_n, c_n)
+                        continue
+                    self._plain_layer(idx, x, bsz, h0[idx], c0[idx], d == 1, y if D == 1 else y[d], h_n[idx],
+                                      c_n[idx], T, N)
             # (T*N, D*P): both directions side by side, as the next layer reads them
             x = y if D == 1 else np.concatenate((y[0], y[1]), axis=1)
 
@@ -284,6 +288,29 @@ class Runtime:
         gemm, wg = self._gemm_weights(idx, pre, -(-N // chunks))
         forward_core(x, bsz, h0, c0, wp, b, wpr, reverse, self._no_acts, y, h_n, c_n, self._no_cells, False,
                      bounds, xproj, gemm, wg)
+
+    def _directions_at_once(self, N: int) -> bool:
+        """Whether a bidirectional layer runs its two directions at once, one thread each (no
+        variant kernel; 2-3 threads, where that uses the threads as fully as splitting the rows
+        of each direction, needs no rows to split, and reads each direction's weights once per
+        step for all N rows; BENCHMARKS.md, eleventh session)."""
+        return not self._variant and 2 <= self.threads <= 3
+
+    def _both_directions(self, k, x, bsz, h0, c0, y, h_n, c_n, T: int, N: int):
+        """Layer k's two directions at once (threads.run_jobs), each one chunk of all N rows on
+        its weights packed as _plain_layer's; x W_ih^T + b made first for each, where the rule
+        says (precompute_input for one chunk), on all threads."""
+        calls = []
+        for d in range(2):
+            idx = 2 * k + d
+            wp, b, wpr = self._packed[idx]
+            w_ih = self.layers[idx][0]
+            pre = T > 1 and precompute_input(N, T, w_ih.shape[1], self._H, self._P, x.itemsize, 1)
+            xproj = self.input_projection(x, w_ih, b, d) if pre else self._no_xproj
+            gemm, wg = self._gemm_weights(idx, pre, N)
+            calls.append((x, bsz, h0[idx], c0[idx], wp, b, wpr, xproj, gemm, wg, d == 1, self._no_acts, y[d],
+                          h_n[idx], c_n[idx], self._no_cells, False, 0, N))
+        run_pair(forward_chunk, *calls, body=forward_pair_body)
 
     def _gemm_weights(self, idx, pre: bool, rows: int):
         """(address, packed W) of a BLAS's packed GEMM for the step products (kernels/numba/blas.py)

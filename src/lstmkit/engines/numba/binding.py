@@ -250,13 +250,14 @@ def backward_weights(p: LayerParams, with_input: bool = True, gemm: bool = False
     return (wpb, wprb, *mkl.pack(w, False, rows))
 
 
-def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray) -> np.ndarray:
+def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray, slot: int = 0) -> np.ndarray:
     """x W_ih^T + b as one torch GEMM on numpy arrays (on torch's threads, the team the time
     loop's chunks run on too): what the kernels' precompute_input asks for. Into this thread's
-    scratch buffer: its callers (layer_forward, and the module's runtime, where run_inference
-    plugs it in) use it inside their call only."""
+    scratch buffer number `slot` (the two directions of a layer, running at once, take one
+    each): its callers (layer_forward, and the module's runtime, where run_inference plugs it
+    in) use it inside their call only."""
     t_ = torch.from_numpy
-    out = scratch("xproj", (x.shape[0], w_ih.shape[0]), x.dtype)
+    out = scratch("xproj" if slot == 0 else f"xproj{slot}", (x.shape[0], w_ih.shape[0]), x.dtype)
     torch.addmm(t_(b), t_(x), t_(w_ih).t(), out=t_(out))
     return out
 

@@ -44,8 +44,8 @@ from .activations import sigmoid, tanh
 from .blas import gemm_packed
 from .rows import add_p, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
-from .team import row_chunks, spec, team_bodies, unpack
-from .threads import run_chunks
+from .team import call_kernel, row_chunks, spec, team_bodies, team_place, unpack
+from .threads import run_chunks, run_pair
 from .tile import WHOLE_K, matmul, pack, pack2, padded_width
 
 # Fast-math without 'nnan'/'ninf': LLVM may reassociate and contract (FMA), which SIMD
@@ -154,9 +154,10 @@ def dx_after_loop(steps: int, I: int, H: int, P: int, itemsize: int) -> bool:
     return steps > 1 and (I + P) * 4 * H * itemsize > DX_AFTER_MIN_WEIGHT_BYTES
 
 
-def input_projection(x, w_ih, b):
+def input_projection(x, w_ih, b, slot: int = 0):
     """x W_ih^T + b with numpy's BLAS: forward_core's xproj where precompute_input says so (the
-    torch engine makes it with torch's GEMM instead, on the threads its chunks run on)."""
+    torch engine makes it with torch's GEMM instead, on the threads its chunks run on, into its
+    scratch buffer number `slot`; here each call returns a new array)."""
     out = np.dot(x, w_ih.T)
     out += b
     return out
@@ -534,7 +535,33 @@ def _backward64(data):
     row_chunks(data, unpack(data, _BACKWARD64))
 
 
+# Two whole forward_chunk calls at once, one per team thread (a team of one runs both): the two
+# directions of a bidirectional layer (runtime/model.py). Kinds: the address, then each call's
+# arguments with its (r0, r1).
+_CHUNK_ARGS = " a2 i1 a2 a2 a3 a1 a3 a2 n a1 b a2 a2 a2 a2 a2 b n n"
+_PAIR32, _PAIR64 = (spec(dt, "n" + _CHUNK_ARGS * 2) for dt in (np.float32, np.float64))
+
+
+def _pair32(data):
+    a = unpack(data, _PAIR32)
+    k, threads = team_place(data)
+    if k == 0:
+        call_kernel(a[0], a[1:20])
+    if k == 1 or threads == 1:
+        call_kernel(a[0], a[20:39])
+
+
+def _pair64(data):
+    a = unpack(data, _PAIR64)
+    k, threads = team_place(data)
+    if k == 0:
+        call_kernel(a[0], a[1:20])
+    if k == 1 or threads == 1:
+        call_kernel(a[0], a[20:39])
+
+
 forward_body = team_bodies(_forward32, _forward64)
+forward_pair_body = team_bodies(_pair32, _pair64)
 backward_body = team_bodies(_backward32, _backward64)
 
 

@@ -2,6 +2,9 @@
 chunks, each a whole time loop in a compiled nogil function).
 
     run_chunks(fn, bounds, *args)   fn(*args, bounds[k], bounds[k+1]) for every chunk k, at once
+    run_jobs(jobs)                  fn(*args) for every (fn, args) in jobs, at once (different calls)
+    run_pair(fn, args0, args1)      fn(*args0) and fn(*args1) at once (the two directions of a
+                                    bidirectional layer), through a compiled pair body
     run_compiled(body, threads, *args)  a compiled body (team.py) on each thread of an OpenMP team
     use_openmp(path)                run them on the team of the OpenMP runtime at `path`
 
@@ -55,7 +58,7 @@ def use_openmp(path) -> bool:
     raw = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)(("GOMP_parallel", lib))
     addresses = tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (thread_num, num_threads))
     _omp.update(parallel=parallel, thread_num=thread_num, num_threads=num_threads, body=_BODY_TYPE(_team_body),
-                raw=raw, addresses=addresses)
+                jobs_body=_BODY_TYPE(_jobs_body), raw=raw, addresses=addresses)
     return True
 
 
@@ -102,6 +105,59 @@ def run_chunks(fn, bounds, *args, body=None):
     _run_on_python_threads(fn, bounds, args, n)
 
 
+def _jobs_body(key):
+    """Each team thread runs jobs thread_num, thread_num + team size, ... (see _team_body)."""
+    jobs, errors = _jobs[key]
+    try:
+        for k in range(_omp["thread_num"](), len(jobs), _omp["num_threads"]()):
+            fn, args = jobs[k]
+            fn(*args)
+    except BaseException as e:  # noqa: BLE001 -- an exception must not die silently in a callback
+        errors.append(e)
+
+
+def run_pair(fn, args0, args1, body=None):
+    """fn(*args0) and fn(*args1) at once: on an OpenMP team through `body` (a compiled pair body,
+    team.py: dtype -> cfunc of (address, *args0, *args1), or None while it is not compiled),
+    else as run_jobs does."""
+    compiled = (body(args0[0].dtype) if _omp and body is not None and _contiguous(args0) and _contiguous(args1)
+                else None)
+    if compiled is not None:
+        from .team import kernel_address
+
+        run_compiled(compiled, 2, kernel_address(fn, args0, args0[0].dtype), *args0, *args1)
+        return
+    run_jobs([(fn, args0), (fn, args1)])
+
+
+def run_jobs(jobs):
+    """fn(*args) for every (fn, args) in jobs, all at once (fn: compiled nogil kernels); returns
+    when all are done, raising the first exception one raised. On the host's OpenMP team through
+    the Python callback (tens of microseconds a call: for calls of milliseconds), else on the
+    pool of Python threads."""
+    if len(jobs) <= 1:
+        for fn, args in jobs:
+            fn(*args)
+        return
+    if _omp:
+        key = next(_keys)
+        errors = []
+        _jobs[key] = (jobs, errors)
+        try:
+            _omp["parallel"](_omp["jobs_body"], key, len(jobs), 0)
+        finally:
+            del _jobs[key]
+        if errors:
+            raise errors[0]
+        return
+    pool = _python_pool(len(jobs))
+    futures = [pool.submit(fn, *args) for fn, args in jobs[1:]]
+    fn, args = jobs[0]
+    fn(*args)
+    for f in futures:
+        f.result()
+
+
 def _contiguous(args) -> bool:
     for a in args:
         if hasattr(a, "flags") and not a.flags.c_contiguous:
@@ -138,7 +194,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _run_on_python_threads(fn, bounds, args, n):
+def _python_pool(n):
+    """The pool of Python threads, with at least n - 1 threads (the caller is the n-th)."""
     with _pool_lock:
         if _pool[1] < n - 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -146,7 +203,11 @@ def _run_on_python_threads(fn, bounds, args, n):
             if _pool[0] is not None:
                 _pool[0].shutdown(wait=False)
             _pool[0], _pool[1] = ThreadPoolExecutor(n - 1, thread_name_prefix="lstmkit"), n - 1
-        pool = _pool[0]
+        return _pool[0]
+
+
+def _run_on_python_threads(fn, bounds, args, n):
+    pool = _python_pool(n)
     futures = [pool.submit(fn, *args, bounds[k], bounds[k + 1]) for k in range(1, n)]
     fn(*args, bounds[0], bounds[1])
     for f in futures:
