@@ -173,7 +173,7 @@ class Runtime:
             x = y
         for k in range(0 if self._single or live else self._L):
             y = np.empty((T * N, P) if D == 1 else (D, T * N, P), dt)
-            if D == 2 and self._directions_at_once(N):
+            if D == 2 and self._directions_at_once():
                 self._both_directions(k, x, bsz, h0, c0, y, h_n, c_n, T, N)
             else:
                 for d in range(D):
@@ -289,7 +289,7 @@ class Runtime:
         forward_core(x, bsz, h0, c0, wp, b, wpr, reverse, self._no_acts, y, h_n, c_n, self._no_cells, False,
                      bounds, xproj, gemm, wg)
 
-    def _directions_at_once(self, N: int) -> bool:
+    def _directions_at_once(self) -> bool:
         """Whether a bidirectional layer runs its two directions at once, one thread each (no
         variant kernel; 2-3 threads, where that uses the threads as fully as splitting the rows
         of each direction, needs no rows to split, and reads each direction's weights once per
@@ -297,7 +297,7 @@ class Runtime:
         return not self._variant and 2 <= self.threads <= 3
 
     def _both_directions(self, k, x, bsz, h0, c0, y, h_n, c_n, T: int, N: int):
-        """Layer k's two directions at once (threads.run_jobs), each one chunk of all N rows on
+        """Layer k's two directions at once (threads.run_pair), each one chunk of all N rows on
         its weights packed as _plain_layer's; x W_ih^T + b made first for each, where the rule
         says (precompute_input for one chunk), on all threads."""
         calls = []
