@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(mkl._find() is None, reason="torch's library exp
 def every_product_to_mkl(monkeypatch):
     """Count the packings, and make every float32 product of 1+ rows go to MKL."""
     monkeypatch.setattr(mkl, "MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(mkl, "MIN_FORWARD_WEIGHT_BYTES", 0)
     monkeypatch.setattr(mkl, "MIN_ROWS", 1)
     packed = []
     real = mkl.pack
@@ -102,6 +103,9 @@ def test_float64_and_the_switch_keep_the_micro_kernel(monkeypatch):
     assert mkl.use(4096, 4096, 64, np.float32)
     assert not mkl.use(4096, 4096, mkl.MIN_ROWS - 1, np.float32)
     assert not mkl.use(16, 16, 64, np.float32)  # W in L2: the micro-kernel
+    assert not mkl.use(192, 512, 16, np.float32)  # hidden 128 (384 KiB): the backward's micro-kernel,
+    assert mkl.use(192, 512, 16, np.float32, forward=True)  # the forward's MKL
+    assert not mkl.use(128, 256, 16, np.float32, forward=True)  # hidden 64: the micro-kernel both ways
     monkeypatch.setattr(mkl, "_entry", [])
     monkeypatch.setenv("LSTMKIT_MKL", "0")
     assert not mkl.use(4096, 4096, 64, np.float32)

@@ -803,3 +803,30 @@ def test_scratch_keeps_a_buffer_per_thread_and_name():
     big = binding.SCRATCH_MAX_BYTES // 4 + 1
     assert not np.shares_memory(binding.scratch("test_buffer", (big,), np.float32),
                                 binding.scratch("test_buffer", (big,), np.float32))  # not kept
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(input_size=5, hidden_size=40),
+    dict(input_size=4, hidden_size=6, proj_size=3, num_layers=2),
+    dict(input_size=3, hidden_size=9, bidirectional=True, bias=False),
+])
+@pytest.mark.parametrize("N", [4, 9, 16])
+def test_float32_without_mkl_runs_the_micro_kernel_and_matches_nn_lstm(monkeypatch, cfg, N):
+    """Where torch's library has no MKL packed GEMM (or LSTMKIT_MKL=0), every float32 product is
+    the micro-kernel's (tile.py: 8- and 4-row tiles here), which on this project's machines the
+    forward of 4+ rows leaves to MKL: training, inference and packed input against nn.LSTM."""
+    from lstmkit.engines.numba import mkl
+
+    monkeypatch.setattr(mkl, "_entry", [None])
+    packings = []
+    real = mkl.pack
+    monkeypatch.setattr(mkl, "pack", lambda *a: packings.append(1) or real(*a))
+    ref, ours = pair(cfg, "numba", torch.float32)
+    x = torch.randn(7, N, cfg["input_size"])
+    run_differential(ref, ours, tensor_input(x))
+    with torch.no_grad():
+        assert_close(ours(x)[0], ref(x)[0], TOL[torch.float32])
+        lengths = torch.arange(N, 0, -1).clamp(max=7)
+        xp = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        assert_close(ours(xp)[0].data, ref(xp)[0].data, TOL[torch.float32])
+    assert not packings

@@ -318,7 +318,7 @@ class Runtime:
         chunks of `rows` rows; else (0, empty): the micro-kernel. Packed once per layer-direction."""
         w_ih, w_hh = self.layers[idx][:2]
         K = w_hh.shape[1] if pre else w_ih.shape[1] + w_hh.shape[1]
-        if self.blas is None or not self.blas.use(K, w_hh.shape[0], rows, self.dtype):
+        if self.blas is None or not self.blas.use(K, w_hh.shape[0], rows, self.dtype, forward=True):
             return 0, self._no_wg
         got = self._gemm.get((idx, pre))
         if got is None:

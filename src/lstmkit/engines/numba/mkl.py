@@ -20,8 +20,15 @@ import torch
 from ...kernels.numba.tile import aligned_empty
 
 # W (K x G float32) from this many bytes: beyond L2 the micro-kernel streams W at each step and
-# falls behind MKL's packed GEMM; below it the micro-kernel is as fast or faster.
+# falls behind MKL's packed GEMM; below it the micro-kernel is as fast or faster. For the backward
+# products and the variant kernel's.
 MIN_WEIGHT_BYTES = 512 << 10
+# The plain forward's products (x/h times W^T, inference and training) go to MKL from a smaller
+# W: from hidden 128 (W of 384 KiB at input 64) its packed GEMM ran 7-12 % faster than the
+# micro-kernel with W in L2 too, at batch 4-256; at hidden 64 (128 KiB) as fast on one thread and
+# 10 % slower on two (BENCHMARKS.md, eleventh session; the seventh session's measurements behind
+# MIN_WEIGHT_BYTES were of the backward and of big weights).
+MIN_FORWARD_WEIGHT_BYTES = 256 << 10
 # A chunk of fewer rows than this is a matrix-vector product: MKL's call costs more there.
 MIN_ROWS = 4
 
@@ -55,10 +62,11 @@ def _find():
     return found
 
 
-def use(K: int, G: int, rows: int, dtype) -> bool:
-    """Whether the per-step product of `rows` rows (a chunk's) by a K x G weight goes to MKL."""
-    return (dtype == np.float32 and rows >= MIN_ROWS and K * G * 4 >= MIN_WEIGHT_BYTES
-            and _find() is not None)
+def use(K: int, G: int, rows: int, dtype, forward: bool = False) -> bool:
+    """Whether the per-step product of `rows` rows (a chunk's) by a K x G weight goes to MKL
+    (forward: a product of the plain forward kernel)."""
+    min_bytes = MIN_FORWARD_WEIGHT_BYTES if forward else MIN_WEIGHT_BYTES
+    return dtype == np.float32 and rows >= MIN_ROWS and K * G * 4 >= min_bytes and _find() is not None
 
 
 def pack(w: np.ndarray, transposed: bool, rows: int):
