@@ -62,6 +62,17 @@ def _find():
     return found
 
 
+def _after_fork_in_child() -> None:
+    """A forked child (a multiprocessing worker) has none of its parent's OpenMP threads, and an
+    MKL call can open a parallel region on that runtime and wait for them forever, as torch's own
+    threaded ops do there: the child's products take the micro-kernel."""
+    _entry[:] = [None]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def use(K: int, G: int, rows: int, dtype, forward: bool = False) -> bool:
     """Whether the per-step product of `rows` rows (a chunk's) by a K x G weight goes to MKL
     (forward: a product of the plain forward kernel)."""
