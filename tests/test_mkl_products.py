@@ -104,7 +104,8 @@ def test_float64_and_the_switch_keep_the_micro_kernel(monkeypatch):
     assert not mkl.use(4096, 4096, mkl.MIN_ROWS - 1, np.float32)
     assert not mkl.use(16, 16, 64, np.float32)  # W in L2: the micro-kernel
     assert not mkl.use(192, 512, 16, np.float32)  # hidden 128 (384 KiB): the backward's micro-kernel,
-    assert mkl.use(192, 512, 16, np.float32, forward=True)  # the forward's MKL
+    assert mkl.use(192, 512, 16, np.float32, forward=True)  # the forward's MKL, from 8 rows a chunk
+    assert not mkl.use(192, 512, 4, np.float32, forward=True) and mkl.use(1024, 1024, 4, np.float32, forward=True)
     assert not mkl.use(128, 256, 16, np.float32, forward=True)  # hidden 64: the micro-kernel both ways
     monkeypatch.setattr(mkl, "_entry", [])
     monkeypatch.setenv("LSTMKIT_MKL", "0")

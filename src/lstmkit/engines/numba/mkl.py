@@ -24,11 +24,13 @@ from ...kernels.numba.tile import aligned_empty
 # products and the variant kernel's.
 MIN_WEIGHT_BYTES = 512 << 10
 # The plain forward's products (x/h times W^T, inference and training) go to MKL from a smaller
-# W: from hidden 128 (W of 384 KiB at input 64) its packed GEMM ran 7-12 % faster than the
-# micro-kernel with W in L2 too, at batch 4-256; at hidden 64 (128 KiB) as fast on one thread and
-# 10 % slower on two (BENCHMARKS.md, eleventh session; the seventh session's measurements behind
-# MIN_WEIGHT_BYTES were of the backward and of big weights).
+# W, for chunks of MIN_FORWARD_ROWS rows or more: from hidden 128 (W of 384 KiB at input 64) its
+# packed GEMM ran 7-13 % faster than the micro-kernel with W in L2 too, at 8-256 rows; at 4 rows
+# a chunk 3-5 % slower; at hidden 64 (128 KiB) as fast on one thread and 10 % slower on two
+# (BENCHMARKS.md, eleventh session; the seventh session's measurements behind MIN_WEIGHT_BYTES
+# were of the backward and of big weights).
 MIN_FORWARD_WEIGHT_BYTES = 256 << 10
+MIN_FORWARD_ROWS = 8
 # A chunk of fewer rows than this is a matrix-vector product: MKL's call costs more there.
 MIN_ROWS = 4
 
@@ -76,8 +78,12 @@ if hasattr(os, "register_at_fork"):
 def use(K: int, G: int, rows: int, dtype, forward: bool = False) -> bool:
     """Whether the per-step product of `rows` rows (a chunk's) by a K x G weight goes to MKL
     (forward: a product of the plain forward kernel)."""
-    min_bytes = MIN_FORWARD_WEIGHT_BYTES if forward else MIN_WEIGHT_BYTES
-    return dtype == np.float32 and rows >= MIN_ROWS and K * G * 4 >= min_bytes and _find() is not None
+    size = K * G * 4
+    if forward and size < MIN_WEIGHT_BYTES:
+        ok = size >= MIN_FORWARD_WEIGHT_BYTES and rows >= MIN_FORWARD_ROWS
+    else:
+        ok = size >= MIN_WEIGHT_BYTES and rows >= MIN_ROWS
+    return dtype == np.float32 and ok and _find() is not None
 
 
 def pack(w: np.ndarray, transposed: bool, rows: int):
