@@ -1,8 +1,8 @@
 """Intel MKL's packed GEMM, found in torch's own library, for the time loops' per-step products
-where the weights outgrow L2 (kernels/numba/blas.py says why; BENCHMARKS.md, seventh session,
-has the measurements behind the thresholds).
+where the weights outgrow L2, and for the forward's from smaller weights (kernels/numba/blas.py
+says why; BENCHMARKS.md, seventh and eleventh sessions, has the measurements behind the thresholds).
 
-    use(K, G, rows, dtype)        whether a product of `rows` rows by a K x G weight goes to MKL
+    use(K, G, rows, dtype, forward)   whether a product of `rows` rows by a K x G weight goes to MKL
     pack(w, transposed, rows)     (address of cblas_sgemm_compute, w (or w^T) packed for it)
 
 torch's CPU wheels for x86 Linux link MKL into libtorch_cpu and export its CBLAS entry points;
