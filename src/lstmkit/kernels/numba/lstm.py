@@ -45,7 +45,7 @@ from .blas import gemm_packed
 from .rows import add_p, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
 from .team import call_kernel, row_chunks, spec, team_bodies, team_place, unpack
-from .threads import run_chunks, run_pair
+from .threads import run_chunks
 from .tile import WHOLE_K, matmul, pack, pack2, padded_width
 
 # Fast-math without 'nnan'/'ninf': LLVM may reassociate and contract (FMA), which SIMD
