@@ -542,22 +542,23 @@ _CHUNK_ARGS = " a2 i1 a2 a2 a3 a1 a3 a2 n a1 b a2 a2 a2 a2 a2 b n n"
 _PAIR32, _PAIR64 = (spec(dt, "n" + _CHUNK_ARGS * 2) for dt in (np.float32, np.float64))
 
 
-def _pair32(data):
-    a = unpack(data, _PAIR32)
+@njit(**KW)
+def _two_chunk_calls(data, a):
+    """A pair body: a = (forward_chunk's address, *call 0's 19 arguments, *call 1's); thread 0
+    runs call 0, thread 1 call 1 (a team of one: both)."""
     k, threads = team_place(data)
     if k == 0:
         call_kernel(a[0], a[1:20])
     if k == 1 or threads == 1:
         call_kernel(a[0], a[20:39])
+
+
+def _pair32(data):
+    _two_chunk_calls(data, unpack(data, _PAIR32))
 
 
 def _pair64(data):
-    a = unpack(data, _PAIR64)
-    k, threads = team_place(data)
-    if k == 0:
-        call_kernel(a[0], a[1:20])
-    if k == 1 or threads == 1:
-        call_kernel(a[0], a[20:39])
+    _two_chunk_calls(data, unpack(data, _PAIR64))
 
 
 forward_body = team_bodies(_forward32, _forward64)
