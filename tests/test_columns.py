@@ -327,3 +327,80 @@ def test_bidirectional_layers_run_both_directions_at_once(dtype, kw, shape, open
         yt, (ht, ct) = ref(x)
     for a, b in ((y2, yt), (h2, ht), (c2, ct)):
         torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("H", [20, 100, 300])
+@pytest.mark.parametrize("N", [1, 2])
+@pytest.mark.parametrize("team_threads", [2, 3])
+def test_a_live_step_split_by_units_is_bitwise_the_unsplit_step(dtype, H, N, team_threads):
+    """one_step_live_split: each team thread computes the units of its part
+    (lstm.live_part_units, cut at multiples of LANES, some parts empty at H=20 on 3 threads)
+    by the same operations as one_step_live: the same bits, every unit written."""
+    rng = np.random.default_rng(H + N)
+    I = 37
+    w_ih, w_hh = (rng.standard_normal((4 * H, I)) * 0.3).astype(dtype), (rng.standard_normal((4 * H, H)) * 0.3).astype(dtype)
+    b_ih, b_hh = (rng.standard_normal(4 * H).astype(dtype) for _ in range(2))
+    x = rng.standard_normal((1, N, I)).astype(dtype)
+    h0, c0 = (rng.standard_normal((1, N, H)).astype(dtype) for _ in range(2))
+    one = [np.empty((1, N, H), dtype) for _ in range(3)]
+    lstm.one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, np.empty((0, H), dtype), *one)
+    split = [np.full((1, N, H), np.nan, dtype) for _ in range(3)]
+    assert lstm.one_step_live_split(team_threads, x, h0, c0, w_ih, w_hh, b_ih, b_hh, *split)
+    for a, b in zip(one, split):
+        np.testing.assert_array_equal(a, b)
+    cuts = [lstm.live_part_units(H, k, team_threads) for k in range(team_threads)]
+    assert cuts[0][0] == 0 and cuts[-1][1] == H
+    assert all(u0 % LANES == 0 and u0 <= u1 and u1 == v0 for (u0, u1), (v0, _) in zip(cuts, cuts[1:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kw,shape,splits", [
+    (dict(), (1, 1, 128), 1),
+    (dict(), (1, 2, 128), 1),
+    (dict(), (1, 128), 1),  # unbatched
+    (dict(num_layers=2, bidirectional=True), (1, 2, 128), 4),
+    (dict(batch_first=True, num_layers=2), (2, 1, 128), 2),
+    (dict(proj_size=64), (1, 1, 128), 0),  # the projection needs every unit: unsplit
+    (dict(hidden_size=64), (1, 1, 128), 0),  # 192 KiB of weights: the team would cost more than it saves
+])
+def test_a_live_step_of_big_weights_splits_its_units_over_the_threads(dtype, kw, shape, splits, monkeypatch):
+    """At 2 threads a streaming step whose layer weights outgrow a core's L2
+    (runtime.model.LIVE_SPLIT_MIN_WEIGHT_BYTES) runs each layer-direction with its hidden units
+    split over the team, still on the parameters as they are (a p.data update is seen at once):
+    bitwise one thread's results, and torch.nn.LSTM's, step after step with the state fed back."""
+    from lstmkit.runtime import model as runtime_model
+
+    calls = []
+    real = runtime_model.one_step_live_split
+    monkeypatch.setattr(runtime_model, "one_step_live_split", lambda *a: calls.append(a[0]) or real(*a))
+    torch.manual_seed(0)
+    kw = dict(input_size=128, hidden_size=256) | kw
+    ref = torch.nn.LSTM(dtype=dtype, **kw).eval()
+    xs = torch.randn((3,) + shape, dtype=dtype)
+    out = {}
+    for threads in (1, 2):
+        m = lstmkit.LSTM.from_torch(ref).eval()
+        calls.clear()
+        with torch_threads(threads), torch.no_grad():
+            state, steps = None, []
+            for k, x in enumerate(xs):
+                if k == 2:  # an update no version counter records
+                    for p in m.parameters():
+                        p.data.mul_(0.5)
+                y, state = m(x, state)
+                steps.append((y, *state))
+        out[threads] = steps
+        assert calls == [2] * (3 * splits if threads == 2 else 0)
+    for s1, s2 in zip(out[1], out[2]):
+        for a, b in zip(s1, s2):
+            assert torch.equal(a, b)
+    with torch.no_grad():
+        state = None
+        for k, (x, step) in enumerate(zip(xs, out[2])):
+            if k == 2:
+                for p in ref.parameters():
+                    p.data.mul_(0.5)
+            y, state = ref(x, state)
+            for a, b in zip(step, (y, *state)):
+                torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])

@@ -20,7 +20,7 @@ import numpy as np
 from ..config import LSTMConfig
 from ..kernels.numba.lstm import (
     MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, forward_pair_body, input_projection, one_step,
-    one_step_live, pack_forward, precompute_input,
+    one_step_live, one_step_live_split, pack_forward, precompute_input,
 )
 from ..kernels.numba.columns import columns_pay, columns_precompute, pack_columns, run_columns
 from ..kernels.numba.threads import run_pair
@@ -33,6 +33,21 @@ from ..kernels.numba.variants import pack_forward as _variant_pack
 # all of W again. With more rows the packed kernel (W read once per eight rows) and the check of
 # the weights' copy it needs cost less (BENCHMARKS.md, eleventh session).
 LIVE_STEP_MAX_ROWS = 2
+
+
+# A live step splits its hidden units over the threads (one_step_live_split) from this many
+# bytes of W_ih and W_hh: where they outgrow one core's L2, two cores stream them faster. The
+# team costs about 8 us: below L2's size a split step lost (input 64, hidden 128: 9 -> 18 us;
+# 100/200, 0.9 MiB: 22 -> 24), above it won (64/256, 1.25 MiB: 1.09x; 128/256: 1.5x; 128/512:
+# 1.5x; 256/1024: 2.1x), kernel level at 2 threads (BENCHMARKS.md, twelfth session).
+LIVE_SPLIT_MIN_WEIGHT_BYTES = 5 << 18
+
+
+def live_split(threads: int, in_features: int, H: int, P: int, itemsize: int) -> int:
+    """The team size a live step of one layer-direction runs on: `threads` where splitting its
+    hidden units pays, else 0 (one thread). Models with a projection run unsplit."""
+    split = threads > 1 and P == H and (in_features + H) * 4 * H * itemsize >= LIVE_SPLIT_MIN_WEIGHT_BYTES
+    return threads if split else 0
 
 
 def one_live_step(shape, batch_first: bool, input_size: int) -> bool:
@@ -206,7 +221,7 @@ class Runtime:
             lane = self._one_step_plan(x.shape)
         if not lane or not x.flags.c_contiguous:
             return None
-        y_shape, h_shape, c_shape, zeros, live = lane
+        y_shape, h_shape, c_shape, zeros, live, split = lane
         dt = self.dtype
         returned = self._returned  # read once: another thread may replace it meanwhile
         if state is None:
@@ -218,7 +233,8 @@ class Runtime:
         y, h_n, c_n = np.empty(y_shape, dt), np.empty(h_shape, dt), np.empty(c_shape, dt)
         if live:
             w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[0]
-            one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h_n, c_n)
+            if not (split and one_step_live_split(split, x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h_n, c_n)):
+                one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h_n, c_n)
         else:
             wp, b, wpr = self._packed[0]
             one_step(x, h0, c0, wp, b, wpr, y, h_n, c_n)
@@ -243,8 +259,11 @@ class Runtime:
             for d in range(D):
                 i = k * D + d
                 w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[i]
-                one_step_live(x.reshape(1, N, x.shape[1]), h0[i:i + 1], c0[i:i + 1], w_ih, w_hh, b_ih, b_hh, w_hr,
-                              y[d:d + 1], h_n[i:i + 1], c_n[i:i + 1])
+                args = (x.reshape(1, N, x.shape[1]), h0[i:i + 1], c0[i:i + 1], w_ih, w_hh, b_ih, b_hh)
+                outs = (y[d:d + 1], h_n[i:i + 1], c_n[i:i + 1])
+                split = live_split(self.threads, x.shape[1], self._H, P, dt.itemsize)
+                if not (split and one_step_live_split(split, *args, *outs)):
+                    one_step_live(*args, w_hr, *outs)
             x = y[0] if D == 1 else np.concatenate((y[0], y[1]), axis=1)
         return x
 
@@ -261,7 +280,8 @@ class Runtime:
                     or columns_pay(N, 1, self._I, self._H, self._P, self.dtype.itemsize, self.threads))):
                 dt, H, P = self.dtype, self._H, self._P
                 zeros = (np.zeros((1, N, P), dt), np.zeros((1, N, H), dt))
-                lane = (shape[:2] + (P,), (1, N, P), (1, N, H), zeros, live)
+                split = live_split(self.threads, self._I, H, P, dt.itemsize) if live else 0
+                lane = (shape[:2] + (P,), (1, N, P), (1, N, H), zeros, live, split)
         if len(self._one_step_lane) > 64:  # many distinct shapes: keep the cache small
             self._one_step_lane.clear()
         self._one_step_lane[(shape, self.threads)] = lane

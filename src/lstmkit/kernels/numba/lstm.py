@@ -44,8 +44,8 @@ from .activations import sigmoid, tanh
 from .blas import gemm_packed
 from .rows import add_p, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
-from .team import call_kernel, row_chunks, spec, team_bodies, team_place, unpack
-from .threads import run_chunks
+from .team import call_kernel, kernel_address, row_chunks, spec, team_bodies, team_place, unpack, whole_team
+from .threads import openmp_in_use, run_chunks, run_compiled
 from .tile import WHOLE_K, matmul, pack, pack2, padded_width
 
 # Fast-math without 'nnan'/'ninf': LLVM may reassociate and contract (FMA), which SIMD
@@ -393,6 +393,45 @@ def one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c):
         copy_into(yr[i], hr[i])
 
 
+@njit(**KW)
+def live_part_units(H, part, parts):
+    """Units [u0, u1) of part `part` of `parts` (one_step_live_part): cuts at multiples of
+    LANES, so every unit runs the same vector or scalar gate code as in one_step_live."""
+    unit = parts * LANES
+    u0 = min(H, (H * part + unit // 2) // unit * LANES)
+    u1 = H if part == parts - 1 else min(H, (H * (part + 1) + unit // 2) // unit * LANES)
+    return u0, u1
+
+
+@njit(**KW)
+def one_step_live_part(x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h, c, part, parts):
+    """one_step_live (no projection) for the hidden units of one part (live_part_units): each
+    thread of a team reads only its units' rows of W_ih and W_hh, a 1/parts share of the
+    weights, and writes only its units of y, h and c, so the parts need no barrier. Each unit
+    is computed by the same operations as in one_step_live (the same bits)."""
+    N, H = c0.shape[1], c0.shape[2]
+    u0, u1 = live_part_units(H, part, parts)
+    n = u1 - u0
+    if n <= 0:
+        return
+    xr, yr, h0r, hr, cr = x.reshape(N, x.shape[2]), y.reshape(N, H), h0[0], h[0], c[0]
+    q = np.empty(4 * n, x.dtype)
+    bq = np.empty(4 * n, x.dtype)  # b_hh of the part's units, gate by gate
+    acts = np.empty(4 * n, x.dtype)
+    for g in range(4):
+        bq[g * n:(g + 1) * n] = b_hh[g * H + u0:g * H + u1]
+    for i in range(N):
+        for g in range(4):
+            qg = q[g * n:(g + 1) * n]
+            copy_into(qg, b_ih[g * H + u0:g * H + u1])
+            _rows_times(w_ih[g * H + u0:g * H + u1], xr[i], qg)
+            _rows_times(w_hh[g * H + u0:g * H + u1], h0r[i], qg)
+        copy_into(cr[i, u0:u1], c0[0, i, u0:u1])
+        gate_row_p(row_ptr(q, 0), row_ptr(bq, 0), row_ptr(acts, 0), ptr_add(row_ptr(cr, i), u0),
+                   ptr_add(row_ptr(hr, i), u0), n)
+        copy_into(yr[i, u0:u1], hr[i, u0:u1])
+
+
 def forward_core(x, batch_sizes, h0, c0, wp, b, wpr, reverse, acts, y, h, c, cells, save, bounds, xproj=None,
                  gemm=0, wg=None):
     """The forward pass into preallocated arrays (all C-contiguous, one dtype).
@@ -677,3 +716,31 @@ def lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, d
         dx = np.dot(dgates, w_ih)  # (total, 4H) @ (4H, I)
     dw_ih, dw_hh, db, dw_hr = weight_gradients(x.shape[1], dgates, xh_prev, db_rows, dh_all, hpre_all)
     return dx, dh, dc, np.ascontiguousarray(dw_ih), np.ascontiguousarray(dw_hh), db, dw_hr
+
+
+# One step's hidden units split over a team (one_step_live_part), for weights too big for one
+# core to stream alone. Kinds: the address, then one_step_live_part's arguments before (part, parts).
+_LIVE_KINDS = "n a3 a3 a3 a2 a2 a1 a1 a3 a3 a3"
+_LIVE32, _LIVE64 = spec(np.float32, _LIVE_KINDS), spec(np.float64, _LIVE_KINDS)
+
+
+def _live32(data):
+    whole_team(data, unpack(data, _LIVE32))
+
+
+def _live64(data):
+    whole_team(data, unpack(data, _LIVE64))
+
+
+live_part_body = team_bodies(_live32, _live64)
+
+
+def one_step_live_split(threads: int, x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h, c) -> bool:
+    """one_step_live (no projection) with the hidden units split over an OpenMP team of
+    `threads` threads; False, having run nothing, without a team, while the body is being
+    compiled elsewhere, or for arrays that are not C-contiguous."""
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h, c)
+    body = live_part_body(x.dtype) if openmp_in_use() else None
+    if body is None or not all(a.flags.c_contiguous for a in args):
+        return False
+    return run_compiled(body, threads, kernel_address(one_step_live_part, args + (0, 0), x.dtype), *args)
