@@ -10,8 +10,10 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils import rnn as nn_utils
 
 import lstmkit
+import lstmkit.runtime
 from lstmkit.engines.numba import binding
 from lstmkit.engines.numba.binding import share_torch_threads
 from lstmkit.kernels.numba import columns, lstm
@@ -404,3 +406,96 @@ def test_a_live_step_of_big_weights_splits_its_units_over_the_threads(dtype, kw,
             y, state = ref(x, state)
             for a, b in zip(step, (y, *state)):
                 torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def _mkl_column_weights(w_ih, w_hh, units, pre, rows):
+    from lstmkit.engines.numba import mkl
+
+    assert mkl._find() is not None, "torch's library exports no MKL packed GEMM here"
+    runtime = lstmkit.runtime.Runtime.__new__(lstmkit.runtime.Runtime)
+    runtime.blas = mkl
+    return runtime._column_gemm(w_ih, w_hh, units, pre, rows)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("precompute", [False, True], ids=["fused", "xproj"])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_the_unit_split_on_mkl_products_matches_the_row_kernel(reverse, packed, precompute, parts):
+    """forward_columns with its step products on MKL's packed GEMM (each part's W_s laid out for
+    it, runtime.Runtime._column_gemm): the row kernel's numbers to float32 rounding (MKL sums in
+    its own order), every row written, and bitwise the same on a second run, saving or not."""
+    rng = np.random.default_rng(parts + 2 * packed + 4 * reverse)
+    for T, B, I, H in [(30, 9, 20, 100), (7, 16, 64, 2 * LANES + 3), (5, 5, 33, 70)]:
+        x, bs, h0, c0, w_ih, w_hh, b = _case(rng, T, B, I, H, np.float32, packed)
+        want = lstm.lstm_forward(x, bs, h0, c0, w_ih, w_hh, b, reverse=reverse, save=True)
+        wps, bps, units = columns.pack_columns(w_ih, w_hh, b, parts, panels=False)
+        gemm, wgs = _mkl_column_weights(w_ih, w_hh, units, precompute, B)
+        xproj = lstm.input_projection(x, w_ih, b) if precompute else None
+        runs = []
+        for _ in range(2):
+            total = x.shape[0]
+            y, h, c = (np.full(s, np.nan, np.float32) for s in ((total, H), (B, H), (B, H)))
+            acts, cells = np.full((total, 4 * H), np.nan, np.float32), np.full((total, H), np.nan, np.float32)
+            assert columns.run_columns(2, x, bs, h0, c0, wps, bps, units, reverse, y, h, c, xproj, acts, cells,
+                                       gemm=gemm, wgs=wgs)
+            runs.append((y, h, c, acts, cells))
+        y, h, c, acts, cells = runs[0]
+        for g, w in zip((y, h, c, acts, cells), (want[0], want[1], want[2], want[3][0], want[3][1])):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+        for a, b2 in zip(*runs):
+            assert np.array_equal(a, b2)
+
+
+def test_wide_columns_pay_rule():
+    pay = columns.wide_columns_pay
+    assert pay(8, 64, 192, 192, 4, 2) and pay(12, 64, 256, 256, 4, 2)  # chunks of < 8 rows, >= 512 KiB
+    assert not pay(8, 64, 128, 128, 4, 2)  # 384 KiB: the rows split is as fast
+    assert pay(64, 512, 1024, 1024, 4, 2) and pay(96, 128, 1024, 1024, 4, 2)  # W_hh of 16 MiB
+    assert not pay(16, 128, 384, 384, 4, 2)  # 8-row chunks, W_hh of 2.25 MiB
+    assert not pay(128, 128, 512, 512, 4, 2)  # many rows: the rows split wins
+    assert not pay(4, 64, 1024, 1024, 4, 2)  # columns_pay's (micro-kernel) range
+    assert not pay(12, 64, 256, 256, 8, 2) and not pay(12, 64, 256, 128, 4, 2) and not pay(12, 64, 256, 256, 4, 1)
+
+
+@pytest.mark.parametrize("kw,shape,packed", [
+    (dict(hidden_size=192), (40, 8), False),
+    (dict(hidden_size=256, batch_first=True), (12, 30), False),  # (N, L)
+    (dict(hidden_size=512, input_size=32), (20, 6), False),
+    (dict(hidden_size=256, num_layers=2), (9, 6), False),  # (bidirectional: both directions at once)
+    (dict(hidden_size=1024, input_size=16), (3, 24), False),  # W_hh of 16 MiB: the input projection first
+])
+def test_module_takes_the_wide_unit_split_at_two_threads_and_matches_torch(kw, shape, packed, monkeypatch):
+    """Inference at 5-96 rows on wide weights, 2 threads: every layer-direction split by hidden
+    units with MKL's products (runtime.Runtime._by_columns, columns.wide_columns_pay), torch.nn.LSTM's
+    numbers, one thread's to float32 rounding, and bitwise the same on a second call. (A
+    PackedSequence takes the engine's rows split: torch.nn.LSTM's packed path is slow anyway.)"""
+    from lstmkit.runtime import model as runtime_model
+
+    gemms = []
+    real = runtime_model.run_columns
+    monkeypatch.setattr(runtime_model, "run_columns", lambda *a, **k: gemms.append(k["gemm"]) or real(*a, **k))
+    torch.manual_seed(0)
+    kw = dict(input_size=64) | kw
+    ref = torch.nn.LSTM(**kw).eval()
+    x = torch.randn(shape + (kw["input_size"],))
+    if packed:
+        lengths = torch.randint(1, shape[0] + 1, (shape[1],))
+        lengths[3] = shape[0]
+        x = nn_utils.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    out = {}
+    for threads in (1, 2):
+        m = lstmkit.LSTM.from_torch(ref).eval()
+        with torch_threads(threads), torch.no_grad():
+            out[threads] = m(x)
+            if threads == 2:
+                again = m(x)
+    layer_directions = ref.num_layers * (2 if ref.bidirectional else 1)
+    assert len(gemms) == 2 * layer_directions and all(g != 0 for g in gemms)  # two calls at 2 threads, none at 1
+    with torch.no_grad():
+        want = ref(x)
+    flat = lambda o: (o[0].data if packed else o[0], *o[1])  # noqa: E731
+    for a, b, w, c in zip(flat(out[2]), flat(again), flat(want), flat(out[1])):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)

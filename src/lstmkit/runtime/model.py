@@ -22,7 +22,10 @@ from ..kernels.numba.lstm import (
     MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, forward_pair_body, input_projection, one_step,
     one_step_live, one_step_live_split, pack_forward, precompute_input,
 )
-from ..kernels.numba.columns import columns_pay, columns_precompute, pack_columns, run_columns
+from ..kernels.numba.columns import (
+    columns_pay, columns_precompute, pack_columns, part_rows, run_columns, wide_columns_pay,
+)
+from ..kernels.numba.tile import aligned_empty
 from ..kernels.numba.threads import run_pair
 from ..kernels.numba.variants import forward_core as _variant_forward
 from ..kernels.numba.variants import pack_forward as _variant_pack
@@ -291,8 +294,7 @@ class Runtime:
         """Layer-direction idx on the plain kernel, into y, h_n, c_n; x W_ih^T + b as one GEMM
         first where the kernels' rule says it pays (precompute_input)."""
         wp, b, wpr = self._packed[idx]
-        if (self.threads > 1 and columns_pay(N, T, self._I, self._H, self._P, x.itemsize, self.threads)
-                and self._by_columns(idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T)):
+        if self.threads > 1 and self._by_columns(idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T, N):
             return
         if T == 1 and N * (self._I + self._P) * 4 * self._H < MIN_SPLIT_MACS:
             # One step, one chunk: straight into the compiled loop (the Python around it is most
@@ -346,18 +348,47 @@ class Runtime:
             got = self._gemm[(idx, pre)] = self.blas.pack(w, True, rows)
         return got
 
-    def _by_columns(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T: int) -> bool:
+    def _by_columns(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T: int, N: int) -> bool:
         """Layer-direction idx with its hidden units split over the threads (kernels/numba/
-        columns.py); False, having run nothing, where no OpenMP team is at hand."""
-        key = (idx, self.threads)
+        columns.py) where that pays: a few rows (columns_pay), or wide weights at a batch with a
+        BLAS for the products (wide_columns_pay); False, having run nothing, where it does not or
+        where no OpenMP team is at hand."""
+        H, P, itemsize = self._H, self._P, x.itemsize
+        pre = columns_precompute(T, self._I, H, itemsize, self.threads)
+        wide = (not columns_pay(N, T, self._I, H, P, itemsize, self.threads)
+                and wide_columns_pay(N, self._I, H, P, itemsize, self.threads))
+        if wide:
+            w_ih, w_hh = self.layers[idx][:2]
+            K = H if pre else w_ih.shape[1] + H
+            if self.blas is None or not self.blas.use(K, 4 * -(-H // self.threads), N, self.dtype, forward=True):
+                return False
+        elif not columns_pay(N, T, self._I, H, P, itemsize, self.threads):
+            return False
+        key = (idx, self.threads, wide, wide and pre)
         packed = self._columns.get(key)
         if packed is None:
             w_ih, w_hh, b_ih, b_hh, _ = self.layers[idx]
-            packed = self._columns[key] = pack_columns(w_ih, w_hh, b_ih + b_hh, self.threads)
-        xproj = None
-        if columns_precompute(T, self._I, self._H, x.itemsize, self.threads):
-            xproj = self.input_projection(x, self.layers[idx][0], self._packed[idx][1])
-        return run_columns(self.threads, x, bsz, h0, c0, *packed, reverse, y, h_n, c_n, xproj)
+            wps, bps, units = pack_columns(w_ih, w_hh, b_ih + b_hh, self.threads, panels=not wide)
+            gemm, wgs = self._column_gemm(w_ih, w_hh, units, pre, N) if wide else (0, None)
+            packed = self._columns[key] = (wps, bps, units, gemm, wgs)
+        wps, bps, units, gemm, wgs = packed
+        xproj = self.input_projection(x, self.layers[idx][0], self._packed[idx][1]) if pre else None
+        return run_columns(self.threads, x, bsz, h0, c0, wps, bps, units, reverse, y, h_n, c_n, xproj,
+                           gemm=gemm, wgs=wgs)
+
+    def _column_gemm(self, w_ih, w_hh, units, pre: bool, rows: int):
+        """(address, wgs (S, L)): each part's W_hh (with xproj: pre) or [W_ih | W_hh] rows laid
+        out for the BLAS's packed GEMM, one part a row, each row on a cache line."""
+        H, S = w_hh.shape[1], units.shape[0] - 1
+        K = H if pre else w_ih.shape[1] + H
+        width = -(-max(self.blas.packed_size(K, 4 * int(units[s + 1] - units[s]), rows) for s in range(S)) // 16) * 16
+        wgs = aligned_empty((S, width), np.float32)
+        address = 0
+        for s in range(S):
+            r = part_rows(H, units, s)
+            w = w_hh[r] if pre else np.concatenate((w_ih[r], w_hh[r]), axis=1)
+            address, _ = self.blas.pack(w, True, rows, out=wgs[s])
+        return address, wgs
 
     # x W_ih^T + b before the loop: numpy's BLAS here; the torch engine's fast path sets torch's GEMM
     input_projection = staticmethod(input_projection)

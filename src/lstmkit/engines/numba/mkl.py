@@ -4,6 +4,7 @@ says why; BENCHMARKS.md, seventh and eleventh sessions, has the measurements beh
 
     use(K, G, rows, dtype, forward)   whether a product of `rows` rows by a K x G weight goes to MKL
     pack(w, transposed, rows)     (address of cblas_sgemm_compute, w (or w^T) packed for it)
+    packed_size(K, G, rows)       floats of that packing (pack can write into a caller's array)
 
 torch's CPU wheels for x86 Linux link MKL into libtorch_cpu and export its CBLAS entry points;
 elsewhere (no such library or symbol, float64) nothing here is used and the kernels keep their
@@ -86,12 +87,21 @@ def use(K: int, G: int, rows: int, dtype, forward: bool = False) -> bool:
     return dtype == np.float32 and ok and _find() is not None
 
 
-def pack(w: np.ndarray, transposed: bool, rows: int):
+def pack(w: np.ndarray, transposed: bool, rows: int, out=None):
     """(compute address, B packed): B = w^T (transposed: w (G, K), torch's weight layout) or
-    w (K, G), float32 C-contiguous. The packed array must stay where it is (MKL's rule)."""
-    address, pack_fn, size_fn = _find()
+    w (K, G), float32 C-contiguous; into `out` (float32, at least packed_size floats, starting
+    on a cache line) when given. The packed array must stay where it is (MKL's rule)."""
+    address, pack_fn, _ = _find()
     w = np.ascontiguousarray(w, dtype=np.float32)
     (G, K), trans, ld = (w.shape, _TRANS, w.shape[1]) if transposed else (w.shape[::-1], _NO_TRANS, w.shape[1])
-    buf = aligned_empty((-(-size_fn(_B_MATRIX, rows, G, K) // 4),), np.float32)  # MKL wants a cache line
+    size = packed_size(K, G, rows)
+    buf = aligned_empty((size,), np.float32) if out is None else out  # MKL wants a cache line
+    if buf.dtype != np.float32 or buf.size < size or not buf.flags.c_contiguous or buf.ctypes.data % 64:
+        raise ValueError("mkl.pack: out must be float32, C-contiguous, on a cache line and big enough")
     pack_fn(_ROW_MAJOR, _B_MATRIX, trans, rows, G, K, 1.0, w.ctypes.data, ld, buf.ctypes.data)
     return address, buf
+
+
+def packed_size(K: int, G: int, rows: int) -> int:
+    """Floats of a K x G weight packed for products of `rows` rows (pack)."""
+    return -(-_find()[2](_B_MATRIX, rows, G, K) // 4)

@@ -28,7 +28,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .blas import gemm_packed
 from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
+from .rows import ptr_add, row_ptr
 from .simd import LANES
 from .team import kernel_address, spec, team_bodies, unpack, whole_team
 from .tile import WHOLE_K, aligned_zeros, matmul, pack, pack2, padded_width
@@ -150,6 +152,27 @@ def columns_precompute(steps: int, I: int, H: int, itemsize: int, threads: int) 
     return steps > 1 and (I + H) * 4 * H * itemsize > PRECOMPUTE_MIN_PART_BYTES * threads
 
 
+# Batches of 5-96 rows on wide weights: split by hidden units too, each part's step product on
+# MKL's packed GEMM (run_columns' gemm). Split by rows, each core streams all of the weights at
+# every step for its half of the rows: at fewer than 8 rows a chunk (MKL's forward minimum,
+# engines/numba/mkl.py) from 512 KiB of weights, and from 4 MiB of W_hh at up to 96 rows, that
+# lost to torch.nn.LSTM at 2 threads (0.58-0.97x) where the units split ran 0.81-1.34x; at
+# 128-256 rows the rows split won again (BENCHMARKS.md, twelfth session).
+WIDE_MIN_WEIGHT_BYTES = 512 << 10  # [W_ih | W_hh], chunks of fewer than WIDE_CHUNK_ROWS rows
+WIDE_CHUNK_ROWS = 8
+WIDE_MIN_HH_BYTES = 4 << 20  # W_hh, any batch up to WIDE_MAX_ROWS
+WIDE_MAX_ROWS = 96
+
+
+def wide_columns_pay(batch: int, I: int, H: int, P: int, itemsize: int, threads: int) -> bool:
+    """Whether a forward call over `batch` rows, more than columns_pay takes, runs split by
+    hidden units with its step products on a BLAS (the caller checks that one is at hand)."""
+    if threads < 2 or P != H or itemsize != 4 or not MAX_ROWS < batch <= WIDE_MAX_ROWS:
+        return False
+    few_rows = batch < WIDE_CHUNK_ROWS * threads and (I + H) * 4 * H * itemsize >= WIDE_MIN_WEIGHT_BYTES
+    return few_rows or 4 * H * H * itemsize >= WIDE_MIN_HH_BYTES
+
+
 # ---- weights, laid out per part ------------------------------------------------------------------
 def unit_bounds(H: int, parts: int):
     """Unit boundaries (parts + 1,) of `parts` slices of about equal size, cut at multiples of
@@ -160,16 +183,25 @@ def unit_bounds(H: int, parts: int):
     return np.array(cuts, np.int64)
 
 
-def pack_columns(w_ih, w_hh, b, parts: int):
+def part_rows(H: int, units, s: int):
+    """The rows of W_ih, W_hh and b that make part s's units: gates i, f, g, o in that order."""
+    return np.concatenate([np.arange(g * H + units[s], g * H + units[s + 1]) for g in range(4)])
+
+
+def pack_columns(w_ih, w_hh, b, parts: int, panels: bool = True):
     """(wps (S, nb, I + P, V), bps (S, 4 H_max), units (S + 1,)): part s's rows of W_ih, W_hh and
     b (gates i, f, g, o of its units, in that order) packed for tile.matmul; every part padded
-    to the same shape with zeros."""
+    to the same shape with zeros. panels=False: wps empty, (S, 0, 1, LANES) (a BLAS's packed
+    GEMM makes the products: run_columns' gemm)."""
     H = w_hh.shape[0] // 4
     units = unit_bounds(H, parts)
     packs, biases = [], []
     for s in range(parts):
-        rows = np.concatenate([np.arange(g * H + units[s], g * H + units[s + 1]) for g in range(4)])
-        packs.append(pack2(np.ascontiguousarray(w_ih[rows]), np.ascontiguousarray(w_hh[rows]), True))
+        rows = part_rows(H, units, s)
+        if panels:
+            packs.append(pack2(np.ascontiguousarray(w_ih[rows]), np.ascontiguousarray(w_hh[rows]), True))
+        else:
+            packs.append(np.empty((0, 1, LANES), w_ih.dtype))
         biases.append(b[rows])
     nb = max(p.shape[0] for p in packs)
     width = 4 * int(np.max(np.diff(units)))
@@ -183,14 +215,16 @@ def pack_columns(w_ih, w_hh, b, parts: int):
 
 # ---- the time loop -------------------------------------------------------------------------------
 @njit(**KW)
-def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, reverse, y, h, c, acts_out, cells_out, save,
-                    hbuf, sync, k, threads):
+def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, gemm, wgs, reverse, y, h, c, acts_out, cells_out,
+                    save, hbuf, sync, k, threads):
     """Thread k of `threads`: the whole time loop for parts k, k + threads, ... (see the module
     docstring). x (total, I); h0, c0, h, c (B, H); y (total, H) out; hbuf (2, B, H) scratch;
     h, c out: h_n, c_n (c is the running state, as in lstm.forward_chunk). xproj (total, 4H)
     or (0, 4H): x W_ih^T + b of every row made before the loop, as lstm.forward_core takes it
     (the steps then multiply h by W_hh alone, each part adding its units' columns of xproj).
-    save: acts_out (total, 4H) and cells_out (total, H) written, as forward_core(save=True)."""
+    save: acts_out (total, 4H) and cells_out (total, H) written, as forward_core(save=True).
+    gemm, wgs (S, L): the address of a BLAS's packed GEMM (blas.py) and each part's W_s laid out
+    for it, row s (gemm 0: tile.matmul on wps; wps may then hold no panel)."""
     T = batch_sizes.shape[0]
     off = offsets(batch_sizes)
     I = x.shape[1]
@@ -200,7 +234,8 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, reverse, y, 
     pre = xproj.shape[0] > 0
     k_first = I if pre else 0  # the product's first row of W (and column of xh): h's part with xproj
     xh = np.empty((B, I + H), dt)
-    q = np.empty((B, padded_width(wps[0])), dt)
+    K = H if pre else I + H  # the product's inner dimension
+    q = np.empty((B, max(padded_width(wps[0]), bps.shape[1])), dt)
     acts = np.empty((B, bps.shape[1]), dt)  # scratch: the activations, not kept
     hs = np.empty(bps.shape[1] // 4, dt)
     xb = np.empty(bps.shape[1], dt)  # a part's columns of one row of xproj
@@ -224,7 +259,11 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, reverse, y, 
             u0, u1 = units[s], units[s + 1]
             Hs = u1 - u0
             # (n, I + H) @ (I + H, 4 H_s), or with xproj (n, H) @ (H, 4 H_s): k_first = I
-            matmul(xh, n, wps[s], q, step % 2 == 1, k_first)
+            if gemm != 0:
+                gemm_packed(gemm, n, 4 * Hs, K, ptr_add(row_ptr(xh, 0), k_first), I + H, row_ptr(wgs, s),
+                            row_ptr(q, 0), q.shape[1])
+            else:
+                matmul(xh, n, wps[s], q, step % 2 == 1, k_first)
             for i in range(n):
                 bias = bps[s, : 4 * Hs]
                 if pre:
@@ -320,7 +359,7 @@ def backward_columns(batch_sizes, h0, c0, wbs, units, reverse, acts, cells, y, d
 # its function's source position, and the kinds must be compile-time constants (globals); a
 # factory's closures would be neither.
 # The job's kinds (team.spec): the kernel's address, then forward_columns's arguments before (k, threads).
-_KINDS = "n a2 i1 a2 a2 a4 a2 i1 a2 b a2 a2 a2 a2 a2 b a3 i1"
+_KINDS = "n a2 i1 a2 a2 a4 a2 i1 a2 n a2 b a2 a2 a2 a2 a2 b a3 i1"
 _KINDS32, _KINDS64 = spec(np.float32, _KINDS), spec(np.float64, _KINDS)
 
 
@@ -350,17 +389,20 @@ backward_body = team_bodies(_backward32, _backward64)
 
 
 def run_columns(threads: int, x, batch_sizes, h0, c0, wps, bps, units, reverse: bool, y, h, c, xproj=None,
-                acts=None, cells=None) -> bool:
+                acts=None, cells=None, gemm=0, wgs=None) -> bool:
     """forward_columns on an OpenMP team of `threads` threads (threads.run_compiled), saving
-    acts and cells for backward when given; False, having run nothing, where there is no team
+    acts and cells for backward when given, the step products on a BLAS's packed GEMM when
+    given (gemm, wgs: see forward_columns); False, having run nothing, where there is no team
     (or its body is still being compiled elsewhere)."""
     H = h0.shape[1]
+    if wgs is None:
+        wgs = np.empty((0, 0), x.dtype)
     if xproj is None:
         xproj = np.empty((0, 4 * H), x.dtype)
     save = acts is not None
     if not save:
         acts, cells = np.empty((0, 4 * H), x.dtype), np.empty((0, H), x.dtype)
-    args = (x, batch_sizes, h0, c0, wps, bps, units, xproj, bool(reverse), y, h, c, acts, cells, save,
+    args = (x, batch_sizes, h0, c0, wps, bps, units, xproj, int(gemm), wgs, bool(reverse), y, h, c, acts, cells, save,
             np.empty((2,) + h0.shape, x.dtype), new_sync())
     return _on_team(team_body, forward_columns, threads, x.dtype, args)
 
