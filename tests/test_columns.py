@@ -13,7 +13,6 @@ import torch
 from torch.nn.utils import rnn as nn_utils
 
 import lstmkit
-import lstmkit.runtime
 from lstmkit.engines.numba import binding
 from lstmkit.engines.numba.binding import share_torch_threads
 from lstmkit.kernels.numba import columns, lstm
@@ -201,7 +200,7 @@ def test_training_at_two_threads_takes_the_split_and_matches_torch(dtype, kw, N,
     used = []
     for name in ("run_columns", "run_columns_backward"):
         real = getattr(binding, name)
-        monkeypatch.setattr(binding, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
+        monkeypatch.setattr(binding, name, lambda *a, real=real, name=name, **k: used.append(name) or real(*a, **k))
     monkeypatch.setattr(columns, "TRAIN_MIN_PART_BYTES", 0)  # the rule wants 2 MiB a part: small sizes here
     torch.manual_seed(N)
     ref = torch.nn.LSTM(64, 256, dtype=dtype, **kw)
@@ -412,9 +411,7 @@ def _mkl_column_weights(w_ih, w_hh, units, pre, rows):
     from lstmkit.engines.numba import mkl
 
     assert mkl._find() is not None, "torch's library exports no MKL packed GEMM here"
-    runtime = lstmkit.runtime.Runtime.__new__(lstmkit.runtime.Runtime)
-    runtime.blas = mkl
-    return runtime._column_gemm(w_ih, w_hh, units, pre, rows)
+    return mkl.pack_parts(w_ih, w_hh, units, pre, rows)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -423,7 +420,7 @@ def _mkl_column_weights(w_ih, w_hh, units, pre, rows):
 @pytest.mark.parametrize("parts", [2, 3])
 def test_the_unit_split_on_mkl_products_matches_the_row_kernel(reverse, packed, precompute, parts):
     """forward_columns with its step products on MKL's packed GEMM (each part's W_s laid out for
-    it, runtime.Runtime._column_gemm): the row kernel's numbers to float32 rounding (MKL sums in
+    it, engines/numba/mkl.pack_parts): the row kernel's numbers to float32 rounding (MKL sums in
     its own order), every row written, and bitwise the same on a second run, saving or not."""
     rng = np.random.default_rng(parts + 2 * packed + 4 * reverse)
     for T, B, I, H in [(30, 9, 20, 100), (7, 16, 64, 2 * LANES + 3), (5, 5, 33, 70)]:
@@ -499,3 +496,48 @@ def test_module_takes_the_wide_unit_split_at_two_threads_and_matches_torch(kw, s
         assert torch.equal(a, b)
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,N,packed", [
+    (dict(), 8, False),
+    (dict(num_layers=2, bidirectional=True), 6, True),  # packed, enforce_sorted=False: rows end and join
+    (dict(batch_first=True), 12, False),
+])
+def test_training_on_wide_weights_at_two_threads_takes_the_unit_split_on_mkl(kw, N, packed, monkeypatch):
+    """A float32 training step at 5-15 rows on wide weights (hidden 384), 2 threads: the forward
+    (saving) and the backward run split by hidden units with MKL's step products
+    (columns.wide_columns_pay, wide_columns_pay_backward); outputs and every gradient match
+    torch.nn.LSTM, and a second step gives the same bits."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from lstmkit.engines.numba import binding
+
+    used = []
+    for name in ("run_columns", "run_columns_backward"):
+        real = getattr(binding, name)
+        monkeypatch.setattr(binding, name,
+                            lambda *a, real=real, name=name, **k: used.append((name, k.get("gemm", a[-2]))) or real(*a, **k))
+    torch.manual_seed(N)
+    ref = torch.nn.LSTM(64, 384, **kw)
+    m = lstmkit.LSTM.from_torch(ref, engine="numba")
+    T = 12
+    x = torch.randn((N, T, 64) if ref.batch_first else (T, N, 64))
+    lengths = torch.randint(1, T + 1, (N,))
+    lengths[N // 2] = T
+    with torch_threads(2):
+        results = []
+        for mod in (m, m, ref):
+            xi = x.clone().requires_grad_(True)
+            inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if packed else xi
+            out, (h, c) = mod(inp)
+            y = out.data if packed else out
+            loss = (y * torch.linspace(-1, 1, y.shape[-1])).sum() + h.square().sum() + 3 * c.sum()
+            results.append([y, h, c, *torch.autograd.grad(loss, [xi, *mod.parameters()])])
+    calls = 2 * ref.num_layers * (2 if ref.bidirectional else 1)  # two steps of ours
+    assert sum(n == "run_columns" for n, _ in used) == calls
+    assert sum(n == "run_columns_backward" for n, _ in used) == calls
+    assert all(gemm != 0 for _, gemm in used)  # every one on MKL's products
+    for a, b in zip(results[0], results[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(results[0], results[2]):
+        torch.testing.assert_close(a, b, rtol=TOL[torch.float32], atol=TOL[torch.float32])

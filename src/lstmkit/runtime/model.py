@@ -22,10 +22,7 @@ from ..kernels.numba.lstm import (
     MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, forward_pair_body, input_projection, one_step,
     one_step_live, one_step_live_split, pack_forward, precompute_input,
 )
-from ..kernels.numba.columns import (
-    columns_pay, columns_precompute, pack_columns, part_rows, run_columns, wide_columns_pay,
-)
-from ..kernels.numba.tile import aligned_empty
+from ..kernels.numba.columns import columns_pay, columns_precompute, pack_columns, run_columns, wide_columns_pay
 from ..kernels.numba.threads import run_pair
 from ..kernels.numba.variants import forward_core as _variant_forward
 from ..kernels.numba.variants import pack_forward as _variant_pack
@@ -124,7 +121,7 @@ class Runtime:
         self._no_acts = np.zeros((0, 4 * H), dt)
         self._no_xproj = self._no_acts
         self._no_wg = np.zeros(0, dt)  # no BLAS-packed weights (kernels/numba/blas.py)
-        self.blas = None  # a packed-GEMM provider (engines/numba/mkl.py's use, pack), set by the torch engine
+        self.blas = None  # a packed-GEMM provider (engines/numba/mkl.py's use, pack, pack_parts), set by the torch engine
         # True (the torch engine's fast path, whose weights are its module's parameters): one-step
         # calls read self.layers as they are (kernels/numba/lstm.one_step_live), not the packed copy,
         # so they see any change to them with no check (see live_step).
@@ -369,26 +366,12 @@ class Runtime:
         if packed is None:
             w_ih, w_hh, b_ih, b_hh, _ = self.layers[idx]
             wps, bps, units = pack_columns(w_ih, w_hh, b_ih + b_hh, self.threads, panels=not wide)
-            gemm, wgs = self._column_gemm(w_ih, w_hh, units, pre, N) if wide else (0, None)
+            gemm, wgs = self.blas.pack_parts(w_ih, w_hh, units, pre, N) if wide else (0, None)
             packed = self._columns[key] = (wps, bps, units, gemm, wgs)
         wps, bps, units, gemm, wgs = packed
         xproj = self.input_projection(x, self.layers[idx][0], self._packed[idx][1]) if pre else None
         return run_columns(self.threads, x, bsz, h0, c0, wps, bps, units, reverse, y, h_n, c_n, xproj,
                            gemm=gemm, wgs=wgs)
-
-    def _column_gemm(self, w_ih, w_hh, units, pre: bool, rows: int):
-        """(address, wgs (S, L)): each part's W_hh (with xproj: pre) or [W_ih | W_hh] rows laid
-        out for the BLAS's packed GEMM, one part a row, each row on a cache line."""
-        H, S = w_hh.shape[1], units.shape[0] - 1
-        K = H if pre else w_ih.shape[1] + H
-        width = -(-max(self.blas.packed_size(K, 4 * int(units[s + 1] - units[s]), rows) for s in range(S)) // 16) * 16
-        wgs = aligned_empty((S, width), np.float32)
-        address = 0
-        for s in range(S):
-            r = part_rows(H, units, s)
-            w = w_hh[r] if pre else np.concatenate((w_ih[r], w_hh[r]), axis=1)
-            address, _ = self.blas.pack(w, True, rows, out=wgs[s])
-        return address, wgs
 
     # x W_ih^T + b before the loop: numpy's BLAS here; the torch engine's fast path sets torch's GEMM
     input_projection = staticmethod(input_projection)

@@ -26,7 +26,8 @@ from ...kernels.numba.lstm import (
     same_words, weight_gradients,
 )
 from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
-from ...kernels.numba.columns import columns_pay_training, pack_columns, pack_columns_backward, run_columns
+from ...kernels.numba.columns import columns_pay_training, columns_precompute, pack_columns, pack_columns_backward
+from ...kernels.numba.columns import run_columns, wide_columns_pay, wide_columns_pay_backward
 from ...kernels.numba.columns import run_columns_backward
 from ...kernels.numba.step import step_backward as step_backward_kernel
 from ...kernels.numba.step import step_backward_all as step_backward_all_kernel
@@ -291,6 +292,11 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
         out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse)
         if out is not None:
             return out
+    wide = _wide_columns(B, len(batch_sizes), I, H, P, dt)
+    if wide is not None:
+        out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse, save, wide)
+        if out is not None:
+            return out
     bounds = row_bounds(batch_sizes, I, H, P)
     pre = precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, bounds.shape[0] - 1)
     rows = chunk_rows(B, bounds)
@@ -314,33 +320,59 @@ def _by_columns(B: int, steps: int, I: int, H: int, P: int, itemsize: int) -> bo
     return threads > 1 and columns_pay_training(B, steps, I, H, P, itemsize, threads)
 
 
-def _forward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse):
-    """layer_forward(save=True) split by hidden units: numpy (y, h_n, c_n, acts, cells), or
-    None where no OpenMP team is at hand."""
+def _wide_columns(B: int, steps: int, I: int, H: int, P: int, dt):
+    """None, or whether x W_ih^T + b is made before the loop (pre), where a forward call of B
+    rows runs split by hidden units with MKL's step products (columns.wide_columns_pay)."""
+    threads = torch.get_num_threads()
+    if not wide_columns_pay(B, I, H, P, dt.itemsize, threads):
+        return None
+    pre = columns_precompute(steps, I, H, dt.itemsize, threads)
+    return pre if mkl.use(H if pre else I + H, 4 * -(-H // threads), B, dt, forward=True) else None
+
+
+def _forward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, save=True, wide_pre=None):
+    """layer_forward split by hidden units: numpy (y, h_n, c_n, acts, cells), or None where no
+    OpenMP team is at hand. wide_pre not None: the step products on MKL's packed GEMM, the
+    input projection made first where it is True (_wide_columns)."""
     dt, (total, _), (B, H) = xn.dtype, xn.shape, c0n.shape
+    w_ih, w_hh = as_numpy(p.w_ih), as_numpy(p.w_hh)
     b = as_numpy(p.b_ih) + as_numpy(p.b_hh) if p.b_ih is not None else np.zeros(4 * H, dt)
     threads = torch.get_num_threads()
-    wps, bps, units = pack_columns(as_numpy(p.w_ih), as_numpy(p.w_hh), b, threads)
+    wps, bps, units = pack_columns(w_ih, w_hh, b, threads, panels=wide_pre is None)
+    gemm, wgs, xproj = 0, None, None
+    if wide_pre is not None:
+        gemm, wgs = mkl.pack_parts(w_ih, w_hh, units, wide_pre, B)
+        xproj = input_projection(xn, w_ih, b) if wide_pre else None
     y, h_n, c_n = np.empty((total, H), dt), np.empty((B, H), dt), np.empty((B, H), dt)
-    acts, cells = np.empty((total, 4 * H), dt), np.empty((total, H), dt)
+    acts, cells = np.empty((total if save else 0, 4 * H), dt), np.empty((total if save else 0, H), dt)
     if not run_columns(threads, xn, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wps, bps, units, reverse,
-                       y, h_n, c_n, None, acts, cells):
+                       y, h_n, c_n, xproj, acts if save else None, cells if save else None, gemm=gemm, wgs=wgs):
         return None
     return y, h_n, c_n, acts, cells
 
 
-def _backward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, y, acts, cells, dy, dh_n, dc_n):
+def _wide_columns_backward(B: int, I: int, H: int, P: int, dt) -> bool:
+    """Whether a backward call of B rows runs split by hidden units with MKL's step products
+    (columns.wide_columns_pay_backward)."""
+    threads = torch.get_num_threads()
+    return wide_columns_pay_backward(B, I, H, P, dt.itemsize, threads) and mkl.use(4 * H, -(-H // threads), B, dt)
+
+
+def _backward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, y, acts, cells, dy, dh_n, dc_n,
+                         wide=False):
     """layer_backward's time loop split by hidden units: numpy (dh0, dc0, dgates, h_prev), or
-    None where no OpenMP team is at hand."""
+    None where no OpenMP team is at hand. wide: the step products on MKL's packed GEMM."""
     dt, (total, _), (B, H) = xn.dtype, xn.shape, c0n.shape
     threads = torch.get_num_threads()
-    wbs, units = pack_columns_backward(as_numpy(p.w_hh), threads)
+    w_hh = as_numpy(p.w_hh)
+    wbs, units = pack_columns_backward(w_hh, threads, panels=not wide)
+    gemm, wgbs = mkl.pack_parts_backward(w_hh, units, B) if wide else (0, None)
     dh = as_numpy(dh_n).copy() if dh_n is not None else np.zeros((B, H), dt)
     dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, H), dt)
     dgates, h_prev = scratch("dgates", (total, 4 * H), dt), scratch("xh_prev", (total, H), dt)
     if not run_columns_backward(threads, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wbs, units, reverse,
                                 as_numpy(acts), as_numpy(cells), as_numpy(y), as_numpy_or(dy, (total, H), dt),
-                                dh, dc, dgates, h_prev):
+                                dh, dc, dgates, h_prev, gemm, wgbs):
         return None
     return dh, dc, dgates, h_prev
 
@@ -364,8 +396,10 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     P = h0n.shape[1]
     has_proj = p.w_hr is not None
     t_ = torch.from_numpy
-    if _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize):
-        out = _backward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse, y, acts, cells, dy, dh_n, dc_n)
+    by_columns = _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize)
+    wide = not by_columns and _wide_columns_backward(B, I, H, P, dt)
+    if by_columns or wide:
+        out = _backward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse, y, acts, cells, dy, dh_n, dc_n, wide)
         if out is not None:
             dh, dc, dgates, h_prev = out
             dg = t_(dgates)

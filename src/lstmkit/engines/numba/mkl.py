@@ -5,6 +5,8 @@ says why; BENCHMARKS.md, seventh and eleventh sessions, has the measurements beh
     use(K, G, rows, dtype, forward)   whether a product of `rows` rows by a K x G weight goes to MKL
     pack(w, transposed, rows)     (address of cblas_sgemm_compute, w (or w^T) packed for it)
     packed_size(K, G, rows)       floats of that packing (pack can write into a caller's array)
+    pack_parts(w_ih, w_hh, units, pre, rows)   each hidden-unit part's weights packed (columns.py)
+    pack_parts_backward(w_hh, units, rows)      each part's columns of W_hh packed (columns.py)
 
 torch's CPU wheels for x86 Linux link MKL into libtorch_cpu and export its CBLAS entry points;
 elsewhere (no such library or symbol, float64) nothing here is used and the kernels keep their
@@ -18,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+from ...kernels.numba.columns import part_rows
 from ...kernels.numba.tile import aligned_empty
 
 # W (K x G float32) from this many bytes: beyond L2 the micro-kernel streams W at each step and
@@ -105,3 +108,31 @@ def pack(w: np.ndarray, transposed: bool, rows: int, out=None):
 def packed_size(K: int, G: int, rows: int) -> int:
     """Floats of a K x G weight packed for products of `rows` rows (pack)."""
     return -(-_find()[2](_B_MATRIX, rows, G, K) // 4)
+
+
+def pack_parts(w_ih: np.ndarray, w_hh: np.ndarray, units, pre: bool, rows: int):
+    """(compute address, wgs (S, L)) for kernels/numba/columns.forward_columns' gemm: part s's
+    rows of W_hh (pre: the input projection made before the loop) or of [W_ih | W_hh]
+    (columns.part_rows), transposed and packed for products of `rows` rows, one part a row of
+    wgs, each row on a cache line."""
+    H, S = w_hh.shape[1], units.shape[0] - 1
+    K = H if pre else w_ih.shape[1] + H
+    width = -(-max(packed_size(K, 4 * int(units[s + 1] - units[s]), rows) for s in range(S)) // 16) * 16
+    wgs = aligned_empty((S, width), np.float32)
+    address = 0
+    for s in range(S):
+        r = part_rows(H, units, s)
+        address, _ = pack(w_hh[r] if pre else np.concatenate((w_ih[r], w_hh[r]), axis=1), True, rows, out=wgs[s])
+    return address, wgs
+
+
+def pack_parts_backward(w_hh: np.ndarray, units, rows: int):
+    """(compute address, wgbs (S, L)) for kernels/numba/columns.backward_columns' gemm: part s's
+    columns of W_hh (4H, H_s), packed for products of `rows` rows, one part a row of wgbs."""
+    G4, S = w_hh.shape[0], units.shape[0] - 1
+    width = -(-max(packed_size(G4, int(units[s + 1] - units[s]), rows) for s in range(S)) // 16) * 16
+    wgbs = aligned_empty((S, width), np.float32)
+    address = 0
+    for s in range(S):
+        address, _ = pack(w_hh[:, units[s]:units[s + 1]], False, rows, out=wgbs[s])
+    return address, wgbs

@@ -173,6 +173,19 @@ def wide_columns_pay(batch: int, I: int, H: int, P: int, itemsize: int, threads:
     return few_rows or 4 * H * H * itemsize >= WIDE_MIN_HH_BYTES
 
 
+# The backward (backward_columns' gemm), measured the same way: the split won at chunks of fewer
+# than 8 rows (hidden 384-1024: 1.03-1.18x -> 1.25-1.29x torch) and at hidden 1024 up to 32 rows
+# (1.13-1.16x -> 1.17-1.24x), lost at 32 rows of hidden 512 (1.31-1.35x -> 1.13-1.15x).
+WIDE_BACKWARD_MIN_HH_BYTES = 16 << 20
+
+
+def wide_columns_pay_backward(batch: int, I: int, H: int, P: int, itemsize: int, threads: int) -> bool:
+    """wide_columns_pay for a backward call."""
+    return wide_columns_pay(batch, I, H, P, itemsize, threads) and (
+        batch < WIDE_CHUNK_ROWS * threads
+        or (4 * H * H * itemsize >= WIDE_BACKWARD_MIN_HH_BYTES and batch <= 2 * WIDE_CHUNK_ROWS * threads))
+
+
 # ---- weights, laid out per part ------------------------------------------------------------------
 def unit_bounds(H: int, parts: int):
     """Unit boundaries (parts + 1,) of `parts` slices of about equal size, cut at multiples of
@@ -283,11 +296,14 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, gemm, wgs, r
 
 
 # ---- backward ------------------------------------------------------------------------------------
-def pack_columns_backward(w_hh, parts: int):
+def pack_columns_backward(w_hh, parts: int, panels: bool = True):
     """(wbs (S, nb, 4H, V), units): part s's columns of W_hh (4H, H), its units u_s : u_{s+1},
-    packed for tile.matmul: dh_{t-1}[:, units] = dgates_t @ W_hh[:, units]."""
+    packed for tile.matmul: dh_{t-1}[:, units] = dgates_t @ W_hh[:, units]. panels=False: wbs
+    empty, (S, 0, 1, LANES) (a BLAS's packed GEMM makes the products: run_columns_backward's gemm)."""
     H = w_hh.shape[1]
     units = unit_bounds(H, parts)
+    if not panels:
+        return np.empty((parts, 0, 1, LANES), w_hh.dtype), units
     packs = [pack(np.ascontiguousarray(w_hh[:, units[s] : units[s + 1]]), False) for s in range(parts)]
     nb = max(p.shape[0] for p in packs)
     wbs = aligned_zeros((parts, nb) + packs[0].shape[1:], w_hh.dtype)
@@ -297,10 +313,11 @@ def pack_columns_backward(w_hh, parts: int):
 
 
 @njit(**KW)
-def backward_columns(batch_sizes, h0, c0, wbs, units, reverse, acts, cells, y, dy, dh, dc, dgates, h_prev,
-                     sync, k, threads):
+def backward_columns(batch_sizes, h0, c0, wbs, units, gemm, wgbs, reverse, acts, cells, y, dy, dh, dc, dgates,
+                     h_prev, sync, k, threads):
     """Thread k of `threads`: BPTT through forward_columns(save=True) (or forward_core's, the
-    same arrays) for parts k, k + threads, ..., per step
+    same arrays) for parts k, k + threads, ..., per step (gemm, wgbs (S, L): the products on a
+    BLAS's packed GEMM, W_hh[:, units of s] laid out for it in row s, as forward_columns' gemm)
 
         dgates_t of its units (lstm.gate_backward_row on them)          own units: no waiting
         barrier: dgates_t complete
@@ -316,7 +333,10 @@ def backward_columns(batch_sizes, h0, c0, wbs, units, reverse, acts, cells, y, d
     B, H = dc.shape
     dt = dh.dtype
     S = wbs.shape[0]
-    qb = np.empty((B, padded_width(wbs[0])), dt)
+    widest = 0
+    for s in range(S):
+        widest = max(widest, units[s + 1] - units[s])
+    qb = np.empty((B, max(padded_width(wbs[0]), widest)), dt)
     a_s = np.empty(4 * H, dt)  # a part's activations of one row, gates side by side
     dg_s = np.empty(4 * H, dt)
     no_hpre = np.empty(0, dt)
@@ -349,7 +369,11 @@ def backward_columns(batch_sizes, h0, c0, wbs, units, reverse, acts, cells, y, d
         generation = barrier(sync, threads, generation)
         for s in range(k, S, threads):
             u0, u1 = units[s], units[s + 1]
-            matmul(dgates[o:], n, wbs[s], qb, step % 2 == 1, WHOLE_K)  # (n, 4H) @ (4H, H_s)
+            if gemm != 0:  # (n, 4H) @ (4H, H_s)
+                gemm_packed(gemm, n, u1 - u0, 4 * H, row_ptr(dgates, o), 4 * H, row_ptr(wgbs, s), row_ptr(qb, 0),
+                            qb.shape[1])
+            else:
+                matmul(dgates[o:], n, wbs[s], qb, step % 2 == 1, WHOLE_K)
             for i in range(n):
                 copy_into(dh[i, u0:u1], qb[i, : u1 - u0])
 
@@ -373,7 +397,7 @@ def _body64(data):
 
 team_body = team_bodies(_body32, _body64)
 
-_BACKWARD_KINDS = "n i1 a2 a2 a4 i1 b a2 a2 a2 a2 a2 a2 a2 a2 i1"
+_BACKWARD_KINDS = "n i1 a2 a2 a4 i1 n a2 b a2 a2 a2 a2 a2 a2 a2 a2 i1"
 _BACKWARD32, _BACKWARD64 = spec(np.float32, _BACKWARD_KINDS), spec(np.float64, _BACKWARD_KINDS)
 
 
@@ -408,10 +432,13 @@ def run_columns(threads: int, x, batch_sizes, h0, c0, wps, bps, units, reverse: 
 
 
 def run_columns_backward(threads: int, batch_sizes, h0, c0, wbs, units, reverse: bool, acts, cells, y, dy, dh, dc,
-                         dgates, h_prev) -> bool:
+                         dgates, h_prev, gemm=0, wgbs=None) -> bool:
     """backward_columns on an OpenMP team (see run_columns); False, having run nothing, where
     there is none."""
-    args = (batch_sizes, h0, c0, wbs, units, bool(reverse), acts, cells, y, dy, dh, dc, dgates, h_prev, new_sync())
+    if wgbs is None:
+        wgbs = np.empty((0, 0), dh.dtype)
+    args = (batch_sizes, h0, c0, wbs, units, int(gemm), wgbs, bool(reverse), acts, cells, y, dy, dh, dc, dgates,
+            h_prev, new_sync())
     return _on_team(backward_body, backward_columns, threads, dh.dtype, args)
 
 
