@@ -45,6 +45,10 @@ EXTRA_CASES = [
     ((100, 256, 64, 128, 1, False), (1, float("nan"), 1)),
     ((2000, 8, 64, 128, 1, False), (1, float("nan"), 1)),
     ((10000, 1, 64, 128, 1, False), (1, float("nan"), 1)),
+    # batches of 8-32 on wide weights, where the rows split lost (the hidden units split since)
+    ((200, 8, 128, 384, 1, False), (1, float("nan"), 1)),
+    ((100, 16, 128, 1024, 1, False), (1, float("nan"), 1)),
+    ((100, 32, 128, 512, 1, False), (1, float("nan"), 1)),
 ]
 
 
