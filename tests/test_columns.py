@@ -460,7 +460,7 @@ def test_wide_columns_pay_rule():
     (dict(hidden_size=256, batch_first=True), (12, 30), False),  # (N, L)
     (dict(hidden_size=512, input_size=32), (20, 6), False),
     (dict(hidden_size=256, num_layers=2), (9, 6), False),  # (bidirectional: both directions at once)
-    (dict(hidden_size=1024, input_size=16), (3, 24), False),  # W_hh of 16 MiB: the input projection first
+    (dict(hidden_size=1024, input_size=16), (3, 24), False),  # W_hh of 16 MiB
 ])
 def test_module_takes_the_wide_unit_split_at_two_threads_and_matches_torch(kw, shape, packed, monkeypatch):
     """Inference at 5-96 rows on wide weights, 2 threads: every layer-direction split by hidden

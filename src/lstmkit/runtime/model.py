@@ -22,7 +22,9 @@ from ..kernels.numba.lstm import (
     MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, forward_pair_body, input_projection, one_step,
     one_step_live, one_step_live_split, pack_forward, precompute_input,
 )
-from ..kernels.numba.columns import columns_pay, columns_precompute, pack_columns, run_columns, wide_columns_pay
+from ..kernels.numba.columns import (
+    WIDE_PRECOMPUTE, columns_pay, columns_precompute, pack_columns, run_columns, wide_columns_pay,
+)
 from ..kernels.numba.threads import run_pair
 from ..kernels.numba.variants import forward_core as _variant_forward
 from ..kernels.numba.variants import pack_forward as _variant_pack
@@ -351,9 +353,10 @@ class Runtime:
         BLAS for the products (wide_columns_pay); False, having run nothing, where it does not or
         where no OpenMP team is at hand."""
         H, P, itemsize = self._H, self._P, x.itemsize
-        pre = columns_precompute(T, self._I, H, itemsize, self.threads)
         wide = (not columns_pay(N, T, self._I, H, P, itemsize, self.threads)
                 and wide_columns_pay(N, self._I, H, P, itemsize, self.threads))
+        # On the wide path the input rides in the step products (columns.WIDE_PRECOMPUTE)
+        pre = columns_precompute(T, self._I, H, itemsize, self.threads) and (not wide or WIDE_PRECOMPUTE)
         if wide:
             w_ih, w_hh = self.layers[idx][:2]
             K = H if pre else w_ih.shape[1] + H

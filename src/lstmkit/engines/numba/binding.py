@@ -26,7 +26,8 @@ from ...kernels.numba.lstm import (
     same_words, weight_gradients,
 )
 from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
-from ...kernels.numba.columns import columns_pay_training, columns_precompute, pack_columns, pack_columns_backward
+from ...kernels.numba.columns import WIDE_PRECOMPUTE, columns_pay_training, columns_precompute, pack_columns
+from ...kernels.numba.columns import pack_columns_backward
 from ...kernels.numba.columns import run_columns, wide_columns_pay, wide_columns_pay_backward
 from ...kernels.numba.columns import run_columns_backward
 from ...kernels.numba.step import step_backward as step_backward_kernel
@@ -326,7 +327,7 @@ def _wide_columns(B: int, steps: int, I: int, H: int, P: int, dt):
     threads = torch.get_num_threads()
     if not wide_columns_pay(B, I, H, P, dt.itemsize, threads):
         return None
-    pre = columns_precompute(steps, I, H, dt.itemsize, threads)
+    pre = WIDE_PRECOMPUTE and columns_precompute(steps, I, H, dt.itemsize, threads)
     return pre if mkl.use(H if pre else I + H, 4 * -(-H // threads), B, dt, forward=True) else None
 
 
