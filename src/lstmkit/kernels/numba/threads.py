@@ -87,9 +87,7 @@ def run_chunks(fn, bounds, *args, body=None):
         return
     compiled = body(args[0].dtype) if _omp and body is not None and _contiguous(args) else None
     if compiled is not None:
-        from .team import kernel_address
-
-        run_compiled(compiled, n, kernel_address(fn, args + (0, 0), args[0].dtype), *args, bounds)
+        run_compiled(compiled, n, _team().kernel_address(fn, args + (0, 0), args[0].dtype), *args, bounds)
         return
     if _omp:
         key = next(_keys)
@@ -123,9 +121,7 @@ def run_pair(fn, args0, args1, body=None):
     compiled = (body(args0[0].dtype) if _omp and body is not None and _contiguous(args0) and _contiguous(args1)
                 else None)
     if compiled is not None:
-        from .team import kernel_address
-
-        run_compiled(compiled, 2, kernel_address(fn, args0, args0[0].dtype), *args0, *args1)
+        run_compiled(compiled, 2, _team().kernel_address(fn, args0, args0[0].dtype), *args0, *args1)
         return
     run_jobs([(fn, args0), (fn, args1)])
 
@@ -173,11 +169,23 @@ def run_compiled(body, threads: int, *args) -> bool:
     OpenMP team: Python threads from a shared pool are not sure to run one call's parts at once."""
     if not _omp:
         return False
-    from .team import encode
-
-    job = encode(_omp["addresses"] + args)
+    job = _team().encode(_omp["addresses"] + args)
     _omp["raw"](body.address, job.ctypes.data, threads, 0)
     return True
+
+
+def _team():
+    """kernels/numba/team.py (numba's compiler machinery), imported at the first split call, not
+    with this module: a per-call import statement costs microseconds against a step of a few."""
+    global _team_module
+    if _team_module is None:
+        from . import team
+
+        _team_module = team
+    return _team_module
+
+
+_team_module = None
 
 
 def _after_fork_in_child() -> None:
