@@ -27,7 +27,7 @@ SHAPES = [(32, 384, 1024), (16, 320, 1024), (16, 256, 1024), (16, 128, 256), (8,
 @njit(**KW)
 def _tile_reps(a, n, wp, out, reps):
     for _ in range(reps):
-        tile.matmul(a, n, wp, out)
+        tile.matmul(a, n, wp, out, False, tile.WHOLE_K)
 
 
 def main() -> None:
