@@ -719,6 +719,7 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
     from lstmkit.kernels.numba import lstm as kernels
 
     monkeypatch.setattr(kernels, "PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW", 0)
+    monkeypatch.setattr(kernels, "PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS", 0)
     monkeypatch.setattr(kernels, "DX_AFTER_MIN_WEIGHT_BYTES", 0)
     calls = []
     real = binding.input_projection
@@ -745,7 +746,8 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
 
 def test_the_input_gemm_rule():
     """kernels' precompute_input: weight bytes per row of a chunk, whatever the rows (the big
-    shapes of the bench's --extra gain 5-10 % from it), never for one step."""
+    shapes of the bench's --extra gained 5-10 % from it on the micro-kernel), never for one step;
+    with the products on MKL, from far more bytes a row."""
     from lstmkit.kernels.numba.lstm import precompute_input
 
     assert precompute_input(64, 50, 512, 1024, 1024, 4, 1)  # 24 MiB over 64 rows
@@ -755,6 +757,11 @@ def test_the_input_gemm_rule():
     assert not precompute_input(32, 100, 128, 256, 256, 4, 1)
     assert not precompute_input(256, 100, 64, 128, 128, 4, 2)
     assert not precompute_input(1, 1, 512, 1024, 1024, 4, 1)  # one step
+    # Fused products on MKL's packed GEMM (blas): from 1 MiB a row only.
+    assert precompute_input(16, 100, 128, 1024, 1024, 4, 1, blas=True)  # 18 MiB over 16 rows
+    assert not precompute_input(64, 50, 512, 1024, 1024, 4, 1, blas=True)  # 24 MiB over 64 rows
+    assert not precompute_input(32, 100, 128, 512, 512, 4, 1, blas=True)
+    assert not precompute_input(16, 64, 256, 256, 256, 4, 1, blas=True)  # the demo's second layer at 2 threads
 
 
 @pytest.mark.parametrize("variant, proj_size", [({}, 0), ({}, 3), ({"layer_norm": True, "peephole": True}, 0)])

@@ -304,9 +304,11 @@ class Runtime:
         bounds = self._bounds(bsz, N, T)
         chunks = bounds.shape[0] - 1
         w_ih = self.layers[idx][0]
-        pre = T > 1 and precompute_input(N, T, w_ih.shape[1], self._H, self._P, x.itemsize, chunks)
+        rows = -(-N // chunks)
+        pre = T > 1 and precompute_input(N, T, w_ih.shape[1], self._H, self._P, x.itemsize, chunks,
+                                         self._fused_on_blas(w_ih.shape[1], rows))
         xproj = self.input_projection(x, w_ih, b) if pre else None
-        gemm, wg = self._gemm_weights(idx, pre, -(-N // chunks))
+        gemm, wg = self._gemm_weights(idx, pre, rows)
         forward_core(x, bsz, h0, c0, wp, b, wpr, reverse, self._no_acts, y, h_n, c_n, self._no_cells, False,
                      bounds, xproj, gemm, wg)
 
@@ -326,12 +328,17 @@ class Runtime:
             idx = 2 * k + d
             wp, b, wpr = self._packed[idx]
             w_ih = self.layers[idx][0]
-            pre = T > 1 and precompute_input(N, T, w_ih.shape[1], self._H, self._P, x.itemsize, 1)
+            pre = T > 1 and precompute_input(N, T, w_ih.shape[1], self._H, self._P, x.itemsize, 1,
+                                             self._fused_on_blas(w_ih.shape[1], N))
             xproj = self.input_projection(x, w_ih, b, d) if pre else self._no_xproj
             gemm, wg = self._gemm_weights(idx, pre, N)
             calls.append((x, bsz, h0[idx], c0[idx], wp, b, wpr, xproj, gemm, wg, d == 1, self._no_acts, y[d],
                           h_n[idx], c_n[idx], self._no_cells, False, 0, N))
         run_pair(forward_chunk, *calls, body=forward_pair_body)
+
+    def _fused_on_blas(self, I: int, rows: int) -> bool:
+        """Whether a step product of `rows` rows by [W_ih | W_hh]^T (input I) goes to the BLAS."""
+        return self.blas is not None and self.blas.use(I + self._P, 4 * self._H, rows, self.dtype, forward=True)
 
     def _gemm_weights(self, idx, pre: bool, rows: int):
         """(address, packed W) of a BLAS's packed GEMM for the step products (kernels/numba/blas.py)

@@ -299,8 +299,9 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
         if out is not None:
             return out
     bounds = row_bounds(batch_sizes, I, H, P)
-    pre = precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, bounds.shape[0] - 1)
     rows = chunk_rows(B, bounds)
+    pre = precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, bounds.shape[0] - 1,
+                           mkl.use(I + P, 4 * H, rows, dt, forward=True))
     gemm_pre = pre if mkl.use(P if pre else I + P, 4 * H, rows, dt, forward=True) else None
     b, wp, wpr, gemm, wg = forward_weights(p, not save, gemm_pre, rows)
     acts = np.empty((total if save else 0, 4 * H), dt)

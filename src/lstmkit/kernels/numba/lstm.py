@@ -134,13 +134,20 @@ def chunks_for(batch: int, macs: int, threads: int) -> int:
 # round" and "fifth session", has the measurements behind the number: the fourth session
 # also capped the rows at 16, which kept the GEMM from the big shapes, where it gains 5-10 %).
 PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW = 112 << 10
+# Where the step products go to a BLAS's packed GEMM (blas.py), fused won up to far more weight
+# bytes per row: at 164-590 KiB a row 3-14 % faster than the GEMM first, as fast at 390 KiB,
+# 3 % slower at 1.2 MiB, inference and training, 1 and 2 threads (BENCHMARKS.md, twelfth session).
+PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS = 1 << 20
 
 
-def precompute_input(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, chunks: int) -> bool:
+def precompute_input(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, chunks: int,
+                     blas: bool = False) -> bool:
     """Whether a forward call over `steps` steps of up to `batch` rows, split in `chunks`,
-    gets x W_ih^T + b as one GEMM before its time loop (forward_core's xproj)."""
+    gets x W_ih^T + b as one GEMM before its time loop (forward_core's xproj). blas: whether
+    its fused step products ([x | h] by [W_ih | W_hh]^T) would go to a BLAS's packed GEMM."""
     rows = -(-batch // max(chunks, 1))
-    return steps > 1 and (I + P) * 4 * H * itemsize > PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW * rows
+    limit = PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS if blas else PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW
+    return steps > 1 and (I + P) * 4 * H * itemsize > limit * rows
 
 
 # The backward's counterpart: dx = dgates W_ih as one GEMM after the loop, each step's product
