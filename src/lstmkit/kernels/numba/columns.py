@@ -32,7 +32,7 @@ from .blas import gemm_packed
 from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
 from .rows import ptr_add, row_ptr
 from .simd import LANES
-from .team import kernel_address, spec, team_bodies, unpack, whole_team
+from .team import on_team, spec, team_bodies, unpack, whole_team
 from .tile import WHOLE_K, aligned_zeros, matmul, pack, pack2, padded_width
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
@@ -432,7 +432,7 @@ def run_columns(threads: int, x, batch_sizes, h0, c0, wps, bps, units, reverse: 
         acts, cells = np.empty((0, 4 * H), x.dtype), np.empty((0, H), x.dtype)
     args = (x, batch_sizes, h0, c0, wps, bps, units, xproj, int(gemm), wgs, bool(reverse), y, h, c, acts, cells, save,
             np.empty((2,) + h0.shape, x.dtype), new_sync())
-    return _on_team(team_body, forward_columns, threads, x.dtype, args)
+    return on_team(team_body, forward_columns, threads, x.dtype, args)
 
 
 def run_columns_backward(threads: int, batch_sizes, h0, c0, wbs, units, reverse: bool, acts, cells, y, dy, dh, dc,
@@ -443,15 +443,4 @@ def run_columns_backward(threads: int, batch_sizes, h0, c0, wbs, units, reverse:
         wgbs = np.empty((0, 0), dh.dtype)
     args = (batch_sizes, h0, c0, wbs, units, int(gemm), wgbs, bool(reverse), acts, cells, y, dy, dh, dc, dgates,
             h_prev, new_sync())
-    return _on_team(backward_body, backward_columns, threads, dh.dtype, args)
-
-
-def _on_team(bodies, kernel, threads: int, dtype, args) -> bool:
-    """kernel(*args, k, team size) on an OpenMP team through its compiled body; False, having
-    run nothing, without a team or while the body is being compiled elsewhere."""
-    from .threads import openmp_in_use, run_compiled
-
-    body = bodies(dtype) if openmp_in_use() else None
-    if body is None:
-        return False
-    return run_compiled(body, threads, kernel_address(kernel, args + (0, 0), dtype), *args)
+    return on_team(backward_body, backward_columns, threads, dh.dtype, args)

@@ -44,8 +44,8 @@ from .activations import sigmoid, tanh
 from .blas import gemm_packed
 from .rows import add_p, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
-from .team import call_kernel, kernel_address, row_chunks, spec, team_bodies, team_place, unpack, whole_team
-from .threads import openmp_in_use, run_chunks, run_compiled
+from .team import call_kernel, on_team, row_chunks, spec, team_bodies, team_place, unpack, whole_team
+from .threads import run_chunks
 from .tile import WHOLE_K, matmul, pack, pack2, padded_width
 
 # Fast-math without 'nnan'/'ninf': LLVM may reassociate and contract (FMA), which SIMD
@@ -747,7 +747,6 @@ def one_step_live_split(threads: int, x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h, c
     `threads` threads; False, having run nothing, without a team, while the body is being
     compiled elsewhere, or for arrays that are not C-contiguous."""
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h, c)
-    body = live_part_body(x.dtype) if openmp_in_use() else None
-    if body is None or not all(a.flags.c_contiguous for a in args):
+    if not all(a.flags.c_contiguous for a in args):
         return False
-    return run_compiled(body, threads, kernel_address(one_step_live_part, args + (0, 0), x.dtype), *args)
+    return on_team(live_part_body, one_step_live_part, threads, x.dtype, args)

@@ -237,3 +237,15 @@ def team_bodies(body32, body64):
         return b
 
     return body
+
+
+def on_team(bodies, kernel, threads: int, dtype, args) -> bool:
+    """kernel(*args, k, team size) on an OpenMP team of up to `threads` threads through its
+    compiled body (bodies: team_bodies' dtype -> cfunc; the body runs whole_team); False, having
+    run nothing, without a team or while the body is being compiled elsewhere."""
+    from .threads import openmp_in_use, run_compiled
+
+    body = bodies(dtype) if openmp_in_use() else None
+    if body is None:
+        return False
+    return run_compiled(body, threads, kernel_address(kernel, args + (0, 0), dtype), *args)
