@@ -22,9 +22,7 @@ from ..kernels.numba.lstm import (
     MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, forward_pair_body, input_projection, one_step,
     one_step_live, one_step_live_split, pack_forward, precompute_input,
 )
-from ..kernels.numba.columns import (
-    WIDE_PRECOMPUTE, columns_pay, columns_precompute, pack_columns, run_columns, wide_columns_pay,
-)
+from ..kernels.numba.columns import columns_pay, columns_precompute, pack_columns, run_columns, wide_columns_pay
 from ..kernels.numba.threads import run_pair
 from ..kernels.numba.variants import forward_core as _variant_forward
 from ..kernels.numba.variants import pack_forward as _variant_pack
@@ -360,23 +358,21 @@ class Runtime:
         BLAS for the products (wide_columns_pay); False, having run nothing, where it does not or
         where no OpenMP team is at hand."""
         H, P, itemsize = self._H, self._P, x.itemsize
-        wide = (not columns_pay(N, T, self._I, H, P, itemsize, self.threads)
-                and wide_columns_pay(N, self._I, H, P, itemsize, self.threads))
-        # On the wide path the input rides in the step products (columns.WIDE_PRECOMPUTE)
-        pre = columns_precompute(T, self._I, H, itemsize, self.threads) and (not wide or WIDE_PRECOMPUTE)
-        if wide:
-            w_ih, w_hh = self.layers[idx][:2]
-            K = H if pre else w_ih.shape[1] + H
+        few = columns_pay(N, T, self._I, H, P, itemsize, self.threads)
+        wide = not few and wide_columns_pay(N, self._I, H, P, itemsize, self.threads)
+        if wide:  # the input rides in the step products (columns.py, wide_columns_pay)
+            K = self.layers[idx][0].shape[1] + H
             if self.blas is None or not self.blas.use(K, 4 * -(-H // self.threads), N, self.dtype, forward=True):
                 return False
-        elif not columns_pay(N, T, self._I, H, P, itemsize, self.threads):
+        elif not few:
             return False
-        key = (idx, self.threads, wide, wide and pre)
+        pre = not wide and columns_precompute(T, self._I, H, itemsize, self.threads)
+        key = (idx, self.threads, wide)
         packed = self._columns.get(key)
         if packed is None:
             w_ih, w_hh, b_ih, b_hh, _ = self.layers[idx]
             wps, bps, units = pack_columns(w_ih, w_hh, b_ih + b_hh, self.threads, panels=not wide)
-            gemm, wgs = self.blas.pack_parts(w_ih, w_hh, units, pre, N) if wide else (0, None)
+            gemm, wgs = self.blas.pack_parts(w_ih, w_hh, units, False, N) if wide else (0, None)
             packed = self._columns[key] = (wps, bps, units, gemm, wgs)
         wps, bps, units, gemm, wgs = packed
         xproj = self.input_projection(x, self.layers[idx][0], self._packed[idx][1]) if pre else None

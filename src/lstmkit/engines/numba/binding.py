@@ -26,8 +26,7 @@ from ...kernels.numba.lstm import (
     same_words, weight_gradients,
 )
 from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
-from ...kernels.numba.columns import WIDE_PRECOMPUTE, columns_pay_training, columns_precompute, pack_columns
-from ...kernels.numba.columns import pack_columns_backward
+from ...kernels.numba.columns import columns_pay_training, pack_columns, pack_columns_backward
 from ...kernels.numba.columns import run_columns, wide_columns_pay, wide_columns_pay_backward
 from ...kernels.numba.columns import run_columns_backward
 from ...kernels.numba.step import step_backward as step_backward_kernel
@@ -293,9 +292,8 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
         out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse)
         if out is not None:
             return out
-    wide = _wide_columns(B, len(batch_sizes), I, H, P, dt)
-    if wide is not None:
-        out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse, save, wide)
+    if _wide_columns(B, I, H, P, dt):
+        out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse, save, wide=True)
         if out is not None:
             return out
     bounds = row_bounds(batch_sizes, I, H, P)
@@ -322,33 +320,27 @@ def _by_columns(B: int, steps: int, I: int, H: int, P: int, itemsize: int) -> bo
     return threads > 1 and columns_pay_training(B, steps, I, H, P, itemsize, threads)
 
 
-def _wide_columns(B: int, steps: int, I: int, H: int, P: int, dt):
-    """None, or whether x W_ih^T + b is made before the loop (pre), where a forward call of B
-    rows runs split by hidden units with MKL's step products (columns.wide_columns_pay)."""
+def _wide_columns(B: int, I: int, H: int, P: int, dt) -> bool:
+    """Whether a forward call of B rows runs split by hidden units with MKL's step products, the
+    input in them (columns.wide_columns_pay)."""
     threads = torch.get_num_threads()
-    if not wide_columns_pay(B, I, H, P, dt.itemsize, threads):
-        return None
-    pre = WIDE_PRECOMPUTE and columns_precompute(steps, I, H, dt.itemsize, threads)
-    return pre if mkl.use(H if pre else I + H, 4 * -(-H // threads), B, dt, forward=True) else None
+    return wide_columns_pay(B, I, H, P, dt.itemsize, threads) and mkl.use(I + H, 4 * -(-H // threads), B, dt,
+                                                                           forward=True)
 
 
-def _forward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, save=True, wide_pre=None):
+def _forward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, save=True, wide=False):
     """layer_forward split by hidden units: numpy (y, h_n, c_n, acts, cells), or None where no
-    OpenMP team is at hand. wide_pre not None: the step products on MKL's packed GEMM, the
-    input projection made first where it is True (_wide_columns)."""
+    OpenMP team is at hand. wide: the step products on MKL's packed GEMM (_wide_columns)."""
     dt, (total, _), (B, H) = xn.dtype, xn.shape, c0n.shape
     w_ih, w_hh = as_numpy(p.w_ih), as_numpy(p.w_hh)
     b = as_numpy(p.b_ih) + as_numpy(p.b_hh) if p.b_ih is not None else np.zeros(4 * H, dt)
     threads = torch.get_num_threads()
-    wps, bps, units = pack_columns(w_ih, w_hh, b, threads, panels=wide_pre is None)
-    gemm, wgs, xproj = 0, None, None
-    if wide_pre is not None:
-        gemm, wgs = mkl.pack_parts(w_ih, w_hh, units, wide_pre, B)
-        xproj = input_projection(xn, w_ih, b) if wide_pre else None
+    wps, bps, units = pack_columns(w_ih, w_hh, b, threads, panels=not wide)
+    gemm, wgs = mkl.pack_parts(w_ih, w_hh, units, False, B) if wide else (0, None)
     y, h_n, c_n = np.empty((total, H), dt), np.empty((B, H), dt), np.empty((B, H), dt)
     acts, cells = np.empty((total if save else 0, 4 * H), dt), np.empty((total if save else 0, H), dt)
     if not run_columns(threads, xn, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wps, bps, units, reverse,
-                       y, h_n, c_n, xproj, acts if save else None, cells if save else None, gemm=gemm, wgs=wgs):
+                       y, h_n, c_n, None, acts if save else None, cells if save else None, gemm=gemm, wgs=wgs):
         return None
     return y, h_n, c_n, acts, cells
 

@@ -113,26 +113,24 @@ def packed_size(K: int, G: int, rows: int) -> int:
 def pack_parts(w_ih: np.ndarray, w_hh: np.ndarray, units, pre: bool, rows: int):
     """(compute address, wgs (S, L)) for kernels/numba/columns.forward_columns' gemm: part s's
     rows of W_hh (pre: the input projection made before the loop) or of [W_ih | W_hh]
-    (columns.part_rows), transposed and packed for products of `rows` rows, one part a row of
-    wgs, each row on a cache line."""
-    H, S = w_hh.shape[1], units.shape[0] - 1
-    K = H if pre else w_ih.shape[1] + H
-    width = -(-max(packed_size(K, 4 * int(units[s + 1] - units[s]), rows) for s in range(S)) // 16) * 16
-    wgs = aligned_empty((S, width), np.float32)
-    address = 0
-    for s in range(S):
-        r = part_rows(H, units, s)
-        address, _ = pack(w_hh[r] if pre else np.concatenate((w_ih[r], w_hh[r]), axis=1), True, rows, out=wgs[s])
-    return address, wgs
+    (columns.part_rows), transposed and packed for products of `rows` rows."""
+    H = w_hh.shape[1]
+    parts = [part_rows(H, units, s) for s in range(units.shape[0] - 1)]
+    return _pack_each([w_hh[r] if pre else np.concatenate((w_ih[r], w_hh[r]), axis=1) for r in parts], True, rows)
 
 
 def pack_parts_backward(w_hh: np.ndarray, units, rows: int):
     """(compute address, wgbs (S, L)) for kernels/numba/columns.backward_columns' gemm: part s's
-    columns of W_hh (4H, H_s), packed for products of `rows` rows, one part a row of wgbs."""
-    G4, S = w_hh.shape[0], units.shape[0] - 1
-    width = -(-max(packed_size(G4, int(units[s + 1] - units[s]), rows) for s in range(S)) // 16) * 16
-    wgbs = aligned_empty((S, width), np.float32)
+    columns of W_hh (4H, H_s), packed for products of `rows` rows."""
+    return _pack_each([w_hh[:, units[s]:units[s + 1]] for s in range(units.shape[0] - 1)], False, rows)
+
+
+def _pack_each(ws, transposed: bool, rows: int):
+    """(compute address, (S, L) array): each of the S weights packed (pack) into a row of its
+    own, every row on a cache line."""
+    sizes = [packed_size(*((w.shape[1], w.shape[0]) if transposed else w.shape), rows) for w in ws]
+    out = aligned_empty((len(ws), -(-max(sizes) // 16) * 16), np.float32)
     address = 0
-    for s in range(S):
-        address, _ = pack(w_hh[:, units[s]:units[s + 1]], False, rows, out=wgbs[s])
-    return address, wgbs
+    for s, w in enumerate(ws):
+        address, _ = pack(w, transposed, rows, out=out[s])
+    return address, out

@@ -162,10 +162,9 @@ WIDE_MIN_WEIGHT_BYTES = 512 << 10  # [W_ih | W_hh], chunks of fewer than WIDE_CH
 WIDE_CHUNK_ROWS = 8
 WIDE_MIN_HH_BYTES = 4 << 20  # W_hh, any batch up to WIDE_MAX_ROWS
 WIDE_MAX_ROWS = 96
-# Whether the wide path makes x W_ih^T + b as one GEMM before the loop where columns_precompute
-# says so: no, the input rides in each part's step product. Made first, it ran 0.83-0.92x torch
-# at hidden 512, 32-48 rows, against 0.95-1.08x fused, and as fast elsewhere (hidden 384-1024).
-WIDE_PRECOMPUTE = False
+# The wide path keeps the input in each part's step product (no x W_ih^T + b made first, as
+# columns_precompute would have it): made first, it ran 0.83-0.92x torch at hidden 512, 32-48
+# rows, against 0.95-1.08x fused, and as fast elsewhere (hidden 384-1024).
 
 
 def wide_columns_pay(batch: int, I: int, H: int, P: int, itemsize: int, threads: int) -> bool:
