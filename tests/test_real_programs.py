@@ -5,6 +5,7 @@ against its torch twin."""
 from __future__ import annotations
 
 import io
+import re
 import os
 import subprocess
 import sys
@@ -504,3 +505,97 @@ def test_one_step_reads_the_parameters_as_they_are(dtype, kw, N):
                 unchanged = watch.unchanged
                 watch.unchanged = lambda: checks.append(k) or unchanged()
     assert (checks == []) == live, checks
+
+
+def _lane_events(m):
+    """Wraps m._on_lane: a list that gets True for each call it ran, False for each it declined."""
+    events, on_lane = [], m._on_lane
+
+    def spy(*args):
+        out = on_lane(*args)
+        events.append(out is not None)
+        return out
+
+    m._on_lane = spy
+    return events
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kw", [dict(), dict(batch_first=True), dict(bias=False)])
+def test_streaming_lane_sees_everything_that_changes_between_steps(dtype, kw):
+    """The module's streaming lane (a one-step call of an input shape seen before, state None or
+    the one it returned) decides once what _inference_fast decides per call. Between steps, a
+    program may: reset the state in place (h.zero_() at an episode's end), update the weights in
+    place or move them (p.data = ...), feed a state of its own, change the thread count, run a
+    longer call, or pass an input that is not contiguous or that requires grad. After each, the
+    step matches torch.nn.LSTM fed the same, and the lane really ran where it should."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(5, 8, **kw).to(dtype).eval()
+    m = lstmkit.LSTM.from_torch(ref).eval()
+    events = _lane_events(m)
+    bf = kw.get("batch_first", False)
+    step = (lambda n: torch.randn(n, 1, 5, dtype=dtype)) if bf else (lambda n: torch.randn(1, n, 5, dtype=dtype))
+    threads = torch.get_num_threads()
+    ours = theirs = None
+
+    def both(x, fed=True):
+        nonlocal ours, theirs
+        y, ours = m(x, ours if fed else None)
+        y_ref, theirs = ref(x, theirs if fed else None)
+        for a, b in ((y, y_ref), (ours[0], theirs[0]), (ours[1], theirs[1])):
+            assert_close(a, b, TOL[dtype])
+
+    try:
+        with torch.no_grad():
+            both(step(2), fed=False)  # makes the lane
+            both(step(2), fed=False)  # from zeros, on the lane
+            both(step(2))  # the returned state fed back, on the lane
+            assert events == [True, True], events
+            ours[0].zero_(); ours[1].zero_(); theirs[0].zero_(); theirs[1].zero_()  # noqa: E702
+            both(step(2))
+            for p, q in zip(m.parameters(), ref.parameters()):  # an update no version counter records
+                p.data.mul_(0.75)
+                q.data.mul_(0.75)
+            both(step(2))
+            assert events[-2:] == [True, True], events
+            new = [torch.randn_like(p) for p in ref.parameters()]
+            for p, q, w in zip(m.parameters(), ref.parameters(), new):  # new storage
+                p.data, q.data = w.clone(), w.clone()
+            both(step(2))
+            assert events[-1] is False, events  # the lane's parameters moved: a new runtime, a new lane
+            both(step(2))
+            assert events[-1] is True, events
+            ours = (ours[0].clone(), ours[1].clone())  # a state of the program's own
+            both(step(2))
+            assert events[-1] is False, events
+            both(torch.randn(2, 3, 5, dtype=dtype) if bf else torch.randn(3, 2, 5, dtype=dtype))  # a longer call
+            both(step(2))  # its state fed back
+            torch.set_num_threads(1 if threads > 1 else 2)
+            both(step(2))
+            assert events[-1] is False, events  # another thread count: planned again
+            both(step(2))
+            assert events[-1] is True, events
+            strided = torch.randn(*step(2).shape[:2], 10, dtype=dtype)[..., ::2]  # the lane's shape, not contiguous
+            assert not strided.is_contiguous()
+            both(strided)
+            assert events[-1] is False, events
+            both(step(2).requires_grad_())  # a leaf that requires grad, under no_grad
+            both(step(3), fed=False)  # another batch size: its own lane
+            both(step(3))
+            assert events[-1] is True, events
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():  # the state of a call of 3 rows fed to a step of 2 on its lane: torch's error
+        m(step(2))
+        m(step(2))
+        assert events[-1] is True, events
+        three = m(torch.randn(3, 2, 5, dtype=dtype) if bf else torch.randn(2, 3, 5, dtype=dtype))[1]
+        with pytest.raises(RuntimeError) as theirs_error:
+            ref(step(2), tuple(t.clone() for t in three))
+        with pytest.raises(RuntimeError, match=re.escape(str(theirs_error.value).split(",")[0])):
+            m(step(2), three)
+    wrong = step(3).to(torch.float64 if dtype == torch.float32 else torch.float32)  # the lane's shape
+    with torch.no_grad(), pytest.raises(Exception) as theirs_error:
+        ref(wrong)
+    with torch.no_grad(), pytest.raises(theirs_error.type, match="dtype"):  # torch's error, torch's type
+        m(wrong)

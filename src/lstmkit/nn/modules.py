@@ -326,6 +326,11 @@ class LSTM(nn.Module):
                 or (self.training and ((self.dropout > 0 and self.config.num_layers > 1) or self._variant))
                 or torch.compiler.is_compiling()):
             return None
+        lane = self.__dict__.get("_lane")
+        if lane is not None and input.shape == lane[0]:
+            out = self._on_lane(lane, input, hx)
+            if out is not None:
+                return out
         if input.dim() not in (2, 3):
             return None  # the general path raises torch's error
         steps = input.shape[1] if self.batch_first and input.dim() == 3 else input.shape[0]
@@ -361,6 +366,41 @@ class LSTM(nn.Module):
         out = (torch.from_numpy(returned[0]), torch.from_numpy(returned[1]))
         # The runtime's own state tuple: fed back as is, the runtime knows it and skips its checks.
         self.__dict__["_runtime"] = (rt[0], runtime, (out, returned), rt[3])
+        if steps == 1 and input.dim() == 3 and input.is_contiguous():
+            plan = runtime.step_lane(input.shape)
+            if plan is not None:  # the next calls of this shape take _on_lane
+                ptrs = [p for _, p in rt[0]]
+                self.__dict__["_lane"] = (input.shape, input.dtype, runtime.threads, rt[0], ptrs, plan)
+        return torch.from_numpy(y), out
+
+    # The streaming lane: one step of a one-layer, one-direction model on its parameters as
+    # they are (Runtime.step_lane), called again and again with an input of one shape, from
+    # zeros or from the state the last call returned. Such a call's kernel takes a few
+    # microseconds: everything _inference_fast decides for a shape is decided once, when the
+    # lane is made, and a call checks only what can change between calls (the parameters'
+    # versions and addresses, the thread count, the input's dtype and layout, the state given).
+    def _on_lane(self, lane, input, hx):
+        shape, dtype, threads, key, ptrs, plan = lane
+        rt = self.__dict__.get("_runtime")
+        if (input.dtype is not dtype or torch.get_num_threads() != threads or not input.is_contiguous()
+                or rt is None or rt[0] is not key
+                # The runtime reads the parameters' memory: any update in place shows, and only a
+                # parameter moved elsewhere (p.data = ..., .to(), a new Parameter) needs a new one.
+                or ptrs != [p.data_ptr() for p in self._parameters.values()]):
+            return None
+        runtime, last = rt[1], rt[2]
+        if hx is None:
+            state = plan[3]  # zeros, read only by the kernel
+        else:
+            returned = runtime._returned  # read once: another thread may replace it meanwhile
+            if not (last is not None and type(hx) in (tuple, list) and len(hx) == 2 and hx[0] is last[0][0]
+                    and hx[1] is last[0][1] and last[1] is returned[0] and returned[1] == shape):
+                return None  # any other state: _inference_fast checks it
+            state = last[1]
+        x = input.detach().numpy() if input.requires_grad else input.numpy()
+        y, state = runtime.step_on(plan, x, state)
+        out = (torch.from_numpy(state[0]), torch.from_numpy(state[1]))
+        self.__dict__["_runtime"] = (key, runtime, (out, state), rt[3])
         return torch.from_numpy(y), out
 
     def _live_step(self, dtype, shape) -> bool:
@@ -408,6 +448,7 @@ class LSTM(nn.Module):
         state = self.__dict__.copy()
         state.pop("_runtime", None)
         state.pop("_live_step_of", None)
+        state.pop("_lane", None)
         state["config"] = self.config.to_dict()
         return state
 

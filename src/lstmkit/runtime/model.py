@@ -221,15 +221,27 @@ class Runtime:
             lane = self._one_step_plan(x.shape)
         if not lane or not x.flags.c_contiguous:
             return None
-        y_shape, h_shape, c_shape, zeros, live, split = lane
-        dt = self.dtype
         returned = self._returned  # read once: another thread may replace it meanwhile
         if state is None:
-            h0, c0 = zeros  # read only by the kernel, never handed out
-        elif state is returned[0] and x.shape == returned[1]:
-            h0, c0 = state
-        else:
-            h0, c0 = self._check_state(state, h_shape[1], True)
+            state = lane[3]  # zeros, read only by the kernel, never handed out
+        elif not (state is returned[0] and x.shape == returned[1]):
+            state = self._check_state(state, lane[1][1], True)
+        return self.step_on(lane, x, state)
+
+    def step_lane(self, shape):
+        """The plan (_one_step_plan) a one-step call on a C-contiguous array of `shape` runs on
+        at the current thread count, where it reads the parameters as they are (live_step) in a
+        one-layer, one-direction model; else None. The module's streaming lane keeps it, and
+        calls step_on with it directly while its shape, threads and parameters stay the same."""
+        lane = self._one_step_lane.get((shape, self.threads)) if self._single else None
+        return lane if lane and lane[4] else None
+
+    def step_on(self, lane, x, state):
+        """One step of x on `lane` (_one_step_plan's) from `state` (h0, c0), checked by the
+        caller: y, (h_n, c_n), new arrays."""
+        y_shape, h_shape, c_shape, _, live, split = lane
+        dt = self.dtype
+        h0, c0 = state
         y, h_n, c_n = np.empty(y_shape, dt), np.empty(h_shape, dt), np.empty(c_shape, dt)
         if live:
             w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[0]
