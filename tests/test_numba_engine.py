@@ -720,6 +720,7 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
 
     monkeypatch.setattr(kernels, "PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW", 0)
     monkeypatch.setattr(kernels, "PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS", 0)
+    monkeypatch.setattr(kernels, "PRECOMPUTE_MIN_WEIGHT_BYTES", 0)
     monkeypatch.setattr(kernels, "DX_AFTER_MIN_WEIGHT_BYTES", 0)
     calls = []
     real = binding.input_projection
@@ -746,7 +747,8 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
 
 def test_the_input_gemm_rule():
     """kernels' precompute_input: weight bytes per row of a chunk, whatever the rows (the big
-    shapes of the bench's --extra gained 5-10 % from it on the micro-kernel), never for one step;
+    shapes of the bench's --extra gained 5-10 % from it on the micro-kernel), never for one step
+    or weights that stay in L2;
     with the products on MKL, from far more bytes a row."""
     from lstmkit.kernels.numba.lstm import precompute_input
 
@@ -757,6 +759,11 @@ def test_the_input_gemm_rule():
     assert not precompute_input(32, 100, 128, 256, 256, 4, 1)
     assert not precompute_input(256, 100, 64, 128, 128, 4, 2)
     assert not precompute_input(1, 1, 512, 1024, 1024, 4, 1)  # one step
+    # Weights that stay in L2 (up to 1 MiB): fused at any rows; above, by the bytes a row.
+    assert not precompute_input(1, 100, 64, 128, 128, 4, 1)  # 384 KiB over one row
+    assert not precompute_input(2, 100, 96, 192, 192, 4, 1)  # 864 KiB
+    assert precompute_input(1, 100, 128, 256, 256, 4, 1)  # 1.5 MiB over one row
+    assert precompute_input(8, 200, 128, 256, 256, 4, 2)  # ... over 4 rows a chunk
     # Fused products on MKL's packed GEMM (blas): from 1 MiB a row only.
     assert precompute_input(16, 100, 128, 1024, 1024, 4, 1, blas=True)  # 18 MiB over 16 rows
     assert not precompute_input(64, 50, 512, 1024, 1024, 4, 1, blas=True)  # 24 MiB over 64 rows

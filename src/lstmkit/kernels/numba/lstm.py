@@ -138,6 +138,10 @@ PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW = 112 << 10
 # bytes per row: at 164-590 KiB a row 3-14 % faster than the GEMM first, as fast at 390 KiB,
 # 3 % slower at 1.2 MiB, inference and training, 1 and 2 threads (BENCHMARKS.md, twelfth session).
 PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS = 1 << 20
+# Whatever the rows, weights that stay in a core's L2 between steps (1.25 MiB here) keep the
+# input in the step product: at batch 1-3 with 384-864 KiB of weights the GEMM first lost in
+# training, where x and W_ih come to it from outside the cache (BENCHMARKS.md, thirteenth session).
+PRECOMPUTE_MIN_WEIGHT_BYTES = 1 << 20
 
 
 def precompute_input(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, chunks: int,
@@ -147,7 +151,7 @@ def precompute_input(batch: int, steps: int, I: int, H: int, P: int, itemsize: i
     its fused step products ([x | h] by [W_ih | W_hh]^T) would go to a BLAS's packed GEMM."""
     rows = -(-batch // max(chunks, 1))
     limit = PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS if blas else PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW
-    return steps > 1 and (I + P) * 4 * H * itemsize > limit * rows
+    return steps > 1 and (I + P) * 4 * H * itemsize > max(limit * rows, PRECOMPUTE_MIN_WEIGHT_BYTES)
 
 
 # The backward's counterpart: dx = dgates W_ih as one GEMM after the loop, each step's product
