@@ -521,10 +521,11 @@ def _lane_events(m):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kw", [dict(), dict(batch_first=True), dict(bias=False)])
+@pytest.mark.parametrize("kw", [dict(), dict(batch_first=True), dict(bias=False), dict(proj_size=3),
+                                dict(num_layers=2), dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True)])
 def test_streaming_lane_sees_everything_that_changes_between_steps(dtype, kw):
     """The module's streaming lane (a one-step call of an input shape seen before, state None or
-    the one it returned) decides once what _inference_fast decides per call. Between steps, a
+    the one it returned, any model without a variant) decides once what _inference_fast decides per call. Between steps, a
     program may: reset the state in place (h.zero_() at an episode's end), update the weights in
     place or move them (p.data = ...), feed a state of its own, change the thread count, run a
     longer call, or pass an input that is not contiguous or that requires grad. After each, the

@@ -229,12 +229,25 @@ class Runtime:
         return self.step_on(lane, x, state)
 
     def step_lane(self, shape):
-        """The plan (_one_step_plan) a one-step call on a C-contiguous array of `shape` runs on
-        at the current thread count, where it reads the parameters as they are (live_step) in a
-        one-layer, one-direction model; else None. The module's streaming lane keeps it, and
-        calls step_on with it directly while its shape, threads and parameters stay the same."""
-        lane = self._one_step_lane.get((shape, self.threads)) if self._single else None
-        return lane if lane and lane[4] else None
+        """The plan a one-step call on a C-contiguous batched array of `shape` runs on at the
+        current thread count, where it reads the parameters as they are (live_step): a one-layer,
+        one-direction model's _one_step_plan, or every layer-direction's live step (y, h, c
+        shapes, zero state, True, 0); else None. The module's streaming lane keeps it, and calls
+        step_on with it directly while its shape, threads and parameters stay the same."""
+        if self._single:
+            lane = self._one_step_lane.get((shape, self.threads))
+            return lane if lane and lane[4] else None
+        if len(shape) != 3 or not self.live_step(shape):
+            return None
+        lane = self._one_step_lane.get((shape, self.threads))  # _one_step never reads it here
+        if lane is None:  # every layer-direction live (_live_step_layers): the same fields
+            N, dt, P, H, LD = shape[0] if self._batch_first else shape[1], self.dtype, self._P, self._H, self._LD
+            zeros = (np.zeros((LD, N, P), dt), np.zeros((LD, N, H), dt))
+            lane = (shape[:2] + (self._D * P,), (LD, N, P), (LD, N, H), zeros, True, 0)
+            if len(self._one_step_lane) > 64:
+                self._one_step_lane.clear()
+            self._one_step_lane[(shape, self.threads)] = lane
+        return lane
 
     def step_on(self, lane, x, state):
         """One step of x on `lane` (_one_step_plan's) from `state` (h0, c0), checked by the
@@ -242,6 +255,13 @@ class Runtime:
         y_shape, h_shape, c_shape, _, live, split = lane
         dt = self.dtype
         h0, c0 = state
+        if not self._single:  # every layer and direction, live
+            N = h_shape[1]
+            h_n, c_n = np.empty(h_shape, dt), np.empty(c_shape, dt)
+            y = self._live_step_layers(x.reshape(N, x.shape[2]), h0, c0, h_n, c_n, N).reshape(y_shape)
+            state = (h_n, c_n)
+            self._returned = (state, x.shape, 1, N)
+            return y, state
         y, h_n, c_n = np.empty(y_shape, dt), np.empty(h_shape, dt), np.empty(c_shape, dt)
         if live:
             w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[0]
