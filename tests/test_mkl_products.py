@@ -104,7 +104,8 @@ def test_float64_and_the_switch_keep_the_micro_kernel(monkeypatch):
     assert not mkl.use(4096, 4096, mkl.MIN_ROWS - 1, np.float32)
     assert not mkl.use(16, 16, 64, np.float32)  # W in L2: the micro-kernel
     assert not mkl.use(192, 512, 16, np.float32)  # hidden 128 (384 KiB): the backward's micro-kernel,
-    assert mkl.use(192, 512, 16, np.float32, forward=True)  # the forward's MKL, from 8 rows a chunk
+    assert mkl.use(192, 512, 16, np.float32, forward=True)  # the forward's MKL, from 5 rows a chunk
+    assert mkl.use(192, 512, 5, np.float32, forward=True)
     assert not mkl.use(192, 512, 4, np.float32, forward=True) and mkl.use(1024, 1024, 4, np.float32, forward=True)
     assert not mkl.use(128, 256, 16, np.float32, forward=True)  # hidden 64: the micro-kernel both ways
     monkeypatch.setattr(mkl, "_entry", [])
@@ -129,3 +130,25 @@ def test_variant_kernel_through_mkl_matches_the_reference(every_product_to_mkl, 
     got = run("numba")
     assert {True, False} <= set(every_product_to_mkl)
     assert_all_close([t.detach() for t in got], [t.detach() for t in run("reference")], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("N", [5, 6, 7])
+def test_five_to_seven_rows_take_mkl_by_default(N, monkeypatch):
+    """With the engine's own thresholds, a forward of 5-7 rows at hidden 128 (384 KiB of
+    weights) makes its step products on MKL (mkl.MIN_FORWARD_ROWS): training and inference on
+    one thread match torch.nn.LSTM."""
+    calls = []
+    real = mkl.pack
+    monkeypatch.setattr(mkl, "pack", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    torch.set_num_threads(1)
+    ref, ours = pair(dict(input_size=64, hidden_size=128), "numba", torch.float32)
+    x = torch.randn(9, N, 64)
+    with torch.no_grad():
+        assert_all_close(list(ours(x)[0:1]) + list(ours(x)[1]), [ref(x)[0], *ref(x)[1]], TOL[torch.float32])
+    assert N in calls  # packed for products of N rows
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    for m, xg in zip((ours, ref), xs):
+        y, (h, c) = m(xg)
+        (y.square().sum() + h.sum() + c.sum()).backward()
+    assert_all_close([xs[0].grad, *(p.grad for p in ours.parameters())],
+                     [xs[1].grad, *(p.grad for p in ref.parameters())], TOL[torch.float32])

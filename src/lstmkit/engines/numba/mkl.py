@@ -32,9 +32,12 @@ MIN_WEIGHT_BYTES = 512 << 10
 # packed GEMM ran 7-13 % faster than the micro-kernel with W in L2 too, at 8-256 rows; at 4 rows
 # a chunk 3-5 % slower; at hidden 64 (128 KiB) as fast on one thread and 10 % slower on two
 # (BENCHMARKS.md, eleventh session; the seventh session's measurements behind MIN_WEIGHT_BYTES
-# were of the backward and of big weights).
+# were of the backward and of big weights). At 5-7 rows the micro-kernel's 4-row tiles compute
+# 8 (tile.py): inference at batch 5-7 on one thread ran 0.96-1.04x torch.nn.LSTM there and
+# 1.32-1.35x on MKL; the units split of 6-7 rows at two threads 0.83-0.86x and 1.04-1.18x; chunks
+# of 7 rows at two threads were 4-10 % slower on MKL (BENCHMARKS.md, thirteenth session).
 MIN_FORWARD_WEIGHT_BYTES = 256 << 10
-MIN_FORWARD_ROWS = 8
+MIN_FORWARD_ROWS = 5
 # A chunk of fewer rows than this is a matrix-vector product: MKL's call costs more there.
 MIN_ROWS = 4
 

@@ -154,10 +154,10 @@ def columns_precompute(steps: int, I: int, H: int, itemsize: int, threads: int) 
 
 # Batches of 5-96 rows on wide weights: split by hidden units too, each part's step product on
 # MKL's packed GEMM (run_columns' gemm). Split by rows, each core streams all of the weights at
-# every step for its half of the rows: at fewer than 8 rows a chunk (MKL's forward minimum,
-# engines/numba/mkl.py) from 512 KiB of weights, and from 4 MiB of W_hh at up to 96 rows, that
-# lost to torch.nn.LSTM at 2 threads (0.58-0.97x) where the units split ran 0.81-1.34x; at
-# 128-256 rows the rows split won again (BENCHMARKS.md, twelfth session).
+# every step for its half of the rows: at fewer than 8 rows a chunk from 512 KiB of weights,
+# and from 4 MiB of W_hh at up to 96 rows, that lost to torch.nn.LSTM at 2 threads (0.58-0.97x)
+# where the units split ran 0.81-1.34x; at 128-256 rows the rows split won again (BENCHMARKS.md,
+# twelfth session).
 WIDE_MIN_WEIGHT_BYTES = 512 << 10  # [W_ih | W_hh], chunks of fewer than WIDE_CHUNK_ROWS rows
 WIDE_CHUNK_ROWS = 8
 WIDE_MIN_HH_BYTES = 4 << 20  # W_hh, any batch up to WIDE_MAX_ROWS
