@@ -118,12 +118,21 @@ def chunk_bounds(batch_sizes, chunks: int):
 MIN_SPLIT_MACS = 1 << 21
 
 
+# Chunks of 2 rows, or of 2 and 1, lost to one chunk of all the rows in training at 2 threads
+# (batch 3-4, hidden 64-256: 0.73-1.02x torch.nn.LSTM split, 0.80-1.16x whole): the micro-kernel's
+# 4-row tile computes 4 rows for 2 (tile.py), and a chunk of 4 rows takes MKL's products where one
+# of 2 cannot. At 5 rows (3 and 2) the split was as fast or faster (BENCHMARKS.md, thirteenth
+# session). So a batch of more rows than threads is split only into chunks of 2.5 rows or more
+# on average; one row a chunk (batch <= threads) runs the one-row product, and splits.
 def chunks_for(batch: int, macs: int, threads: int) -> int:
     """How many row chunks a call over `batch` rows and `macs` multiply-adds gets on `threads`
-    threads: one per thread, at most one per row, one when the work is small."""
+    threads: one per thread, at most one per row, one when the work is small, none of 2 rows
+    beside others (see above)."""
     if macs < MIN_SPLIT_MACS:
         return 1
-    return max(1, min(threads, batch))
+    if batch <= threads:
+        return max(1, batch)
+    return max(1, min(threads, 2 * batch // 5))
 
 
 # x W_ih^T + b of all steps as one GEMM before the time loop, or the input part of each
