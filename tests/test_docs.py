@@ -203,7 +203,7 @@ OPTIONS_DOCUMENTED_IN = {
     "bench": "docs/performance.md", "inspect": "docs/onnx.md", "params": "README.md",
     "benchmarks/gpu.py": "docs/performance.md", "benchmarks/runtime.py": "docs/performance.md",
     "benchmarks/variants.py": "docs/performance.md", "benchmarks/memory.py": "docs/performance.md",
-    "benchmarks/products.py": "docs/performance.md",
+    "benchmarks/products.py": "docs/performance.md", "benchmarks/sweep.py": "docs/performance.md",
 }
 
 
