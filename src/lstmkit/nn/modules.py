@@ -373,12 +373,12 @@ class LSTM(nn.Module):
                 self.__dict__["_lane"] = (input.shape, input.dtype, runtime.threads, rt[0], ptrs, plan)
         return torch.from_numpy(y), out
 
-    # The streaming lane: one step of a one-layer, one-direction model on its parameters as
-    # they are (Runtime.step_lane), called again and again with an input of one shape, from
-    # zeros or from the state the last call returned. Such a call's kernel takes a few
-    # microseconds: everything _inference_fast decides for a shape is decided once, when the
-    # lane is made, and a call checks only what can change between calls (the parameters'
-    # versions and addresses, the thread count, the input's dtype and layout, the state given).
+    # The streaming lane: one step of a model without a variant on its parameters as they are
+    # (Runtime.step_lane), called again and again with an input of one shape, from zeros or
+    # from the state the last call returned. Such a call's kernels take a few microseconds:
+    # everything _inference_fast decides for a shape is decided once, when the lane is made,
+    # and a call checks only what can change between calls (the parameters' addresses, the
+    # thread count, the input's dtype and layout, the state given).
     def _on_lane(self, lane, input, hx):
         shape, dtype, threads, key, ptrs, plan = lane
         rt = self.__dict__.get("_runtime")
@@ -398,6 +398,7 @@ class LSTM(nn.Module):
                 return None  # any other state: _inference_fast checks it
             state = last[1]
         x = input.detach().numpy() if input.requires_grad else input.numpy()
+        runtime.threads = threads  # as run_inference sets it (a deeper model's split reads it)
         y, state = runtime.step_on(plan, x, state)
         out = (torch.from_numpy(state[0]), torch.from_numpy(state[1]))
         self.__dict__["_runtime"] = (key, runtime, (out, state), rt[3])

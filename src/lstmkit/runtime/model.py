@@ -250,8 +250,8 @@ class Runtime:
         return lane
 
     def step_on(self, lane, x, state):
-        """One step of x on `lane` (_one_step_plan's) from `state` (h0, c0), checked by the
-        caller: y, (h_n, c_n), new arrays."""
+        """One step of x on `lane` (_one_step_plan's or step_lane's) from `state` (h0, c0),
+        checked by the caller: y, (h_n, c_n), new arrays."""
         y_shape, h_shape, c_shape, _, live, split = lane
         dt = self.dtype
         h0, c0 = state
