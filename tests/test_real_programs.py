@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstmkit
 from lstmkit.runtime.model import LIVE_STEP_MAX_ROWS
-from harness import TOL, assert_close
+from harness import TOL, assert_all_close, assert_close
 
 # ---- whole-model checkpoints ---------------------------------------------------------------------
 CLIENT_MODEL = """
@@ -600,3 +600,23 @@ def test_streaming_lane_sees_everything_that_changes_between_steps(dtype, kw):
         ref(wrong)
     with torch.no_grad(), pytest.raises(theirs_error.type, match="dtype"):  # torch's error, torch's type
         m(wrong)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_batch_first_set_after_calls(layers):
+    """A program may set `lstm.batch_first` on a module that has already run (adapting a loaded
+    model): torch.nn.LSTM reads it at every call, and so must the no-grad fast path's runtime
+    and streaming lane, which were made for the old value. Multi-step calls and one-step calls
+    (the lane), both ways, against torch.nn.LSTM in float64."""
+    torch.manual_seed(layers)
+    ref = nn.LSTM(4, 8, num_layers=layers).double()
+    m = lstmkit.LSTM.from_torch(ref)
+    with torch.no_grad():
+        for shape in ((5, 3, 4), (1, 2, 4), (1, 2, 4)):  # twice the one-step shape: its lane
+            for batch_first in (False, True, False):
+                ref.batch_first = m.batch_first = batch_first
+                x = torch.randn(*shape, dtype=torch.float64)
+                for _ in range(2):
+                    y, (h, c) = m(x)
+                    y_ref, (h_ref, c_ref) = ref(x)
+                    assert_all_close([y, h, c], [y_ref, h_ref, c_ref], TOL[torch.float64])

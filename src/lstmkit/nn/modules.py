@@ -338,7 +338,7 @@ class LSTM(nn.Module):
             return None  # the general path reads big weights as they are at one step (binding.live_step)
         key = [(p._version, p.data_ptr()) for p in self._parameters.values()]  # order = _flat_weights_names
         rt = self.__dict__.get("_runtime")
-        if rt is None or rt[0] != key or (
+        if rt is None or rt[0] != key or rt[1]._batch_first != self.batch_first or (
                 # a one-step call reads the parameters as they are (Runtime.live_step): no copy to check
                 not (steps == 1 and input.is_contiguous() and rt[1].live_step(input.shape))
                 and not rt[3].unchanged()):
@@ -370,7 +370,8 @@ class LSTM(nn.Module):
             plan = runtime.step_lane(input.shape)
             if plan is not None:  # the next calls of this shape take _on_lane
                 ptrs = [p for _, p in rt[0]]
-                self.__dict__["_lane"] = (input.shape, input.dtype, runtime.threads, rt[0], ptrs, plan)
+                self.__dict__["_lane"] = (input.shape, input.dtype, runtime.threads, self.batch_first, rt[0], ptrs,
+                                          plan)
         return torch.from_numpy(y), out
 
     # The streaming lane: one step of a model without a variant on its parameters as they are
@@ -378,12 +379,12 @@ class LSTM(nn.Module):
     # from the state the last call returned. Such a call's kernels take a few microseconds:
     # everything _inference_fast decides for a shape is decided once, when the lane is made,
     # and a call checks only what can change between calls (the parameters' addresses, the
-    # thread count, the input's dtype and layout, the state given).
+    # thread count, batch_first, the input's dtype and layout, the state given).
     def _on_lane(self, lane, input, hx):
-        shape, dtype, threads, key, ptrs, plan = lane
+        shape, dtype, threads, batch_first, key, ptrs, plan = lane
         rt = self.__dict__.get("_runtime")
         if (input.dtype is not dtype or torch.get_num_threads() != threads or not input.is_contiguous()
-                or rt is None or rt[0] is not key
+                or self.batch_first != batch_first or rt is None or rt[0] is not key
                 # The runtime reads the parameters' memory: any update in place shows, and only a
                 # parameter moved elsewhere (p.data = ..., .to(), a new Parameter) needs a new one.
                 or ptrs != [p.data_ptr() for p in self._parameters.values()]):
