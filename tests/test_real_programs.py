@@ -566,9 +566,15 @@ def test_streaming_lane_sees_everything_that_changes_between_steps(dtype, kw):
             assert events[-1] is False, events  # the lane's parameters moved: a new runtime, a new lane
             both(step(2))
             assert events[-1] is True, events
-            ours = (ours[0].clone(), ours[1].clone())  # a state of the program's own
+            ours = (ours[0].clone(), ours[1].clone())  # a state of the program's own: the lane reads it
             both(step(2))
-            assert events[-1] is False, events
+            assert events[-1] is True, events
+            ours = (ours[0].detach(), ours[1].detach())  # the returned one detached (truncated BPTT's habit)
+            both(step(2))
+            assert events[-1] is True, events
+            ours = (ours[0].transpose(0, 1).contiguous().transpose(0, 1), ours[1])  # not contiguous: checked
+            both(step(2))
+            assert events[-1] is (ours[0].shape[1] == 1 or ours[0].shape[0] == 1), events
             both(torch.randn(2, 3, 5, dtype=dtype) if bf else torch.randn(3, 2, 5, dtype=dtype))  # a longer call
             both(step(2))  # its state fed back
             torch.set_num_threads(1 if threads > 1 else 2)

@@ -32,6 +32,20 @@ def _run_inference(runtime, x, state):
     return run_inference(runtime, x, state)
 
 
+def _lane_state(hx, dtype, h_shape, c_shape):
+    """A state the program made itself (the returned one detached or cloned, its own buffers) as
+    arrays for the streaming lane, where it is two C-contiguous CPU tensors of the lane's dtype
+    and exact shapes; else None."""
+    if type(hx) not in (tuple, list) or len(hx) != 2:
+        return None
+    h, c = hx
+    if (type(h) is not torch.Tensor or type(c) is not torch.Tensor or h.dtype is not dtype or c.dtype is not dtype
+            or h.shape != h_shape or c.shape != c_shape or not h.is_cpu or not c.is_cpu
+            or not h.is_contiguous() or not c.is_contiguous()):
+        return None
+    return (h.detach() if h.requires_grad else h).numpy(), (c.detach() if c.requires_grad else c).numpy()
+
+
 @functools.lru_cache(maxsize=None)
 def _layer_names(layer: int, direction: int) -> tuple[str, ...]:
     """The names of a layer-direction's weight_ih, weight_hh, bias_ih, bias_hh, weight_hr (LayerParams' order)."""
@@ -394,10 +408,13 @@ class LSTM(nn.Module):
             state = plan[3]  # zeros, read only by the kernel
         else:
             returned = runtime._returned  # read once: another thread may replace it meanwhile
-            if not (last is not None and type(hx) in (tuple, list) and len(hx) == 2 and hx[0] is last[0][0]
+            if (last is not None and type(hx) in (tuple, list) and len(hx) == 2 and hx[0] is last[0][0]
                     and hx[1] is last[0][1] and last[1] is returned[0] and returned[1] == shape):
-                return None  # any other state: _inference_fast checks it
-            state = last[1]
+                state = last[1]
+            else:
+                state = _lane_state(hx, dtype, plan[1], plan[2])
+                if state is None:
+                    return None  # any other state: _inference_fast checks it (and raises torch's errors)
         x = input.detach().numpy() if input.requires_grad else input.numpy()
         runtime.threads = threads  # as run_inference sets it (a deeper model's split reads it)
         y, state = runtime.step_on(plan, x, state)
