@@ -626,3 +626,18 @@ def test_batch_first_set_after_calls(layers):
                     y, (h, c) = m(x)
                     y_ref, (h_ref, c_ref) = ref(x)
                     assert_all_close([y, h, c], [y_ref, h_ref, c_ref], TOL[torch.float64])
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_state_of_another_dtype_raises_torchs_error(state_dtype):
+    """Under no_grad a float32 model given (h_0, c_0) of another dtype raises the exception type
+    torch.nn.LSTM raises (numpy cannot even hold bfloat16: the fast path must not try)."""
+    ref = nn.LSTM(4, 8)
+    m = lstmkit.LSTM.from_torch(ref)
+    x = torch.randn(2, 1, 4)
+    hx = (torch.zeros(1, 1, 8, dtype=state_dtype), torch.zeros(1, 1, 8, dtype=state_dtype))
+    with torch.no_grad():
+        with pytest.raises(Exception) as theirs:
+            ref(x, hx)
+        with pytest.raises(theirs.type):
+            m(x, hx)

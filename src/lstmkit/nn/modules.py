@@ -32,16 +32,15 @@ def _run_inference(runtime, x, state):
     return run_inference(runtime, x, state)
 
 
-def _lane_state(hx, dtype, h_shape, c_shape):
-    """A state the program made itself (the returned one detached or cloned, its own buffers) as
-    arrays for the streaming lane, where it is two C-contiguous CPU tensors of the lane's dtype
-    and exact shapes; else None."""
+def _state_arrays(hx):
+    """hx = (h_0, c_0) as two numpy arrays (views, no copies) for the no-grad fast path, where it
+    is a pair of float32/float64 CPU tensors; else None (the general path checks it and raises
+    torch's error)."""
     if type(hx) not in (tuple, list) or len(hx) != 2:
         return None
     h, c = hx
-    if (type(h) is not torch.Tensor or type(c) is not torch.Tensor or h.dtype is not dtype or c.dtype is not dtype
-            or h.shape != h_shape or c.shape != c_shape or not h.is_cpu or not c.is_cpu
-            or not h.is_contiguous() or not c.is_contiguous()):
+    if (type(h) is not torch.Tensor or type(c) is not torch.Tensor or h.dtype not in _FAST_DTYPES
+            or c.dtype not in _FAST_DTYPES or not h.is_cpu or not c.is_cpu):
         return None
     return (h.detach() if h.requires_grad else h).numpy(), (c.detach() if c.requires_grad else c).numpy()
 
@@ -367,11 +366,10 @@ class LSTM(nn.Module):
         elif (last is not None and type(hx) in (tuple, list) and len(hx) == 2
               and hx[0] is last[0][0] and hx[1] is last[0][1]):
             state = last[1]  # the state this path returned last time: the runtime skips its checks
-        elif (type(hx) in (tuple, list) and len(hx) == 2 and type(hx[0]) is torch.Tensor
-              and type(hx[1]) is torch.Tensor and hx[0].is_cpu and hx[1].is_cpu):
-            state = (hx[0].detach().numpy(), hx[1].detach().numpy())
         else:
-            return None
+            state = _state_arrays(hx)
+            if state is None:
+                return None
         x = input.detach().numpy() if input.requires_grad else input.numpy()
         try:
             y, returned = _run_inference(runtime, x, state)
@@ -411,9 +409,10 @@ class LSTM(nn.Module):
             if (last is not None and type(hx) in (tuple, list) and len(hx) == 2 and hx[0] is last[0][0]
                     and hx[1] is last[0][1] and last[1] is returned[0] and returned[1] == shape):
                 state = last[1]
-            else:
-                state = _lane_state(hx, dtype, plan[1], plan[2])
-                if state is None:
+            else:  # a state of the program's own: used as it is where it has the lane's layout
+                state = _state_arrays(hx)
+                if state is None or not all(a.dtype == runtime.dtype and a.shape == want and a.flags.c_contiguous
+                                            for a, want in zip(state, plan[1:3])):
                     return None  # any other state: _inference_fast checks it (and raises torch's errors)
         x = input.detach().numpy() if input.requires_grad else input.numpy()
         runtime.threads = threads  # as run_inference sets it (a deeper model's split reads it)
