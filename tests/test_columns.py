@@ -444,6 +444,45 @@ def test_the_unit_split_on_mkl_products_matches_the_row_kernel(reverse, packed, 
             assert np.array_equal(a, b2)
 
 
+@pytest.mark.parametrize("H", [70, 256])
+def test_mkl_packs_parts_and_column_views_as_their_copies(H):
+    """mkl.pack reads a block of columns by its row stride (pack_parts_backward's parts of W_hh)
+    and pack_parts builds each part with one copy: the products on those packings are bitwise
+    the products on the contiguous copies the older code packed (columns.part_rows, concatenated)."""
+    from numba import njit
+
+    from lstmkit.engines.numba import mkl
+    from lstmkit.kernels.numba.blas import gemm_packed
+    from lstmkit.kernels.numba.rows import row_ptr
+
+    @njit
+    def product(fn, a, wg, c):
+        gemm_packed(fn, a.shape[0], c.shape[1], a.shape[1], row_ptr(a, 0), a.shape[1], row_ptr(wg, 0),
+                    row_ptr(c, 0), c.shape[1])
+
+    assert mkl._find() is not None, "torch's library exports no MKL packed GEMM here"
+    rng = np.random.default_rng(H)
+    I, rows = 48, 8
+    w_ih, w_hh = (rng.standard_normal((4 * H, k)).astype(np.float32) for k in (I, H))
+    units = columns.unit_bounds(H, 2)
+    cases = [(mkl.pack_parts_backward(w_hh, units, rows),
+              [np.ascontiguousarray(w_hh[:, units[s]:units[s + 1]]) for s in range(2)], False)]
+    for pre in (False, True):
+        rows_of = [columns.part_rows(H, units, s) for s in range(2)]
+        copies = [w_hh[r] if pre else np.concatenate((w_ih[r], w_hh[r]), axis=1) for r in rows_of]
+        cases.append((mkl.pack_parts(w_ih, w_hh, units, pre, rows), copies, True))
+    for (fn, packed), copies, transposed in cases:
+        _, reference = mkl._pack_each(copies, transposed, rows)
+        for s, w in enumerate(copies):
+            K, G = (w.shape[1], w.shape[0]) if transposed else w.shape
+            a = rng.standard_normal((rows, K)).astype(np.float32)
+            got, want = np.full((rows, G), np.nan, np.float32), np.full((rows, G), np.nan, np.float32)
+            product(fn, a, packed[s : s + 1], got)
+            product(fn, a, reference[s : s + 1], want)
+            assert np.array_equal(got, want)
+            np.testing.assert_allclose(got, a @ (w.T if transposed else w), rtol=1e-4, atol=1e-4)
+
+
 def test_wide_columns_pay_rule():
     pay = columns.wide_columns_pay
     assert pay(8, 64, 192, 192, 4, 2) and pay(12, 64, 256, 256, 4, 2)  # chunks of < 8 rows, >= 512 KiB
