@@ -769,6 +769,16 @@ def test_the_input_gemm_rule():
     assert not precompute_input(64, 50, 512, 1024, 1024, 4, 1, blas=True)  # 24 MiB over 64 rows
     assert not precompute_input(32, 100, 128, 512, 512, 4, 1, blas=True)
     assert not precompute_input(16, 64, 256, 256, 256, 4, 1, blas=True)  # the demo's second layer at 2 threads
+    assert not precompute_input(32, 64, 256, 256, 256, 4, 2, blas=True)  # ... as two chunks of 16 rows
+    # W_hh in L2 (up to 1 MiB), [W_ih | W_hh] past it: from 160 KiB a row, 128 KiB a row when split.
+    assert precompute_input(12, 64, 256, 256, 256, 4, 1, blas=True)  # 2 MiB over 12 rows
+    assert precompute_input(4, 64, 256, 192, 192, 4, 1, blas=True)  # 1.5 MiB over 4 rows
+    assert precompute_input(16, 64, 256, 256, 256, 4, 2, blas=True)  # 2 MiB over two chunks of 8 rows
+    assert precompute_input(32, 64, 512, 256, 256, 4, 2, blas=True)  # 3 MiB over 16 rows a chunk
+    assert precompute_input(4, 64, 64, 256, 256, 4, 1, blas=True)  # 1.25 MiB over 4 rows
+    assert not precompute_input(8, 64, 64, 256, 256, 4, 1, blas=True)  # ... over 8 rows: 160 KiB a row
+    assert not precompute_input(4, 64, 16, 240, 240, 4, 1, blas=True)  # 960 KiB: stays in L2, fused
+    assert not precompute_input(4, 64, 128, 384, 384, 4, 1, blas=True)  # W_hh of 2.25 MiB: 1 MiB a row
 
 
 @pytest.mark.parametrize("variant, proj_size", [({}, 0), ({}, 3), ({"layer_norm": True, "peephole": True}, 0)])

@@ -151,6 +151,15 @@ PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS = 1 << 20
 # input in the step product: at batch 1-3 with 384-864 KiB of weights the GEMM first lost in
 # training, where x and W_ih come to it from outside the cache (BENCHMARKS.md, thirteenth session).
 PRECOMPUTE_MIN_WEIGHT_BYTES = 1 << 20
+# Except where W_hh alone stays in L2 and [W_ih | W_hh] does not: the GEMM first then leaves
+# the steps a product on weights in L2 instead of one streaming them from L3, and pays from
+# fewer weight bytes a row. Training at hidden 192-256, input 256-512, BLAS products, vs
+# torch.nn.LSTM, fused -> GEMM first: one chunk of 4-8 rows 0.83-0.99x -> 0.99-1.16x, 12 rows
+# 1.04x -> 1.10x, 16 rows as fast; two chunks of 8 rows (2 threads, which share L3) 0.93-0.95x
+# -> 1.05-1.09x, of 12-16 rows as fast (BENCHMARKS.md, fourteenth session).
+PRECOMPUTE_MAX_HH_BYTES_IN_L2 = 1 << 20
+PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2 = 160 << 10  # one chunk
+PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2_SPLIT = 128 << 10  # several chunks at once
 
 
 def precompute_input(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, chunks: int,
@@ -160,6 +169,8 @@ def precompute_input(batch: int, steps: int, I: int, H: int, P: int, itemsize: i
     its fused step products ([x | h] by [W_ih | W_hh]^T) would go to a BLAS's packed GEMM."""
     rows = -(-batch // max(chunks, 1))
     limit = PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS if blas else PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW
+    if blas and P * 4 * H * itemsize <= PRECOMPUTE_MAX_HH_BYTES_IN_L2:
+        limit = PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2 if chunks <= 1 else PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2_SPLIT
     return steps > 1 and (I + P) * 4 * H * itemsize > max(limit * rows, PRECOMPUTE_MIN_WEIGHT_BYTES)
 
 
