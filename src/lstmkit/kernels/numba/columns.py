@@ -33,7 +33,7 @@ from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
 from .rows import ptr_add, row_ptr
 from .simd import LANES
 from .team import on_team, spec, team_bodies, unpack, whole_team
-from .tile import WHOLE_K, aligned_zeros, matmul, pack, pack2, padded_width
+from .tile import WHOLE_K, aligned_empty, matmul, pack2, padded_width
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
@@ -208,25 +208,31 @@ def pack_columns(w_ih, w_hh, b, parts: int, panels: bool = True):
     """(wps (S, nb, I + P, V), bps (S, 4 H_max), units (S + 1,)): part s's rows of W_ih, W_hh and
     b (gates i, f, g, o of its units, in that order) packed for tile.matmul; every part padded
     to the same shape with zeros. panels=False: wps empty, (S, 0, 1, LANES) (a BLAS's packed
-    GEMM makes the products: run_columns' gemm)."""
+    GEMM makes the products: run_columns' gemm). A training call packs at every call: each part
+    is copied out once and packed straight into wps."""
     H = w_hh.shape[0] // 4
     units = unit_bounds(H, parts)
-    packs, biases = [], []
-    for s in range(parts):
-        rows = part_rows(H, units, s)
-        if panels:
-            packs.append(pack2(np.ascontiguousarray(w_ih[rows]), np.ascontiguousarray(w_hh[rows]), True))
-        else:
-            packs.append(np.empty((0, 1, LANES), w_ih.dtype))
-        biases.append(b[rows])
-    nb = max(p.shape[0] for p in packs)
     width = 4 * int(np.max(np.diff(units)))
-    wps = aligned_zeros((parts, nb) + packs[0].shape[1:], w_ih.dtype)
     bps = np.zeros((parts, width), w_ih.dtype)
     for s in range(parts):
-        wps[s, : packs[s].shape[0]] = packs[s]
-        bps[s, : biases[s].shape[0]] = biases[s]
+        bps[s, : 4 * (units[s + 1] - units[s])] = unit_rows(b.reshape(-1, 1), H, units[s], units[s + 1])[:, 0]
+    if not panels:
+        return np.empty((parts, 0, 1, LANES), w_ih.dtype), bps, units
+    V = 32 if w_ih.dtype == np.float32 else 16  # tile.pack2's column block
+    nb = -(-width // V)
+    wps = aligned_empty((parts, nb, w_ih.shape[1] + w_hh.shape[1], V), w_ih.dtype)
+    for s in range(parts):
+        u0, u1 = units[s], units[s + 1]
+        nbs = -(-4 * (u1 - u0) // V)
+        pack2(unit_rows(w_ih, H, u0, u1), unit_rows(w_hh, H, u0, u1), True, out=wps[s, :nbs])
+        wps[s, nbs:] = 0
     return wps, bps, units
+
+
+def unit_rows(w, H: int, u0: int, u1: int):
+    """w[part_rows(H, units, s)] for units u0:u1 (rows i, f, g, o of those units), as one copy."""
+    K = w.shape[1]
+    return np.ascontiguousarray(w.reshape(4, H, K)[:, u0:u1]).reshape(4 * (u1 - u0), K)
 
 
 # ---- the time loop -------------------------------------------------------------------------------
@@ -307,11 +313,14 @@ def pack_columns_backward(w_hh, parts: int, panels: bool = True):
     units = unit_bounds(H, parts)
     if not panels:
         return np.empty((parts, 0, 1, LANES), w_hh.dtype), units
-    packs = [pack(np.ascontiguousarray(w_hh[:, units[s] : units[s + 1]]), False) for s in range(parts)]
-    nb = max(p.shape[0] for p in packs)
-    wbs = aligned_zeros((parts, nb) + packs[0].shape[1:], w_hh.dtype)
+    V = 32 if w_hh.dtype == np.float32 else 16  # tile.pack2's column block
+    nb = -(-int(np.max(np.diff(units))) // V)
+    wbs = aligned_empty((parts, nb, w_hh.shape[0], V), w_hh.dtype)
     for s in range(parts):
-        wbs[s, : packs[s].shape[0]] = packs[s]
+        w = np.ascontiguousarray(w_hh[:, units[s] : units[s + 1]])
+        nbs = -(-w.shape[1] // V)
+        pack2(w, w[:, :0], False, out=wbs[s, :nbs])
+        wbs[s, nbs:] = 0
     return wbs, units
 
 

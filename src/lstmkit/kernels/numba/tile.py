@@ -193,20 +193,24 @@ def pack(w, transposed):
     return pack2(w, w[:, :0], transposed)
 
 
-def pack2(w1, w2, transposed):
+def pack2(w1, w2, transposed, out=None):
     """pack() of two matrices side by side, with no concatenated copy in between:
     transposed: W = [w1 | w2]^T, w1 (G, K1), w2 (G, K2), K = K1 + K2 (the forward weights);
     else:       W = [w1 | w2],   w1 (K, G1), w2 (K, G2), G = G1 + G2 (the backward weights).
     w1, w2 C-contiguous (the copies go by row pointer; pack() and lstm.pack_forward/backward
     make them so; a check raising in the compiled copy would double its compile time).
     The zeroed, aligned output is made here, in Python: made in the compiled function, its
-    allocation took half a second of the cold compile."""
+    allocation took half a second of the cold compile. out: where to write it instead (the
+    C-contiguous (nb, K, V) of that allocation, e.g. one part of a caller's bigger array)."""
     V = 32 if w1.dtype == np.float32 else 16  # tile.py's column block: _lanes_of
     if transposed:
         G, K = w1.shape[0], w1.shape[1] + w2.shape[1]
     else:
         G, K = w1.shape[1] + w2.shape[1], w1.shape[0]
-    wp = aligned_empty(((G + V - 1) // V, K, V), w1.dtype)
+    shape = ((G + V - 1) // V, K, V)
+    if out is not None and (out.shape != shape or out.dtype != w1.dtype or not out.flags.c_contiguous):
+        raise ValueError(f"pack2: out must be C-contiguous {shape} {w1.dtype}")
+    wp = aligned_empty(shape, w1.dtype) if out is None else out
     if prefetch.compiling("tile._pack2_into"):  # a cold start: numpy's copies, not 0.5-1 s of compiling
         _pack2_numpy(w1, w2, transposed, wp)
     else:
