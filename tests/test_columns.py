@@ -111,6 +111,12 @@ def test_columns_pay_rule():
     assert not columns.columns_pay(1, 100, 64, 128, 32, 4, 2)  # projection: not split
     assert columns.columns_pay_training(1, 100, 128, 512, 512, 4, 2)  # 5 MiB of weights
     assert not columns.columns_pay_training(1, 100, 64, 256, 256, 4, 2)  # 1.3 MiB: inference only
+    # From 1.5 MiB where the threads do not divide the rows (one would idle or run alone).
+    assert columns.columns_pay_training(1, 100, 128, 256, 256, 4, 2)
+    assert columns.columns_pay_training(3, 100, 128, 256, 256, 4, 2)
+    assert not columns.columns_pay_training(2, 100, 128, 256, 256, 4, 2)
+    assert not columns.columns_pay_training(4, 100, 128, 256, 256, 4, 2)
+    assert columns.columns_pay_training(4, 100, 128, 512, 512, 4, 2)  # 5 MiB: any rows up to MAX_ROWS
     assert columns.columns_precompute(100, 128, 512, 4, 2) and not columns.columns_precompute(1, 128, 512, 4, 2)
     assert not columns.columns_precompute(100, 64, 128, 4, 2)
 
@@ -202,6 +208,7 @@ def test_training_at_two_threads_takes_the_split_and_matches_torch(dtype, kw, N,
         real = getattr(binding, name)
         monkeypatch.setattr(binding, name, lambda *a, real=real, name=name, **k: used.append(name) or real(*a, **k))
     monkeypatch.setattr(columns, "TRAIN_MIN_PART_BYTES", 0)  # the rule wants 2 MiB a part: small sizes here
+    monkeypatch.setattr(columns, "TRAIN_MIN_PART_BYTES_UNEVEN", 0)
     torch.manual_seed(N)
     ref = torch.nn.LSTM(64, 256, dtype=dtype, **kw)
     m = lstmkit.LSTM.from_torch(ref, engine="numba")
@@ -270,6 +277,7 @@ def test_gradient_penalty_through_the_split_matches_torch(monkeypatch):
     real = binding.run_columns_backward
     monkeypatch.setattr(binding, "run_columns_backward", lambda *a: used.append(1) or real(*a))
     monkeypatch.setattr(columns, "TRAIN_MIN_PART_BYTES", 0)
+    monkeypatch.setattr(columns, "TRAIN_MIN_PART_BYTES_UNEVEN", 0)
     torch.manual_seed(0)
     ref = torch.nn.LSTM(32, 64, dtype=torch.float64)
     m = lstmkit.LSTM.from_torch(ref)

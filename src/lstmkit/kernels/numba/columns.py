@@ -133,12 +133,20 @@ def columns_pay(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, t
 # at 0.4-1.3 MiB (hidden 128-256) the split lost 5-20 % (it packs the weights per part at every
 # call and scatters the saved activations); around 2.7 MiB runs went either way.
 TRAIN_MIN_PART_BYTES = 2 << 20
+# With each part copied out once (pack_columns), a batch the threads do not divide (1 or 3 rows
+# at 2 threads) splits from 1.5 MiB of weights: the rows split leaves a thread idle there (1 row)
+# or runs one chunk on one thread (3 rows, lstm.chunks_for). Training at 2 threads, rows -> units
+# split, vs torch.nn.LSTM: 100,1,128,256 0.93-1.04x -> 1.07-1.21x; 100,3,128,256 0.86-0.90x ->
+# 0.99-1.09x; 100,1,256,384 0.80x -> 1.11x; 100,3,256,384 0.72-0.77x -> 0.90-0.97x. At 2 and 4
+# rows the rows split stays: as fast or 5-10 % faster (BENCHMARKS.md, fourteenth session).
+TRAIN_MIN_PART_BYTES_UNEVEN = 768 << 10
 
 
 def columns_pay_training(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, threads: int) -> bool:
     """columns_pay for a training call (forward saving for backward, and its backward)."""
+    part = TRAIN_MIN_PART_BYTES_UNEVEN if threads > 1 and batch % threads else TRAIN_MIN_PART_BYTES
     return (columns_pay(batch, steps, I, H, P, itemsize, threads)
-            and (I + P) * 4 * H * itemsize >= TRAIN_MIN_PART_BYTES * threads)
+            and (I + P) * 4 * H * itemsize >= part * threads)
 
 
 # x W_ih^T + b as one GEMM before the loop (forward_columns' xproj): measured at 2 threads, it
