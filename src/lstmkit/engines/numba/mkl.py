@@ -20,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+from ...kernels.numba.columns import unit_rows, unit_view
 from ...kernels.numba.tile import aligned_empty
 
 # W (K x G float32) from this many bytes: beyond L2 the micro-kernel streams W at each step and
@@ -128,12 +129,12 @@ def _part(w_ih: np.ndarray, w_hh: np.ndarray, u0: int, u1: int, pre: bool) -> np
     one C-contiguous (4 (u1 - u0), K) array made by one copy (a training call packs its weights
     every call: fancy indexing and a concatenation took three copies, 0.5 ms of 1 at hidden 256)."""
     H, I = w_hh.shape[1], w_ih.shape[1]
-    K = H if pre else I + H
-    out = np.empty((4, u1 - u0, K), np.float32)
-    out[:, :, K - H :] = w_hh.reshape(4, H, H)[:, u0:u1]
-    if not pre:
-        out[:, :, :I] = w_ih.reshape(4, H, I)[:, u0:u1]
-    return out.reshape(4 * (u1 - u0), K)
+    if pre:
+        return unit_rows(w_hh, H, u0, u1)
+    out = np.empty((4, u1 - u0, I + H), np.float32)
+    out[:, :, :I] = unit_view(w_ih, H, u0, u1)
+    out[:, :, I:] = unit_view(w_hh, H, u0, u1)
+    return out.reshape(4 * (u1 - u0), I + H)
 
 
 def pack_parts_backward(w_hh: np.ndarray, units, rows: int):

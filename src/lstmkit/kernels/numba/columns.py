@@ -33,7 +33,7 @@ from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
 from .rows import ptr_add, row_ptr
 from .simd import LANES
 from .team import on_team, spec, team_bodies, unpack, whole_team
-from .tile import WHOLE_K, aligned_empty, matmul, pack2, padded_width
+from .tile import WHOLE_K, aligned_empty, block_width, matmul, pack2, padded_width
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
@@ -226,7 +226,7 @@ def pack_columns(w_ih, w_hh, b, parts: int, panels: bool = True):
         bps[s, : 4 * (units[s + 1] - units[s])] = unit_rows(b.reshape(-1, 1), H, units[s], units[s + 1])[:, 0]
     if not panels:
         return np.empty((parts, 0, 1, LANES), w_ih.dtype), bps, units
-    V = 32 if w_ih.dtype == np.float32 else 16  # tile.pack2's column block
+    V = block_width(w_ih.dtype)
     nb = -(-width // V)
     wps = aligned_empty((parts, nb, w_ih.shape[1] + w_hh.shape[1], V), w_ih.dtype)
     for s in range(parts):
@@ -237,10 +237,14 @@ def pack_columns(w_ih, w_hh, b, parts: int, panels: bool = True):
     return wps, bps, units
 
 
+def unit_view(w, H: int, u0: int, u1: int):
+    """Rows i, f, g, o of units u0:u1 of w (4H, K) (part_rows' rows), a (4, u1 - u0, K) view."""
+    return w.reshape(4, H, w.shape[1])[:, u0:u1]
+
+
 def unit_rows(w, H: int, u0: int, u1: int):
-    """w[part_rows(H, units, s)] for units u0:u1 (rows i, f, g, o of those units), as one copy."""
-    K = w.shape[1]
-    return np.ascontiguousarray(w.reshape(4, H, K)[:, u0:u1]).reshape(4 * (u1 - u0), K)
+    """w[part_rows(H, units, s)] for units u0:u1, C-contiguous (4 (u1 - u0), K), as one copy."""
+    return np.ascontiguousarray(unit_view(w, H, u0, u1)).reshape(4 * (u1 - u0), w.shape[1])
 
 
 # ---- the time loop -------------------------------------------------------------------------------
@@ -321,7 +325,7 @@ def pack_columns_backward(w_hh, parts: int, panels: bool = True):
     units = unit_bounds(H, parts)
     if not panels:
         return np.empty((parts, 0, 1, LANES), w_hh.dtype), units
-    V = 32 if w_hh.dtype == np.float32 else 16  # tile.pack2's column block
+    V = block_width(w_hh.dtype)
     nb = -(-int(np.max(np.diff(units))) // V)
     wbs = aligned_empty((parts, nb, w_hh.shape[0], V), w_hh.dtype)
     for s in range(parts):

@@ -186,6 +186,11 @@ def aligned_empty(shape, dtype):
     return raw[off : off + size].view(dtype).reshape(shape)
 
 
+def block_width(dtype) -> int:
+    """V, the columns of a packed block (pack's last axis): _lanes_of's, for a numpy dtype."""
+    return 32 if np.dtype(dtype) == np.float32 else 16
+
+
 def pack(w, transposed):
     """W laid out for matmul: (nb, K, V) with wp[b, k, j] = W[k, b*V + j], zero-padded.
     W is w (K, G) as given, or w.T when transposed (w (G, K), e.g. torch's (4H, I) weights)."""
@@ -202,7 +207,7 @@ def pack2(w1, w2, transposed, out=None):
     The zeroed, aligned output is made here, in Python: made in the compiled function, its
     allocation took half a second of the cold compile. out: where to write it instead (the
     C-contiguous (nb, K, V) of that allocation, e.g. one part of a caller's bigger array)."""
-    V = 32 if w1.dtype == np.float32 else 16  # tile.py's column block: _lanes_of
+    V = block_width(w1.dtype)
     if transposed:
         G, K = w1.shape[0], w1.shape[1] + w2.shape[1]
     else:
