@@ -32,6 +32,13 @@ def _run_inference(runtime, x, state):
     return run_inference(runtime, x, state)
 
 
+def _is_returned(hx, last) -> bool:
+    """Whether hx is the very (h, c) pair of tensors the fast path returned last (`last`: its
+    (tensors, arrays), or None), which the runtime then takes without checks."""
+    return (last is not None and type(hx) in (tuple, list) and len(hx) == 2
+            and hx[0] is last[0][0] and hx[1] is last[0][1])
+
+
 def _state_arrays(hx):
     """hx = (h_0, c_0) as two numpy arrays (views, no copies) for the no-grad fast path, where it
     is a pair of float32/float64 CPU tensors; else None (the general path checks it and raises
@@ -363,8 +370,7 @@ class LSTM(nn.Module):
             return None  # the general path raises the error
         if hx is None:
             state = None
-        elif (last is not None and type(hx) in (tuple, list) and len(hx) == 2
-              and hx[0] is last[0][0] and hx[1] is last[0][1]):
+        elif _is_returned(hx, last):
             state = last[1]  # the state this path returned last time: the runtime skips its checks
         else:
             state = _state_arrays(hx)
@@ -406,8 +412,7 @@ class LSTM(nn.Module):
             state = plan[3]  # zeros, read only by the kernel
         else:
             returned = runtime._returned  # read once: another thread may replace it meanwhile
-            if (last is not None and type(hx) in (tuple, list) and len(hx) == 2 and hx[0] is last[0][0]
-                    and hx[1] is last[0][1] and last[1] is returned[0] and returned[1] == shape):
+            if _is_returned(hx, last) and last[1] is returned[0] and returned[1] == shape:
                 state = last[1]
             else:  # a state of the program's own: used as it is where it has the lane's layout
                 state = _state_arrays(hx)

@@ -226,15 +226,24 @@ def pack_columns(w_ih, w_hh, b, parts: int, panels: bool = True):
         bps[s, : 4 * (units[s + 1] - units[s])] = unit_rows(b.reshape(-1, 1), H, units[s], units[s + 1])[:, 0]
     if not panels:
         return np.empty((parts, 0, 1, LANES), w_ih.dtype), bps, units
-    V = block_width(w_ih.dtype)
-    nb = -(-width // V)
-    wps = aligned_empty((parts, nb, w_ih.shape[1] + w_hh.shape[1], V), w_ih.dtype)
-    for s in range(parts):
-        u0, u1 = units[s], units[s + 1]
-        nbs = -(-4 * (u1 - u0) // V)
-        pack2(unit_rows(w_ih, H, u0, u1), unit_rows(w_hh, H, u0, u1), True, out=wps[s, :nbs])
-        wps[s, nbs:] = 0
-    return wps, bps, units
+    pairs = [(unit_rows(w_ih, H, units[s], units[s + 1]), unit_rows(w_hh, H, units[s], units[s + 1]))
+             for s in range(parts)]
+    return _pack_parts(pairs, True), bps, units
+
+
+def _pack_parts(pairs, transposed: bool):
+    """tile.pack2 of each part's (w1, w2), straight into one aligned (S, nb, K, V) array (no copy
+    per part), the parts' blocks past their own columns zeroed."""
+    V = block_width(pairs[0][0].dtype)
+    widths = [w1.shape[0] if transposed else w1.shape[1] + w2.shape[1] for w1, w2 in pairs]  # G of each part
+    w1, w2 = pairs[0]
+    K = w1.shape[1] + w2.shape[1] if transposed else w1.shape[0]
+    out = aligned_empty((len(pairs), -(-max(widths) // V), K, V), w1.dtype)
+    for s, ((w1, w2), G) in enumerate(zip(pairs, widths)):
+        nbs = -(-G // V)
+        pack2(w1, w2, transposed, out=out[s, :nbs])
+        out[s, nbs:] = 0
+    return out
 
 
 def unit_view(w, H: int, u0: int, u1: int):
@@ -325,15 +334,8 @@ def pack_columns_backward(w_hh, parts: int, panels: bool = True):
     units = unit_bounds(H, parts)
     if not panels:
         return np.empty((parts, 0, 1, LANES), w_hh.dtype), units
-    V = block_width(w_hh.dtype)
-    nb = -(-int(np.max(np.diff(units))) // V)
-    wbs = aligned_empty((parts, nb, w_hh.shape[0], V), w_hh.dtype)
-    for s in range(parts):
-        w = np.ascontiguousarray(w_hh[:, units[s] : units[s + 1]])
-        nbs = -(-w.shape[1] // V)
-        pack2(w, w[:, :0], False, out=wbs[s, :nbs])
-        wbs[s, nbs:] = 0
-    return wbs, units
+    parts_of_w = [np.ascontiguousarray(w_hh[:, units[s] : units[s + 1]]) for s in range(parts)]
+    return _pack_parts([(w, w[:, :0]) for w in parts_of_w], False), units
 
 
 @njit(**KW)
