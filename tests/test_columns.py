@@ -500,6 +500,11 @@ def test_wide_columns_pay_rule():
     assert not pay(128, 128, 512, 512, 4, 2)  # many rows: the rows split wins
     assert not pay(4, 64, 1024, 1024, 4, 2)  # columns_pay's (micro-kernel) range
     assert not pay(12, 64, 256, 256, 8, 2) and not pay(12, 64, 256, 128, 4, 2) and not pay(12, 64, 256, 256, 4, 1)
+    # Inference (nothing saved): chunks of up to 15 rows from 512 KiB of weights
+    assert pay(16, 128, 384, 384, 4, 2, inference=True) and pay(30, 128, 256, 256, 4, 2, inference=True)
+    assert pay(24, 128, 128, 128, 4, 2, inference=True) and not pay(24, 64, 128, 128, 4, 2, inference=True)
+    assert not pay(32, 128, 256, 256, 4, 2, inference=True) and not pay(16, 128, 256, 256, 4, 2)
+    assert not pay(24, 128, 256, 256, 8, 2, inference=True) and not pay(24, 128, 256, 256, 4, 1, inference=True)
 
 
 @pytest.mark.parametrize("kw,shape,packed", [
@@ -508,6 +513,7 @@ def test_wide_columns_pay_rule():
     (dict(hidden_size=512, input_size=32), (20, 6), False),
     (dict(hidden_size=256, num_layers=2), (9, 6), False),  # (bidirectional: both directions at once)
     (dict(hidden_size=1024, input_size=16), (3, 24), False),  # W_hh of 16 MiB
+    (dict(hidden_size=256, input_size=128), (7, 22), False),  # chunks of 11 rows: inference only
 ])
 def test_module_takes_the_wide_unit_split_at_two_threads_and_matches_torch(kw, shape, packed, monkeypatch):
     """Inference at 5-96 rows on wide weights, 2 threads: every layer-direction split by hidden

@@ -391,7 +391,7 @@ class Runtime:
         where no OpenMP team is at hand."""
         H, P, itemsize = self._H, self._P, x.itemsize
         few = columns_pay(N, T, self._I, H, P, itemsize, self.threads)
-        wide = not few and wide_columns_pay(N, self._I, H, P, itemsize, self.threads)
+        wide = not few and wide_columns_pay(N, self._I, H, P, itemsize, self.threads, inference=True)
         if wide:  # the input rides in the step products (columns.py, wide_columns_pay)
             K = self.layers[idx][0].shape[1] + H
             if self.blas is None or not self.blas.use(K, 4 * -(-H // self.threads), N, self.dtype, forward=True):

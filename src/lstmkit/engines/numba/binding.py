@@ -292,7 +292,7 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
         out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse)
         if out is not None:
             return out
-    if _wide_columns(B, I, H, P, dt):
+    if _wide_columns(B, I, H, P, dt, save):
         out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse, save, wide=True)
         if out is not None:
             return out
@@ -320,11 +320,11 @@ def _by_columns(B: int, steps: int, I: int, H: int, P: int, itemsize: int) -> bo
     return threads > 1 and columns_pay_training(B, steps, I, H, P, itemsize, threads)
 
 
-def _wide_columns(B: int, I: int, H: int, P: int, dt) -> bool:
-    """Whether a forward call of B rows runs split by hidden units with MKL's step products, the
-    input in them (columns.wide_columns_pay)."""
+def _wide_columns(B: int, I: int, H: int, P: int, dt, save: bool = True) -> bool:
+    """Whether a forward call of B rows (saving for a backward, or not) runs split by hidden units
+    with MKL's step products, the input in them (columns.wide_columns_pay)."""
     threads = torch.get_num_threads()
-    return wide_columns_pay(B, I, H, P, dt.itemsize, threads) and mkl.use(I + H, 4 * -(-H // threads), B, dt,
+    return wide_columns_pay(B, I, H, P, dt.itemsize, threads, inference=not save) and mkl.use(I + H, 4 * -(-H // threads), B, dt,
                                                                            forward=True)
 
 

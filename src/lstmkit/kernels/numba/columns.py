@@ -168,6 +168,11 @@ def columns_precompute(steps: int, I: int, H: int, itemsize: int, threads: int) 
 # twelfth session).
 WIDE_MIN_WEIGHT_BYTES = 512 << 10  # [W_ih | W_hh], chunks of fewer than WIDE_CHUNK_ROWS rows
 WIDE_CHUNK_ROWS = 8
+# Inference (no activations saved, no backward to follow) splits by units up to chunks of 15
+# rows: at 2 threads, hidden 192-384, batch 16-28 (input 64-256), the rows split ran 0.85-0.97x
+# torch.nn.LSTM where the units split ran 1.00-1.35x; at 32 rows of hidden 256 the rows split won
+# again (1.12-1.16x against 1.06x). BENCHMARKS.md, fifteenth session.
+WIDE_INFERENCE_CHUNK_ROWS = 16
 WIDE_MIN_HH_BYTES = 4 << 20  # W_hh, any batch up to WIDE_MAX_ROWS
 WIDE_MAX_ROWS = 96
 # The wide path keeps the input in each part's step product (no x W_ih^T + b made first, as
@@ -175,12 +180,15 @@ WIDE_MAX_ROWS = 96
 # rows, against 0.95-1.08x fused, and as fast elsewhere (hidden 384-1024).
 
 
-def wide_columns_pay(batch: int, I: int, H: int, P: int, itemsize: int, threads: int) -> bool:
+def wide_columns_pay(batch: int, I: int, H: int, P: int, itemsize: int, threads: int,
+                     inference: bool = False) -> bool:
     """Whether a forward call over `batch` rows, more than columns_pay takes, runs split by
-    hidden units with its step products on a BLAS (the caller checks that one is at hand)."""
+    hidden units with its step products on a BLAS (the caller checks that one is at hand).
+    inference: the call saves nothing for a backward (chunks up to WIDE_INFERENCE_CHUNK_ROWS)."""
     if threads < 2 or P != H or itemsize != 4 or not MAX_ROWS < batch <= WIDE_MAX_ROWS:
         return False
-    few_rows = batch < WIDE_CHUNK_ROWS * threads and (I + H) * 4 * H * itemsize >= WIDE_MIN_WEIGHT_BYTES
+    chunk_rows = WIDE_INFERENCE_CHUNK_ROWS if inference else WIDE_CHUNK_ROWS
+    few_rows = batch < chunk_rows * threads and (I + H) * 4 * H * itemsize >= WIDE_MIN_WEIGHT_BYTES
     return few_rows or 4 * H * H * itemsize >= WIDE_MIN_HH_BYTES
 
 
