@@ -381,7 +381,7 @@ class Runtime:
         got = self._gemm.get((idx, pre))
         if got is None:
             w = w_hh if pre else np.concatenate((w_ih, w_hh), axis=1)
-            got = self._gemm[(idx, pre)] = self.blas.pack(w, True, rows)
+            got = self._gemm[(idx, pre)] = self.blas.pack(w, True, rows, padded=True)  # forward_chunk's products
         return got
 
     def _by_columns(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T: int, N: int) -> bool:

@@ -214,7 +214,7 @@ def _pack_forward(p: LayerParams, gemm_pre=None, rows: int = 0):
     gemm, wg = 0, None
     if gemm_pre is not None:
         w = as_numpy(p.w_hh) if gemm_pre else np.concatenate((as_numpy(p.w_ih), as_numpy(p.w_hh)), axis=1)
-        gemm, wg = mkl.pack(w, True, rows)
+        gemm, wg = mkl.pack(w, True, rows, padded=True)  # forward_chunk's products
     return b, wp, wpr, gemm, wg
 
 

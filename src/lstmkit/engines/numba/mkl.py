@@ -20,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+from ...kernels.numba.blas import padded_rows
 from ...kernels.numba.columns import unit_rows, unit_view
 from ...kernels.numba.tile import aligned_empty
 
@@ -93,17 +94,20 @@ def use(K: int, G: int, rows: int, dtype, forward: bool = False) -> bool:
     return dtype == np.float32 and ok and _find() is not None
 
 
-def pack(w: np.ndarray, transposed: bool, rows: int, out=None):
+def pack(w: np.ndarray, transposed: bool, rows: int, out=None, padded: bool = False):
     """(compute address, B packed): B = w^T (transposed: w (G, K), torch's weight layout) or
     w (K, G), float32 C-contiguous; into `out` (float32, at least packed_size floats, starting
     on a cache line) when given. The packed array must stay where it is (MKL's rule). w may be
-    a view of rows with a gap between them (a block of columns): MKL reads it by its row stride."""
+    a view of rows with a gap between them (a block of columns): MKL reads it by its row stride.
+    padded: for a kernel that computes its products on blas.padded_rows(rows) rows."""
     address, pack_fn, _ = _find()
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2 or w.strides[1] != 4 or w.strides[0] % 4 or w.strides[0] < 4 * w.shape[1]:
         w = np.ascontiguousarray(w)
     ld = max(w.strides[0] // 4, w.shape[1], 1)
     (G, K), trans = (w.shape, _TRANS) if transposed else (w.shape[::-1], _NO_TRANS)
+    if padded:
+        rows = padded_rows(rows, K, G)
     size = packed_size(K, G, rows)
     buf = aligned_empty((size,), np.float32) if out is None else out  # MKL wants a cache line
     if buf.dtype != np.float32 or buf.size < size or not buf.flags.c_contiguous or buf.ctypes.data % 64:
@@ -121,7 +125,8 @@ def pack_parts(w_ih: np.ndarray, w_hh: np.ndarray, units, pre: bool, rows: int):
     """(compute address, wgs (S, L)) for kernels/numba/columns.forward_columns' gemm: part s's
     rows of W_hh (pre: the input projection made before the loop) or of [W_ih | W_hh]
     (columns.part_rows), transposed and packed for products of `rows` rows."""
-    return _pack_each([_part(w_ih, w_hh, units[s], units[s + 1], pre) for s in range(units.shape[0] - 1)], True, rows)
+    parts = [_part(w_ih, w_hh, units[s], units[s + 1], pre) for s in range(units.shape[0] - 1)]
+    return _pack_each(parts, True, rows, padded=True)  # columns.forward_columns' products
 
 
 def _part(w_ih: np.ndarray, w_hh: np.ndarray, u0: int, u1: int, pre: bool) -> np.ndarray:
@@ -143,12 +148,13 @@ def pack_parts_backward(w_hh: np.ndarray, units, rows: int):
     return _pack_each([w_hh[:, units[s]:units[s + 1]] for s in range(units.shape[0] - 1)], False, rows)
 
 
-def _pack_each(ws, transposed: bool, rows: int):
+def _pack_each(ws, transposed: bool, rows: int, padded: bool = False):
     """(compute address, (S, L) array): each of the S weights packed (pack) into a row of its
     own, every row on a cache line."""
-    sizes = [packed_size(*((w.shape[1], w.shape[0]) if transposed else w.shape), rows) for w in ws]
+    kg = [(w.shape[1], w.shape[0]) if transposed else w.shape for w in ws]
+    sizes = [packed_size(K, G, padded_rows(rows, K, G) if padded else rows) for K, G in kg]
     out = aligned_empty((len(ws), -(-max(sizes) // 16) * 16), np.float32)
     address = 0
     for s, w in enumerate(ws):
-        address, _ = pack(w, transposed, rows, out=out[s])
+        address, _ = pack(w, transposed, rows, out=out[s], padded=padded)
     return address, out

@@ -17,7 +17,7 @@ Float32 only (MKL's packed GEMM is single and double, torch exports the single o
 float64 the call compiles to nothing and fn is 0.
 """
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic
 
 ROW_MAJOR, NO_TRANS, PACKED = 101, 111, 151  # CBLAS_LAYOUT, CBLAS_TRANSPOSE, MKL's CblasPacked
@@ -43,3 +43,21 @@ def gemm_packed(typingctx, fn, m, n, k, a, lda, b, c, ldc):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# MKL's packed GEMM makes 8 rows at a time: on weights past L2, a product of 5-7 rows took
+# 6-30 % longer than one of 8 (K x G = 512 x 1536: 187-196 us against 179; 640 x 2048: 281-304
+# against 248-255; 1024 x 4096: 2855-3343 against 2362), and below 3 MiB it was as fast. So a
+# kernel computes such a product on 8 rows, the rows past its own being spare ones of its
+# buffers (GEMM rows are independent: its own rows' numbers do not depend on them), and the
+# weights are packed for 8 rows (BENCHMARKS.md, fifteenth session).
+PAD_MIN_WEIGHT_BYTES = 3 << 20
+PAD_ROWS = 8
+
+
+@njit(cache=True)
+def padded_rows(n, K, G):
+    """The rows a packed product of n rows by a K x G float32 weight is computed on (n or PAD_ROWS)."""
+    if PAD_ROWS // 2 < n < PAD_ROWS and K * G * 4 >= PAD_MIN_WEIGHT_BYTES:
+        return PAD_ROWS
+    return n

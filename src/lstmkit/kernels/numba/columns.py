@@ -28,7 +28,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blas import gemm_packed
+from .blas import PAD_ROWS, gemm_packed, padded_rows
 from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
 from .rows import ptr_add, row_ptr
 from .simd import LANES
@@ -284,9 +284,10 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, gemm, wgs, r
     S = wps.shape[0]
     pre = xproj.shape[0] > 0
     k_first = I if pre else 0  # the product's first row of W (and column of xh): h's part with xproj
-    xh = np.empty((B, I + H), dt)
+    Bp = max(B, PAD_ROWS) if gemm != 0 else B  # rows to spare for the BLAS's padded_rows (zeros in)
+    xh = np.zeros((Bp, I + H), dt)
     K = H if pre else I + H  # the product's inner dimension
-    q = np.empty((B, max(padded_width(wps[0]), bps.shape[1])), dt)
+    q = np.empty((Bp, max(padded_width(wps[0]), bps.shape[1])), dt)
     acts = np.empty((B, bps.shape[1]), dt)  # scratch: the activations, not kept
     hs = np.empty(bps.shape[1] // 4, dt)
     xb = np.empty(bps.shape[1], dt)  # a part's columns of one row of xproj
@@ -311,7 +312,8 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, gemm, wgs, r
             Hs = u1 - u0
             # (n, I + H) @ (I + H, 4 H_s), or with xproj (n, H) @ (H, 4 H_s): k_first = I
             if gemm != 0:
-                gemm_packed(gemm, n, 4 * Hs, K, ptr_add(row_ptr(xh, 0), k_first), I + H, row_ptr(wgs, s),
+                gemm_packed(gemm, padded_rows(n, K, 4 * Hs), 4 * Hs, K, ptr_add(row_ptr(xh, 0), k_first), I + H,
+                            row_ptr(wgs, s),
                             row_ptr(q, 0), q.shape[1])
             else:
                 matmul(xh, n, wps[s], q, step % 2 == 1, k_first)

@@ -41,7 +41,7 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
-from .blas import gemm_packed
+from .blas import PAD_ROWS, gemm_packed, padded_rows
 from .rows import add_p, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
 from .team import call_kernel, on_team, row_chunks, spec, team_bodies, team_place, unpack, whole_team
@@ -312,8 +312,10 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
     pre = xproj.shape[0] > 0  # x W_ih^T + b of every row given: the step multiplies by W_hh only
     k_first = I if pre else 0  # the product's first row of W (and column of xh): h's part with xproj
     K = P if pre else I + P  # the product's inner dimension
-    xh = np.empty((m, I + P), dt)  # [x_t | h_{t-1}] of the chunk's rows: the product's input
-    q = np.empty((m, max(padded_width(wp), 4 * H)), dt)  # (wp is empty when gemm does the product)
+    # The BLAS computes a few rows as padded_rows of them: xh and q have rows to spare (zeros in).
+    mp = max(m, PAD_ROWS) if gemm != 0 else m
+    xh = np.zeros((mp, I + P), dt)  # [x_t | h_{t-1}] of the chunk's rows: the product's input
+    q = np.empty((mp, max(padded_width(wp), 4 * H)), dt)  # (wp is empty when gemm does the product)
     hp = np.empty((m if has_proj else 0, H), dt)  # h before the projection
     qp = np.empty((m if has_proj else 0, padded_width(wpr) if has_proj else 0), dt)
     # Inference keeps no activations, but still writes them to a scratch row: written in
@@ -332,7 +334,7 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
             for i in range(n):
                 copy_into(xh[i, :I], x[o + i])
         if gemm != 0:  # the BLAS's packed GEMM (blas.py), on W laid out by the caller
-            gemm_packed(gemm, n, 4 * H, K, ptr_add(row_ptr(xh, 0), k_first), I + P, row_ptr(wg, 0),
+            gemm_packed(gemm, padded_rows(n, K, 4 * H), 4 * H, K, ptr_add(row_ptr(xh, 0), k_first), I + P, row_ptr(wg, 0),
                         row_ptr(q, 0), q.shape[1])
         else:  # (n, I + P) @ (I + P, 4H), or with xproj (n, P) @ (P, 4H): k_first = I
             matmul(xh, n, wp, q, s % 2 == 1, k_first)
