@@ -5,6 +5,8 @@ or for variants a plain-loop implementation), outputs and every gradient, one to
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -122,3 +124,14 @@ def packed_input(lengths, I, dtype, enforce_sorted=False, batch_first=False, see
         return pack_padded_sequence(xi, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=enforce_sorted), [xi]
 
     return make
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch.set_num_threads(n) for the block, the caller's count restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -5,7 +5,6 @@ The split must give bitwise the row kernel's results (each unit's pre-activation
 chain of multiply-adds, lstm.py's gate pass the same code), whatever the number of parts and
 the team's size, forward and reverse, padded and packed (rows that end, rows that join), and
 the module must take it where columns_pay says so, matching torch.nn.LSTM."""
-import contextlib
 
 import numpy as np
 import pytest
@@ -18,18 +17,7 @@ from lstmkit.engines.numba.binding import share_torch_threads
 from lstmkit.kernels.numba import columns, lstm
 from lstmkit.kernels.numba.simd import LANES
 
-from harness import TOL
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch.set_num_threads(n) for the block, the caller's count restored after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from harness import TOL, torch_threads
 
 
 @pytest.fixture(autouse=True)

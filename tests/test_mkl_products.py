@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_sequence
 import lstmkit
 from lstmkit.engines.numba import binding, mkl
 
-from harness import TOL, assert_all_close, pair, run_differential, tensor_input
+from harness import TOL, assert_all_close, pair, run_differential, tensor_input, torch_threads
 
 pytestmark = pytest.mark.skipif(mkl._find() is None, reason="torch's library exports no MKL packed GEMM here")
 
@@ -25,7 +25,7 @@ def every_product_to_mkl(monkeypatch):
     monkeypatch.setattr(mkl, "MIN_ROWS", 1)
     packed = []
     real = mkl.pack
-    monkeypatch.setattr(mkl, "pack", lambda *a: packed.append(a[1]) or real(*a))
+    monkeypatch.setattr(mkl, "pack", lambda *a, **k: packed.append(a[1]) or real(*a, **k))
     return packed
 
 
@@ -152,3 +152,39 @@ def test_five_to_seven_rows_take_mkl_by_default(N, monkeypatch):
         (y.square().sum() + h.sum() + c.sum()).backward()
     assert_all_close([xs[0].grad, *(p.grad for p in ours.parameters())],
                      [xs[1].grad, *(p.grad for p in ref.parameters())], TOL[torch.float32])
+
+
+def test_padded_rows_rule():
+    """MKL's products of 5-7 rows on weights from 3 MiB are computed on 8 (blas.padded_rows)."""
+    from lstmkit.kernels.numba.blas import padded_rows
+
+    assert [padded_rows(n, 512, 1536) for n in range(1, 10)] == [1, 2, 3, 4, 8, 8, 8, 8, 9]
+    assert padded_rows(6, 384, 1536) == 6 and padded_rows(6, 1280, 2048) == 8
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_products_padded_to_eight_rows_match_nn_lstm(threads):
+    """Hidden 384, input 128: [W_ih | W_hh] of 3 MiB, so a forward's step products of 5-7 rows
+    run on 8 (the spare rows: zeros, or the last h of rows that ended). Padded input of 6 rows
+    and a PackedSequence whose steps run 7 rows down to 1, inference and training, on one thread
+    (rows split) and two (units split); outputs and every gradient against torch.nn.LSTM."""
+    calls = []
+    real = mkl.pack
+    seqs = [torch.randn(n, 128) for n in (5, 2, 9, 1, 7, 4, 3)]
+    with torch_threads(threads):
+        ref, ours = pair(dict(input_size=128, hidden_size=384), "numba", torch.float32)
+        try:
+            mkl.pack = lambda *a, **k: calls.append(k.get("padded")) or real(*a, **k)
+            x = torch.randn(4, 6, 128)
+            with torch.no_grad():
+                assert_all_close([ours(x)[0], *ours(x)[1]], [ref(x)[0], *ref(x)[1]], TOL[torch.float32])
+            run_differential(ref, ours, tensor_input(torch.randn(3, 6, 128)))
+
+            def make():
+                leaves = [s.clone().requires_grad_(True) for s in seqs]
+                return pack_sequence(leaves, enforce_sorted=False), leaves
+
+            run_differential(ref, ours, make)
+        finally:
+            mkl.pack = real
+    assert True in calls  # the forward's weights packed for the padded products
