@@ -248,7 +248,7 @@ def backward_weights(p: LayerParams, with_input: bool = True, gemm: bool = False
     if not gemm:
         return wpb, wprb, 0, None
     w = np.concatenate((as_numpy(p.w_ih), as_numpy(p.w_hh)), axis=1) if with_input else as_numpy(p.w_hh)
-    return (wpb, wprb, *mkl.pack(w, False, rows))
+    return (wpb, wprb, *mkl.pack(w, False, rows, padded=True))  # backward_chunk's products
 
 
 def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray, slot: int = 0) -> np.ndarray:

@@ -523,7 +523,10 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, gemm, wgb, reverse, acts, 
     dx_here = dx.shape[0] > 0  # else wpb is W_hh alone and the caller makes dx after the loop
     I_out = I if dx_here else 0  # dh_{t-1}'s column in the product
     # [dx_t | dh_{t-1}] (or dh_{t-1}) of the chunk's rows (wpb is empty when gemm does the product)
-    qb = np.empty((m, max(padded_width(wpb), I_out + P)), dt)
+    # The BLAS computes a few rows as padded_rows of them: qb has rows to spare, and a padded
+    # product reads its dgates rows from dg_pad (dgates' next rows may lie past the array).
+    qb = np.empty((max(m, PAD_ROWS) if gemm != 0 else m, max(padded_width(wpb), I_out + P)), dt)
+    dg_pad = np.zeros((PAD_ROWS if gemm != 0 else 0, 4 * H), dt)
     dhp = np.empty((m if has_proj else 0, padded_width(wprb) if has_proj else 0), dt)
     no_hpre = np.empty(0, dt)
     for s in range(T):
@@ -551,8 +554,13 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, gemm, wgb, reverse, acts, 
                                 has_proj, H)
             add_p(row_ptr(db_rows, r0 + i), row_ptr(dgates, o + i), 4 * H)
         if gemm != 0:  # the BLAS's packed GEMM (blas.py)
-            gemm_packed(gemm, n, I_out + P, 4 * H, row_ptr(dgates, o), 4 * H, row_ptr(wgb, 0), row_ptr(qb, 0),
-                        qb.shape[1])
+            rows = padded_rows(n, 4 * H, I_out + P)
+            a = row_ptr(dgates, o)
+            if rows != n:
+                for i in range(n):
+                    copy_p(row_ptr(dg_pad, i), row_ptr(dgates, o + i), 4 * H)
+                a = row_ptr(dg_pad, 0)
+            gemm_packed(gemm, rows, I_out + P, 4 * H, a, 4 * H, row_ptr(wgb, 0), row_ptr(qb, 0), qb.shape[1])
         else:
             matmul(dgates[o:], n, wpb, qb, s % 2 == 1, WHOLE_K)  # (n, 4H) @ (4H, I + P), or (4H, P)
         for i in range(n):
