@@ -745,6 +745,56 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
     assert packed_with_input and not any(packed_with_input)  # every backward made dx after its loop
 
 
+@pytest.mark.parametrize("threads,hidden,N", [(1, 7, 5), (1, 96, 6), (2, 96, 2), (2, 160, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_input_without_grad_skips_dx(threads, hidden, N, dtype, monkeypatch):
+    """An input of data (no requires_grad) asks for no dx: the time loop's backward leaves W_ih out
+    of its step products and makes no dx after it (layer_backward's needs). Every gradient asked
+    for (the weights', h0's, c0's) matches torch.nn.LSTM, padded and packed unsorted, with the
+    rows split, the units split (2 threads, 2 rows) and the wide split (2 threads, 12 rows);
+    a second layer's input still gets its gradient."""
+    packed_with_input, dx_products = [], []
+    real_bw = binding.backward_weights
+    monkeypatch.setattr(binding, "backward_weights", lambda p, with_input=True, *rest: packed_with_input.append(
+                        with_input) or real_bw(p, with_input, *rest))
+    real_lb = numba_engine.layer_backward
+
+    def layer_backward(*a, **k):
+        out = real_lb(*a, **k)
+        dx_products.append(out[0] is not None)
+        return out
+
+    monkeypatch.setattr(numba_engine, "layer_backward", layer_backward)
+    torch.manual_seed(N)
+    ref = nn.LSTM(8, hidden, num_layers=2, dtype=dtype)
+    ours = lstmkit.LSTM.from_torch(ref, engine="numba")
+    x = torch.randn(6, N, 8, dtype=dtype)
+    lengths = torch.randint(1, 7, (N,))
+    lengths[0] = 6
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for packed in (False, True):
+            grads = []
+            state = torch.randn(2, 2, N, hidden, dtype=dtype)
+            for m in (ours, ref):
+                m.zero_grad()
+                h0, c0 = (s.clone().requires_grad_(True) for s in state)
+                inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+                y, (h, c) = m(inp, (h0, c0))
+                ((y.data if packed else y).square().sum() + h.sum() + c.square().sum()).backward()
+                grads.append([h0.grad, c0.grad, *(p.grad for p in m.parameters())])
+            for a, b in zip(*grads):
+                assert_close(a, b, TOL[dtype])
+    finally:
+        torch.set_num_threads(old)
+    assert x.grad is None
+    assert dx_products == [True, False] * 2  # per step: layer 1 (its input needs it), then layer 0
+    if packed_with_input:  # the rows split, layer 1's backward then layer 0's, per step: layer 0 packed
+        assert not any(packed_with_input[1::2])  # W_hh alone (no dx), layer 1 W_ih too where its dx
+        assert all(packed_with_input[0::2]) == (hidden == 7)  # is in the loop
+
+
 def test_the_input_gemm_rule():
     """kernels' precompute_input: weight bytes per row of a chunk, whatever the rows (the big
     shapes of the bench's --extra gained 5-10 % from it on the micro-kernel), never for one step

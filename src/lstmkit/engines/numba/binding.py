@@ -374,8 +374,10 @@ def _backward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, y, 
 def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cells, dy, dh_n, dc_n, needs=None):
     """BPTT on tensors (dy, dh_n, dc_n may be None: zeros). Returns torch tensors
     (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr or None); the weight gradients are torch GEMMs.
-    One or a few time steps (unpacked_path) go to step_backward / steps_backward, which leave out
-    (None) what `needs` (flags in double_backward.INPUT_NAMES order, None: all) does not ask for."""
+    `needs`: flags in double_backward.INPUT_NAMES order (None: all). dx is left out (None) when
+    it does not ask for it, as for an input of data that needs no gradient: the step products
+    then leave out W_ih. One or a few time steps (unpacked_path) go to step_backward /
+    steps_backward, which leave out every gradient `needs` does not ask for."""
     path = unpacked_path(batch_sizes)
     if path is not None and prefetch.pending:  # the child may be compiling these kernels now
         prefetch.wait_for(path + " backward")
@@ -390,6 +392,7 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     P = h0n.shape[1]
     has_proj = p.w_hr is not None
     t_ = torch.from_numpy
+    want_dx = needs is None or needs[0]
     by_columns = _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize)
     wide = not by_columns and _wide_columns_backward(B, I, H, P, dt)
     if by_columns or wide:
@@ -397,12 +400,13 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
         if out is not None:
             dh, dc, dgates, h_prev = out
             dg = t_(dgates)
-            return (dg.mm(p.w_ih.detach()), t_(dh), t_(dc), dg.t().mm(t_(xn)), dg.t().mm(t_(h_prev)), dg.sum(0),
-                    None)
+            return (dg.mm(p.w_ih.detach()) if want_dx else None, t_(dh), t_(dc), dg.t().mm(t_(xn)),
+                    dg.t().mm(t_(h_prev)), dg.sum(0), None)
     if prefetch.pending:  # the child may be compiling backward_chunk now
         prefetch.wait_for("time loop backward")
     bounds = row_bounds(batch_sizes, I, H, P)
-    dx_after = dx_after_loop(len(batch_sizes), I, H, P, xn.itemsize)
+    # dx after the loop (or not at all): the step products by W_hh alone
+    dx_after = not want_dx or dx_after_loop(len(batch_sizes), I, H, P, xn.itemsize)
     rows = chunk_rows(B, bounds)
     wpb, wprb, gemm, wgb = backward_weights(p, not dx_after, mkl.use(4 * H, P if dx_after else I + P, rows, dt), rows)
     dyn = as_numpy_or(dy, (total, P), dt)
@@ -418,7 +422,10 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
                   as_numpy(acts), as_numpy(cells), as_numpy(y), dyn, dh, dc, dx, dgates, xh_prev, db_rows,
                   dh_all, hpre_all, bounds, gemm, wgb)
     dg = t_(dgates)
-    dx = dg.mm(p.w_ih.detach()) if dx_after else t_(dx)  # (total, 4H) @ (4H, I)
+    if dx_after:
+        dx = dg.mm(p.w_ih.detach()) if want_dx else None  # (total, 4H) @ (4H, I)
+    else:
+        dx = t_(dx)
     dw_ih, dw_hh, db, dw_hr = weight_gradients(I, dg, t_(xh_prev), t_(db_rows), t_(dh_all), t_(hpre_all), torch.mm)
     # Own storage each, as torch.nn.LSTM's gradients (a custom op may not return aliases).
     return dx, t_(dh), t_(dc), dw_ih.contiguous(), dw_hh.contiguous(), db, dw_hr
