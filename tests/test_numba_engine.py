@@ -795,6 +795,41 @@ def test_an_input_without_grad_skips_dx(threads, hidden, N, dtype, monkeypatch):
         assert all(packed_with_input[0::2]) == (hidden == 7)  # is in the loop
 
 
+@pytest.mark.parametrize("threads,hidden,N", [(1, 7, 5), (1, 96, 6), (2, 96, 2), (2, 160, 12)])
+def test_a_frozen_lstm_makes_no_weight_gradients(threads, hidden, N, monkeypatch):
+    """Parameters with requires_grad=False (a frozen LSTM under a trained head and embedding):
+    the time loop's backward makes no weight-gradient GEMMs, and dx, dh0, dc0 match
+    torch.nn.LSTM, padded and packed unsorted, rows, units and wide splits."""
+    made = []
+    real_wg = binding.weight_gradients
+    monkeypatch.setattr(binding, "weight_gradients", lambda *a: made.append(1) or real_wg(*a))
+    torch.manual_seed(N)
+    ref = nn.LSTM(8, hidden, num_layers=2).requires_grad_(False)
+    ours = lstmkit.LSTM.from_torch(ref, engine="numba").requires_grad_(False)
+    x = torch.randn(6, N, 8)
+    lengths = torch.randint(1, 7, (N,))
+    lengths[0] = 6
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for packed in (False, True):
+            grads = []
+            state = torch.randn(2, 2, N, hidden)
+            for m in (ours, ref):
+                xg = x.clone().requires_grad_(True)
+                h0, c0 = (s.clone().requires_grad_(True) for s in state)
+                inp = pack_padded_sequence(xg, lengths, enforce_sorted=False) if packed else xg
+                y, (h, c) = m(inp, (h0, c0))
+                ((y.data if packed else y).square().sum() + h.sum() + c.square().sum()).backward()
+                grads.append([xg.grad, h0.grad, c0.grad])
+            for a, b in zip(*grads):
+                assert_close(a, b, TOL[torch.float32])
+    finally:
+        torch.set_num_threads(old)
+    assert all(p.grad is None for p in ours.parameters())
+    assert not made
+
+
 def test_the_input_gemm_rule():
     """kernels' precompute_input: weight bytes per row of a chunk, whatever the rows (the big
     shapes of the bench's --extra gained 5-10 % from it on the micro-kernel), never for one step

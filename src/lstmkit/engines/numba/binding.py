@@ -376,7 +376,8 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr or None); the weight gradients are torch GEMMs.
     `needs`: flags in double_backward.INPUT_NAMES order (None: all). dx is left out (None) when
     it does not ask for it, as for an input of data that needs no gradient: the step products
-    then leave out W_ih. One or a few time steps (unpacked_path) go to step_backward /
+    then leave out W_ih; so are the weight gradients (their GEMMs) when it asks for none of
+    them (a frozen LSTM). One or a few time steps (unpacked_path) go to step_backward /
     steps_backward, which leave out every gradient `needs` does not ask for."""
     path = unpacked_path(batch_sizes)
     if path is not None and prefetch.pending:  # the child may be compiling these kernels now
@@ -393,6 +394,7 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     has_proj = p.w_hr is not None
     t_ = torch.from_numpy
     want_dx = needs is None or needs[0]
+    want_w = needs is None or any(needs[3:8])  # a weight's or bias's gradient
     by_columns = _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize)
     wide = not by_columns and _wide_columns_backward(B, I, H, P, dt)
     if by_columns or wide:
@@ -400,6 +402,8 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
         if out is not None:
             dh, dc, dgates, h_prev = out
             dg = t_(dgates)
+            if not want_w:
+                return dg.mm(p.w_ih.detach()) if want_dx else None, t_(dh), t_(dc), None, None, None, None
             return (dg.mm(p.w_ih.detach()) if want_dx else None, t_(dh), t_(dc), dg.t().mm(t_(xn)),
                     dg.t().mm(t_(h_prev)), dg.sum(0), None)
     if prefetch.pending:  # the child may be compiling backward_chunk now
@@ -426,6 +430,8 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
         dx = dg.mm(p.w_ih.detach()) if want_dx else None  # (total, 4H) @ (4H, I)
     else:
         dx = t_(dx)
+    if not want_w:
+        return dx, t_(dh), t_(dc), None, None, None, None
     dw_ih, dw_hh, db, dw_hr = weight_gradients(I, dg, t_(xh_prev), t_(db_rows), t_(dh_all), t_(hpre_all), torch.mm)
     # Own storage each, as torch.nn.LSTM's gradients (a custom op may not return aliases).
     return dx, t_(dh), t_(dc), dw_ih.contiguous(), dw_hh.contiguous(), db, dw_hr
