@@ -830,6 +830,31 @@ def test_a_frozen_lstm_makes_no_weight_gradients(threads, hidden, N, monkeypatch
     assert not made
 
 
+def test_a_frozen_variant_lstm_makes_no_weight_gradients(monkeypatch):
+    """The variant kernel's backward (layer norm, peepholes) for a frozen LSTM: no
+    weight-gradient GEMMs, and dx, dh0, dc0 equal the reference engine's (float64)."""
+    from lstmkit.engines.numba import variants as numba_variants
+
+    made = []
+    real_wg = numba_variants.weight_gradients
+    monkeypatch.setattr(numba_variants, "weight_gradients", lambda *a, **k: made.append(1) or real_wg(*a, **k))
+    torch.manual_seed(0)
+    kw = dict(num_layers=2, layer_norm=True, peephole=True, proj_size=3, dtype=torch.float64)
+    ours = lstmkit.LSTM(4, 6, engine="numba", **kw).requires_grad_(False)
+    ref = lstmkit.LSTM(4, 6, engine="reference", **kw).requires_grad_(False)
+    ref.load_state_dict(ours.state_dict())
+    x, state = torch.randn(7, 3, 4, dtype=torch.float64), torch.randn(2, 2, 3, 6, dtype=torch.float64)
+    grads = []
+    for m in (ours, ref):
+        xg, h0, c0 = x.clone().requires_grad_(), state[0][..., :3].clone().requires_grad_(), state[1].clone().requires_grad_()
+        y, (h, c) = m(xg, (h0, c0))
+        (y.square().sum() + h.sum() + c.square().sum()).backward()
+        grads.append([xg.grad, h0.grad, c0.grad])
+    for a, b in zip(*grads):
+        assert_close(a, b, TOL[torch.float64])
+    assert not made and all(p.grad is None for p in ours.parameters())
+
+
 def test_the_input_gemm_rule():
     """kernels' precompute_input: weight bytes per row of a chunk, whatever the rows (the big
     shapes of the bench's --extra gained 5-10 % from it on the micro-kernel), never for one step

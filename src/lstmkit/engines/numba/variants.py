@@ -141,8 +141,11 @@ class _VariantFunction(torch.autograd.Function):
                       sv["c_prev"], y.numpy(), *(sv[n] for n in _SAVED[3:]), as_numpy_or(dy, (total, P), dt), dh, dc,
                       *bufs.values(), bounds, gemm, wgb)
         t_ = torch.from_numpy
-        g = weight_gradients(I, H, *(t_(a) for a in bufs.values()), mm=torch.mm)
         need = ctx.needs_input_grad
+        if any(need[3:]):  # else a frozen LSTM: no weight-gradient GEMMs
+            g = weight_gradients(I, H, *(t_(a) for a in bufs.values()), mm=torch.mm)
+        else:
+            g = dict.fromkeys(("db", "dln", "dw_ih", "dw_hh", "dw_hr", "dpeep"))
         db, dln = g["db"], g["dln"] or (None,) * 4
         grads = (t_(bufs["dgates"]).mm(w_ih.detach()) if need[0] else None, t_(dh), t_(dc), g["dw_ih"], g["dw_hh"],
                  db, db, g["dw_hr"], dln[0], db, dln[1], db, dln[2], dln[3], g["dpeep"])
