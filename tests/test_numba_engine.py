@@ -846,7 +846,8 @@ def test_a_frozen_variant_lstm_makes_no_weight_gradients(monkeypatch):
     x, state = torch.randn(7, 3, 4, dtype=torch.float64), torch.randn(2, 2, 3, 6, dtype=torch.float64)
     grads = []
     for m in (ours, ref):
-        xg, h0, c0 = x.clone().requires_grad_(), state[0][..., :3].clone().requires_grad_(), state[1].clone().requires_grad_()
+        xg = x.clone().requires_grad_()
+        h0, c0 = state[0][..., :3].clone().requires_grad_(), state[1].clone().requires_grad_()
         y, (h, c) = m(xg, (h0, c0))
         (y.square().sum() + h.sum() + c.square().sum()).backward()
         grads.append([xg.grad, h0.grad, c0.grad])
