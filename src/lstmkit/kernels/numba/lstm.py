@@ -335,8 +335,7 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
                 copy_into(xh[i, :I], x[o + i])
         if gemm != 0:  # the BLAS's packed GEMM (blas.py), on W laid out by the caller
             gemm_packed(gemm, padded_rows(n, K, 4 * H), 4 * H, K, ptr_add(row_ptr(xh, 0), k_first), I + P,
-                        row_ptr(wg, 0),
-                        row_ptr(q, 0), q.shape[1])
+                        row_ptr(wg, 0), row_ptr(q, 0), q.shape[1])
         else:  # (n, I + P) @ (I + P, 4H), or with xproj (n, P) @ (P, 4H): k_first = I
             matmul(xh, n, wp, q, s % 2 == 1, k_first)
         for i in range(n):  # row pointers, not row views: see rows.py
