@@ -324,8 +324,8 @@ def _wide_columns(B: int, I: int, H: int, P: int, dt, save: bool = True) -> bool
     """Whether a forward call of B rows (saving for a backward, or not) runs split by hidden units
     with MKL's step products, the input in them (columns.wide_columns_pay)."""
     threads = torch.get_num_threads()
-    return wide_columns_pay(B, I, H, P, dt.itemsize, threads, inference=not save) and mkl.use(I + H, 4 * -(-H // threads), B, dt,
-                                                                           forward=True)
+    return (wide_columns_pay(B, I, H, P, dt.itemsize, threads, inference=not save)
+            and mkl.use(I + H, 4 * -(-H // threads), B, dt, forward=True))
 
 
 def _forward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, save=True, wide=False):

@@ -313,8 +313,7 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, gemm, wgs, r
             # (n, I + H) @ (I + H, 4 H_s), or with xproj (n, H) @ (H, 4 H_s): k_first = I
             if gemm != 0:
                 gemm_packed(gemm, padded_rows(n, K, 4 * Hs), 4 * Hs, K, ptr_add(row_ptr(xh, 0), k_first), I + H,
-                            row_ptr(wgs, s),
-                            row_ptr(q, 0), q.shape[1])
+                            row_ptr(wgs, s), row_ptr(q, 0), q.shape[1])
             else:
                 matmul(xh, n, wps[s], q, step % 2 == 1, k_first)
             for i in range(n):
