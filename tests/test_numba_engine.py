@@ -22,7 +22,7 @@ from lstmkit.engines.base import LayerParams
 from lstmkit.kernels.numba import lstm_backward, lstm_forward
 from lstmkit.kernels.numba.activations import TANH_DENOMINATOR, TANH_NUMERATOR, pade_coefficients
 
-from harness import TOL, assert_close, packed_input, pair, run_differential, tensor_input
+from harness import TOL, assert_close, packed_input, pair, run_differential, tensor_input, torch_threads
 
 
 # ---- one layer-direction: numpy kernels vs the reference engine --------------------------------------
@@ -745,6 +745,31 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
     assert packed_with_input and not any(packed_with_input)  # every backward made dx after its loop
 
 
+def _compare_training_steps(ours, ref, x, threads: int, input_grad: bool):
+    """A training step of ours and of ref (2 layers) on x (L, N, I), padded and then packed unsorted
+    (random lengths, one of L), from one random state, at `threads` threads: the gradients of the
+    state, of x where input_grad, and of every parameter that asks for one, against each other."""
+    L, N = x.shape[:2]
+    lengths = torch.randint(1, L + 1, (N,))
+    lengths[0] = L
+    with torch_threads(threads):
+        for packed in (False, True):
+            grads = []
+            state = torch.randn(2, 2, N, ref.hidden_size, dtype=x.dtype)
+            for m in (ours, ref):
+                m.zero_grad()
+                xg = x.clone().requires_grad_(input_grad)
+                h0, c0 = (s.clone().requires_grad_(True) for s in state)
+                inp = pack_padded_sequence(xg, lengths, enforce_sorted=False) if packed else xg
+                y, (h, c) = m(inp, (h0, c0))
+                ((y.data if packed else y).square().sum() + h.sum() + c.square().sum()).backward()
+                grads.append(([xg.grad] if input_grad else []) + [h0.grad, c0.grad]
+                             + [p.grad for p in m.parameters() if p.requires_grad])
+            assert len(grads[0]) == len(grads[1])
+            for a, b in zip(*grads):
+                assert_close(a, b, TOL[x.dtype])
+
+
 @pytest.mark.parametrize("threads,hidden,N", [(1, 7, 5), (1, 96, 6), (2, 96, 2), (2, 160, 12)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_an_input_without_grad_skips_dx(threads, hidden, N, dtype, monkeypatch):
@@ -767,28 +792,8 @@ def test_an_input_without_grad_skips_dx(threads, hidden, N, dtype, monkeypatch):
     monkeypatch.setattr(numba_engine, "layer_backward", layer_backward)
     torch.manual_seed(N)
     ref = nn.LSTM(8, hidden, num_layers=2, dtype=dtype)
-    ours = lstmkit.LSTM.from_torch(ref, engine="numba")
-    x = torch.randn(6, N, 8, dtype=dtype)
-    lengths = torch.randint(1, 7, (N,))
-    lengths[0] = 6
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for packed in (False, True):
-            grads = []
-            state = torch.randn(2, 2, N, hidden, dtype=dtype)
-            for m in (ours, ref):
-                m.zero_grad()
-                h0, c0 = (s.clone().requires_grad_(True) for s in state)
-                inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
-                y, (h, c) = m(inp, (h0, c0))
-                ((y.data if packed else y).square().sum() + h.sum() + c.square().sum()).backward()
-                grads.append([h0.grad, c0.grad, *(p.grad for p in m.parameters())])
-            for a, b in zip(*grads):
-                assert_close(a, b, TOL[dtype])
-    finally:
-        torch.set_num_threads(old)
-    assert x.grad is None
+    _compare_training_steps(lstmkit.LSTM.from_torch(ref, engine="numba"), ref, torch.randn(6, N, 8, dtype=dtype),
+                            threads, input_grad=False)
     assert dx_products == [True, False] * 2  # per step: layer 1 (its input needs it), then layer 0
     if packed_with_input:  # the rows split, layer 1's backward then layer 0's, per step: layer 0 packed
         assert not any(packed_with_input[1::2])  # W_hh alone (no dx), layer 1 W_ih too where its dx
@@ -806,26 +811,7 @@ def test_a_frozen_lstm_makes_no_weight_gradients(threads, hidden, N, monkeypatch
     torch.manual_seed(N)
     ref = nn.LSTM(8, hidden, num_layers=2).requires_grad_(False)
     ours = lstmkit.LSTM.from_torch(ref, engine="numba").requires_grad_(False)
-    x = torch.randn(6, N, 8)
-    lengths = torch.randint(1, 7, (N,))
-    lengths[0] = 6
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for packed in (False, True):
-            grads = []
-            state = torch.randn(2, 2, N, hidden)
-            for m in (ours, ref):
-                xg = x.clone().requires_grad_(True)
-                h0, c0 = (s.clone().requires_grad_(True) for s in state)
-                inp = pack_padded_sequence(xg, lengths, enforce_sorted=False) if packed else xg
-                y, (h, c) = m(inp, (h0, c0))
-                ((y.data if packed else y).square().sum() + h.sum() + c.square().sum()).backward()
-                grads.append([xg.grad, h0.grad, c0.grad])
-            for a, b in zip(*grads):
-                assert_close(a, b, TOL[torch.float32])
-    finally:
-        torch.set_num_threads(old)
+    _compare_training_steps(ours, ref, torch.randn(6, N, 8), threads, input_grad=True)
     assert all(p.grad is None for p in ours.parameters())
     assert not made
 
