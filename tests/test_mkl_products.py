@@ -192,3 +192,48 @@ def test_products_padded_to_eight_rows_match_nn_lstm(threads, I, H):
             mkl.pack = real
     # packed for the padded products: the forward's W^T, and on one thread the backward's W
     assert (True, True) in calls and (threads == 1) == ((False, True) in calls)
+
+
+def test_variant_products_padded_to_eight_rows_match_the_reference():
+    """The variant kernel's forward products of 6 rows on a W_hh of 3 MiB (hidden 448) run on 8
+    (blas.padded_rows): outputs and every gradient equal the reference engine's, one thread,
+    layer norm and peepholes, padded input and a PackedSequence whose steps run 7 rows down to 1;
+    and in eval mode (zoneout too), where the module's runtime runs the variant kernel on MKL."""
+    calls = []
+    real = mkl.pack
+
+    def run(engine, make):
+        torch.manual_seed(0)
+        m = lstmkit.LSTM(16, 448, engine=engine, layer_norm=True, peephole=True)
+        x, leaves = make()
+        y, (h, c) = m(x)
+        ((y.data if hasattr(y, "batch_sizes") else y).sin().sum() + h.sum() + c.sum()).backward()
+        return [getattr(y, "data", y), h, c, *(t.grad for t in leaves), *(p.grad for p in m.parameters())]
+
+    def padded():
+        x = torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        return x, [x]
+
+    def packed():
+        g = torch.Generator().manual_seed(2)
+        leaves = [torch.randn(n, 16, generator=g).requires_grad_(True) for n in (5, 2, 6, 1, 7, 4, 3)]
+        return pack_sequence(leaves, enforce_sorted=False), leaves
+
+    def evaluated(engine):  # the module's inference fast path: the torch-free runtime's variant layer
+        torch.manual_seed(0)
+        m = lstmkit.LSTM(16, 448, engine=engine, layer_norm=True, peephole=True, zoneout=0.2).eval()
+        with torch.no_grad():
+            y, (h, c) = m(padded()[0])
+        return [y, h, c]
+
+    with torch_threads(1):
+        for make in (padded, packed, None):
+            try:
+                mkl.pack = lambda *a, **k: calls.append((a[1], k.get("padded"))) or real(*a, **k)
+                got = evaluated("numba") if make is None else run("numba", make)
+            finally:
+                mkl.pack = real
+            want = evaluated("reference") if make is None else run("reference", make)
+            assert_all_close([t.detach() for t in got], [t.detach() for t in want], TOL[torch.float32])
+            assert (True, True) in calls  # the forward's W_hh^T packed for the padded products
+            calls.clear()

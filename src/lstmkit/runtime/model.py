@@ -464,12 +464,26 @@ class Runtime:
         projected = precompute_input(N, T, w_ih.shape[1], H, P, x.itemsize,
                                      bounds.shape[0] - 1)
         acts = self.input_projection(x, w_ih, self._zero_bias) if projected else self._no_acts  # (total, 4H)
+        gemm, wg = self._variant_gemm_weights(idx, -(-N // (bounds.shape[0] - 1)))
         _variant_forward(
             x, bsz, h0[idx], c0[idx], w_ih, w_hh, b, w_hr, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
             peep, zc, zh, empty(0, P), reverse, acts, y, h_n[idx], c_n[idx],
             empty(0, H), empty(0, H), empty(0, 4 * H), empty(0, 4 * H), empty(0, H), empty(0, 3), False,
-            bounds, projected=projected, packed=packed,
+            bounds, projected=projected, packed=packed, gemm=gemm, wg=wg,
         )
+
+    def _variant_gemm_weights(self, idx, rows: int):
+        """(address, packed W_hh^T) of a BLAS's packed GEMM for the variant kernel's recurrent
+        products, as the torch engine's variant path takes them (engines/numba/variants._gemm),
+        where one is plugged in and pays for chunks of `rows` rows; else (0, None): the
+        micro-kernel. Packed once per layer-direction."""
+        w_hh = self.layers[idx][1]
+        if self.blas is None or not self.blas.use(w_hh.shape[1], w_hh.shape[0], rows, self.dtype):
+            return 0, None
+        got = self._gemm.get((idx, "variant"))
+        if got is None:
+            got = self._gemm[(idx, "variant")] = self.blas.pack(w_hh, True, rows, padded=True)
+        return got
 
     def _zoneout_masks(self, total: int):
         """zoneout at inference: d = p for every row and unit (0 rows: off), kept per row count."""

@@ -39,7 +39,7 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
-from .blas import gemm_packed
+from .blas import PAD_ROWS, gemm_packed, padded_rows
 from .lstm import backward_step, no_projection, offsets
 from .rows import KW, add_p, copy_p, fma_p, mul_p, ptr_add, row_ptr
 from .simd import (LANES, block_units, out_tanh_block, variant_gate_backward_block, variant_gate_block,
@@ -253,8 +253,10 @@ def forward_chunk(x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, gemm, wg, ln_i
     has_rm = rm.shape[0] > 0
     in_loop = wp_ih.shape[0] > 0  # x W_ih^T made per step here (else acts holds it on entry)
     xq = np.empty((m if in_loop else 0, padded_width(wp_ih)), dt)  # x_t W_ih^T of one step
-    hin = np.empty((m, P), dt)  # h_{t-1} * m: the product's input
-    hh = np.empty((m, max(padded_width(wp_hh), 4 * H)), dt)  # (h_{t-1} * m) W_hh^T (wp_hh empty with gemm)
+    # The BLAS computes a few rows as blas.padded_rows of them: hin and hh have rows to spare (zeros in).
+    mp = max(m, PAD_ROWS) if gemm != 0 else m
+    hin = np.zeros((mp, P), dt)  # h_{t-1} * m: the product's input
+    hh = np.empty((mp, max(padded_width(wp_hh), 4 * H)), dt)  # (h_{t-1} * m) W_hh^T (wp_hh empty with gemm)
     hp = np.empty((m, H), dt)  # o * tanh(.), before the projection
     hn = np.empty((m if has_proj else 0, padded_width(wp_hr)), dt)  # after the projection
     cscr = np.empty((0 if save else m, H), dt)  # c~ when not saving
@@ -284,7 +286,8 @@ def forward_chunk(x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, gemm, wg, ln_i
             if save and has_zc:
                 copy_p(row_ptr(c_prev, o + i), row_ptr(c, r0 + i), H)
         if gemm != 0:  # the BLAS's packed GEMM (blas.py)
-            gemm_packed(gemm, n, 4 * H, P, row_ptr(hin, 0), P, row_ptr(wg, 0), row_ptr(hh, 0), hh.shape[1])
+            gemm_packed(gemm, padded_rows(n, P, 4 * H), 4 * H, P, row_ptr(hin, 0), P, row_ptr(wg, 0), row_ptr(hh, 0),
+                        hh.shape[1])
         else:
             matmul(hin, n, wp_hh, hh, s % 2 == 1, WHOLE_K)  # (n, P) @ (P, 4H)
         if in_loop:
