@@ -195,8 +195,8 @@ def test_products_padded_to_eight_rows_match_nn_lstm(threads, I, H):
 
 
 def test_variant_products_padded_to_eight_rows_match_the_reference():
-    """The variant kernel's forward products of 6 rows on a W_hh of 3 MiB (hidden 448) run on 8
-    (blas.padded_rows): outputs and every gradient equal the reference engine's, one thread,
+    """The variant kernel's step products of 6 rows on a W_hh of 3 MiB (hidden 448) run on 8
+    (blas.padded_rows), forward and backward: outputs and every gradient equal the reference engine's, one thread,
     layer norm and peepholes, padded input and a PackedSequence whose steps run 7 rows down to 1;
     and in eval mode (zoneout too), where the module's runtime runs the variant kernel on MKL."""
     calls = []
@@ -235,5 +235,6 @@ def test_variant_products_padded_to_eight_rows_match_the_reference():
                 mkl.pack = real
             want = evaluated("reference") if make is None else run("reference", make)
             assert_all_close([t.detach() for t in got], [t.detach() for t in want], TOL[torch.float32])
-            assert (True, True) in calls  # the forward's W_hh^T packed for the padded products
+            # packed for the padded products: the forward's W_hh^T, and in training the backward's W_hh
+            assert (True, True) in calls and ((False, True) in calls) == (make is not None)
             calls.clear()

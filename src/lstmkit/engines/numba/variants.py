@@ -51,7 +51,7 @@ def _gemm(w_hh, transposed: bool, rows: int):
     G, K = w_hh.shape if transposed else w_hh.shape[::-1]
     if not mkl.use(K, G, rows, w_hh.dtype):
         return 0, None
-    return mkl.pack(w_hh, transposed, rows, padded=transposed)  # the forward's products: padded (blas.padded_rows)
+    return mkl.pack(w_hh, transposed, rows, padded=True)  # the loops compute on blas.padded_rows
 
 
 def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):

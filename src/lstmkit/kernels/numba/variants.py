@@ -393,7 +393,10 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, gemm, wgb, ln_ih_w, l
     has_rm = rm.shape[0] > 0
     dhn = np.empty((m, P), dt)  # dL/dh~ (after the projection, before zoneout)
     dhp = np.empty((m if has_proj else 0, padded_width(wpb_hr)), dt)  # dL/d(o * tanh(.))
-    dhin = np.empty((m, max(padded_width(wpb_hh), P)), dt)  # dL/d(h_{t-1} * m) of one step
+    # The BLAS computes a few rows as blas.padded_rows of them: dhin has rows to spare, and a padded
+    # product reads its rows from src_pad (the rows after them in dgates or dhw may lie past the array).
+    dhin = np.empty((max(m, PAD_ROWS) if gemm != 0 else m, max(padded_width(wpb_hh), P)), dt)  # dL/d(h_{t-1} * m)
+    src_pad = np.zeros((PAD_ROWS if gemm != 0 else 0, 4 * H), dt)
     dcn = np.empty(H, dt)  # dL/d(what went into tanh) of one row
     dcv = np.empty(H, dt)  # dL/dc~ through LN_cell
     cnl = np.empty(H, dt)  # LN_cell(c~)
@@ -465,7 +468,13 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, gemm, wgb, ln_ih_w, l
                 normalize_backward2(dg, lih_w, xr, rstd[row, 0], lhh_w, hr, rstd[row, 1], row_ptr(dhw, row), 4 * H, k)
         src = dhw if has_ln else dgates
         if gemm != 0:  # the BLAS's packed GEMM (blas.py)
-            gemm_packed(gemm, n, P, 4 * H, row_ptr(src, o), 4 * H, row_ptr(wgb, 0), row_ptr(dhin, 0), dhin.shape[1])
+            rows = padded_rows(n, 4 * H, P)
+            a = row_ptr(src, o)
+            if rows != n:
+                for i in range(n):
+                    copy_p(row_ptr(src_pad, i), row_ptr(src, o + i), 4 * H)
+                a = row_ptr(src_pad, 0)
+            gemm_packed(gemm, rows, P, 4 * H, a, 4 * H, row_ptr(wgb, 0), row_ptr(dhin, 0), dhin.shape[1])
         else:
             matmul(src[o:], n, wpb_hh, dhin, s % 2 == 1, WHOLE_K)  # (n, 4H) @ (4H, P)
         for i in range(n):  # dh_{t-1} = (zoneout's part) + m * (the recurrent product's part)
