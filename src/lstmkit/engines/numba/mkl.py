@@ -107,7 +107,7 @@ def pack(w: np.ndarray, transposed: bool, rows: int, out=None, padded: bool = Fa
     ld = max(w.strides[0] // 4, w.shape[1], 1)
     (G, K), trans = (w.shape, _TRANS) if transposed else (w.shape[::-1], _NO_TRANS)
     if padded:
-        rows = padded_rows(rows, K, G)
+        rows = padded_rows.py_func(rows, K, G)
     size = packed_size(K, G, rows)
     buf = aligned_empty((size,), np.float32) if out is None else out  # MKL wants a cache line
     if buf.dtype != np.float32 or buf.size < size or not buf.flags.c_contiguous or buf.ctypes.data % 64:
@@ -152,7 +152,7 @@ def _pack_each(ws, transposed: bool, rows: int, padded: bool = False):
     """(compute address, (S, L) array): each of the S weights packed (pack) into a row of its
     own, every row on a cache line."""
     kg = [(w.shape[1], w.shape[0]) if transposed else w.shape for w in ws]
-    sizes = [packed_size(K, G, padded_rows(rows, K, G) if padded else rows) for K, G in kg]
+    sizes = [packed_size(K, G, padded_rows.py_func(rows, K, G) if padded else rows) for K, G in kg]
     out = aligned_empty((len(ws), -(-max(sizes) // 16) * 16), np.float32)
     address = 0
     for s, w in enumerate(ws):

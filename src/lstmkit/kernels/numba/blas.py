@@ -20,6 +20,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from .rows import KW, copy_p, row_ptr
+
 ROW_MAJOR, NO_TRANS, PACKED = 101, 111, 151  # CBLAS_LAYOUT, CBLAS_TRANSPOSE, MKL's CblasPacked
 
 
@@ -55,9 +57,22 @@ PAD_MIN_WEIGHT_BYTES = 3 << 20
 PAD_ROWS = 8
 
 
-@njit(cache=True)
+@njit(**KW)
 def padded_rows(n, K, G):
-    """The rows a packed product of n rows by a K x G float32 weight is computed on (n or PAD_ROWS)."""
+    """The rows a packed product of n rows by a K x G float32 weight is computed on (n or PAD_ROWS).
+    Python callers (the packing) use padded_rows.py_func: no compile for them."""
     if PAD_ROWS // 2 < n < PAD_ROWS and K * G * 4 >= PAD_MIN_WEIGHT_BYTES:
         return PAD_ROWS
     return n
+
+
+@njit(**KW)
+def padded_input(a, o, n, rows, pad):
+    """The first row (a pointer) of a product's input, rows o:o + n of a (.., K), computed on
+    `rows` rows (padded_rows): a's own rows where rows == n, else a copy of them in pad
+    (PAD_ROWS, K), whose spare rows the product reads (a's rows after o + n may lie past its end)."""
+    if rows == n:
+        return row_ptr(a, o)
+    for i in range(n):
+        copy_p(row_ptr(pad, i), row_ptr(a, o + i), a.shape[1])
+    return row_ptr(pad, 0)

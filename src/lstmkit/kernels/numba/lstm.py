@@ -41,7 +41,7 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
-from .blas import PAD_ROWS, gemm_packed, padded_rows
+from .blas import PAD_ROWS, gemm_packed, padded_input, padded_rows
 from .rows import add_p, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
 from .team import call_kernel, on_team, row_chunks, spec, team_bodies, team_place, unpack, whole_team
@@ -555,12 +555,8 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb, wprb, gemm, wgb, reverse, acts, 
             add_p(row_ptr(db_rows, r0 + i), row_ptr(dgates, o + i), 4 * H)
         if gemm != 0:  # the BLAS's packed GEMM (blas.py)
             rows = padded_rows(n, 4 * H, I_out + P)
-            a = row_ptr(dgates, o)
-            if rows != n:
-                for i in range(n):
-                    copy_p(row_ptr(dg_pad, i), row_ptr(dgates, o + i), 4 * H)
-                a = row_ptr(dg_pad, 0)
-            gemm_packed(gemm, rows, I_out + P, 4 * H, a, 4 * H, row_ptr(wgb, 0), row_ptr(qb, 0), qb.shape[1])
+            gemm_packed(gemm, rows, I_out + P, 4 * H, padded_input(dgates, o, n, rows, dg_pad), 4 * H,
+                        row_ptr(wgb, 0), row_ptr(qb, 0), qb.shape[1])
         else:
             matmul(dgates[o:], n, wpb, qb, s % 2 == 1, WHOLE_K)  # (n, 4H) @ (4H, I + P), or (4H, P)
         for i in range(n):

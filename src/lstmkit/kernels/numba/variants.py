@@ -39,7 +39,7 @@ import numpy as np
 from numba import njit
 
 from .activations import sigmoid, tanh
-from .blas import PAD_ROWS, gemm_packed, padded_rows
+from .blas import PAD_ROWS, gemm_packed, padded_input, padded_rows
 from .lstm import backward_step, no_projection, offsets
 from .rows import KW, add_p, copy_p, fma_p, mul_p, ptr_add, row_ptr
 from .simd import (LANES, block_units, out_tanh_block, variant_gate_backward_block, variant_gate_block,
@@ -469,12 +469,8 @@ def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, gemm, wgb, ln_ih_w, l
         src = dhw if has_ln else dgates
         if gemm != 0:  # the BLAS's packed GEMM (blas.py)
             rows = padded_rows(n, 4 * H, P)
-            a = row_ptr(src, o)
-            if rows != n:
-                for i in range(n):
-                    copy_p(row_ptr(src_pad, i), row_ptr(src, o + i), 4 * H)
-                a = row_ptr(src_pad, 0)
-            gemm_packed(gemm, rows, P, 4 * H, a, 4 * H, row_ptr(wgb, 0), row_ptr(dhin, 0), dhin.shape[1])
+            gemm_packed(gemm, rows, P, 4 * H, padded_input(src, o, n, rows, src_pad), 4 * H, row_ptr(wgb, 0),
+                        row_ptr(dhin, 0), dhin.shape[1])
         else:
             matmul(src[o:], n, wpb_hh, dhin, s % 2 == 1, WHOLE_K)  # (n, 4H) @ (4H, P)
         for i in range(n):  # dh_{t-1} = (zoneout's part) + m * (the recurrent product's part)
