@@ -135,3 +135,15 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def require_team(monkeypatch) -> None:
+    """What the unit split needs to run: torch's OpenMP team adopted, and the team bodies taken as
+    compiled (with a cold cache the prefetch child may still be compiling them, and the split
+    would then step aside: team.team_bodies)."""
+    from lstmkit.engines.numba.binding import share_torch_threads
+    from lstmkit.kernels.numba import prefetch
+
+    # torch's CPU build runs its threads on OpenMP: the split needs that team.
+    assert share_torch_threads(), "no OpenMP runtime found in torch: the column split cannot run"
+    monkeypatch.setattr(prefetch, "compiling", lambda name: False)

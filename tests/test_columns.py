@@ -13,22 +13,15 @@ from torch.nn.utils import rnn as nn_utils
 
 import lstmkit
 from lstmkit.engines.numba import binding
-from lstmkit.engines.numba.binding import share_torch_threads
 from lstmkit.kernels.numba import columns, lstm
 from lstmkit.kernels.numba.simd import LANES
 
-from harness import TOL, torch_threads
+from harness import TOL, require_team, torch_threads
 
 
 @pytest.fixture(autouse=True)
 def team(monkeypatch):
-    # torch's CPU build runs its threads on OpenMP: the split needs that team.
-    assert share_torch_threads(), "no OpenMP runtime found in torch: the column split cannot run"
-    # With a cold cache the prefetch child may still be compiling the team bodies, and the
-    # split would then step aside (team.team_bodies): here it must run.
-    from lstmkit.kernels.numba import prefetch
-
-    monkeypatch.setattr(prefetch, "compiling", lambda name: False)
+    require_team(monkeypatch)  # here the split must run
     yield
 
 

@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_sequence
 import lstmkit
 from lstmkit.engines.numba import binding, mkl
 
-from harness import TOL, assert_all_close, pair, run_differential, tensor_input, torch_threads
+from harness import TOL, assert_all_close, pair, require_team, run_differential, tensor_input, torch_threads
 
 pytestmark = pytest.mark.skipif(mkl._find() is None, reason="torch's library exports no MKL packed GEMM here")
 
@@ -164,13 +164,14 @@ def test_padded_rows_rule():
 
 
 @pytest.mark.parametrize("threads,I,H", [(1, 128, 448), (2, 128, 448), (2, 256, 512)])
-def test_products_padded_to_eight_rows_match_nn_lstm(threads, I, H):
+def test_products_padded_to_eight_rows_match_nn_lstm(threads, I, H, monkeypatch):
     """Step products of 5-7 rows on weights from 3 MiB run on 8 (the spare rows: zeros, or rows of
     earlier steps). Hidden 448, input 128: [W_ih | W_hh] of 4 MiB and W_hh of 3 MiB, so on one
     thread (rows split) the forward and the backward pad; on two threads (units split) hidden
     512, input 256: each part of [W_ih | W_hh] 3 MiB, so its forward pads. Padded input of 6 rows
     and a PackedSequence whose steps run 7 rows down to 1, inference and training: outputs and
     every gradient against torch.nn.LSTM."""
+    require_team(monkeypatch)  # at 2 threads the units split must run, even with a cold compile cache
     calls = []
     real = mkl.pack
     seqs = [torch.randn(n, I) for n in (5, 2, 6, 1, 7, 4, 3)]
