@@ -521,6 +521,43 @@ def test_inference_sees_weight_updates(engine):
         assert ours(x.float())[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("steps", [1, 6])
+def test_frozen_model_without_no_grad_takes_the_fast_path(engine, steps):
+    """A frozen model run on data with grad mode on records nothing: it takes the fast path
+    (as under no_grad) and gives torch.nn.LSTM's numbers. Anything that requires grad (the
+    input, the state, a parameter unfrozen) takes the autograd path: gradients as torch's."""
+    ref, ours = pair(dict(input_size=3, hidden_size=5, num_layers=2), engine)
+    ref.requires_grad_(False)
+    ours.requires_grad_(False)
+    x = torch.randn(steps, 2, 3, dtype=torch.float64)
+    hx = (torch.randn(2, 2, 5, dtype=torch.float64), torch.randn(2, 2, 5, dtype=torch.float64))
+    for state in (None, hx):
+        y, (h, c) = ours(x, state)
+        assert not (y.requires_grad or h.requires_grad or c.requires_grad)
+        assert_all_close(flat_output((y, (h, c))), flat_output(ref(x, state)), TOL[torch.float64])
+    assert ("_runtime" in ours.__dict__) == (engine == "numba")  # the fast path really ran
+
+    def grads(m, xg, state, params):
+        y, (h, c) = m(xg, state)
+        (y.sum() + h.sum() + c.sum()).backward()
+        return [t.grad for t in (xg, *(state or ()), *params)]
+
+    for grad_input, grad_state, grad_params in ((True, False, False), (False, True, False), (False, False, True)):
+        got, want = [], []
+        for m, out in ((ours, got), (ref, want)):
+            m.requires_grad_(grad_params)
+            xg = x.clone().requires_grad_(grad_input)
+            state = tuple(t.clone().requires_grad_(grad_state) for t in hx)
+            wanted = [p for p in m.parameters()] if grad_params else []
+            out += grads(m, xg, state, wanted)
+            m.zero_grad(set_to_none=True)
+        assert any(g is not None for g in got)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert_close(a, b, TOL[torch.float64])
+
+
 def test_inference_streaming_equals_full_sequence(engine):
     _, ours = pair(dict(input_size=3, hidden_size=6, num_layers=2, bidirectional=False, proj_size=2), engine)
     x = torch.randn(7, 2, 3, dtype=torch.float64)

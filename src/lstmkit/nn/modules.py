@@ -251,8 +251,8 @@ class LSTM(nn.Module):
             data = input.data if isinstance(input, PackedSequence) else input
             if isinstance(data, torch.Tensor) and autocast.active(data.device.type):
                 return self._forward_autocast(input, hx, data.device.type)
-        if (not torch.is_grad_enabled() and type(input) is torch.Tensor and not torch._C._is_tracing()
-                and not torch._C._are_functorch_transforms_active()):
+        if (type(input) is torch.Tensor and (not torch.is_grad_enabled() or self._records_nothing(input, hx))
+                and not torch._C._is_tracing() and not torch._C._are_functorch_transforms_active()):
             out = self._inference_fast(input, hx)
             if out is not None:
                 return out
@@ -341,6 +341,15 @@ class LSTM(nn.Module):
     # parameter changes: in-place updates bump `_version`, `p.data = ...` moves data_ptr, and
     # what neither shows (p.data.clamp_(), a write through a numpy view) makes the weights'
     # bits differ from the copy taken at build (engines/numba/binding.WeightWatch).
+    def _records_nothing(self, input, hx) -> bool:
+        """Whether autograd records nothing for this call with grad mode on: neither the input, nor
+        a parameter, nor the state given requires grad (a frozen model run on data without
+        no_grad). The outputs then require no grad on any path, so the fast path may run."""
+        if input.requires_grad or any(p.requires_grad for p in self._parameters.values()):
+            return False
+        return hx is None or (type(hx) in (tuple, list) and len(hx) == 2
+                              and all(type(t) is torch.Tensor and not t.requires_grad for t in hx))
+
     def _inference_fast(self, input, hx):
         if (input.dtype not in _FAST_DTYPES or not input.is_cpu or self.engine not in ("auto", "numba")
                 or (self.training and ((self.dropout > 0 and self.config.num_layers > 1) or self._variant))
