@@ -159,3 +159,30 @@ def test_packed_weights_start_on_a_cache_line(shape):
     wps, _, _ = columns.pack_columns(np.ones((4 * H, 3), np.float32), np.ones((4 * H, H), np.float32),
                                      np.zeros(4 * H, np.float32), 2)
     assert wps.ctypes.data % ALIGN == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K1, K2", [(64, 128), (1, 5), (13, 70), (16, 0), (0, 33), (8, 8), (31, 17)])
+def test_row_dot_products_equal_numpy_and_a_row_is_bitwise_the_same_in_any_group(dtype, K1, K2):
+    """lstm._rows_times2 (tile.rows_dot, eight, four and one rows at a time, then the rows' tails
+    short of a vector): out += W1 v1 + W2 v2 for G rows around every group size; a row's bits do
+    not depend on the rows it ran with (one_step_live_part runs slices of the rows
+    one_step_live runs whole, and must give the same bits)."""
+    from lstmkit.kernels.numba import lstm
+
+    rng = np.random.default_rng(K1 * 100 + K2)
+    L = 64 // np.dtype(dtype).itemsize if tile.AVX512 else 32 // np.dtype(dtype).itemsize
+    for G in (1, 3, 4, 5, 8, 12, 13, 20, 4 * L + 3):
+        w1 = rng.standard_normal((G, K1)).astype(dtype)
+        w2 = rng.standard_normal((G, K2)).astype(dtype)
+        v1, v2 = rng.standard_normal(K1).astype(dtype), rng.standard_normal(K2).astype(dtype)
+        start = rng.standard_normal(G).astype(dtype)
+        out = start.copy()
+        lstm._rows_times2(w1, v1, w2, v2, out)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        want = start.astype(np.float64) + w1.astype(np.float64) @ v1 + w2.astype(np.float64) @ v2
+        np.testing.assert_allclose(out, want, rtol=tol, atol=tol * max(1, K1 + K2))
+        for g0, g1 in ((0, 1), (G - 1, G), (1, G), (G // 2, G)):  # slices group the rows otherwise
+            part = start[g0:g1].copy()
+            lstm._rows_times2(w1[g0:g1], v1, w2[g0:g1], v2, part)
+            assert np.array_equal(part, out[g0:g1]), (G, g0, g1)

@@ -46,7 +46,7 @@ from .rows import add_p, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
 from .team import call_kernel, on_team, row_chunks, spec, team_bodies, team_place, unpack, whole_team
 from .threads import run_chunks
-from .tile import WHOLE_K, matmul, pack, pack2, padded_width
+from .tile import WHOLE_K, dot_lanes, matmul, pack, pack2, padded_width, rows_dot1, rows_dot4, rows_dot8
 
 # Fast-math without 'nnan'/'ninf': LLVM may reassociate and contract (FMA), which SIMD
 # reductions need, but must keep inf semantics (the float64 sigmoid relies on
@@ -399,6 +399,33 @@ def _rows_times(w, v, out):
 
 
 @njit(**KW)
+def _rows_times2(w1, v1, w2, v2, out):
+    """out[g] += w1[g] . v1 + w2[g] . v2 for every row g of w1, w2 (G, K1), (G, K2) (rows with
+    unit inner stride): tile.rows_dot over the vector part of both, eight rows at a time, then
+    four, then one (each row the same bits whichever), then the rows' tails of fewer than
+    dot_lanes elements in order."""
+    G, K1, K2 = w1.shape[0], w1.shape[1], w2.shape[1]
+    L = dot_lanes(w1)
+    g = 0
+    while g + 8 <= G:
+        rows_dot8(w1, v1, w2, v2, g, out)
+        g += 8
+    if g + 4 <= G:
+        rows_dot4(w1, v1, w2, v2, g, out)
+        g += 4
+    while g < G:
+        rows_dot1(w1, v1, w2, v2, g, out)
+        g += 1
+    t1, t2 = K1 - K1 % L, K2 - K2 % L
+    if t1 < K1 or t2 < K2:
+        for g in range(G):
+            for k in range(t1, K1):
+                out[g] += w1[g, k] * v1[k]
+            for k in range(t2, K2):
+                out[g] += w2[g, k] * v2[k]
+
+
+@njit(**KW)
 def one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c):
     """one_step on the weights as they are, in torch's layout (never packed): the module's
     one-step fast path runs it on the parameters' own memory, so an update that no version
@@ -415,8 +442,7 @@ def one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c):
     has_proj = w_hr.shape[0] > 0
     for i in range(N):
         copy_into(q, b_ih)
-        _rows_times(w_ih, xr[i], q)
-        _rows_times(w_hh, h0r[i], q)
+        _rows_times2(w_ih, xr[i], w_hh, h0r[i], q)
         copy_into(cr[i], c0[0, i])
         gate_row_p(row_ptr(q, 0), row_ptr(b_hh, 0), row_ptr(acts, 0), row_ptr(cr, i),
                    row_ptr(hp, 0) if has_proj else row_ptr(hr, i), H)
@@ -457,8 +483,7 @@ def one_step_live_part(x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h, c, part, parts):
         for g in range(4):
             qg = q[g * n:(g + 1) * n]
             copy_into(qg, b_ih[g * H + u0:g * H + u1])
-            _rows_times(w_ih[g * H + u0:g * H + u1], xr[i], qg)
-            _rows_times(w_hh[g * H + u0:g * H + u1], h0r[i], qg)
+            _rows_times2(w_ih[g * H + u0:g * H + u1], xr[i], w_hh[g * H + u0:g * H + u1], h0r[i], qg)
         copy_into(cr[i, u0:u1], c0[0, i, u0:u1])
         gate_row_p(row_ptr(q, 0), row_ptr(bq, 0), row_ptr(acts, 0), ptr_add(row_ptr(cr, i), u0),
                    ptr_add(row_ptr(hr, i), u0), n)

@@ -363,3 +363,135 @@ def matmul(a, n, wp, out, flip, k0):
     for kb in range(k0, max(K, k0 + 1), K_BLOCK):
         k1 = min(K, kb + K_BLOCK)
         _tiles(a[:, kb:k1], n, wp[:, kb:k1], out, kb > k0, flip)
+
+
+# ---- row dot products on W as it is (the one-step kernels that read torch's own layout) ----------
+# out[g] += W1[g] . v1 + W2[g] . v2 for R rows g at a time, W1, W2 (G, K) in torch's layout (never
+# packed). Each row sums into one vector of accumulators over the vector part of both K (lane l
+# takes k = l mod L), and only then folds its L lanes into one number: a product as two row loops
+# left to LLVM ended each row of each matrix on its own fold, at 256-bit vectors (BENCHMARKS.md,
+# sixteenth session). The fold pairs lane t with lane t + L/2, then t + L/4, ... whatever rows
+# share the call, so a row's sum does not depend on the group it ran in: the same bits for every R.
+def _dot_lanes(dtype) -> int:
+    """L, the lanes of one accumulator: one 512-bit (AVX2: 256-bit) register."""
+    full = 64 if AVX512 else 32
+    return full // (4 if dtype == types.float32 else 8)
+
+
+@intrinsic
+def dot_lanes(typingctx, a):
+    """L for array a's dtype, as a compile-time constant: rows_dot covers K - K % L of each row."""
+    width = _dot_lanes(a.dtype)
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.IntType(64), width)
+
+    return types.int64(a), codegen
+
+
+# Numba's fastmath pass flags every float operation that has no flag of its own with
+# `reassoc` among others, and LLVM then rewrote the folds of a one-row call into another order
+# than a four-row call's. One flag that allows no reordering keeps them as written.
+_ORDERED = ("contract",)
+
+
+def _fold(builder, accs, L):
+    """<n x float> of the sums of n accumulators of L lanes (n <= L, both powers of 2): pairs
+    of vectors first (each result holds twice the rows, half the partial sums each), then
+    halves within the last one."""
+    i32 = ir.IntType(32)
+
+    def add_halves(a, b, rows, p):
+        src_b = rows * p if b is not a else 0
+        lo = [s + j * p + t for s in (0, src_b) for j in range(rows) for t in range(p // 2)]
+        hi = [x + p // 2 for x in lo]
+        if b is a:
+            lo, hi = lo[: len(lo) // 2], hi[: len(hi) // 2]
+        take = lambda idx: builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, len(idx)), idx))  # noqa: E731
+        return builder.fadd(take(lo), take(hi), flags=_ORDERED)
+
+    rows, p = 1, L  # rows per vector, partial sums per row
+    while len(accs) > 1:
+        accs = [add_halves(a, b, rows, p) for a, b in zip(accs[0::2], accs[1::2])]
+        rows, p = 2 * rows, p // 2
+    v = accs[0]
+    while p > 1:
+        v = add_halves(v, v, rows, p)
+        p //= 2
+    return v
+
+
+def _make_rows_dot(R: int):
+    @intrinsic
+    def rows_dot(typingctx, w1, v1, w2, v2, g, out):
+        """out[g:g+R] += (W1[g:g+R, :K1v] @ v1[:K1v] + W2[g:g+R, :K2v] @ v2[:K2v]), Kv = K - K % L
+        (the rows' tails are the caller's). Rows with unit inner stride, v1, v2, out contiguous."""
+        sig = types.void(w1, v1, w2, v2, g, out)
+        L = _dot_lanes(w1.dtype)
+        n = min(R, L)  # rows per fold
+
+        def codegen(context, builder, signature, args):
+            i64 = ir.IntType(64)
+            c = lambda v: ir.Constant(i64, v)  # noqa: E731
+            ft = context.get_value_type(signature.args[0].dtype)
+            vt = ir.VectorType(ft, L)
+            esize = context.get_abi_sizeof(ft)
+            name = f"llvm.fmuladd.v{L}{'f32' if esize == 4 else 'f64'}"
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), name)
+            g0 = _as_i64(builder, args[4])
+            accs = [ir.Constant(vt, [ir.Constant(ft, 0.0)] * L)] * R
+            for wi in (0, 2):
+                arr_w = context.make_array(signature.args[wi])(context, builder, args[wi])
+                arr_v = context.make_array(signature.args[wi + 1])(context, builder, args[wi + 1])
+                K = cgutils.unpack_tuple(builder, arr_w.shape)[1]
+                stride = builder.sdiv(cgutils.unpack_tuple(builder, arr_w.strides)[0], c(esize))
+                rows = [builder.gep(arr_w.data, [builder.mul(builder.add(g0, c(r)), stride)]) for r in range(R)]
+                Kv = builder.mul(builder.sdiv(K, c(L)), c(L))
+                entry = builder.block
+                loop = builder.append_basic_block("rows_dot.k")
+                done = builder.append_basic_block("rows_dot.done")
+                builder.cbranch(builder.icmp_signed(">", Kv, c(0)), loop, done)
+                builder.position_at_end(loop)
+                k = builder.phi(i64)
+                k.add_incoming(c(0), entry)
+                phis = []
+                for a in accs:
+                    phis.append(builder.phi(vt))
+                    phis[-1].add_incoming(a, entry)
+                load = lambda p: builder.load(builder.bitcast(builder.gep(p, [k]), vt.as_pointer()), align=esize)  # noqa: E731
+                v = load(arr_v.data)
+                new = [builder.call(fma, [load(rows[r]), v, phis[r]]) for r in range(R)]
+                k_next = builder.add(k, c(L))
+                end = builder.block
+                k.add_incoming(k_next, end)
+                for p, x in zip(phis, new):
+                    p.add_incoming(x, end)
+                builder.cbranch(builder.icmp_signed("<", k_next, Kv), loop, done)
+                builder.position_at_end(done)
+                merged = []
+                for a, x in zip(accs, new):  # all phis first: LLVM wants them at the top of the block
+                    merged.append(builder.phi(vt))
+                    merged[-1].add_incoming(a, entry)
+                    merged[-1].add_incoming(x, end)
+                accs = merged
+            arr_o = context.make_array(signature.args[5])(context, builder, args[5])
+            st = ir.VectorType(ft, n)
+            for r0 in range(0, R, n):
+                sums = _fold(builder, accs[r0 : r0 + n], L)
+                if n == 1:
+                    dst = builder.gep(arr_o.data, [builder.add(g0, c(r0))])
+                    sum0 = builder.extract_element(sums, ir.Constant(ir.IntType(32), 0))
+                    builder.store(builder.fadd(builder.load(dst), sum0, flags=_ORDERED), dst)
+                    continue
+                dst = builder.bitcast(builder.gep(arr_o.data, [builder.add(g0, c(r0))]), st.as_pointer())
+                builder.store(builder.fadd(builder.load(dst, align=esize), sums, flags=_ORDERED), dst, align=esize)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return rows_dot
+
+
+rows_dot8 = _make_rows_dot(8)
+rows_dot4 = _make_rows_dot(4)
+rows_dot1 = _make_rows_dot(1)
