@@ -123,6 +123,7 @@ def _fake_child(monkeypatch, tmp_path, seconds):
     part_file = tmp_path / "part"
     monkeypatch.setattr(prefetch, "_child", [child, tmp_path, part_file])
     monkeypatch.setattr(prefetch, "pending", True)
+    monkeypatch.setattr(prefetch, "_waited", set())
     return child, part_file
 
 
@@ -146,6 +147,30 @@ def test_wait_for_waits_while_the_child_compiles_that_part(tmp_path, monkeypatch
         child.kill()
         child.wait()
     prefetch.wait_for("few steps forward")  # the child is gone: no wait, and nothing pending
+    assert not prefetch.pending
+
+
+def test_wait_for_waits_once_per_part(tmp_path, monkeypatch):
+    """A part's kernels are in this process after its first call: the calls after it do not
+    wait (nor read the child's part file), even while the child compiles that part."""
+    import time
+
+    child, part_file = _fake_child(monkeypatch, tmp_path, 30)
+    monkeypatch.setattr(prefetch, "WAIT_LIMIT_S", 0.3)
+    try:
+        prefetch._announce(part_file, "one step forward")
+        t0 = time.monotonic()
+        prefetch.wait_for("one step forward")  # the first call: waits (here, to the limit)
+        assert time.monotonic() - t0 > 0.25
+        monkeypatch.setattr(prefetch, "_part_now", lambda _: pytest.fail("read the part file again"))
+        t0 = time.monotonic()
+        for _ in range(100):
+            prefetch.wait_for("one step forward")
+        assert time.monotonic() - t0 < 0.1 and prefetch.pending
+    finally:
+        child.kill()
+        child.wait()
+    prefetch.wait_for("one step forward")  # the child is gone: nothing pending
     assert not prefetch.pending
 
 

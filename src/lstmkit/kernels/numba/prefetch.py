@@ -24,6 +24,7 @@ import time
 started = False  # whether start() ran in this process (callers test it before building start's argument)
 pending = False  # whether a child may still be compiling (callers test it before calling wait_for)
 _child = [None, None, None]  # the compiling child process, the cache folder it writes to, its part's file
+_waited = set()  # the parts wait_for was asked for: from the second call on, it returns at once
 # Longest wait for the child's part: one compiles in seconds; this only guards against a child
 # that hangs.
 WAIT_LIMIT_S = 30.0
@@ -75,6 +76,11 @@ def wait_for(part: str) -> None:
     if child is None:
         pending = False
         return
+    if part in _waited:  # its kernels are in this process since its first call: nothing to wait for
+        if child.poll() is not None:
+            pending = False
+        return
+    _waited.add(part)
     deadline = time.monotonic() + WAIT_LIMIT_S
     while child.poll() is None and _part_now(part_file) == part and time.monotonic() < deadline:
         time.sleep(0.005)
