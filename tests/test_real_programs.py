@@ -349,6 +349,50 @@ def test_torch_func_grad_and_vmap_match_torch():
         torch.func.grad(loss(explicit))(dict(explicit.named_parameters()), x)
 
 
+@pytest.mark.parametrize("where", ["input", "state", "weight"])
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("no_grad", [False, True])
+def test_forward_mode_ad_tangents_match_torch(where, frozen, no_grad):
+    """Forward-mode AD (torch.autograd.forward_ad: jvp by dual tensors, what torch.func.jvp does
+    without functorch) through the module and the cell: tangents on the input, the state or a
+    weight come out as torch.nn.LSTM's, frozen or not, under no_grad or not; the fused engines
+    would drop them without a word, so engine="auto" runs the reference engine there, and an
+    engine named explicitly raises."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64).requires_grad_(not frozen)
+    ours = lstmkit.LSTM.from_torch(ref).requires_grad_(not frozen)
+    x, h = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(4, 2, 4, dtype=torch.float64)
+    tangent = {"input": torch.randn_like(x), "state": torch.randn_like(h), "weight": torch.randn(16, 4, dtype=torch.float64)}
+
+    def tangents(model):
+        with fwAD.dual_level(), torch.set_grad_enabled(not no_grad):
+            xd = fwAD.make_dual(x, tangent["input"]) if where == "input" else x
+            hd = fwAD.make_dual(h, tangent["state"]) if where == "state" else h
+            params = dict(model.named_parameters())
+            if where == "weight":
+                params["weight_hh_l1"] = fwAD.make_dual(params["weight_hh_l1"].detach(), tangent["weight"])
+            y, (h_n, c_n) = torch.func.functional_call(model, params, (xd, (hd, h.clone())))
+            return [fwAD.unpack_dual(v).tangent for v in (y, h_n, c_n)]
+
+    got, want = tangents(ours), tangents(ref)
+    assert all(t is not None for t in want)
+    for a, b in zip(got, want):
+        assert a is not None
+        assert_close(a, b, TOL[torch.float64])
+    cell_ref = nn.LSTMCell(3, 4, dtype=torch.float64).requires_grad_(not frozen)
+    cell = lstmkit.LSTMCell(3, 4, dtype=torch.float64).requires_grad_(not frozen)
+    cell.load_state_dict(cell_ref.state_dict())
+    with fwAD.dual_level(), torch.set_grad_enabled(not no_grad):
+        xd = fwAD.make_dual(x[0], tangent["input"][0])
+        for a, b in zip(cell(xd), cell_ref(xd)):
+            assert_close(fwAD.unpack_dual(a).tangent, fwAD.unpack_dual(b).tangent, TOL[torch.float64])
+    explicit = lstmkit.LSTM.from_torch(ref, engine="numba").requires_grad_(not frozen)
+    with pytest.raises(RuntimeError, match="engine='reference'"):
+        tangents(explicit)
+
+
 @pytest.mark.parametrize("options", [dict(), dict(peephole=True, zoneout=0.1), dict(layer_norm=True, proj_size=2)],
                          ids=["plain", "peephole-zoneout", "layernorm-proj"])
 @pytest.mark.parametrize("engine", ["numba", "reference"])

@@ -6,6 +6,7 @@ import sys
 import warnings
 
 import torch
+from torch.autograd import forward_ad
 
 from .base import LayerParams, step_offsets  # noqa: F401
 from ..config import ENGINE_NAMES
@@ -87,8 +88,28 @@ def _under_torch_func(name: str) -> bool:
     return True
 
 
-def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False):
-    if _under_torch_func(name):
+def _under_forward_ad(name: str, tensors) -> bool:
+    """Whether forward-mode AD (torch.autograd.forward_ad) carries a tangent on any of `tensors`
+    (the input, the state, the parameters). The fused engines compute on the raw data and would
+    drop it without a word; engine="auto" then runs the reference engine (plain torch ops, which
+    propagate tangents as torch.nn.LSTM does); an engine named explicitly raises."""
+    if forward_ad._current_level < 0:  # no dual level entered: no tensor can carry a tangent
+        return False
+    if not any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return False
+    if name not in ("auto", "reference"):
+        raise RuntimeError(
+            f"lstmkit.LSTM(engine={name!r}) does not propagate forward-mode AD tangents "
+            "(torch.autograd.forward_ad); use engine='reference' or engine='auto' (which switches to "
+            "the reference engine there)"
+        )
+    return True
+
+
+def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False, tensors=()):
+    """The engine's lstm_layer for input x. tensors: the call's others (state, parameters), which
+    forward-mode AD may carry tangents on too (_under_forward_ad)."""
+    if _under_torch_func(name) or _under_forward_ad(name, (x, *tensors)):
         from . import reference
 
         return reference.lstm_layer  # (its variant= keyword runs the variants)
@@ -127,12 +148,12 @@ def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False):
     return importlib.import_module(_VARIANT_MODULES[name]).lstm_layer
 
 
-def get_pair_fn(name: str, x: torch.Tensor, variant: bool = False):
+def get_pair_fn(name: str, x: torch.Tensor, variant: bool = False, tensors=()):
     """The engine's optional `lstm_layer_pair(x, batch_sizes, (h0_f, h0_b), (c0_f, c0_b), (p_f, p_b))
     -> ((y_f, h_f, c_f), (y_b, h_b, c_b))`, which runs both directions of a bidirectional layer
     at once (the Triton engine: one kernel launch per step for the two); None when the engine
     has none (the caller then runs the directions one by one with get_layer_fn's function)."""
-    if variant or torch.compiler.is_compiling() or _under_torch_func(name):
+    if variant or torch.compiler.is_compiling() or _under_torch_func(name) or _under_forward_ad(name, (x, *tensors)):
         return None
     if name == "auto":
         name = auto_engine_name(x)

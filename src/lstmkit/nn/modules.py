@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
 from ..config import LSTMConfig
@@ -252,6 +253,7 @@ class LSTM(nn.Module):
             if isinstance(data, torch.Tensor) and autocast.active(data.device.type):
                 return self._forward_autocast(input, hx, data.device.type)
         if (type(input) is torch.Tensor and (not torch.is_grad_enabled() or self._records_nothing(input, hx))
+                and forward_ad._current_level < 0  # no forward-mode AD tangents to carry (engines/__init__.py)
                 and not torch._C._is_tracing() and not torch._C._are_functorch_transforms_active()):
             out = self._inference_fast(input, hx)
             if out is not None:
@@ -518,9 +520,10 @@ class LSTM(nn.Module):
             h0 = data.new_zeros(h_shape)
             c0 = data.new_zeros(c_shape)
         use_variant = self._variant and cfg.needs_variant_kernel(self.training)
-        layer_fn = get_layer_fn(self.engine, data, variant=use_variant)
+        others = (h0, c0, *self._parameters.values())  # forward-mode AD may carry tangents on these too
+        layer_fn = get_layer_fn(self.engine, data, variant=use_variant, tensors=others)
         # Both directions at once where the engine can (Triton: one launch per step for the two).
-        pair_fn = get_pair_fn(self.engine, data, variant=use_variant) if cfg.num_directions == 2 else None
+        pair_fn = get_pair_fn(self.engine, data, variant=use_variant, tensors=others) if cfg.num_directions == 2 else None
 
         x = data
         h_n, c_n = [], []
@@ -632,7 +635,7 @@ class LSTMCell(nn.Module):
 
             return cell_export_forward(self, input if batched else input.squeeze(0), hx)
         p = LayerParams(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
-        _, h, c = get_layer_fn(self.engine, input)(input, [N], h0, c0, p, reverse=False)
+        _, h, c = get_layer_fn(self.engine, input, tensors=(h0, c0, *p))(input, [N], h0, c0, p, reverse=False)
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
