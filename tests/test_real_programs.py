@@ -16,6 +16,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
+import torch.nn.utils.parametrize
+import torch.nn.utils.prune
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstmkit
@@ -347,6 +349,48 @@ def test_torch_func_grad_and_vmap_match_torch():
     explicit = lstmkit.LSTM.from_torch(ref, engine="numba")
     with pytest.raises(RuntimeError, match="engine='reference'"):
         torch.func.grad(loss(explicit))(dict(explicit.named_parameters()), x)
+
+
+class _Halve(nn.Module):
+    def forward(self, w):
+        return w * 0.5
+
+
+# What programs do to an LSTM's weights from outside: each one takes a weight out of the module's
+# parameters and makes it again at every call (a parametrization, or a forward pre-hook).
+WEIGHT_TOOLS = {
+    "parametrize": lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight_hh_l0", _Halve()),
+    "weight_norm": lambda m: nn.utils.weight_norm(m, "weight_hh_l1"),
+    "parametrizations.weight_norm": lambda m: nn.utils.parametrizations.weight_norm(m, "weight_ih_l1"),
+    "prune": lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight_ih_l0", amount=0.5),
+    "prune the last": lambda m: torch.nn.utils.prune.random_unstructured(m, "bias_hh_l1", amount=0.5),
+    "spectral_norm": lambda m: nn.utils.spectral_norm(m, "weight_hh_l0"),
+}
+
+
+@pytest.mark.parametrize("tool", list(WEIGHT_TOOLS))
+@pytest.mark.parametrize("steps", [1, 6])
+def test_weights_made_by_parametrizations_pruning_and_norms_match_torch(tool, steps):
+    """torch.nn.utils' parametrize, weight_norm (both), prune and spectral_norm on the module,
+    before or after calls that built the no-grad fast path's runtime (and its one-step lane):
+    every call, under no_grad or not, reads the weight as the tool makes it, as torch.nn.LSTM."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 4, num_layers=2, dtype=torch.float64)
+    ours = lstmkit.LSTM.from_torch(ref)
+    x = torch.randn(steps, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        ours(x), ours(x)  # the fast path's runtime (one step: the lane too), on the plain weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight_norm's deprecation
+        for m in (ref, ours):
+            torch.manual_seed(1)  # the same pruning mask, the same spectral_norm start
+            WEIGHT_TOOLS[tool](m)
+    ours.load_state_dict(ref.state_dict())  # every buffer the tool made, as torch's
+    ref.eval(), ours.eval()  # spectral_norm: no power iteration, so both read the same u
+    for grad in (False, True, False):
+        with torch.set_grad_enabled(grad):
+            for state in (None, (torch.randn(2, 2, 4, dtype=torch.float64),) * 2):
+                assert_all_close(ours(x, state)[0], ref(x, state)[0], TOL[torch.float64])
 
 
 @pytest.mark.parametrize("where", ["input", "state", "weight"])

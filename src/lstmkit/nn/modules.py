@@ -364,6 +364,10 @@ class LSTM(nn.Module):
                 return out
         if input.dim() not in (2, 3):
             return None  # the general path raises torch's error
+        if list(self._parameters) != self._flat_weights_names:
+            # A weight made by a parametrization, pruning or weight norm (no longer a parameter of
+            # its own, computed at each call): the general path reads it as the call finds it.
+            return None
         steps = input.shape[1] if self.batch_first and input.dim() == 3 else input.shape[0]
         if steps == 1 and self._live_step(input.dtype, input.shape):
             return None  # the general path reads big weights as they are at one step (binding.live_step)
@@ -400,7 +404,7 @@ class LSTM(nn.Module):
             if plan is not None:  # the next calls of this shape take _on_lane
                 ptrs = [p for _, p in rt[0]]
                 self.__dict__["_lane"] = (input.shape, input.dtype, runtime.threads, self.batch_first, rt[0], ptrs,
-                                          plan)
+                                          plan, frozenset(self._parameters))
         return torch.from_numpy(y), out
 
     # The streaming lane: one step of a model without a variant on its parameters as they are
@@ -410,13 +414,14 @@ class LSTM(nn.Module):
     # and a call checks only what can change between calls (the parameters' addresses, the
     # thread count, batch_first, the input's dtype and layout, the state given).
     def _on_lane(self, lane, input, hx):
-        shape, dtype, threads, batch_first, key, ptrs, plan = lane
+        shape, dtype, threads, batch_first, key, ptrs, plan, names = lane
         rt = self.__dict__.get("_runtime")
         if (input.dtype is not dtype or torch.get_num_threads() != threads or not input.is_contiguous()
                 or self.batch_first != batch_first or rt is None or rt[0] is not key
                 # The runtime reads the parameters' memory: any update in place shows, and only a
-                # parameter moved elsewhere (p.data = ..., .to(), a new Parameter) needs a new one.
-                or ptrs != [p.data_ptr() for p in self._parameters.values()]):
+                # parameter moved elsewhere (p.data = ..., .to(), a new Parameter) needs a new one;
+                # a parameter renamed (pruning's weight_orig: the weight then made at each call) too.
+                or ptrs != [p.data_ptr() for p in self._parameters.values()] or self._parameters.keys() != names):
             return None
         runtime, last = rt[1], rt[2]
         if hx is None:
@@ -520,7 +525,8 @@ class LSTM(nn.Module):
             h0 = data.new_zeros(h_shape)
             c0 = data.new_zeros(c_shape)
         use_variant = self._variant and cfg.needs_variant_kernel(self.training)
-        others = (h0, c0, *self._parameters.values())  # forward-mode AD may carry tangents on these too
+        # Forward-mode AD may carry tangents on these too (engines/__init__._under_forward_ad).
+        others = (h0, c0, *self._flat_weights) if forward_ad._current_level >= 0 else ()
         layer_fn = get_layer_fn(self.engine, data, variant=use_variant, tensors=others)
         # Both directions at once where the engine can (Triton: one launch per step for the two).
         pair_fn = get_pair_fn(self.engine, data, variant=use_variant, tensors=others) if cfg.num_directions == 2 else None
