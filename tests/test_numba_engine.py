@@ -22,7 +22,7 @@ from lstmkit.engines.base import LayerParams
 from lstmkit.kernels.numba import lstm_backward, lstm_forward
 from lstmkit.kernels.numba.activations import TANH_DENOMINATOR, TANH_NUMERATOR, pade_coefficients
 
-from harness import TOL, assert_close, packed_input, pair, run_differential, tensor_input, torch_threads
+from harness import TOL, assert_close, packed_input, pair, require_team, run_differential, tensor_input, torch_threads
 
 
 # ---- one layer-direction: numpy kernels vs the reference engine --------------------------------------
@@ -337,6 +337,37 @@ def test_backward_twice_with_retain_graph():
     x.grad = None
     y.sum().backward()
     assert_close(x.grad, g1, 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 1, 64, 128), (3, 2, 8, 16), (40, 1, 64, 128), (30, 32, 128, 256),
+                                   (20, 6, 128, 384), (10, 3, 64, 512)],
+                         ids=lambda s: "T{}N{}I{}H{}".format(*s))
+def test_two_calls_in_one_graph_then_backward_twice(shape, threads, monkeypatch):
+    """A program that runs the module twice before one backward (a siamese pair, a sequence and
+    its continuation), then backward again with retain_graph: each call's saved tensors are its
+    own, never a scratch buffer the other call wrote over, on every path (one step, a few steps,
+    the micro-kernel and MKL time loops, the rows and the units splits). Against torch.nn.LSTM,
+    float32, every gradient."""
+    T, N, I, H = shape
+    require_team(monkeypatch)
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H)
+    ours = lstmkit.LSTM.from_torch(ref, engine="numba")
+    x1, x2 = torch.randn(T, N, I), torch.randn(T, N, I)
+    grads = []
+    with torch_threads(threads):
+        for m in (ref, ours):
+            a, b = x1.clone().requires_grad_(True), x2.clone().requires_grad_(True)
+            y1, (h1, c1) = m(a)
+            y2, _ = m(b * 1.5, (h1, c1))  # the second call starts from the first's state
+            loss = (y1 * y2).sum() + y2.square().sum()
+            loss.backward(retain_graph=True)
+            first = [p.grad.clone() for p in m.parameters()] + [a.grad.clone(), b.grad.clone()]
+            loss.backward()  # accumulates: twice the first
+            grads.append(first + [p.grad for p in m.parameters()])
+    for got, want in zip(grads[1], grads[0]):
+        assert_close(got, want, TOL[torch.float32])
 
 
 def test_dtype_rule():
