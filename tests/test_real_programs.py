@@ -351,6 +351,34 @@ def test_torch_func_grad_and_vmap_match_torch():
         torch.func.grad(loss(explicit))(dict(explicit.named_parameters()), x)
 
 
+@pytest.mark.parametrize("tool", ["checkpoint", "checkpoint reentrant", "save_on_cpu"])
+@pytest.mark.parametrize("shape, dtype", [((1, 2, 3, 5), torch.float64), ((6, 3, 3, 5), torch.float64),
+                                          ((30, 16, 64, 256), torch.float32)], ids=["one step", "steps", "mkl"])
+def test_activation_checkpointing_and_saved_tensor_hooks_match_torch(tool, shape, dtype):
+    """The memory tools of long-sequence training: torch.utils.checkpoint (the forward run again
+    in the backward: it must save the same tensors, and give the same numbers) and
+    torch.autograd.graph.save_on_cpu (saved-tensor hooks on everything the engine saves). Every
+    gradient as torch.nn.LSTM's under the same tool."""
+    from torch.utils.checkpoint import checkpoint
+
+    T, N, I, H = shape
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, num_layers=2, dtype=dtype)
+    ours = lstmkit.LSTM.from_torch(ref)
+    x = torch.randn(T, N, I, dtype=dtype)
+    grads = []
+    for m in (ref, ours):
+        xg = x.clone().requires_grad_(True)
+        if tool == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                y = m(xg)[0]
+        else:
+            y = checkpoint(lambda t: m(t)[0], xg, use_reentrant=tool.endswith("reentrant"))
+        y.square().sum().backward()
+        grads.append([xg.grad] + [p.grad for p in m.parameters()])
+    assert_all_close(grads[1], grads[0], TOL[dtype])
+
+
 class _Halve(nn.Module):
     def forward(self, w):
         return w * 0.5
