@@ -351,6 +351,47 @@ def test_torch_func_grad_and_vmap_match_torch():
         torch.func.grad(loss(explicit))(dict(explicit.named_parameters()), x)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(bidirectional=True, proj_size=2, batch_first=True),
+                                     dict(layer_norm=True)], ids=["plain", "bidir-proj-batch_first", "layer_norm"])
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_torch_jit_trace_records_the_computation(options, steps, with_state):
+    """torch.jit.trace of lstmkit.LSTM (a TorchScript deployment): the trace replayed on new input
+    gives that input's answer (the engines' numpy outputs must not be recorded as constants: the
+    example's answer would come back for every input). The trace holds the example's sequence
+    length and batch: any other shape raises, never a wrong answer, and a PackedSequence raises
+    at tracing."""
+    torch.manual_seed(0)
+    ours = lstmkit.LSTM(3, 4, num_layers=2, **options)
+    ref = ours.to_torch() if not options.get("layer_norm") else None
+    N, bf = 2, options.get("batch_first", False)
+    shape = (lambda L, n: (n, L, 3) if bf else (L, n, 3))
+    D, P = (2 if options.get("bidirectional") else 1), options.get("proj_size") or 4
+    state = lambda n: (torch.randn(2 * D, n, P), torch.randn(2 * D, n, 4))  # noqa: E731
+    args = lambda L, n: (torch.randn(shape(L, n)),) + ((state(n),) if with_state else ())  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about sizes held as constants
+        traced = torch.jit.trace(ours, args(steps, N), check_trace=False)
+    for _ in range(2):
+        new = args(steps, N)
+        want = ours(*new)
+        got = traced(*new)
+        assert_all_close([got[0], *got[1]], [want[0], *want[1]], 1e-6)
+        if ref is not None:
+            theirs = ref(*new)
+            assert_all_close([got[0], *got[1]], [theirs[0], *theirs[1]], TOL[torch.float32])
+    for L, n in {(steps + 1, N), (steps, N + 1), (N, steps), (1, steps * N), (steps * N, 1)} - {(steps, N)}:
+        with pytest.raises(RuntimeError):
+            traced(*args(L, n))
+    if with_state:  # the state of another batch than the input's
+        with pytest.raises(RuntimeError):
+            traced(torch.randn(shape(steps, N)), state(N + 1))
+    lengths = torch.tensor([3, 2])
+    packs_inside = lambda x: ours(pack_padded_sequence(x, lengths, batch_first=bf))[0].data  # noqa: E731
+    with pytest.raises(RuntimeError, match="PackedSequence"):
+        torch.jit.trace(packs_inside, (torch.randn(shape(3, 2)),), check_trace=False)
+
+
 @pytest.mark.parametrize("tool", ["checkpoint", "checkpoint reentrant", "save_on_cpu"])
 @pytest.mark.parametrize("shape, dtype", [((1, 2, 3, 5), torch.float64), ((6, 3, 3, 5), torch.float64),
                                           ((30, 16, 64, 256), torch.float32)], ids=["one step", "steps", "mkl"])

@@ -116,7 +116,11 @@ def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False, tensors=()):
     # torch.compile cannot trace into Numba (nor importlib, below): while compiling, the fused
     # kernels run as torch.library custom ops (numba/compile_ops.py), one opaque graph node per
     # layer-direction; variants and the reference engine run plain torch ops the compiler traces.
-    if torch.compiler.is_compiling() and x.device.type == "cpu":
+    # torch.jit.trace likewise: it records torch ops only, and an engine's outputs made from
+    # numpy arrays or raw pointers would be recorded as constants, the first input's answer
+    # given back for every other input.
+    tracing = torch.jit.is_tracing()
+    if (tracing or torch.compiler.is_compiling()) and x.device.type == "cpu":
         fused = name in ("auto", "numba") and x.dtype in (torch.float32, torch.float64)
         if fused and not variant:
             from .numba import compile_ops
@@ -126,6 +130,13 @@ def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False, tensors=()):
             from . import reference
 
             return reference.lstm_layer
+    if tracing:
+        if name not in ("auto", "reference"):
+            raise RuntimeError(f"lstmkit.LSTM(engine={name!r}) cannot be recorded by torch.jit.trace on "
+                               f"{x.device.type}; use engine='auto' (the reference engine's ops there)")
+        from . import reference
+
+        return reference.lstm_layer
     if name == "auto":
         name = auto_engine_name(x)
         if name == "triton" and not variant:
@@ -153,7 +164,8 @@ def get_pair_fn(name: str, x: torch.Tensor, variant: bool = False, tensors=()):
     -> ((y_f, h_f, c_f), (y_b, h_b, c_b))`, which runs both directions of a bidirectional layer
     at once (the Triton engine: one kernel launch per step for the two); None when the engine
     has none (the caller then runs the directions one by one with get_layer_fn's function)."""
-    if variant or torch.compiler.is_compiling() or _under_torch_func(name) or _under_forward_ad(name, (x, *tensors)):
+    if (variant or torch.compiler.is_compiling() or torch.jit.is_tracing() or _under_torch_func(name)
+            or _under_forward_ad(name, (x, *tensors))):
         return None
     if name == "auto":
         name = auto_engine_name(x)

@@ -264,6 +264,9 @@ class LSTM(nn.Module):
 
             return export_forward(self, input, hx)
         if isinstance(input, PackedSequence):
+            if torch.jit.is_tracing():
+                raise RuntimeError("lstmkit.LSTM: torch.jit.trace cannot record a PackedSequence input (its batch "
+                                   "sizes would be held as constants); trace with padded input, or use torch.compile")
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
             self._check_input(data, packed=True)
             batch_sizes = batch_sizes_t.tolist()
@@ -306,6 +309,10 @@ class LSTM(nn.Module):
         if hx is not None:
             self._check_hidden((h0, c0), N, input)
 
+        if torch.jit.is_tracing():
+            input, hx_shaped, L, N = self._traced_shapes(input, hx is not None and (h0, c0))
+            if hx is not None:
+                h0, c0 = hx_shaped
         data = input.reshape(L * N, self.input_size)  # padded = packed with batch_sizes [N]*L
         y, (h_n, c_n) = self._run(data, [N] * L, hx is not None and (h0, c0))
         y = y.view(L, N, cfg.output_size)
@@ -315,6 +322,19 @@ class LSTM(nn.Module):
             y = y.squeeze(batch_dim)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return y, (h_n, c_n)
+
+    # ---- torch.jit.trace ------------------------------------------------------------------------
+    def _traced_shapes(self, input, hx):
+        """(input, hx, L, N) for a call torch.jit.trace records. The trace holds the example's sequence
+        length and batch as constants (the sizes are traced tensors here; the engines take ints),
+        so the input and state are first expanded to exactly those sizes: replayed on any other
+        shape, the trace raises there (expand refuses a size that differs unless it is 1, and the
+        reshape after it refuses another count of elements) instead of computing on misread rows."""
+        L, N = int(input.shape[0]), int(input.shape[1])
+        input = input.expand(L, N, input.shape[2])
+        if hx:
+            hx = tuple(t.expand(int(t.shape[0]), N, int(t.shape[2])) for t in hx)
+        return input, hx, L, N
 
     # ---- torch.autocast (nn/autocast.py has the rules) ------------------------------------------
     def _forward_autocast(self, input, hx, device_type):

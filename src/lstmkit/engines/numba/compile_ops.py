@@ -37,8 +37,21 @@ def lstm_forward(
     x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_batch_sizes(x, batch_sizes, c0)
     outs = layer_forward(x, batch_sizes, h0, c0, LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr), reverse, True)
     return tuple(torch.from_numpy(a) for a in outs)
+
+
+def _check_batch_sizes(x, batch_sizes, c0):
+    """The op's batch_sizes against its input. The module makes them from the input, but a
+    torch.jit.trace holds those of its example input as constants: replayed on another sequence
+    length or batch, the kernel would read past x or leave rows of y unwritten."""
+    if sum(batch_sizes) != x.shape[0] or (len(batch_sizes) > 0 and batch_sizes[0] != c0.shape[0]):
+        raise RuntimeError(
+            f"lstmkit::lstm_forward: batch_sizes (steps {len(batch_sizes)}, {sum(batch_sizes)} rows) do not "
+            f"match the input ({x.shape[0]} rows, batch {c0.shape[0]}); a torch.jit.trace of lstmkit.LSTM "
+            "holds its example input's sequence length and batch size: trace again for other shapes, or "
+            "use torch.compile or torch.export")
 
 
 @lstm_forward.register_fake
@@ -112,7 +125,7 @@ def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False):
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the Numba engine computes in float32 or float64, got {x.dtype}")
     y, h_n, c_n, _, _ = torch.ops.lstmkit.lstm_forward(
-        x.contiguous(), list(batch_sizes), h0.contiguous(), c0.contiguous(), p.w_ih, p.w_hh,
+        x.contiguous(), [int(b) for b in batch_sizes], h0.contiguous(), c0.contiguous(), p.w_ih, p.w_hh,
         p.b_ih, p.b_hh, p.w_hr, bool(reverse),
     )
     return y, h_n, c_n
