@@ -392,6 +392,26 @@ def test_torch_jit_trace_records_the_computation(options, steps, with_state):
         torch.jit.trace(packs_inside, (torch.randn(shape(3, 2)),), check_trace=False)
 
 
+@pytest.mark.parametrize("first", ["import lstmkit, torch", "import torch, lstmkit"])
+def test_a_saved_trace_loads_and_runs_in_a_fresh_program(tmp_path, first):
+    """torch.jit.save of a traced model, torch.jit.load in another interpreter that imported
+    lstmkit (either order): the trace's lstmkit::lstm_forward op is registered there, and its
+    answer on new input is the module's."""
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(m, (torch.randn(5, 2, 3),), check_trace=False), tmp_path / "traced.pt")
+    x = torch.randn(5, 2, 3)
+    torch.save(x, tmp_path / "x.pt")
+    run_python(f"""
+        {first}
+        y = torch.jit.load("traced.pt")(torch.load("x.pt"))[0]
+        torch.save(y, "y.pt")
+        """, tmp_path)
+    assert_close(torch.load(tmp_path / "y.pt"), m(x)[0], 1e-6)
+
+
 @pytest.mark.parametrize("tool", ["checkpoint", "checkpoint reentrant", "save_on_cpu"])
 @pytest.mark.parametrize("shape, dtype", [((1, 2, 3, 5), torch.float64), ((6, 3, 3, 5), torch.float64),
                                           ((30, 16, 64, 256), torch.float32)], ids=["one step", "steps", "mkl"])

@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..config import LSTMConfig
 from ..engines import LayerParams, check_engine_name, get_layer_fn, get_pair_fn
 from . import autocast, variants
+from ..engines.numba import compile_ops as _compile_ops  # noqa: F401  (registers lstmkit::lstm_forward, see there)
 
 
 _FAST_DTYPES = (torch.float32, torch.float64)

@@ -28,7 +28,10 @@ from torch import Tensor
 
 from ..base import LayerParams
 from ..double_backward import differentiable_backward
-from .binding import layer_backward, layer_forward
+
+# The binding (and Numba with it) is imported by the ops' first call, not here: nn/modules.py
+# imports this file so that the ops exist as soon as lstmkit's modules do (torch.jit.load of a
+# traced model names lstmkit::lstm_forward), and that import stays cheap.
 
 
 # ---- forward -----------------------------------------------------------------------------------
@@ -37,6 +40,8 @@ def lstm_forward(
     x: Tensor, batch_sizes: list[int], h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .binding import layer_forward
+
     _check_batch_sizes(x, batch_sizes, c0)
     outs = layer_forward(x, batch_sizes, h0, c0, LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr), reverse, True)
     return tuple(torch.from_numpy(a) for a in outs)
@@ -70,6 +75,8 @@ def lstm_backward(
     w_hr: Optional[Tensor], reverse: bool, y: Tensor, acts: Tensor, cells: Tensor,
     dy: Tensor, dh_n: Tensor, dc_n: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .binding import layer_backward
+
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = layer_backward(
         x, batch_sizes, h0, c0, LayerParams(w_ih, w_hh, None, None, w_hr), reverse, y, acts, cells, dy, dh_n, dc_n)
     if dw_hr is None:
