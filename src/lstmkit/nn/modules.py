@@ -356,14 +356,6 @@ class LSTM(nn.Module):
         return y, (h_n, c_n)
 
     # ---- inference fast path --------------------------------------------------------------
-    # A one-step call at batch 1 costs a few microseconds of arithmetic and tens of
-    # microseconds of Python in the general path (checks, layers x directions, tensor <->
-    # numpy per layer). With no gradient to record, a CPU tensor of float32/float64 goes
-    # instead through the torch-free runtime (runtime/model.py: the same fused kernels,
-    # the whole stack in one call), built from this module's weights and rebuilt when any
-    # parameter changes: in-place updates bump `_version`, `p.data = ...` moves data_ptr, and
-    # what neither shows (p.data.clamp_(), a write through a numpy view) makes the weights'
-    # bits differ from the copy taken at build (engines/numba/binding.WeightWatch).
     def _records_nothing(self, input, hx) -> bool:
         """Whether autograd records nothing for this call with grad mode on: neither the input, nor
         a parameter, nor the state given requires grad (a frozen model run on data without
@@ -373,6 +365,14 @@ class LSTM(nn.Module):
         return hx is None or (type(hx) in (tuple, list) and len(hx) == 2
                               and all(type(t) is torch.Tensor and not t.requires_grad for t in hx))
 
+    # A one-step call at batch 1 costs a few microseconds of arithmetic and tens of
+    # microseconds of Python in the general path (checks, layers x directions, tensor <->
+    # numpy per layer). With no gradient to record, a CPU tensor of float32/float64 goes
+    # instead through the torch-free runtime (runtime/model.py: the same fused kernels,
+    # the whole stack in one call), built from this module's weights and rebuilt when any
+    # parameter changes: in-place updates bump `_version`, `p.data = ...` moves data_ptr, and
+    # what neither shows (p.data.clamp_(), a write through a numpy view) makes the weights'
+    # bits differ from the copy taken at build (engines/numba/binding.WeightWatch).
     def _inference_fast(self, input, hx):
         if (input.dtype not in _FAST_DTYPES or not input.is_cpu or self.engine not in ("auto", "numba")
                 or (self.training and ((self.dropout > 0 and self.config.num_layers > 1) or self._variant))
