@@ -62,6 +62,39 @@ def test_fullgraph_forward_backward_equal_eager(cfg, shape, with_state):
         assert_all_close(grads_of(ref, x, state), eager, F64)  # and eager is nn.LSTM
 
 
+@pytest.mark.parametrize("cfg", [dict(num_layers=2, bidirectional=True), dict(batch_first=True, proj_size=2)])
+def test_dynamic_compile_serves_every_sequence_length_with_one_graph(cfg):
+    """torch.compile(dynamic=True): one graph for every sequence length and batch from 2 up
+    (the padded call's batch sizes go to the op as base.PaddedSizes, not a list of one entry per
+    step, which held the graph to one length: a new compile at each), forward and backward equal
+    eager."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    ours = lstmkit.LSTM(4, 6, **cfg, dtype=torch.float64)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager", dynamic=True)
+    for L, N in ((5, 2), (7, 2), (7, 3), (9, 4), (2, 5)):
+        x = torch.randn((N, L, 4) if cfg.get("batch_first") else (L, N, 4), dtype=torch.float64)
+        assert_all_close(grads_of(compiled, x), grads_of(ours, x), SAME)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_torch_export_with_dynamic_length_and_batch():
+    """torch.export.export with the sequence length and the batch as dynamic dimensions: the
+    exported program's answers on other shapes are eager's."""
+    torch.manual_seed(0)
+    ours = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2)
+    T, B = torch.export.Dim("T", min=2), torch.export.Dim("B", min=2)
+    program = torch.export.export(ours, (torch.randn(5, 3, 3),), dynamic_shapes=({0: T, 1: B},))
+    for L, N in ((7, 4), (2, 2), (11, 3)):
+        x = torch.randn(L, N, 3)
+        y, (h, c) = program.module()(x)
+        want = ours(x)
+        assert_all_close([y, h, c], [want[0], *want[1]], 1e-6)
+
+
 def test_module_forward_has_no_graph_breaks():
     m = lstmkit.LSTM(3, 4, num_layers=2, batch_first=True)
     for x in (torch.randn(2, 5, 3), torch.randn(5, 3)):

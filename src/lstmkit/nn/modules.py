@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..config import LSTMConfig
 from ..engines import LayerParams, check_engine_name, get_layer_fn, get_pair_fn
+from ..engines.base import PaddedSizes
 from . import autocast, variants
 from ..engines.numba import compile_ops as _compile_ops  # noqa: F401  (registers lstmkit::lstm_forward, see there)
 
@@ -315,7 +316,8 @@ class LSTM(nn.Module):
             if hx is not None:
                 h0, c0 = hx_shaped
         data = input.reshape(L * N, self.input_size)  # padded = packed with batch_sizes [N]*L
-        y, (h_n, c_n) = self._run(data, [N] * L, hx is not None and (h0, c0))
+        batch_sizes = PaddedSizes(L, N) if torch.compiler.is_compiling() else [N] * L  # (base.PaddedSizes)
+        y, (h_n, c_n) = self._run(data, batch_sizes, hx is not None and (h0, c0))
         y = y.view(L, N, cfg.output_size)
         if self.batch_first:
             y = y.transpose(0, 1)
@@ -536,7 +538,7 @@ class LSTM(nn.Module):
     def _run(self, data, batch_sizes, hx):
         """All layers and directions over packed data. hx: (h0, c0) or False for zeros."""
         cfg = self.config
-        if len(batch_sizes) == 0:
+        if type(batch_sizes) is list and len(batch_sizes) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         batch = batch_sizes[0]
         if hx:
@@ -551,6 +553,8 @@ class LSTM(nn.Module):
         layer_fn = get_layer_fn(self.engine, data, variant=use_variant, tensors=others)
         # Both directions at once where the engine can (Triton: one launch per step for the two).
         pair_fn = get_pair_fn(self.engine, data, variant=use_variant, tensors=others) if cfg.num_directions == 2 else None
+        if isinstance(batch_sizes, PaddedSizes) and not getattr(layer_fn, "takes_padded_sizes", False):
+            batch_sizes = batch_sizes.as_list()  # the reference engine's loop over steps wants them all
 
         x = data
         h_n, c_n = [], []

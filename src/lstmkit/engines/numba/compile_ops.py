@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..base import LayerParams
+from ..base import LayerParams, PaddedSizes
 from ..double_backward import differentiable_backward
 
 # The binding (and Numba with it) is imported by the ops' first call, not here: nn/modules.py
@@ -42,21 +42,30 @@ def lstm_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from .binding import layer_forward
 
-    _check_batch_sizes(x, batch_sizes, c0)
+    batch_sizes = _batch_sizes(x, batch_sizes, c0)
     outs = layer_forward(x, batch_sizes, h0, c0, LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr), reverse, True)
     return tuple(torch.from_numpy(a) for a in outs)
 
 
-def _check_batch_sizes(x, batch_sizes, c0):
-    """The op's batch_sizes against its input. The module makes them from the input, but a
-    torch.jit.trace holds those of its example input as constants: replayed on another sequence
-    length or batch, the kernel would read past x or leave rows of y unwritten."""
-    if sum(batch_sizes) != x.shape[0] or (len(batch_sizes) > 0 and batch_sizes[0] != c0.shape[0]):
+def _batch_sizes(x, batch_sizes, c0):
+    """The op's batch_sizes: [] stands for padded data (base.PaddedSizes), every step of c0's
+    batch; a list is checked against the input. The module makes it from the input, but a
+    torch.jit.trace holds its example's as constants: replayed on another sequence length or
+    batch, the kernel would read past x or leave rows of y unwritten."""
+    B = c0.shape[0]
+    if len(batch_sizes) == 0:
+        if B == 0 or x.shape[0] % B:
+            if x.shape[0]:
+                raise RuntimeError(f"lstmkit::lstm_forward: {x.shape[0]} rows are not steps of batch {B}")
+            return [B]  # a batch of 0 sequences: one step of no rows stands for any length
+        return [B] * (x.shape[0] // B)
+    if sum(batch_sizes) != x.shape[0] or batch_sizes[0] != B:
         raise RuntimeError(
             f"lstmkit::lstm_forward: batch_sizes (steps {len(batch_sizes)}, {sum(batch_sizes)} rows) do not "
             f"match the input ({x.shape[0]} rows, batch {c0.shape[0]}); a torch.jit.trace of lstmkit.LSTM "
             "holds its example input's sequence length and batch size: trace again for other shapes, or "
             "use torch.compile or torch.export")
+    return batch_sizes
 
 
 @lstm_forward.register_fake
@@ -77,6 +86,7 @@ def lstm_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from .binding import layer_backward
 
+    batch_sizes = _batch_sizes(x, batch_sizes, c0)
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = layer_backward(
         x, batch_sizes, h0, c0, LayerParams(w_ih, w_hh, None, None, w_hr), reverse, y, acts, cells, dy, dh_n, dc_n)
     if dw_hr is None:
@@ -107,7 +117,7 @@ def _backward(ctx, dy, dh_n, dc_n, _dacts, _dcells):
         x, h0, c0, w_ih, w_hh, w_hr, _, _, _, b_ih, b_hh = ctx.saved_tensors
         needs = [ctx.needs_input_grad[k] for k in (0, 2, 3, 4, 5, 6, 7, 8)]  # skip batch_sizes
         dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = differentiable_backward(
-            "numba", (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (dy, dh_n, dc_n), ctx.batch_sizes,
+            "numba", (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (dy, dh_n, dc_n), _batch_sizes(x, ctx.batch_sizes, c0),
             ctx.reverse, needs)
         return dx, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
     x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells = ctx.saved_tensors[:9]
@@ -131,8 +141,12 @@ torch.library.register_autograd("lstmkit::lstm_forward", _backward, setup_contex
 def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False):
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the Numba engine computes in float32 or float64, got {x.dtype}")
+    sizes = [] if isinstance(batch_sizes, PaddedSizes) else [int(b) for b in batch_sizes]  # []: padded
     y, h_n, c_n, _, _ = torch.ops.lstmkit.lstm_forward(
-        x.contiguous(), [int(b) for b in batch_sizes], h0.contiguous(), c0.contiguous(), p.w_ih, p.w_hh,
-        p.b_ih, p.b_hh, p.w_hr, bool(reverse),
+        x.contiguous(), sizes, h0.contiguous(), c0.contiguous(), p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr,
+        bool(reverse),
     )
     return y, h_n, c_n
+
+
+lstm_layer.takes_padded_sizes = True  # nn/modules.py: hands it base.PaddedSizes as they are
