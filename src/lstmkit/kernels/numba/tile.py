@@ -40,15 +40,24 @@ def _lanes_of(dtype) -> int:
     return 32 if dtype == types.float32 else 16
 
 
-@intrinsic
-def _lanes_array(typingctx, a):
-    """V for array a's dtype, as a compile-time constant."""
-    width = _lanes_of(a.dtype)
+def _dtype_constant(width_of, doc: str):
+    """An intrinsic f(a) -> width_of(a's dtype), an int64 compile-time constant (loops over it
+    unroll and vectorise as over a literal)."""
 
-    def codegen(context, builder, signature, args):
-        return ir.Constant(ir.IntType(64), width)
+    @intrinsic
+    def constant(typingctx, a):
+        width = width_of(a.dtype)
 
-    return types.int64(a), codegen
+        def codegen(context, builder, signature, args):
+            return ir.Constant(ir.IntType(64), width)
+
+        return types.int64(a), codegen
+
+    constant.__doc__ = doc
+    return constant
+
+
+_lanes_array = _dtype_constant(_lanes_of, "V for array a's dtype, as a compile-time constant.")
 
 
 def _as_i64(builder, v):
@@ -378,15 +387,8 @@ def _dot_lanes(dtype) -> int:
     return full // (4 if dtype == types.float32 else 8)
 
 
-@intrinsic
-def dot_lanes(typingctx, a):
-    """L for array a's dtype, as a compile-time constant: rows_dot covers K - K % L of each row."""
-    width = _dot_lanes(a.dtype)
-
-    def codegen(context, builder, signature, args):
-        return ir.Constant(ir.IntType(64), width)
-
-    return types.int64(a), codegen
+dot_lanes = _dtype_constant(_dot_lanes, "L for array a's dtype, as a compile-time constant: rows_dot covers "
+                                        "K - K % L of each row.")
 
 
 # Numba's fastmath pass flags every float operation that has no flag of its own with
