@@ -325,7 +325,7 @@ class Runtime:
         wp, b, wpr = self._packed[idx]
         if self.threads > 1 and self._by_columns(idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T, N):
             return
-        if T == 1 and N * (self._I + self._P) * 4 * self._H < MIN_SPLIT_MACS:
+        if self._one_small_step(T, N):
             # One step, one chunk: straight into the compiled loop (the Python around it is most
             # of such a call's time).
             forward_chunk(x, bsz, h0, c0, wp, b, wpr, self._no_xproj, 0, self._no_wg, reverse, self._no_acts, y,
@@ -341,6 +341,10 @@ class Runtime:
         gemm, wg = self._gemm_weights(idx, pre, rows)
         forward_core(x, bsz, h0, c0, wp, b, wpr, reverse, self._no_acts, y, h_n, c_n, self._no_cells, False,
                      bounds, xproj, gemm, wg)
+
+    def _one_small_step(self, T: int, N: int) -> bool:
+        """A call of one step with too little work to split or to hand to a BLAS."""
+        return T == 1 and N * (self._I + self._P) * 4 * self._H < MIN_SPLIT_MACS
 
     def _directions_at_once(self) -> bool:
         """Whether a bidirectional layer runs its two directions at once, one thread each (no
@@ -361,7 +365,9 @@ class Runtime:
             pre = T > 1 and precompute_input(N, T, w_ih.shape[1], self._H, self._P, x.itemsize, 1,
                                              self._fused_on_blas(w_ih.shape[1], N))
             xproj = self.input_projection(x, w_ih, b, d) if pre else self._no_xproj
-            gemm, wg = self._gemm_weights(idx, pre, N)
+            # One small step on the micro-kernel, as _plain_layer's: the same bits as one thread
+            # (a BLAS may sum a row in another order; MKL does on AMD Zen at 5-11 rows).
+            gemm, wg = (0, self._no_wg) if self._one_small_step(T, N) else self._gemm_weights(idx, pre, N)
             calls.append((x, bsz, h0[idx], c0[idx], wp, b, wpr, xproj, gemm, wg, d == 1, self._no_acts, y[d],
                           h_n[idx], c_n[idx], self._no_cells, False, 0, N))
         run_pair(forward_chunk, *calls, body=forward_pair_body)

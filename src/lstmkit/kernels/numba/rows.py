@@ -21,6 +21,13 @@ from numba.extending import intrinsic
 
 # The kernels' compile options (tile.py takes them from here; lstm.py spells the same set out).
 KW = dict(cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"}, error_model="numpy", nogil=True)
+# The same without 'reassoc', for loops that store. Where LLVM cannot prove that a loop's stores
+# miss its loads, it compares the addresses at run time and runs either a vector copy of the
+# loop or a scalar one; with 'reassoc' the two may group an expression of several terms
+# differently. The bits of a result then depended on where the allocator had put the buffers:
+# the variant kernel's layer-norm backward gave gradients 1 ulp apart from one run to the next
+# (seen on AMD Zen 5). Sums keep 'reassoc' (their vector lanes need it) in loops that store nothing.
+KW_STORE = dict(KW, fastmath=KW["fastmath"] - {"reassoc"})
 
 
 def _i64(builder, v):

@@ -41,7 +41,7 @@ from numba import njit
 from .activations import sigmoid, tanh
 from .blas import PAD_ROWS, gemm_packed, padded_input, padded_rows
 from .lstm import backward_step, no_projection, offsets
-from .rows import KW, add_p, copy_p, fma_p, mul_p, ptr_add, row_ptr
+from .rows import KW, KW_STORE, add_p, copy_p, fma_p, mul_p, ptr_add, row_ptr
 from .simd import (LANES, block_units, out_tanh_block, variant_gate_backward_block, variant_gate_block,
                    variant_out_backward_block)
 from .threads import run_chunks
@@ -50,8 +50,81 @@ from .tile import WHOLE_K, matmul, pack, padded_width
 EPS = 1e-5
 
 
-# ---- small row operations on pointers -------------------------------------------------------------
+# ---- layer norm's sums: the only loops compiled with 'reassoc' (KW), which their vector lanes
+# need; they store nothing, so LLVM runs one vector loop for a given n, whatever the addresses.
+# Every loop that stores is compiled without it (rows.KW_STORE says why).
 @njit(**KW)
+def _sum(v, n):
+    s = v[0] - v[0]  # v's dtype: a float64 literal would promote a float32 row
+    for j in range(n):
+        s += v[j]
+    return s
+
+
+@njit(**KW)
+def _sum_squares(v, mean, n):
+    """sum (v - mean)^2: the variance's second pass (no E[v^2] - mean^2 cancellation)."""
+    s = v[0] - v[0]
+    for j in range(n):
+        d = v[j] - mean
+        s += d * d
+    return s
+
+
+@njit(**KW)
+def _sum2(a, q, n):
+    """_sum of two rows in one pass: two independent chains (see normalize2)."""
+    sa = a[0] - a[0]
+    sq = sa
+    for j in range(n):
+        sa += a[j]
+        sq += q[j]
+    return sa, sq
+
+
+@njit(**KW)
+def _sum_squares2(a, ma, q, mq, n):
+    sa = a[0] - a[0]
+    sq = sa
+    for j in range(n):
+        da = a[j] - ma
+        dq = q[j] - mq
+        sa += da * da
+        sq += dq * dq
+    return sa, sq
+
+
+@njit(**KW)
+def _gradient_sums(dy, w, xhat, n):
+    """(sum dy w, sum dy w xhat): the means normalize_backward subtracts, times n."""
+    s1 = dy[0] - dy[0]
+    s2 = s1
+    for j in range(n):
+        dxh = dy[j] * w[j]
+        s1 += dxh
+        s2 += dxh * xhat[j]
+    return s1, s2
+
+
+@njit(**KW)
+def _gradient_sums2(dg, wa, xa, wq, xq, n):
+    """_gradient_sums of dg through two layer norms, in one pass (see normalize_backward2)."""
+    s1a = dg[0] - dg[0]
+    s2a = s1a
+    s1q = s1a
+    s2q = s1a
+    for j in range(n):
+        ga = dg[j] * wa[j]
+        gq = dg[j] * wq[j]
+        s1a += ga
+        s2a += ga * xa[j]
+        s1q += gq
+        s2q += gq * xq[j]
+    return s1a, s2a, s1q, s2q
+
+
+# ---- small row operations on pointers -------------------------------------------------------------
+@njit(**KW_STORE)
 def blend_p(dst, new, d, n):
     """Zoneout: dst[:n] = d dst + (1 - d) new, written new + d (dst - new) (no literal 1: see
     forward_chunk)."""
@@ -59,23 +132,15 @@ def blend_p(dst, new, d, n):
         dst[k] = new[k] + d[k] * (dst[k] - new[k])
 
 
-@njit(**KW)
+@njit(**KW_STORE)
 def normalize(v, w, b, xhat, out, n, k):
     """Layer norm of the row v (n values): xhat = (v - mean) / sqrt(var + eps), out = xhat * w + b
     (out may be v itself); returns 1 / sqrt(var + eps). k: two scratch slots of v's dtype.
     Two passes for the statistics (no E[v^2] - mean^2 cancellation), summed in v's dtype with
     the lanes of a vector (as torch's layer_norm sums float32 in float32)."""
-    zero = v[0] - v[0]  # v's dtype: a float64 literal would promote a float32 row
-    s = zero
-    for j in range(n):
-        s += v[j]
-    k[0] = s / n  # stored and read back: rounded to v's dtype
+    k[0] = _sum(v, n) / n  # stored and read back: rounded to v's dtype
     mean = k[0]
-    s = zero
-    for j in range(n):
-        d = v[j] - mean
-        s += d * d
-    k[1] = 1.0 / np.sqrt(s / n + EPS)
+    k[1] = 1.0 / np.sqrt(_sum_squares(v, mean, n) / n + EPS)
     rstd = k[1]
     for j in range(n):
         xh = (v[j] - mean) * rstd
@@ -84,18 +149,13 @@ def normalize(v, w, b, xhat, out, n, k):
     return rstd
 
 
-@njit(**KW)
+@njit(**KW_STORE)
 def normalize_backward(dy, w, xhat, rstd, dv, n, k):
     """Backward of y = xhat * w + b, xhat = normalize(v), to v: writes dv (n values).
     dv = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * w.
     dv may be dy itself (each element reads its own dy before writing). The gradients of
     w and b are left to the caller."""
-    s1 = dy[0] - dy[0]
-    s2 = s1
-    for j in range(n):
-        dxh = dy[j] * w[j]
-        s1 += dxh
-        s2 += dxh * xhat[j]
+    s1, s2 = _gradient_sums(dy, w, xhat, n)
     k[0] = s1 / n
     k[1] = s2 / n
     m1 = k[0]
@@ -104,28 +164,17 @@ def normalize_backward(dy, w, xhat, rstd, dv, n, k):
         dv[j] = rstd * (dy[j] * w[j] - m1 - xhat[j] * m2)
 
 
-@njit(**KW)
+@njit(**KW_STORE)
 def normalize2(a, q, wa, ba, wq, bq, xa, xq, n, k):
     """normalize() of two rows at once, in place (a = LN(a) with wa, ba; q = LN(q) with wq, bq;
     xa, xq out the normalised values); k[2], k[3] out their 1/std. Each pass carries two
     independent sums: 2.7x faster than two normalize() calls (BENCHMARKS.md, seventh session)."""
-    zero = a[0] - a[0]
-    sa = zero
-    sq = zero
-    for j in range(n):
-        sa += a[j]
-        sq += q[j]
+    sa, sq = _sum2(a, q, n)
     k[0] = sa / n
     k[1] = sq / n
     ma = k[0]
     mq = k[1]
-    sa = zero
-    sq = zero
-    for j in range(n):
-        da = a[j] - ma
-        dq = q[j] - mq
-        sa += da * da
-        sq += dq * dq
+    sa, sq = _sum_squares2(a, ma, q, mq, n)
     k[2] = 1.0 / np.sqrt(sa / n + EPS)
     k[3] = 1.0 / np.sqrt(sq / n + EPS)
     ra = k[2]
@@ -139,22 +188,12 @@ def normalize2(a, q, wa, ba, wq, bq, xa, xq, n, k):
         q[j] = xg * wq[j] + bq[j]
 
 
-@njit(**KW)
+@njit(**KW_STORE)
 def normalize_backward2(dg, wa, xa, ra, wq, xq, rq, dq, n, k):
     """normalize_backward() of one incoming row dg through two layer norms: dq (n) out the
     gradient through LN(q) (wq, xq, rq), then dg in place through LN(a) (wa, xa, ra). One pass
     for the four sums, one for the two results."""
-    s1a = dg[0] - dg[0]
-    s2a = s1a
-    s1q = s1a
-    s2q = s1a
-    for j in range(n):
-        ga = dg[j] * wa[j]
-        gq = dg[j] * wq[j]
-        s1a += ga
-        s2a += ga * xa[j]
-        s1q += gq
-        s2q += gq * xq[j]
+    s1a, s2a, s1q, s2q = _gradient_sums2(dg, wa, xa, wq, xq, n)
     k[0] = s1a / n
     k[1] = s2a / n
     k[2] = s1q / n
@@ -167,7 +206,7 @@ def normalize_backward2(dg, wa, xa, ra, wq, xq, rq, dq, n, k):
 
 
 # ---- the fused row passes: float32 vector blocks (simd.py), the rest (float64, H % LANES) scalar --
-@njit(**KW)
+@njit(**KW_STORE)
 def gate_row(a, q, b, pi, pf, po, c, cn, H):
     """a (4H) in x W_ih^T (normalised), out the activations i, f, g, o; q (4H) the recurrent
     part; b (4H); pi, pf, po (H) peepholes; c (H) c_{t-1}; cn (H) out c~_t."""
@@ -187,7 +226,7 @@ def gate_row(a, q, b, pi, pf, po, c, cn, H):
         cn[j] = cv
 
 
-@njit(**KW)
+@njit(**KW_STORE)
 def out_tanh_row(a, v, out, H):
     """out (H) = o * tanh(v), o the last gate row of a (4H)."""
     j0 = block_units(a, H)
@@ -197,7 +236,7 @@ def out_tanh_row(a, v, out, H):
         out[j] = a[3 * H + j] * tanh(v[j])
 
 
-@njit(**KW)
+@njit(**KW_STORE)
 def out_backward_row(a, v, dhp, dg, dv, hpre, want_hpre, H):
     """Through h~ = o * tanh(v): dv (H) out dL/dv; dg[3H:] out dL/d pre_o; hpre (H) out o tanh(v)
     when want_hpre. dhp (H) dL/dh~ before the projection."""
@@ -214,7 +253,7 @@ def out_backward_row(a, v, dhp, dg, dv, hpre, want_hpre, H):
             hpre[j] = og * tc
 
 
-@njit(**KW)
+@njit(**KW_STORE)
 def gate_backward_row(a, cp, dcv, dc, zc, dg, pi, pf, po, H):
     """dc (H) in dL/dc_t carried, out dL/dc_{t-1}; dcv (H) dL/dc~ through h~; zc (H) zoneout's d
     (zeros without); dg (4H) out dL/d pre-activations i, f, g (o: out_backward_row)."""
@@ -236,7 +275,7 @@ def gate_backward_row(a, cp, dcv, dc, zc, dg, pi, pf, po, H):
 
 
 # ---- forward ---------------------------------------------------------------------------------------
-@njit(**KW)
+@njit(**KW_STORE)
 def forward_chunk(x, batch_sizes, h0, c0, wp_ih, wp_hh, b, wp_hr, gemm, wg, ln_ih_w, ln_ih_b, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
                   w_peep, zc, zh, rm, reverse, acts, y, h, c, cells, c_prev, xhat, hhat, chat, rstd, save, r0, r1):
     """The whole time loop of rows r0:r1 (see forward_core for the arguments)."""
@@ -373,7 +412,7 @@ def forward_core(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr,
 
 
 # ---- backward --------------------------------------------------------------------------------------
-@njit(**KW)
+@njit(**KW_STORE)
 def backward_chunk(x, batch_sizes, h0, c0, wpb_hh, wpb_hr, gemm, wgb, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b, w_peep,
                    zc, zh, rm, reverse, acts, cells, c_prev, y, xhat, hhat, chat, rstd, dy, dh, dc,
                    dgates, dhw, xh_prev, db_rows, dln_rows, dpeep_rows, dh_all, hpre_all, r0, r1):
