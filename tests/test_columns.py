@@ -501,6 +501,9 @@ def test_module_takes_the_wide_unit_split_at_two_threads_and_matches_torch(kw, s
     units with MKL's products (runtime.Runtime._by_columns, columns.wide_columns_pay), torch.nn.LSTM's
     numbers, one thread's to float32 rounding, and bitwise the same on a second call. (A
     PackedSequence takes the engine's rows split: torch.nn.LSTM's packed path is slow anyway.)"""
+    from lstmkit.engines.numba import mkl
+
+    monkeypatch.setattr(mkl, "_wanted", [True])  # on any CPU (mkl.wanted)
     from lstmkit.runtime import model as runtime_model
 
     gemms = []
@@ -542,6 +545,9 @@ def test_training_on_wide_weights_at_two_threads_takes_the_unit_split_on_mkl(kw,
     (saving) and the backward run split by hidden units with MKL's step products
     (columns.wide_columns_pay, wide_columns_pay_backward); outputs and every gradient match
     torch.nn.LSTM, and a second step gives the same bits."""
+    from lstmkit.engines.numba import mkl
+
+    monkeypatch.setattr(mkl, "_wanted", [True])  # on any CPU (mkl.wanted)
     from torch.nn.utils.rnn import pack_padded_sequence
 
     from lstmkit.engines.numba import binding

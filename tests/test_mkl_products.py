@@ -17,6 +17,12 @@ from harness import TOL, assert_all_close, pair, require_team, run_differential,
 pytestmark = pytest.mark.skipif(mkl._find() is None, reason="torch's library exports no MKL packed GEMM here")
 
 
+@pytest.fixture(autouse=True)
+def mkl_wanted(monkeypatch):
+    """MKL's path on any CPU (by default it is taken on Intel's only: mkl.wanted)."""
+    monkeypatch.setattr(mkl, "_wanted", [True])
+
+
 @pytest.fixture
 def every_product_to_mkl(monkeypatch):
     """Count the packings, and make every float32 product of 1+ rows go to MKL."""
@@ -111,6 +117,18 @@ def test_float64_and_the_switch_keep_the_micro_kernel(monkeypatch):
     monkeypatch.setattr(mkl, "_entry", [])
     monkeypatch.setenv("LSTMKIT_MKL", "0")
     assert not mkl.use(4096, 4096, 64, np.float32)
+
+
+@pytest.mark.parametrize("flag,intel,want", [("", True, True), ("", False, False), ("1", False, True),
+                                             ("0", True, False)])
+def test_mkl_is_wanted_on_intel_cpus_or_when_asked(monkeypatch, flag, intel, want):
+    """Unset, LSTMKIT_MKL takes MKL on Intel CPUs only (elsewhere MKL runs its AVX2 code, far
+    slower than the micro-kernel); 1 forces it, 0 turns it off."""
+    monkeypatch.setattr(mkl, "_wanted", [])
+    monkeypatch.setattr(mkl, "_intel_cpu", lambda: intel)
+    monkeypatch.setenv("LSTMKIT_MKL", flag)
+    assert mkl.wanted() is want
+    assert mkl.use(4096, 4096, 64, np.float32) is (want and flag != "0")
 
 
 @pytest.mark.parametrize("opts", [dict(peephole=True, zoneout=0.2, recurrent_dropout=0.3),

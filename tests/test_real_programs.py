@@ -376,7 +376,9 @@ def test_torch_jit_trace_records_the_computation(options, steps, with_state):
         new = args(steps, N)
         want = ours(*new)
         got = traced(*new)
-        assert_all_close([got[0], *got[1]], [want[0], *want[1]], 1e-6)
+        # A traced variant runs the reference engine's ops (engines.get_layer_fn), eager the fused
+        # kernel: the two agree to float32 rounding. A plain LSTM runs the same kernel both ways.
+        assert_all_close([got[0], *got[1]], [want[0], *want[1]], TOL[torch.float32] if ref is None else 1e-6)
         if ref is not None:
             theirs = ref(*new)
             assert_all_close([got[0], *got[1]], [theirs[0], *theirs[1]], TOL[torch.float32])

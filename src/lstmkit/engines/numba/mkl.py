@@ -10,12 +10,13 @@ says why; BENCHMARKS.md, seventh and eleventh sessions, has the measurements beh
 
 torch's CPU wheels for x86 Linux link MKL into libtorch_cpu and export its CBLAS entry points;
 elsewhere (no such library or symbol, float64) nothing here is used and the kernels keep their
-own micro-kernel.
+own micro-kernel. On a CPU that is not Intel's neither (wanted()): MKL runs its AVX2 code there.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import platform
 
 import numpy as np
 import torch
@@ -44,6 +45,28 @@ MIN_ROWS = 4
 
 _ROW_MAJOR, _NO_TRANS, _TRANS, _B_MATRIX = 101, 111, 112, 162
 _entry = []  # [(compute address, pack, pack_get_size)] or [None], found once
+_wanted = []  # [whether the products may go to MKL], decided once
+
+
+def wanted() -> bool:
+    """Whether the step products may go to MKL at all: LSTMKIT_MKL=0 never, =1 wherever torch's
+    library has it, unset on Intel CPUs only. Elsewhere MKL takes its AVX2 code even where the
+    CPU has AVX-512: on an AMD EPYC (Zen 5) its packed GEMM ran 54-81 GFLOP/s a core against the
+    micro-kernel's 200-230, and the main job's training step took 1.5x as long with it
+    (BENCHMARKS.md, seventeenth session). The thresholds below were measured on Intel's."""
+    if not _wanted:
+        flag = os.environ.get("LSTMKIT_MKL", "")
+        _wanted.append(flag == "1" or (flag != "0" and _intel_cpu()))
+    return _wanted[0]
+
+
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            text = f.read(4096)
+    except OSError:
+        text = platform.processor()  # Windows: "... GenuineIntel"; elsewhere often empty
+    return "GenuineIntel" in text
 
 
 def _find():
@@ -91,7 +114,7 @@ def use(K: int, G: int, rows: int, dtype, forward: bool = False) -> bool:
         ok = size >= MIN_FORWARD_WEIGHT_BYTES and rows >= MIN_FORWARD_ROWS
     else:
         ok = size >= MIN_WEIGHT_BYTES and rows >= MIN_ROWS
-    return dtype == np.float32 and ok and _find() is not None
+    return dtype == np.float32 and ok and wanted() and _find() is not None
 
 
 def pack(w: np.ndarray, transposed: bool, rows: int, out=None, padded: bool = False):
