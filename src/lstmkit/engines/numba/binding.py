@@ -34,7 +34,7 @@ from ...kernels.numba.step import step_backward_all as step_backward_all_kernel
 from ...kernels.numba.step import step_forward as step_forward_kernel
 from ...kernels.numba.step import steps_backward as steps_backward_kernel
 from ...kernels.numba.step import steps_forward as steps_forward_kernel
-from ...kernels.numba import prefetch
+from ...kernels.numba import gemm, prefetch
 from ...kernels.numba.threads import use_openmp
 from ..base import LayerParams
 from . import mkl
@@ -251,6 +251,39 @@ def backward_weights(p: LayerParams, with_input: bool = True, gemm: bool = False
     return (wpb, wprb, *mkl.pack(w, False, rows, padded=True))  # backward_chunk's products
 
 
+# The big products around the loops on the micro-kernel from this many multiply-adds (below it
+# the Python around a call is most of it), where mkl.own_gemm says so.
+OWN_GEMM_MIN_MACS = 1 << 16
+
+
+def _own_gemm(M: int, K: int, G: int, dtype) -> bool:
+    return (dtype == np.float32 and M * K * G >= OWN_GEMM_MIN_MACS and gemm.fits(G, dtype)
+            and mkl.own_gemm())
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, a new tensor: torch's GEMM, or kernels/numba/gemm.py's (mkl.own_gemm) for a
+    float32 a with unit stride along one axis (dgates, or its transposed view)."""
+    (M, K), G = a.shape, b.shape[1]
+    if not (_own_gemm(M, K, G, as_numpy(a).dtype) and 1 in a.stride()):
+        return a.mm(b)
+    if b.is_contiguous() or not b.t().is_contiguous():
+        bn, transposed = as_numpy(b.contiguous()), False
+    else:  # a transposed view, e.g. W_ih.t(): packed from the weight as it is
+        bn, transposed = as_numpy(b.t()), True
+    packed = _aligned_scratch("gemm_b", gemm.packed_shape(bn, transposed), bn.dtype)
+    return torch.from_numpy(gemm.matmul_rows(as_numpy(a), bn, transposed, torch.get_num_threads(), packed=packed))
+
+
+def _aligned_scratch(name: str, shape, dtype) -> np.ndarray:
+    """scratch() starting on a cache line (what tile.pack2 writes its layout into)."""
+    dtype = np.dtype(dtype)
+    n = math.prod(shape)
+    raw = scratch(name, (n + 64 // dtype.itemsize,), dtype)
+    off = (-raw.ctypes.data % 64) // dtype.itemsize
+    return raw[off:off + n].reshape(shape)
+
+
 def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray, slot: int = 0) -> np.ndarray:
     """x W_ih^T + b as one torch GEMM on numpy arrays (on torch's threads, the team the time
     loop's chunks run on too): what the kernels' precompute_input asks for. Into this thread's
@@ -259,7 +292,12 @@ def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray, slot: int =
     in) use it inside their call only."""
     t_ = torch.from_numpy
     out = scratch("xproj" if slot == 0 else f"xproj{slot}", (x.shape[0], w_ih.shape[0]), x.dtype)
-    torch.addmm(t_(b), t_(x), t_(w_ih).t(), out=t_(out))
+    if _own_gemm(x.shape[0], x.shape[1], w_ih.shape[0], x.dtype) and x.flags.c_contiguous:
+        packed = _aligned_scratch("gemm_b", gemm.packed_shape(w_ih, True), x.dtype)
+        gemm.matmul_rows(x, w_ih, True, torch.get_num_threads(), out=out, packed=packed)
+        out += b
+    else:
+        torch.addmm(t_(b), t_(x), t_(w_ih).t(), out=t_(out))
     return out
 
 
@@ -403,9 +441,9 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
             dh, dc, dgates, h_prev = out
             dg = t_(dgates)
             if not want_w:
-                return dg.mm(p.w_ih.detach()) if want_dx else None, t_(dh), t_(dc), None, None, None, None
-            return (dg.mm(p.w_ih.detach()) if want_dx else None, t_(dh), t_(dc), dg.t().mm(t_(xn)),
-                    dg.t().mm(t_(h_prev)), dg.sum(0), None)
+                return matmul(dg, p.w_ih.detach()) if want_dx else None, t_(dh), t_(dc), None, None, None, None
+            return (matmul(dg, p.w_ih.detach()) if want_dx else None, t_(dh), t_(dc), matmul(dg.t(), t_(xn)),
+                    matmul(dg.t(), t_(h_prev)), dg.sum(0), None)
     if prefetch.pending:  # the child may be compiling backward_chunk now
         prefetch.wait_for("time loop backward")
     bounds = row_bounds(batch_sizes, I, H, P)
@@ -427,12 +465,12 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
                   dh_all, hpre_all, bounds, gemm, wgb)
     dg = t_(dgates)
     if dx_after:
-        dx = dg.mm(p.w_ih.detach()) if want_dx else None  # (total, 4H) @ (4H, I)
+        dx = matmul(dg, p.w_ih.detach()) if want_dx else None  # (total, 4H) @ (4H, I)
     else:
         dx = t_(dx)
     if not want_w:
         return dx, t_(dh), t_(dc), None, None, None, None
-    dw_ih, dw_hh, db, dw_hr = weight_gradients(I, dg, t_(xh_prev), t_(db_rows), t_(dh_all), t_(hpre_all), torch.mm)
+    dw_ih, dw_hh, db, dw_hr = weight_gradients(I, dg, t_(xh_prev), t_(db_rows), t_(dh_all), t_(hpre_all), matmul)
     # Own storage each, as torch.nn.LSTM's gradients (a custom op may not return aliases).
     return dx, t_(dh), t_(dc), dw_ih.contiguous(), dw_hh.contiguous(), db, dw_hr
 

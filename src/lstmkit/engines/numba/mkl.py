@@ -46,6 +46,7 @@ MIN_ROWS = 4
 _ROW_MAJOR, _NO_TRANS, _TRANS, _B_MATRIX = 101, 111, 112, 162
 _entry = []  # [(compute address, pack, pack_get_size)] or [None], found once
 _wanted = []  # [whether the products may go to MKL], decided once
+_own_gemm = []  # [whether the big products take the micro-kernel], decided once
 
 
 def wanted() -> bool:
@@ -58,6 +59,15 @@ def wanted() -> bool:
         flag = os.environ.get("LSTMKIT_MKL", "")
         _wanted.append(flag == "1" or (flag != "0" and _intel_cpu()))
     return _wanted[0]
+
+
+def own_gemm() -> bool:
+    """Whether the engine makes its big products (the input projection, dx, the weight gradients)
+    with kernels/numba/gemm.py instead of torch's GEMM, which is MKL: on a CPU that is not
+    Intel's (see wanted; torch.mm ran 90 GFLOP/s a core on the AMD EPYC, the micro-kernel 200)."""
+    if not _own_gemm:
+        _own_gemm.append(not _intel_cpu())
+    return _own_gemm[0]
 
 
 def _intel_cpu() -> bool:

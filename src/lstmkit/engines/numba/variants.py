@@ -23,7 +23,7 @@ from ...kernels.numba.variants import backward_core, forward_core, weight_gradie
 from ..base import LayerParams
 from ..double_backward import differentiable_backward
 from . import mkl
-from .binding import as_numpy, as_numpy_or, check_input, chunk_rows, needs_grad, row_bounds, scratch
+from .binding import as_numpy, as_numpy_or, check_input, chunk_rows, matmul, needs_grad, row_bounds, scratch
 
 # The differentiable variant parameters, in the order the autograd Function takes them.
 _VPARAMS = ("ln_ih_w", "ln_ih_b", "ln_hh_w", "ln_hh_b", "ln_c_w", "ln_c_b", "w_peep")
@@ -67,7 +67,7 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):
     nz = total if save and k["zc"].shape[0] else 0
     y = np.empty((total, P), dt)
     h_n, c_n = np.empty((B, P), dt), np.empty((B, H), dt)
-    acts = torch.mm(x.detach(), p.w_ih.detach().t()).numpy()  # x W_ih^T, (total, 4H); then the activations
+    acts = matmul(x.detach(), p.w_ih.detach().t()).numpy()  # x W_ih^T, (total, 4H); then the activations
     sv = dict(
         acts=acts, cells=np.empty((n, H), dt), c_prev=np.empty((nz, H), dt), xhat=np.empty((nl, 4 * H), dt),
         hhat=np.empty((nl, 4 * H), dt), chat=np.empty((nl, H), dt), rstd=np.empty((nl, 3), dt),
@@ -143,11 +143,11 @@ class _VariantFunction(torch.autograd.Function):
         t_ = torch.from_numpy
         need = ctx.needs_input_grad
         if any(need[3:]):  # else a frozen LSTM: no weight-gradient GEMMs
-            g = weight_gradients(I, H, *(t_(a) for a in bufs.values()), mm=torch.mm)
+            g = weight_gradients(I, H, *(t_(a) for a in bufs.values()), mm=matmul)
         else:
             g = dict.fromkeys(("db", "dln", "dw_ih", "dw_hh", "dw_hr", "dpeep"))
         db, dln = g["db"], g["dln"] or (None,) * 4
-        grads = (t_(bufs["dgates"]).mm(w_ih.detach()) if need[0] else None, t_(dh), t_(dc), g["dw_ih"], g["dw_hh"],
+        grads = (matmul(t_(bufs["dgates"]), w_ih.detach()) if need[0] else None, t_(dh), t_(dc), g["dw_ih"], g["dw_hh"],
                  db, db, g["dw_hr"], dln[0], db, dln[1], db, dln[2], dln[3], g["dpeep"])
         present = (True,) * 5 + (has_bias, has_bias, has_proj) + (has_ln,) * 6 + (has_peep,)
         out = []

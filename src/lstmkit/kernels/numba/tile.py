@@ -88,7 +88,9 @@ def _make_tile(R: int, accumulate: bool = False, C: int = 1):
             vt = ir.VectorType(ft, V)
             esize = context.get_abi_sizeof(ft)
             K = cgutils.unpack_tuple(builder, arr_a.shape)[1]
-            a_stride = builder.sdiv(cgutils.unpack_tuple(builder, arr_a.strides)[0], c(esize))
+            a_strides = cgutils.unpack_tuple(builder, arr_a.strides)
+            a_stride = builder.sdiv(a_strides[0], c(esize))
+            a_kstride = builder.sdiv(a_strides[1], c(esize))  # 1, or a's rows apart for a transposed view
             o_stride = builder.sdiv(cgutils.unpack_tuple(builder, arr_o.strides)[0], c(esize))
             last = builder.sub(nrows, c(1))
             a_rows, out_rows = [], []
@@ -132,7 +134,7 @@ def _make_tile(R: int, accumulate: bool = False, C: int = 1):
                               align=esize) for j in range(C)]
             new = []
             for r in range(R):
-                s = builder.load(builder.gep(a_rows[r], [k]))
+                s = builder.load(builder.gep(a_rows[r], [builder.mul(k, a_kstride)]))
                 s = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef, splat)
                 new += [builder.call(fmuladd, [s, w[j], acc[r * C + j]]) for j in range(C)]
             k_next = builder.add(k, c(1))

@@ -1,0 +1,67 @@
+"""The big matrix products around the time loops, on the micro-kernel (tile.py), the rows of the
+result split over the threads: x W_ih^T before a forward loop, dx = dgates W_ih and the weight
+gradients dgates^T [x | h] after a backward one.
+
+    matmul_rows(a, b, b_transposed, threads, out=None) -> C (M, padded G)
+        C = a @ B, B = b (K, G), or b^T where b is (G, K) (b_transposed). a (M, K) with unit
+        stride along one of its axes: C-contiguous, or a transposed view (dgates.T), read as it
+        is (no copy). C's columns past G are padding (padded_width).
+
+Why: the torch engine makes these with torch's GEMM, which is MKL. On a CPU that is not Intel's
+MKL runs its AVX2 code (engines/numba/mkl.py): on an AMD EPYC (Zen 5) 90 GFLOP/s a core, where
+the micro-kernel runs 200-230 (BENCHMARKS.md, seventeenth session). The engine asks
+engines/numba/mkl.own_gemm() which one to take.
+
+Each chunk's rows are computed by the same operations as in one call over all rows (a row's sum
+runs over k in order: tile.py), so the result does not depend on the thread count.
+"""
+import numpy as np
+from numba import njit
+
+from .rows import KW
+from .threads import run_chunks
+from .tile import WHOLE_K, block_width, matmul, pack2, padded_width
+
+# Rows of C a chunk starts on: whole 8-row tiles (tile.py) in every chunk but the last.
+CHUNK_ROWS = 8
+# Below this many multiply-adds a second thread costs more than it saves.
+MIN_SPLIT_MACS = 1 << 22
+
+
+@njit(**KW)
+def _rows(a, wp, out, r0, r1):
+    """out[r0:r1] = a[r0:r1] @ W."""
+    matmul(a[r0:r1], r1 - r0, wp, out[r0:r1], False, WHOLE_K)
+
+
+def row_bounds(M: int, macs: int, threads: int) -> np.ndarray:
+    """The chunks' first rows and M: `threads` chunks of whole tiles, or one for a small product."""
+    n = max(1, min(threads, M // CHUNK_ROWS)) if macs >= MIN_SPLIT_MACS else 1
+    step = -(-M // (n * CHUNK_ROWS)) * CHUNK_ROWS
+    return np.array(sorted({min(k * step, M) for k in range(n)} | {M}), np.int64)
+
+
+def packed_shape(b: np.ndarray, b_transposed: bool):
+    """The shape of B laid out for the micro-kernel (tile.pack): (blocks of V columns, K, V)."""
+    (G, K), V = (b.shape if b_transposed else b.shape[::-1]), block_width(b.dtype)
+    return -(-G // V), K, V
+
+
+def matmul_rows(a: np.ndarray, b: np.ndarray, b_transposed: bool, threads: int, out=None,
+                packed=None) -> np.ndarray:
+    """C = a @ B (see the module's docstring), into `out` (M, >= padded G) when given. packed:
+    where to lay B out (packed_shape, C-contiguous, on a cache line), else a new array."""
+    b = np.ascontiguousarray(b)
+    wp = pack2(b, b[:, :0], b_transposed, out=packed)  # B laid out for the micro-kernel: one copy of b
+    M, K = a.shape
+    G = b.shape[0] if b_transposed else b.shape[1]
+    if out is None:
+        out = np.empty((M, padded_width(wp)), a.dtype)
+    run_chunks(_rows, row_bounds(M, M * K * G, threads), a, wp, out)
+    return out
+
+
+def fits(G: int, dtype) -> bool:
+    """Whether a product of G columns comes out of matmul_rows without padding (C is then the
+    (M, G) array itself, no copy)."""
+    return G % block_width(dtype) == 0
