@@ -496,14 +496,16 @@ def test_wide_columns_pay_rule():
     (dict(hidden_size=1024, input_size=16), (3, 24), False),  # W_hh of 16 MiB
     (dict(hidden_size=256, input_size=128), (7, 22), False),  # chunks of 11 rows: inference only
 ])
-def test_module_takes_the_wide_unit_split_at_two_threads_and_matches_torch(kw, shape, packed, monkeypatch):
+@pytest.mark.parametrize("products", ["mkl", "tile"])
+def test_module_takes_the_wide_unit_split_at_two_threads_and_matches_torch(kw, shape, packed, products, monkeypatch):
     """Inference at 5-96 rows on wide weights, 2 threads: every layer-direction split by hidden
-    units with MKL's products (runtime.Runtime._by_columns, columns.wide_columns_pay), torch.nn.LSTM's
+    units with MKL's products (runtime.Runtime._by_columns, columns.wide_columns_pay), or the
+    micro-kernel's where MKL is not wanted (runtime.model.WIDE_ON_TILE), torch.nn.LSTM's
     numbers, one thread's to float32 rounding, and bitwise the same on a second call. (A
     PackedSequence takes the engine's rows split: torch.nn.LSTM's packed path is slow anyway.)"""
     from lstmkit.engines.numba import mkl
 
-    monkeypatch.setattr(mkl, "_wanted", [True])  # on any CPU (mkl.wanted)
+    monkeypatch.setattr(mkl, "_wanted", [products == "mkl"])  # on any CPU (mkl.wanted)
     from lstmkit.runtime import model as runtime_model
 
     gemms = []
@@ -525,7 +527,8 @@ def test_module_takes_the_wide_unit_split_at_two_threads_and_matches_torch(kw, s
             if threads == 2:
                 again = m(x)
     layer_directions = ref.num_layers * (2 if ref.bidirectional else 1)
-    assert len(gemms) == 2 * layer_directions and all(g != 0 for g in gemms)  # two calls at 2 threads, none at 1
+    assert len(gemms) == 2 * layer_directions  # two calls at 2 threads, none at 1
+    assert all((g != 0) is (products == "mkl") for g in gemms)
     with torch.no_grad():
         want = ref(x)
     flat = lambda o: (o[0].data if packed else o[0], *o[1])  # noqa: E731
