@@ -58,6 +58,7 @@ def test_training_through_the_own_gemm_matches_torch(cfg, shape, threads, monkey
     gradient as torch.nn.LSTM's, float32."""
     monkeypatch.setattr(mkl, "_own_gemm", [True])
     monkeypatch.setattr(binding, "OWN_GEMM_MIN_MACS", 0)
+    monkeypatch.setattr(binding, "OWN_GEMM_MIN_TRANSPOSED_ROWS", 0)
     calls = []
     real = gemm.matmul_rows
     monkeypatch.setattr(gemm, "matmul_rows", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
@@ -82,3 +83,18 @@ def test_the_own_gemm_is_taken_off_intel_cpus_only(monkeypatch):
     assert not binding._own_gemm(64, 64, 100, np.float64)  # float64: torch's GEMM
     assert not binding._own_gemm(64, 64, 100, np.float32)  # 100 columns would come out padded
     assert binding._own_gemm(64, 64, 128, np.float32)
+
+
+def test_weight_gradients_take_the_own_gemm_from_4h_1024_rows(monkeypatch):
+    """binding.matmul on dgates^T (read transposed): torch's GEMM below OWN_GEMM_MIN_TRANSPOSED_ROWS
+    rows, the micro-kernel from there; both give a's product."""
+    monkeypatch.setattr(mkl, "_own_gemm", [True])
+    calls = []
+    real = gemm.matmul_rows
+    monkeypatch.setattr(gemm, "matmul_rows", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    for rows, own in ((512, False), (1024, True)):
+        dg, xh = torch.randn(300, rows), torch.randn(300, 96)
+        got = binding.matmul(dg.t(), xh)
+        assert bool(calls) is own and got.is_contiguous()
+        torch.testing.assert_close(got, dg.double().t().mm(xh.double()).float(), rtol=1e-5, atol=1e-4)
+        calls.clear()

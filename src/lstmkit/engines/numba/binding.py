@@ -254,6 +254,11 @@ def backward_weights(p: LayerParams, with_input: bool = True, gemm: bool = False
 # The big products around the loops on the micro-kernel from this many multiply-adds (below it
 # the Python around a call is most of it), where mkl.own_gemm says so.
 OWN_GEMM_MIN_MACS = 1 << 16
+# The weight gradients (a = dgates^T, read transposed) from this many rows of a (4H): at 4H =
+# 256-512 (hidden 64-128) torch's GEMM was faster at 2 threads (training 0.88-0.90x against
+# 0.94-1.08x torch.nn.LSTM), at 4H = 1024 the micro-kernel (1.09-1.22x against 0.89-0.99x)
+# (BENCHMARKS.md, seventeenth session).
+OWN_GEMM_MIN_TRANSPOSED_ROWS = 1024
 
 
 def _own_gemm(M: int, K: int, G: int, dtype) -> bool:
@@ -265,7 +270,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b, a new tensor: torch's GEMM, or kernels/numba/gemm.py's (mkl.own_gemm) for a
     float32 a with unit stride along one axis (dgates, or its transposed view)."""
     (M, K), G = a.shape, b.shape[1]
-    if not (_own_gemm(M, K, G, as_numpy(a).dtype) and 1 in a.stride()):
+    transposed_a = a.stride(1) != 1
+    if not (_own_gemm(M, K, G, as_numpy(a).dtype) and 1 in a.stride()) or (
+            transposed_a and M < OWN_GEMM_MIN_TRANSPOSED_ROWS):
         return a.mm(b)
     if b.is_contiguous() or not b.t().is_contiguous():
         bn, transposed = as_numpy(b.contiguous()), False

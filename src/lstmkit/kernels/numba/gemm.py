@@ -24,8 +24,12 @@ from .tile import WHOLE_K, block_width, matmul, pack2, padded_width
 
 # Rows of C a chunk starts on: whole 8-row tiles (tile.py) in every chunk but the last.
 CHUNK_ROWS = 8
-# Below this many multiply-adds a second thread costs more than it saves.
-MIN_SPLIT_MACS = 1 << 22
+# Below this many multiply-adds a second thread costs more than it saves: the chunks start
+# through a Python callback on each team thread (threads.run_chunks). Training at 2 threads on
+# the AMD EPYC, split from 2^22 against from 2^26, vs torch.nn.LSTM: 100,1,64,128 0.90-0.96x
+# against 1.00-1.02x, 1000,1,32,64 1.34-1.58x against 1.39-1.65x, 100,32,128,256 1.09x against
+# 1.16x (BENCHMARKS.md, seventeenth session); the main job's weight gradients (0.7-1.1 G) split.
+MIN_SPLIT_MACS = 1 << 26
 
 
 @njit(**KW)
