@@ -80,15 +80,17 @@ def test_the_own_gemm_is_taken_off_intel_cpus_only(monkeypatch):
     monkeypatch.setattr(mkl, "_own_gemm", [])
     assert not mkl.own_gemm()
     monkeypatch.setattr(mkl, "_own_gemm", [True])
-    assert not binding._own_gemm(64, 64, 100, np.float64)  # float64: torch's GEMM
-    assert not binding._own_gemm(64, 64, 100, np.float32)  # 100 columns would come out padded
-    assert binding._own_gemm(64, 64, 128, np.float32)
+    assert not binding._own_gemm(4096, 256, 1000, np.float64)  # float64: torch's GEMM
+    assert not binding._own_gemm(4096, 256, 1000, np.float32)  # 1000 columns would come out padded
+    assert not binding._own_gemm(64, 64, 128, np.float32)  # small: torch's, on all threads
+    assert binding._own_gemm(4096, 256, 1024, np.float32)
 
 
 def test_weight_gradients_take_the_own_gemm_from_4h_1024_rows(monkeypatch):
     """binding.matmul on dgates^T (read transposed): torch's GEMM below OWN_GEMM_MIN_TRANSPOSED_ROWS
     rows, the micro-kernel from there; both give a's product."""
     monkeypatch.setattr(mkl, "_own_gemm", [True])
+    monkeypatch.setattr(binding, "OWN_GEMM_MIN_MACS", 0)
     calls = []
     real = gemm.matmul_rows
     monkeypatch.setattr(gemm, "matmul_rows", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))

@@ -251,9 +251,11 @@ def backward_weights(p: LayerParams, with_input: bool = True, gemm: bool = False
     return (wpb, wprb, *mkl.pack(w, False, rows, padded=True))  # backward_chunk's products
 
 
-# The big products around the loops on the micro-kernel from this many multiply-adds (below it
-# the Python around a call is most of it), where mkl.own_gemm says so.
-OWN_GEMM_MIN_MACS = 1 << 16
+# The big products around the loops on the micro-kernel from this many multiply-adds, where
+# mkl.own_gemm says so: the products where it measured faster (the main job's, 134M-1G) are
+# split over the threads (gemm.MIN_SPLIT_MACS); below that torch's GEMM runs on all threads,
+# and the bench's small-hidden training cases measured no better on one thread of the own one.
+OWN_GEMM_MIN_MACS = 1 << 26
 # The weight gradients (a = dgates^T, read transposed) from this many rows of a (4H): at 4H =
 # 256-512 (hidden 64-128) torch's GEMM was faster at 2 threads (training 0.88-0.90x against
 # 0.94-1.08x torch.nn.LSTM), at 4H = 1024 the micro-kernel (1.09-1.22x against 0.89-0.99x)
