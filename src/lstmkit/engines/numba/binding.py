@@ -252,9 +252,9 @@ def backward_weights(p: LayerParams, with_input: bool = True, gemm: bool = False
 
 
 # The big products around the loops on the micro-kernel from this many multiply-adds, where
-# mkl.own_gemm says so: the products where it measured faster (the main job's, 134M-1G) are
-# split over the threads (gemm.MIN_SPLIT_MACS); below that torch's GEMM runs on all threads,
-# and the bench's small-hidden training cases measured no better on one thread of the own one.
+# mkl.own_gemm says so. Where it measured faster (the main job's products, 134M-1G multiply-adds)
+# it splits them over the threads (gemm.MIN_SPLIT_MACS). Smaller ones would run on one thread,
+# and at the bench's small-hidden training shapes that measured no better than torch's GEMM on all.
 OWN_GEMM_MIN_MACS = 1 << 26
 # The weight gradients (a = dgates^T, read transposed) from this many rows of a (4H): at 4H =
 # 256-512 (hidden 64-128) torch's GEMM was faster at 2 threads (training 0.88-0.90x against
