@@ -67,7 +67,8 @@ def _as_i64(builder, v):
 def _make_tile(R: int, accumulate: bool = False, C: int = 1):
     """The R-row, C-block micro-kernel: out[r0:r0+R, b*V:(b+C)*V] = a[r0:r0+R] @ W[:, b*V:(b+C)*V]
     (accumulate: += , the sum continuing from what out holds); rows at or past n are read
-    clamped to row n-1 and not stored. Each (row, block) is its own chain of fused
+    clamped to row n-1 and not stored. a's elements are read by both its strides (a transposed
+    view works). Each (row, block) is its own chain of fused
     multiply-adds over k in order, so C changes how many chains run at once, not the bits:
     one row of one block is a single chain, bound by the FMA's latency; a single row wants C > 1."""
 
@@ -358,9 +359,10 @@ WHOLE_K = np.int64(0)
 @njit(**KW)
 def matmul(a, n, wp, out, flip, k0):
     """out[:n, :padded_width(wp)] = a[:n, k0:] @ W[k0:] (rows k0: of W), k0 an int64 (WHOLE_K
-    for all of W). a (>= n, K) rows with unit inner stride; out (>= n, >= padded_width)
-    likewise; wp packed. Every caller passes whole C-contiguous arrays and k0, never slices:
-    then each kernel file compiles one matmul (slices are arrays of another type).
+    for all of W). a (>= n, K): rows with unit inner stride, or any strides (a transposed view:
+    gemm.py's dgates.T, read in place); out (>= n, >= padded_width) with unit inner stride; wp
+    packed. The time loops pass whole C-contiguous arrays and k0, never slices: then each kernel
+    file compiles one matmul (slices are arrays of another type; gemm.py compiles its own).
     K in passes of K_BLOCK rows of W, each pass's sums going on from the last's (a row's sum
     runs over k in order whatever the blocking: the same bits); within a pass, for each column
     block, all row tiles run while its panel of W stays in L1.
