@@ -256,11 +256,6 @@ def backward_weights(p: LayerParams, with_input: bool = True, gemm: bool = False
 # it splits them over the threads (gemm.MIN_SPLIT_MACS). Smaller ones would run on one thread,
 # and at the bench's small-hidden training shapes that measured no better than torch's GEMM on all.
 OWN_GEMM_MIN_MACS = 1 << 26
-# The weight gradients (a = dgates^T, read transposed) from this many rows of a (4H): at 4H =
-# 256-512 (hidden 64-128) torch's GEMM was faster at 2 threads (training 0.88-0.90x against
-# 0.94-1.08x torch.nn.LSTM), at 4H = 1024 the micro-kernel (1.09-1.22x against 0.89-0.99x)
-# (BENCHMARKS.md, seventeenth session).
-OWN_GEMM_MIN_TRANSPOSED_ROWS = 1024
 
 
 def _own_gemm(M: int, K: int, G: int, dtype) -> bool:
@@ -272,16 +267,16 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b, a new tensor: torch's GEMM, or kernels/numba/gemm.py's (mkl.own_gemm) for a
     float32 a with unit stride along one axis (dgates, or its transposed view)."""
     (M, K), G = a.shape, b.shape[1]
-    transposed_a = a.stride(1) != 1
-    if not (_own_gemm(M, K, G, as_numpy(a).dtype) and 1 in a.stride()) or (
-            transposed_a and M < OWN_GEMM_MIN_TRANSPOSED_ROWS):
+    if not (a.dtype == torch.float32 and _own_gemm(M, K, G, np.float32) and 1 in a.stride()):
         return a.mm(b)
     if b.is_contiguous() or not b.t().is_contiguous():
         bn, transposed = as_numpy(b.contiguous()), False
     else:  # a transposed view, e.g. W_ih.t(): packed from the weight as it is
         bn, transposed = as_numpy(b.t()), True
     packed = _aligned_scratch("gemm_b", gemm.packed_shape(bn, transposed), bn.dtype)
-    return torch.from_numpy(gemm.matmul_rows(as_numpy(a), bn, transposed, torch.get_num_threads(), packed=packed))
+    # a.numpy(), not as_numpy(a): a transposed view is read in place (as_numpy would copy it).
+    an = a.detach().numpy()
+    return torch.from_numpy(gemm.matmul_rows(an, bn, transposed, torch.get_num_threads(), packed=packed))
 
 
 def _aligned_scratch(name: str, shape, dtype) -> np.ndarray:
