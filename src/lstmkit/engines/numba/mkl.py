@@ -10,7 +10,7 @@ says why; BENCHMARKS.md, seventh and eleventh sessions, has the measurements beh
 
 torch's CPU wheels for x86 Linux link MKL into libtorch_cpu and export its CBLAS entry points;
 elsewhere (no such library or symbol, float64) nothing here is used and the kernels keep their
-own micro-kernel. On a CPU that is not Intel's neither (wanted()): MKL runs its AVX2 code there.
+own micro-kernel. Nor on a CPU that is not Intel's (wanted()): MKL runs its AVX2 code there.
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ _own_gemm = []  # [whether the big products take the micro-kernel], decided once
 def wanted() -> bool:
     """Whether the step products may go to MKL at all: LSTMKIT_MKL=0 never, =1 wherever torch's
     library has it, unset on Intel CPUs only. Elsewhere MKL takes its AVX2 code even where the
-    CPU has AVX-512: on an AMD EPYC (Zen 5) its packed GEMM ran 54-81 GFLOP/s a core against the
-    micro-kernel's 200-230, and the main job's training step took 1.5x as long with it
+    CPU has AVX-512: on an AMD EPYC (Zen 5) its packed GEMM ran 52-86 GFLOP/s a core against the
+    micro-kernel's 186-235, and the main job's training step took 1.5x as long with it
     (BENCHMARKS.md, seventeenth session). The thresholds below were measured on Intel's."""
     if not _wanted:
         flag = os.environ.get("LSTMKIT_MKL", "")
