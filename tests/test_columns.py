@@ -500,7 +500,7 @@ def test_wide_columns_pay_rule():
 def test_module_takes_the_wide_unit_split_at_two_threads_and_matches_torch(kw, shape, packed, products, monkeypatch):
     """Inference at 5-96 rows on wide weights, 2 threads: every layer-direction split by hidden
     units with MKL's products (runtime.Runtime._by_columns, columns.wide_columns_pay), or the
-    micro-kernel's where MKL is not wanted (runtime.model.WIDE_ON_TILE), torch.nn.LSTM's
+    micro-kernel's where MKL is not wanted (Runtime._by_columns), torch.nn.LSTM's
     numbers, one thread's to float32 rounding, and bitwise the same on a second call. (A
     PackedSequence takes the engine's rows split: torch.nn.LSTM's packed path is slow anyway.)"""
     from lstmkit.engines.numba import mkl

@@ -41,14 +41,6 @@ LIVE_STEP_MAX_ROWS = 2
 # 100/200, 0.9 MiB: 22 -> 24), above it won (64/256, 1.25 MiB: 1.09x; 128/256: 1.5x; 128/512:
 # 1.5x; 256/1024: 2.1x), kernel level at 2 threads (BENCHMARKS.md, twelfth session).
 LIVE_SPLIT_MIN_WEIGHT_BYTES = 5 << 18
-# Inference split by hidden units on wide weights (columns.wide_columns_pay) with the micro-kernel's
-# step products where no BLAS takes them (MKL off Intel CPUs: engines/numba/mkl.wanted). On the
-# AMD EPYC, 2 threads, against the rows split, vs torch.nn.LSTM: 200,8,128,384 0.71-0.81x ->
-# 1.01-1.04x, 200,12,128,256 0.84-0.88x -> 1.04-1.11x, 100,24-32,128,512 0.84-0.95x -> 0.92-1.00x,
-# 50,64,512,1024 as fast; 100,16,128,1024 0.97x/0.98x/0.43x -> 0.83-0.96x (BENCHMARKS.md, seventeenth
-# session). Training lost with it (0.73-0.96x against 0.92-1.03x): the engine's training split
-# stays on MKL's products only.
-WIDE_ON_TILE = [True]
 
 
 def live_split(threads: int, in_features: int, H: int, P: int, itemsize: int) -> int:
@@ -402,8 +394,8 @@ class Runtime:
         """Layer-direction idx with its hidden units split over the threads (kernels/numba/
         columns.py) where that pays: a few rows (columns_pay), or wide weights at a batch with a
         BLAS for the products (wide_columns_pay), or with the micro-kernel's where the BLAS is
-        there but not wanted on this CPU (WIDE_ON_TILE); False, having run nothing, where it does
-        not or where no OpenMP team is at hand."""
+        there but not wanted on this CPU; False, having run nothing, where it does not or where
+        no OpenMP team is at hand."""
         H, P, itemsize = self._H, self._P, x.itemsize
         few = columns_pay(N, T, self._I, H, P, itemsize, self.threads)
         wide = not few and wide_columns_pay(N, self._I, H, P, itemsize, self.threads, inference=True)
@@ -412,7 +404,12 @@ class Runtime:
             K = self.layers[idx][0].shape[1] + H
             on_blas = self.blas is not None and self.blas.use(K, 4 * -(-H // self.threads), N, self.dtype,
                                                               forward=True)
-            if not on_blas and not (WIDE_ON_TILE[0] and self.blas is not None and not self.blas.wanted()):
+            # Or on the micro-kernel's products, where the BLAS is there but not wanted (MKL off
+            # Intel CPUs). AMD EPYC, 2 threads, vs torch.nn.LSTM, rows split -> this: 200,8,128,384
+            # 0.71-0.81x -> 1.01-1.04x, 200,12,128,256 0.84-0.88x -> 1.04-1.11x, 100,24-32,128,512
+            # 0.84-0.95x -> 0.92-1.00x (BENCHMARKS.md, seventeenth session). Training lost with it
+            # (0.73-0.96x against 0.92-1.03x): the engine's training split stays on MKL only.
+            if not on_blas and (self.blas is None or self.blas.wanted()):
                 return False
         elif not few:
             return False

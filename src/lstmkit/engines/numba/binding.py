@@ -36,6 +36,7 @@ from ...kernels.numba.step import steps_backward as steps_backward_kernel
 from ...kernels.numba.step import steps_forward as steps_forward_kernel
 from ...kernels.numba import gemm, prefetch
 from ...kernels.numba.threads import use_openmp
+from ...kernels.numba.tile import aligned_bytes, aligned_view
 from ..base import LayerParams
 from . import mkl
 
@@ -273,19 +274,15 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         bn, transposed = as_numpy(b.contiguous()), False
     else:  # a transposed view, e.g. W_ih.t(): packed from the weight as it is
         bn, transposed = as_numpy(b.t()), True
-    packed = _aligned_scratch("gemm_b", gemm.packed_shape(bn, transposed), bn.dtype)
     # a.numpy(), not as_numpy(a): a transposed view is read in place (as_numpy would copy it).
-    an = a.detach().numpy()
-    return torch.from_numpy(gemm.matmul_rows(an, bn, transposed, torch.get_num_threads(), packed=packed))
+    return torch.from_numpy(_own_product(a.detach().numpy(), bn, transposed))
 
 
-def _aligned_scratch(name: str, shape, dtype) -> np.ndarray:
-    """scratch() starting on a cache line (what tile.pack2 writes its layout into)."""
-    dtype = np.dtype(dtype)
-    n = math.prod(shape)
-    raw = scratch(name, (n + 64 // dtype.itemsize,), dtype)
-    off = (-raw.ctypes.data % 64) // dtype.itemsize
-    return raw[off:off + n].reshape(shape)
+def _own_product(a: np.ndarray, b: np.ndarray, b_transposed: bool, out=None) -> np.ndarray:
+    """gemm.matmul_rows on torch's threads, B laid out in this thread's scratch (on a cache line)."""
+    shape = gemm.packed_shape(b, b_transposed)
+    packed = aligned_view(scratch("gemm_b", (aligned_bytes(shape, b.dtype),), np.uint8), shape, b.dtype)
+    return gemm.matmul_rows(a, b, b_transposed, torch.get_num_threads(), out=out, packed=packed)
 
 
 def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray, slot: int = 0) -> np.ndarray:
@@ -297,8 +294,7 @@ def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray, slot: int =
     t_ = torch.from_numpy
     out = scratch("xproj" if slot == 0 else f"xproj{slot}", (x.shape[0], w_ih.shape[0]), x.dtype)
     if _own_gemm(x.shape[0], x.shape[1], w_ih.shape[0], x.dtype) and x.flags.c_contiguous:
-        packed = _aligned_scratch("gemm_b", gemm.packed_shape(w_ih, True), x.dtype)
-        gemm.matmul_rows(x, w_ih, True, torch.get_num_threads(), out=out, packed=packed)
+        _own_product(x, w_ih, True, out=out)
         out += b
     else:
         torch.addmm(t_(b), t_(x), t_(w_ih).t(), out=t_(out))

@@ -20,7 +20,8 @@ from numba import njit
 
 from .rows import KW
 from .threads import run_chunks
-from .tile import WHOLE_K, block_width, matmul, pack2, padded_width
+from .tile import WHOLE_K, block_width, matmul, pack, padded_width
+from .tile import packed_shape as tile_packed_shape
 
 # Rows of C a chunk starts on: whole 8-row tiles (tile.py) in every chunk but the last.
 CHUNK_ROWS = 8
@@ -46,17 +47,16 @@ def row_bounds(M: int, macs: int, threads: int) -> np.ndarray:
 
 
 def packed_shape(b: np.ndarray, b_transposed: bool):
-    """The shape of B laid out for the micro-kernel (tile.pack): (blocks of V columns, K, V)."""
-    (G, K), V = (b.shape if b_transposed else b.shape[::-1]), block_width(b.dtype)
-    return -(-G // V), K, V
+    """The shape of B laid out for the micro-kernel (tile.pack)."""
+    G, K = b.shape if b_transposed else b.shape[::-1]
+    return tile_packed_shape(G, K, b.dtype)
 
 
 def matmul_rows(a: np.ndarray, b: np.ndarray, b_transposed: bool, threads: int, out=None,
                 packed=None) -> np.ndarray:
     """C = a @ B (see the module's docstring), into `out` (M, >= padded G) when given. packed:
     where to lay B out (packed_shape, C-contiguous, on a cache line), else a new array."""
-    b = np.ascontiguousarray(b)
-    wp = pack2(b, b[:, :0], b_transposed, out=packed)  # B laid out for the micro-kernel: one copy of b
+    wp = pack(b, b_transposed, out=packed)  # B laid out for the micro-kernel: one copy of b
     M, K = a.shape
     G = b.shape[0] if b_transposed else b.shape[1]
     if out is None:

@@ -191,9 +191,18 @@ def aligned_zeros(shape, dtype):
 
 def aligned_empty(shape, dtype):
     """np.empty(shape, dtype), its first element on an ALIGN-byte boundary."""
-    dtype = np.dtype(dtype)
-    size = math.prod(shape) * dtype.itemsize
-    raw = np.empty(size + ALIGN, np.uint8)
+    return aligned_view(np.empty(aligned_bytes(shape, dtype), np.uint8), shape, dtype)
+
+
+def aligned_bytes(shape, dtype) -> int:
+    """The bytes a buffer needs for aligned_view to cut an array of shape, dtype out of it."""
+    return math.prod(shape) * np.dtype(dtype).itemsize + ALIGN
+
+
+def aligned_view(raw, shape, dtype):
+    """An array of shape, dtype in the bytes of raw (uint8, at least aligned_bytes long), its first
+    element on an ALIGN-byte boundary."""
+    size = math.prod(shape) * np.dtype(dtype).itemsize
     off = -raw.__array_interface__["data"][0] % ALIGN
     return raw[off : off + size].view(dtype).reshape(shape)
 
@@ -203,11 +212,18 @@ def block_width(dtype) -> int:
     return 32 if np.dtype(dtype) == np.float32 else 16
 
 
-def pack(w, transposed):
+def pack(w, transposed, out=None):
     """W laid out for matmul: (nb, K, V) with wp[b, k, j] = W[k, b*V + j], zero-padded.
-    W is w (K, G) as given, or w.T when transposed (w (G, K), e.g. torch's (4H, I) weights)."""
+    W is w (K, G) as given, or w.T when transposed (w (G, K), e.g. torch's (4H, I) weights).
+    out: where to write it (packed_shape, C-contiguous), else a new aligned array."""
     w = np.ascontiguousarray(w)
-    return pack2(w, w[:, :0], transposed)
+    return pack2(w, w[:, :0], transposed, out=out)
+
+
+def packed_shape(G: int, K: int, dtype):
+    """The shape of a K x G matrix laid out for matmul: (blocks of V columns, K, V)."""
+    V = block_width(dtype)
+    return (G + V - 1) // V, K, V
 
 
 def pack2(w1, w2, transposed, out=None):
@@ -219,12 +235,11 @@ def pack2(w1, w2, transposed, out=None):
     The zeroed, aligned output is made here, in Python: made in the compiled function, its
     allocation took half a second of the cold compile. out: where to write it instead (the
     C-contiguous (nb, K, V) of that allocation, e.g. one part of a caller's bigger array)."""
-    V = block_width(w1.dtype)
     if transposed:
         G, K = w1.shape[0], w1.shape[1] + w2.shape[1]
     else:
         G, K = w1.shape[1] + w2.shape[1], w1.shape[0]
-    shape = ((G + V - 1) // V, K, V)
+    shape = packed_shape(G, K, w1.dtype)
     if out is not None and (out.shape != shape or out.dtype != w1.dtype or not out.flags.c_contiguous):
         raise ValueError(f"pack2: out must be C-contiguous {shape} {w1.dtype}")
     wp = aligned_empty(shape, w1.dtype) if out is None else out
