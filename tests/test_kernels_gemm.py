@@ -34,6 +34,22 @@ def test_matmul_rows_equals_numpy_and_any_split_gives_the_same_bits(dtype, M, K,
     assert np.array_equal(out[:, :G], one[:, :G])
 
 
+@pytest.mark.parametrize("dtype,M", [(np.float32, 2 * 2069), (np.float64, 2 * 1037 + 3)])
+def test_a_long_transposed_view_runs_in_row_blocks_with_the_same_bits(dtype, M):
+    """Past gemm.ROW_BLOCKS_FROM_BYTES of a chunk's rows a K pass, a transposed view runs row
+    block by row block: the same sums as the contiguous copy's path, row tails and K tails
+    included, at 1 and 2 threads."""
+    K, G = 300, 40  # two passes over K, the second partial
+    assert M // 2 * min(K, gemm.K_BLOCK) * np.dtype(dtype).itemsize > gemm.ROW_BLOCKS_FROM_BYTES
+    rng = np.random.default_rng(M)
+    a = rng.standard_normal((K, M)).astype(dtype).T
+    b = rng.standard_normal((K, G)).astype(dtype)
+    want = gemm.matmul_rows(np.ascontiguousarray(a), b, False, 1)[:, :G]
+    for threads in (1, 2):
+        assert np.array_equal(gemm.matmul_rows(a, b, False, threads)[:, :G], want)
+    np.testing.assert_allclose(want, a.astype(np.float64) @ b, rtol=0, atol=1e-3 if dtype == np.float32 else 1e-11)
+
+
 def test_row_bounds_split_into_whole_tiles():
     assert gemm.row_bounds(1000, 1 << 30, 2).tolist() == [0, 504, 1000]
     assert gemm.row_bounds(1000, 1 << 30, 1).tolist() == [0, 1000]
