@@ -97,7 +97,8 @@ def test_the_own_gemm_is_taken_off_intel_cpus_only(monkeypatch):
     monkeypatch.setattr(mkl, "_own_gemm", [True])
     assert not binding._own_gemm(4096, 256, 1000, np.float64)  # float64: torch's GEMM
     assert not binding._own_gemm(4096, 256, 1000, np.float32)  # 1000 columns would come out padded
-    assert not binding._own_gemm(64, 64, 128, np.float32)  # small: torch's, on all threads
+    assert not binding._own_gemm(16, 16, 128, np.float32)  # tiny: torch's
+    assert binding._own_gemm(64, 64, 128, np.float32)  # small: the micro-kernel on one thread
     assert binding._own_gemm(4096, 256, 1024, np.float32)
 
 

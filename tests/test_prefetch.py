@@ -79,14 +79,18 @@ def test_start_runs_once_and_only_when_wanted(tmp_path, monkeypatch):
     monkeypatch.setattr("lstmkit.kernels.numba.cache_guard.numba_cache_dir", lambda _: tmp_path)
     monkeypatch.setattr(prefetch, "_child", [None, None, None])  # restored after the test, as is pending
     monkeypatch.setattr(prefetch, "pending", False)
-    assert prefetch.start("few steps") and launched[-1][-3] == "few steps"  # empty cache: the child starts
-    assert launched[-1][-2].startswith(str(tmp_path)) and prefetch.pending  # with a file to name its parts in
-    assert launched[-1][-1] == "training"
+    assert prefetch.start("few steps") and launched[-1][-4] == "few steps"  # empty cache: the child starts
+    assert launched[-1][-3].startswith(str(tmp_path)) and prefetch.pending  # with a file to name its parts in
+    assert launched[-1][-2:] == ["training", "-"]
     assert not prefetch.start("few steps") and len(launched) == 1  # once per process
     for name in ("lstm.backward_chunk-1.py311.nbi", "step.steps_backward-1.py311.nbi"):
         (tmp_path / name).write_bytes(b"")
     monkeypatch.setattr(prefetch, "started", False)
     assert not prefetch.start("time loop") and len(launched) == 1  # already cached: nothing to do
+    for f in tmp_path.glob("*.nbi"):
+        f.unlink()
+    monkeypatch.setattr(prefetch, "started", False)
+    assert prefetch.start("time loop", False, own_gemm=True) and launched[-1][-2:] == ["inference", "own-gemm"]
 
 
 @pytest.mark.parametrize("first", ["time loop", "few steps", "one step"])
@@ -115,6 +119,15 @@ def test_first_path_is_compiled_first(first, monkeypatch):
     order.clear()
     prefetch.compile_backward_kernels(first, None, forward_rows=True)  # an inference call came first
     assert parts[:2] == ["forward rows", f"{first} backward"] and order[:2] == ["gate_row", firsts[first]]
+    from lstmkit.kernels.numba import gemm
+
+    monkeypatch.setattr(gemm, "matmul_rows", lambda *a: order.append("matmul_rows"))
+    parts.clear()
+    order.clear()
+    prefetch.compile_backward_kernels(first, None, own_gemm=True)  # the engine's products on gemm.py
+    assert parts.index("own gemm") == parts.index("team bodies") + 1  # right after the first path
+    assert order.index("matmul_rows") == order.index("team bodies") + 1
+    assert order.count("matmul_rows") == 3 and len(parts) == len(set(parts)) == 7
 
 
 def _fake_child(monkeypatch, tmp_path, seconds):

@@ -252,11 +252,13 @@ def backward_weights(p: LayerParams, with_input: bool = True, gemm: bool = False
     return (wpb, wprb, *mkl.pack(w, False, rows, padded=True))  # backward_chunk's products
 
 
-# The big products around the loops on the micro-kernel from this many multiply-adds, where
-# mkl.own_gemm says so. Where it measured faster (the main job's products, 134M-1G multiply-adds)
-# it splits them over the threads (gemm.MIN_SPLIT_MACS). Smaller ones would run on one thread,
-# and at the bench's small-hidden training shapes that measured no better than torch's GEMM on all.
-OWN_GEMM_MIN_MACS = 1 << 26
+# The products around the loops on the micro-kernel from this many multiply-adds, where
+# mkl.own_gemm says so; from gemm.MIN_SPLIT_MACS they are split over the threads, below it they
+# run on one. Small ones gain too: training at 1 / 2 threads vs torch.nn.LSTM, from 2^26 -> from
+# 2^16 (weight gradients and dx of 0.3-10 M multiply-adds): 100,1,64,128 1.00x -> 1.24x /
+# 1.39x -> 1.81x, 1000,1,32,64 1.18x -> 1.47x / 2.39x -> 2.59x, 200,16,64,64 1.00x -> 1.05x /
+# 1.40x -> 1.55x (BENCHMARKS.md, eighteenth session).
+OWN_GEMM_MIN_MACS = 1 << 16
 
 
 def _own_gemm(M: int, K: int, G: int, dtype) -> bool:
@@ -280,6 +282,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _own_product(a: np.ndarray, b: np.ndarray, b_transposed: bool, out=None) -> np.ndarray:
     """gemm.matmul_rows on torch's threads, B laid out in this thread's scratch (on a cache line)."""
+    if prefetch.pending:  # the child may be compiling these kernels now
+        prefetch.wait_for("own gemm")
     shape = gemm.packed_shape(b, b_transposed)
     packed = aligned_view(scratch("gemm_b", (aligned_bytes(shape, b.dtype),), np.uint8), shape, b.dtype)
     return gemm.matmul_rows(a, b, b_transposed, torch.get_num_threads(), out=out, packed=packed)
@@ -308,7 +312,7 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     calls: nothing to cache) go to step_forward / steps_forward (see unpacked_path), and so does
     one step of inference on big weights (live_step)."""
     if not prefetch.started:  # first call, cold cache: see kernels/numba/prefetch.py
-        prefetch.start(unpacked_path(batch_sizes) or "time loop", save)
+        prefetch.start(unpacked_path(batch_sizes) or "time loop", save, mkl.own_gemm())
     if save:
         path = unpacked_path(batch_sizes)
         if path is not None and prefetch.pending:  # the child may be compiling these kernels now
@@ -631,7 +635,7 @@ def _start_prefetch(shape, batch_first: bool) -> None:
     steps, rows = shape[:2] if len(shape) == 3 else (shape[0], 1)
     if batch_first and len(shape) == 3:
         steps, rows = rows, steps
-    prefetch.start(unpacked_path([rows] * steps) or "time loop", False)
+    prefetch.start(unpacked_path([rows] * steps) or "time loop", False, mkl.own_gemm())
 
 
 def new_runtime(config, weights: dict, shape):

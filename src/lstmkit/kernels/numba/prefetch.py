@@ -34,13 +34,15 @@ def _backward_cached(cache) -> bool:
     return any(cache.glob("lstm.backward_chunk-*.nbi")) and any(cache.glob("step.steps_backward-*.nbi"))
 
 
-def start(first: str, training: bool = True) -> bool:
+def start(first: str, training: bool = True, own_gemm: bool = False) -> bool:
     """Launch the compiling child if the cache lacks the backward kernels; returns whether it
     did. first: the engine's path for the first call ('time loop', 'few steps' or 'one step',
     see engines/numba/binding.unpacked_path), whose backward the child compiles first: it has
     about the time this process takes to compile the forward loop, enough for one of them.
     training: whether that call records for backward; if not (inference), the child first
-    compiles the forward's row function, which that call's kernel then finds in the cache."""
+    compiles the forward's row function, which that call's kernel then finds in the cache.
+    own_gemm: whether the engine makes its products around the loops with gemm.py (the engine's
+    mkl.own_gemm); the child then compiles those too, right after the first path's backward."""
     global started, pending
     if started:
         return False
@@ -56,7 +58,8 @@ def start(first: str, training: bool = True) -> bool:
         if cache is None or _backward_cached(cache):
             return False
         part_file = cache / f".lstmkit-prefetch-part-{os.getpid()}"
-        args = [sys.executable, "-m", __name__, first, str(part_file), "training" if training else "inference"]
+        args = [sys.executable, "-m", __name__, first, str(part_file), "training" if training else "inference",
+                "own-gemm" if own_gemm else "-"]
         child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, close_fds=True)
         _child[:] = child, cache, part_file
@@ -149,12 +152,14 @@ def compile_team_bodies() -> None:
     columns.forward_columns(*args, 0, 1)  # thread 0 of 1: runs both parts, no waiting
 
 
-def compile_backward_kernels(first: str = "time loop", part_file=None, forward_rows: bool = False) -> None:
+def compile_backward_kernels(first: str = "time loop", part_file=None, forward_rows: bool = False,
+                             own_gemm: bool = False) -> None:
     """Call each float32 backward kernel once on tiny arrays typed as the engine's binding
     types them (all C-contiguous; batch_sizes int64; flags bool): the time-loop backward, the
     few-steps kernels and the one-step kernels, the path `first` names first (see start),
     naming each part in `part_file` (a path, or None) while it compiles (see wait_for).
-    forward_rows: the forward's row function before all (see start's `training`)."""
+    forward_rows: the forward's row function before all (see start's `training`). own_gemm: then
+    gemm.py's products as the engine calls them (see start), after the first path and team bodies."""
     import numpy as np
 
     from .lstm import backward_core, chunk_bounds, gate_row, pack_backward
@@ -199,6 +204,14 @@ def compile_backward_kernels(first: str = "time loop", part_file=None, forward_r
         step_forward(r(B, G), r(G), c0, np.empty((B, G), f), np.empty((B, H), f), np.empty((B, H), f),
                      np.empty((B, H), f))
 
+    def gemm_products():  # binding.matmul and input_projection on kernels/numba/gemm.py
+        from .gemm import matmul_rows
+
+        announce("own gemm")
+        matmul_rows(r(B, G), w_ih, False, 1)  # dx = dgates W_ih
+        matmul_rows(r(G, B).T, r(G, I + H), False, 1)  # the weight gradients: dgates^T read in place
+        matmul_rows(x, w_ih, True, 1)  # the input projection x W_ih^T
+
     announce = lambda part: _announce(part_file, part)  # noqa: E731
     jobs = {"time loop": loop, "few steps": steps, "one step": step}
     try:
@@ -210,6 +223,8 @@ def compile_backward_kernels(first: str = "time loop", part_file=None, forward_r
             if name == first:
                 announce("team bodies")
                 compile_team_bodies()
+                if own_gemm:
+                    gemm_products()
     finally:
         if part_file is not None:
             try:
@@ -223,4 +238,5 @@ if __name__ == "__main__":
 
     compile_backward_kernels(sys.argv[1] if len(sys.argv) > 1 else "time loop",
                              Path(sys.argv[2]) if len(sys.argv) > 2 else None,
-                             len(sys.argv) > 3 and sys.argv[3] == "inference")
+                             len(sys.argv) > 3 and sys.argv[3] == "inference",
+                             len(sys.argv) > 4 and sys.argv[4] == "own-gemm")
