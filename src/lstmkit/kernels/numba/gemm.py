@@ -20,7 +20,7 @@ from numba import njit
 
 from .rows import KW
 from .threads import run_chunks
-from .tile import K_BLOCK, WHOLE_K, _tiles, block_width, matmul, pack, padded_width
+from .tile import K_BLOCK, WHOLE_K, block_width, matmul, pack, padded_width, tiles_pass
 from .tile import packed_shape as tile_packed_shape
 
 # Rows of C a chunk starts on: whole 8-row tiles (tile.py) in every chunk but the last.
@@ -34,13 +34,15 @@ MIN_SPLIT_MACS = 1 << 26
 
 
 # A transposed view (the weight gradients' dgates^T) is read a few elements per row of dgates,
-# one row per k: each pass of K_BLOCK k's touches K_BLOCK rows of dgates across the chunk's
-# columns of it. Past a few MiB of that a pass ran at half speed (the weight gradients of
-# hidden 1024-2048 at batch 64-128, one chunk of 4-8 K rows: 85-137 GFLOP/s a core against
-# 170-180 in row blocks of 256, BENCHMARKS.md, eighteenth session). Then each pass runs row
-# block after row block. A C-contiguous `a` (rows read along) did not gain: 3-8 % slower.
+# one row per k: a row tile's whole K (matmul's order, block by block) touches K rows of
+# dgates. For a chunk of many rows the product runs in passes of K_BLOCK k's instead, each
+# over row blocks of ROW_BLOCK rows, and within a row block over every column block, so that
+# the pass's rows of dgates stay in L2 while all column blocks read them. The weight gradients
+# of hidden 1024-2048 at batch 64-128 (a chunk of 4-8 K rows) ran at 85-137 GFLOP/s a core
+# with passes over the whole chunk, 170-180 in row blocks (BENCHMARKS.md, eighteenth session).
+# A C-contiguous `a` (rows read along) did not gain.
 ROW_BLOCK = 256
-ROW_BLOCKS_FROM_BYTES = 2 << 20
+ROW_BLOCKS_FROM_BYTES = 1 << 20
 
 
 @njit(**KW)
@@ -48,14 +50,14 @@ def _rows(a, wp, out, r0, r1):
     """out[r0:r1] = a[r0:r1] @ W."""
     K = a.shape[1]
     n = r1 - r0
-    if a.strides[1] == a.itemsize or K == 0 or n * min(K, K_BLOCK) * a.itemsize <= ROW_BLOCKS_FROM_BYTES:
+    if a.strides[1] == a.itemsize or K == 0 or n * min(K, K_BLOCK) * a.itemsize < ROW_BLOCKS_FROM_BYTES:
         matmul(a[r0:r1], n, wp, out[r0:r1], False, WHOLE_K)
         return
     for kb in range(0, K, K_BLOCK):  # matmul's passes over K (the same sums in the same order)
         k1 = min(K, kb + K_BLOCK)
         for m0 in range(r0, r1, ROW_BLOCK):
             m1 = min(r1, m0 + ROW_BLOCK)
-            _tiles(a[m0:m1, kb:k1], m1 - m0, wp[:, kb:k1], out[m0:m1], kb > 0, False)
+            tiles_pass(a[m0:m1, kb:k1], m1 - m0, wp[:, kb:k1], out[m0:m1], kb > 0)
 
 
 def row_bounds(M: int, macs: int, threads: int) -> np.ndarray:

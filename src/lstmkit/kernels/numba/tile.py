@@ -342,27 +342,32 @@ def _row(a, r, wp, out, flip):
 
 
 @njit(**KW)
-def _tiles(a, n, wp, out, accumulate, flip):
-    """One pass over rows 0:n and every column block, K = a.shape[1] (see matmul)."""
-    nb = wp.shape[0]
+def _block_tiles(a, n, wp, out, accumulate, b):
+    """Column block b of out[:n] (+)= a[:n] @ W, K = a.shape[1]: every row tile."""
     n8 = n - n % 8 if EIGHT_ROWS else 0
-    for i in range(nb):
-        b = nb - 1 - i if flip else i
-        for r0 in range(0, n8, 8):
+    for r0 in range(0, n8, 8):
+        if accumulate:
+            tile8_acc(a, r0, n, wp, b, out)
+        else:
+            tile8(a, r0, n, wp, b, out)
+    for r0 in range(n8, n, 4):
+        if n - r0 == 1:
             if accumulate:
-                tile8_acc(a, r0, n, wp, b, out)
+                tile1_acc(a, r0, n, wp, b, out)
             else:
-                tile8(a, r0, n, wp, b, out)
-        for r0 in range(n8, n, 4):
-            if n - r0 == 1:
-                if accumulate:
-                    tile1_acc(a, r0, n, wp, b, out)
-                else:
-                    tile1(a, r0, n, wp, b, out)
-            elif accumulate:
-                tile4_acc(a, r0, n, wp, b, out)
-            else:
-                tile4(a, r0, n, wp, b, out)
+                tile1(a, r0, n, wp, b, out)
+        elif accumulate:
+            tile4_acc(a, r0, n, wp, b, out)
+        else:
+            tile4(a, r0, n, wp, b, out)
+
+
+@njit(**KW)
+def tiles_pass(a, n, wp, out, accumulate):
+    """One pass over rows 0:n and every column block, K = a.shape[1]: gemm.py's order for a
+    long transposed view, whose pass over K_BLOCK k's stays in L2 while every block reads it."""
+    for b in range(wp.shape[0]):
+        _block_tiles(a, n, wp, out, accumulate, b)
 
 
 # matmul's k0 for the product over all of W: an int64, not a literal 0. Numba compiles a
@@ -378,9 +383,13 @@ def matmul(a, n, wp, out, flip, k0):
     gemm.py's dgates.T, read in place); out (>= n, >= padded_width) with unit inner stride; wp
     packed. The time loops pass whole C-contiguous arrays and k0, never slices: then each kernel
     file compiles one matmul (slices are arrays of another type; gemm.py compiles its own).
-    K in passes of K_BLOCK rows of W, each pass's sums going on from the last's (a row's sum
-    runs over k in order whatever the blocking: the same bits); within a pass, for each column
-    block, all row tiles run while its panel of W stays in L1.
+    Column block after column block; within a block, K in passes of K_BLOCK rows of W, all
+    row tiles in each while its panel of W stays in L1, each pass's sums going on from the
+    last's (a row's sum runs over k in order whatever the blocking: the same bits). A block's
+    output stays in L1 across its passes and W streams once, in order. Passes outside the
+    blocks (each pass over every block) measured 1.1-1.5x slower where K > K_BLOCK and G is
+    wide: 16 rows of [x | h] by hidden 1024 weights, 64 rows by hidden 2048 (BENCHMARKS.md,
+    eighteenth session); with one pass the two orders are the same.
     flip: the column blocks in the opposite order, the same bits (each block's sums are their
     own). A time loop flips every other step, so that a step starts on the blocks the last
     one ended on, still in L1, where W is somewhat bigger than L1 (batch 1-8, hidden 64-128)."""
@@ -388,9 +397,12 @@ def matmul(a, n, wp, out, flip, k0):
     if n == 1:  # a matrix-vector product: no row tile reuses W, so no K passes either
         _row(a[:, k0:], 0, wp[:, k0:], out, flip)
         return
-    for kb in range(k0, max(K, k0 + 1), K_BLOCK):
-        k1 = min(K, kb + K_BLOCK)
-        _tiles(a[:, kb:k1], n, wp[:, kb:k1], out, kb > k0, flip)
+    nb = wp.shape[0]
+    for i in range(nb):
+        b = nb - 1 - i if flip else i
+        for kb in range(k0, max(K, k0 + 1), K_BLOCK):
+            k1 = min(K, kb + K_BLOCK)
+            _block_tiles(a[:, kb:k1], n, wp[:, kb:k1], out, kb > k0, b)
 
 
 # ---- row dot products on W as it is (the one-step kernels that read torch's own layout) ----------
