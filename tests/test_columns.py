@@ -486,6 +486,10 @@ def test_wide_columns_pay_rule():
     assert pay(24, 128, 128, 128, 4, 2, inference=True) and not pay(24, 64, 128, 128, 4, 2, inference=True)
     assert not pay(32, 128, 256, 256, 4, 2, inference=True) and not pay(16, 128, 256, 256, 4, 2)
     assert not pay(24, 128, 256, 256, 8, 2, inference=True) and not pay(24, 128, 256, 256, 4, 1, inference=True)
+    big = columns.big_weights_columns_pay  # past WIDE_MAX_ROWS: W_hh of 16 MiB and more, up to 512 rows
+    assert big(97, 1024, 1024, 4, 2) and big(512, 2048, 2048, 4, 2)
+    assert not big(96, 1024, 1024, 4, 2) and not big(513, 1024, 1024, 4, 2) and not big(128, 512, 512, 4, 2)
+    assert not big(128, 1024, 1024, 8, 2) and not big(128, 1024, 512, 4, 2) and not big(128, 1024, 1024, 4, 1)
 
 
 @pytest.mark.parametrize("kw,shape,packed", [
@@ -534,6 +538,34 @@ def test_module_takes_the_wide_unit_split_at_two_threads_and_matches_torch(kw, s
     flat = lambda o: (o[0].data if packed else o[0], *o[1])  # noqa: E731
     for a, b, w, c in zip(flat(out[2]), flat(again), flat(want), flat(out[1])):
         assert torch.equal(a, b)
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("wanted", [False, True])
+def test_inference_of_many_rows_on_the_biggest_weights_splits_units_on_the_micro_kernel(wanted, monkeypatch):
+    """100 rows (past WIDE_MAX_ROWS) on hidden 1024 at 2 threads: split by hidden units on the
+    micro-kernel's products where MKL is not wanted (columns.big_weights_columns_pay), by rows
+    where it is; torch.nn.LSTM's numbers either way, one thread's to float32 rounding."""
+    from lstmkit.engines.numba import mkl
+    from lstmkit.runtime import model as runtime_model
+
+    monkeypatch.setattr(mkl, "_wanted", [wanted])  # on any CPU (mkl.wanted)
+    calls = []
+    real = runtime_model.run_columns
+    monkeypatch.setattr(runtime_model, "run_columns", lambda *a, **k: calls.append(k["gemm"]) or real(*a, **k))
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(16, 1024).eval()
+    x = torch.randn(3, 100, 16)
+    out = {}
+    for threads in (1, 2):
+        m = lstmkit.LSTM.from_torch(ref).eval()
+        with torch_threads(threads), torch.no_grad():
+            out[threads] = m(x)
+    assert calls == ([] if wanted else [0])  # one call split, on the micro-kernel (no MKL gemm)
+    with torch.no_grad():
+        want = ref(x)
+    for a, w, c in zip((out[2][0], *out[2][1]), (want[0], *want[1]), (out[1][0], *out[1][1])):
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 

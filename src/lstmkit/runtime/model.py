@@ -22,7 +22,8 @@ from ..kernels.numba.lstm import (
     MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, forward_pair_body, input_projection, one_step,
     one_step_live, one_step_live_split, pack_forward, precompute_input,
 )
-from ..kernels.numba.columns import columns_pay, columns_precompute, pack_columns, run_columns, wide_columns_pay
+from ..kernels.numba.columns import (big_weights_columns_pay, columns_pay, columns_precompute, pack_columns, run_columns,
+                                     wide_columns_pay)
 from ..kernels.numba.threads import run_pair
 from ..kernels.numba.variants import forward_core as _variant_forward
 from ..kernels.numba.variants import pack_forward as _variant_pack
@@ -394,8 +395,9 @@ class Runtime:
         """Layer-direction idx with its hidden units split over the threads (kernels/numba/
         columns.py) where that pays: a few rows (columns_pay), or wide weights at a batch with a
         BLAS for the products (wide_columns_pay), or with the micro-kernel's where the BLAS is
-        there but not wanted on this CPU; False, having run nothing, where it does not or where
-        no OpenMP team is at hand."""
+        there but not wanted on this CPU, as are more rows on the biggest weights
+        (big_weights_columns_pay); False, having run nothing, where it does not or where no
+        OpenMP team is at hand."""
         H, P, itemsize = self._H, self._P, x.itemsize
         few = columns_pay(N, T, self._I, H, P, itemsize, self.threads)
         wide = not few and wide_columns_pay(N, self._I, H, P, itemsize, self.threads, inference=True)
@@ -411,8 +413,11 @@ class Runtime:
             # (0.73-0.96x against 0.92-1.03x): the engine's training split stays on MKL only.
             if not on_blas and (self.blas is None or self.blas.wanted()):
                 return False
-        elif not few:
-            return False
+        elif not few:  # more rows on the biggest weights: the micro-kernel's route only
+            if not (big_weights_columns_pay(N, H, P, itemsize, self.threads) and self.blas is not None
+                    and not self.blas.wanted()):
+                return False
+            wide = True
         pre = not wide and columns_precompute(T, self._I, H, itemsize, self.threads)
         key = (idx, self.threads, wide, on_blas)
         packed = self._columns.get(key)
