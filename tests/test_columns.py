@@ -210,6 +210,36 @@ def test_training_at_two_threads_takes_the_split_and_matches_torch(dtype, kw, N,
         torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("wanted", [False, True])
+def test_training_on_the_biggest_weights_splits_units_on_the_micro_kernel(wanted, monkeypatch):
+    """A training step of 12 rows on hidden 1024 at 2 threads runs split by hidden units, forward
+    and backward, on the micro-kernel's products where MKL is not wanted (binding._big_columns),
+    by rows where it is; outputs and every gradient match torch.nn.LSTM either way."""
+    from lstmkit.engines.numba import binding, mkl
+
+    monkeypatch.setattr(mkl, "_wanted", [wanted])  # on any CPU (mkl.wanted)
+    used = []
+    for name in ("run_columns", "run_columns_backward"):
+        real = getattr(binding, name)
+        monkeypatch.setattr(binding, name, lambda *a, real=real, name=name, **k: used.append((name, k.get("gemm", 0)))
+                            or real(*a, **k))
+    monkeypatch.setattr(columns, "WIDE_MAX_ROWS", 4)  # on Intel, MKL's wide split would take 12 rows
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(16, 1024)
+    m = lstmkit.LSTM.from_torch(ref, engine="numba")
+    x = torch.randn(3, 12, 16)
+    with torch_threads(2):
+        results = []
+        for mod in (m, ref):
+            xi = x.clone().requires_grad_(True)
+            out, (h, c) = mod(xi)
+            loss = (out * torch.linspace(-1, 1, 1024)).sum() + h.square().sum() + 3 * c.sum()
+            results.append([out, h, c, *torch.autograd.grad(loss, [xi, *mod.parameters()])])
+    assert used == ([] if wanted else [("run_columns", 0), ("run_columns_backward", 0)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
 def test_without_a_compiled_body_the_rows_path_runs(monkeypatch):
     """While the body is not at hand (prefetch's child compiling it), run_columns steps aside
     and the module's call runs on the row kernel: the same numbers as torch."""
@@ -486,9 +516,9 @@ def test_wide_columns_pay_rule():
     assert pay(24, 128, 128, 128, 4, 2, inference=True) and not pay(24, 64, 128, 128, 4, 2, inference=True)
     assert not pay(32, 128, 256, 256, 4, 2, inference=True) and not pay(16, 128, 256, 256, 4, 2)
     assert not pay(24, 128, 256, 256, 8, 2, inference=True) and not pay(24, 128, 256, 256, 4, 1, inference=True)
-    big = columns.big_weights_columns_pay  # past WIDE_MAX_ROWS: W_hh of 16 MiB and more, up to 512 rows
-    assert big(97, 1024, 1024, 4, 2) and big(512, 2048, 2048, 4, 2)
-    assert not big(96, 1024, 1024, 4, 2) and not big(513, 1024, 1024, 4, 2) and not big(128, 512, 512, 4, 2)
+    big = columns.big_weights_columns_pay  # W_hh of 16 MiB and more, 5 to 512 rows
+    assert big(5, 1024, 1024, 4, 2) and big(97, 1024, 1024, 4, 2) and big(512, 2048, 2048, 4, 2)
+    assert not big(4, 1024, 1024, 4, 2) and not big(513, 1024, 1024, 4, 2) and not big(128, 512, 512, 4, 2)
     assert not big(128, 1024, 1024, 8, 2) and not big(128, 1024, 512, 4, 2) and not big(128, 1024, 1024, 4, 1)
 
 

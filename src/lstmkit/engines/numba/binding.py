@@ -26,7 +26,8 @@ from ...kernels.numba.lstm import (
     same_words, weight_gradients,
 )
 from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
-from ...kernels.numba.columns import columns_pay_training, pack_columns, pack_columns_backward
+from ...kernels.numba.columns import big_weights_columns_pay, columns_pay_training
+from ...kernels.numba.columns import pack_columns, pack_columns_backward
 from ...kernels.numba.columns import run_columns, wide_columns_pay, wide_columns_pay_backward
 from ...kernels.numba.columns import run_columns_backward
 from ...kernels.numba.step import step_backward as step_backward_kernel
@@ -330,8 +331,8 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     total, I = xn.shape
     B, H = c0n.shape
     P = h0n.shape[1]
-    if save and _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize):
-        out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse)
+    if (save and _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize)) or _big_columns(B, H, P, dt):
+        out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse, save)
         if out is not None:
             return out
     if _wide_columns(B, I, H, P, dt, save):
@@ -360,6 +361,12 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
 def _by_columns(B: int, steps: int, I: int, H: int, P: int, itemsize: int) -> bool:
     threads = torch.get_num_threads()
     return threads > 1 and columns_pay_training(B, steps, I, H, P, itemsize, threads)
+
+
+def _big_columns(B: int, H: int, P: int, dt) -> bool:
+    """Whether a call of B rows on the biggest weights runs split by hidden units on the
+    micro-kernel's products: where MKL is not wanted (columns.big_weights_columns_pay)."""
+    return big_weights_columns_pay(B, H, P, dt.itemsize, torch.get_num_threads()) and not mkl.wanted()
 
 
 def _wide_columns(B: int, I: int, H: int, P: int, dt, save: bool = True) -> bool:
@@ -437,7 +444,7 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     t_ = torch.from_numpy
     want_dx = needs is None or needs[0]
     want_w = needs is None or any(needs[3:8])  # a weight's or bias's gradient
-    by_columns = _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize)
+    by_columns = _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize) or _big_columns(B, H, P, dt)
     wide = not by_columns and _wide_columns_backward(B, I, H, P, dt)
     if by_columns or wide:
         out = _backward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse, y, acts, cells, dy, dh_n, dc_n, wide)
