@@ -66,27 +66,6 @@ def test_bitwise_the_row_kernel(dtype, reverse, packed, precompute, parts, team_
             assert np.array_equal(g, w), (T, B, I, H)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("parts", [2, 3])
-def test_parts_packed_each_on_its_own_thread_are_the_parts_packed_in_turn(dtype, parts, monkeypatch):
-    """From columns.PARALLEL_PACK_MIN_BYTES each part is packed on its own thread: the same
-    arrays, forward (W_ih, W_hh by units) and backward (W_hh's columns by units)."""
-    rng = np.random.default_rng(parts)
-    H, I = 72, 40
-    w_ih, w_hh = rng.standard_normal((4 * H, I)).astype(dtype), rng.standard_normal((4 * H, H)).astype(dtype)
-    b = rng.standard_normal(4 * H).astype(dtype)
-    monkeypatch.setattr(columns, "PARALLEL_PACK_MIN_BYTES", 1 << 62)
-    serial = columns.pack_columns(w_ih, w_hh, b, parts), columns.pack_columns_backward(w_hh, parts)
-    jobs = []
-    real = columns.run_jobs
-    monkeypatch.setattr(columns, "run_jobs", lambda j: jobs.append(len(j)) or real(j))
-    monkeypatch.setattr(columns, "PARALLEL_PACK_MIN_BYTES", 0)
-    parallel = columns.pack_columns(w_ih, w_hh, b, parts), columns.pack_columns_backward(w_hh, parts)
-    assert jobs == [parts, parts]
-    for a, c in zip([*serial[0], *serial[1]], [*parallel[0], *parallel[1]]):
-        assert a.shape == c.shape and np.array_equal(a, c)
-
-
 def test_unit_bounds_cover_every_unit_in_lane_multiples():
     for H in (1, 15, 16, 17, 64, 130, 512):
         for parts in (1, 2, 3, 4, 7):

@@ -33,7 +33,6 @@ from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
 from .rows import ptr_add, row_ptr
 from .simd import LANES
 from .team import on_team, spec, team_bodies, unpack, whole_team
-from .threads import run_jobs
 from .tile import WHOLE_K, aligned_empty, block_width, matmul, pack2, padded_width
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
@@ -257,39 +256,23 @@ def pack_columns(w_ih, w_hh, b, parts: int, panels: bool = True):
         bps[s, : 4 * (units[s + 1] - units[s])] = unit_rows(b.reshape(-1, 1), H, units[s], units[s + 1])[:, 0]
     if not panels:
         return np.empty((parts, 0, 1, LANES), w_ih.dtype), bps, units
-
-    def parts_of(s):  # part s's rows of W_ih and of W_hh
-        return unit_rows(w_ih, H, units[s], units[s + 1]), unit_rows(w_hh, H, units[s], units[s + 1])
-
-    widths = [4 * int(units[s + 1] - units[s]) for s in range(parts)]
-    return _pack_parts(parts_of, widths, w_ih.shape[1] + w_hh.shape[1], w_ih.dtype, True,
-                       w_ih.nbytes + w_hh.nbytes), bps, units
+    pairs = [(unit_rows(w_ih, H, units[s], units[s + 1]), unit_rows(w_hh, H, units[s], units[s + 1]))
+             for s in range(parts)]
+    return _pack_parts(pairs, True), bps, units
 
 
-# A training call packs its parts at every call: one after the other, hidden 2048 (72 MiB of
-# weights) took 25-80 ms of a 1.1 s step at 2 threads. From this many bytes each part is
-# copied out and packed on its own thread (threads.run_jobs; the copies release the GIL).
-PARALLEL_PACK_MIN_BYTES = 8 << 20
-
-
-def _pack_parts(parts_of, widths, K: int, dtype, transposed: bool, nbytes: int):
-    """tile.pack2 of each part's (w1, w2) = parts_of(s), G = widths[s], straight into one aligned
-    (S, nb, K, V) array (no copy per part), the parts' blocks past their own columns zeroed."""
-    V = block_width(dtype)
-    out = aligned_empty((len(widths), -(-max(widths) // V), K, V), dtype)
-
-    def pack_part(s):
-        w1, w2 = parts_of(s)
-        nbs = -(-widths[s] // V)
+def _pack_parts(pairs, transposed: bool):
+    """tile.pack2 of each part's (w1, w2), straight into one aligned (S, nb, K, V) array (no copy
+    per part), the parts' blocks past their own columns zeroed."""
+    V = block_width(pairs[0][0].dtype)
+    widths = [w1.shape[0] if transposed else w1.shape[1] + w2.shape[1] for w1, w2 in pairs]  # G of each part
+    w1, w2 = pairs[0]
+    K = w1.shape[1] + w2.shape[1] if transposed else w1.shape[0]
+    out = aligned_empty((len(pairs), -(-max(widths) // V), K, V), w1.dtype)
+    for s, ((w1, w2), G) in enumerate(zip(pairs, widths)):
+        nbs = -(-G // V)
         pack2(w1, w2, transposed, out=out[s, :nbs])
         out[s, nbs:] = 0
-
-    jobs = [(pack_part, (s,)) for s in range(len(widths))]
-    if nbytes >= PARALLEL_PACK_MIN_BYTES:
-        run_jobs(jobs)
-    else:
-        for fn, args in jobs:
-            fn(*args)
     return out
 
 
@@ -382,12 +365,8 @@ def pack_columns_backward(w_hh, parts: int, panels: bool = True):
     units = unit_bounds(H, parts)
     if not panels:
         return np.empty((parts, 0, 1, LANES), w_hh.dtype), units
-    def parts_of(s):  # W_hh's columns of part s, and nothing beside them
-        w = np.ascontiguousarray(w_hh[:, units[s] : units[s + 1]])
-        return w, w[:, :0]
-
-    widths = [int(units[s + 1] - units[s]) for s in range(parts)]
-    return _pack_parts(parts_of, widths, w_hh.shape[0], w_hh.dtype, False, w_hh.nbytes), units
+    parts_of_w = [np.ascontiguousarray(w_hh[:, units[s] : units[s + 1]]) for s in range(parts)]
+    return _pack_parts([(w, w[:, :0]) for w in parts_of_w], False), units
 
 
 @njit(**KW)
