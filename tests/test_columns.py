@@ -516,9 +516,10 @@ def test_wide_columns_pay_rule():
     assert pay(24, 128, 128, 128, 4, 2, inference=True) and not pay(24, 64, 128, 128, 4, 2, inference=True)
     assert not pay(32, 128, 256, 256, 4, 2, inference=True) and not pay(16, 128, 256, 256, 4, 2)
     assert not pay(24, 128, 256, 256, 8, 2, inference=True) and not pay(24, 128, 256, 256, 4, 1, inference=True)
-    big = columns.big_weights_columns_pay  # W_hh of 16 MiB and more, 5 to 512 rows
+    big = columns.big_weights_columns_pay  # W_hh of 16 MiB and more: inference 5-512 rows, training 5-16
     assert big(5, 1024, 1024, 4, 2) and big(97, 1024, 1024, 4, 2) and big(512, 2048, 2048, 4, 2)
     assert not big(4, 1024, 1024, 4, 2) and not big(513, 1024, 1024, 4, 2) and not big(128, 512, 512, 4, 2)
+    assert big(16, 1024, 1024, 4, 2, training=True) and not big(17, 1024, 1024, 4, 2, training=True)
     assert not big(128, 1024, 1024, 8, 2) and not big(128, 1024, 512, 4, 2) and not big(128, 1024, 1024, 4, 1)
 
 

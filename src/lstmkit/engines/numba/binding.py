@@ -331,7 +331,7 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     total, I = xn.shape
     B, H = c0n.shape
     P = h0n.shape[1]
-    if (save and _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize)) or _big_columns(B, H, P, dt):
+    if (save and _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize)) or _big_columns(B, H, P, dt, save):
         out = _forward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse, save)
         if out is not None:
             return out
@@ -363,10 +363,11 @@ def _by_columns(B: int, steps: int, I: int, H: int, P: int, itemsize: int) -> bo
     return threads > 1 and columns_pay_training(B, steps, I, H, P, itemsize, threads)
 
 
-def _big_columns(B: int, H: int, P: int, dt) -> bool:
+def _big_columns(B: int, H: int, P: int, dt, training: bool) -> bool:
     """Whether a call of B rows on the biggest weights runs split by hidden units on the
     micro-kernel's products: where MKL is not wanted (columns.big_weights_columns_pay)."""
-    return big_weights_columns_pay(B, H, P, dt.itemsize, torch.get_num_threads()) and not mkl.wanted()
+    threads = torch.get_num_threads()
+    return big_weights_columns_pay(B, H, P, dt.itemsize, threads, training) and not mkl.wanted()
 
 
 def _wide_columns(B: int, I: int, H: int, P: int, dt, save: bool = True) -> bool:
@@ -444,7 +445,7 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     t_ = torch.from_numpy
     want_dx = needs is None or needs[0]
     want_w = needs is None or any(needs[3:8])  # a weight's or bias's gradient
-    by_columns = _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize) or _big_columns(B, H, P, dt)
+    by_columns = _by_columns(B, len(batch_sizes), I, H, P, xn.itemsize) or _big_columns(B, H, P, dt, True)
     wide = not by_columns and _wide_columns_backward(B, I, H, P, dt)
     if by_columns or wide:
         out = _backward_by_columns(xn, batch_sizes, h0n, c0n, p, reverse, y, acts, cells, dy, dh_n, dc_n, wide)

@@ -193,24 +193,28 @@ def wide_columns_pay(batch: int, I: int, H: int, P: int, itemsize: int, threads:
 
 
 # W_hh of 16 MiB and more (hidden 1024 and up), with the micro-kernel's products (where MKL is
-# not wanted): split by units up to 512 rows, inference past WIDE_MAX_ROWS and training from 5
-# rows. Each core of the rows split streams all of W from L3 or memory at every step, each of
-# the units split its half. AMD EPYC, 2 threads, rows -> units split vs torch.nn.LSTM:
-#   inference 20,128,256,2048 0.70x -> 1.07x, 50,128,512,1024 0.82x -> 1.08x, 20,256,256,1024
-#   0.60x -> 1.01x, 10,512,256,2048 0.78x -> 0.96x;
-#   training 100,8,128,1024 0.71x -> 1.07x, 20,128,256,2048 0.82x -> 0.98x, 30,512,128,1024
-#   0.79x -> 1.14x, 100,16,128,1024 and 50,64,512,1024 1.00-1.15x -> 1.02-1.18x, 20,256,256,1024
-#   as fast (0.89x, 0.88x).
-# On 4 MiB (hidden 512) it lost: inference at 1024 rows 1.13x -> 0.86x, training at 32 rows
-# 1.06x -> 0.96x. BENCHMARKS.md, eighteenth session.
+# not wanted): split by units, inference past WIDE_MAX_ROWS up to 512 rows, training from 5 to
+# 16 rows. Each core of the rows split streams all of W from L3 or memory at every step, each
+# of the units split its half. AMD EPYC, 2 threads, rows -> units split vs torch.nn.LSTM, the
+# order of the variants rotated each round:
+#   inference 20,128,256,2048 0.79x -> 1.08x, 50,128,512,1024 0.74x -> 1.10x, 20,256,256,1024
+#   0.96x -> 1.16x, 10,512,256,2048 0.94x -> 1.05x;
+#   training 100,8,128,1024 0.70x -> 1.15x, 100,16,128,1024 1.02x -> 1.06x; from 32 rows it
+#   did not pay: 100,32,128,1024 1.11x -> 1.07x, 50,64,512,1024 1.04x -> 1.02x,
+#   20,128,256,2048 0.87x -> 0.82x, 30,512,128,1024 0.78x -> 0.79x.
+# On 4 MiB (hidden 512) inference lost at 1024 rows (1.13x -> 0.86x). BENCHMARKS.md, eighteenth
+# session.
 BIG_HH_BYTES = 16 << 20
 BIG_HH_MAX_ROWS = 512
+BIG_HH_TRAIN_MAX_ROWS = 16
 
 
-def big_weights_columns_pay(batch: int, H: int, P: int, itemsize: int, threads: int) -> bool:
+def big_weights_columns_pay(batch: int, H: int, P: int, itemsize: int, threads: int, training: bool = False) -> bool:
     """Whether a call over `batch` rows (more than columns_pay takes) on the biggest weights runs
-    split by hidden units on the micro-kernel's products (the caller checks that it has those)."""
-    return (threads > 1 and P == H and itemsize == 4 and MAX_ROWS < batch <= BIG_HH_MAX_ROWS
+    split by hidden units on the micro-kernel's products (the caller checks that it has those).
+    training: a forward that saves for a backward, or that backward."""
+    most = BIG_HH_TRAIN_MAX_ROWS if training else BIG_HH_MAX_ROWS
+    return (threads > 1 and P == H and itemsize == 4 and MAX_ROWS < batch <= most
             and 4 * H * H * itemsize >= BIG_HH_BYTES)
 
 
