@@ -256,9 +256,9 @@ def backward_weights(p: LayerParams, with_input: bool = True, gemm: bool = False
 # The products around the loops on the micro-kernel from this many multiply-adds, where
 # mkl.own_gemm says so; from gemm.MIN_SPLIT_MACS they are split over the threads, below it they
 # run on one. Small ones gain too: training at 1 / 2 threads vs torch.nn.LSTM, from 2^26 -> from
-# 2^16 (weight gradients and dx of 0.3-10 M multiply-adds): 100,1,64,128 1.00x -> 1.24x /
-# 1.39x -> 1.81x, 1000,1,32,64 1.18x -> 1.47x / 2.39x -> 2.59x, 200,16,64,64 1.00x -> 1.05x /
-# 1.40x -> 1.55x (BENCHMARKS.md, eighteenth session).
+# 2^16 (weight gradients and dx of 0.3-10 M multiply-adds), A/B with the order rotated:
+# 100,1,64,128 1.07x -> 1.11x / 1.08x -> 1.13x, 1000,1,32,64 1.35x -> 1.56x / 1.49x -> 1.56x,
+# 200,16,64,64 1.05x -> 1.08x / as fast (BENCHMARKS.md, eighteenth session).
 OWN_GEMM_MIN_MACS = 1 << 16
 
 
