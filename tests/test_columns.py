@@ -210,11 +210,14 @@ def test_training_at_two_threads_takes_the_split_and_matches_torch(dtype, kw, N,
         torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-@pytest.mark.parametrize("wanted", [False, True])
-def test_training_on_the_biggest_weights_splits_units_on_the_micro_kernel(wanted, monkeypatch):
+@pytest.mark.parametrize("wanted,packed", [(False, False), (True, False), (False, True)])
+def test_training_on_the_biggest_weights_splits_units_on_the_micro_kernel(wanted, packed, monkeypatch):
     """A training step of 12 rows on hidden 1024 at 2 threads runs split by hidden units, forward
     and backward, on the micro-kernel's products where MKL is not wanted (binding._big_columns),
-    by rows where it is; outputs and every gradient match torch.nn.LSTM either way."""
+    by rows where it is; outputs and every gradient match torch.nn.LSTM either way, padded or
+    packed (enforce_sorted=False: rows end at different steps)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
     from lstmkit.engines.numba import binding, mkl
 
     monkeypatch.setattr(mkl, "_wanted", [wanted])  # on any CPU (mkl.wanted)
@@ -228,11 +231,13 @@ def test_training_on_the_biggest_weights_splits_units_on_the_micro_kernel(wanted
     ref = torch.nn.LSTM(16, 1024)
     m = lstmkit.LSTM.from_torch(ref, engine="numba")
     x = torch.randn(3, 12, 16)
+    lengths = torch.tensor([3, 1, 2, 3, 2, 1, 3, 3, 1, 2, 2, 3])
     with torch_threads(2):
         results = []
         for mod in (m, ref):
             xi = x.clone().requires_grad_(True)
-            out, (h, c) = mod(xi)
+            out, (h, c) = mod(pack_padded_sequence(xi, lengths, enforce_sorted=False) if packed else xi)
+            out = out.data if packed else out
             loss = (out * torch.linspace(-1, 1, 1024)).sum() + h.square().sum() + 3 * c.sum()
             results.append([out, h, c, *torch.autograd.grad(loss, [xi, *mod.parameters()])])
     assert used == ([] if wanted else [("run_columns", 0), ("run_columns_backward", 0)])
