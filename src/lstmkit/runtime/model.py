@@ -401,23 +401,23 @@ class Runtime:
         H, P, itemsize = self._H, self._P, x.itemsize
         few = columns_pay(N, T, self._I, H, P, itemsize, self.threads)
         wide = not few and wide_columns_pay(N, self._I, H, P, itemsize, self.threads, inference=True)
+        big = not (few or wide) and big_weights_columns_pay(N, H, P, itemsize, self.threads)
+        if not (few or wide or big):
+            return False
         on_blas = False
         if wide:  # the input rides in the step products (columns.py, wide_columns_pay)
             K = self.layers[idx][0].shape[1] + H
             on_blas = self.blas is not None and self.blas.use(K, 4 * -(-H // self.threads), N, self.dtype,
                                                               forward=True)
-            # Or on the micro-kernel's products, where the BLAS is there but not wanted (MKL off
-            # Intel CPUs). AMD EPYC, 2 threads, vs torch.nn.LSTM, rows split -> this: 200,8,128,384
-            # 0.71-0.81x -> 1.01-1.04x, 200,12,128,256 0.84-0.88x -> 1.04-1.11x, 100,24-32,128,512
-            # 0.84-0.95x -> 0.92-1.00x (BENCHMARKS.md, seventeenth session). Training lost with it
-            # (0.73-0.96x against 0.92-1.03x): the engine's training split stays on MKL only.
-            if not on_blas and (self.blas is None or self.blas.wanted()):
-                return False
-        elif not few:  # more rows on the biggest weights: the micro-kernel's route only
-            if not (big_weights_columns_pay(N, H, P, itemsize, self.threads) and self.blas is not None
-                    and not self.blas.wanted()):
-                return False
-            wide = True
+        # Or on the micro-kernel's products, where the BLAS is there but not wanted (MKL off
+        # Intel CPUs); more rows on the biggest weights take that route only. AMD EPYC, 2 threads,
+        # vs torch.nn.LSTM, rows split -> this: 200,8,128,384 0.71-0.81x -> 1.01-1.04x,
+        # 200,12,128,256 0.84-0.88x -> 1.04-1.11x, 100,24-32,128,512 0.84-0.95x -> 0.92-1.00x
+        # (BENCHMARKS.md, seventeenth session). Training lost with it at those sizes (0.73-0.96x
+        # against 0.92-1.03x): the engine's training takes it on the biggest weights only.
+        if (wide or big) and not on_blas and (self.blas is None or self.blas.wanted()):
+            return False
+        wide = wide or big
         pre = not wide and columns_precompute(T, self._I, H, itemsize, self.threads)
         key = (idx, self.threads, wide, on_blas)
         packed = self._columns.get(key)
