@@ -1,0 +1,57 @@
+"""benchmarks/fuzz.py, the differential fuzzer over the engine's size thresholds, on a few of its
+cases: small enough for CI (the script itself runs the big ones), drawn from fixed seeds, so the
+fuzzer keeps working and its comparison keeps meaning something."""
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "fuzz.py"
+
+
+@pytest.fixture(scope="module")
+def fuzz():
+    spec = importlib.util.spec_from_file_location("lstmkit_fuzz", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fuzz_cases_agree_with_torch(fuzz, seed, capsys):
+    threads = torch.get_num_threads()
+    assert fuzz.main(["--seed", str(seed), "--cases", "6", "--max-macs", "2e7"]) == 0, capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # the thread count the cases set is put back
+    out = capsys.readouterr().out
+    assert out.count("\nok ") == 6 and "# 6 cases, 0 failed" in out
+
+
+def test_fuzz_covers_every_mode_and_both_thread_counts(fuzz):
+    rng = random.Random(0)
+    cases = [fuzz.draw(rng, 2e7) for _ in range(200)]
+    assert {c["mode"] for c in cases} == {"infer", "infer_update", "train", "train_frozen_x", "train_frozen_w", "stream"}
+    assert {c["threads"] for c in cases} == {1, 2} and any(c["packed"] for c in cases)
+    assert all(c["T"] * c["N"] * (max(c["I"], (2 if c["bidir"] else 1) * (c["proj"] or c["H"])) + c["H"]) * 4 * c["H"]
+               <= 2e7 for c in cases)
+
+
+def test_the_comparison_catches_a_wrong_number(fuzz, monkeypatch):
+    """A case whose lstmkit output is off by 1e-3 fails: the tolerance is not so loose that
+    anything passes."""
+    import lstmkit
+
+    real = lstmkit.LSTM.forward
+
+    def off(self, *args, **kwargs):
+        y, (h, c) = real(self, *args, **kwargs)
+        return y + 1e-3, (h, c)
+
+    monkeypatch.setattr(lstmkit.LSTM, "forward", off)
+    cfg = dict(T=5, N=3, I=8, H=16, layers=1, bidir=False, proj=0, bias=True, batch_first=False, use_hx=False,
+               mode="infer", packed=False, threads=1, dtype=torch.float32, seed=1)
+    ok, detail = fuzz.run_case(cfg)
+    assert not ok and "item 0" in detail
