@@ -206,12 +206,14 @@ def _alive(refs, tensors) -> bool:
     return all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
 
 
-def _pack_forward(p: LayerParams, gemm_pre=None, rows: int = 0):
+def _pack_forward(p: LayerParams, gemm_pre=None, rows: int = 0, with_input: bool = True):
     """(b, wp, wpr, gemm, wg); gemm_pre None: the micro-kernel's packing (gemm 0, wg None), else
     MKL's of W_hh^T (True: x W_ih^T precomputed) or [W_ih | W_hh]^T (False) for products of
-    `rows` rows (MKL lays B out for that many), wp then empty."""
+    `rows` rows (MKL lays B out for that many), wp then empty. with_input=False: wp is W_hh^T
+    alone, for a loop whose x W_ih^T is precomputed (layer_forward passes it x with no columns)."""
     w_hr = as_numpy(p.w_hr) if p.w_hr is not None else None
-    wp, wpr = pack_forward(as_numpy(p.w_ih), as_numpy(p.w_hh), w_hr, gemm_pre is None)  # tile: no MKL
+    w_ih = as_numpy(p.w_ih)
+    wp, wpr = pack_forward(w_ih if with_input else w_ih[:, :0], as_numpy(p.w_hh), w_hr, gemm_pre is None)  # tile: no MKL
     b = as_numpy(p.b_ih) + as_numpy(p.b_hh) if p.b_ih is not None else np.zeros(p.w_hh.shape[0], wp.dtype)
     gemm, wg = 0, None
     if gemm_pre is not None:
@@ -220,18 +222,18 @@ def _pack_forward(p: LayerParams, gemm_pre=None, rows: int = 0):
     return b, wp, wpr, gemm, wg
 
 
-def forward_weights(p: LayerParams, cache: bool, gemm_pre=None, rows: int = 0):
+def forward_weights(p: LayerParams, cache: bool, gemm_pre=None, rows: int = 0, with_input: bool = True):
     """(b = b_ih + b_hh, wp, wpr, gemm, wg): layer-direction p's weights packed for the forward
     kernel, by the micro-kernel's layout or (gemm_pre not None) MKL's (see _pack_forward)."""
     if not cache:
-        return _pack_forward(p, gemm_pre, rows)
+        return _pack_forward(p, gemm_pre, rows, with_input)
     tensors = tuple(p)
-    key = (_version_key(tensors), gemm_pre, rows if gemm_pre is not None else 0)
+    key = (_version_key(tensors), gemm_pre, rows if gemm_pre is not None else 0, with_input)
     slot = id(p.w_ih)
     entry = _packs.get(slot)
     if entry is None or entry[0] != key or not _alive(entry[1], tensors) or not entry[2].unchanged():
         watch = WeightWatch([t.detach().numpy() for t in tensors if t is not None])
-        packed = _pack_forward(p, gemm_pre, rows)
+        packed = _pack_forward(p, gemm_pre, rows, with_input)
         if not watch.watched:
             return packed
         if entry is None:  # a new w_ih: its entry goes when it dies
@@ -344,7 +346,9 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     pre = precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, bounds.shape[0] - 1,
                            mkl.use(I + P, 4 * H, rows, dt, forward=True))
     gemm_pre = pre if mkl.use(P if pre else I + P, 4 * H, rows, dt, forward=True) else None
-    b, wp, wpr, gemm, wg = forward_weights(p, not save, gemm_pre, rows)
+    # With x W_ih^T + b precomputed the loop reads neither x nor W_ih: W_hh^T alone is packed,
+    # and the kernel gets x with no columns (its k offset into W is then 0).
+    b, wp, wpr, gemm, wg = forward_weights(p, not save, gemm_pre, rows, with_input=not pre)
     acts = np.empty((total if save else 0, 4 * H), dt)
     cells = np.empty((total if save else 0, H), dt)
     y = np.empty((total, P), dt)
@@ -352,8 +356,8 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     c_n = np.empty((B, H), dt)
     bsz = np.asarray(batch_sizes, dtype=np.int64)
     xproj = input_projection(xn, as_numpy(p.w_ih), b) if pre else None
-    forward_core(xn, bsz, h0n, c0n, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells, bool(save), bounds, xproj,
-                 gemm, wg)
+    forward_core(xn[:, :0] if pre else xn, bsz, h0n, c0n, wp, b, wpr, bool(reverse), acts, y, h_n, c_n, cells,
+                 bool(save), bounds, xproj, gemm, wg)
     return y, h_n, c_n, acts, cells
 
 
