@@ -34,6 +34,26 @@ def test_matmul_rows_equals_numpy_and_any_split_gives_the_same_bits(dtype, M, K,
     assert np.array_equal(out[:, :G], one[:, :G])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M", [1, 63, 64, 65, 200, 1031])
+def test_the_bias_is_added_row_block_by_row_block_with_the_bits_of_an_add_after(dtype, M, monkeypatch):
+    """matmul_rows(bias=b): each row is its product plus b, the same bits as adding b after the
+    whole product, for one chunk or several, row blocks ending anywhere (gemm.BIAS_ROWS)."""
+    rng = np.random.default_rng(M)
+    K, G = 37, 2 * gemm.block_width(dtype)
+    x, w = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((G, K)).astype(dtype)
+    b = rng.standard_normal(G).astype(dtype)
+    want = gemm.matmul_rows(x, w, True, 1)[:, :G] + b
+    assert not np.array_equal(want, want - b)  # b is not lost in the rounding
+    monkeypatch.setattr(gemm, "MIN_SPLIT_MACS", 0)
+    for threads in (1, 2, 3):
+        assert np.array_equal(gemm.matmul_rows(x, w, True, threads, bias=b)[:, :G], want)
+    with pytest.raises(ValueError, match="bias"):
+        gemm.matmul_rows(x, w, True, 1, bias=b[:-1])
+    with pytest.raises(ValueError, match="bias"):
+        gemm.matmul_rows(x, w, True, 1, bias=b.astype(np.float16))
+
+
 @pytest.mark.parametrize("dtype,M", [(np.float32, 2 * 2069), (np.float64, 2 * 1037 + 3)])
 def test_a_long_transposed_view_runs_in_row_blocks_with_the_same_bits(dtype, M):
     """Past gemm.ROW_BLOCKS_FROM_BYTES of a chunk's rows a K pass, a transposed view runs row

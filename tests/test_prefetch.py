@@ -121,7 +121,7 @@ def test_first_path_is_compiled_first(first, monkeypatch):
     assert parts[:2] == ["forward rows", f"{first} backward"] and order[:2] == ["gate_row", firsts[first]]
     from lstmkit.kernels.numba import gemm
 
-    monkeypatch.setattr(gemm, "matmul_rows", lambda *a: order.append("matmul_rows"))
+    monkeypatch.setattr(gemm, "matmul_rows", lambda *a, **k: order.append("matmul_rows"))
     parts.clear()
     order.clear()
     prefetch.compile_backward_kernels(first, None, own_gemm=True)  # the engine's products on gemm.py

@@ -283,13 +283,13 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_own_product(a.detach().numpy(), bn, transposed))
 
 
-def _own_product(a: np.ndarray, b: np.ndarray, b_transposed: bool, out=None) -> np.ndarray:
+def _own_product(a: np.ndarray, b: np.ndarray, b_transposed: bool, out=None, bias=None) -> np.ndarray:
     """gemm.matmul_rows on torch's threads, B laid out in this thread's scratch (on a cache line)."""
     if prefetch.pending:  # the child may be compiling these kernels now
         prefetch.wait_for("own gemm")
     shape = gemm.packed_shape(b, b_transposed)
     packed = aligned_view(scratch("gemm_b", (aligned_bytes(shape, b.dtype),), np.uint8), shape, b.dtype)
-    return gemm.matmul_rows(a, b, b_transposed, torch.get_num_threads(), out=out, packed=packed)
+    return gemm.matmul_rows(a, b, b_transposed, torch.get_num_threads(), out=out, packed=packed, bias=bias)
 
 
 def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray, slot: int = 0) -> np.ndarray:
@@ -301,8 +301,7 @@ def input_projection(x: np.ndarray, w_ih: np.ndarray, b: np.ndarray, slot: int =
     t_ = torch.from_numpy
     out = scratch("xproj" if slot == 0 else f"xproj{slot}", (x.shape[0], w_ih.shape[0]), x.dtype)
     if _own_gemm(x.shape[0], x.shape[1], w_ih.shape[0], x.dtype) and x.flags.c_contiguous:
-        _own_product(x, w_ih, True, out=out)
-        out += b
+        _own_product(x, w_ih, True, out=out, bias=b)
     else:
         torch.addmm(t_(b), t_(x), t_(w_ih).t(), out=t_(out))
     return out

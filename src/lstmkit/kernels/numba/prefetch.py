@@ -210,7 +210,7 @@ def compile_backward_kernels(first: str = "time loop", part_file=None, forward_r
         announce("own gemm")
         matmul_rows(r(B, G), w_ih, False, 1)  # dx = dgates W_ih
         matmul_rows(r(G, B).T, r(G, I + H), False, 1)  # the weight gradients: dgates^T read in place
-        matmul_rows(x, w_ih, True, 1)  # the input projection x W_ih^T
+        matmul_rows(x, w_ih, True, 1, bias=w_ih[:, 0].copy())  # the input projection x W_ih^T + b
 
     announce = lambda part: _announce(part_file, part)  # noqa: E731
     jobs = {"time loop": loop, "few steps": steps, "one step": step}
