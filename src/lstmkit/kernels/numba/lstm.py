@@ -667,21 +667,27 @@ forward_pair_body = team_bodies(_pair32, _pair64)
 backward_body = team_bodies(_backward32, _backward64)
 
 
-# Calls of at most this many batch rows make dW_ih and dW_hh as two GEMMs, each into its own
-# array; more rows make them as one, whose two column blocks the caller then copies apart. The
-# one GEMM runs faster from about 8 rows; at batch 1-2 the copies cost more than it gains
-# (BENCHMARKS.md, tenth and eleventh sessions).
+# Calls of at most this many batch rows on weights of at least SPLIT_WEIGHT_GRADIENT_MIN_BYTES
+# make dW_ih and dW_hh as two GEMMs, each into its own array; the others make them as one, whose
+# two column blocks the caller then copies apart. The one GEMM runs faster from about 8 rows; at
+# batch 1-2 the copies cost more than it gains on big weights (BENCHMARKS.md, tenth and eleventh
+# sessions), and less than a second call on small ones: dW_ih and dW_hh with the copies, one
+# GEMM against two, at 1 thread: 100 rows of input 64, hidden 128 114 us against 121, 1,000
+# of 32, 64 232 against 252; at 1.5 MiB (100 rows of 128, 256) 452 against 437 (BENCHMARKS.md,
+# twentieth session).
 SPLIT_WEIGHT_GRADIENT_MAX_ROWS = 2
+SPLIT_WEIGHT_GRADIENT_MIN_BYTES = 1 << 20
 
 
 def weight_gradients(I, dgates, xh_prev, db_rows, dh_all, hpre_all, mm=np.dot):
     """(dw_ih, dw_hh, db, dw_hr or None) from backward_core's outputs: [dW_ih | dW_hh] as one
-    GEMM (views of its columns), or, for a few batch rows (db_rows' count), as two GEMMs on
-    xh_prev's column blocks; db as the sum of the rows' sums, dW_hr one GEMM.
+    GEMM (views of its columns), or, for a few batch rows (db_rows' count) on big weights, as
+    two GEMMs on xh_prev's column blocks; db as the sum of the rows' sums, dW_hr one GEMM.
     mm: the matrix product to use (the torch engine passes torch's)."""
     db = db_rows.sum(0)
     dw_hr = mm(dh_all.T, hpre_all) if dh_all.shape[0] else None  # (P, total) @ (total, H)
-    if db_rows.shape[0] <= SPLIT_WEIGHT_GRADIENT_MAX_ROWS:
+    weight_bytes = dgates.shape[1] * xh_prev.shape[1] * dgates.itemsize
+    if db_rows.shape[0] <= SPLIT_WEIGHT_GRADIENT_MAX_ROWS and weight_bytes >= SPLIT_WEIGHT_GRADIENT_MIN_BYTES:
         return mm(dgates.T, xh_prev[:, :I]), mm(dgates.T, xh_prev[:, I:]), db, dw_hr
     dw = mm(dgates.T, xh_prev)  # (4H, total) @ (total, I + P)
     return dw[:, :I], dw[:, I:], db, dw_hr
