@@ -38,7 +38,7 @@ def test_matmul_rows_equals_numpy_and_any_split_gives_the_same_bits(dtype, M, K,
 @pytest.mark.parametrize("M", [1, 63, 64, 65, 200, 1031])
 def test_the_bias_is_added_row_block_by_row_block_with_the_bits_of_an_add_after(dtype, M, monkeypatch):
     """matmul_rows(bias=b): each row is its product plus b, the same bits as adding b after the
-    whole product, for one chunk or several, row blocks ending anywhere (gemm.BIAS_ROWS)."""
+    whole product, for one chunk or several, row blocks ending anywhere (gemm.l2_rows)."""
     rng = np.random.default_rng(M)
     K, G = 37, 2 * gemm.block_width(dtype)
     x, w = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((G, K)).astype(dtype)

@@ -33,6 +33,24 @@ CHUNK_ROWS = 8
 MIN_SPLIT_MACS = 1 << 26
 
 
+# A C-contiguous `a` (x, dgates) runs matmul on blocks of rows whose part of `a` stays in L2
+# (L2_ROWS_BYTES) while every column block of W reads it. matmul over a whole chunk streams the
+# chunk's `a` once per column block, from L3 or memory once it outgrows L2. One thread, GFLOP/s,
+# whole chunk -> row blocks: 2048 x 1024 x 256 (the main job's dx) 113 -> 196, 2048 x 256 x 1024
+# (its input projection) 175 -> 192, 3200 x 4096 x 512 183 -> 205 (BENCHMARKS.md, twentieth
+# session; blocks of 64-256 rows about as fast, of 512-1024 rows in between).
+L2_ROWS_BYTES = 256 << 10
+MIN_L2_ROWS = 64
+MAX_L2_ROWS = 256
+
+
+@njit(**KW)
+def l2_rows(K, itemsize):
+    """Rows of a C-contiguous `a` (K columns) that a block of _product takes: a multiple of 8."""
+    rows = L2_ROWS_BYTES // max(1, K * itemsize) // 8 * 8
+    return min(MAX_L2_ROWS, max(MIN_L2_ROWS, rows))
+
+
 # A transposed view (the weight gradients' dgates^T) is read a few elements per row of dgates,
 # one row per k: a row tile's whole K (matmul's order, block by block) touches K rows of
 # dgates. For a chunk of many rows the product runs in passes of K_BLOCK k's instead, each
@@ -40,48 +58,43 @@ MIN_SPLIT_MACS = 1 << 26
 # the pass's rows of dgates stay in L2 while all column blocks read them. The weight gradients
 # of hidden 1024-2048 at batch 64-128 (a chunk of 4-8 K rows) ran at 85-137 GFLOP/s a core
 # with passes over the whole chunk, 170-180 in row blocks (BENCHMARKS.md, eighteenth session).
-# A C-contiguous `a` (rows read along) did not gain.
 ROW_BLOCK = 256
 ROW_BLOCKS_FROM_BYTES = 1 << 20
 
 
+# The input projection's bias goes onto each block of rows right after its product, while they
+# are in L2, on the chunk's own thread. A numpy `out += b` after the product read and wrote all
+# of (M, 4H) again on one thread: 0.4 ms of the main job's 3 ms input projection at 2 threads.
+
+
 @njit(**KW)
-def _product(a, wp, out, r0, r1):
-    """out[r0:r1] = a[r0:r1] @ W."""
+def _add_bias(out, bias, r0, r1):
+    G = bias.shape[0]
+    for r in range(r0, r1):
+        row = out[r]
+        for j in range(G):
+            row[j] += bias[j]
+
+
+@njit(**KW)
+def _rows(a, wp, out, bias, r0, r1):
+    """out[r0:r1] = a[r0:r1] @ W, plus bias (G,) on each row where bias has columns. Every
+    row's sum runs over k in order whatever the blocking: the same bits for any chunks."""
     K = a.shape[1]
     n = r1 - r0
     if a.strides[1] == a.itemsize or K == 0 or n * min(K, K_BLOCK) * a.itemsize < ROW_BLOCKS_FROM_BYTES:
-        matmul(a[r0:r1], n, wp, out[r0:r1], False, WHOLE_K)
+        step = l2_rows(K, a.itemsize)
+        for m0 in range(r0, r1, step):
+            m1 = min(r1, m0 + step)
+            matmul(a[m0:m1], m1 - m0, wp, out[m0:m1], False, WHOLE_K)
+            _add_bias(out, bias, m0, m1)
         return
     for kb in range(0, K, K_BLOCK):  # matmul's passes over K (the same sums in the same order)
         k1 = min(K, kb + K_BLOCK)
         for m0 in range(r0, r1, ROW_BLOCK):
             m1 = min(r1, m0 + ROW_BLOCK)
             tiles_pass(a[m0:m1, kb:k1], m1 - m0, wp[:, kb:k1], out[m0:m1], kb > 0)
-
-
-# The input projection's bias goes onto each BIAS_ROWS rows of x W_ih^T right after their
-# product, while they are in L2, on the chunk's own thread. A numpy `out += b` after the
-# product read and wrote all of (M, 4H) again on one thread: 0.4 ms of the main job's 3 ms
-# input projection at 2 threads. Each row's product and sum are those of the whole call
-# (the same bits, whatever the blocking).
-BIAS_ROWS = 64
-
-
-@njit(**KW)
-def _rows(a, wp, out, bias, r0, r1):
-    """out[r0:r1] = a[r0:r1] @ W, plus bias (G,) on each row where bias has columns."""
-    G = bias.shape[0]
-    if G == 0:
-        _product(a, wp, out, r0, r1)
-        return
-    for m0 in range(r0, r1, BIAS_ROWS):
-        m1 = min(r1, m0 + BIAS_ROWS)
-        _product(a, wp, out, m0, m1)
-        for r in range(m0, m1):
-            row = out[r]
-            for j in range(G):
-                row[j] += bias[j]
+    _add_bias(out, bias, r0, r1)
 
 
 def row_bounds(M: int, macs: int, threads: int) -> np.ndarray:
