@@ -36,9 +36,9 @@ MIN_SPLIT_MACS = 1 << 26
 # A C-contiguous `a` (x, dgates) runs matmul on blocks of rows whose part of `a` stays in L2
 # (L2_ROWS_BYTES) while every column block of W reads it. matmul over a whole chunk streams the
 # chunk's `a` once per column block, from L3 or memory once it outgrows L2. One thread, GFLOP/s,
-# whole chunk -> row blocks: 2048 x 1024 x 256 (the main job's dx) 113 -> 196, 2048 x 256 x 1024
-# (its input projection) 175 -> 192, 3200 x 4096 x 512 183 -> 205 (BENCHMARKS.md, twentieth
-# session; blocks of 64-256 rows about as fast, of 512-1024 rows in between).
+# whole chunk -> blocks of 64 rows: 1280 x 8192 x 256 (hidden 2048's dx) 138-141 -> 165-182,
+# 8192 x 2048 x 256 200-202 -> 239-241; the main job's products and 3200 x 4096 x 512 the same
+# within noise (BENCHMARKS.md, twentieth session).
 L2_ROWS_BYTES = 256 << 10
 MIN_L2_ROWS = 64
 MAX_L2_ROWS = 256
@@ -46,7 +46,7 @@ MAX_L2_ROWS = 256
 
 @njit(**KW)
 def l2_rows(K, itemsize):
-    """Rows of a C-contiguous `a` (K columns) that a block of _product takes: a multiple of 8."""
+    """Rows of a C-contiguous `a` (K columns) in one of _rows' blocks: a multiple of 8."""
     rows = L2_ROWS_BYTES // max(1, K * itemsize) // 8 * 8
     return min(MAX_L2_ROWS, max(MIN_L2_ROWS, rows))
 
@@ -62,13 +62,12 @@ ROW_BLOCK = 256
 ROW_BLOCKS_FROM_BYTES = 1 << 20
 
 
-# The input projection's bias goes onto each block of rows right after its product, while they
-# are in L2, on the chunk's own thread. A numpy `out += b` after the product read and wrote all
-# of (M, 4H) again on one thread: 0.4 ms of the main job's 3 ms input projection at 2 threads.
-
-
 @njit(**KW)
 def _add_bias(out, bias, r0, r1):
+    """out[r0:r1, :G] += bias (G,): the input projection's bias, onto each block of rows right
+    after its product, while they are in L2, on the chunk's own thread. A numpy `out += b` after
+    the product read and wrote all of (M, 4H) again on one thread: 0.4 ms of the main job's 3 ms
+    input projection at 2 threads (BENCHMARKS.md, twentieth session)."""
     G = bias.shape[0]
     for r in range(r0, r1):
         row = out[r]
