@@ -30,6 +30,14 @@ def test_fuzz_cases_agree_with_torch(fuzz, seed, capsys):
     assert out.count("\nok ") == 6 and "# 6 cases, 0 failed" in out
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_fuzz_variant_cases_agree_with_the_reference_engine(fuzz, seed, capsys):
+    assert fuzz.main(["--seed", str(seed), "--cases", "5", "--max-macs", "2e7", "--variants"]) == 0, \
+        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("\nok ") == 5 and "# 5 cases, 0 failed" in out and "(variants)" in out
+
+
 def test_fuzz_covers_every_mode_and_both_thread_counts(fuzz):
     rng = random.Random(0)
     cases = [fuzz.draw(rng, 2e7) for _ in range(200)]
@@ -37,6 +45,10 @@ def test_fuzz_covers_every_mode_and_both_thread_counts(fuzz):
     assert {c["threads"] for c in cases} == {1, 2} and any(c["packed"] for c in cases)
     assert all(c["T"] * c["N"] * (max(c["I"], (2 if c["bidir"] else 1) * (c["proj"] or c["H"])) + c["H"]) * 4 * c["H"]
                <= 2e7 for c in cases)
+    assert not any(c["variants"] for c in cases)
+    with_variants = [fuzz.draw(rng, 2e7, variants=True)["variants"] for _ in range(200)]
+    assert all(with_variants) and {k for v in with_variants for k in v} == {
+        "layer_norm", "peephole", "zoneout", "recurrent_dropout", "weight_drop", "forget_bias"}
 
 
 def test_the_comparison_catches_a_wrong_number(fuzz, monkeypatch):
@@ -53,5 +65,24 @@ def test_the_comparison_catches_a_wrong_number(fuzz, monkeypatch):
     monkeypatch.setattr(lstmkit.LSTM, "forward", off)
     cfg = dict(T=5, N=3, I=8, H=16, layers=1, bidir=False, proj=0, bias=True, batch_first=False, use_hx=False,
                mode="infer", packed=False, threads=1, dtype=torch.float32, seed=1)
+    ok, detail = fuzz.run_case(cfg)
+    assert not ok and "item 0" in detail
+
+
+def test_the_variant_comparison_catches_a_wrong_number(fuzz, monkeypatch):
+    """In --variants cases the Numba engine is compared with the reference engine: an offset of
+    1e-3 on the Numba engine's output alone fails."""
+    import lstmkit
+
+    real = lstmkit.LSTM.forward
+
+    def off(self, *args, **kwargs):
+        y, (h, c) = real(self, *args, **kwargs)
+        return (y + 1e-3 if self.engine == "numba" else y), (h, c)
+
+    monkeypatch.setattr(lstmkit.LSTM, "forward", off)
+    cfg = dict(T=5, N=3, I=8, H=16, layers=1, bidir=False, proj=0, bias=True, batch_first=False, use_hx=False,
+               mode="train", packed=False, threads=1, dtype=torch.float32, seed=1,
+               variants={"peephole": True, "zoneout": 0.1})
     ok, detail = fuzz.run_case(cfg)
     assert not ok and "item 0" in detail
