@@ -15,9 +15,9 @@ float64 on the same weights and input: the output, h_n, c_n and, when training, 
 every parameter's gradient. lstmkit's error must stay within the test suite's float32 tolerance
 (1e-5 of the tensor's scale, at least 1) or 4x torch's own float32 error, whichever is bigger; a
 case where it passes but is over 4x torch's error (plus 1e-6 of the scale) says by how much: the
-micro-kernel sums each output over k in one chain, less accurate than a blocked BLAS at long k. A float64 case compares
-against torch in float64 at 1e-10 (the test suite's tolerance). Runs are deterministic per seed;
-a failing case prints its configuration and a one-line reproducer.
+micro-kernel sums each output over k in one chain, less accurate than a blocked BLAS at long k.
+A float64 case compares against torch in float64 at 1e-10 (the test suite's tolerance). Runs are
+deterministic per seed: every case prints its configuration, and the same --seed replays them.
 
 With --variants every case also turns on some of lstmkit's variants (layer norm, peepholes,
 zoneout, recurrent dropout, weight drop, forget bias), which torch.nn.LSTM does not have: the
@@ -200,6 +200,7 @@ def run_case(cfg) -> tuple[bool, str]:
             x.requires_grad_(True)
         torch.manual_seed(cfg["seed"] + 1)  # the variants' masks: the same draws for every model
         results[name] = run_model(model, cfg, x, lengths, hx, train)
+    spec = "the reference engine" if variants else "torch"  # the float32 comparison
     worst = less_accurate = 0.0
     for k, (o, t, a) in enumerate(zip(results["oracle"], results["torch"], results["ours"])):
         if (a is None) != (o is None):
@@ -223,9 +224,8 @@ def run_case(cfg) -> tuple[bool, str]:
             if err > 4 * torch_err + 1e-6 * scale:
                 less_accurate = max(less_accurate, err / max(torch_err, 1e-30))
         if err > limit:
-            return False, f"item {k}: error {err:.3g} > {limit:.3g} ({'the reference engine' if variants else 'torch'} float32's {torch_err:.3g})"
+            return False, f"item {k}: error {err:.3g} > {limit:.3g} ({spec} float32's {torch_err:.3g})"
         worst = max(worst, err / limit)
-    spec = "the reference engine's" if variants else "torch"
     note = f", {less_accurate:.1f}x {spec} float32's error" if less_accurate else ""
     return True, f"{worst:.2f} of the tolerance{note}"
 
