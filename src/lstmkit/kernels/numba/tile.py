@@ -15,8 +15,9 @@ R x V tile of `out` in R vector registers across the whole k loop and per k does
 load of W, R scalar loads of `a` broadcast, and R fused multiply-adds: every weight loaded
 is used R times from a register. V = 32 float32 / 16 float64 (two AVX-512 or four AVX2
 registers per row), R = 8 rows on AVX-512 (16 accumulators of its 32 registers: faster than
-4-row tiles, BENCHMARKS.md), then 4, and R = 1 for a single row (batch 1
-is a matrix-vector product).
+4-row tiles, BENCHMARKS.md), then 4, and the last 1-3 rows apart, each by several blocks at
+once (a single row is a matrix-vector product, bound by reading W; a 4-row tile on 2 rows
+would do twice the multiply-adds that reading W needs).
 
 The rows are independent: each output row depends only on its own input row and W, summed
 in the same k order, so a result is bitwise the same whichever chunk or tile computed it.
@@ -172,9 +173,14 @@ tile8_acc = _make_tile(8, accumulate=True)
 tile4_acc = _make_tile(4, accumulate=True)
 tile1_acc = _make_tile(1, accumulate=True)
 tile1x4 = _make_tile(1, C=4)
+tile2x4 = _make_tile(2, C=4)
+tile3x2 = _make_tile(3, C=2)
 # 8-row tiles hold 16 accumulator registers: AVX-512 has 32 vector registers, AVX2 only 16
 # (there, 4 rows of 4 ymm already fill them).
 EIGHT_ROWS = AVX512
+# 2 or 3 rows by several blocks (_few_rows) hold 16 or 12 accumulators: AVX-512 only (AVX2's 16
+# registers: these rows keep the 4-row tile there). FEW_ROWS implies EIGHT_ROWS.
+FEW_ROWS = AVX512
 
 
 # The packed weights start on a cache line: a 512-bit load of W that straddles two lines cost
@@ -342,6 +348,27 @@ def _row(a, r, wp, out, flip):
 
 
 @njit(**KW)
+def _few_rows(a, r0, n, wp, out, flip):
+    """out[r0:n, :padded_width(wp)] = a[r0:n] @ W over the whole K for n - r0 = 2 or 3 rows
+    (AVX-512): 2 rows by 4 column blocks, or 3 rows by 2, at a time (16 or 12 chains), then
+    the blocks left by the 4-row tile (rows past n clamped). A 4-row tile on one block at a
+    time computes 4 rows for these 2 or 3, twice the multiply-adds the weights' reads need;
+    one row tile reuses no panel of W, so no K passes either. flip: as in _row."""
+    nb = wp.shape[0]
+    C = 4 if n - r0 == 2 else 2
+    groups = nb // C
+    jobs = groups + nb % C  # the C-block groups, then the single blocks
+    for u in range(jobs):
+        job = jobs - 1 - u if flip else u
+        if job >= groups:
+            tile4(a, r0, n, wp, C * groups + job - groups, out)
+        elif n - r0 == 2:
+            tile2x4(a, r0, n, wp, C * job, out)
+        else:
+            tile3x2(a, r0, n, wp, C * job, out)
+
+
+@njit(**KW)
 def _block_tiles(a, n, wp, out, accumulate, b):
     """Column block b of out[:n] (+)= a[:n] @ W, K = a.shape[1]: every row tile."""
     n8 = n - n % 8 if EIGHT_ROWS else 0
@@ -360,6 +387,27 @@ def _block_tiles(a, n, wp, out, accumulate, b):
             tile4_acc(a, r0, n, wp, b, out)
         else:
             tile4(a, r0, n, wp, b, out)
+
+
+@njit(**KW)
+def _block_tiles4(a, n, wp, out, accumulate, b):
+    """_block_tiles for n = 8 i + 4 j rows (matmul leaves the last 1-3 to _few_rows and _row):
+    no 1-row tile, less code to compile in every time loop."""
+    n8 = n - n % 8
+    for r0 in range(0, n8, 8):
+        if accumulate:
+            tile8_acc(a, r0, n, wp, b, out)
+        else:
+            tile8(a, r0, n, wp, b, out)
+    if n8 < n:
+        if accumulate:
+            tile4_acc(a, n8, n, wp, b, out)
+        else:
+            tile4(a, n8, n, wp, b, out)
+
+
+# The row tiles of matmul's block loop: without a 1-row tile where the last rows go apart.
+_matmul_tiles = _block_tiles4 if FEW_ROWS else _block_tiles
 
 
 @njit(**KW)
@@ -394,15 +442,23 @@ def matmul(a, n, wp, out, flip, k0):
     own). A time loop flips every other step, so that a step starts on the blocks the last
     one ended on, still in L1, where W is somewhat bigger than L1 (batch 1-8, hidden 64-128)."""
     K = a.shape[1]
-    if n == 1:  # a matrix-vector product: no row tile reuses W, so no K passes either
-        _row(a[:, k0:], 0, wp[:, k0:], out, flip)
-        return
+    # The last 1-3 rows past the 8- and 4-row tiles take a pass of their own (FEW_ROWS), by
+    # several blocks at once, not a 4-row tile (or a 1-row one, a single chain) on each block.
+    if FEW_ROWS:
+        tiled = n - (n % 8) % 4
+    else:  # AVX2: a single row apart only (a 4-row tile holds all 16 registers there)
+        tiled = 0 if n == 1 else n
     nb = wp.shape[0]
-    for i in range(nb):
-        b = nb - 1 - i if flip else i
-        for kb in range(k0, max(K, k0 + 1), K_BLOCK):
-            k1 = min(K, kb + K_BLOCK)
-            _block_tiles(a[:, kb:k1], n, wp[:, kb:k1], out, kb > k0, b)
+    if tiled > 0:
+        for i in range(nb):
+            b = nb - 1 - i if flip else i
+            for kb in range(k0, max(K, k0 + 1), K_BLOCK):
+                k1 = min(K, kb + K_BLOCK)
+                _matmul_tiles(a[:, kb:k1], tiled, wp[:, kb:k1], out, kb > k0, b)
+    if n - tiled == 1:  # a matrix-vector product: no row tile reuses W, so no K passes either
+        _row(a[:, k0:], tiled, wp[:, k0:], out, flip)
+    elif FEW_ROWS and n > tiled:
+        _few_rows(a[:, k0:], tiled, n, wp[:, k0:], out, flip)
 
 
 # ---- row dot products on W as it is (the one-step kernels that read torch's own layout) ----------
