@@ -776,6 +776,30 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
     assert packed_with_input and not any(packed_with_input)  # every backward made dx after its loop
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N", [1, 2])
+def test_one_or_two_rows_on_small_weights_take_the_input_gemm_and_match_torch(dtype, N, monkeypatch):
+    """Batch 1-2 on weights whose W_hh stays in L1 (precompute_input's rule at few rows, not
+    forced): x W_ih^T + b is made before the loop, in training and in inference (the runtime),
+    and both match torch.nn.LSTM."""
+    calls = []
+    real = binding.input_projection
+    monkeypatch.setattr(binding, "input_projection", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(N)
+    I, H = (128, 32) if dtype == torch.float32 else (64, 32)  # W_hh 16 / 32 KiB, W 80 / 96 KiB
+    ref = nn.LSTM(I, H, dtype=dtype)
+    ours = lstmkit.LSTM.from_torch(ref, engine="numba")
+    x = torch.randn(40, N, I, dtype=dtype)
+    with torch_threads(1):
+        for a, b in zip(_train_step(ours, x, None, None), _train_step(ref, x, None, None)):
+            assert_close(a, b, TOL[dtype])
+        assert calls
+        calls.clear()
+        with torch.no_grad():
+            assert_close(ours(x)[0], ref(x)[0], TOL[dtype])
+        assert calls
+
+
 def _compare_training_steps(ours, ref, x, threads: int, input_grad: bool):
     """A training step of ours and of ref (2 layers) on x (L, N, I), padded and then packed unsorted
     (random lengths, one of L), from one random state, at `threads` threads: the gradients of the
@@ -876,7 +900,7 @@ def test_a_frozen_variant_lstm_makes_no_weight_gradients(monkeypatch):
 def test_the_input_gemm_rule():
     """kernels' precompute_input: weight bytes per row of a chunk, whatever the rows (the big
     shapes of the bench's --extra gained 5-10 % from it on the micro-kernel), never for one step
-    or weights that stay in L2;
+    or weights that stay in L2 (but at 1-2 rows a chunk, where W_hh stays in L1);
     with the products on MKL, from far more bytes a row."""
     from lstmkit.kernels.numba.lstm import precompute_input
 
@@ -907,6 +931,22 @@ def test_the_input_gemm_rule():
     assert not precompute_input(8, 64, 64, 256, 256, 4, 1, blas=True)  # ... over 8 rows: 160 KiB a row
     assert not precompute_input(4, 64, 16, 240, 240, 4, 1, blas=True)  # 960 KiB: stays in L2, fused
     assert not precompute_input(4, 64, 128, 384, 384, 4, 1, blas=True)  # W_hh of 2.25 MiB: 1 MiB a row
+    # One or two rows a chunk on the micro-kernel: W_hh in L1 between steps (up to 64 KiB) and
+    # [W_ih | W_hh] past it (48 KiB); or at one row, an input at least as wide as the hidden state.
+    assert precompute_input(1, 1000, 32, 64, 64, 4, 1)  # W_hh 64 KiB, W 96 KiB
+    assert precompute_input(2, 1000, 32, 64, 64, 4, 2)  # ... one row a chunk
+    assert not precompute_input(1, 1000, 32, 32, 32, 4, 1)  # W 32 KiB: all in L1
+    assert not precompute_input(1, 1000, 64, 32, 32, 4, 1)  # W 48 KiB: all in L1
+    assert not precompute_input(1, 1000, 32, 64, 64, 8, 1)  # float64: W_hh 128 KiB, input narrower
+    assert precompute_input(1, 300, 128, 128, 128, 4, 1)  # W_hh 256 KiB, input as wide
+    assert not precompute_input(1, 300, 64, 128, 128, 4, 1)  # ... narrower
+    assert precompute_input(2, 300, 64, 64, 64, 4, 1)  # two rows: W_hh 64 KiB, W_ih 64 KiB
+    assert not precompute_input(2, 300, 32, 64, 64, 4, 1)  # ... W_ih 32 KiB
+    assert not precompute_input(2, 300, 128, 128, 128, 4, 1)  # ... W_hh 256 KiB
+    assert not precompute_input(3, 300, 256, 32, 32, 4, 1)  # three rows: the general rule
+    assert not precompute_input(1, 1, 128, 64, 64, 4, 1)  # one step
+    assert not precompute_input(1, 1000, 32, 64, 64, 4, 1, blas=True)  # products on MKL: the general rule
+    assert not precompute_input(1, 1000, 32, 64, 64, 4, 1, few_rows=False)  # the variant kernels: likewise
 
 
 @pytest.mark.parametrize("variant, proj_size", [({}, 0), ({}, 3), ({"layer_norm": True, "peephole": True}, 0)])

@@ -482,7 +482,7 @@ class Runtime:
         empty = lambda *shape: np.empty(shape, dt)  # noqa: E731
         bounds = self._bounds(bsz, N, T)
         projected = precompute_input(N, T, w_ih.shape[1], H, P, x.itemsize,
-                                     bounds.shape[0] - 1)
+                                     bounds.shape[0] - 1, few_rows=False)
         acts = self.input_projection(x, w_ih, self._zero_bias) if projected else self._no_acts  # (total, 4H)
         gemm, wg = self._variant_gemm_weights(idx, -(-N // (bounds.shape[0] - 1)))
         _variant_forward(

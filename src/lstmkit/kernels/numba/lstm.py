@@ -162,12 +162,37 @@ PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2 = 160 << 10  # one chunk
 PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2_SPLIT = 128 << 10  # several chunks at once
 
 
+# At one or two rows a chunk the micro-kernel's step product is bound by reading W, and the
+# GEMM first pays from far fewer weight bytes where W_hh alone then stays in L1 between steps
+# (48 KiB here, and a product that flips its block order each step finds most of 64 KiB still
+# there). Inference / training, GEMM first against fused, 1 thread, T = 300: one row, W_hh
+# in L1, [W_ih | W_hh] past it: 1.12-1.85x / 1.00-1.23x; one row, input >= hidden 128:
+# 1.07-1.45x / 1.05-1.15x; two rows, W_hh in L1, W_ih >= 64 KiB: 1.06-1.19x / 1.03-1.07x.
+# Elsewhere at these rows (W in L1, a smaller W_ih, or W_hh of 256 KiB) fused measured 0.78-1.07
+# of it (BENCHMARKS.md, twenty-first session).
+PRECOMPUTE_L1_BYTES = 48 << 10
+PRECOMPUTE_HH_IN_L1_BYTES = 64 << 10
+PRECOMPUTE_MIN_INPUT_BYTES_TWO_ROWS = 64 << 10
+
+
+def _precompute_few_rows(rows: int, I: int, H: int, P: int, itemsize: int) -> bool:
+    """precompute_input's rule at 1-2 rows a chunk on the micro-kernel (see above)."""
+    hh, ih = P * 4 * H * itemsize, I * 4 * H * itemsize
+    if rows == 1:
+        return hh + ih > PRECOMPUTE_L1_BYTES and (hh <= PRECOMPUTE_HH_IN_L1_BYTES or I >= P)
+    return rows == 2 and hh <= PRECOMPUTE_HH_IN_L1_BYTES and ih >= PRECOMPUTE_MIN_INPUT_BYTES_TWO_ROWS
+
+
 def precompute_input(batch: int, steps: int, I: int, H: int, P: int, itemsize: int, chunks: int,
-                     blas: bool = False) -> bool:
+                     blas: bool = False, few_rows: bool = True) -> bool:
     """Whether a forward call over `steps` steps of up to `batch` rows, split in `chunks`,
     gets x W_ih^T + b as one GEMM before its time loop (forward_core's xproj). blas: whether
-    its fused step products ([x | h] by [W_ih | W_hh]^T) would go to a BLAS's packed GEMM."""
+    its fused step products ([x | h] by [W_ih | W_hh]^T) would go to a BLAS's packed GEMM.
+    few_rows: whether the rule at 1-2 rows (measured on forward_chunk) applies; the variant
+    kernels' loops keep the general one."""
     rows = -(-batch // max(chunks, 1))
+    if steps > 1 and few_rows and not blas and rows <= 2 and _precompute_few_rows(rows, I, H, P, itemsize):
+        return True
     limit = PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS if blas else PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW
     if blas and P * 4 * H * itemsize <= PRECOMPUTE_MAX_HH_BYTES_IN_L2:
         limit = PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2 if chunks <= 1 else PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2_SPLIT
