@@ -442,10 +442,14 @@ def matmul(a, n, wp, out, flip, k0):
     own). A time loop flips every other step, so that a step starts on the blocks the last
     one ended on, still in L1, where W is somewhat bigger than L1 (batch 1-8, hidden 64-128)."""
     K = a.shape[1]
-    # The last 1-3 rows past the 8- and 4-row tiles take a pass of their own (FEW_ROWS), by
-    # several blocks at once, not a 4-row tile (or a 1-row one, a single chain) on each block.
+    # Past the 8-row tiles (FEW_ROWS), 4 or 7 rows take a 4-row tile in the block loop, and the
+    # rest (1-3, or 5-6 as 3 + 2 or 3 + 3) passes of their own over several blocks at once: not
+    # a 4-row tile on 1-3 rows (or a 1-row one, a single chain) on each block, doing up to twice
+    # the multiply-adds. 4 + 1, 4 + 2: 5.7, 5.8 us; 3 + 2, 3 + 3: 4.4, 5.0 (8 rows: 6.7) at K
+    # 192, 4H 512 (BENCHMARKS.md, twenty-first session).
     if FEW_ROWS:
-        tiled = n - (n % 8) % 4
+        rest = n % 8
+        tiled = n - rest + (4 if rest == 4 or rest == 7 else 0)
     else:  # AVX2: a single row apart only (a 4-row tile holds all 16 registers there)
         tiled = 0 if n == 1 else n
     nb = wp.shape[0]
@@ -455,10 +459,14 @@ def matmul(a, n, wp, out, flip, k0):
             for kb in range(k0, max(K, k0 + 1), K_BLOCK):
                 k1 = min(K, kb + K_BLOCK)
                 _matmul_tiles(a[:, kb:k1], tiled, wp[:, kb:k1], out, kb > k0, b)
-    if n - tiled == 1:  # a matrix-vector product: no row tile reuses W, so no K passes either
-        _row(a[:, k0:], tiled, wp[:, k0:], out, flip)
-    elif FEW_ROWS and n > tiled:
-        _few_rows(a[:, k0:], tiled, n, wp[:, k0:], out, flip)
+    r0 = tiled
+    if FEW_ROWS and n - r0 > 3:  # 5 or 6 rows: 3 of them first
+        _few_rows(a[:, k0:], r0, r0 + 3, wp[:, k0:], out, flip)
+        r0 += 3
+    if n - r0 == 1:  # a matrix-vector product: no row tile reuses W, so no K passes either
+        _row(a[:, k0:], r0, wp[:, k0:], out, flip)
+    elif FEW_ROWS and n > r0:
+        _few_rows(a[:, k0:], r0, n, wp[:, k0:], out, flip)
 
 
 # ---- row dot products on W as it is (the one-step kernels that read torch's own layout) ----------
