@@ -411,6 +411,16 @@ def test_variant_kernels_call_no_blas_from_numba():
 
 
 # ---- the batch split: rows in chunks, one thread each ---------------------------------------------------
+def test_chunks_hold_two_rows_or_more_or_one_row_each():
+    from lstmkit.kernels.numba.lstm import MIN_SPLIT_MACS, chunks_for
+
+    big = MIN_SPLIT_MACS
+    assert [chunks_for(n, big, 2) for n in (1, 2, 3, 4, 5, 9)] == [1, 2, 1, 2, 2, 2]
+    assert [chunks_for(n, big, 4) for n in (3, 4, 5, 6, 7, 8, 100)] == [3, 4, 2, 3, 3, 4, 4]
+    assert chunks_for(64, big - 1, 2) == 1  # too little work to split
+    assert chunks_for(64, big, 1) == 1
+
+
 def test_chunk_bounds_cover_the_rows_and_balance_the_work():
     from lstmkit.kernels.numba.lstm import chunk_bounds
 

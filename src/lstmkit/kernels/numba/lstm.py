@@ -118,21 +118,22 @@ def chunk_bounds(batch_sizes, chunks: int):
 MIN_SPLIT_MACS = 1 << 21
 
 
-# Chunks of 2 rows, or of 2 and 1, lost to one chunk of all the rows in training at 2 threads
-# (batch 3-4, hidden 64-256: 0.73-1.02x torch.nn.LSTM split, 0.80-1.16x whole): the micro-kernel's
-# 4-row tile computes 4 rows for 2 (tile.py), and a chunk of 4 rows takes MKL's products where one
-# of 2 cannot. At 5 rows (3 and 2) the split was as fast or faster (BENCHMARKS.md, thirteenth
-# session). So a batch of more rows than threads is split only into chunks of 2.5 rows or more
-# on average; one row a chunk (batch <= threads) runs the one-row product, and splits.
+# Chunks of 2 rows lost to one chunk of all the rows in training at 2 threads while the
+# micro-kernel computed 2 rows as a 4-row tile (thirteenth session: batch 4, 0.73-1.02x
+# torch.nn.LSTM split, 0.80-1.16x whole). With 2 rows as a tile of their own (tile.py) two chunks
+# of 2 rows won: training at 2 threads, 100,4,64,128 and 100,4,128,256, 1.13-1.15x faster than
+# one chunk of 4 (BENCHMARKS.md, twenty-first session). A chunk of 1 row beside one of 2 (batch 3)
+# measured the same as one chunk of 3, so chunks hold 2 rows or more; one row a chunk
+# (batch <= threads) runs the one-row product, and splits.
 def chunks_for(batch: int, macs: int, threads: int) -> int:
     """How many row chunks a call over `batch` rows and `macs` multiply-adds gets on `threads`
-    threads: one per thread, at most one per row, one when the work is small, none of 2 rows
+    threads: one per thread, at most one per row, one when the work is small, none of 1 row
     beside others (see above)."""
     if macs < MIN_SPLIT_MACS:
         return 1
     if batch <= threads:
         return max(1, batch)
-    return max(1, min(threads, 2 * batch // 5))
+    return max(1, min(threads, batch // 2))
 
 
 # x W_ih^T + b of all steps as one GEMM before the time loop, or the input part of each
