@@ -86,3 +86,35 @@ def test_the_variant_comparison_catches_a_wrong_number(fuzz, monkeypatch):
                variants={"peephole": True, "zoneout": 0.1})
     ok, detail = fuzz.run_case(cfg)
     assert not ok and "item 0" in detail
+
+
+def test_a_chaotic_float64_case_is_judged_by_the_oracles_own_sensitivity(fuzz, monkeypatch):
+    """With a projection and big weights the recurrence is chaotic: torch.nn.LSTM's own float64
+    output moves far past 1e-10 when its input moves by a few ulps, and so does any other order
+    of the same sums. Such a case passes within CHAOS_FACTOR times that sensitivity and says it
+    was ill-conditioned; a wrong number of 1e-3 still fails there."""
+    import lstmkit
+
+    def big_update(model, how, seed):  # weights 0.4 randn bigger: chaotic by T = 64 at hidden 64
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_((0.4 * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(p.dtype))
+
+    monkeypatch.setattr(fuzz, "update_weights", big_update)
+    cfg = dict(T=64, N=3, I=16, H=64, layers=1, bidir=False, proj=32, bias=False, batch_first=False, use_hx=False,
+               mode="infer_update", packed=False, threads=1, dtype=torch.float64, seed=1)
+    ok, detail = fuzz.run_case(cfg)
+    assert ok and "ill-conditioned" in detail, detail
+    ok, detail = fuzz.run_case(dict(cfg, T=2))  # two steps: well-conditioned, the plain 1e-10
+    assert ok and "ill-conditioned" not in detail, detail
+
+    real = lstmkit.LSTM.forward
+
+    def off(self, *args, **kwargs):
+        y, (h, c) = real(self, *args, **kwargs)
+        return y + 1e-3, (h, c)
+
+    monkeypatch.setattr(lstmkit.LSTM, "forward", off)
+    ok, detail = fuzz.run_case(cfg)
+    assert not ok and "item 0" in detail
