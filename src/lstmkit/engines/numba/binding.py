@@ -35,7 +35,7 @@ from ...kernels.numba.step import step_backward_all as step_backward_all_kernel
 from ...kernels.numba.step import step_forward as step_forward_kernel
 from ...kernels.numba.step import steps_backward as steps_backward_kernel
 from ...kernels.numba.step import steps_forward as steps_forward_kernel
-from ...kernels.numba import gemm, prefetch
+from ...kernels.numba import buffers, gemm, prefetch
 from ...kernels.numba.threads import use_openmp
 from ...kernels.numba.tile import aligned_bytes, aligned_view
 from ..base import LayerParams
@@ -134,7 +134,7 @@ def scratch(name: str, shape, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     size = math.prod(shape) * dtype.itemsize
     if size > SCRATCH_MAX_BYTES:
-        return np.empty(shape, dtype)
+        return buffers.empty(shape, dtype)
     pool = _scratch_pool.__dict__
     raw = pool.get(name)
     if raw is None or raw.size < size:
@@ -348,9 +348,9 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     # With x W_ih^T + b precomputed the loop reads neither x nor W_ih: W_hh^T alone is packed,
     # and the kernel gets x with no columns (its k offset into W is then 0).
     b, wp, wpr, gemm, wg = forward_weights(p, not save, gemm_pre, rows, with_input=not pre)
-    acts = np.empty((total if save else 0, 4 * H), dt)
-    cells = np.empty((total if save else 0, H), dt)
-    y = np.empty((total, P), dt)
+    acts = buffers.empty((total if save else 0, 4 * H), dt)  # big: plain pages (buffers.py)
+    cells = buffers.empty((total if save else 0, H), dt)
+    y = buffers.empty((total, P), dt)
     h_n = np.empty((B, P), dt)
     c_n = np.empty((B, H), dt)
     bsz = np.asarray(batch_sizes, dtype=np.int64)
@@ -390,8 +390,8 @@ def _forward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, save
     threads = torch.get_num_threads()
     wps, bps, units = pack_columns(w_ih, w_hh, b, threads, panels=not wide)
     gemm, wgs = mkl.pack_parts(w_ih, w_hh, units, False, B) if wide else (0, None)
-    y, h_n, c_n = np.empty((total, H), dt), np.empty((B, H), dt), np.empty((B, H), dt)
-    acts, cells = np.empty((total if save else 0, 4 * H), dt), np.empty((total if save else 0, H), dt)
+    y, h_n, c_n = buffers.empty((total, H), dt), np.empty((B, H), dt), np.empty((B, H), dt)
+    acts, cells = buffers.empty((total if save else 0, 4 * H), dt), buffers.empty((total if save else 0, H), dt)
     if not run_columns(threads, xn, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wps, bps, units, reverse,
                        y, h_n, c_n, None, acts if save else None, cells if save else None, gemm=gemm, wgs=wgs):
         return None
@@ -469,7 +469,7 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     dyn = as_numpy_or(dy, (total, P), dt)
     dh = as_numpy(dh_n).copy() if dh_n is not None else np.zeros((B, P), dt)  # becomes dh0
     dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, H), dt)  # becomes dc0
-    dx = np.empty((0 if dx_after else total, I), dt)
+    dx = buffers.empty((0 if dx_after else total, I), dt)
     dgates = scratch("dgates", (total, 4 * H), dt)  # scratch: nothing below returns a view of them
     xh_prev = scratch("xh_prev", (total, I + P), dt)
     db_rows = np.zeros((B, 4 * H), dt)

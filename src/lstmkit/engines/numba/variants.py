@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...kernels.numba import buffers
 from ...kernels.numba.variants import backward_core, forward_core, weight_gradients
 from ..base import LayerParams
 from ..double_backward import differentiable_backward
@@ -65,12 +66,13 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):
     k = _kernel_weights(p, v, dt, H, P)
     n, nl = (total if save else 0), (total if save and v.layer_norm else 0)
     nz = total if save and k["zc"].shape[0] else 0
-    y = np.empty((total, P), dt)
+    y = buffers.empty((total, P), dt)  # the big ones on plain pages (kernels/numba/buffers.py)
     h_n, c_n = np.empty((B, P), dt), np.empty((B, H), dt)
     acts = matmul(x.detach(), p.w_ih.detach().t()).numpy()  # x W_ih^T, (total, 4H); then the activations
     sv = dict(
-        acts=acts, cells=np.empty((n, H), dt), c_prev=np.empty((nz, H), dt), xhat=np.empty((nl, 4 * H), dt),
-        hhat=np.empty((nl, 4 * H), dt), chat=np.empty((nl, H), dt), rstd=np.empty((nl, 3), dt),
+        acts=acts, cells=buffers.empty((n, H), dt), c_prev=buffers.empty((nz, H), dt),
+        xhat=buffers.empty((nl, 4 * H), dt), hhat=buffers.empty((nl, 4 * H), dt), chat=buffers.empty((nl, H), dt),
+        rstd=np.empty((nl, 3), dt),
     )
     bsz = np.asarray(batch_sizes, dtype=np.int64)
     bounds = row_bounds(batch_sizes, I, H, P)

@@ -18,6 +18,7 @@ runs over k in order: tile.py), so the result does not depend on the thread coun
 import numpy as np
 from numba import njit
 
+from . import buffers
 from .rows import KW
 from .threads import run_chunks
 from .tile import K_BLOCK, WHOLE_K, block_width, matmul, pack, padded_width, tiles_pass
@@ -118,7 +119,7 @@ def matmul_rows(a: np.ndarray, b: np.ndarray, b_transposed: bool, threads: int, 
     M, K = a.shape
     G = b.shape[0] if b_transposed else b.shape[1]
     if out is None:
-        out = np.empty((M, padded_width(wp)), a.dtype)
+        out = buffers.empty((M, padded_width(wp)), a.dtype)
     if bias is None:
         bias = np.empty(0, a.dtype)
     elif bias.shape != (G,) or bias.dtype != a.dtype:

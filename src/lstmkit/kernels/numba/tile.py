@@ -30,7 +30,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import prefetch
+from . import buffers, prefetch
 from .rows import KW, copy_p, ptr_add, row_ptr
 from .simd import AVX512
 
@@ -197,7 +197,7 @@ def aligned_zeros(shape, dtype):
 
 def aligned_empty(shape, dtype):
     """np.empty(shape, dtype), its first element on an ALIGN-byte boundary."""
-    return aligned_view(np.empty(aligned_bytes(shape, dtype), np.uint8), shape, dtype)
+    return aligned_view(buffers.empty(aligned_bytes(shape, dtype), np.uint8), shape, dtype)
 
 
 def aligned_bytes(shape, dtype) -> int:

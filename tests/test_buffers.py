@@ -1,0 +1,90 @@
+"""kernels/numba/buffers.py: the big per-call arrays on pooled mappings. A mapping goes back to
+the pool only when nothing views it any more, and a training step whose saved activations
+come from the pool still matches torch.nn.LSTM when two forwards run before their backwards."""
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+import lstmkit
+from lstmkit.kernels.numba import buffers
+
+from harness import TOL, assert_close
+
+BIG = buffers.PLAIN_PAGES_FROM_BYTES
+
+
+@pytest.fixture(autouse=True)
+def empty_pool(monkeypatch):
+    monkeypatch.setattr(buffers, "_pool", type(buffers._pool)())
+    monkeypatch.setattr(buffers, "_pooled", [0])
+
+
+def test_small_arrays_are_plain_numpy():
+    a = buffers.empty((10, 10), np.float32)
+    assert a.flags.owndata and a.shape == (10, 10)
+
+
+def test_a_mapping_returns_only_when_nothing_views_it():
+    a = buffers.empty((BIG // 4 // 64, 64), np.float32)
+    assert a.shape == (BIG // 256, 64) and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data % 4096 == 0
+    a[...] = 1
+    t = torch.from_numpy(a[3:])[::2]  # a torch view of a numpy slice
+    del a
+    gc.collect()
+    assert buffers.pooled_bytes() == 0
+    t.add_(1)  # still its own memory
+    assert t.sum().item() == 2 * t.numel()
+    del t
+    gc.collect()
+    assert buffers.pooled_bytes() == BIG
+
+
+def test_a_request_of_the_same_size_reuses_the_mapping_and_others_do_not():
+    a = buffers.empty(BIG // 8, np.float64)
+    address = a.ctypes.data
+    del a
+    gc.collect()
+    b = buffers.empty((BIG // 4,), np.float32)  # the same bytes, another dtype and shape
+    assert b.ctypes.data == address and buffers.pooled_bytes() == 0
+    c = buffers.empty((BIG // 4 + 16,), np.float32)
+    assert c.ctypes.data != address
+
+
+def test_the_pool_keeps_at_most_its_bytes_oldest_out(monkeypatch):
+    monkeypatch.setattr(buffers, "POOL_MAX_BYTES", 3 * BIG)
+    arrays = [buffers.empty(BIG + 4096 * k, np.uint8) for k in range(4)]
+    for k in range(4):  # freed in this order
+        arrays[k] = None
+        gc.collect()
+    assert buffers.pooled_bytes() <= 3 * BIG
+    assert (BIG + 3 * 4096) in buffers._pool and BIG not in buffers._pool  # the first freed went out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_two_forwards_then_their_backwards_on_pooled_activations_match_torch(threads):
+    """Saved activations of 8 MiB (T=64, N=32, hidden 256): the second forward must not take the
+    first one's buffers while its graph still holds them; the pool must reuse them after."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(threads)
+    ref = torch.nn.LSTM(64, 256)
+    ours = lstmkit.LSTM.from_torch(ref, engine="numba")
+    xs = [torch.randn(64, 32, 64) for _ in range(3)]
+    grads = []
+    for m in (ours, ref):
+        m.zero_grad()
+        ins = [x.clone().requires_grad_(True) for x in xs]
+        outs = [m(x)[0] for x in ins[:2]]
+        (outs[0].square().sum() + outs[1].sum()).backward()
+        y3, _ = m(ins[2])  # after the pool took the first two back
+        y3.pow(3).sum().backward()
+        grads.append([o.detach() for o in outs] + [y3.detach()] + [x.grad for x in ins]
+                     + [p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert_close(a, b, TOL[torch.float32])
+    gc.collect()
+    assert buffers.pooled_bytes() > 0
