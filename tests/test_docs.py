@@ -204,7 +204,8 @@ OPTIONS_DOCUMENTED_IN = {
     "benchmarks/gpu.py": "docs/performance.md", "benchmarks/runtime.py": "docs/performance.md",
     "benchmarks/variants.py": "docs/performance.md", "benchmarks/memory.py": "docs/performance.md",
     "benchmarks/products.py": "docs/performance.md", "benchmarks/sweep.py": "docs/performance.md",
-    "benchmarks/fuzz.py": "docs/drop-in.md",
+    "benchmarks/fuzz.py": "docs/drop-in.md", "benchmarks/tile_rows.py": "docs/performance.md",
+    "benchmarks/precompute.py": "docs/performance.md",
 }
 
 
