@@ -88,3 +88,43 @@ def test_two_forwards_then_their_backwards_on_pooled_activations_match_torch(thr
         assert_close(a, b, TOL[torch.float32])
     gc.collect()
     assert buffers.pooled_bytes() > 0
+
+
+def test_threads_never_get_a_mapping_that_is_still_viewed():
+    """Four threads allocating, writing their own value, checking it and dropping arrays of a few
+    sizes at once: no array ever sees another's writes (a mapping handed out twice would)."""
+    import threading
+
+    errors = []
+
+    def work(k):
+        rng = np.random.default_rng(k)
+        held = []
+        for i in range(60):
+            a = buffers.empty(BIG + 4096 * int(rng.integers(0, 3)), np.uint8)
+            a[::4096] = k
+            held.append(a)
+            if len(held) > 3:
+                old = held.pop(int(rng.integers(0, len(held))))
+                if not (old[::4096] == k).all():
+                    errors.append(k)
+        for a in held:
+            if not (a[::4096] == k).all():
+                errors.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(1, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    gc.collect()
+    assert 0 < buffers.pooled_bytes() <= buffers.POOL_MAX_BYTES
+
+
+def test_a_pool_of_zero_bytes_keeps_nothing(monkeypatch):
+    monkeypatch.setattr(buffers, "POOL_MAX_BYTES", 0)
+    a = buffers.empty(BIG, np.uint8)
+    del a
+    gc.collect()
+    assert buffers.pooled_bytes() == 0 and not buffers._pool
