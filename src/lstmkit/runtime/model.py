@@ -22,7 +22,7 @@ from ..kernels.numba.lstm import (
     MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, forward_pair_body, input_projection, one_step,
     one_step_live, one_step_live_split, pack_forward, precompute_input,
 )
-from ..kernels.numba.buffers import empty
+from ..kernels.numba.buffers import empty as pooled_empty
 from ..kernels.numba.columns import (big_weights_columns_pay, columns_pay, columns_precompute, pack_columns, run_columns,
                                      wide_columns_pay)
 from ..kernels.numba.threads import run_pair
@@ -185,11 +185,11 @@ class Runtime:
         if live:  # the parameters as they are (see live_step)
             x = self._live_step_layers(x, h0, c0, h_n, c_n, N)  # (N, D*P)
         elif self._single:  # one layer, one direction, no variant: the common streaming model
-            y = empty((T * N, P), dt)  # plain pages where big (kernels/numba/buffers.py)
+            y = pooled_empty((T * N, P), dt)  # where big, a pooled mapping (kernels/numba/buffers.py)
             self._plain_layer(0, x, bsz, h0[0], c0[0], False, y, h_n[0], c_n[0], T, N)
             x = y
         for k in range(0 if self._single or live else self._L):
-            y = empty((T * N, P) if D == 1 else (D, T * N, P), dt)
+            y = pooled_empty((T * N, P) if D == 1 else (D, T * N, P), dt)
             if D == 2 and self._directions_at_once():
                 self._both_directions(k, x, bsz, h0, c0, y, h_n, c_n, T, N)
             else:

@@ -348,7 +348,7 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     # With x W_ih^T + b precomputed the loop reads neither x nor W_ih: W_hh^T alone is packed,
     # and the kernel gets x with no columns (its k offset into W is then 0).
     b, wp, wpr, gemm, wg = forward_weights(p, not save, gemm_pre, rows, with_input=not pre)
-    acts = buffers.empty((total if save else 0, 4 * H), dt)  # big: plain pages (buffers.py)
+    acts = buffers.empty((total if save else 0, 4 * H), dt)  # where big, pooled mappings (buffers.py)
     cells = buffers.empty((total if save else 0, H), dt)
     y = buffers.empty((total, P), dt)
     h_n = np.empty((B, P), dt)

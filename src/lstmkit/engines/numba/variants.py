@@ -66,7 +66,7 @@ def _forward(x, batch_sizes, h0, c0, p: LayerParams, v, reverse, save):
     k = _kernel_weights(p, v, dt, H, P)
     n, nl = (total if save else 0), (total if save and v.layer_norm else 0)
     nz = total if save and k["zc"].shape[0] else 0
-    y = buffers.empty((total, P), dt)  # the big ones on plain pages (kernels/numba/buffers.py)
+    y = buffers.empty((total, P), dt)  # where big, pooled mappings (kernels/numba/buffers.py)
     h_n, c_n = np.empty((B, P), dt), np.empty((B, H), dt)
     acts = matmul(x.detach(), p.w_ih.detach().t()).numpy()  # x W_ih^T, (total, 4H); then the activations
     sv = dict(
