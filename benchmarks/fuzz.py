@@ -199,8 +199,6 @@ def run_case(cfg) -> tuple[bool, str]:
             model = lstmkit.LSTM(cfg["I"], cfg["H"], engine="numba" if name == "ours" else "reference", **kw, **variants)
         elif name == "ours":
             model = lstmkit.LSTM(cfg["I"], cfg["H"], **kw)
-        elif name == "nudged" and variants:
-            model = lstmkit.LSTM(cfg["I"], cfg["H"], engine="reference", **kw, **variants)
         else:
             model = torch.nn.LSTM(cfg["I"], cfg["H"], **kw)
         model.load_state_dict(ref.state_dict())
