@@ -20,7 +20,6 @@ BIG = buffers.PLAIN_PAGES_FROM_BYTES
 @pytest.fixture(autouse=True)
 def empty_pool(monkeypatch):
     monkeypatch.setattr(buffers, "_pool", type(buffers._pool)())
-    monkeypatch.setattr(buffers, "_pooled", [0])
 
 
 def test_small_arrays_are_plain_numpy():

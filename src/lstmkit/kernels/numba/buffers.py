@@ -30,7 +30,6 @@ _MAP_FLAGS = (mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if hasattr(mmap, "MAP_PRIVA
 
 _lock = threading.Lock()
 _pool: "OrderedDict[int, list]" = OrderedDict()  # bytes -> free mappings of that size, oldest size first
-_pooled = [0]  # bytes in the pool
 
 
 def _take(nbytes: int):
@@ -41,7 +40,6 @@ def _take(nbytes: int):
         block = free.pop()
         if not free:
             del _pool[nbytes]
-        _pooled[0] -= nbytes
         return block
 
 
@@ -51,15 +49,13 @@ def _give_back(block, nbytes: int) -> None:
     if nbytes > POOL_MAX_BYTES:
         return
     with _lock:
-        while _pooled[0] + nbytes > POOL_MAX_BYTES and _pool:
+        while _bytes() + nbytes > POOL_MAX_BYTES and _pool:
             size, free = next(iter(_pool.items()))
             free.pop()
-            _pooled[0] -= size
             if not free:
                 del _pool[size]
         _pool.setdefault(nbytes, []).append(block)
         _pool.move_to_end(nbytes)
-        _pooled[0] += nbytes
 
 
 def empty(shape, dtype) -> np.ndarray:
@@ -82,6 +78,11 @@ def empty(shape, dtype) -> np.ndarray:
     return owner.view(dtype).reshape(shape)
 
 
+def _bytes() -> int:
+    return sum(size * len(free) for size, free in _pool.items())
+
+
 def pooled_bytes() -> int:
     """Bytes held in the pool now (for tests and the curious)."""
-    return _pooled[0]
+    with _lock:
+        return _bytes()

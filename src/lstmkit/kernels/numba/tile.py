@@ -390,27 +390,6 @@ def _block_tiles(a, n, wp, out, accumulate, b):
 
 
 @njit(**KW)
-def _block_tiles4(a, n, wp, out, accumulate, b):
-    """_block_tiles for n = 8 i + 4 j rows (matmul leaves the last 1-3 to _few_rows and _row):
-    no 1-row tile, less code to compile in every time loop."""
-    n8 = n - n % 8
-    for r0 in range(0, n8, 8):
-        if accumulate:
-            tile8_acc(a, r0, n, wp, b, out)
-        else:
-            tile8(a, r0, n, wp, b, out)
-    if n8 < n:
-        if accumulate:
-            tile4_acc(a, n8, n, wp, b, out)
-        else:
-            tile4(a, n8, n, wp, b, out)
-
-
-# The row tiles of matmul's block loop: without a 1-row tile where the last rows go apart.
-_matmul_tiles = _block_tiles4 if FEW_ROWS else _block_tiles
-
-
-@njit(**KW)
 def tiles_pass(a, n, wp, out, accumulate):
     """One pass over rows 0:n and every column block, K = a.shape[1]: gemm.py's order for a
     long transposed view, whose pass over K_BLOCK k's stays in L2 while every block reads it."""
@@ -458,7 +437,7 @@ def matmul(a, n, wp, out, flip, k0):
             b = nb - 1 - i if flip else i
             for kb in range(k0, max(K, k0 + 1), K_BLOCK):
                 k1 = min(K, kb + K_BLOCK)
-                _matmul_tiles(a[:, kb:k1], tiled, wp[:, kb:k1], out, kb > k0, b)
+                _block_tiles(a[:, kb:k1], tiled, wp[:, kb:k1], out, kb > k0, b)
     r0 = tiled
     if FEW_ROWS and n - r0 > 3:  # 5 or 6 rows: 3 of them first
         _few_rows(a[:, k0:], r0, r0 + 3, wp[:, k0:], out, flip)
