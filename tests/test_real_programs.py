@@ -787,6 +787,33 @@ def test_streaming_lane_sees_everything_that_changes_between_steps(dtype, kw):
         m(wrong)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(proj_size=3), dict(num_layers=2, bidirectional=True)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_negative_views_as_torch(kw, grad):
+    """A tensor with torch's negative bit (torch._neg_view: the negation left lazy, so its memory
+    holds the values un-negated) as input or state: the same as torch.nn.LSTM on the resolved
+    values, on every path: one step (first call, then the streaming lane, which reads the
+    input by address), a sequence, under no_grad and with grad. A negative view on the lane read
+    by its address would be a silently wrong step; numpy() raised on it before."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(5, 8, **kw).double()
+    m = lstmkit.LSTM.from_torch(ref)
+    D = 2 if kw.get("bidirectional") else 1
+    L = kw.get("num_layers", 1) * D
+    for T in (1, 1, 1, 4):
+        x = torch.randn(T, 2, 5, dtype=torch.float64)
+        h = torch.randn(L, 2, kw.get("proj_size", 8), dtype=torch.float64)
+        c = torch.randn(L, 2, 8, dtype=torch.float64)
+        with torch.set_grad_enabled(grad):
+            m(x)  # a plain call first: the one-step calls below then find the lane made
+            for got, want in ((m(torch._neg_view(x)), ref(-x)),
+                              (m(x, (torch._neg_view(h), torch._neg_view(c))), ref(x, (-h, -c))),
+                              (m(torch._neg_view(x), (h, torch._neg_view(c))), ref(-x, (h, -c)))):
+                assert_close(got[0], want[0], TOL[torch.float64])
+                assert_close(got[1][0], want[1][0], TOL[torch.float64])
+                assert_close(got[1][1], want[1][1], TOL[torch.float64])
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_batch_first_set_after_calls(layers):
     """A program may set `lstm.batch_first` on a module that has already run (adapting a loaded

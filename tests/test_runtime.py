@@ -132,6 +132,40 @@ def test_one_step_lane_streams_like_the_full_sequence(tmp_path, batch_first, N):
     check(ref, rt, np.ascontiguousarray(step(1)), own)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(proj_size=3), dict(bias=False), dict(batch_first=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N", [1, 2])  # up to LIVE_STEP_MAX_ROWS: live steps
+def test_step_at_same_bits_as_step_on(kw, dtype, N):
+    """Runtime.step_at (x by address: the module's streaming lane) against step_on (x as an
+    array) on the same lane: bitwise the same outputs and state, from zeros and from a state
+    of the program's own, and the runtime's record of the state it returned alike."""
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(7, 6, dtype=dtype, **kw).eval()
+    x = torch.randn(N, 1, 7, dtype=dtype) if kw.get("batch_first") else torch.randn(1, N, 7, dtype=dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            m(x)
+            m(x)
+    finally:
+        torch.set_num_threads(threads)
+    lane = m.__dict__["_lane"]
+    rt, plan = m.__dict__["_runtime"][1], lane[6]
+    assert lane[-1] and rt.at_lane(plan)  # the lane reads x by address
+    P = kw.get("proj_size", 6)
+    own = (torch.randn(1, N, P, dtype=dtype).numpy(), torch.randn(1, N, 6, dtype=dtype).numpy())
+    for state in (plan[3], own):
+        y1, s1 = rt.step_at(plan, x.data_ptr(), x.shape, state)
+        r1 = rt._returned
+        y2, s2 = rt.step_on(plan, x.numpy(), state)
+        assert np.array_equal(y1, y2) and np.array_equal(s1[0], s2[0]) and np.array_equal(s1[1], s2[1])
+        assert r1[1:] == rt._returned[1:] and r1[0] is s1
+        with torch.no_grad():
+            want = m(x, tuple(map(torch.from_numpy, state)))
+        assert torch.equal(torch.from_numpy(y1), want[0]) and torch.equal(torch.from_numpy(s1[0]), want[1][0])
+
+
 def test_two_threads_streaming_on_one_runtime(tmp_path):
     """Each stream feeds back its own state; interleaved calls from another thread
     (another batch size) must not leak into it (the kernels release the GIL)."""

@@ -50,7 +50,7 @@ def _state_arrays(hx):
         return None
     h, c = hx
     if (type(h) is not torch.Tensor or type(c) is not torch.Tensor or h.dtype not in _FAST_DTYPES
-            or c.dtype not in _FAST_DTYPES or not h.is_cpu or not c.is_cpu):
+            or c.dtype not in _FAST_DTYPES or not h.is_cpu or not c.is_cpu or h.is_neg() or c.is_neg()):
         return None
     return (h.detach() if h.requires_grad else h).numpy(), (c.detach() if c.requires_grad else c).numpy()
 
@@ -376,7 +376,7 @@ class LSTM(nn.Module):
     # what neither shows (p.data.clamp_(), a write through a numpy view) makes the weights'
     # bits differ from the copy taken at build (engines/numba/binding.WeightWatch).
     def _inference_fast(self, input, hx):
-        if (input.dtype not in _FAST_DTYPES or not input.is_cpu or self.engine not in ("auto", "numba")
+        if (input.dtype not in _FAST_DTYPES or not input.is_cpu or input.is_neg() or self.engine not in ("auto", "numba")
                 or (self.training and ((self.dropout > 0 and self.config.num_layers > 1) or self._variant))
                 or torch.compiler.is_compiling()):
             return None
@@ -427,7 +427,7 @@ class LSTM(nn.Module):
             if plan is not None:  # the next calls of this shape take _on_lane
                 ptrs = [p for _, p in rt[0]]
                 self.__dict__["_lane"] = (input.shape, input.dtype, runtime.threads, self.batch_first, rt[0], ptrs,
-                                          plan, frozenset(self._parameters))
+                                          plan, frozenset(self._parameters), runtime.at_lane(plan))
         return torch.from_numpy(y), out
 
     # The streaming lane: one step of a model without a variant on its parameters as they are
@@ -437,7 +437,7 @@ class LSTM(nn.Module):
     # and a call checks only what can change between calls (the parameters' addresses, the
     # thread count, batch_first, the input's dtype and layout, the state given).
     def _on_lane(self, lane, input, hx):
-        shape, dtype, threads, batch_first, key, ptrs, plan, names = lane
+        shape, dtype, threads, batch_first, key, ptrs, plan, names, at = lane
         rt = self.__dict__.get("_runtime")
         if (input.dtype is not dtype or torch.get_num_threads() != threads or not input.is_contiguous()
                 or self.batch_first != batch_first or rt is None or rt[0] is not key
@@ -458,9 +458,12 @@ class LSTM(nn.Module):
                 if state is None or not all(a.dtype == runtime.dtype and a.shape == want and a.flags.c_contiguous
                                             for a, want in zip(state, plan[1:3])):
                     return None  # any other state: _inference_fast checks it (and raises torch's errors)
-        x = input.detach().numpy() if input.requires_grad else input.numpy()
         runtime.threads = threads  # as run_inference sets it (a deeper model's split reads it)
-        y, state = runtime.step_on(plan, x, state)
+        if at:  # x by address, no numpy view made (Runtime.step_at); never a negative view (_inference_fast)
+            y, state = runtime.step_at(plan, input.data_ptr(), shape, state)
+        else:
+            x = input.detach().numpy() if input.requires_grad else input.numpy()
+            y, state = runtime.step_on(plan, x, state)
         out = (torch.from_numpy(state[0]), torch.from_numpy(state[1]))
         self.__dict__["_runtime"] = (key, runtime, (out, state), rt[3])
         return torch.from_numpy(y), out

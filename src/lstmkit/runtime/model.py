@@ -20,7 +20,7 @@ import numpy as np
 from ..config import LSTMConfig
 from ..kernels.numba.lstm import (
     MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, forward_pair_body, input_projection, one_step,
-    one_step_live, one_step_live_split, pack_forward, precompute_input,
+    one_step_live, one_step_live_at, one_step_live_split, pack_forward, precompute_input,
 )
 from ..kernels.numba.buffers import empty as pooled_empty
 from ..kernels.numba.columns import (big_weights_columns_pay, columns_pay, columns_precompute, pack_columns, run_columns,
@@ -119,6 +119,9 @@ class Runtime:
                           for part in ("ih", "hh", "cell") for kind in ("weight", "bias")]
                     peep = w.get("weight_peephole" + sfx, np.zeros((3, H), dt))  # zeros: no peepholes
                     self._variant_args.append((b_ih + b_hh, *ln, peep, _variant_pack(w["weight_hh" + sfx], w_hr, w["weight_ih" + sfx])))
+        # The first layer-direction's weights by address (one_step_live_at, step_at): self.layers
+        # holds the arrays, so the addresses stay valid while this runtime lives.
+        self._live_addrs = np.array([a.ctypes.data for a in self.layers[0]], np.int64)
         self._no_cells = np.zeros((0, H), dt)  # the kernel saves c_t and the activations for training only
         self._no_acts = np.zeros((0, 4 * H), dt)
         self._no_xproj = self._no_acts
@@ -275,6 +278,23 @@ class Runtime:
         state = (h_n, c_n)
         self._returned = (state, x.shape, 1, h_shape[1])
         return y, state
+
+    def step_at(self, lane, x_addr: int, shape, state):
+        """step_on for a lane of a one-layer, one-direction model that runs one_step_live on one
+        thread (lane[4] and not lane[5]: step_lane's, see at_lane), with x given by its address
+        (x_addr: C-contiguous memory of `shape`, the lane's, and this runtime's dtype, kept alive
+        by the caller through the call)."""
+        y_shape, h_shape, c_shape = lane[0], lane[1], lane[2]
+        dt = self.dtype
+        y, h_n, c_n = np.empty(y_shape, dt), np.empty(h_shape, dt), np.empty(c_shape, dt)
+        one_step_live_at(x_addr, self._I, state[0], state[1], self._live_addrs, y, h_n, c_n)
+        state = (h_n, c_n)
+        self._returned = (state, shape, 1, h_shape[1])
+        return y, state
+
+    def at_lane(self, lane) -> bool:
+        """Whether step_at runs `lane` (step_lane's): one layer-direction, live, unsplit."""
+        return self._single and bool(lane[4]) and not lane[5]
 
     def live_step(self, shape) -> bool:
         """Whether a call on a C-contiguous array of `shape` runs one_step_live on every

@@ -58,8 +58,9 @@ def check_input(x: torch.Tensor, p: LayerParams | None = None) -> None:
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A C-contiguous numpy view of t (a copy only when t is not contiguous)."""
-    return t.detach().contiguous().numpy()
+    """A C-contiguous numpy view of t (a copy only when t is not contiguous, or is a negative
+    view: torch._neg_view's lazy negation, which numpy cannot show)."""
+    return t.detach().resolve_neg().contiguous().numpy()
 
 
 def as_numpy_or(t, shape, dtype) -> np.ndarray:

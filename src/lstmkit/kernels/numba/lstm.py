@@ -38,11 +38,11 @@ How the work is laid out:
     another row count: 1 and 2 threads then agree to rounding; the same count stays bitwise.)
 """
 import numpy as np
-from numba import njit
+from numba import carray, njit
 
 from .activations import sigmoid, tanh
 from .blas import PAD_ROWS, gemm_packed, padded_input, padded_rows
-from .rows import add_p, copy_p, ptr_add, row_ptr
+from .rows import add_p, addr_ptr, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
 from .team import call_kernel, on_team, row_chunks, spec, team_bodies, team_place, unpack, whole_team
 from .threads import run_chunks
@@ -476,6 +476,25 @@ def one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c):
             hr[i, :] = 0
             _rows_times(w_hr, hp, hr[i])
         copy_into(yr[i], hr[i])
+
+
+@njit(**KW)
+def one_step_live_at(x_addr, I, h0, c0, w_addrs, y, h, c):
+    """one_step_live with x (N * I elements, C-contiguous) and the weights (w_ih, w_hh, b_ih,
+    b_hh, w_hr, C-contiguous, their shapes as one_step_live's) given by address, w_addrs an
+    int64 array: the module's streaming lane passes its input's data_ptr() and the addresses of
+    the parameters it checked, where numpy views of them cost a call more than the products'
+    share of it (Python's part of a one-step call, BENCHMARKS.md). The caller keeps that
+    memory alive through the call. The same operations as one_step_live: the same bits."""
+    N, H, P = c0.shape[1], c0.shape[2], h0.shape[2]
+    G = 4 * H
+    x = carray(addr_ptr(x_addr, y), (1, N, I))
+    w_ih = carray(addr_ptr(w_addrs[0], y), (G, I))
+    w_hh = carray(addr_ptr(w_addrs[1], y), (G, P))
+    b_ih = carray(addr_ptr(w_addrs[2], y), (G,))
+    b_hh = carray(addr_ptr(w_addrs[3], y), (G,))
+    w_hr = carray(addr_ptr(w_addrs[4], y), (P if P < H else 0, H))  # projection: P < H
+    one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c)
 
 
 @njit(**KW)

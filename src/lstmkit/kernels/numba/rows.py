@@ -1,6 +1,7 @@
 """Rows by pointer: the per-row work of a time step with no array views.
 
     row_ptr(arr, i)        pointer to arr[i] (1-D) or to row i, arr[i, 0] (2-D)
+    addr_ptr(addr, like)   an address (an int: data_ptr(), ctypes.data) as a pointer to like's dtype
     ptr_add(p, k)          p + k elements
     copy_p(dst, src, n)    dst[:n] = src[:n]   (no overlap)
     add_p(dst, src, n)     dst[:n] += src[:n]
@@ -47,6 +48,21 @@ def row_ptr(typingctx, arr, i):
         base = builder.bitcast(a.data, ir.IntType(8).as_pointer())
         p = builder.gep(base, [builder.mul(_i64(builder, args[1]), stride)])
         return builder.bitcast(p, a.data.type)
+
+    return sig, codegen
+
+
+@intrinsic
+def addr_ptr(typingctx, addr, like):
+    """The address addr (an int) as a pointer to elements of array like's dtype. For memory the
+    caller has checked (its shape, dtype and layout) and keeps alive through the call."""
+    if not isinstance(addr, types.Integer) or not isinstance(like, types.Array):
+        return None
+    sig = types.CPointer(like.dtype)(addr, like)
+
+    def codegen(context, builder, signature, args):
+        ptr_type = context.get_value_type(signature.return_type)
+        return builder.inttoptr(_i64(builder, args[0]), ptr_type)
 
     return sig, codegen
 
