@@ -206,6 +206,7 @@ OPTIONS_DOCUMENTED_IN = {
     "benchmarks/products.py": "docs/performance.md", "benchmarks/sweep.py": "docs/performance.md",
     "benchmarks/fuzz.py": "docs/drop-in.md", "benchmarks/tile_rows.py": "docs/performance.md",
     "benchmarks/precompute.py": "docs/performance.md",
+    "benchmarks/cell.py": "docs/performance.md",
 }
 
 

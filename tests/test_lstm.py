@@ -360,16 +360,22 @@ def _errors(m, *args):
         lambda: (torch.randn(5, 2, 3), (torch.zeros(2, 4), torch.zeros(2, 4))),  # 2-D hx for 3-D input
         lambda: (torch.randn(5, 3), (torch.zeros(1, 1, 4), torch.zeros(1, 1, 4))),  # 3-D hx, 2-D input
         lambda: (torch.randn(0, 2, 3),),  # empty sequence
+        lambda: (torch.randn(5, 2, 3), (torch.zeros(1, 2, 4),)),  # one state tensor: IndexError
+        lambda: (torch.randn(5, 2, 3), (torch.zeros(1, 2, 4),) * 3),  # three: RuntimeError
+        lambda: (torch.randn(1, 2, 3), (torch.zeros(1, 2, 4),) * 3),  # the same for one step
+        lambda: (torch.randn(5, 2, 3), ()),
     ],
 )
-def test_forward_errors_same_type_as_torch(engine, make_args):
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_forward_errors_same_type_as_torch(engine, make_args, grad):
     torch.manual_seed(0)
     ref = nn.LSTM(3, 4)
     ours = lstmkit.LSTM.from_torch(ref, engine=engine)
     args = make_args()
-    expected = _errors(ref, *args)
-    assert expected is not None
-    assert _errors(ours, *args) is expected
+    with torch.set_grad_enabled(grad):
+        expected = _errors(ref, *args)
+        assert expected is not None
+        assert _errors(ours, *args) is expected
 
 
 def test_forward_error_messages(engine):
@@ -387,8 +393,10 @@ def test_forward_error_messages(engine):
     packed = pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])
     with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size"):
         ours(packed, (torch.zeros(2, 2, 4), torch.zeros(2, 3, 4)))
-    with pytest.raises(TypeError, match="tuple"):
+    with pytest.raises(IndexError, match="tuple"):  # torch.nn.LSTM's type: it indexes hx[1]
         ours(torch.randn(5, 2, 3), (torch.zeros(2, 2, 4),))
+    with pytest.raises(TypeError, match="tuple"):
+        ours(torch.randn(5, 2, 3), torch.zeros(2, 2, 4))
 
 
 # ---- the oracle is never the engine ---------------------------------------------------------------------------------
@@ -459,20 +467,127 @@ def test_cell_matches_torch(engine, dtype, bias, batched, use_hx):
         assert_close(b, a, TOL[dtype])
 
 
-def test_cell_errors(engine):
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_cell_errors(engine, grad):
+    """torch's error types, with grad (the general path) and without (the step of 1-2 rows
+    declines what it cannot run, and the general path raises)."""
     torch.manual_seed(0)
     ref, ours = nn.LSTMCell(3, 4), lstmkit.LSTMCell(3, 4, engine=engine)
     cases = [
         (torch.randn(2, 5),),
         (torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(3, 4))),
+        (torch.randn(2, 3), (torch.zeros(1, 4), torch.zeros(1, 4))),
+        (torch.randn(2, 3), (torch.zeros(2, 5), torch.zeros(2, 5))),
+        (torch.randn(3), (torch.zeros(2, 4), torch.zeros(2, 4))),
+        (torch.randn(2, 3), (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4))),
+        (torch.randn(2, 3, dtype=torch.float64),),
+        (torch.randn(2, 3), (torch.zeros(2, 4),)),
         (torch.randn(2, 3, 3),),
         (torch.randn(2, 3), (torch.zeros(2, 4, 1), torch.zeros(2, 4))),
     ]
-    for args in cases:
-        expected = _errors(ref, *args)
-        assert expected is not None and _errors(ours, *args) is expected, args
-    with pytest.raises(RuntimeError, match="inconsistent input_size: got 5 expected 3"):
-        ours(torch.randn(2, 5))
+    with torch.set_grad_enabled(grad):
+        for args in cases:
+            expected = _errors(ref, *args)
+            assert expected is not None and _errors(ours, *args) is expected, args
+        with pytest.raises(RuntimeError, match="inconsistent input_size: got 5 expected 3"):
+            ours(torch.randn(2, 5))
+
+
+def _count_cell_steps(monkeypatch) -> list:
+    """A list that gets an entry for each call of the cell's step without grad (binding.cell_step)."""
+    from lstmkit.engines.numba import binding
+
+    calls, step = [], binding.cell_step
+
+    def spy(*args):
+        calls.append(1)
+        return step(*args)
+
+    monkeypatch.setattr(binding, "cell_step", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("sizes", [(5, 7), (128, 256)], ids=["small", "split"])  # 1.5 MB: split at 2 threads
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cell_step_without_grad(monkeypatch, dtype, bias, sizes, threads):
+    """LSTMCell with nothing to record, on 1-2 rows (a streaming policy's step), runs the
+    one-step kernel on its parameters as they are (binding.cell_step): torch's numbers, batched
+    and not, from zeros and from a state, under no_grad, inference_mode and with frozen
+    parameters; updates in place and replaced parameters show at the next step; 3 rows, a
+    state that needs grad, a non-contiguous input go the general path."""
+    calls = _count_cell_steps(monkeypatch)
+    I, H = sizes
+    torch.manual_seed(0)
+    ref = nn.LSTMCell(I, H, bias=bias, dtype=dtype)
+    ours = lstmkit.LSTMCell(I, H, bias=bias, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+    def both(x, hx, fast=True):
+        n = len(calls)
+        got, want = ours(x, hx), ref(x, hx)
+        for a, b in zip(got, want):
+            assert_close(a, b, TOL[dtype])
+            assert a.shape == b.shape and a.requires_grad == b.requires_grad
+        assert len(calls) == n + fast, (x.shape, fast)
+
+    try:
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                for shape in ((1, I), (2, I), (I,)):
+                    x = torch.randn(shape, dtype=dtype)
+                    st = (torch.randn(shape[:-1] + (H,), dtype=dtype), torch.randn(shape[:-1] + (H,), dtype=dtype))
+                    both(x, None)
+                    both(x, st)
+                    both(x, [st[0], st[1]])
+                both(torch.randn(3, I, dtype=dtype), None, fast=False)
+                both(torch.randn(I, 2, dtype=dtype).t(), None, fast=False)
+        with torch.no_grad():  # the parameters changed outside inference_mode (its tensors stay inference-only)
+            for p, q in zip(ours.parameters(), ref.parameters()):
+                p.mul_(0.5)
+                q.mul_(0.5)
+            both(torch.randn(2, I, dtype=dtype), None)
+            for p, q in zip(ours.parameters(), ref.parameters()):
+                new = torch.randn_like(p)
+                p.data, q.data = new, new.clone()
+            both(torch.randn(2, I, dtype=dtype), None)
+        ours.requires_grad_(False)
+        ref.requires_grad_(False)
+        both(torch.randn(2, I, dtype=dtype), None)  # frozen, grad mode on: nothing to record
+        x, st = torch.randn(2, I, dtype=dtype), torch.randn(2, H, dtype=dtype, requires_grad=True)
+        both(x, (st, st.detach()), fast=False)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_cell_step_pickles_and_tracks_parametrization(tmp_path):
+    """After a step without grad: torch.save of the cell and torch.load under weights_only
+    (the step's cache is not pickled), a deep copy that runs on its own weights, and a weight
+    made at each call by a parametrization (read as the call makes it, not the cached one)."""
+    torch.manual_seed(0)
+    ours, ref = lstmkit.LSTMCell(4, 6), nn.LSTMCell(4, 6)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 4)
+    with torch.no_grad():
+        ours(x)
+    torch.save(ours, tmp_path / "cell.pt")
+    loaded = torch.load(tmp_path / "cell.pt", weights_only=True)
+    twin = copy.deepcopy(ours)
+    with torch.no_grad():
+        twin.weight_hh.mul_(2)
+        assert_close(loaded(x)[0], ref(x)[0], TOL[torch.float32])
+        assert_close(ours(x)[0], ref(x)[0], TOL[torch.float32])
+        ref.weight_hh.mul_(2)
+        assert_close(twin(x)[0], ref(x)[0], TOL[torch.float32])
+        nn.utils.parametrizations.weight_norm(ours, "weight_hh")
+        nn.utils.parametrizations.weight_norm(ref, "weight_hh")
+        ref.load_state_dict(ours.state_dict())
+        ours.parametrizations.weight_hh.original0.mul_(3)
+        ref.parametrizations.weight_hh.original0.mul_(3)
+        assert_close(ours(x)[0], ref(x)[0], TOL[torch.float32])
 
 
 def test_no_warning_for_default_construction():

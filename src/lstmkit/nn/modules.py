@@ -242,9 +242,17 @@ class LSTM(nn.Module):
                 )
 
     @staticmethod
-    def _unpack_hx(hx):
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError("LSTM expects hx to be a tuple (h_0, c_0) of two tensors")
+    def _unpack_hx(hx, cell: bool = False):
+        """(h_0, c_0) from hx, with torch's error types: a pair of fewer tensors fails where
+        torch.nn.LSTM indexes it (IndexError), more where its kernel counts them (RuntimeError;
+        LSTMCell's kernel counts both ways)."""
+        if not isinstance(hx, (tuple, list)):
+            raise TypeError(f"{'LSTMCell' if cell else 'LSTM'} expects hx to be a tuple (h_0, c_0) of two tensors, "
+                            f"got {type(hx).__name__}")
+        if len(hx) != 2:
+            if cell or len(hx) > 2:
+                raise RuntimeError(f"{'lstm_cell' if cell else 'lstm'} expects two hidden states, got {len(hx)}")
+            raise IndexError(f"LSTM expects hx to be a tuple (h_0, c_0) of two tensors, got {len(hx)}")
         return hx[0], hx[1]
 
     # ---- forward ---------------------------------------------------------------------------
@@ -359,13 +367,8 @@ class LSTM(nn.Module):
 
     # ---- inference fast path --------------------------------------------------------------
     def _records_nothing(self, input, hx) -> bool:
-        """Whether autograd records nothing for this call with grad mode on: neither the input, nor
-        a parameter, nor the state given requires grad (a frozen model run on data without
-        no_grad). The outputs then require no grad on any path, so the fast path may run."""
-        if input.requires_grad or any(p.requires_grad for p in self._parameters.values()):
-            return False
-        return hx is None or (type(hx) in (tuple, list) and len(hx) == 2
-                              and all(type(t) is torch.Tensor and not t.requires_grad for t in hx))
+        """_records_nothing(self, ...): the outputs then require no grad on any path, so the fast path may run."""
+        return _records_nothing(self, input, hx)
 
     # A one-step call at batch 1 costs a few microseconds of arithmetic and tens of
     # microseconds of Python in the general path (checks, layers x directions, tensor <->
@@ -634,10 +637,16 @@ class LSTMCell(nn.Module):
     def forward(self, input: torch.Tensor, hx=None):
         if autocast.any_enabled() and isinstance(input, torch.Tensor) and autocast.active(input.device.type):
             return self._forward_autocast(input, hx, input.device.type)
+        if (type(input) is torch.Tensor and (not torch.is_grad_enabled() or _records_nothing(self, input, hx))
+                and forward_ad._current_level < 0 and not torch._C._is_tracing()
+                and not torch._C._are_functorch_transforms_active()):
+            out = self._inference_fast(input, hx)
+            if out is not None:
+                return out
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
-            hx = LSTM._unpack_hx(hx)
+            hx = LSTM._unpack_hx(hx, cell=True)
             for k, v in enumerate(hx):
                 if v.dim() not in (1, 2):
                     raise ValueError(f"LSTMCell: Expected hx[{k}] to be 1D or 2D, got {v.dim()}D instead")
@@ -673,6 +682,72 @@ class LSTMCell(nn.Module):
         if not batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
+
+
+    # A step with nothing to record, of at most CELL_MAX_ROWS rows of float32/float64 on the
+    # CPU, runs the LSTM module's one-step kernel on the parameters as they are (engines/numba/
+    # binding.cell_step), by address: a streaming policy's cell, called once a step. Anything
+    # else, and anything to raise an error about, goes to the general path below.
+    def _inference_fast(self, input, hx):
+        if (self.engine not in ("auto", "numba") or input.dtype not in _FAST_DTYPES or not input.is_cpu
+                or input.is_neg() or not input.is_contiguous() or torch.compiler.is_compiling()):
+            return None
+        batched = input.dim() == 2
+        if not (batched or input.dim() == 1) or input.shape[-1] != self.input_size:
+            return None
+        binding = _cell_binding()
+        if binding is None or (batched and input.shape[0] > binding.CELL_MAX_ROWS):
+            return None
+        params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if list(self._parameters) != _CELL_NAMES:
+            return None  # a weight made at each call (parametrization, pruning): the general path
+        w = self.__dict__.get("_cell_weights")
+        if w is None or w.key != binding.cell_key(params):
+            w = self.__dict__["_cell_weights"] = binding.cell_weights(params)
+            if w is None:
+                self.__dict__.pop("_cell_weights", None)
+                return None
+        if input.dtype != w.dtype:
+            return None
+        if hx is not None:
+            if type(hx) not in (tuple, list) or len(hx) != 2:
+                return None
+            want = (input.shape[0], self.hidden_size) if batched else (self.hidden_size,)
+            for t in hx:
+                if (type(t) is not torch.Tensor or t.dtype != w.dtype or not t.is_cpu or t.shape != want
+                        or not t.is_contiguous() or t.is_neg()):
+                    return None
+        return binding.cell_step(w, input, hx, batched)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_cell_weights", None)  # a cache of the parameters' addresses: never pickled
+        return state
+
+
+_CELL_NAMES = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]  # bias=False registers the biases as None
+
+
+def _records_nothing(module, input, hx) -> bool:
+    """Whether autograd records nothing for this call with grad mode on: neither the input, nor
+    a parameter, nor the state given requires grad (a frozen model run on data without no_grad)."""
+    if input.requires_grad or any(p is not None and p.requires_grad for p in module._parameters.values()):
+        return False
+    return hx is None or (type(hx) in (tuple, list) and len(hx) == 2
+                          and all(type(t) is torch.Tensor and not t.requires_grad for t in hx))
+
+
+def _cell_binding():
+    """engines/numba/binding, imported at the first cell step (it loads numba); None without numba."""
+    global _cell_binding
+    try:
+        from ..engines.numba import binding
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] != "numba":
+            raise
+        binding = None
+    _cell_binding = lambda: binding  # noqa: E731
+    return binding
 
 
 # torch.load(weights_only=True) of a whole model that contains these modules: allowlisted

@@ -25,6 +25,7 @@ from ...kernels.numba.lstm import (
     backward_core, chunk_bounds, dx_after_loop, forward_core, pack_backward, pack_forward, precompute_input,
     same_words, weight_gradients,
 )
+from ...kernels.numba.lstm import cell_step_at, one_step_live_split
 from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
 from ...kernels.numba.columns import big_weights_columns_pay, columns_pay_training
 from ...kernels.numba.columns import pack_columns, pack_columns_backward
@@ -38,6 +39,7 @@ from ...kernels.numba.step import steps_forward as steps_forward_kernel
 from ...kernels.numba import buffers, gemm, prefetch
 from ...kernels.numba.threads import use_openmp
 from ...kernels.numba.tile import aligned_bytes, aligned_view
+from ...runtime.model import LIVE_STEP_MAX_ROWS, live_split
 from ..base import LayerParams
 from . import mkl
 
@@ -693,3 +695,84 @@ __all__ = [
     "needs_grad", "new_runtime", "row_bounds", "run_inference", "scratch", "share_torch_threads", "step_backward",
     "step_forward", "steps_backward", "steps_forward", "unpacked_path",
 ]
+
+
+# ---- LSTMCell's step with nothing to record (nn/modules.LSTMCell._inference_fast) -----------------
+# The general path lays the weights out for the time-loop kernels at every call: a streaming
+# policy calling its cell once a step (batch 1, hidden 128) spent 51 us a call against
+# torch.nn.LSTMCell's 25 (BENCHMARKS.md, twenty-second session). Here a step of a few rows runs
+# one_step_live on the parameters as they are, as the LSTM module's streaming lane does.
+CELL_MAX_ROWS = LIVE_STEP_MAX_ROWS  # past it, each row's own pass over the weights costs more
+
+
+class CellWeights:
+    """An LSTMCell's parameters as its step reads them: `key` (the addresses, shapes and
+    layout they were taken with; the caller compares it at every call), their addresses
+    (cell_step_at), numpy views of them (the split step) and zeros standing in for an absent
+    state, per row count."""
+
+    def __init__(self, key, params):
+        w_ih, w_hh, b_ih, b_hh = params
+        dt = w_ih.dtype
+        H, I = w_hh.shape[1], w_ih.shape[1]
+        zeros = torch.zeros(4 * H, dtype=dt)
+        self.key, self.dtype, self.H, self.I = key, dt, H, I
+        self.tensors = (w_ih, w_hh, b_ih if b_ih is not None else zeros, b_hh if b_hh is not None else zeros)
+        self.arrays = [t.detach().numpy() for t in self.tensors]  # views: they hold the memory alive
+        self.arrays.append(np.zeros((0, H), self.arrays[0].dtype))  # no projection
+        self.addrs = np.array([a.ctypes.data for a in self.arrays], np.int64)
+        self._zeros = {}
+
+    def zeros(self, N: int):
+        """(1, N, H) zeros of the weights' dtype and their address (a state not given)."""
+        z = self._zeros.get(N)
+        if z is None:
+            a = np.zeros((1, N, self.H), self.arrays[0].dtype)
+            z = self._zeros[N] = (a, a.ctypes.data)
+        return z
+
+
+def cell_key(params):
+    """What CellWeights is valid for: each parameter's address, shape and contiguity (a
+    parameter replaced, `p.data = ...`, or made non-contiguous in its place shows here)."""
+    return [(p.data_ptr(), p.shape, p.is_contiguous()) for p in params if p is not None]
+
+
+def cell_weights(params) -> CellWeights | None:
+    """CellWeights for (w_ih, w_hh, b_ih, b_hh) (biases None without bias), or None where the
+    step cannot read them (not one float32/float64 dtype, not on the CPU, not C-contiguous)."""
+    dt = params[0].dtype
+    if dt not in SUPPORTED_DTYPES or any(
+            p is not None and (p.dtype != dt or p.device.type != "cpu" or not p.is_contiguous() or p.is_neg())
+            for p in params):
+        return None
+    return CellWeights(cell_key(params), params)
+
+
+def cell_step(w: CellWeights, x: torch.Tensor, hx, batched: bool):
+    """(h_1, c_1) of the step of x (N, I), or (I,) unbatched, from hx = (h_0, c_0) of the same
+    batching, or None for zeros: all C-contiguous CPU tensors of w's dtype, checked by the
+    caller, with N <= CELL_MAX_ROWS. New tensors."""
+    N = x.shape[0] if batched else 1
+    H = w.H
+    h = np.empty((N, H) if batched else (H,), w.arrays[0].dtype)
+    c = np.empty_like(h)
+    split = live_split(torch.get_num_threads(), w.I, H, H, h.itemsize)
+    if not (split and _cell_split(split, w, x, hx, N, h, c)):
+        if hx is None:
+            h0 = c0 = w.zeros(N)[1]
+        else:
+            h0, c0 = hx[0].data_ptr(), hx[1].data_ptr()
+        cell_step_at(x.data_ptr(), h0, c0, w.I, w.addrs, h.reshape(N, H), c.reshape(N, H))
+    return torch.from_numpy(h), torch.from_numpy(c)
+
+
+def _cell_split(threads: int, w: CellWeights, x, hx, N: int, h, c) -> bool:
+    """cell_step's product on `threads` threads, each its share of the hidden units
+    (one_step_live_split, where the weights outgrow one core's L2); False if it did not run."""
+    H = w.H
+    z = w.zeros(N)[0]
+    h0, c0 = (z, z) if hx is None else (hx[0].numpy().reshape(1, N, H), hx[1].numpy().reshape(1, N, H))
+    y = np.empty((1, N, H), h.dtype)
+    return one_step_live_split(threads, x.numpy().reshape(1, N, w.I), h0, c0, *w.arrays[:4], y,
+                               h.reshape(1, N, H), c.reshape(1, N, H))

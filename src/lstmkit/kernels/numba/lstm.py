@@ -479,6 +479,16 @@ def one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c):
 
 
 @njit(**KW)
+def _weights_at(w_addrs, like, I, H, P):
+    """(w_ih, w_hh, b_ih, b_hh, w_hr) as arrays on the addresses w_addrs (int64, that order),
+    of one_step_live's shapes (w_hr (0, H) without a projection, P == H), like's dtype."""
+    G = 4 * H
+    return (carray(addr_ptr(w_addrs[0], like), (G, I)), carray(addr_ptr(w_addrs[1], like), (G, P)),
+            carray(addr_ptr(w_addrs[2], like), (G,)), carray(addr_ptr(w_addrs[3], like), (G,)),
+            carray(addr_ptr(w_addrs[4], like), (P if P < H else 0, H)))
+
+
+@njit(**KW)
 def one_step_live_at(x_addr, I, h0, c0, w_addrs, y, h, c):
     """one_step_live with x (N * I elements, C-contiguous) and the weights (w_ih, w_hh, b_ih,
     b_hh, w_hr, C-contiguous, their shapes as one_step_live's) given by address, w_addrs an
@@ -487,14 +497,23 @@ def one_step_live_at(x_addr, I, h0, c0, w_addrs, y, h, c):
     share of it (Python's part of a one-step call, BENCHMARKS.md). The caller keeps that
     memory alive through the call. The same operations as one_step_live: the same bits."""
     N, H, P = c0.shape[1], c0.shape[2], h0.shape[2]
-    G = 4 * H
     x = carray(addr_ptr(x_addr, y), (1, N, I))
-    w_ih = carray(addr_ptr(w_addrs[0], y), (G, I))
-    w_hh = carray(addr_ptr(w_addrs[1], y), (G, P))
-    b_ih = carray(addr_ptr(w_addrs[2], y), (G,))
-    b_hh = carray(addr_ptr(w_addrs[3], y), (G,))
-    w_hr = carray(addr_ptr(w_addrs[4], y), (P if P < H else 0, H))  # projection: P < H
+    w_ih, w_hh, b_ih, b_hh, w_hr = _weights_at(w_addrs, y, I, H, P)
     one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c)
+
+
+@njit(**KW)
+def cell_step_at(x_addr, h0_addr, c0_addr, I, w_addrs, h, c):
+    """An LSTM cell's step (no projection) for N rows: h, c (N, H) = the step of x (N, I) from
+    h0, c0 (N, H), all of x, h0, c0 and the weights (as one_step_live_at's) given by address,
+    C-contiguous, h's dtype. The same operations as one_step_live: the same bits."""
+    N, H = h.shape
+    x = carray(addr_ptr(x_addr, h), (1, N, I))
+    h0 = carray(addr_ptr(h0_addr, h), (1, N, H))
+    c0 = carray(addr_ptr(c0_addr, h), (1, N, H))
+    w_ih, w_hh, b_ih, b_hh, w_hr = _weights_at(w_addrs, h, I, H, H)
+    h3 = h.reshape(1, N, H)
+    one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h3, h3, c.reshape(1, N, H))  # y is h
 
 
 @njit(**KW)
