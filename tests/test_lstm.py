@@ -512,11 +512,12 @@ def _count_cell_steps(monkeypatch) -> list:
 @pytest.mark.parametrize("sizes", [(5, 7), (128, 256)], ids=["small", "split"])  # 1.5 MB: split at 2 threads
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cell_step_without_grad(monkeypatch, dtype, bias, sizes, threads):
-    """LSTMCell with nothing to record, on 1-2 rows (a streaming policy's step), runs the
-    one-step kernel on its parameters as they are (binding.cell_step): torch's numbers, batched
-    and not, from zeros and from a state, under no_grad, inference_mode and with frozen
-    parameters; updates in place and replaced parameters show at the next step; 3 rows, a
-    state that needs grad, a non-contiguous input go the general path."""
+    """LSTMCell with nothing to record runs binding.cell_step: a few rows (a streaming policy's
+    step) by address on its parameters as they are, more on the runtime's packed copy. torch's
+    numbers, batched and not, from zeros and from a state, under no_grad, inference_mode and
+    with frozen parameters; updates in place (tracked by the version counter or not) and
+    replaced parameters show at the next step on both; a state that needs grad and a
+    non-contiguous input go the general path."""
     calls = _count_cell_steps(monkeypatch)
     I, H = sizes
     torch.manual_seed(0)
@@ -537,23 +538,27 @@ def test_cell_step_without_grad(monkeypatch, dtype, bias, sizes, threads):
     try:
         for mode in (torch.no_grad, torch.inference_mode):
             with mode():
-                for shape in ((1, I), (2, I), (I,)):
+                for shape in ((1, I), (2, I), (I,), (3, I), (7, I), (16, I)):
                     x = torch.randn(shape, dtype=dtype)
                     st = (torch.randn(shape[:-1] + (H,), dtype=dtype), torch.randn(shape[:-1] + (H,), dtype=dtype))
                     both(x, None)
                     both(x, st)
                     both(x, [st[0], st[1]])
-                both(torch.randn(3, I, dtype=dtype), None, fast=False)
                 both(torch.randn(I, 2, dtype=dtype).t(), None, fast=False)
         with torch.no_grad():  # the parameters changed outside inference_mode (its tensors stay inference-only)
-            for p, q in zip(ours.parameters(), ref.parameters()):
-                p.mul_(0.5)
-                q.mul_(0.5)
-            both(torch.randn(2, I, dtype=dtype), None)
-            for p, q in zip(ours.parameters(), ref.parameters()):
-                new = torch.randn_like(p)
-                p.data, q.data = new, new.clone()
-            both(torch.randn(2, I, dtype=dtype), None)
+            for rows in (2, 16):
+                for p, q in zip(ours.parameters(), ref.parameters()):
+                    p.mul_(0.5)  # the version counter sees this
+                    q.mul_(0.5)
+                both(torch.randn(rows, I, dtype=dtype), None)
+                for p, q in zip(ours.parameters(), ref.parameters()):
+                    p.data.mul_(-1.5)  # this it does not
+                    q.data.mul_(-1.5)
+                both(torch.randn(rows, I, dtype=dtype), None)
+                for p, q in zip(ours.parameters(), ref.parameters()):
+                    new = torch.randn_like(p)
+                    p.data, q.data = new, new.clone()
+                both(torch.randn(rows, I, dtype=dtype), None)
         ours.requires_grad_(False)
         ref.requires_grad_(False)
         both(torch.randn(2, I, dtype=dtype), None)  # frozen, grad mode on: nothing to record

@@ -103,21 +103,21 @@ def test_module_streaming_from_threads():
 @pytest.mark.parametrize("sizes", [(8, 128), (128, 256)], ids=["one_thread", "split"])
 def test_cell_steps_from_threads(sizes):
     """One LSTMCell stepped from several threads at once without grad (binding.cell_step: the
-    step by address, split over the OpenMP team on the bigger weights), batched and not, from
-    zeros and from states: each thread gets the serial results."""
+    step by address, split over the OpenMP team on the bigger weights, and 9 rows on the shared
+    runtime), batched and not, from zeros and from states: each thread gets the serial results."""
     I, H = sizes
     torch.manual_seed(0)
     cell = lstmkit.LSTMCell(I, H, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(s + (I,), generator=g, dtype=torch.float64) for s in ((1,), (2,), ())]
+    xs = [torch.randn(s + (I,), generator=g, dtype=torch.float64) for s in ((1,), (2,), (), (9,))]  # 9: the runtime
     hxs = [tuple(torch.randn(x.shape[:-1] + (H,), generator=g, dtype=torch.float64) for _ in range(2)) for x in xs]
 
     def call(k):
         with torch.no_grad():
-            h, c = cell(xs[k % 3], hxs[k % 3] if k >= 3 else None)
+            h, c = cell(xs[k % 4], hxs[k % 4] if k >= 4 else None)
         return h, c
 
-    _run_concurrently(list(range(6)), call, _same)
+    _run_concurrently(list(range(8)), call, _same)
 
 
 @pytest.mark.parametrize("engine", ["numba", "reference"])

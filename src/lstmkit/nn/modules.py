@@ -684,10 +684,11 @@ class LSTMCell(nn.Module):
         return h, c
 
 
-    # A step with nothing to record, of at most CELL_MAX_ROWS rows of float32/float64 on the
-    # CPU, runs the LSTM module's one-step kernel on the parameters as they are (engines/numba/
-    # binding.cell_step), by address: a streaming policy's cell, called once a step. Anything
-    # else, and anything to raise an error about, goes to the general path below.
+    # A step with nothing to record, float32/float64 on the CPU, runs as the LSTM module's
+    # fast path does (engines/numba/binding.cell_step): 1-2 rows on the parameters as they are,
+    # by address (a streaming policy's cell, called once a step), more on a packed copy kept
+    # while the parameters stay the same. Anything else, and anything to raise an error about,
+    # goes to the general path below.
     def _inference_fast(self, input, hx):
         if (self.engine not in ("auto", "numba") or input.dtype not in _FAST_DTYPES or not input.is_cpu
                 or input.is_neg() or not input.is_contiguous() or torch.compiler.is_compiling()):
@@ -696,7 +697,7 @@ class LSTMCell(nn.Module):
         if not (batched or input.dim() == 1) or input.shape[-1] != self.input_size:
             return None
         binding = _cell_binding()
-        if binding is None or (batched and input.shape[0] > binding.CELL_MAX_ROWS):
+        if binding is None:
             return None
         params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         if list(self._parameters) != _CELL_NAMES:

@@ -39,7 +39,8 @@ from ...kernels.numba.step import steps_forward as steps_forward_kernel
 from ...kernels.numba import buffers, gemm, prefetch
 from ...kernels.numba.threads import use_openmp
 from ...kernels.numba.tile import aligned_bytes, aligned_view
-from ...runtime.model import LIVE_STEP_MAX_ROWS, live_split
+from ...runtime.model import live_split
+from ...config import LSTMConfig
 from ..base import LayerParams
 from . import mkl
 
@@ -687,22 +688,26 @@ def run_inference(runtime, x: np.ndarray, state):
     return runtime(x, state)
 
 
-share_torch_threads()
-
-__all__ = [
-    "SUPPORTED_DTYPES", "WeightWatch", "as_numpy", "as_numpy_or", "backward_weights", "check_input", "chunks_for",
-    "forward_weights", "input_projection", "layer_backward", "layer_forward", "live_step", "live_step_model",
-    "needs_grad", "new_runtime", "row_bounds", "run_inference", "scratch", "share_torch_threads", "step_backward",
-    "step_forward", "steps_backward", "steps_forward", "unpacked_path",
-]
-
-
 # ---- LSTMCell's step with nothing to record (nn/modules.LSTMCell._inference_fast) -----------------
 # The general path lays the weights out for the time-loop kernels at every call: a streaming
 # policy calling its cell once a step (batch 1, hidden 128) spent 51 us a call against
 # torch.nn.LSTMCell's 25 (BENCHMARKS.md, twenty-second session). Here a step of a few rows runs
 # one_step_live on the parameters as they are, as the LSTM module's streaming lane does.
-CELL_MAX_ROWS = LIVE_STEP_MAX_ROWS  # past it, each row's own pass over the weights costs more
+# Rows by address up to these counts, each row a pass over the weights; more on the runtime's
+# packed copy, which reads them once a step but checks its copy at every call. At 1 thread, us
+# a step, by address / runtime: input 64, hidden 128 (384 KiB) 3 rows 21 / 32, 6 rows 37 / 49;
+# input 128, hidden 512 (2.6 MiB) 3 rows 170 / 191, 4 rows 222 / 209; at 2 threads, split,
+# 6 rows 215 / 232 (BENCHMARKS.md, twenty-second session).
+CELL_LIVE_ROWS = 6  # weights within one core's L2, or split over the threads
+CELL_LIVE_ROWS_BIG = 3  # weights past it, on one thread
+CELL_L2_BYTES = 1 << 20
+
+
+def cell_live(w, N: int, threads: int) -> int:
+    """The team size (0: one thread) a step of N rows by address runs on, or -1: the runtime."""
+    split = live_split(threads, w.I, w.H, w.H, w.arrays[0].itemsize)
+    small = (w.I + w.H) * 4 * w.H * w.arrays[0].itemsize <= CELL_L2_BYTES
+    return split if N <= (CELL_LIVE_ROWS if small or split else CELL_LIVE_ROWS_BIG) else -1
 
 
 class CellWeights:
@@ -716,8 +721,9 @@ class CellWeights:
         dt = w_ih.dtype
         H, I = w_hh.shape[1], w_ih.shape[1]
         zeros = torch.zeros(4 * H, dtype=dt)
-        self.key, self.dtype, self.H, self.I = key, dt, H, I
+        self.key, self.dtype, self.H, self.I, self.bias = key, dt, H, I, b_ih is not None
         self.tensors = (w_ih, w_hh, b_ih if b_ih is not None else zeros, b_hh if b_hh is not None else zeros)
+        self.runtime = None  # (Runtime, WeightWatch, the parameters' versions): _cell_runtime_step
         self.arrays = [t.detach().numpy() for t in self.tensors]  # views: they hold the memory alive
         self.arrays.append(np.zeros((0, H), self.arrays[0].dtype))  # no projection
         self.addrs = np.array([a.ctypes.data for a in self.arrays], np.int64)
@@ -752,12 +758,15 @@ def cell_weights(params) -> CellWeights | None:
 def cell_step(w: CellWeights, x: torch.Tensor, hx, batched: bool):
     """(h_1, c_1) of the step of x (N, I), or (I,) unbatched, from hx = (h_0, c_0) of the same
     batching, or None for zeros: all C-contiguous CPU tensors of w's dtype, checked by the
-    caller, with N <= CELL_MAX_ROWS. New tensors."""
+    caller. New tensors. A few rows (cell_live) by address on the parameters as they are;
+    more on the runtime's packed copy of them (_cell_runtime_step)."""
     N = x.shape[0] if batched else 1
+    split = cell_live(w, N, torch.get_num_threads())
+    if split < 0:
+        return _cell_runtime_step(w, x, hx, N)
     H = w.H
     h = np.empty((N, H) if batched else (H,), w.arrays[0].dtype)
     c = np.empty_like(h)
-    split = live_split(torch.get_num_threads(), w.I, H, H, h.itemsize)
     if not (split and _cell_split(split, w, x, hx, N, h, c)):
         if hx is None:
             h0 = c0 = w.zeros(N)[1]
@@ -765,6 +774,25 @@ def cell_step(w: CellWeights, x: torch.Tensor, hx, batched: bool):
             h0, c0 = hx[0].data_ptr(), hx[1].data_ptr()
         cell_step_at(x.data_ptr(), h0, c0, w.I, w.addrs, h.reshape(N, H), c.reshape(N, H))
     return torch.from_numpy(h), torch.from_numpy(c)
+
+
+def _cell_runtime_step(w: CellWeights, x, hx, N: int):
+    """cell_step for more rows than cell_live takes: the module's fast path's runtime (packed
+    weights laid out once, new_runtime) for a one-layer LSTM of the cell's weights, kept in w
+    while the parameters' versions stay and their bits match its copy (WeightWatch: what no
+    version counter records, p.data.mul_(), shows there)."""
+    versions = tuple(t._version for t in w.tensors)
+    rt = w.runtime
+    if rt is None or rt[2] != versions or not rt[1].unchanged():
+        names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+        weights = dict(zip(names, w.arrays[:4] if w.bias else w.arrays[:2]))
+        config = LSTMConfig(w.I, w.H, bias=w.bias)
+        watch = WeightWatch(list(weights.values()))  # before the packing: a change meanwhile shows next call
+        rt = w.runtime = (new_runtime(config, weights, (1, N, w.I)), watch, versions)
+    H = w.H
+    state = None if hx is None else (hx[0].numpy().reshape(1, N, H), hx[1].numpy().reshape(1, N, H))
+    _, (h, c) = run_inference(rt[0], x.numpy().reshape(1, N, w.I), state)
+    return torch.from_numpy(h.reshape(N, H)), torch.from_numpy(c.reshape(N, H))
 
 
 def _cell_split(threads: int, w: CellWeights, x, hx, N: int, h, c) -> bool:
@@ -776,3 +804,14 @@ def _cell_split(threads: int, w: CellWeights, x, hx, N: int, h, c) -> bool:
     y = np.empty((1, N, H), h.dtype)
     return one_step_live_split(threads, x.numpy().reshape(1, N, w.I), h0, c0, *w.arrays[:4], y,
                                h.reshape(1, N, H), c.reshape(1, N, H))
+
+
+share_torch_threads()
+
+__all__ = [
+    "SUPPORTED_DTYPES", "WeightWatch", "as_numpy", "as_numpy_or", "backward_weights", "check_input", "chunks_for",
+    "forward_weights", "input_projection", "layer_backward", "layer_forward", "live_step", "live_step_model",
+    "needs_grad", "new_runtime", "row_bounds", "run_inference", "scratch", "share_torch_threads", "step_backward",
+    "step_forward", "steps_backward", "steps_forward", "unpacked_path", "CellWeights", "cell_live", "cell_key",
+    "cell_weights", "cell_step",
+]
