@@ -367,7 +367,8 @@ class LSTM(nn.Module):
 
     # ---- inference fast path --------------------------------------------------------------
     def _records_nothing(self, input, hx) -> bool:
-        """_records_nothing(self, ...): the outputs then require no grad on any path, so the fast path may run."""
+        """Whether autograd records nothing for this call (the module-level _records_nothing): the
+        outputs then require no grad on any path, so the fast path may run."""
         return _records_nothing(self, input, hx)
 
     # A one-step call at batch 1 costs a few microseconds of arithmetic and tens of
@@ -683,12 +684,11 @@ class LSTMCell(nn.Module):
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
 
-
     # A step with nothing to record, float32/float64 on the CPU, runs as the LSTM module's
-    # fast path does (engines/numba/binding.cell_step): 1-2 rows on the parameters as they are,
-    # by address (a streaming policy's cell, called once a step), more on a packed copy kept
-    # while the parameters stay the same. Anything else, and anything to raise an error about,
-    # goes to the general path below.
+    # fast path does (engines/numba/binding.cell_step): a few rows on the parameters as they
+    # are, by address (a streaming policy's cell, called once a step), more on a packed copy
+    # kept while the parameters stay the same. Anything else, and anything to raise an error
+    # about, goes to the general path in forward.
     def _inference_fast(self, input, hx):
         if (self.engine not in ("auto", "numba") or input.dtype not in _FAST_DTYPES or not input.is_cpu
                 or input.is_neg() or not input.is_contiguous() or torch.compiler.is_compiling()):
@@ -699,9 +699,9 @@ class LSTMCell(nn.Module):
         binding = _cell_binding()
         if binding is None:
             return None
-        params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         if list(self._parameters) != _CELL_NAMES:
             return None  # a weight made at each call (parametrization, pruning): the general path
+        params = tuple(self._parameters.values())  # in _CELL_NAMES' order (biases None without bias)
         w = self.__dict__.get("_cell_weights")
         if w is None or w.key != binding.cell_key(params):
             w = self.__dict__["_cell_weights"] = binding.cell_weights(params)
