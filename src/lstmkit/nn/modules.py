@@ -262,7 +262,7 @@ class LSTM(nn.Module):
             data = input.data if isinstance(input, PackedSequence) else input
             if isinstance(data, torch.Tensor) and autocast.active(data.device.type):
                 return self._forward_autocast(input, hx, data.device.type)
-        if (type(input) is torch.Tensor and (not torch.is_grad_enabled() or self._records_nothing(input, hx))
+        if (type(input) is torch.Tensor and (not torch.is_grad_enabled() or _records_nothing(self, input, hx))
                 and forward_ad._current_level < 0  # no forward-mode AD tangents to carry (engines/__init__.py)
                 and not torch._C._is_tracing() and not torch._C._are_functorch_transforms_active()):
             out = self._inference_fast(input, hx)
@@ -366,11 +366,6 @@ class LSTM(nn.Module):
         return y, (h_n, c_n)
 
     # ---- inference fast path --------------------------------------------------------------
-    def _records_nothing(self, input, hx) -> bool:
-        """Whether autograd records nothing for this call (the module-level _records_nothing): the
-        outputs then require no grad on any path, so the fast path may run."""
-        return _records_nothing(self, input, hx)
-
     # A one-step call at batch 1 costs a few microseconds of arithmetic and tens of
     # microseconds of Python in the general path (checks, layers x directions, tensor <->
     # numpy per layer). With no gradient to record, a CPU tensor of float32/float64 goes
@@ -703,8 +698,9 @@ class LSTMCell(nn.Module):
             return None  # a weight made at each call (parametrization, pruning): the general path
         params = tuple(self._parameters.values())  # in _CELL_NAMES' order (biases None without bias)
         w = self.__dict__.get("_cell_weights")
-        if w is None or w.key != binding.cell_key(params):
-            w = self.__dict__["_cell_weights"] = binding.cell_weights(params)
+        key = binding.cell_key(params)
+        if w is None or w.key != key:
+            w = self.__dict__["_cell_weights"] = binding.cell_weights(params, key)
             if w is None:
                 self.__dict__.pop("_cell_weights", None)
                 return None
@@ -730,8 +726,9 @@ _CELL_NAMES = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]  # bias=False reg
 
 
 def _records_nothing(module, input, hx) -> bool:
-    """Whether autograd records nothing for this call with grad mode on: neither the input, nor
-    a parameter, nor the state given requires grad (a frozen model run on data without no_grad)."""
+    """Whether autograd records nothing for this call of an LSTM or LSTMCell with grad mode on:
+    neither the input, nor a parameter, nor the state given requires grad (a frozen model run on
+    data without no_grad). The outputs then require no grad on any path, so the fast path may run."""
     if input.requires_grad or any(p is not None and p.requires_grad for p in module._parameters.values()):
         return False
     return hx is None or (type(hx) in (tuple, list) and len(hx) == 2

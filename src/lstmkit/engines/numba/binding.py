@@ -698,16 +698,16 @@ def run_inference(runtime, x: np.ndarray, state):
 # a step, by address / runtime: input 64, hidden 128 (384 KiB) 3 rows 21 / 32, 6 rows 37 / 49;
 # input 128, hidden 512 (2.6 MiB) 3 rows 170 / 191, 4 rows 222 / 209; at 2 threads, split,
 # 6 rows 215 / 232 (BENCHMARKS.md, twenty-second session).
-CELL_LIVE_ROWS = 6  # weights within one core's L2, or split over the threads
+CELL_LIVE_ROWS = 6  # weights within one core's L2 (below live_step's size), or split over the threads
 CELL_LIVE_ROWS_BIG = 3  # weights past it, on one thread
-CELL_L2_BYTES = 1 << 20
 
 
 def cell_live(w, N: int, threads: int) -> int:
     """The team size (0: one thread) a step of N rows by address runs on, or -1: the runtime."""
-    split = live_split(threads, w.I, w.H, w.H, w.arrays[0].itemsize)
-    small = (w.I + w.H) * 4 * w.H * w.arrays[0].itemsize <= CELL_L2_BYTES
-    return split if N <= (CELL_LIVE_ROWS if small or split else CELL_LIVE_ROWS_BIG) else -1
+    itemsize = w.arrays[0].itemsize
+    split = live_split(threads, w.I, w.H, w.H, itemsize)
+    big = live_step(w.I, w.H, w.H, itemsize)
+    return split if N <= (CELL_LIVE_ROWS_BIG if big and not split else CELL_LIVE_ROWS) else -1
 
 
 class CellWeights:
@@ -744,15 +744,16 @@ def cell_key(params):
     return [(p.data_ptr(), p.shape, p.is_contiguous()) for p in params if p is not None]
 
 
-def cell_weights(params) -> CellWeights | None:
-    """CellWeights for (w_ih, w_hh, b_ih, b_hh) (biases None without bias), or None where the
-    step cannot read them (not one float32/float64 dtype, not on the CPU, not C-contiguous)."""
+def cell_weights(params, key) -> CellWeights | None:
+    """CellWeights for (w_ih, w_hh, b_ih, b_hh) (biases None without bias) and their cell_key,
+    or None where the step cannot read them (not one float32/float64 dtype, not on the CPU, not
+    C-contiguous)."""
     dt = params[0].dtype
     if dt not in SUPPORTED_DTYPES or any(
             p is not None and (p.dtype != dt or p.device.type != "cpu" or not p.is_contiguous() or p.is_neg())
             for p in params):
         return None
-    return CellWeights(cell_key(params), params)
+    return CellWeights(key, params)
 
 
 def cell_step(w: CellWeights, x: torch.Tensor, hx, batched: bool):
