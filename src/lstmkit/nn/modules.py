@@ -545,13 +545,16 @@ class LSTM(nn.Module):
         batch = batch_sizes[0]
         if hx:
             h0, c0 = hx
+            given = (h0, c0)
         else:
-            h_shape, c_shape = cfg.state_shapes(batch)
-            h0 = data.new_zeros(h_shape)
-            c0 = data.new_zeros(c_shape)
+            # One (B, P) and one (B, H) of zeros, every layer-direction's: the engines only read
+            # them (indexing a (layers x directions, B, H) tensor of zeros cost a call each).
+            z_h, z_c = data.new_zeros(batch, cfg.real_hidden_size), data.new_zeros(batch, cfg.hidden_size)
+            h0 = c0 = None
+            given = ()
         use_variant = self._variant and cfg.needs_variant_kernel(self.training)
         # Forward-mode AD may carry tangents on these too (engines/__init__._under_forward_ad).
-        others = (h0, c0, *self._flat_weights) if forward_ad._current_level >= 0 else ()
+        others = (*given, *self._flat_weights) if forward_ad._current_level >= 0 else ()
         layer_fn = get_layer_fn(self.engine, data, variant=use_variant, tensors=others)
         # Both directions at once where the engine can (Triton: one launch per step for the two).
         pair_fn = get_pair_fn(self.engine, data, variant=use_variant, tensors=others) if cfg.num_directions == 2 else None
@@ -565,7 +568,8 @@ class LSTM(nn.Module):
             idx = k * cfg.num_directions
             if pair_fn is not None:
                 params = tuple(self._direction_params(k, d) for d in range(2))
-                results = pair_fn(x, batch_sizes, (h0[idx], h0[idx + 1]), (c0[idx], c0[idx + 1]), params)
+                hs, cs = ((h0[idx], h0[idx + 1]), (c0[idx], c0[idx + 1])) if hx else ((z_h, z_h), (z_c, z_c))
+                results = pair_fn(x, batch_sizes, hs, cs, params)
             else:
                 results = []
                 for d in range(cfg.num_directions):
@@ -573,7 +577,8 @@ class LSTM(nn.Module):
                     extra = {}
                     if use_variant:  # masks drawn here, so every engine sees the same ones
                         extra["variant"] = variants.layer_variant(self, k, d, batch_sizes, data)
-                    results.append(layer_fn(x, batch_sizes, h0[idx + d], c0[idx + d], p, reverse=d == 1, **extra))
+                    h, c = (h0[idx + d], c0[idx + d]) if hx else (z_h, z_c)
+                    results.append(layer_fn(x, batch_sizes, h, c, p, reverse=d == 1, **extra))
             for y, h, c in results:
                 outs.append(y)
                 h_n.append(h)
