@@ -601,7 +601,9 @@ def test_inference_weights_cache_follows_updates_and_dies_with_the_tensor():
 
 # ---- one time step (T = 1): GEMMs on the weights as they are, no packing ----------------------------
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("N", [1, 3, 11])  # 11: above STEP_KERNEL_MAX_ROWS, the products in torch
+# 3: the forward's products in its kernel too (STEP_FORWARD_KERNEL_MAX_ROWS); 6: the forward's as
+# torch GEMMs, the backward's in its kernel; 11: above STEP_KERNEL_MAX_ROWS, all the products in torch
+@pytest.mark.parametrize("N", [1, 3, 6, 11])
 @pytest.mark.parametrize("cfg", [
     dict(input_size=5, hidden_size=8),
     dict(input_size=5, hidden_size=8, bias=False),
@@ -618,6 +620,29 @@ def test_one_step_matches_torch(cfg, N, dtype, hx):
     x = torch.randn(1, N, cfg["input_size"], generator=g, dtype=dtype)
     state = tuple(torch.randn(s, generator=g, dtype=dtype) for s in ours.config.state_shapes(N)) if hx else None
     run_differential(ref, ours, tensor_input(x), state, seed=N + 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("proj", [0, 3])
+def test_one_step_training_forward_has_the_lane_bits(dtype, proj):
+    """A recorded one-step forward of a few rows makes its products as the streaming lane's
+    kernel (lstm.one_step_live) does, so a training step and an inference step of the same
+    model and input give the same bits."""
+    from lstmkit.kernels.numba.lstm import one_step_live
+
+    m = lstmkit.LSTM(7, 36, proj_size=proj, engine="numba").to(dtype)
+    N = binding.STEP_FORWARD_KERNEL_MAX_ROWS
+    x = torch.randn(1, N, 7, dtype=dtype, requires_grad=True)
+    state = tuple(torch.randn(s, dtype=dtype) for s in m.config.state_shapes(N))
+    y, (h, c) = m(x, state)
+    assert y.requires_grad
+    w = [t.detach().numpy() for t in m.layer_params(0, 0)[:4]]
+    w_hr = m.weight_hr_l0.detach().numpy() if proj else np.empty((0, 36), w[0].dtype)
+    P = proj or 36
+    yn, hn, cn = np.empty((1, N, P), w[0].dtype), np.empty((1, N, P), w[0].dtype), np.empty((1, N, 36), w[0].dtype)
+    one_step_live(x.detach().numpy(), state[0].numpy(), state[1].numpy(), *w, w_hr, yn, hn, cn)
+    assert np.array_equal(y.detach().numpy(), yn) and np.array_equal(h.detach().numpy(), hn)
+    assert np.array_equal(c.detach().numpy(), cn)
 
 
 def test_one_step_packed_and_unbatched_match_torch():
@@ -663,18 +688,24 @@ def _count_calls(monkeypatch, module, calls: dict, names: dict) -> None:
 def test_one_step_takes_the_step_path_without_packing(monkeypatch):
     """T = 1 forward and backward run the step kernels and never lay the weights out for the
     time-loop kernels; a longer call still does."""
-    calls = {"pack": 0, "step_forward": 0, "step_backward": 0, "step_backward_all": 0}
+    calls = {"pack": 0, "step_forward": 0, "step_forward_all": 0, "step_backward": 0, "step_backward_all": 0}
     _count_calls(monkeypatch, binding, calls, {
         "pack_forward": "pack", "pack_backward": "pack", "step_forward_kernel": "step_forward",
-        "step_backward_kernel": "step_backward", "step_backward_all_kernel": "step_backward_all"})
+        "step_forward_all_kernel": "step_forward_all", "step_backward_kernel": "step_backward",
+        "step_backward_all_kernel": "step_backward_all"})
     m = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, engine="numba")
     y, (h, c) = m(torch.randn(1, 2, 3))
     (y.sum() + c.sum()).backward()
-    assert calls == {"pack": 0, "step_forward": 4, "step_backward": 0, "step_backward_all": 4}
-    N = binding.STEP_KERNEL_MAX_ROWS + 1  # more rows: the products as torch GEMMs
+    assert calls == {"pack": 0, "step_forward": 0, "step_forward_all": 4, "step_backward": 0, "step_backward_all": 4}
+    N = binding.STEP_FORWARD_KERNEL_MAX_ROWS + 1  # more rows: the forward's products as torch GEMMs
+    assert N <= binding.STEP_KERNEL_MAX_ROWS
     y, _ = m(torch.randn(1, N, 3))
     y.sum().backward()
-    assert calls == {"pack": 0, "step_forward": 8, "step_backward": 4, "step_backward_all": 4}
+    assert calls == {"pack": 0, "step_forward": 4, "step_forward_all": 4, "step_backward": 0, "step_backward_all": 8}
+    N = binding.STEP_KERNEL_MAX_ROWS + 1  # more rows: the backward's products as torch GEMMs too
+    y, _ = m(torch.randn(1, N, 3))
+    y.sum().backward()
+    assert calls == {"pack": 0, "step_forward": 8, "step_forward_all": 4, "step_backward": 4, "step_backward_all": 8}
     y, _ = m(torch.randn(binding.FEW_STEPS_MAX_ROWS + 1, 1, 3))  # the time-loop kernels
     y.sum().backward()
     assert calls["pack"] == 8 and calls["step_forward"] == 8

@@ -100,7 +100,8 @@ def test_first_path_is_compiled_first(first, monkeypatch):
 
     order = []
     for mod, name in ((lstm, "backward_core"), (step, "steps_forward"), (step, "steps_backward"),
-                      (step, "step_forward"), (step, "step_backward"), (step, "step_backward_all")):
+                      (step, "step_forward"), (step, "step_forward_all"), (step, "step_backward"),
+                      (step, "step_backward_all")):
         monkeypatch.setattr(mod, name, lambda *a, name=name: order.append(name))
     parts = []
     monkeypatch.setattr(prefetch, "_announce", lambda _, part: parts.append(part))
@@ -110,7 +111,7 @@ def test_first_path_is_compiled_first(first, monkeypatch):
     firsts = {"time loop": "backward_core", "few steps": "steps_backward", "one step": "step_backward"}
     assert order[0] == firsts[first] and set(order) >= set(firsts.values())
     assert order.index("steps_backward") < order.index("steps_forward")
-    assert order.index("step_backward_all") < order.index("step_forward")
+    assert order.index("step_backward_all") < order.index("step_forward") < order.index("step_forward_all")
     assert order[order.index("team bodies") - 1].startswith(firsts[first][:4])  # right after the first path
     assert parts[0] == f"{first} backward" and "team bodies" in parts
     assert len(parts) == len(set(parts)) == 6  # every part named, once

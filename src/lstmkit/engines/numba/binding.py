@@ -34,6 +34,7 @@ from ...kernels.numba.columns import run_columns_backward
 from ...kernels.numba.step import step_backward as step_backward_kernel
 from ...kernels.numba.step import step_backward_all as step_backward_all_kernel
 from ...kernels.numba.step import step_forward as step_forward_kernel
+from ...kernels.numba.step import step_forward_all as step_forward_all_kernel
 from ...kernels.numba.step import steps_backward as steps_backward_kernel
 from ...kernels.numba.step import steps_forward as steps_forward_kernel
 from ...kernels.numba import buffers, gemm, prefetch
@@ -62,8 +63,10 @@ def check_input(x: torch.Tensor, p: LayerParams | None = None) -> None:
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
     """A C-contiguous numpy view of t (a copy only when t is not contiguous, or is a negative
-    view: torch._neg_view's lazy negation, which numpy cannot show)."""
-    return t.detach().resolve_neg().contiguous().numpy()
+    view: torch._neg_view's lazy negation, which numpy cannot show: numpy(force=True) resolves
+    it). One torch call where detach, resolve_neg, contiguous, numpy took four."""
+    a = t.numpy(force=True)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def as_numpy_or(t, shape, dtype) -> np.ndarray:
@@ -516,6 +519,10 @@ STEP_PATH_MAX_STEPS = 1
 # Numba kernel's call: measured as fast as the five torch calls on one thread, and no torch call
 # means no torch parallel region at two threads (each one wakes the other thread).
 STEP_KERNEL_MAX_ROWS = 8
+# Up to this many rows the step forward makes q = x W_ih^T + h0 W_hh^T in its Numba kernel too
+# (row dot products: each row reads the weights once): faster than the two torch GEMMs to 4 rows
+# at hidden 128-1024, slower from 8 (BENCHMARKS.md).
+STEP_FORWARD_KERNEL_MAX_ROWS = 4
 
 
 # Calls of several steps over at most this many rows in all (sum of batch_sizes) take the
@@ -537,6 +544,8 @@ def unpacked_path(batch_sizes) -> str | None:
 
 def step_forward(x, h0, c0, p: LayerParams):
     """layer_forward(save=True) for batch_sizes == [B]: numpy (y, h_n, c_n, acts, cells)."""
+    if x.shape[0] <= STEP_FORWARD_KERNEL_MAX_ROWS:
+        return _step_forward_in_kernel(x, h0, c0, p)
     q, b = _input_projection(x, p)
     q.addmm_(h0.detach(), p.w_hh.detach().t())
     qn = q.numpy()
@@ -549,6 +558,21 @@ def step_forward(x, h0, c0, p: LayerParams):
     step_forward_kernel(qn, b, as_numpy(c0), acts, c_n, cells, h)
     if p.w_hr is not None:
         h = torch.mm(torch.from_numpy(h), p.w_hr.detach().t()).numpy()
+    return h, h.copy(), c_n, acts, cells
+
+
+def _step_forward_in_kernel(x, h0, c0, p: LayerParams):
+    xn = as_numpy(x)
+    B, dt = xn.shape[0], xn.dtype
+    w_ih = as_numpy(p.w_ih)
+    G, H = w_ih.shape[0], w_ih.shape[0] // 4
+    b_ih, b_hh = (as_numpy(p.b_ih), as_numpy(p.b_hh)) if p.b_ih is not None else (np.zeros(G, dt),) * 2
+    w_hr = as_numpy(p.w_hr) if p.w_hr is not None else np.empty((0, H), dt)
+    P = w_hr.shape[0] or H
+    acts, c_n, cells = np.empty((B, G), dt), np.empty((B, H), dt), np.empty((B, H), dt)
+    hpre, h = np.empty((B if p.w_hr is not None else 0, H), dt), np.empty((B, P), dt)
+    step_forward_all_kernel(xn, as_numpy(h0), as_numpy(c0), w_ih, as_numpy(p.w_hh), b_ih, b_hh, w_hr,
+                            acts, c_n, cells, hpre, h)
     return h, h.copy(), c_n, acts, cells
 
 

@@ -163,7 +163,7 @@ def compile_backward_kernels(first: str = "time loop", part_file=None, forward_r
     import numpy as np
 
     from .lstm import backward_core, chunk_bounds, gate_row, pack_backward
-    from .step import step_backward, step_backward_all, step_forward, steps_backward, steps_forward
+    from .step import step_backward, step_backward_all, step_forward, step_forward_all, steps_backward, steps_forward
 
     f = np.float32
     T, B, I, H = 3, 2, 3, 4
@@ -203,6 +203,8 @@ def compile_backward_kernels(first: str = "time loop", part_file=None, forward_r
         announce("one step forward")
         step_forward(r(B, G), r(G), c0, np.empty((B, G), f), np.empty((B, H), f), np.empty((B, H), f),
                      np.empty((B, H), f))
+        step_forward_all(r(B, I), h0, c0, w_ih, w_hh, r(G), r(G), no_proj, np.empty((B, G), f), np.empty((B, H), f),
+                         np.empty((B, H), f), np.empty((0, H), f), np.empty((B, H), f))
 
     def gemm_products():  # binding.matmul and input_projection on kernels/numba/gemm.py
         from .gemm import matmul_rows

@@ -16,6 +16,10 @@ and these kernels do only the per-unit work between them:
         dh (B, H) dL/dh_1 before the projection; dc (B, H) in dL/dc_1, out dL/dc_0.
         Out: dgates (B, 4H) dL/d pre-activations; hpre (B, H) o * tanh(c_1) when want_hpre.
 
+    step_forward_all(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, acts, c, cells, hpre, h)
+        step_forward with its products in the same call, for a few rows: x (B, I), h0 (B, P).
+        Out as step_forward, h (B, P) after the projection, hpre (B, H) before it.
+
     step_backward_all(...)  step_backward, then for a few rows dx, dh0 and the weight gradients
         in the same call (no torch call, so no torch parallel region, for these small products).
 
@@ -30,7 +34,8 @@ time-loop kernel's. (cache_guard.py drops this file's cached code when lstm.py c
 import numpy as np
 from numba import njit
 
-from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row
+from .lstm import KW, _rows_times, _rows_times2, add_into, copy_into, gate_backward_row, gate_row, gate_row_p
+from .rows import row_ptr
 
 
 @njit(**KW)
@@ -39,6 +44,28 @@ def step_forward(q, b, c0, acts, c, cells, h):
         copy_into(c[i], c0[i])
         gate_row(q[i], b, acts[i], c[i], h[i])
         copy_into(cells[i], c[i])
+
+
+@njit(**KW)
+def step_forward_all(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, acts, c, cells, hpre, h):
+    """step_forward with q made here: per row, b_ih plus the row dot products of W_ih with x
+    and W_hh with h0 (lstm.one_step_live's operations: the streaming lane's bits), then the
+    projection h = W_hr hpre where w_hr has rows (else hpre is not written: h holds o * tanh(c_1)).
+    For a few rows: each row reads the weights once (a GEMM reads them once for all rows)."""
+    G = w_ih.shape[0]
+    H = G // 4
+    has_proj = w_hr.shape[0] > 0
+    q = np.empty(G, x.dtype)
+    for i in range(x.shape[0]):
+        copy_into(q, b_ih)
+        _rows_times2(w_ih, x[i], w_hh, h0[i], q)
+        copy_into(c[i], c0[i])
+        gate_row_p(row_ptr(q, 0), row_ptr(b_hh, 0), row_ptr(acts, i), row_ptr(c, i),
+                   row_ptr(hpre, i) if has_proj else row_ptr(h, i), H)
+        copy_into(cells[i], c[i])
+        if has_proj:
+            h[i, :] = 0
+            _rows_times(w_hr, hpre[i], h[i])
 
 
 @njit(**KW)
