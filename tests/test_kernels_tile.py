@@ -187,3 +187,32 @@ def test_row_dot_products_equal_numpy_and_a_row_is_bitwise_the_same_in_any_group
             part = start[g0:g1].copy()
             lstm._rows_times2(w1[g0:g1], v1, w2[g0:g1], v2, part)
             assert np.array_equal(part, out[g0:g1]), (G, g0, g1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K", [32, 48, 64, 96])  # whole column blocks or not, by dtype (32 / 16 lanes)
+@pytest.mark.parametrize("G", [1, 40, KB + 8])  # the weights' rows: one K_BLOCK pass, or two
+def test_one_step_backward_products_on_views_equal_numpy(dtype, K, G):
+    """The one-step backward's products (kernels/numba/step.py): dgates W on W as it is, dgates^T
+    x with dgates^T read in place, on packed_view where K is whole column blocks; each equal
+    to numpy's, every row the same bits as packing W first (the time loops' path)."""
+    from lstmkit.kernels.numba.step import outer_times, times_w
+
+    rng = np.random.default_rng(K + G)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    assert tile.whole_blocks(np.empty((1, K), dtype)) == (K % tile.block_width(dtype) == 0)
+    for n in (1, 2, 3, 5, 8, 9, 16):
+        a = rng.standard_normal((n, G)).astype(dtype)
+        w = rng.standard_normal((G, K)).astype(dtype)
+        x = rng.standard_normal((n, K)).astype(dtype)
+        out = np.full((n, K), 7.0, dtype)
+        times_w(a, w, out)
+        np.testing.assert_allclose(out, a @ w, rtol=tol, atol=tol * G)
+        if tile.whole_blocks(w):
+            wp = tile.pack(w, False)
+            packed = np.zeros((n, tile.padded_width(wp)), dtype)
+            tile.matmul(a, n, wp, packed, False, tile.WHOLE_K)
+            assert np.array_equal(packed, out)
+        outer = np.full((G, K), 7.0, dtype)
+        outer_times(a, x, outer)
+        np.testing.assert_allclose(outer, a.T @ x, rtol=tol, atol=tol * n)

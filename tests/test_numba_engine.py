@@ -602,7 +602,8 @@ def test_inference_weights_cache_follows_updates_and_dies_with_the_tensor():
 # ---- one time step (T = 1): GEMMs on the weights as they are, no packing ----------------------------
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 # 3: the forward's products in its kernel too (STEP_FORWARD_KERNEL_MAX_ROWS); 6: the forward's as
-# torch GEMMs, the backward's in its kernel; 11: above STEP_KERNEL_MAX_ROWS, all the products in torch
+# torch GEMMs, the backward's in its kernel; 11: above STEP_KERNEL_MAX_ROWS, the backward's products
+# in torch, or on the micro-kernel where the widths are whole column blocks (STEP_TILES_MAX_ROWS)
 @pytest.mark.parametrize("N", [1, 3, 6, 11])
 @pytest.mark.parametrize("cfg", [
     dict(input_size=5, hidden_size=8),
@@ -610,6 +611,10 @@ def test_inference_weights_cache_follows_updates_and_dies_with_the_tensor():
     dict(input_size=4, hidden_size=6, proj_size=3),
     dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True, proj_size=2, bias=False),
     dict(input_size=3, hidden_size=40, num_layers=2, bidirectional=True),  # float32: vector gate blocks
+    # Widths of whole column blocks (32 float32, 16 float64): the backward's products on the
+    # micro-kernel (step.times_w, outer_times), the others on loops.
+    dict(input_size=32, hidden_size=48),
+    dict(input_size=64, hidden_size=40, proj_size=32, num_layers=2, bidirectional=True),
 ])
 @pytest.mark.parametrize("hx", [False, True])
 def test_one_step_matches_torch(cfg, N, dtype, hx):
@@ -692,7 +697,7 @@ def test_one_step_takes_the_step_path_without_packing(monkeypatch):
     _count_calls(monkeypatch, binding, calls, {
         "pack_forward": "pack", "pack_backward": "pack", "step_forward_kernel": "step_forward",
         "step_forward_all_kernel": "step_forward_all", "step_backward_kernel": "step_backward",
-        "step_backward_all_kernel": "step_backward_all"})
+        "step_backward_all_kernel": "step_backward_all", "step_backward_tiles_kernel": "step_backward_all"})
     m = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, engine="numba")
     y, (h, c) = m(torch.randn(1, 2, 3))
     (y.sum() + c.sum()).backward()
@@ -709,6 +714,34 @@ def test_one_step_takes_the_step_path_without_packing(monkeypatch):
     y, _ = m(torch.randn(binding.FEW_STEPS_MAX_ROWS + 1, 1, 3))  # the time-loop kernels
     y.sum().backward()
     assert calls["pack"] == 8 and calls["step_forward"] == 8
+    wide = lstmkit.LSTM(32, 40, proj_size=32, engine="numba")  # whole column blocks: in the kernel, to more rows
+    for N, kernel in ((binding.STEP_TILES_MAX_ROWS, 1), (binding.STEP_TILES_MAX_ROWS + 1, 0)):
+        before = dict(calls)
+        y, _ = wide(torch.randn(1, N, 32))
+        y.sum().backward()
+        assert calls["step_backward_all"] - before["step_backward_all"] == kernel
+        assert calls["step_backward"] - before["step_backward"] == 1 - kernel
+
+
+def test_one_step_backward_does_without_the_tiles_while_they_compile(monkeypatch):
+    """A cold start's first steps, while the compiling child has not cached step_backward_tiles,
+    take step_backward_all's loops: the same bits, and the tiles once they are there."""
+    from lstmkit.kernels.numba import prefetch
+
+    calls = {"loops": 0, "tiles": 0}
+    _count_calls(monkeypatch, binding, calls, {"step_backward_all_kernel": "loops", "step_backward_tiles_kernel": "tiles"})
+    m = lstmkit.LSTM(32, 32, engine="numba")  # whole column blocks: the tiles' path
+    x = torch.randn(1, 3, 32)
+    grads = []
+    for child_compiling in (True, False):
+        monkeypatch.setattr(binding, "_step_tiles", [False])
+        monkeypatch.setattr(prefetch, "compiling", lambda name: child_compiling and name == "step.step_backward_tiles")
+        xi = x.clone().requires_grad_(True)
+        y, (h, c) = m(xi)
+        grads.append(torch.autograd.grad(y.pow(2).sum() + c.sum(), [xi, *m.parameters()]))
+    assert calls == {"loops": 1, "tiles": 1}
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def test_one_step_double_backward_matches_torch():

@@ -39,7 +39,7 @@ with torch.no_grad():  # batch 1 on two threads: split by hidden units (columns.
 print(json.dumps(compiled))
 """
 
-BACKWARD_KERNELS = {"backward_chunk", "steps_backward", "step_backward", "step_backward_all"}
+BACKWARD_KERNELS = {"backward_chunk", "steps_backward", "step_backward", "step_backward_all", "step_backward_tiles"}
 # The weights' packing: the parent packs with numpy while the child compiles it (tile.pack2).
 PACKING = {"_pack2_into"}
 # What the team calls compile besides the kernels: their bodies' helpers, encoders, the column kernel.
@@ -86,7 +86,10 @@ def test_start_runs_once_and_only_when_wanted(tmp_path, monkeypatch):
     for name in ("lstm.backward_chunk-1.py311.nbi", "step.steps_backward-1.py311.nbi"):
         (tmp_path / name).write_bytes(b"")
     monkeypatch.setattr(prefetch, "started", False)
-    assert not prefetch.start("time loop") and len(launched) == 1  # already cached: nothing to do
+    assert prefetch.start("time loop") and len(launched) == 2  # the one-step tiles not cached yet
+    (tmp_path / "step.step_backward_tiles-1.py311.nbi").write_bytes(b"")
+    monkeypatch.setattr(prefetch, "started", False)
+    assert not prefetch.start("time loop") and len(launched) == 2  # all cached: nothing to do
     for f in tmp_path.glob("*.nbi"):
         f.unlink()
     monkeypatch.setattr(prefetch, "started", False)
@@ -101,7 +104,7 @@ def test_first_path_is_compiled_first(first, monkeypatch):
     order = []
     for mod, name in ((lstm, "backward_core"), (step, "steps_forward"), (step, "steps_backward"),
                       (step, "step_forward"), (step, "step_forward_all"), (step, "step_backward"),
-                      (step, "step_backward_all")):
+                      (step, "step_backward_all"), (step, "step_backward_tiles")):
         monkeypatch.setattr(mod, name, lambda *a, name=name: order.append(name))
     parts = []
     monkeypatch.setattr(prefetch, "_announce", lambda _, part: parts.append(part))
@@ -112,9 +115,10 @@ def test_first_path_is_compiled_first(first, monkeypatch):
     assert order[0] == firsts[first] and set(order) >= set(firsts.values())
     assert order.index("steps_backward") < order.index("steps_forward")
     assert order.index("step_backward_all") < order.index("step_forward") < order.index("step_forward_all")
+    assert order.index("step_forward_all") < order.index("step_backward_tiles")  # the parent does without them
     assert order[order.index("team bodies") - 1].startswith(firsts[first][:4])  # right after the first path
     assert parts[0] == f"{first} backward" and "team bodies" in parts
-    assert len(parts) == len(set(parts)) == 6  # every part named, once
+    assert len(parts) == len(set(parts)) == 7  # every part named, once
     monkeypatch.setattr(lstm, "gate_row", lambda *a: order.append("gate_row"))
     parts.clear()
     order.clear()
@@ -128,7 +132,7 @@ def test_first_path_is_compiled_first(first, monkeypatch):
     prefetch.compile_backward_kernels(first, None, own_gemm=True)  # the engine's products on gemm.py
     assert parts.index("own gemm") == parts.index("team bodies") + 1  # right after the first path
     assert order.index("matmul_rows") == order.index("team bodies") + 1
-    assert order.count("matmul_rows") == 3 and len(parts) == len(set(parts)) == 7
+    assert order.count("matmul_rows") == 3 and len(parts) == len(set(parts)) == 8
 
 
 def _fake_child(monkeypatch, tmp_path, seconds):

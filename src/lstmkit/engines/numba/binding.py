@@ -33,13 +33,14 @@ from ...kernels.numba.columns import run_columns, wide_columns_pay, wide_columns
 from ...kernels.numba.columns import run_columns_backward
 from ...kernels.numba.step import step_backward as step_backward_kernel
 from ...kernels.numba.step import step_backward_all as step_backward_all_kernel
+from ...kernels.numba.step import step_backward_tiles as step_backward_tiles_kernel
 from ...kernels.numba.step import step_forward as step_forward_kernel
 from ...kernels.numba.step import step_forward_all as step_forward_all_kernel
 from ...kernels.numba.step import steps_backward as steps_backward_kernel
 from ...kernels.numba.step import steps_forward as steps_forward_kernel
 from ...kernels.numba import buffers, gemm, prefetch
 from ...kernels.numba.threads import use_openmp
-from ...kernels.numba.tile import aligned_bytes, aligned_view
+from ...kernels.numba.tile import aligned_bytes, aligned_view, block_width
 from ...runtime.model import live_split
 from ...config import LSTMConfig
 from ..base import LayerParams
@@ -519,6 +520,10 @@ STEP_PATH_MAX_STEPS = 1
 # Numba kernel's call: measured as fast as the five torch calls on one thread, and no torch call
 # means no torch parallel region at two threads (each one wakes the other thread).
 STEP_KERNEL_MAX_ROWS = 8
+# ... and up to this many where the products run on the micro-kernel (step_backward_tiles: input
+# and output widths of whole column blocks, tile.whole_blocks): 1.05-1.4x the torch GEMMs at 8-48
+# rows, hidden 128 and 512, 1 and 2 threads (BENCHMARKS.md).
+STEP_TILES_MAX_ROWS = 48
 # Up to this many rows the step forward makes q = x W_ih^T + h0 W_hh^T in its Numba kernel too
 # (row dot products: each row reads the weights once): faster than the two torch GEMMs to 4 rows
 # at hidden 128-1024, slower from 8 (BENCHMARKS.md).
@@ -592,13 +597,35 @@ def step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs=
     dgates = np.empty((B, G), dt)
     hpre = np.empty((B, G // 4 if w_hr is not None else 0), dt)
     gate_args = (an, as_numpy(cells), as_numpy(c0), as_numpy(dhpre), dc, dgates, hpre, w_hr is not None)
-    if B <= STEP_KERNEL_MAX_ROWS:
+    if B <= STEP_KERNEL_MAX_ROWS or (B <= STEP_TILES_MAX_ROWS and _tiles_fit(x.shape[1], h0.shape[1], dt)
+                                     and step_tiles_ready()):
         dx, dh0, dw_ih, dw_hh, db = _step_products_in_kernel(gate_args, x, h0, p, needs)
     else:
         step_backward_kernel(*gate_args)
         dx, dh0, dw_ih, dw_hh, db = _step_products_in_torch(torch.from_numpy(dgates), x, h0, p, needs)
     dw_hr = dh.detach().t().mm(torch.from_numpy(hpre)) if w_hr is not None and needs[7] else None
     return dx, dh0, torch.from_numpy(dc), dw_ih, dw_hh, db, dw_hr
+
+
+def _tiles_fit(I: int, P: int, dtype) -> bool:
+    """Whether all four of the step backward's products take the micro-kernel (step_backward_tiles)."""
+    V = block_width(dtype)
+    return I % V == 0 and P % V == 0
+
+
+_step_tiles = [False]  # step_tiles_ready's answer, once it is True
+
+
+def step_tiles_ready() -> bool:
+    """Whether the one-step backward's products take the micro-kernel (step_backward_tiles):
+    always, except in a cold start while the compiling child (kernels/numba/prefetch.py) has not
+    cached it yet: then the loops of step_backward_all, the same bits, rather than seconds of
+    compiling in the first training step."""
+    if not _step_tiles[0]:
+        if prefetch.compiling("step.step_backward_tiles"):
+            return False
+        _step_tiles[0] = True
+    return True
 
 
 def _step_products_in_kernel(gate_args, x, h0, p: LayerParams, needs):
@@ -610,7 +637,8 @@ def _step_products_in_kernel(gate_args, x, h0, p: LayerParams, needs):
     outs = (np.empty((B if needs[0] else 0, I), dt), np.empty((B if needs[1] else 0, P), dt),
             np.empty((G if needs[3] else 0, I), dt), np.empty((G if needs[4] else 0, P), dt),
             np.empty(G if needs[5] or needs[6] else 0, dt))
-    step_backward_all_kernel(*gate_args, xn, h0n, as_numpy(p.w_ih), as_numpy(p.w_hh), *outs)
+    kernel = step_backward_tiles_kernel if step_tiles_ready() else step_backward_all_kernel
+    kernel(*gate_args, xn, h0n, as_numpy(p.w_ih), as_numpy(p.w_hh), *outs)
     wanted = (needs[0], needs[1], needs[3], needs[4], needs[5] or needs[6])
     return tuple(torch.from_numpy(a) if w else None for a, w in zip(outs, wanted))
 

@@ -31,7 +31,8 @@ WAIT_LIMIT_S = 30.0
 
 
 def _backward_cached(cache) -> bool:
-    return any(cache.glob("lstm.backward_chunk-*.nbi")) and any(cache.glob("step.steps_backward-*.nbi"))
+    return all(any(cache.glob(f"{name}-*.nbi"))
+               for name in ("lstm.backward_chunk", "step.steps_backward", "step.step_backward_tiles"))
 
 
 def start(first: str, training: bool = True, own_gemm: bool = False) -> bool:
@@ -163,7 +164,8 @@ def compile_backward_kernels(first: str = "time loop", part_file=None, forward_r
     import numpy as np
 
     from .lstm import backward_core, chunk_bounds, gate_row, pack_backward
-    from .step import step_backward, step_backward_all, step_forward, step_forward_all, steps_backward, steps_forward
+    from .step import (step_backward, step_backward_all, step_backward_tiles, step_forward, step_forward_all,
+                       steps_backward, steps_forward)
 
     f = np.float32
     T, B, I, H = 3, 2, 3, 4
@@ -205,6 +207,9 @@ def compile_backward_kernels(first: str = "time loop", part_file=None, forward_r
                      np.empty((B, H), f))
         step_forward_all(r(B, I), h0, c0, w_ih, w_hh, r(G), r(G), no_proj, np.empty((B, G), f), np.empty((B, H), f),
                          np.empty((B, H), f), np.empty((0, H), f), np.empty((B, H), f))
+        announce("one step tiles")  # the parent does without them meanwhile (binding.step_tiles_ready)
+        step_backward_tiles(*args, r(B, I), h0, w_ih, w_hh, np.empty((B, I), f), np.empty((B, H), f),
+                            np.empty((G, I), f), np.empty((G, H), f), np.empty(G, f))
 
     def gemm_products():  # binding.matmul and input_projection on kernels/numba/gemm.py
         from .gemm import matmul_rows

@@ -320,6 +320,22 @@ def _pack2_into(w1, w2, transposed, wp):
 
 
 @njit(**KW)
+def whole_blocks(w):
+    """Whether W (K, G) has a whole number of V-column blocks (packed_view's condition)."""
+    return w.shape[1] % _lanes_array(w) == 0
+
+
+@njit(**KW)
+def packed_view(w):
+    """W (K, G) C-contiguous, G a multiple of V, as matmul's packed W without a copy: the view
+    (G // V, K, V) with wp[b, k, j] = W[k, b*V + j], the rows of a block G elements apart instead
+    of V (matmul reads W by its strides). For a product whose W changes at every call (the one-step
+    backward's): packing it would cost as much as the product."""
+    V = _lanes_array(w)
+    return w.reshape(w.shape[0], w.shape[1] // V, V).transpose(1, 0, 2)
+
+
+@njit(**KW)
 def padded_width(wp):
     """Columns of matmul's output for this packed W (G rounded up to V)."""
     return wp.shape[0] * wp.shape[2]
