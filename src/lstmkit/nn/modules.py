@@ -323,10 +323,11 @@ class LSTM(nn.Module):
             input, hx_shaped, L, N = self._traced_shapes(input, hx is not None and (h0, c0))
             if hx is not None:
                 h0, c0 = hx_shaped
-        data = input.reshape(L * N, self.input_size)  # padded = packed with batch_sizes [N]*L
+        # padded = packed with batch_sizes [N]*L (_run hands the engine the rows as it takes them)
         batch_sizes = PaddedSizes(L, N) if torch.compiler.is_compiling() else [N] * L  # (base.PaddedSizes)
-        y, (h_n, c_n) = self._run(data, batch_sizes, hx is not None and (h0, c0))
-        y = y.view(L, N, cfg.output_size)
+        y, (h_n, c_n) = self._run(input, batch_sizes, hx is not None and (h0, c0))
+        if y.dim() == 2:
+            y = y.view(L, N, cfg.output_size)
         if self.batch_first:
             y = y.transpose(0, 1)
         if not batched:
@@ -538,7 +539,8 @@ class LSTM(nn.Module):
         return p
 
     def _run(self, data, batch_sizes, hx):
-        """All layers and directions over packed data. hx: (h0, c0) or False for zeros."""
+        """All layers and directions over packed data (total, I), or padded (L, N, I): y then
+        (L, N, P) or (total, D*P). hx: (h0, c0) or False for zeros."""
         cfg = self.config
         if type(batch_sizes) is list and len(batch_sizes) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -560,6 +562,14 @@ class LSTM(nn.Module):
         pair_fn = get_pair_fn(self.engine, data, variant=use_variant, tensors=others) if cfg.num_directions == 2 else None
         if isinstance(batch_sizes, PaddedSizes) and not getattr(layer_fn, "takes_padded_sizes", False):
             batch_sizes = batch_sizes.as_list()  # the reference engine's loop over steps wants them all
+        if data.dim() == 3:  # padded
+            if (cfg.num_layers == 1 and cfg.num_directions == 1 and not use_variant
+                    and getattr(layer_fn, "takes_padded_input", False)):
+                # nn.LSTM's shapes from the engine itself (engines/numba/engine.py): no view, no stack
+                h, c = (h0[0], c0[0]) if hx else (z_h, z_c)
+                y, h, c = layer_fn(data, batch_sizes, h, c, self._direction_params(0, 0), reverse=False)
+                return y, (h, c)
+            data = data.reshape(-1, data.shape[2])
 
         x = data
         h_n, c_n = [], []

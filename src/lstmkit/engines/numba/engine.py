@@ -28,7 +28,27 @@ def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False):
     if needs_grad((x, h0, c0, *p)):
         return _LSTMFunction.apply(x, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, batch_sizes, reverse)
     # Inference: the kernel on numpy views, nothing saved.
-    y, h_n, c_n, _, _ = layer_forward(x, batch_sizes, h0, c0, p, bool(reverse), False)
+    y, h_n, c_n, _, _ = layer_forward(_rows(x), batch_sizes, h0, c0, p, bool(reverse), False)
+    return _outputs(x, y, h_n, c_n)
+
+
+# x may also come padded, (L, N, I) with batch_sizes [N] * L (the module's one-layer,
+# one-direction calls): the outputs then come in nn.LSTM's shapes, y (L, N, P), h_n (1, N, P),
+# c_n (1, N, H), and the module adds no view or stack of its own to the autograd graph (each a
+# node of the backward pass: about 10 us of a 140 us one-step training step, BENCHMARKS.md).
+lstm_layer.takes_padded_input = True
+
+
+def _rows(t):
+    """t as packed rows (total, features): padded (L, N, features) and (1, N, features) states
+    viewed as such; 2-D t and None as they are."""
+    return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _outputs(x, y, h_n, c_n):
+    """The kernel's numpy outputs as tensors, shaped as x came: packed rows, or padded (above)."""
+    if x.dim() == 3:
+        y, h_n, c_n = y.reshape(x.shape[0], x.shape[1], y.shape[1]), h_n[None], c_n[None]
     return torch.from_numpy(y), torch.from_numpy(h_n), torch.from_numpy(c_n)
 
 
@@ -36,8 +56,8 @@ class _LSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
         p = LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr)
-        y, h_n, c_n, acts, cells = layer_forward(x, batch_sizes, h0, c0, p, bool(reverse), True)
-        y, h_n, c_n = torch.from_numpy(y), torch.from_numpy(h_n), torch.from_numpy(c_n)
+        y, h_n, c_n, acts, cells = layer_forward(_rows(x), batch_sizes, h0, c0, p, bool(reverse), True)
+        y, h_n, c_n = _outputs(x, y, h_n, c_n)
         # Saved: inputs (no copies), the output y, and the kernel's acts + cells.
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, y, torch.from_numpy(acts), torch.from_numpy(cells),
                               b_ih, b_hh)  # the biases: for differentiable_backward only
@@ -51,15 +71,22 @@ class _LSTMFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n, dc_n):
         if torch.is_grad_enabled():  # create_graph=True: this backward is itself differentiated
             x, h0, c0, w_ih, w_hh, w_hr, _, _, _, b_ih, b_hh = ctx.saved_tensors
-            return (*differentiable_backward("numba", (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), (dy, dh_n, dc_n),
-                                             ctx.batch_sizes, ctx.reverse, ctx.needs_input_grad), None, None)
+            grads = differentiable_backward("numba", (_rows(x), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr),
+                                            (_rows(dy), _rows(dh_n), _rows(dc_n)), ctx.batch_sizes, ctx.reverse,
+                                            ctx.needs_input_grad)
+            return (_shaped_as(grads[0], x), *grads[1:], None, None)
         x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells = ctx.saved_tensors[:9]
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = layer_backward(
-            x, ctx.batch_sizes, h0, c0, LayerParams(w_ih, w_hh, None, None, w_hr), ctx.reverse, y, acts, cells,
-            dy, dh_n, dc_n, ctx.needs_input_grad)
+            _rows(x), ctx.batch_sizes, h0, c0, LayerParams(w_ih, w_hh, None, None, w_hr), ctx.reverse, _rows(y), acts,
+            cells, _rows(dy), _rows(dh_n), _rows(dc_n), ctx.needs_input_grad)
+        dx = _shaped_as(dx, x)
         need = ctx.needs_input_grad
         keep = lambda g, k: g if need[k] else None  # noqa: E731
         db_ih = db if ctx.has_bias and need[5] else None
         db_hh = db.clone() if ctx.has_bias and need[6] else None  # d/db_ih == d/db_hh: both enter the gates as-is
         return (keep(dx, 0), keep(dh0, 1), keep(dc0, 2), keep(dw_ih, 3), keep(dw_hh, 4), db_ih, db_hh,
                 keep(dw_hr, 7) if w_hr is not None else None, None, None)
+
+
+def _shaped_as(dx, x):
+    return dx if dx is None or x.dim() == 2 else dx.view(x.shape)
