@@ -400,3 +400,36 @@ def test_missing_matplotlib_skips_the_curve_with_a_message(tmp_path, monkeypatch
     msg = train.write_curve(tmp_path, {"train": [[1, 2.0, 10]], "eval": [], "unigram_bpc": 3.0})
     assert "matplotlib is not installed" in msg and "lstmkit[train]" in msg
     assert not (tmp_path / "loss.png").exists()
+
+
+_FAULTS = """
+import resource, sys
+import numpy as np
+if sys.argv[1] == "kept":
+    from lstmkit.apps.charlm.train import keep_freed_memory
+    assert keep_freed_memory()
+n = (7 << 20) // 8  # two 7 MiB arrays freed together: more free at the top of the heap than glibc keeps
+for _ in range(3):
+    a, b = np.ones(n), np.ones(n)
+    del a, b
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    a, b = np.ones(n), np.ones(n)
+    del a, b
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_kept_freed_memory_is_not_faulted_in_again():
+    """The trainer's --malloc kept (the default): a step's arrays freed and allocated again come
+    back with their pages mapped; glibc's own setting returns them and faults them in anew."""
+    import platform
+
+    assert train.keep_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    if not train.keep_freed_memory():
+        return  # another C library: the trainer leaves it alone (and says nothing)
+    run = lambda how: int(subprocess.run([sys.executable, "-c", _FAULTS, how], capture_output=True, text=True,  # noqa: E731
+                                         check=True, timeout=120).stdout.split()[-1])
+    pages = 20 * 2 * (7 << 20) // 4096
+    assert run("default") > pages // 8  # the steps fault their arrays in again
+    assert run("kept") < pages // 100

@@ -91,6 +91,10 @@ def build_parser(prog="lstmkit train") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (torch.set_num_threads; the Numba engine follows it); 0: torch's default. "
                         "On a busy machine 1 can be many times faster")
+    p.add_argument("--malloc", default="kept", choices=("kept", "default"),
+                   help="kept (default): glibc keeps freed memory for the next step instead of returning it "
+                        "to the system and faulting it in again (mallopt; the process's setting from then on); "
+                        "default: leave glibc's own setting")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same configuration)")
     p.add_argument("--overwrite", action="store_true", help="start over in a --out that already holds a run")
     p.add_argument("--compare-torch", action="store_true",
@@ -474,6 +478,10 @@ class Trainer:
     def _log_start(self) -> None:
         from ...engines import auto_engine_name
 
+        if self.args.malloc == "kept" and keep_freed_memory():
+            self.say.log(f"malloc: glibc keeps freed memory (mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim "
+                         f"threshold {TRIM_THRESHOLD >> 20} MiB; --malloc default leaves its setting)")
+
         args, cfg, net = self.args, self.cfg, self.net
         self.engine = (auto_engine_name(self.ids[:1].float().to(self.device)) if args.engine == "auto"
                        else args.engine)
@@ -649,6 +657,33 @@ def _stop_on_signals():
     finally:
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
+
+
+# A training step allocates and frees the same big arrays at every step (activations, gradients,
+# logits). glibc's default returns freed memory at the top of its heap to the system once more
+# than a threshold is free, and serves blocks above another threshold by mmap: the next step's
+# arrays are then fresh pages, each written first by a page fault (thousands a step; the main
+# job's torch.nn.LSTM ran 24-35 thousand chars/s against 33-55 with these kept, BENCHMARKS.md).
+# Fixed thresholds keep the memory in the heap (and turn off glibc's moving mmap threshold).
+MMAP_THRESHOLD = 32 << 20  # glibc's largest
+TRIM_THRESHOLD = 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # malloc.h
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's malloc to keep freed memory (MMAP_THRESHOLD, TRIM_THRESHOLD) for the rest of the
+    process; False where the C library is not glibc or refuses."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 @contextlib.contextmanager
