@@ -70,6 +70,29 @@ def test_a_long_transposed_view_runs_in_row_blocks_with_the_same_bits(dtype, M):
     np.testing.assert_allclose(want, a.astype(np.float64) @ b, rtol=0, atol=1e-3 if dtype == np.float32 else 1e-11)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M", [256, 512, 1024 + 40])  # dgates^T's rows (4H); the last with a row block's tail
+def test_a_transposed_view_with_its_k_1_kib_apart_is_copied_to_padded_rows_with_the_same_bits(dtype, M):
+    """dgates^T with dgates' rows a multiple of 1 KiB long (hidden 64, 128, 256 ...): each block of
+    a pass runs on a copy with longer rows (gemm.PAD_ELEMENTS), at any size: the same bits as the
+    same values with rows of another length, K tails included."""
+    K, G = 300, 64  # two passes over K, the second partial
+    rng = np.random.default_rng(M)
+    values = rng.standard_normal((K, M)).astype(dtype)
+    b = rng.standard_normal((K, G)).astype(dtype)
+    crowded = np.zeros((K, 1024 // np.dtype(dtype).itemsize * -(-M * np.dtype(dtype).itemsize // 1024)), dtype)
+    crowded[:, :M] = values
+    spread = np.zeros((K, M + 3), dtype)
+    spread[:, :M] = values
+    a, a_spread = crowded[:, :M].T, spread[:, :M].T
+    assert a.strides[1] % 1024 == 0 and a_spread.strides[1] % 1024 != 0
+    want = gemm.matmul_rows(np.ascontiguousarray(a), b, False, 1)[:, :G]
+    for threads in (1, 2):
+        assert np.array_equal(gemm.matmul_rows(a, b, False, threads)[:, :G], want)
+        assert np.array_equal(gemm.matmul_rows(a_spread, b, False, threads)[:, :G], want)
+    np.testing.assert_allclose(want, a.astype(np.float64) @ b, rtol=0, atol=1e-3 if dtype == np.float32 else 1e-11)
+
+
 def test_row_bounds_split_into_whole_tiles():
     assert gemm.row_bounds(1000, 1 << 30, 2).tolist() == [0, 504, 1000]
     assert gemm.row_bounds(1000, 1 << 30, 1).tolist() == [0, 1000]

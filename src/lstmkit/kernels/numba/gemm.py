@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit
 
 from . import buffers
-from .rows import KW
+from .rows import KW, copy_p, ptr_add, row_ptr
 from .threads import run_chunks
 from .tile import K_BLOCK, WHOLE_K, block_width, matmul, pack, padded_width, tiles_pass
 from .tile import packed_shape as tile_packed_shape
@@ -61,6 +61,11 @@ def l2_rows(K, itemsize):
 # with passes over the whole chunk, 170-180 in row blocks (BENCHMARKS.md, eighteenth session).
 ROW_BLOCK = 256
 ROW_BLOCKS_FROM_BYTES = 1 << 20
+# The copy's rows are this many elements longer than a row block: k's 1,088 (float32) or 2,176
+# bytes apart spread over L1's sets. The weight gradients at 64,32,256,256 (dgates' rows 4 KiB),
+# dgates with rows 64 bytes longer against as they are: 1 thread 10.0-10.5 against 11.9 ms,
+# 2 threads 5.5 against 7.5 (BENCHMARKS.md, twenty-third session).
+PAD_ELEMENTS = 16
 
 
 @njit(**KW)
@@ -82,18 +87,31 @@ def _rows(a, wp, out, bias, r0, r1):
     row's sum runs over k in order whatever the blocking: the same bits for any chunks."""
     K = a.shape[1]
     n = r1 - r0
-    if a.strides[1] == a.itemsize or K == 0 or n * min(K, K_BLOCK) * a.itemsize < ROW_BLOCKS_FROM_BYTES:
+    # Where a's k's lie a multiple of 1 KiB apart (dgates^T at hidden 64, 128, 256, ...), a row
+    # tile's K_BLOCK k's fall into a few of L1's sets and evict each other at every column block:
+    # the passes then copy each block to rows PAD_ELEMENTS longer first.
+    crowded = K > 0 and a.strides[1] % 1024 == 0
+    if not crowded and (a.strides[1] == a.itemsize or K == 0
+                        or n * min(K, K_BLOCK) * a.itemsize < ROW_BLOCKS_FROM_BYTES):
         step = l2_rows(K, a.itemsize)
         for m0 in range(r0, r1, step):
             m1 = min(r1, m0 + step)
             matmul(a[m0:m1], m1 - m0, wp, out[m0:m1], False, WHOLE_K)
             _add_bias(out, bias, m0, m1)
         return
+    buf = np.empty((K_BLOCK if crowded else 0, ROW_BLOCK + PAD_ELEMENTS), a.dtype)
+    kstride = a.strides[1] // a.itemsize
     for kb in range(0, K, K_BLOCK):  # matmul's passes over K (the same sums in the same order)
         k1 = min(K, kb + K_BLOCK)
         for m0 in range(r0, r1, ROW_BLOCK):
             m1 = min(r1, m0 + ROW_BLOCK)
-            tiles_pass(a[m0:m1, kb:k1], m1 - m0, wp[:, kb:k1], out[m0:m1], kb > 0)
+            blk = a[m0:m1, kb:k1]
+            if crowded:
+                src = row_ptr(a, m0)
+                for k in range(kb, k1):  # a[m0:m1, k], contiguous, to buf[k - kb]
+                    copy_p(row_ptr(buf, k - kb), ptr_add(src, k * kstride), m1 - m0)
+                blk = buf[:k1 - kb, :m1 - m0].T
+            tiles_pass(blk, m1 - m0, wp[:, kb:k1], out[m0:m1], kb > 0)
     _add_bias(out, bias, r0, r1)
 
 
