@@ -563,9 +563,11 @@ class LSTM(nn.Module):
         if isinstance(batch_sizes, PaddedSizes) and not getattr(layer_fn, "takes_padded_sizes", False):
             batch_sizes = batch_sizes.as_list()  # the reference engine's loop over steps wants them all
         if data.dim() == 3:  # padded
-            if (cfg.num_layers == 1 and cfg.num_directions == 1 and not use_variant
+            if (cfg.num_layers == 1 and cfg.num_directions == 1 and not use_variant and data.is_contiguous()
                     and getattr(layer_fn, "takes_padded_input", False)):
-                # nn.LSTM's shapes from the engine itself (engines/numba/engine.py): no view, no stack
+                # nn.LSTM's shapes from the engine itself (engines/numba/engine.py): no view, no
+                # stack. (batch_first's transposed input is copied once, here, as before: the engine
+                # would copy it again in the backward.)
                 h, c = (h0[0], c0[0]) if hx else (z_h, z_c)
                 y, h, c = layer_fn(data, batch_sizes, h, c, self._direction_params(0, 0), reverse=False)
                 return y, (h, c)
