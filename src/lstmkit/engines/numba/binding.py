@@ -567,6 +567,7 @@ def step_forward(x, h0, c0, p: LayerParams):
 
 
 def _step_forward_in_kernel(x, h0, c0, p: LayerParams):
+    """step_forward for a few rows, the products in the kernel (step_forward_all)."""
     xn = as_numpy(x)
     B, dt = xn.shape[0], xn.dtype
     w_ih = as_numpy(p.w_ih)

@@ -90,7 +90,7 @@ def _rows(a, wp, out, bias, r0, r1):
     # Where a's k's lie a multiple of 1 KiB apart (dgates^T at hidden 64, 128, 256, ...), a row
     # tile's K_BLOCK k's fall into a few of L1's sets and evict each other at every column block:
     # the passes then copy each block to rows PAD_ELEMENTS longer first.
-    crowded = K > 0 and a.strides[1] % 1024 == 0
+    crowded = K > 0 and a.strides[0] == a.itemsize and a.strides[1] % 1024 == 0
     if not crowded and (a.strides[1] == a.itemsize or K == 0
                         or n * min(K, K_BLOCK) * a.itemsize < ROW_BLOCKS_FROM_BYTES):
         step = l2_rows(K, a.itemsize)
