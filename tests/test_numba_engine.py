@@ -601,10 +601,11 @@ def test_inference_weights_cache_follows_updates_and_dies_with_the_tensor():
 
 # ---- one time step (T = 1): GEMMs on the weights as they are, no packing ----------------------------
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-# 3: the forward's products in its kernel too (STEP_FORWARD_KERNEL_MAX_ROWS); 6: the forward's as
-# torch GEMMs, the backward's in its kernel; 11: above STEP_KERNEL_MAX_ROWS, the backward's products
-# in torch, or on the micro-kernel where the widths are whole column blocks (STEP_TILES_MAX_ROWS)
-@pytest.mark.parametrize("N", [1, 3, 6, 11])
+# 3: every product in the kernels (STEP_KERNEL_MAX_ROWS, STEP_FORWARD_KERNEL_MAX_ROWS); 4: the
+# forward's in its kernel, the backward's as torch GEMMs; 6 and 11: the forward's as torch GEMMs,
+# the backward's too, or on the micro-kernel where the widths are whole column blocks
+# (STEP_TILES_MAX_ROWS)
+@pytest.mark.parametrize("N", [1, 3, 4, 6, 11])
 @pytest.mark.parametrize("cfg", [
     dict(input_size=5, hidden_size=8),
     dict(input_size=5, hidden_size=8, bias=False),
@@ -702,18 +703,18 @@ def test_one_step_takes_the_step_path_without_packing(monkeypatch):
     y, (h, c) = m(torch.randn(1, 2, 3))
     (y.sum() + c.sum()).backward()
     assert calls == {"pack": 0, "step_forward": 0, "step_forward_all": 4, "step_backward": 0, "step_backward_all": 4}
-    N = binding.STEP_FORWARD_KERNEL_MAX_ROWS + 1  # more rows: the forward's products as torch GEMMs
-    assert N <= binding.STEP_KERNEL_MAX_ROWS
+    N = binding.STEP_KERNEL_MAX_ROWS + 1  # more rows: the backward's products as torch GEMMs
+    assert N <= binding.STEP_FORWARD_KERNEL_MAX_ROWS
     y, _ = m(torch.randn(1, N, 3))
     y.sum().backward()
-    assert calls == {"pack": 0, "step_forward": 4, "step_forward_all": 4, "step_backward": 0, "step_backward_all": 8}
-    N = binding.STEP_KERNEL_MAX_ROWS + 1  # more rows: the backward's products as torch GEMMs too
+    assert calls == {"pack": 0, "step_forward": 0, "step_forward_all": 8, "step_backward": 4, "step_backward_all": 4}
+    N = binding.STEP_FORWARD_KERNEL_MAX_ROWS + 1  # more rows: the forward's products as torch GEMMs too
     y, _ = m(torch.randn(1, N, 3))
     y.sum().backward()
-    assert calls == {"pack": 0, "step_forward": 8, "step_forward_all": 4, "step_backward": 4, "step_backward_all": 8}
+    assert calls == {"pack": 0, "step_forward": 4, "step_forward_all": 8, "step_backward": 8, "step_backward_all": 4}
     y, _ = m(torch.randn(binding.FEW_STEPS_MAX_ROWS + 1, 1, 3))  # the time-loop kernels
     y.sum().backward()
-    assert calls["pack"] == 8 and calls["step_forward"] == 8
+    assert calls["pack"] == 8 and calls["step_forward"] == 4
     wide = lstmkit.LSTM(32, 40, proj_size=32, engine="numba")  # whole column blocks: in the kernel, to more rows
     for N, kernel in ((binding.STEP_TILES_MAX_ROWS, 1), (binding.STEP_TILES_MAX_ROWS + 1, 0)):
         before = dict(calls)

@@ -517,9 +517,11 @@ def _own_copy(t: torch.Tensor) -> torch.Tensor:
 # Calls of at most this many steps take the one-step path (0: none, for measuring the others).
 STEP_PATH_MAX_STEPS = 1
 # Up to this many rows the step backward makes its products (dx, dh0, weight gradients) in the
-# Numba kernel's call: measured as fast as the five torch calls on one thread, and no torch call
-# means no torch parallel region at two threads (each one wakes the other thread).
-STEP_KERNEL_MAX_ROWS = 8
+# Numba kernel's call, on loops: no torch call, so no torch parallel region at two threads (each
+# one wakes the other thread). At input 50, hidden 100, through the module, loops against torch's
+# GEMMs: 2 rows 1.05-1.20x, 3 rows 0.98-1.09x, 4 rows 0.91-0.95x, 8 rows 0.79-0.84x (the
+# twenty-second session's 8 was measured before the tiles; BENCHMARKS.md, twenty-third session).
+STEP_KERNEL_MAX_ROWS = 3
 # ... and up to this many where the products run on the micro-kernel (step_backward_tiles: input
 # and output widths of whole column blocks, tile.whole_blocks): 1.05-1.4x the torch GEMMs at 8-48
 # rows, hidden 128 and 512, 1 and 2 threads (BENCHMARKS.md).
