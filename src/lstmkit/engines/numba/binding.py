@@ -40,7 +40,7 @@ from ...kernels.numba.step import steps_backward as steps_backward_kernel
 from ...kernels.numba.step import steps_forward as steps_forward_kernel
 from ...kernels.numba import buffers, gemm, prefetch
 from ...kernels.numba.threads import use_openmp
-from ...kernels.numba.tile import aligned_bytes, aligned_view, block_width
+from ...kernels.numba.tile import aligned_bytes, aligned_view
 from ...runtime.model import live_split
 from ...config import LSTMConfig
 from ..base import LayerParams
@@ -611,9 +611,9 @@ def step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs=
 
 
 def _tiles_fit(I: int, P: int, dtype) -> bool:
-    """Whether all four of the step backward's products take the micro-kernel (step_backward_tiles)."""
-    V = block_width(dtype)
-    return I % V == 0 and P % V == 0
+    """Whether all four of the step backward's products take the micro-kernel (step_backward_tiles):
+    widths of whole column blocks, gemm.fits' condition (tile.whole_blocks' in the kernel)."""
+    return gemm.fits(I, dtype) and gemm.fits(P, dtype)
 
 
 _step_tiles = [False]  # step_tiles_ready's answer, once it is True
