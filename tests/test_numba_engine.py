@@ -693,7 +693,11 @@ def _count_calls(monkeypatch, module, calls: dict, names: dict) -> None:
 
 def test_one_step_takes_the_step_path_without_packing(monkeypatch):
     """T = 1 forward and backward run the step kernels and never lay the weights out for the
-    time-loop kernels; a longer call still does."""
+    time-loop kernels; a longer call still does. (The rules where torch's GEMMs are not MKL's:
+    mkl.own_gemm, forced here on any CPU; MKL's are the next test's.)"""
+    from lstmkit.engines.numba import mkl
+
+    monkeypatch.setattr(mkl, "_own_gemm", [True])
     calls = {"pack": 0, "step_forward": 0, "step_forward_all": 0, "step_backward": 0, "step_backward_all": 0}
     _count_calls(monkeypatch, binding, calls, {
         "pack_forward": "pack", "pack_backward": "pack", "step_forward_kernel": "step_forward",
@@ -722,6 +726,30 @@ def test_one_step_takes_the_step_path_without_packing(monkeypatch):
         y.sum().backward()
         assert calls["step_backward_all"] - before["step_backward_all"] == kernel
         assert calls["step_backward"] - before["step_backward"] == 1 - kernel
+
+
+@pytest.mark.parametrize("hidden, rows, in_kernel", [
+    (32, 1, True), (32, binding.MKL_STEP_KERNEL_MAX_ROWS, True),  # [W_ih | W_hh] of 32 KiB
+    (32, 8, False),  # whole column blocks (the tiles elsewhere), but MKL's GEMMs past 4 rows
+    (224, 1, False),  # 0.9 MiB of weights: MKL's GEMMs at any rows
+])
+def test_one_step_leaves_big_or_many_row_products_to_mkl(monkeypatch, hidden, rows, in_kernel):
+    """Where torch's GEMMs are MKL's (an Intel CPU; forced here on any CPU) the one-step products
+    stay in the kernels at a few rows on small weights only, and the gradients still match."""
+    from lstmkit.engines.numba import mkl
+
+    monkeypatch.setattr(mkl, "_own_gemm", [False])
+    monkeypatch.setattr(binding, "_step_tiles", [True])
+    calls = {"forward_all": 0, "forward": 0, "backward_all": 0, "backward": 0}
+    _count_calls(monkeypatch, binding, calls, {
+        "step_forward_all_kernel": "forward_all", "step_forward_kernel": "forward",
+        "step_backward_all_kernel": "backward_all", "step_backward_tiles_kernel": "backward_all",
+        "step_backward_kernel": "backward"})
+    ref, ours = pair(dict(input_size=32, hidden_size=hidden), "numba", torch.float32, seed=rows)
+    x = torch.randn(1, rows, 32, generator=torch.Generator().manual_seed(rows))
+    run_differential(ref, ours, tensor_input(x), None, seed=rows)
+    assert (calls["forward_all"] > 0, calls["backward_all"] > 0) == (in_kernel, in_kernel)
+    assert (calls["forward"] > 0, calls["backward"] > 0) == (not in_kernel, not in_kernel)
 
 
 def test_one_step_backward_does_without_the_tiles_while_they_compile(monkeypatch):

@@ -530,6 +530,26 @@ STEP_TILES_MAX_ROWS = 48
 # (row dot products: each row reads the weights once): faster than the two torch GEMMs to 4 rows
 # at hidden 128-1024, slower from 8 (BENCHMARKS.md).
 STEP_FORWARD_KERNEL_MAX_ROWS = 4
+# The three rules above were measured where torch's GEMMs are not MKL's own (mkl.own_gemm: the
+# AMD EPYC). On an Intel CPU torch's GEMMs are MKL's AVX-512 code, on both threads: there the
+# products stay in the kernel only at up to MKL_STEP_KERNEL_MAX_ROWS rows and on weights
+# ([W_ih | W_hh]) under MKL_STEP_KERNEL_MAX_WEIGHT_BYTES. One training step through the module,
+# Intel Xeon, us at 1 / 2 threads, products in the kernel (forward and backward) against torch's:
+# input 64, hidden 128 (384 KiB), 1 row 410 / 409 against 450 / 411, 4 rows 417 / 430 against
+# 469 / 471; the tiles at 8-32 rows 0.93-1.01x torch's; input 128, hidden 256 (1.5 MiB), 1 row
+# 837 / 775 against 867 / 680; hidden 512 (5 MiB) 1 row 2130 / 1676 against 1868 / 1169, 4 rows
+# 2736 / 2351 against 2266 / 1398 (BENCHMARKS.md, twenty-fourth session).
+MKL_STEP_KERNEL_MAX_ROWS = 4
+MKL_STEP_KERNEL_MAX_WEIGHT_BYTES = 512 << 10
+
+
+def _mkl_keeps_step_products(B: int, p: LayerParams) -> bool:
+    """Whether a one-step call of B rows leaves its products to torch's GEMMs because they are
+    MKL's (an Intel CPU, see above), whatever the rules above say."""
+    if mkl.own_gemm():
+        return False
+    weight_bytes = (p.w_ih.shape[1] + p.w_hh.shape[1]) * p.w_ih.shape[0] * p.w_ih.element_size()
+    return B > MKL_STEP_KERNEL_MAX_ROWS or weight_bytes >= MKL_STEP_KERNEL_MAX_WEIGHT_BYTES
 
 
 # Calls of several steps over at most this many rows in all (sum of batch_sizes) take the
@@ -551,7 +571,7 @@ def unpacked_path(batch_sizes) -> str | None:
 
 def step_forward(x, h0, c0, p: LayerParams):
     """layer_forward(save=True) for batch_sizes == [B]: numpy (y, h_n, c_n, acts, cells)."""
-    if x.shape[0] <= STEP_FORWARD_KERNEL_MAX_ROWS:
+    if x.shape[0] <= STEP_FORWARD_KERNEL_MAX_ROWS and not _mkl_keeps_step_products(x.shape[0], p):
         return _step_forward_in_kernel(x, h0, c0, p)
     q, b = _input_projection(x, p)
     q.addmm_(h0.detach(), p.w_hh.detach().t())
@@ -600,8 +620,9 @@ def step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs=
     dgates = np.empty((B, G), dt)
     hpre = np.empty((B, G // 4 if w_hr is not None else 0), dt)
     gate_args = (an, as_numpy(cells), as_numpy(c0), as_numpy(dhpre), dc, dgates, hpre, w_hr is not None)
-    if B <= STEP_KERNEL_MAX_ROWS or (B <= STEP_TILES_MAX_ROWS and _tiles_fit(x.shape[1], h0.shape[1], dt)
-                                     and step_tiles_ready()):
+    in_kernel = B <= STEP_KERNEL_MAX_ROWS or (B <= STEP_TILES_MAX_ROWS and _tiles_fit(x.shape[1], h0.shape[1], dt)
+                                              and step_tiles_ready())
+    if in_kernel and not _mkl_keeps_step_products(B, p):
         dx, dh0, dw_ih, dw_hh, db = _step_products_in_kernel(gate_args, x, h0, p, needs)
     else:
         step_backward_kernel(*gate_args)
