@@ -16,6 +16,7 @@ layer (gates reordered from torch's i,f,g,o to ONNX's i,o,f,c; biases as [Wb | R
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -62,8 +63,12 @@ def case_name(c) -> str:
 # ---- timing --------------------------------------------------------------------------------------
 def compare(fns: dict, min_time: float = 0.02, rounds: int = 7) -> dict:
     """Median seconds per call of each function. The functions are timed in interleaved
-    rounds (a, b, c, a, b, c, ...), so a change in machine load hits all of them alike;
-    in each round a function runs n times, n sized so that it takes >= min_time."""
+    rounds, so a change in machine load hits all of them alike; in each round a function runs
+    n times, n sized so that it takes >= min_time. The order changes from round to round
+    (round_orders): in a fixed order each function runs after the same other one, which leaves
+    its caches as it left them, and on the Intel Xeon of the twenty-fourth session that alone
+    made lstmkit read 0.85-0.89x torch.nn.LSTM where, rotated, the two were at 0.97-1.01x
+    (BENCHMARKS.md)."""
     ns = {}
     for name, fn in fns.items():
         fn()
@@ -72,14 +77,22 @@ def compare(fns: dict, min_time: float = 0.02, rounds: int = 7) -> dict:
         fn()
         ns[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
     times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            n = ns[name]
+    for order in round_orders(list(fns), rounds):
+        for name in order:
+            fn, n = fns[name], ns[name]
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
             times[name].append((time.perf_counter() - t0) / n)
     return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
+def round_orders(names: list, rounds: int) -> list:
+    """The order of each round: every ordering of the names in turn (up to 4 names), else the
+    cyclic rotations, so each name runs in each place and after each other about equally."""
+    orders = list(itertools.permutations(names)) if len(names) <= 4 else \
+        [names[k:] + names[:k] for k in range(len(names))]
+    return [list(orders[r % len(orders)]) for r in range(rounds)]
 
 
 # ---- ONNX Runtime --------------------------------------------------------------------------------
