@@ -29,6 +29,7 @@ def every_product_to_mkl(monkeypatch):
     monkeypatch.setattr(mkl, "MIN_WEIGHT_BYTES", 0)
     monkeypatch.setattr(mkl, "MIN_FORWARD_WEIGHT_BYTES", 0)
     monkeypatch.setattr(mkl, "MIN_ROWS", 1)
+    monkeypatch.setattr(mkl, "_l2", [0])  # training calls too (mkl.training_min_bytes)
     packed = []
     real = mkl.pack
     monkeypatch.setattr(mkl, "pack", lambda *a, **k: packed.append(a[1]) or real(*a, **k))
@@ -190,6 +191,7 @@ def test_products_padded_to_eight_rows_match_nn_lstm(threads, I, H, monkeypatch)
     and a PackedSequence whose steps run 7 rows down to 1, inference and training: outputs and
     every gradient against torch.nn.LSTM."""
     require_team(monkeypatch)  # at 2 threads the units split must run, even with a cold compile cache
+    monkeypatch.setattr(mkl, "_l2", [0])  # training on MKL too, whatever this machine's L2
     calls = []
     real = mkl.pack
     seqs = [torch.randn(n, I) for n in (5, 2, 6, 1, 7, 4, 3)]
@@ -257,3 +259,25 @@ def test_variant_products_padded_to_eight_rows_match_the_reference():
             # packed for the padded products: the forward's W_hh^T, and in training the backward's W_hh
             assert (True, True) in calls and ((False, True) in calls) == (make is not None)
             calls.clear()
+
+
+def test_training_products_stay_on_the_micro_kernel_while_the_weights_fit_in_l2(monkeypatch):
+    """A training call (weights laid out at every call) sends its products to MKL only from a
+    core's L2 size of weights; inference from the thresholds measured for it."""
+    monkeypatch.setattr(mkl, "_l2", [2 << 20])
+    K, G = 192, 512  # 384 KiB: input 64, hidden 128
+    assert mkl.use(K, G, 8, np.float32, forward=True)
+    assert not mkl.use(K, G, 8, np.float32, forward=True, training=True)
+    assert not mkl.use(256, 1024, 8, np.float32, training=True)  # W_hh of hidden 256: 1 MiB
+    assert mkl.use(640, 2048, 8, np.float32, forward=True, training=True)  # 5 MiB: hidden 512
+    assert mkl.use(512, 2048, 8, np.float32, training=True)
+
+
+def test_l2_size_is_read_from_sysfs(tmp_path):
+    for index, level, size in (("index0", "1", "48K"), ("index1", "1", "32K"), ("index2", "2", "1280K"),
+                               ("index3", "3", "105M")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "level").write_text(level + "\n")
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert mkl._l2_bytes(str(tmp_path)) == 1280 << 10
+    assert mkl._l2_bytes(str(tmp_path / "nowhere")) == 0

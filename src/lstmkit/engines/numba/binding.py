@@ -351,8 +351,8 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     bounds = row_bounds(batch_sizes, I, H, P)
     rows = chunk_rows(B, bounds)
     pre = precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, bounds.shape[0] - 1,
-                           mkl.use(I + P, 4 * H, rows, dt, forward=True))
-    gemm_pre = pre if mkl.use(P if pre else I + P, 4 * H, rows, dt, forward=True) else None
+                           mkl.use(I + P, 4 * H, rows, dt, forward=True, training=save))
+    gemm_pre = pre if mkl.use(P if pre else I + P, 4 * H, rows, dt, forward=True, training=save) else None
     # With x W_ih^T + b precomputed the loop reads neither x nor W_ih: W_hh^T alone is packed,
     # and the kernel gets x with no columns (its k offset into W is then 0).
     b, wp, wpr, gemm, wg = forward_weights(p, not save, gemm_pre, rows, with_input=not pre)
@@ -386,7 +386,7 @@ def _wide_columns(B: int, I: int, H: int, P: int, dt, save: bool = True) -> bool
     with MKL's step products, the input in them (columns.wide_columns_pay)."""
     threads = torch.get_num_threads()
     return (wide_columns_pay(B, I, H, P, dt.itemsize, threads, inference=not save)
-            and mkl.use(I + H, 4 * -(-H // threads), B, dt, forward=True))
+            and mkl.use(I + H, 4 * -(-H // threads), B, dt, forward=True, training=save))
 
 
 def _forward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, save=True, wide=False):
@@ -410,7 +410,7 @@ def _wide_columns_backward(B: int, I: int, H: int, P: int, dt) -> bool:
     """Whether a backward call of B rows runs split by hidden units with MKL's step products
     (columns.wide_columns_pay_backward)."""
     threads = torch.get_num_threads()
-    return wide_columns_pay_backward(B, I, H, P, dt.itemsize, threads) and mkl.use(4 * H, -(-H // threads), B, dt)
+    return wide_columns_pay_backward(B, I, H, P, dt.itemsize, threads) and mkl.use(4 * H, -(-H // threads), B, dt, training=True)
 
 
 def _backward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, y, acts, cells, dy, dh_n, dc_n,
@@ -473,7 +473,7 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     # dx after the loop (or not at all): the step products by W_hh alone
     dx_after = not want_dx or dx_after_loop(len(batch_sizes), I, H, P, xn.itemsize)
     rows = chunk_rows(B, bounds)
-    wpb, wprb, gemm, wgb = backward_weights(p, not dx_after, mkl.use(4 * H, P if dx_after else I + P, rows, dt), rows)
+    wpb, wprb, gemm, wgb = backward_weights(p, not dx_after, mkl.use(4 * H, P if dx_after else I + P, rows, dt, training=True), rows)
     dyn = as_numpy_or(dy, (total, P), dt)
     dh = as_numpy(dh_n).copy() if dh_n is not None else np.zeros((B, P), dt)  # becomes dh0
     dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, H), dt)  # becomes dc0

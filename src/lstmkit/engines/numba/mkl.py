@@ -2,7 +2,7 @@
 where the weights outgrow L2, and for the forward's from smaller weights (kernels/numba/blas.py
 says why; BENCHMARKS.md, seventh and eleventh sessions, has the measurements behind the thresholds).
 
-    use(K, G, rows, dtype, forward)   whether a product of `rows` rows by a K x G weight goes to MKL
+    use(K, G, rows, dtype, forward, training)   whether a product of `rows` rows by a K x G weight goes to MKL
     pack(w, transposed, rows)     (address of cblas_sgemm_compute, w (or w^T) packed for it)
     packed_size(K, G, rows)       floats of that packing (pack can write into a caller's array)
     pack_parts(w_ih, w_hh, units, pre, rows)   each hidden-unit part's weights packed (columns.py)
@@ -116,10 +116,48 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def use(K: int, G: int, rows: int, dtype, forward: bool = False) -> bool:
+# A training call lays its weights out at every call (binding.py), for MKL's packed GEMM too (its
+# own packing, after a concatenation in the forward). There the micro-kernel keeps the products
+# while the weights fit in a core's L2 (training_min_bytes). Training on the Intel Xeon of the
+# twenty-fourth session (2 MiB of L2), vs torch.nn.LSTM, MKL from the thresholds above -> from
+# L2's size: 100,8,64,128 1 thread 0.95x -> 1.03x; 100,8,128,256 1 / 2 threads 0.98x -> 1.03x /
+# 0.94x -> 1.03x; 100,16,64,128 2 threads 1.12x -> 1.21x; 50,8,256,256 2 threads 0.92x -> 1.00x;
+# 100,16,128,256 and 100,64,128,256 2 threads as fast. Inference (weights packed once) keeps
+# MKL from the thresholds above: from L2's size it ran 2-6 % slower at hidden 256, 2 threads.
+TRAINING_MIN_WEIGHT_BYTES = 2 << 20  # where the L2's size is not known
+_l2 = []  # [a core's L2 bytes], found once
+
+
+def training_min_bytes() -> int:
+    """The weight bytes from which a training call's per-step products go to MKL: a core's L2."""
+    if not _l2:
+        _l2.append(_l2_bytes() or TRAINING_MIN_WEIGHT_BYTES)
+    return _l2[0]
+
+
+def _l2_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """cpu0's level-2 cache in bytes, from Linux's sysfs; 0 where not found."""
+    try:
+        for index in sorted(os.listdir(root)):
+            with open(os.path.join(root, index, "level"), encoding="ascii") as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(os.path.join(root, index, "size"), encoding="ascii") as f:
+                text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+            return int(text.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def use(K: int, G: int, rows: int, dtype, forward: bool = False, training: bool = False) -> bool:
     """Whether the per-step product of `rows` rows (a chunk's) by a K x G weight goes to MKL
-    (forward: a product of the plain forward kernel)."""
+    (forward: a product of the plain forward kernel; training: of a call that saves for a
+    backward, or of the backward)."""
     size = K * G * 4
+    if training and size < training_min_bytes():
+        return False
     if forward and size < MIN_WEIGHT_BYTES:
         ok = size >= MIN_FORWARD_WEIGHT_BYTES and rows >= MIN_FORWARD_ROWS
     else:
