@@ -281,3 +281,17 @@ def test_l2_size_is_read_from_sysfs(tmp_path):
         (tmp_path / index / "size").write_text(size + "\n")
     assert mkl._l2_bytes(str(tmp_path)) == 1280 << 10
     assert mkl._l2_bytes(str(tmp_path / "nowhere")) == 0
+
+
+def test_training_takes_the_units_split_on_mkl_only_where_the_weights_outgrow_l2(monkeypatch):
+    """At 2 threads and few rows a training call runs split by hidden units on MKL where the rows
+    split would stream weights past L2 (hidden 384: 3 MiB of [W_ih | W_hh], 2.25 MiB of W_hh),
+    not where the rows split keeps them on the micro-kernel (hidden 256: 1.5 / 1 MiB)."""
+    monkeypatch.setattr(mkl, "_l2", [2 << 20])
+    f32 = np.dtype(np.float32)
+    with torch_threads(2):
+        assert binding._wide_columns(8, 128, 384, 384, f32, save=True)
+        assert binding._wide_columns_backward(8, 128, 384, 384, f32)
+        assert not binding._wide_columns(8, 128, 256, 256, f32, save=True)
+        assert not binding._wide_columns_backward(8, 128, 256, 256, f32)
+        assert binding._wide_columns(8, 128, 256, 256, f32, save=False)  # inference: as before

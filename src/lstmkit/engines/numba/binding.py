@@ -383,10 +383,15 @@ def _big_columns(B: int, H: int, P: int, dt, training: bool) -> bool:
 
 def _wide_columns(B: int, I: int, H: int, P: int, dt, save: bool = True) -> bool:
     """Whether a forward call of B rows (saving for a backward, or not) runs split by hidden units
-    with MKL's step products, the input in them (columns.wide_columns_pay)."""
+    with MKL's step products, the input in them (columns.wide_columns_pay). A training call
+    only where the rows split would not take the micro-kernel either (the whole [W_ih | W_hh]
+    past a core's L2, mkl.use's training rule): Intel Xeon, 2 MiB of L2, 2 threads, training
+    vs torch.nn.LSTM, units split on MKL -> rows split on the micro-kernel: 100,8,128,256 0.88x ->
+    0.97x, but 200,8,128,384 (3 MiB) 1.26x -> 0.64x (BENCHMARKS.md, twenty-fourth session)."""
     threads = torch.get_num_threads()
     return (wide_columns_pay(B, I, H, P, dt.itemsize, threads, inference=not save)
-            and mkl.use(I + H, 4 * -(-H // threads), B, dt, forward=True, training=save))
+            and mkl.use(I + H, 4 * -(-H // threads), B, dt, forward=True)
+            and mkl.use(I + H, 4 * H, B, dt, forward=True, training=save))
 
 
 def _forward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, save=True, wide=False):
@@ -410,7 +415,8 @@ def _wide_columns_backward(B: int, I: int, H: int, P: int, dt) -> bool:
     """Whether a backward call of B rows runs split by hidden units with MKL's step products
     (columns.wide_columns_pay_backward)."""
     threads = torch.get_num_threads()
-    return wide_columns_pay_backward(B, I, H, P, dt.itemsize, threads) and mkl.use(4 * H, -(-H // threads), B, dt, training=True)
+    return (wide_columns_pay_backward(B, I, H, P, dt.itemsize, threads) and mkl.use(4 * H, -(-H // threads), B, dt)
+            and mkl.use(4 * H, H, B, dt, training=True))  # W_hh past L2: see _wide_columns
 
 
 def _backward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, y, acts, cells, dy, dh_n, dc_n,
