@@ -269,6 +269,7 @@ def test_training_products_stay_on_the_micro_kernel_while_the_weights_fit_in_l2(
     assert mkl.use(K, G, 8, np.float32, forward=True)
     assert not mkl.use(K, G, 8, np.float32, forward=True, training=True)
     assert not mkl.use(256, 1024, 8, np.float32, training=True)  # W_hh of hidden 256: 1 MiB
+    assert not mkl.use(512, 1024, 8, np.float32, forward=True, training=True)  # exactly L2's 2 MiB
     assert mkl.use(640, 2048, 8, np.float32, forward=True, training=True)  # 5 MiB: hidden 512
     assert mkl.use(512, 2048, 8, np.float32, training=True)
 
