@@ -619,7 +619,7 @@ def test_training_on_wide_weights_at_two_threads_takes_the_unit_split_on_mkl(kw,
     from lstmkit.engines.numba import mkl
 
     monkeypatch.setattr(mkl, "_wanted", [True])  # on any CPU (mkl.wanted)
-    monkeypatch.setattr(mkl, "_l2", [0])  # and with any L2 (1.4 MiB parts: mkl.training_min_bytes)
+    monkeypatch.setattr(mkl, "_l2", [0])  # and with any L2 (1.4 MiB parts: mkl.training_tile_max_bytes)
     from torch.nn.utils.rnn import pack_padded_sequence
 
     from lstmkit.engines.numba import binding

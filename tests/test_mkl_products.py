@@ -29,7 +29,7 @@ def every_product_to_mkl(monkeypatch):
     monkeypatch.setattr(mkl, "MIN_WEIGHT_BYTES", 0)
     monkeypatch.setattr(mkl, "MIN_FORWARD_WEIGHT_BYTES", 0)
     monkeypatch.setattr(mkl, "MIN_ROWS", 1)
-    monkeypatch.setattr(mkl, "_l2", [0])  # training calls too (mkl.training_min_bytes)
+    monkeypatch.setattr(mkl, "_l2", [0])  # training calls too (mkl.training_tile_max_bytes)
     packed = []
     real = mkl.pack
     monkeypatch.setattr(mkl, "pack", lambda *a, **k: packed.append(a[1]) or real(*a, **k))

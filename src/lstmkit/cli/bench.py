@@ -66,9 +66,8 @@ def compare(fns: dict, min_time: float = 0.02, rounds: int = 7) -> dict:
     rounds, so a change in machine load hits all of them alike; in each round a function runs
     n times, n sized so that it takes >= min_time. The order changes from round to round
     (round_orders): in a fixed order each function runs after the same other one, which leaves
-    its caches as it left them, and on the Intel Xeon of the twenty-fourth session that alone
-    made lstmkit read 0.85-0.89x torch.nn.LSTM where, rotated, the two were at 0.97-1.01x
-    (BENCHMARKS.md)."""
+    the caches as it left them, and that alone moved ratios by 10 % (BENCHMARKS.md, twenty-fourth
+    session)."""
     ns = {}
     for name, fn in fns.items():
         fn()

@@ -385,9 +385,9 @@ def _wide_columns(B: int, I: int, H: int, P: int, dt, save: bool = True) -> bool
     """Whether a forward call of B rows (saving for a backward, or not) runs split by hidden units
     with MKL's step products, the input in them (columns.wide_columns_pay). A training call
     only where the rows split would not take the micro-kernel either (the whole [W_ih | W_hh]
-    past a core's L2, mkl.use's training rule): Intel Xeon, 2 MiB of L2, 2 threads, training
-    vs torch.nn.LSTM, units split on MKL -> rows split on the micro-kernel: 100,8,128,256 0.88x ->
-    0.97x, but 200,8,128,384 (3 MiB) 1.26x -> 0.64x (BENCHMARKS.md, twenty-fourth session)."""
+    past a core's L2, mkl.use's training rule): with weights in L2 the rows split on the
+    micro-kernel ran faster, past it (each core streaming all of them at every step) up to
+    3x slower (BENCHMARKS.md, twenty-fourth session)."""
     threads = torch.get_num_threads()
     return (wide_columns_pay(B, I, H, P, dt.itemsize, threads, inference=not save)
             and mkl.use(I + H, 4 * -(-H // threads), B, dt, forward=True)
@@ -537,14 +537,10 @@ STEP_TILES_MAX_ROWS = 48
 # at hidden 128-1024, slower from 8 (BENCHMARKS.md).
 STEP_FORWARD_KERNEL_MAX_ROWS = 4
 # The three rules above were measured where torch's GEMMs are not MKL's own (mkl.own_gemm: the
-# AMD EPYC). On an Intel CPU torch's GEMMs are MKL's AVX-512 code, on both threads: there the
-# products stay in the kernel only at up to MKL_STEP_KERNEL_MAX_ROWS rows and on weights
-# ([W_ih | W_hh]) under MKL_STEP_KERNEL_MAX_WEIGHT_BYTES. One training step through the module,
-# Intel Xeon, us at 1 / 2 threads, products in the kernel (forward and backward) against torch's:
-# input 64, hidden 128 (384 KiB), 1 row 410 / 409 against 450 / 411, 4 rows 417 / 430 against
-# 469 / 471; the tiles at 8-32 rows 0.93-1.01x torch's; input 128, hidden 256 (1.5 MiB), 1 row
-# 837 / 775 against 867 / 680; hidden 512 (5 MiB) 1 row 2130 / 1676 against 1868 / 1169, 4 rows
-# 2736 / 2351 against 2266 / 1398 (BENCHMARKS.md, twenty-fourth session).
+# AMD EPYC). On an Intel CPU torch's GEMMs are MKL's AVX-512 code on every thread, and the
+# kernel's one-thread products beat them only at a few rows on weights that stay in L2
+# (BENCHMARKS.md, twenty-fourth session): there the products stay in the kernel at up to
+# MKL_STEP_KERNEL_MAX_ROWS rows on [W_ih | W_hh] under MKL_STEP_KERNEL_MAX_WEIGHT_BYTES only.
 MKL_STEP_KERNEL_MAX_ROWS = 4
 MKL_STEP_KERNEL_MAX_WEIGHT_BYTES = 512 << 10
 

@@ -117,25 +117,21 @@ if hasattr(os, "register_at_fork"):
 
 
 # A training call lays its weights out at every call (binding.py), for MKL's packed GEMM too (its
-# own packing, after a concatenation in the forward). There the micro-kernel keeps the products
-# while the weights fit in a core's L2 (training_min_bytes). Training on the Intel Xeon of the
-# twenty-fourth session (2 MiB of L2), vs torch.nn.LSTM, MKL from the thresholds above -> from
-# L2's size: 100,8,64,128 1 thread 0.95x -> 1.03x; 100,8,128,256 1 / 2 threads 0.98x -> 1.03x /
-# 0.94x -> 1.03x; 100,16,64,128 2 threads 1.12x -> 1.21x; 50,8,256,256 2 threads 0.92x -> 1.00x;
-# 100,16,128,256 and 100,64,128,256 2 threads as fast. Inference (weights packed once) keeps
-# MKL from the thresholds above: from L2's size it ran 2-6 % slower at hidden 256, 2 threads.
-# Weights of exactly L2's size (the main job's second layer, [W_ih | W_hh] of input 256, hidden
-# 256) stay on the micro-kernel too: its training forward at 2 threads 12.0 -> 10.9 ms (MKL
-# without the input projection first; torch.nn.LSTM 10.6-11.0), the main job's LSTM forward
-# 19.1 -> 18.2 ms.
-TRAINING_MIN_WEIGHT_BYTES = 2 << 20  # where the L2's size is not known
+# own packing, after a concatenation in the forward): two copies of the weights where the
+# micro-kernel makes one. So a training call keeps the micro-kernel while the weights fit in a
+# core's L2 (training_tile_max_bytes, exactly L2's size included), where it streams them from L2
+# as fast as MKL does; past L2 MKL's blocking wins. Inference lays its weights out once and keeps
+# the thresholds above. Measured on an Intel Xeon with 2 MiB of L2: BENCHMARKS.md, twenty-fourth
+# session.
+DEFAULT_L2_BYTES = 2 << 20  # where the L2's size is not known
 _l2 = []  # [a core's L2 bytes], found once
 
 
-def training_min_bytes() -> int:
-    """A training call's per-step products go to MKL on weights of more bytes than this: a core's L2."""
+def training_tile_max_bytes() -> int:
+    """A training call's per-step products stay on the micro-kernel on weights up to this many
+    bytes: a core's L2."""
     if not _l2:
-        _l2.append(_l2_bytes() or TRAINING_MIN_WEIGHT_BYTES)
+        _l2.append(_l2_bytes() or DEFAULT_L2_BYTES)
     return _l2[0]
 
 
@@ -160,7 +156,7 @@ def use(K: int, G: int, rows: int, dtype, forward: bool = False, training: bool 
     (forward: a product of the plain forward kernel; training: of a call that saves for a
     backward, or of the backward)."""
     size = K * G * 4
-    if training and size <= training_min_bytes():
+    if training and size <= training_tile_max_bytes():
         return False
     if forward and size < MIN_WEIGHT_BYTES:
         ok = size >= MIN_FORWARD_WEIGHT_BYTES and rows >= MIN_FORWARD_ROWS
