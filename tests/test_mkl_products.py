@@ -296,3 +296,16 @@ def test_training_takes_the_units_split_on_mkl_only_where_the_weights_outgrow_l2
         assert not binding._wide_columns(8, 128, 256, 256, f32, save=True)
         assert not binding._wide_columns_backward(8, 128, 256, 256, f32)
         assert binding._wide_columns(8, 128, 256, 256, f32, save=False)  # inference: as before
+
+
+def test_packed_input_asks_mkl_about_its_mean_rows():
+    """Padded input: a chunk's rows (the most). Packed sequences of unequal lengths: the mean rows
+    a step, since a chunk's rows shrink as its sequences end (MKL's call on the last few costs
+    more than the micro-kernel's small tiles), so the bench's packed case at 2 threads (16
+    sequences, 4,000 rows in 500 steps) asks about 4 rows: the micro-kernel at hidden 128."""
+    two = np.array([0, 8, 16])
+    assert binding.paying_rows(16, 500, 16 * 500, two) == 8 == binding.chunk_rows(16, two)
+    assert binding.paying_rows(5, 10, 50, np.array([0, 3, 5])) == 3  # padded, uneven chunks: the most
+    assert binding.paying_rows(16, 500, 4000, two) == 4
+    assert binding.paying_rows(16, 500, 4000, np.array([0, 16])) == 8
+    assert not mkl.use(192, 512, 4, np.float32, forward=True) and mkl.use(192, 512, 8, np.float32, forward=True)

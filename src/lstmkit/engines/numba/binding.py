@@ -125,6 +125,17 @@ def chunk_rows(B: int, bounds) -> int:
     return -(-B // (bounds.shape[0] - 1))
 
 
+def paying_rows(B: int, steps: int, total: int, bounds) -> int:
+    """The rows a chunk's step products are asked about when deciding whether MKL pays
+    (mkl.use): chunk_rows for padded input; for packed sequences of unequal lengths, whose
+    chunks' rows shrink as their sequences end, the mean rows a step (MKL's call on a chunk's last
+    few rows costs more than the micro-kernel's small tiles: BENCHMARKS.md, twenty-fourth session)."""
+    chunks = bounds.shape[0] - 1
+    if total == B * steps:
+        return -(-B // chunks)
+    return max(1, total // (steps * chunks))
+
+
 # ---- scratch: the backward's temporaries, kept from call to call -----------------------------------
 # The backward's dgates and [x | h_prev] (and the input projection of a forward) are
 # megabytes that live only inside one call. Allocated fresh, glibc hands such blocks back to
@@ -350,9 +361,10 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
             return out
     bounds = row_bounds(batch_sizes, I, H, P)
     rows = chunk_rows(B, bounds)
+    mean = paying_rows(B, len(batch_sizes), total, bounds)
     pre = precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, bounds.shape[0] - 1,
-                           mkl.use(I + P, 4 * H, rows, dt, forward=True, training=save))
-    gemm_pre = pre if mkl.use(P if pre else I + P, 4 * H, rows, dt, forward=True, training=save) else None
+                           mkl.use(I + P, 4 * H, mean, dt, forward=True, training=save))
+    gemm_pre = pre if mkl.use(P if pre else I + P, 4 * H, mean, dt, forward=True, training=save) else None
     # With x W_ih^T + b precomputed the loop reads neither x nor W_ih: W_hh^T alone is packed,
     # and the kernel gets x with no columns (its k offset into W is then 0).
     b, wp, wpr, gemm, wg = forward_weights(p, not save, gemm_pre, rows, with_input=not pre)
