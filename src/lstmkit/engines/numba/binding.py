@@ -361,10 +361,10 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
             return out
     bounds = row_bounds(batch_sizes, I, H, P)
     rows = chunk_rows(B, bounds)
-    mean = paying_rows(B, len(batch_sizes), total, bounds)
+    asked_rows = paying_rows(B, len(batch_sizes), total, bounds)  # what mkl.use is asked about
     pre = precompute_input(B, len(batch_sizes), I, H, P, xn.itemsize, bounds.shape[0] - 1,
-                           mkl.use(I + P, 4 * H, mean, dt, forward=True, training=save))
-    gemm_pre = pre if mkl.use(P if pre else I + P, 4 * H, mean, dt, forward=True, training=save) else None
+                           mkl.use(I + P, 4 * H, asked_rows, dt, forward=True, training=save))
+    gemm_pre = pre if mkl.use(P if pre else I + P, 4 * H, asked_rows, dt, forward=True, training=save) else None
     # With x W_ih^T + b precomputed the loop reads neither x nor W_ih: W_hh^T alone is packed,
     # and the kernel gets x with no columns (its k offset into W is then 0).
     b, wp, wpr, gemm, wg = forward_weights(p, not save, gemm_pre, rows, with_input=not pre)
