@@ -653,3 +653,18 @@ def test_training_on_wide_weights_at_two_threads_takes_the_unit_split_on_mkl(kw,
         assert torch.equal(a, b)
     for a, b in zip(results[0], results[2]):
         torch.testing.assert_close(a, b, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("batch,I,H,threads,split", [
+    (8, 128, 384, 2, True),     # chunks of fewer than 8 rows: any wide weights
+    (16, 128, 384, 2, False),   # W_hh 2.25 MiB: the rows split
+    (16, 128, 512, 2, True),    # W_hh 4 MiB: 16-32 rows split by units too
+    (32, 128, 512, 2, True),
+    (33, 128, 512, 2, False),   # past 32 rows: the rows split
+    (48, 128, 1024, 2, False),
+    (32, 128, 512, 1, False),   # one thread: nothing to split
+])
+def test_the_backward_splits_by_units_from_w_hh_of_4_mib_up_to_32_rows(batch, I, H, threads, split):
+    """columns.wide_columns_pay_backward's rule: at 2 threads the backward runs split by hidden
+    units at chunks of fewer than 8 rows, and at 16-32 rows from a W_hh of 4 MiB (hidden 512)."""
+    assert columns.wide_columns_pay_backward(batch, I, H, H, 4, threads) is split

@@ -220,8 +220,13 @@ def big_weights_columns_pay(batch: int, H: int, P: int, itemsize: int, threads: 
 
 # The backward (backward_columns' gemm), measured the same way: the split won at chunks of fewer
 # than 8 rows (hidden 384-1024: 1.03-1.18x -> 1.25-1.29x torch) and at hidden 1024 up to 32 rows
-# (1.13-1.16x -> 1.17-1.24x), lost at 32 rows of hidden 512 (1.31-1.35x -> 1.13-1.15x).
-WIDE_BACKWARD_MIN_HH_BYTES = 16 << 20
+# (1.13-1.16x -> 1.17-1.24x). From W_hh of 4 MiB (hidden 512) at 16-32 rows too: on the Intel
+# Xeon of the twenty-fifth session (2 MiB of L2 a core), training at 2 threads, rows -> units
+# split: 50,16,128,512 0.90-0.91x -> 0.96-0.99x torch.nn.LSTM, 50,16,256,512 0.93x -> 0.99x,
+# 50,24,128,512 1.08x -> 1.12x, 50,32,128,512 1.10-1.13x -> 1.12-1.14x; at 48 rows 1.15x ->
+# 1.13x, and hidden 384 (2.25 MiB) 1.20x either way (BENCHMARKS.md). An older measurement had 32
+# rows of hidden 512 lose (1.31-1.35x -> 1.13-1.15x); here they gained 1-2 %.
+WIDE_BACKWARD_MIN_HH_BYTES = 4 << 20
 
 
 def wide_columns_pay_backward(batch: int, I: int, H: int, P: int, itemsize: int, threads: int) -> bool:
