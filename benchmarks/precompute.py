@@ -23,6 +23,7 @@ import lstmkit.kernels.numba.lstm as kernels
 def _force(pre: bool) -> None:
     kernels._precompute_few_rows = lambda *a: pre  # noqa: E731 (the rule at 1-2 rows)
     kernels.PRECOMPUTE_MIN_WEIGHT_BYTES = 0 if pre else 1 << 40
+    kernels.weights_stay_in_l2 = lambda nbytes, rows: not pre  # noqa: E731 (the L2 rule)
     kernels.PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW = 0 if pre else 1 << 40
 
 

@@ -13,7 +13,7 @@ from torch.nn.utils import rnn as nn_utils
 
 import lstmkit
 from lstmkit.engines.numba import binding
-from lstmkit.kernels.numba import columns, lstm
+from lstmkit.kernels.numba import caches, columns, lstm
 from lstmkit.kernels.numba.simd import LANES
 
 from harness import TOL, require_team, torch_threads
@@ -619,7 +619,7 @@ def test_training_on_wide_weights_at_two_threads_takes_the_unit_split_on_mkl(kw,
     from lstmkit.engines.numba import mkl
 
     monkeypatch.setattr(mkl, "_wanted", [True])  # on any CPU (mkl.wanted)
-    monkeypatch.setattr(mkl, "_l2", [0])  # and with any L2 (1.4 MiB parts: mkl.training_tile_max_bytes)
+    monkeypatch.setattr(caches, "_l2", [0])  # and with any L2 (1.4 MiB parts: mkl.training_tile_max_bytes)
     from torch.nn.utils.rnn import pack_padded_sequence
 
     from lstmkit.engines.numba import binding

@@ -11,6 +11,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import lstmkit
 from lstmkit.engines.numba import binding, mkl
+from lstmkit.kernels.numba import caches
 
 from harness import TOL, assert_all_close, pair, require_team, run_differential, tensor_input, torch_threads
 
@@ -29,7 +30,7 @@ def every_product_to_mkl(monkeypatch):
     monkeypatch.setattr(mkl, "MIN_WEIGHT_BYTES", 0)
     monkeypatch.setattr(mkl, "MIN_FORWARD_WEIGHT_BYTES", 0)
     monkeypatch.setattr(mkl, "MIN_ROWS", 1)
-    monkeypatch.setattr(mkl, "_l2", [0])  # training calls too (mkl.training_tile_max_bytes)
+    monkeypatch.setattr(caches, "_l2", [0])  # training calls too (mkl.training_tile_max_bytes)
     packed = []
     real = mkl.pack
     monkeypatch.setattr(mkl, "pack", lambda *a, **k: packed.append(a[1]) or real(*a, **k))
@@ -191,7 +192,7 @@ def test_products_padded_to_eight_rows_match_nn_lstm(threads, I, H, monkeypatch)
     and a PackedSequence whose steps run 7 rows down to 1, inference and training: outputs and
     every gradient against torch.nn.LSTM."""
     require_team(monkeypatch)  # at 2 threads the units split must run, even with a cold compile cache
-    monkeypatch.setattr(mkl, "_l2", [0])  # training on MKL too, whatever this machine's L2
+    monkeypatch.setattr(caches, "_l2", [0])  # training on MKL too, whatever this machine's L2
     calls = []
     real = mkl.pack
     seqs = [torch.randn(n, I) for n in (5, 2, 6, 1, 7, 4, 3)]
@@ -264,7 +265,7 @@ def test_variant_products_padded_to_eight_rows_match_the_reference():
 def test_training_products_stay_on_the_micro_kernel_while_the_weights_fit_in_l2(monkeypatch):
     """A training call (weights laid out at every call) sends its products to MKL only from a
     core's L2 size of weights; inference from the thresholds measured for it."""
-    monkeypatch.setattr(mkl, "_l2", [2 << 20])
+    monkeypatch.setattr(caches, "_l2", [2 << 20])
     K, G = 192, 512  # 384 KiB: input 64, hidden 128
     assert mkl.use(K, G, 8, np.float32, forward=True)
     assert not mkl.use(K, G, 8, np.float32, forward=True, training=True)
@@ -280,15 +281,15 @@ def test_l2_size_is_read_from_sysfs(tmp_path):
         (tmp_path / index).mkdir()
         (tmp_path / index / "level").write_text(level + "\n")
         (tmp_path / index / "size").write_text(size + "\n")
-    assert mkl._l2_bytes(str(tmp_path)) == 1280 << 10
-    assert mkl._l2_bytes(str(tmp_path / "nowhere")) == 0
+    assert caches.read_l2_bytes(str(tmp_path)) == 1280 << 10
+    assert caches.read_l2_bytes(str(tmp_path / "nowhere")) == 0
 
 
 def test_training_takes_the_units_split_on_mkl_only_where_the_weights_outgrow_l2(monkeypatch):
     """At 2 threads and few rows a training call runs split by hidden units on MKL where the rows
     split would stream weights past L2 (hidden 384: 3 MiB of [W_ih | W_hh], 2.25 MiB of W_hh),
     not where the rows split keeps them on the micro-kernel (hidden 256: 1.5 / 1 MiB)."""
-    monkeypatch.setattr(mkl, "_l2", [2 << 20])
+    monkeypatch.setattr(caches, "_l2", [2 << 20])
     f32 = np.dtype(np.float32)
     with torch_threads(2):
         assert binding._wide_columns(8, 128, 384, 384, f32, save=True)

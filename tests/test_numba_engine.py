@@ -855,6 +855,7 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
     monkeypatch.setattr(kernels, "PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW", 0)
     monkeypatch.setattr(kernels, "PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS", 0)
     monkeypatch.setattr(kernels, "PRECOMPUTE_MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(kernels, "weights_stay_in_l2", lambda nbytes, rows: False)
     monkeypatch.setattr(kernels, "DX_AFTER_MIN_WEIGHT_BYTES", 0)
     calls = []
     real = binding.input_projection
@@ -1000,12 +1001,15 @@ def test_a_frozen_variant_lstm_makes_no_weight_gradients(monkeypatch):
     assert not made and all(p.grad is None for p in ours.parameters())
 
 
-def test_the_input_gemm_rule():
+def test_the_input_gemm_rule(monkeypatch):
     """kernels' precompute_input: weight bytes per row of a chunk, whatever the rows (the big
     shapes of the bench's --extra gained 5-10 % from it on the micro-kernel), never for one step
     or weights that stay in L2 (but at 1-2 rows a chunk, where W_hh stays in L1);
-    with the products on MKL, from far more bytes a row."""
+    with the products on MKL, from far more bytes a row. On a core with 1.25 MiB of L2."""
+    from lstmkit.kernels.numba import caches
     from lstmkit.kernels.numba.lstm import precompute_input
+
+    monkeypatch.setattr(caches, "_l2", [1280 << 10])
 
     assert precompute_input(64, 50, 512, 1024, 1024, 4, 1)  # 24 MiB over 64 rows
     assert precompute_input(128, 20, 256, 2048, 2048, 4, 2)  # 72 MiB over 64 rows a chunk
@@ -1050,6 +1054,23 @@ def test_the_input_gemm_rule():
     assert not precompute_input(1, 1, 128, 64, 64, 4, 1)  # one step
     assert not precompute_input(1, 1000, 32, 64, 64, 4, 1, blas=True)  # products on MKL: the general rule
     assert not precompute_input(1, 1000, 32, 64, 64, 4, 1, few_rows=False)  # the variant kernels: likewise
+
+
+def test_the_input_gemm_rule_keeps_weights_in_a_bigger_l2_fused_from_8_rows(monkeypatch):
+    """With 2 MiB of L2 a core, weights up to three quarters of it (1.5 MiB) stay fused with the
+    input at 8 rows a chunk and more; at fewer rows the GEMM first still pays (kernels' rule)."""
+    from lstmkit.kernels.numba import caches
+    from lstmkit.kernels.numba.lstm import precompute_input
+
+    monkeypatch.setattr(caches, "_l2", [2 << 20])
+    assert not precompute_input(8, 100, 128, 256, 256, 4, 1)  # 1.5 MiB over 8 rows
+    assert not precompute_input(24, 100, 128, 256, 256, 4, 2)  # ... two chunks of 12
+    assert precompute_input(4, 100, 128, 256, 256, 4, 1)  # ... over 4 rows
+    assert precompute_input(4, 100, 128, 256, 256, 4, 2)  # ... two chunks of 2
+    assert precompute_input(1, 100, 128, 256, 256, 4, 1)  # ... one row
+    assert precompute_input(8, 100, 192, 256, 256, 4, 1)  # 1.75 MiB over 8 rows: past 3/4 of L2
+    monkeypatch.setattr(caches, "_l2", [1280 << 10])
+    assert precompute_input(8, 100, 128, 256, 256, 4, 1)  # 1.25 MiB of L2: 1.5 MiB over 8 rows
 
 
 @pytest.mark.parametrize("variant, proj_size", [({}, 0), ({}, 3), ({"layer_norm": True, "peephole": True}, 0)])

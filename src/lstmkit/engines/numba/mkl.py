@@ -21,6 +21,7 @@ import platform
 import numpy as np
 import torch
 
+from ...kernels.numba import caches
 from ...kernels.numba.blas import padded_rows
 from ...kernels.numba.columns import unit_rows, unit_view
 from ...kernels.numba.tile import aligned_empty
@@ -123,32 +124,10 @@ if hasattr(os, "register_at_fork"):
 # as fast as MKL does; past L2 MKL's blocking wins. Inference lays its weights out once and keeps
 # the thresholds above. Measured on an Intel Xeon with 2 MiB of L2: BENCHMARKS.md, twenty-fourth
 # session.
-DEFAULT_L2_BYTES = 2 << 20  # where the L2's size is not known
-_l2 = []  # [a core's L2 bytes], found once
-
-
 def training_tile_max_bytes() -> int:
     """A training call's per-step products stay on the micro-kernel on weights up to this many
-    bytes: a core's L2."""
-    if not _l2:
-        _l2.append(_l2_bytes() or DEFAULT_L2_BYTES)
-    return _l2[0]
-
-
-def _l2_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
-    """cpu0's level-2 cache in bytes, from Linux's sysfs; 0 where not found."""
-    try:
-        for index in sorted(os.listdir(root)):
-            with open(os.path.join(root, index, "level"), encoding="ascii") as f:
-                if f.read().strip() != "2":
-                    continue
-            with open(os.path.join(root, index, "size"), encoding="ascii") as f:
-                text = f.read().strip().upper()
-            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-            return int(text.rstrip("KM")) * scale
-    except (OSError, ValueError):
-        pass
-    return 0
+    bytes: a core's L2 (kernels/numba/caches.py)."""
+    return caches.l2_bytes()
 
 
 def use(K: int, G: int, rows: int, dtype, forward: bool = False, training: bool = False) -> bool:

@@ -41,6 +41,7 @@ import numpy as np
 from numba import carray, njit
 
 from .activations import sigmoid, tanh
+from .caches import l2_bytes
 from .blas import PAD_ROWS, gemm_packed, padded_input, padded_rows
 from .rows import add_p, addr_ptr, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
@@ -148,10 +149,26 @@ PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW = 112 << 10
 # bytes per row: at 164-590 KiB a row 3-14 % faster than the GEMM first, as fast at 390 KiB,
 # 3 % slower at 1.2 MiB, inference and training, 1 and 2 threads (BENCHMARKS.md, twelfth session).
 PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS = 1 << 20
-# Whatever the rows, weights that stay in a core's L2 between steps (1.25 MiB here) keep the
-# input in the step product: at batch 1-3 with 384-864 KiB of weights the GEMM first lost in
-# training, where x and W_ih come to it from outside the cache (BENCHMARKS.md, thirteenth session).
+# Whatever the rows, weights that stay in a core's L2 between steps keep the input in the step
+# product: at batch 1-3 with 384-864 KiB of weights the GEMM first lost in training, where x and
+# W_ih come to it from outside the cache (L2 of 1.25 MiB: BENCHMARKS.md, thirteenth session). With
+# 2 MiB of L2, at 8 rows a chunk and more, up to 1.5 MiB of weights: training at input 128,
+# hidden 256 (1.5 MiB), GEMM first -> fused, vs torch.nn.LSTM: 1 thread, 8 rows 0.95x -> 1.00x,
+# 12 rows 0.97x -> 1.02x, 6 rows as fast; 2 threads (chunks of 8, 12 rows) 0.99x -> 1.02x,
+# 1.18x -> 1.25x; inference within 1 %; at 1.75-2 MiB as fast either way. At fewer rows the
+# step product is bound by reading W from L2 and the GEMM first, which leaves it W_hh alone,
+# still won: one row 1.11x -> 1.01x, two-row chunks at 2 threads 1.12x -> 0.92x (BENCHMARKS.md,
+# twenty-fifth session). So: 1 MiB, or from 8 rows three quarters of the L2 (weights_stay_in_l2).
 PRECOMPUTE_MIN_WEIGHT_BYTES = 1 << 20
+PRECOMPUTE_L2_MIN_ROWS = 8
+
+
+def weights_stay_in_l2(nbytes: int, rows: int) -> bool:
+    """Whether a step product's weights of nbytes, on chunks of `rows` rows, stay in a core's
+    L2 between steps, fused with the input (PRECOMPUTE_MIN_WEIGHT_BYTES)."""
+    if nbytes <= PRECOMPUTE_MIN_WEIGHT_BYTES:
+        return True
+    return rows >= PRECOMPUTE_L2_MIN_ROWS and nbytes <= 3 * l2_bytes() // 4
 # Except where W_hh alone stays in L2 and [W_ih | W_hh] does not: the GEMM first then leaves
 # the steps a product on weights in L2 instead of one streaming them from L3, and pays from
 # fewer weight bytes a row. Training at hidden 192-256, input 256-512, BLAS products, vs
@@ -197,7 +214,8 @@ def precompute_input(batch: int, steps: int, I: int, H: int, P: int, itemsize: i
     limit = PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS if blas else PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW
     if blas and P * 4 * H * itemsize <= PRECOMPUTE_MAX_HH_BYTES_IN_L2:
         limit = PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2 if chunks <= 1 else PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2_SPLIT
-    return steps > 1 and (I + P) * 4 * H * itemsize > max(limit * rows, PRECOMPUTE_MIN_WEIGHT_BYTES)
+    nbytes = (I + P) * 4 * H * itemsize
+    return steps > 1 and nbytes > limit * rows and not weights_stay_in_l2(nbytes, rows)
 
 
 # The backward's counterpart: dx = dgates W_ih as one GEMM after the loop, each step's product
