@@ -264,14 +264,20 @@ def test_variant_products_padded_to_eight_rows_match_the_reference():
 
 def test_training_products_stay_on_the_micro_kernel_while_the_weights_fit_in_l2(monkeypatch):
     """A training call (weights laid out at every call) sends its products to MKL only from a
-    core's L2 size of weights; inference from the thresholds measured for it."""
+    core's L2 size of weights, but for a forward's on chunks of 8 rows and more from half of it;
+    inference from the thresholds measured for it."""
     monkeypatch.setattr(caches, "_l2", [2 << 20])
     K, G = 192, 512  # 384 KiB: input 64, hidden 128
     assert mkl.use(K, G, 8, np.float32, forward=True)
     assert not mkl.use(K, G, 8, np.float32, forward=True, training=True)
     assert not mkl.use(256, 1024, 8, np.float32, training=True)  # W_hh of hidden 256: 1 MiB
-    assert not mkl.use(512, 1024, 8, np.float32, forward=True, training=True)  # exactly L2's 2 MiB
+    assert not mkl.use(512, 1024, 8, np.float32, training=True)  # the backward's on L2's 2 MiB
+    assert mkl.use(512, 1024, 8, np.float32, forward=True, training=True)  # the forward's, 8 rows
+    assert mkl.use(384, 1024, 16, np.float32, forward=True, training=True)  # 1.5 MiB, 16 rows
+    assert not mkl.use(384, 1024, 6, np.float32, forward=True, training=True)  # ... 6 rows
+    assert not mkl.use(256, 1024, 8, np.float32, forward=True, training=True)  # 1 MiB: half of L2
     assert mkl.use(640, 2048, 8, np.float32, forward=True, training=True)  # 5 MiB: hidden 512
+    assert mkl.use(640, 2048, 4, np.float32, forward=True, training=True)
     assert mkl.use(512, 2048, 8, np.float32, training=True)
 
 

@@ -401,9 +401,11 @@ def _wide_columns(B: int, I: int, H: int, P: int, dt, save: bool = True) -> bool
     micro-kernel ran faster, past it (each core streaming all of them at every step) up to
     3x slower (BENCHMARKS.md, twenty-fourth session)."""
     threads = torch.get_num_threads()
+    whole = (I + H) * 4 * H * dt.itemsize
     return (wide_columns_pay(B, I, H, P, dt.itemsize, threads, inference=not save)
             and mkl.use(I + H, 4 * -(-H // threads), B, dt, forward=True)
-            and mkl.use(I + H, 4 * H, B, dt, forward=True, training=save))
+            and mkl.use(I + H, 4 * H, B, dt, forward=True)
+            and (not save or whole > mkl.training_tile_max_bytes()))
 
 
 def _forward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, save=True, wide=False):

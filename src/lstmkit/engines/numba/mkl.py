@@ -123,7 +123,18 @@ if hasattr(os, "register_at_fork"):
 # core's L2 (training_tile_max_bytes, exactly L2's size included), where it streams them from L2
 # as fast as MKL does; past L2 MKL's blocking wins. Inference lays its weights out once and keeps
 # the thresholds above. Measured on an Intel Xeon with 2 MiB of L2: BENCHMARKS.md, twenty-fourth
-# session.
+# session. Except a training forward's products on chunks of TRAINING_FORWARD_MIN_ROWS rows and
+# more, on weights of more than half the L2: there MKL's packed GEMM won all the same (the
+# backward's stay on the micro-kernel). Training vs torch.nn.LSTM, micro-kernel -> MKL in the
+# forward, the order rotated, two runs each: 1 thread, 8 rows of input 128, hidden 256 (1.5 MiB)
+# 1.01x -> 1.06x, 12 rows 1.01-1.03x -> 1.03-1.05x, 16 rows 1.02x -> 1.03x; 2 threads, chunks of
+# 8 rows 0.99x -> 1.05x, of 16 rows 1.27x -> 1.28-1.31x; the main job's LSTM (64 x 32, input 64,
+# hidden 256, 2 layers) 0.97-0.98x -> 0.99x, 1 thread 0.99-1.00x -> 1.00x. Chunks of 6 rows lost
+# (1.03-1.05x -> 0.99-1.00x), and so did hidden 128 (768 KiB) at 8 rows (1.18-1.19x -> 1.16-1.17x)
+# (BENCHMARKS.md, twenty-fifth session).
+TRAINING_FORWARD_MIN_ROWS = 8
+
+
 def training_tile_max_bytes() -> int:
     """A training call's per-step products stay on the micro-kernel on weights up to this many
     bytes: a core's L2 (kernels/numba/caches.py)."""
@@ -135,7 +146,8 @@ def use(K: int, G: int, rows: int, dtype, forward: bool = False, training: bool 
     (forward: a product of the plain forward kernel; training: of a call that saves for a
     backward, or of the backward)."""
     size = K * G * 4
-    if training and size <= training_tile_max_bytes():
+    l2 = training_tile_max_bytes()
+    if training and size <= l2 and not (forward and rows >= TRAINING_FORWARD_MIN_ROWS and size > l2 // 2):
         return False
     if forward and size < MIN_WEIGHT_BYTES:
         ok = size >= MIN_FORWARD_WEIGHT_BYTES and rows >= MIN_FORWARD_ROWS
