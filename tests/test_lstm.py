@@ -513,7 +513,7 @@ def _count_cell_steps(monkeypatch) -> list:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cell_step_without_grad(monkeypatch, dtype, bias, sizes, threads):
     """LSTMCell with nothing to record runs binding.cell_step: a few rows (a streaming policy's
-    step) by address on its parameters as they are, more on the runtime's packed copy. torch's
+    step) by address on its parameters as they are, more by torch's GEMMs on them. torch's
     numbers, batched and not, from zeros and from a state, under no_grad, inference_mode and
     with frozen parameters; updates in place (tracked by the version counter or not) and
     replaced parameters show at the next step on both; a state that needs grad and a
@@ -566,6 +566,24 @@ def test_cell_step_without_grad(monkeypatch, dtype, bias, sizes, threads):
         both(x, (st, st.detach()), fast=False)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("I,H,threads,by_address", [
+    (64, 128, 1, 6),    # 384 KiB: by address up to 6 rows
+    (128, 256, 1, 6),   # 1.5 MiB: within a 2 MiB L2 too
+    (128, 256, 2, 6),
+    (128, 512, 1, 1),   # 2.6 MiB, past the L2: one row by address, more by the GEMMs
+    (128, 512, 2, 1),
+])
+def test_cell_steps_by_address_up_to_6_rows_within_l2_and_1_past_it(monkeypatch, I, H, threads, by_address):
+    """binding.cell_live: a cell's step runs by address (a pass over the weights a row) up to 6
+    rows on weights within a core's L2 and one row past it; more rows by torch's GEMMs."""
+    from lstmkit.engines.numba import binding
+    from lstmkit.kernels.numba import caches
+
+    monkeypatch.setattr(caches, "_l2", [2 << 20])
+    w = binding.cell_weights(tuple(nn.LSTMCell(I, H).parameters()), None)
+    assert [binding.cell_live(w, n, threads) >= 0 for n in range(1, 9)] == [n <= by_address for n in range(1, 9)]
 
 
 def test_cell_step_pickles_and_tracks_parametrization(tmp_path):

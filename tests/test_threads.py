@@ -103,13 +103,14 @@ def test_module_streaming_from_threads():
 @pytest.mark.parametrize("sizes", [(8, 128), (128, 256)], ids=["one_thread", "split"])
 def test_cell_steps_from_threads(sizes):
     """One LSTMCell stepped from several threads at once without grad (binding.cell_step: the
-    step by address, split over the OpenMP team on the bigger weights, and 9 rows on the shared
-    runtime), batched and not, from zeros and from states: each thread gets the serial results."""
+    step by address, split over the OpenMP team on the bigger weights, and 9 rows by torch's GEMMs
+    and the gate kernel), batched and not, from zeros and from states: each thread gets the serial
+    results."""
     I, H = sizes
     torch.manual_seed(0)
     cell = lstmkit.LSTMCell(I, H, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(s + (I,), generator=g, dtype=torch.float64) for s in ((1,), (2,), (), (9,))]  # 9: the runtime
+    xs = [torch.randn(s + (I,), generator=g, dtype=torch.float64) for s in ((1,), (2,), (), (9,))]  # 9: the GEMMs
     hxs = [tuple(torch.randn(x.shape[:-1] + (H,), generator=g, dtype=torch.float64) for _ in range(2)) for x in xs]
 
     def call(k):

@@ -38,11 +38,10 @@ from ...kernels.numba.step import step_forward as step_forward_kernel
 from ...kernels.numba.step import step_forward_all as step_forward_all_kernel
 from ...kernels.numba.step import steps_backward as steps_backward_kernel
 from ...kernels.numba.step import steps_forward as steps_forward_kernel
-from ...kernels.numba import buffers, gemm, prefetch
+from ...kernels.numba import buffers, caches, gemm, prefetch
 from ...kernels.numba.threads import use_openmp
 from ...kernels.numba.tile import aligned_bytes, aligned_view
 from ...runtime.model import live_split
-from ...config import LSTMConfig
 from ..base import LayerParams
 from . import mkl
 
@@ -785,21 +784,27 @@ def run_inference(runtime, x: np.ndarray, state):
 # policy calling its cell once a step (batch 1, hidden 128) spent 51 us a call against
 # torch.nn.LSTMCell's 25 (BENCHMARKS.md, twenty-second session). Here a step of a few rows runs
 # one_step_live on the parameters as they are, as the LSTM module's streaming lane does.
-# Rows by address up to these counts, each row a pass over the weights; more on the runtime's
-# packed copy, which reads them once a step but checks its copy at every call. At 1 thread, us
-# a step, by address / runtime: input 64, hidden 128 (384 KiB) 3 rows 21 / 32, 6 rows 37 / 49;
-# input 128, hidden 512 (2.6 MiB) 3 rows 170 / 191, 4 rows 222 / 209; at 2 threads, split,
-# 6 rows 215 / 232 (BENCHMARKS.md, twenty-second session).
-CELL_LIVE_ROWS = 6  # weights within one core's L2 (below live_step's size), or split over the threads
-CELL_LIVE_ROWS_BIG = 3  # weights past it, on one thread
+# Rows by address up to these counts, each row a pass over the weights; more as torch's GEMMs
+# on the parameters as they are and the gate kernel (_cell_gemm_step). (Before, more rows ran on
+# the runtime's packed copy, which checked its copy at every call, a read of the weights and of
+# the copy: 0.32-0.89x torch.nn.LSTMCell at 8-64 rows on 1.5-20 MiB of weights, where the GEMMs
+# run 0.94-1.03x at 1 thread and 1.03-1.35x at 2: BENCHMARKS.md, twenty-fifth session.)
+# By address, each row reads all the weights: past a core's L2, from L3 at every row. Us a step,
+# by address / GEMMs, vs torch.nn.LSTMCell's, 1 | 2 threads: input 128, hidden 512 (2.6 MiB) 1 row
+# 227 / 273 vs 255 | 145 / 146 vs 135, 2 rows 415 / 278 vs 258 | 211 / 145 vs 138, 3 rows 598-604
+# / 278-282 vs 261-267 | 271-296 / 159-169 vs 148-160; input 256, hidden 1024, 2 rows 1575 / 874
+# | 850 / 494; hidden 256 (1.5 MiB, in L2) 2 rows 58 / 68 | 43 / 41, 6 rows 115 / 114 | 72 / 67;
+# hidden 128 (384 KiB) 6 rows 34 / 47 | 34 / 43 (BENCHMARKS.md, twenty-fifth session).
+CELL_LIVE_ROWS = 6  # weights within one core's L2, on one thread or split over the threads
+CELL_LIVE_ROWS_BIG = 1  # weights past it
 
 
 def cell_live(w, N: int, threads: int) -> int:
-    """The team size (0: one thread) a step of N rows by address runs on, or -1: the runtime."""
+    """The team size (0: one thread) a step of N rows by address runs on, or -1: the GEMMs."""
     itemsize = w.arrays[0].itemsize
     split = live_split(threads, w.I, w.H, w.H, itemsize)
-    big = live_step(w.I, w.H, w.H, itemsize)
-    return split if N <= (CELL_LIVE_ROWS_BIG if big and not split else CELL_LIVE_ROWS) else -1
+    past_l2 = (w.I + w.H) * 4 * w.H * itemsize > caches.l2_bytes()
+    return split if N <= (CELL_LIVE_ROWS_BIG if past_l2 else CELL_LIVE_ROWS) else -1
 
 
 class CellWeights:
@@ -815,7 +820,6 @@ class CellWeights:
         zeros = torch.zeros(4 * H, dtype=dt)
         self.key, self.dtype, self.H, self.I, self.bias = key, dt, H, I, b_ih is not None
         self.tensors = (w_ih, w_hh, b_ih if b_ih is not None else zeros, b_hh if b_hh is not None else zeros)
-        self.runtime = None  # (Runtime, WeightWatch, the parameters' versions): _cell_runtime_step
         self.arrays = [t.detach().numpy() for t in self.tensors]  # views: they hold the memory alive
         self.arrays.append(np.zeros((0, H), self.arrays[0].dtype))  # no projection
         self.addrs = np.array([a.ctypes.data for a in self.arrays], np.int64)
@@ -852,11 +856,11 @@ def cell_step(w: CellWeights, x: torch.Tensor, hx, batched: bool):
     """(h_1, c_1) of the step of x (N, I), or (I,) unbatched, from hx = (h_0, c_0) of the same
     batching, or None for zeros: all C-contiguous CPU tensors of w's dtype, checked by the
     caller. New tensors. A few rows (cell_live) by address on the parameters as they are;
-    more on the runtime's packed copy of them (_cell_runtime_step)."""
+    more by torch's GEMMs on them (_cell_gemm_step)."""
     N = x.shape[0] if batched else 1
     split = cell_live(w, N, torch.get_num_threads())
     if split < 0:
-        return _cell_runtime_step(w, x, hx, N)
+        return _cell_gemm_step(w, x, hx, N)
     H = w.H
     h = np.empty((N, H) if batched else (H,), w.arrays[0].dtype)
     c = np.empty_like(h)
@@ -869,23 +873,22 @@ def cell_step(w: CellWeights, x: torch.Tensor, hx, batched: bool):
     return torch.from_numpy(h), torch.from_numpy(c)
 
 
-def _cell_runtime_step(w: CellWeights, x, hx, N: int):
-    """cell_step for more rows than cell_live takes: the module's fast path's runtime (packed
-    weights laid out once, new_runtime) for a one-layer LSTM of the cell's weights, kept in w
-    while the parameters' versions stay and their bits match its copy (WeightWatch: what no
-    version counter records, p.data.mul_(), shows there)."""
-    versions = tuple(t._version for t in w.tensors)
-    rt = w.runtime
-    if rt is None or rt[2] != versions or not rt[1].unchanged():
-        names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
-        weights = dict(zip(names, w.arrays[:4] if w.bias else w.arrays[:2]))
-        config = LSTMConfig(w.I, w.H, bias=w.bias)
-        watch = WeightWatch(list(weights.values()))  # before the packing: a change meanwhile shows next call
-        rt = w.runtime = (new_runtime(config, weights, (1, N, w.I)), watch, versions)
+def _cell_gemm_step(w: CellWeights, x, hx, N: int):
+    """cell_step for more rows than cell_live takes, on the parameters as they are: q = x W_ih^T
+    + b_ih + h_0 W_hh^T as torch's GEMMs, then the gate kernel (kernels/numba/step.py)."""
     H = w.H
-    state = None if hx is None else (hx[0].numpy().reshape(1, N, H), hx[1].numpy().reshape(1, N, H))
-    _, (h, c) = run_inference(rt[0], x.numpy().reshape(1, N, w.I), state)
-    return torch.from_numpy(h.reshape(N, H)), torch.from_numpy(c.reshape(N, H))
+    w_ih, w_hh, b_ih, _ = w.tensors
+    x2 = x.reshape(N, w.I)
+    if hx is None:
+        q = torch.addmm(b_ih, x2, w_ih.t())
+        c0 = w.zeros(N)[0][0]
+    else:
+        q = torch.addmm(b_ih, x2, w_ih.t()).addmm_(hx[0].reshape(N, H), w_hh.t())
+        c0 = hx[1].numpy().reshape(N, H)
+    h, c = np.empty((N, H), w.arrays[0].dtype), np.empty((N, H), w.arrays[0].dtype)
+    acts = scratch("cell_acts", (N, 4 * H), h.dtype)  # not kept: inference
+    step_forward_kernel(q.numpy(), w.arrays[3], c0, acts, c, c, h)
+    return torch.from_numpy(h), torch.from_numpy(c)
 
 
 def _cell_split(threads: int, w: CellWeights, x, hx, N: int, h, c) -> bool:
