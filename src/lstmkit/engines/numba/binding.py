@@ -584,6 +584,22 @@ def unpacked_path(batch_sizes) -> str | None:
     return None
 
 
+def one_step_forward(x, h0, c0, p: LayerParams):
+    """layer_forward(save=True) of one step (batch_sizes [B]), for engine._StepFunction."""
+    if not prefetch.started:  # first call, cold cache: see kernels/numba/prefetch.py
+        prefetch.start("one step", True, mkl.own_gemm())
+    if prefetch.pending:  # the child may be compiling these kernels now
+        prefetch.wait_for("one step forward")
+    return step_forward(x, h0, c0, p)
+
+
+def one_step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs):
+    """layer_backward of one step, for engine._StepFunction."""
+    if prefetch.pending:
+        prefetch.wait_for("one step backward")
+    return step_backward(x, h0, c0, p, acts, cells, dy, dh_n, dc_n, needs)
+
+
 def step_forward(x, h0, c0, p: LayerParams):
     """layer_forward(save=True) for batch_sizes == [B]: numpy (y, h_n, c_n, acts, cells)."""
     if x.shape[0] <= STEP_FORWARD_KERNEL_MAX_ROWS and not _mkl_keeps_step_products(x.shape[0], p):
@@ -907,7 +923,7 @@ share_torch_threads()
 __all__ = [
     "SUPPORTED_DTYPES", "WeightWatch", "as_numpy", "as_numpy_or", "backward_weights", "check_input", "chunks_for",
     "forward_weights", "input_projection", "layer_backward", "layer_forward", "live_step", "live_step_model",
-    "needs_grad", "new_runtime", "row_bounds", "run_inference", "scratch", "share_torch_threads", "step_backward",
+    "needs_grad", "new_runtime", "one_step_backward", "one_step_forward", "row_bounds", "run_inference", "scratch", "share_torch_threads", "step_backward",
     "step_forward", "steps_backward", "steps_forward", "unpacked_path", "CellWeights", "cell_live", "cell_key",
     "cell_weights", "cell_step",
 ]

@@ -19,13 +19,16 @@ import torch
 
 from ..base import LayerParams
 from ..double_backward import differentiable_backward
-from .binding import SUPPORTED_DTYPES, check_input, layer_backward, layer_forward, needs_grad
+from .binding import (SUPPORTED_DTYPES, check_input, layer_backward, layer_forward, needs_grad, one_step_backward,
+                      one_step_forward)
 
 
 def lstm_layer(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool = False):
     if x.dtype not in SUPPORTED_DTYPES or not x.is_cpu or p.w_ih.dtype != x.dtype:
         check_input(x, p)
     if needs_grad((x, h0, c0, *p)):
+        if len(batch_sizes) == 1:  # one step (a streaming or RL step, LSTMCell): _StepFunction
+            return _StepFunction.apply(x, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr)
         return _LSTMFunction.apply(x, h0, c0, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, batch_sizes, reverse)
     # Inference: the kernel on numpy views, nothing saved.
     y, h_n, c_n, _, _ = layer_forward(_rows(x), batch_sizes, h0, c0, p, bool(reverse), False)
@@ -71,21 +74,62 @@ class _LSTMFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n, dc_n):
         if torch.is_grad_enabled():  # create_graph=True: this backward is itself differentiated
             x, h0, c0, w_ih, w_hh, w_hr, _, _, _, b_ih, b_hh = ctx.saved_tensors
-            grads = differentiable_backward("numba", (_rows(x), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr),
-                                            (_rows(dy), _rows(dh_n), _rows(dc_n)), ctx.batch_sizes, ctx.reverse,
-                                            ctx.needs_input_grad)
-            return (_shaped_as(grads[0], x), *grads[1:], None, None)
+            return (*_differentiable(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n, ctx.batch_sizes,
+                                     ctx.reverse), None, None)
         x, h0, c0, w_ih, w_hh, w_hr, y, acts, cells = ctx.saved_tensors[:9]
-        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = layer_backward(
+        grads = layer_backward(
             _rows(x), ctx.batch_sizes, h0, c0, LayerParams(w_ih, w_hh, None, None, w_hr), ctx.reverse, _rows(y), acts,
             cells, _rows(dy), _rows(dh_n), _rows(dc_n), ctx.needs_input_grad)
-        dx = _shaped_as(dx, x)
-        need = ctx.needs_input_grad
-        keep = lambda g, k: g if need[k] else None  # noqa: E731
-        db_ih = db if ctx.has_bias and need[5] else None
-        db_hh = db.clone() if ctx.has_bias and need[6] else None  # d/db_ih == d/db_hh: both enter the gates as-is
-        return (keep(dx, 0), keep(dh0, 1), keep(dc0, 2), keep(dw_ih, 3), keep(dw_hh, 4), db_ih, db_hh,
-                keep(dw_hr, 7) if w_hr is not None else None, None, None)
+        return (*_kept(ctx, x, w_hr, grads), None, None)
+
+
+class _StepFunction(torch.autograd.Function):
+    """_LSTMFunction for one time step (batch_sizes [B]), straight to the one-step kernels'
+    bindings (binding.one_step_forward / one_step_backward) without layer_forward's and
+    layer_backward's choice of path: a training step of a streaming model or an LSTMCell
+    spends its time in Python and autograd, not in the products (BENCHMARKS.md, twenty-fifth
+    session, has the microseconds). Saves no y (the step's backward does not read it)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        p = LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr)
+        y, h_n, c_n, acts, cells = one_step_forward(_rows(x), h0, c0, p)
+        y, h_n, c_n = _outputs(x, y, h_n, c_n)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, torch.from_numpy(acts), torch.from_numpy(cells),
+                              b_ih, b_hh)  # the biases: for differentiable_backward only
+        ctx.set_materialize_grads(False)
+        ctx.has_bias = b_ih is not None
+        return y, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n):
+        x, h0, c0, w_ih, w_hh, w_hr, acts, cells, b_ih, b_hh = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (see _LSTMFunction)
+            return _differentiable(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n, [h0.shape[0]], False)
+        grads = one_step_backward(_rows(x), h0, c0, LayerParams(w_ih, w_hh, None, None, w_hr), acts, cells,
+                                  _rows(dy), _rows(dh_n), _rows(dc_n), ctx.needs_input_grad)
+        return _kept(ctx, x, w_hr, grads)
+
+
+def _differentiable(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n, batch_sizes, reverse):
+    """The eight input gradients of a backward that is itself differentiated (create_graph=True)."""
+    grads = differentiable_backward("numba", (_rows(x), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr),
+                                    (_rows(dy), _rows(dh_n), _rows(dc_n)), batch_sizes, reverse,
+                                    ctx.needs_input_grad[:8])
+    return (_shaped_as(grads[0], x), *grads[1:])
+
+
+def _kept(ctx, x, w_hr, grads):
+    """The eight input gradients from the kernels' (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr): those
+    autograd asks for, dx in x's shape, db for both biases."""
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = grads
+    dx = _shaped_as(dx, x)
+    need = ctx.needs_input_grad
+    keep = lambda g, k: g if need[k] else None  # noqa: E731
+    db_ih = db if ctx.has_bias and need[5] else None
+    db_hh = db.clone() if ctx.has_bias and need[6] else None  # d/db_ih == d/db_hh: both enter the gates as-is
+    return (keep(dx, 0), keep(dh0, 1), keep(dc0, 2), keep(dw_ih, 3), keep(dw_hh, 4), db_ih, db_hh,
+            keep(dw_hr, 7) if w_hr is not None else None)
 
 
 def _shaped_as(dx, x):
