@@ -668,3 +668,42 @@ def test_the_backward_splits_by_units_from_w_hh_of_4_mib_up_to_32_rows(batch, I,
     """columns.wide_columns_pay_backward's rule: at 2 threads the backward runs split by hidden
     units at chunks of fewer than 8 rows, and at 16-32 rows from a W_hh of 4 MiB (hidden 512)."""
     assert columns.wide_columns_pay_backward(batch, I, H, H, 4, threads) is split
+
+
+def _parts_as_pack2_lays_them_out(w_ih, w_hh, units, transposed):
+    """Each part packed as tile.pack2 lays out its rows (transposed: unit_rows of W_ih and W_hh)
+    or its columns of W_hh, blocks past a part's zero: the layout the kernels read."""
+    from lstmkit.kernels.numba.tile import block_width, pack2
+
+    H = w_hh.shape[0] // 4
+    parts = []
+    for s in range(units.shape[0] - 1):
+        u0, u1 = units[s], units[s + 1]
+        if transposed:
+            parts.append(pack2(columns.unit_rows(w_ih, H, u0, u1), columns.unit_rows(w_hh, H, u0, u1), True))
+        else:
+            w = np.ascontiguousarray(w_hh[:, u0:u1])
+            parts.append(pack2(w, w[:, :0], False))
+    nb = max(p.shape[0] for p in parts)
+    out = np.zeros((len(parts), nb, *parts[0].shape[1:]), w_hh.dtype)
+    for s, p in enumerate(parts):
+        out[s, : p.shape[0]] = p
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("I,H,parts", [(5, 48, 2), (64, 128, 2), (16, 80, 3), (33, 40, 2), (7, 16, 1), (128, 96, 4)])
+def test_parts_packed_per_thread_are_the_layout_the_kernels_read(dtype, I, H, parts):
+    """columns.pack_columns / pack_columns_backward pack each part on a thread of its own
+    (pack_part_rows, pack_part_columns), straight from the weights: bitwise the layout of
+    tile.pack2 on each part's rows (columns), runs of rows that cross a gate inside a column
+    block included (parts of 16, 48 units), every element written (the buffer is not zeroed)."""
+    rng = np.random.default_rng(H)
+    w_ih = rng.standard_normal((4 * H, I)).astype(dtype)
+    w_hh = rng.standard_normal((4 * H, H)).astype(dtype)
+    b = rng.standard_normal(4 * H).astype(dtype)
+    wps, bps, units = columns.pack_columns(w_ih, w_hh, b, parts)
+    assert np.array_equal(wps, _parts_as_pack2_lays_them_out(w_ih, w_hh, units, True))
+    wbs, units_b = columns.pack_columns_backward(w_hh, parts)
+    assert np.array_equal(units, units_b)
+    assert np.array_equal(wbs, _parts_as_pack2_lays_them_out(w_ih, w_hh, units, False))

@@ -33,7 +33,8 @@ from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
 from .rows import ptr_add, row_ptr
 from .simd import LANES
 from .team import on_team, spec, team_bodies, unpack, whole_team
-from .tile import WHOLE_K, aligned_empty, block_width, matmul, pack2, padded_width
+from .threads import run_jobs
+from .tile import WHOLE_K, aligned_empty, block_width, matmul, padded_width
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
@@ -265,24 +266,63 @@ def pack_columns(w_ih, w_hh, b, parts: int, panels: bool = True):
         bps[s, : 4 * (units[s + 1] - units[s])] = unit_rows(b.reshape(-1, 1), H, units[s], units[s + 1])[:, 0]
     if not panels:
         return np.empty((parts, 0, 1, LANES), w_ih.dtype), bps, units
-    pairs = [(unit_rows(w_ih, H, units[s], units[s + 1]), unit_rows(w_hh, H, units[s], units[s + 1]))
-             for s in range(parts)]
-    return _pack_parts(pairs, True), bps, units
+    V = block_width(w_ih.dtype)
+    w_ih, w_hh = np.ascontiguousarray(w_ih), np.ascontiguousarray(w_hh)  # read by row pointers
+    wps = aligned_empty((parts, -(-width // V), w_ih.shape[1] + w_hh.shape[1], V), w_ih.dtype)
+    run_jobs([(pack_part_rows, (w_ih, w_hh, H, units[s], units[s + 1], wps[s])) for s in range(parts)])
+    return wps, bps, units
 
 
-def _pack_parts(pairs, transposed: bool):
-    """tile.pack2 of each part's (w1, w2), straight into one aligned (S, nb, K, V) array (no copy
-    per part), the parts' blocks past their own columns zeroed."""
-    V = block_width(pairs[0][0].dtype)
-    widths = [w1.shape[0] if transposed else w1.shape[1] + w2.shape[1] for w1, w2 in pairs]  # G of each part
-    w1, w2 = pairs[0]
-    K = w1.shape[1] + w2.shape[1] if transposed else w1.shape[0]
-    out = aligned_empty((len(pairs), -(-max(widths) // V), K, V), w1.dtype)
-    for s, ((w1, w2), G) in enumerate(zip(pairs, widths)):
-        nbs = -(-G // V)
-        pack2(w1, w2, transposed, out=out[s, :nbs])
-        out[s, nbs:] = 0
-    return out
+# A training call packs its parts at every call: each part on a thread of its own, straight from
+# the weights (no copy of a part's rows first). At input 128, hidden 512 (5 MiB), 2 threads, the
+# forward's and the backward's packing took 1.5 and 1.0 ms of a 15 ms training step, serially
+# through copies (BENCHMARKS.md, twenty-fifth session).
+@njit(**KW)
+def pack_part_rows(w_ih, w_hh, H, u0, u1, wp):
+    """wp (nb, K, V), C-contiguous: the rows of [W_ih | W_hh] that make units u0:u1 (part_rows:
+    gates i, f, g, o), transposed for tile.matmul as tile.pack2 lays out unit_rows(w_ih) and
+    unit_rows(w_hh); every element written (columns past the part's, and whole blocks past
+    them, zero). w_ih (4H, I), w_hh (4H, P) C-contiguous (read by row pointers)."""
+    nb, K, V = wp.shape[0], wp.shape[1], wp.shape[2]
+    I, P = w_ih.shape[1], w_hh.shape[1]
+    u = u1 - u0
+    for b in range(nb):
+        dst = row_ptr(wp, b)
+        j = 0
+        while j < V:
+            r = b * V + j  # the part's row (column of the packed W)
+            if r >= 4 * u:
+                for k in range(K):
+                    for jj in range(j, V):
+                        dst[k * V + jj] = 0
+                break
+            n = min(V - j, u - r % u)  # a run of the part's rows that are consecutive rows of W
+            row = (r // u) * H + u0 + r % u
+            src = row_ptr(w_ih, row)
+            for k in range(I):
+                for jj in range(n):
+                    dst[k * V + j + jj] = src[jj * I + k]
+            src = row_ptr(w_hh, row)
+            for k in range(P):
+                for jj in range(n):
+                    dst[(I + k) * V + j + jj] = src[jj * P + k]
+            j += n
+
+
+@njit(**KW)
+def pack_part_columns(w_hh, u0, u1, wp):
+    """wp (nb, 4H, V), C-contiguous: W_hh[:, u0:u1] packed for tile.matmul (not transposed), as
+    tile.pack2 lays it out; every element written. w_hh (4H, H) C-contiguous."""
+    nb, K, V = wp.shape[0], wp.shape[1], wp.shape[2]
+    for b in range(nb):
+        dst = row_ptr(wp, b)
+        n = max(0, min(V, u1 - u0 - b * V))
+        for k in range(K):
+            src = ptr_add(row_ptr(w_hh, k), u0 + b * V)
+            for j in range(n):
+                dst[k * V + j] = src[j]
+            for j in range(n, V):
+                dst[k * V + j] = 0
 
 
 def unit_view(w, H: int, u0: int, u1: int):
@@ -374,8 +414,11 @@ def pack_columns_backward(w_hh, parts: int, panels: bool = True):
     units = unit_bounds(H, parts)
     if not panels:
         return np.empty((parts, 0, 1, LANES), w_hh.dtype), units
-    parts_of_w = [np.ascontiguousarray(w_hh[:, units[s] : units[s + 1]]) for s in range(parts)]
-    return _pack_parts([(w, w[:, :0]) for w in parts_of_w], False), units
+    V = block_width(w_hh.dtype)
+    w_hh = np.ascontiguousarray(w_hh)  # read by row pointers
+    wbs = aligned_empty((parts, -(-int(np.max(np.diff(units))) // V), w_hh.shape[0], V), w_hh.dtype)
+    run_jobs([(pack_part_columns, (w_hh, units[s], units[s + 1], wbs[s])) for s in range(parts)])
+    return wbs, units
 
 
 @njit(**KW)

@@ -145,6 +145,7 @@ def compile_team_bodies() -> None:
     T, B, I, H = 2, 1, 3, 4
     w_ih, w_hh, b = np.zeros((4 * H, I), f), np.zeros((4 * H, H), f), np.zeros(4 * H, f)
     wps, bps, units = columns.pack_columns(w_ih, w_hh, b, 2)
+    columns.pack_columns_backward(w_hh, 2)  # and its training backward's packing
     args = (np.zeros((T * B, I), f), np.full(T, B, np.int64), np.zeros((B, H), f), np.zeros((B, H), f), wps, bps,
             units, np.zeros((0, 4 * H), f), 0, np.empty((0, 0), f), False, np.empty((T * B, H), f), np.empty((B, H), f),
             np.empty((B, H), f), np.empty((0, 4 * H), f), np.empty((0, H), f), False, np.empty((2, B, H), f),
