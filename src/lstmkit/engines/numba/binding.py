@@ -923,7 +923,7 @@ share_torch_threads()
 __all__ = [
     "SUPPORTED_DTYPES", "WeightWatch", "as_numpy", "as_numpy_or", "backward_weights", "check_input", "chunks_for",
     "forward_weights", "input_projection", "layer_backward", "layer_forward", "live_step", "live_step_model",
-    "needs_grad", "new_runtime", "one_step_backward", "one_step_forward", "row_bounds", "run_inference", "scratch", "share_torch_threads", "step_backward",
-    "step_forward", "steps_backward", "steps_forward", "unpacked_path", "CellWeights", "cell_live", "cell_key",
-    "cell_weights", "cell_step",
+    "needs_grad", "new_runtime", "one_step_backward", "one_step_forward", "row_bounds", "run_inference", "scratch",
+    "share_torch_threads", "step_backward", "step_forward", "steps_backward", "steps_forward", "unpacked_path",
+    "CellWeights", "cell_live", "cell_key", "cell_weights", "cell_step",
 ]

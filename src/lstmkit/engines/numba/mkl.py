@@ -129,9 +129,9 @@ if hasattr(os, "register_at_fork"):
 # forward, the order rotated, two runs each: 1 thread, 8 rows of input 128, hidden 256 (1.5 MiB)
 # 1.01x -> 1.06x, 12 rows 1.01-1.03x -> 1.03-1.05x, 16 rows 1.02x -> 1.03x; 2 threads, chunks of
 # 8 rows 0.99x -> 1.05x, of 16 rows 1.27x -> 1.28-1.31x; the main job's LSTM (64 x 32, input 64,
-# hidden 256, 2 layers) 0.97-0.98x -> 0.99x, 1 thread 0.99-1.00x -> 1.00x. Chunks of 6 rows lost
-# (1.03-1.05x -> 0.99-1.00x), and so did hidden 128 (768 KiB) at 8 rows (1.18-1.19x -> 1.16-1.17x)
-# (BENCHMARKS.md, twenty-fifth session).
+# hidden 256, 2 layers) 0.97-0.98x -> 0.99x, 1 thread 0.99-1.00x -> 1.00x. Hidden 128 (768 KiB)
+# at 8 rows lost (1.18-1.19x -> 1.16-1.17x), and so did 100,12,128,256 at 2 threads (1.03-1.05x ->
+# 0.99-1.00x), where that variant also took the units split (BENCHMARKS.md, twenty-fifth session).
 TRAINING_FORWARD_MIN_ROWS = 8
 
 

@@ -41,8 +41,8 @@ import numpy as np
 from numba import carray, njit
 
 from .activations import sigmoid, tanh
-from .caches import l2_bytes
 from .blas import PAD_ROWS, gemm_packed, padded_input, padded_rows
+from .caches import l2_bytes
 from .rows import add_p, addr_ptr, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
 from .team import call_kernel, on_team, row_chunks, spec, team_bodies, team_place, unpack, whole_team
@@ -161,14 +161,6 @@ PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS = 1 << 20
 # twenty-fifth session). So: 1 MiB, or from 8 rows three quarters of the L2 (weights_stay_in_l2).
 PRECOMPUTE_MIN_WEIGHT_BYTES = 1 << 20
 PRECOMPUTE_L2_MIN_ROWS = 8
-
-
-def weights_stay_in_l2(nbytes: int, rows: int) -> bool:
-    """Whether a step product's weights of nbytes, on chunks of `rows` rows, stay in a core's
-    L2 between steps, fused with the input (PRECOMPUTE_MIN_WEIGHT_BYTES)."""
-    if nbytes <= PRECOMPUTE_MIN_WEIGHT_BYTES:
-        return True
-    return rows >= PRECOMPUTE_L2_MIN_ROWS and nbytes <= 3 * l2_bytes() // 4
 # Except where W_hh alone stays in L2 and [W_ih | W_hh] does not: the GEMM first then leaves
 # the steps a product on weights in L2 instead of one streaming them from L3, and pays from
 # fewer weight bytes a row. Training at hidden 192-256, input 256-512, BLAS products, vs
@@ -178,6 +170,14 @@ def weights_stay_in_l2(nbytes: int, rows: int) -> bool:
 PRECOMPUTE_MAX_HH_BYTES_IN_L2 = 1 << 20
 PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2 = 160 << 10  # one chunk
 PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2_SPLIT = 128 << 10  # several chunks at once
+
+
+def weights_stay_in_l2(nbytes: int, rows: int) -> bool:
+    """Whether a step product's weights of nbytes, on chunks of `rows` rows, stay in a core's
+    L2 between steps, fused with the input (PRECOMPUTE_MIN_WEIGHT_BYTES)."""
+    if nbytes <= PRECOMPUTE_MIN_WEIGHT_BYTES:
+        return True
+    return rows >= PRECOMPUTE_L2_MIN_ROWS and nbytes <= 3 * l2_bytes() // 4
 
 
 # At one or two rows a chunk the micro-kernel's step product is bound by reading W, and the
