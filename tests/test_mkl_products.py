@@ -4,6 +4,8 @@ The engine sends a time loop's step products there when its weights outgrow L2; 
 thresholds are lowered so that small, fast configurations take that path, and every result is
 checked against torch.nn.LSTM (float32: MKL's path exists for float32 only), then the split
 over threads and the switch itself."""
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -195,6 +197,8 @@ def test_products_padded_to_eight_rows_match_nn_lstm(threads, I, H, monkeypatch)
     monkeypatch.setattr(caches, "_l2", [0])  # training on MKL too, whatever this machine's L2
     calls = []
     real = mkl.pack
+    # the units split's parts of [W_ih | W_hh]^T, packed per thread for the padded products
+    monkeypatch.setattr(mkl, "pack_parts", lambda *a, real=mkl.pack_parts: calls.append((True, True)) or real(*a))
     seqs = [torch.randn(n, I) for n in (5, 2, 6, 1, 7, 4, 3)]
     with torch_threads(threads):
         ref, ours = pair(dict(input_size=I, hidden_size=H), "numba", torch.float32)
@@ -316,3 +320,57 @@ def test_packed_input_asks_mkl_about_its_mean_rows():
     assert binding.paying_rows(16, 500, 4000, two) == 4
     assert binding.paying_rows(16, 500, 4000, np.array([0, 16])) == 8
     assert not mkl.use(192, 512, 4, np.float32, forward=True) and mkl.use(192, 512, 8, np.float32, forward=True)
+
+
+def _mkl_products(a, packed, G):
+    """a (m, K) @ B through MKL's packed GEMM on B as packed (ctypes, as benchmarks/products.py)."""
+    i, p = ctypes.c_int, ctypes.c_void_p
+    compute = ctypes.CFUNCTYPE(None, i, i, i, i, i, i, p, i, p, i, ctypes.c_float, p, i)(mkl._find()[0])
+    m, K = a.shape
+    c = np.full((m, G), np.nan, np.float32)
+    compute(101, 111, 151, m, G, K, a.ctypes.data, K, packed.ctypes.data, G, 0.0, c.ctypes.data, G)
+    return c
+
+
+def _assert_rounding(c, want):
+    """c within float32 rounding of sums of that many terms: 1e-5 of want's scale."""
+    assert np.abs(c - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("I,H,parts,rows", [(128, 512, 2, 8), (64, 384, 2, 16), (40, 96, 3, 5), (256, 1024, 2, 6)])
+def test_parts_packed_for_mkl_per_thread_give_the_serial_packings_products(I, H, parts, rows):
+    """mkl.pack_parts (without the input projection first) and pack_parts_backward pack each part
+    on a thread of its own, from compiled jobs that call MKL's pack by address: MKL's products on
+    every part are those on the serial packing (mkl._part's copy, then mkl.pack) to float32
+    rounding (MKL lays B out otherwise on a thread of a parallel region: its bytes differ, and at
+    K = 4096 the products' last bits), those of the part's rows, and bitwise the same from one
+    packing to the next."""
+    from lstmkit.kernels.numba.columns import unit_bounds
+
+    rng = np.random.default_rng(H + parts)
+    w_ih = rng.standard_normal((4 * H, I)).astype(np.float32)
+    w_hh = rng.standard_normal((4 * H, H)).astype(np.float32)
+    units = unit_bounds(H, parts)
+    K = I + H
+    address, got = mkl.pack_parts(w_ih, w_hh, units, False, rows)
+    again = mkl.pack_parts(w_ih, w_hh, units, False, rows)[1]
+    parts_w = [mkl._part(w_ih, w_hh, units[s], units[s + 1], False) for s in range(parts)]
+    want = mkl._pack_each(parts_w, True, rows, padded=True)[1]
+    assert address == mkl._find()[0] and got.shape == want.shape
+    for s in range(parts):
+        a = rng.standard_normal((mkl.padded_rows.py_func(rows, K, parts_w[s].shape[0]), K)).astype(np.float32)
+        c = _mkl_products(a, got[s], parts_w[s].shape[0])
+        assert np.array_equal(c, _mkl_products(a, again[s], parts_w[s].shape[0]))
+        _assert_rounding(c, _mkl_products(a, want[s], parts_w[s].shape[0]))
+        _assert_rounding(c, a @ parts_w[s].T)
+    address, got = mkl.pack_parts_backward(w_hh, units, rows)
+    again = mkl.pack_parts_backward(w_hh, units, rows)[1]
+    want = mkl._pack_each([w_hh[:, units[s]:units[s + 1]] for s in range(parts)], False, rows)[1]
+    assert got.shape == want.shape
+    for s in range(parts):
+        cols = w_hh[:, units[s]:units[s + 1]]
+        a = rng.standard_normal((rows, 4 * H)).astype(np.float32)
+        c = _mkl_products(a, got[s], cols.shape[1])
+        assert np.array_equal(c, _mkl_products(a, again[s], cols.shape[1]))
+        _assert_rounding(c, _mkl_products(a, want[s], cols.shape[1]))
+        _assert_rounding(c, a @ cols)

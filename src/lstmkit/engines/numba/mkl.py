@@ -21,9 +21,10 @@ import platform
 import numpy as np
 import torch
 
-from ...kernels.numba import caches
+from ...kernels.numba import buffers, caches
 from ...kernels.numba.blas import padded_rows
-from ...kernels.numba.columns import unit_rows, unit_view
+from ...kernels.numba.columns import pack_part_columns_for_blas, pack_part_rows_for_blas, unit_rows, unit_view
+from ...kernels.numba.threads import run_jobs
 from ...kernels.numba.tile import aligned_empty
 
 # W (K x G float32) from this many bytes: beyond L2 the micro-kernel streams W at each step and
@@ -45,7 +46,7 @@ MIN_FORWARD_ROWS = 5
 MIN_ROWS = 4
 
 _ROW_MAJOR, _NO_TRANS, _TRANS, _B_MATRIX = 101, 111, 112, 162
-_entry = []  # [(compute address, pack, pack_get_size)] or [None], found once
+_entry = []  # [(compute address, pack, pack_get_size, pack's address)] or [None], found once
 _wanted = []  # [whether the products may go to MKL], decided once
 _own_gemm = []  # [whether the big products take the micro-kernel], decided once
 
@@ -100,7 +101,8 @@ def _find():
         size_fn.restype, size_fn.argtypes = ctypes.c_size_t, [i, i, i, i]
         pack_fn.restype = None
         pack_fn.argtypes = [i, i, i, i, i, i, ctypes.c_float, ctypes.c_void_p, i, ctypes.c_void_p]
-        found = (ctypes.cast(compute, ctypes.c_void_p).value, pack_fn, size_fn)
+        address = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+        found = (address(compute), pack_fn, size_fn, address(pack_fn))
         break
     _entry.append(found)
     return found
@@ -162,7 +164,7 @@ def pack(w: np.ndarray, transposed: bool, rows: int, out=None, padded: bool = Fa
     on a cache line) when given. The packed array must stay where it is (MKL's rule). w may be
     a view of rows with a gap between them (a block of columns): MKL reads it by its row stride.
     padded: for a kernel that computes its products on blas.padded_rows(rows) rows."""
-    address, pack_fn, _ = _find()
+    address, pack_fn = _find()[:2]
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2 or w.strides[1] != 4 or w.strides[0] % 4 or w.strides[0] < 4 * w.shape[1]:
         w = np.ascontiguousarray(w)
@@ -186,9 +188,21 @@ def packed_size(K: int, G: int, rows: int) -> int:
 def pack_parts(w_ih: np.ndarray, w_hh: np.ndarray, units, pre: bool, rows: int):
     """(compute address, wgs (S, L)) for kernels/numba/columns.forward_columns' gemm: part s's
     rows of W_hh (pre: the input projection made before the loop) or of [W_ih | W_hh]
-    (columns.part_rows), transposed and packed for products of `rows` rows."""
-    parts = [_part(w_ih, w_hh, units[s], units[s + 1], pre) for s in range(units.shape[0] - 1)]
-    return _pack_each(parts, True, rows, padded=True)  # columns.forward_columns' products
+    (columns.part_rows), transposed and packed for products of `rows` rows. Without pre (a
+    training call's, at every call), each part copied out and packed on a thread of its own
+    (columns.pack_part_rows_for_blas)."""
+    if pre:
+        parts = [_part(w_ih, w_hh, units[s], units[s + 1], pre) for s in range(units.shape[0] - 1)]
+        return _pack_each(parts, True, rows, padded=True)  # columns.forward_columns' products
+    w_ih, w_hh = np.ascontiguousarray(w_ih, np.float32), np.ascontiguousarray(w_hh, np.float32)
+    H, K = w_hh.shape[1], w_ih.shape[1] + w_hh.shape[1]
+    widths = [4 * int(units[s + 1] - units[s]) for s in range(units.shape[0] - 1)]
+    padded = [padded_rows.py_func(rows, K, G) for G in widths]  # columns.forward_columns' products
+    out = _packed_rows(K, widths, padded)
+    scratch = buffers.empty((len(widths), max(widths), K), np.float32)
+    run_jobs([(pack_part_rows_for_blas, (w_ih, w_hh, H, units[s], units[s + 1], scratch[s], _find()[3], padded[s],
+                                         out[s])) for s in range(len(widths))])
+    return _find()[0], out
 
 
 def _part(w_ih: np.ndarray, w_hh: np.ndarray, u0: int, u1: int, pre: bool) -> np.ndarray:
@@ -206,8 +220,21 @@ def _part(w_ih: np.ndarray, w_hh: np.ndarray, u0: int, u1: int, pre: bool) -> np
 
 def pack_parts_backward(w_hh: np.ndarray, units, rows: int):
     """(compute address, wgbs (S, L)) for kernels/numba/columns.backward_columns' gemm: part s's
-    columns of W_hh (4H, H_s), packed for products of `rows` rows."""
-    return _pack_each([w_hh[:, units[s]:units[s + 1]] for s in range(units.shape[0] - 1)], False, rows)
+    columns of W_hh (4H, H_s), packed for products of `rows` rows, each on a thread of its own
+    (columns.pack_part_columns_for_blas)."""
+    w_hh = np.ascontiguousarray(w_hh, np.float32)
+    widths = [int(units[s + 1] - units[s]) for s in range(units.shape[0] - 1)]
+    out = _packed_rows(w_hh.shape[0], widths, [rows] * len(widths))
+    run_jobs([(pack_part_columns_for_blas, (w_hh, units[s], units[s + 1], _find()[3], rows, out[s]))
+              for s in range(len(widths))])
+    return _find()[0], out
+
+
+def _packed_rows(K: int, widths, rows) -> np.ndarray:
+    """(S, L) float32, every row on a cache line: room for part s's K x widths[s] weight packed
+    for products of rows[s] rows (as _pack_each lays them out)."""
+    sizes = [packed_size(K, G, r) for G, r in zip(widths, rows)]
+    return aligned_empty((len(widths), -(-max(sizes) // 16) * 16), np.float32)
 
 
 def _pack_each(ws, transposed: bool, rows: int, padded: bool = False):

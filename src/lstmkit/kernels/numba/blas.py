@@ -1,6 +1,7 @@
 """A per-step product through a BLAS's packed GEMM, when the caller hands one in.
 
     gemm_packed(fn, m, n, k, a, lda, b, c, ldc)     c[:m, :n] = a[:m, :k] @ B   (row-major)
+    pack_b(fn, trans, m, n, k, src, ld, dst)         B laid out for it (by `cblas_sgemm_pack`)
 
 fn is the address of a `cblas_sgemm_compute` (Intel MKL's packed GEMM: B laid out once by
 `cblas_sgemm_pack`, then multiplied as often as wanted), b the data of that packed B; a and c
@@ -42,6 +43,35 @@ def gemm_packed(typingctx, fn, m, n, k, a, lda, b, c, ldc):
         mm, nn, kk, lda_, ldc_ = (int32(args[i]) for i in (1, 2, 3, 5, 8))
         builder.call(callee, [const(ROW_MAJOR), const(NO_TRANS), const(PACKED), mm, nn, kk, args[4], lda_,
                               args[6], nn, ir.Constant(f32, 0.0), args[7], ldc_])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+TRANS, B_MATRIX = 112, 162  # CBLAS_TRANSPOSE, MKL's CBLAS_IDENTIFIER for the B matrix
+
+
+@intrinsic
+def pack_b(typingctx, fn, trans, m, n, k, src, ld, dst):
+    """dst = B laid out by the BLAS's pack at address fn (MKL's `cblas_sgemm_pack`) for products
+    of m rows: B (k x n) = src (trans false: k rows of n, ld apart) or src^T (trans: n rows of k,
+    ld apart), row-major; float32 pointers (float64: compiles to nothing, never called)."""
+    ok = all(isinstance(t, types.CPointer) and t.dtype == types.float32 for t in (src, dst))
+    sig = types.void(fn, trans, m, n, k, src, ld, dst)
+
+    def codegen(context, builder, signature, args):
+        if not ok:
+            return context.get_dummy_value()
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        fp = f32.as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i32] * 6 + [f32, fp, i32, fp])
+        callee = builder.inttoptr(args[0], fnty.as_pointer())
+        int32 = lambda v: builder.trunc(v, i32) if v.type.width > 32 else v  # noqa: E731  (MKL_INT: 32 bits)
+        const = lambda v: ir.Constant(i32, v)  # noqa: E731
+        how = builder.select(builder.icmp_signed("!=", args[1], ir.Constant(args[1].type, 0)), const(TRANS),
+                             const(NO_TRANS))
+        builder.call(callee, [const(ROW_MAJOR), const(B_MATRIX), how, int32(args[2]), int32(args[3]), int32(args[4]),
+                              ir.Constant(f32, 1.0), args[5], int32(args[6]), args[7]])
         return context.get_dummy_value()
 
     return sig, codegen

@@ -28,9 +28,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blas import PAD_ROWS, gemm_packed, padded_rows
+from .blas import PAD_ROWS, gemm_packed, pack_b, padded_rows
 from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
-from .rows import ptr_add, row_ptr
+from .rows import copy_p, ptr_add, row_ptr
 from .simd import LANES
 from .team import on_team, spec, team_bodies, unpack, whole_team
 from .threads import run_jobs
@@ -307,6 +307,32 @@ def pack_part_rows(w_ih, w_hh, H, u0, u1, wp):
                 for jj in range(n):
                     dst[(I + k) * V + j + jj] = src[jj * P + k]
             j += n
+
+
+# The same per part, for a BLAS's packed GEMM (run_columns' gemm): a part's rows copied out, then
+# the BLAS's pack (fn: MKL's cblas_sgemm_pack, by address as blas.gemm_packed calls its compute).
+# Serially, a training call's copies and packs took 0.78 ms at input 128, hidden 512 (BENCHMARKS.md,
+# twenty-fifth session).
+@njit(**KW)
+def pack_part_rows_for_blas(w_ih, w_hh, H, u0, u1, part, fn, rows, dst):
+    """dst: the rows of [W_ih | W_hh] (4H, I + P) that make units u0:u1 (part_rows: gates i, f, g,
+    o), transposed, laid out by the pack at address fn for products of `rows` rows; part
+    (>= 4 (u1 - u0), I + P) C-contiguous scratch they are copied into first. float32."""
+    u = u1 - u0
+    I, P = w_ih.shape[1], w_hh.shape[1]
+    for g in range(4):
+        for j in range(u):
+            row = row_ptr(part, g * u + j)
+            copy_p(row, row_ptr(w_ih, g * H + u0 + j), I)
+            copy_p(ptr_add(row, I), row_ptr(w_hh, g * H + u0 + j), P)
+    pack_b(fn, True, rows, 4 * u, I + P, row_ptr(part, 0), part.shape[1], row_ptr(dst, 0))
+
+
+@njit(**KW)
+def pack_part_columns_for_blas(w_hh, u0, u1, fn, rows, dst):
+    """dst: W_hh[:, u0:u1] (4H rows of u1 - u0, read in place) laid out by the pack at address fn
+    for products of `rows` rows. float32."""
+    pack_b(fn, False, rows, u1 - u0, w_hh.shape[0], ptr_add(row_ptr(w_hh, 0), u0), w_hh.shape[1], row_ptr(dst, 0))
 
 
 @njit(**KW)
