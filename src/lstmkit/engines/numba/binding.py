@@ -129,10 +129,9 @@ def paying_rows(B: int, steps: int, total: int, bounds) -> int:
     (mkl.use): chunk_rows for padded input; for packed sequences of unequal lengths, whose
     chunks' rows shrink as their sequences end, the mean rows a step (MKL's call on a chunk's last
     few rows costs more than the micro-kernel's small tiles: BENCHMARKS.md, twenty-fourth session)."""
-    chunks = bounds.shape[0] - 1
     if total == B * steps:
-        return -(-B // chunks)
-    return max(1, total // (steps * chunks))
+        return chunk_rows(B, bounds)
+    return max(1, total // (steps * (bounds.shape[0] - 1)))
 
 
 # ---- scratch: the backward's temporaries, kept from call to call -----------------------------------
@@ -331,14 +330,14 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     empty unless save. One or a few time steps, saved for backward (the weights change between
     calls: nothing to cache) go to step_forward / steps_forward (see unpacked_path), and so does
     one step of inference on big weights (live_step)."""
+    path = unpacked_path(batch_sizes) if save else None
+    if path == "one step":
+        return one_step_forward(x, h0, c0, p)
     if not prefetch.started:  # first call, cold cache: see kernels/numba/prefetch.py
         prefetch.start(unpacked_path(batch_sizes) or "time loop", save, mkl.own_gemm())
     if save:
-        path = unpacked_path(batch_sizes)
         if path is not None and prefetch.pending:  # the child may be compiling these kernels now
             prefetch.wait_for(path + " forward")
-        if path == "one step":
-            return step_forward(x, h0, c0, p)
         if path == "few steps":
             return steps_forward(x, batch_sizes, h0, c0, p, reverse)
     elif len(batch_sizes) == 1 and live_step(x.shape[1], c0.shape[1], h0.shape[1], x.element_size()):
@@ -402,8 +401,7 @@ def _wide_columns(B: int, I: int, H: int, P: int, dt, save: bool = True) -> bool
     threads = torch.get_num_threads()
     whole = (I + H) * 4 * H * dt.itemsize
     return (wide_columns_pay(B, I, H, P, dt.itemsize, threads, inference=not save)
-            and mkl.use(I + H, 4 * -(-H // threads), B, dt, forward=True)
-            and mkl.use(I + H, 4 * H, B, dt, forward=True)
+            and mkl.use(I + H, 4 * -(-H // threads), B, dt, forward=True)  # a part's (the whole then too)
             and (not save or whole > mkl.training_tile_max_bytes()))
 
 
@@ -460,10 +458,10 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     them (a frozen LSTM). One or a few time steps (unpacked_path) go to step_backward /
     steps_backward, which leave out every gradient `needs` does not ask for."""
     path = unpacked_path(batch_sizes)
+    if path == "one step":
+        return one_step_backward(x, h0, c0, p, acts, cells, dy, dh_n, dc_n, needs)
     if path is not None and prefetch.pending:  # the child may be compiling these kernels now
         prefetch.wait_for(path + " backward")
-    if path == "one step":
-        return step_backward(x, h0, c0, p, acts, cells, dy, dh_n, dc_n, needs)
     if path == "few steps":
         return steps_backward(x, batch_sizes, h0, c0, p, reverse, y, acts, cells, dy, dh_n, dc_n, needs)
     xn, h0n, c0n = as_numpy(x), as_numpy(h0), as_numpy(c0)
@@ -585,7 +583,8 @@ def unpacked_path(batch_sizes) -> str | None:
 
 
 def one_step_forward(x, h0, c0, p: LayerParams):
-    """layer_forward(save=True) of one step (batch_sizes [B]), for engine._StepFunction."""
+    """layer_forward(save=True) of one step (batch_sizes [B]); engine._StepFunction calls it
+    directly."""
     if not prefetch.started:  # first call, cold cache: see kernels/numba/prefetch.py
         prefetch.start("one step", True, mkl.own_gemm())
     if prefetch.pending:  # the child may be compiling these kernels now
@@ -594,7 +593,7 @@ def one_step_forward(x, h0, c0, p: LayerParams):
 
 
 def one_step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs):
-    """layer_backward of one step, for engine._StepFunction."""
+    """layer_backward of one step; engine._StepFunction calls it directly."""
     if prefetch.pending:
         prefetch.wait_for("one step backward")
     return step_backward(x, h0, c0, p, acts, cells, dy, dh_n, dc_n, needs)

@@ -148,9 +148,10 @@ def use(K: int, G: int, rows: int, dtype, forward: bool = False, training: bool 
     (forward: a product of the plain forward kernel; training: of a call that saves for a
     backward, or of the backward)."""
     size = K * G * 4
-    l2 = training_tile_max_bytes()
-    if training and size <= l2 and not (forward and rows >= TRAINING_FORWARD_MIN_ROWS and size > l2 // 2):
-        return False
+    if training:
+        l2 = training_tile_max_bytes()
+        if size <= l2 and not (forward and rows >= TRAINING_FORWARD_MIN_ROWS and size > l2 // 2):
+            return False
     if forward and size < MIN_WEIGHT_BYTES:
         ok = size >= MIN_FORWARD_WEIGHT_BYTES and rows >= MIN_FORWARD_ROWS
     else:
