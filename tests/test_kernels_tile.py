@@ -191,12 +191,12 @@ def test_row_dot_products_equal_numpy_and_a_row_is_bitwise_the_same_in_any_group
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("K", [32, 48, 64, 96])  # whole column blocks or not, by dtype (32 / 16 lanes)
-@pytest.mark.parametrize("G", [1, 40, KB + 8])  # the weights' rows: one K_BLOCK pass, or two
+@pytest.mark.parametrize("G", [1, 40, KB + 8, 4 * 130])  # the weights' rows: one K_BLOCK pass, or two
 def test_one_step_backward_products_on_views_equal_numpy(dtype, K, G):
     """The one-step backward's products (kernels/numba/step.py): dgates W on W as it is, dgates^T
     x with dgates^T read in place, on packed_view where K is whole column blocks; each equal
     to numpy's, every row the same bits as packing W first (the time loops' path)."""
-    from lstmkit.kernels.numba.step import outer_times, times_w
+    from lstmkit.kernels.numba.step import outer_sum, outer_times, times_w
 
     rng = np.random.default_rng(K + G)
     tol = 1e-4 if dtype == np.float32 else 1e-12
@@ -216,3 +216,11 @@ def test_one_step_backward_products_on_views_equal_numpy(dtype, K, G):
         outer = np.full((G, K), 7.0, dtype)
         outer_times(a, x, outer)
         np.testing.assert_allclose(outer, a.T @ x, rtol=tol, atol=tol * n)
+        loops = np.full((G, K), 7.0, dtype)
+        outer_sum(a, x, loops)
+        assert np.array_equal(outer, loops)  # tiles by rows (n > 1) or loops: the same bits
+        if tile.whole_blocks(x) and G % 4 == 0:  # matmul's rows all in tiles, as an outer product's 4H
+            by_blocks, by_rows = np.full((G, K), 7.0, dtype), np.full((G, K), 7.0, dtype)
+            tile.matmul(a.T, G, tile.packed_view(x), by_blocks, False, tile.WHOLE_K)
+            tile.matmul_by_rows(a.T, G, tile.packed_view(x), by_rows)
+            assert np.array_equal(by_rows, by_blocks)

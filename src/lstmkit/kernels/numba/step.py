@@ -37,7 +37,7 @@ from numba import njit
 
 from .lstm import KW, _rows_times, _rows_times2, add_into, copy_into, gate_backward_row, gate_row, gate_row_p
 from .rows import row_ptr
-from .tile import WHOLE_K, matmul, packed_view, whole_blocks
+from .tile import WHOLE_K, matmul, matmul_by_rows, packed_view, whole_blocks
 
 
 @njit(**KW)
@@ -128,11 +128,13 @@ def times_w(a, w, out):
 
 @njit(**KW)
 def outer_times(a, x, out):
-    """out = a^T @ x, a (B, G), x (B, K): tile.matmul with a^T read in place and x as it is
-    (packed_view) where K is whole column blocks, else outer_sum (the same bits)."""
-    if whole_blocks(x):
+    """out = a^T @ x, a (B, G), x (B, K), B <= tile.K_BLOCK: the micro-kernel's tiles row by row
+    (tile.matmul_by_rows) with a^T read in place and x as it is (packed_view) where K is whole
+    column blocks and B > 1, else outer_sum (the same bits). One row is one multiply an element:
+    outer_sum's loop writes it at 1.1-1.6x the tiles' speed (BENCHMARKS.md, twenty-sixth session)."""
+    if a.shape[0] > 1 and whole_blocks(x):
         at = a.T
-        matmul(at, at.shape[0], packed_view(x), out, False, WHOLE_K)
+        matmul_by_rows(at, at.shape[0], packed_view(x), out)
     else:
         outer_sum(a, x, out)
 

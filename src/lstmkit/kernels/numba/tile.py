@@ -413,6 +413,27 @@ def tiles_pass(a, n, wp, out, accumulate):
         _block_tiles(a, n, wp, out, accumulate, b)
 
 
+@njit(**KW)
+def matmul_by_rows(a, n, wp, out):
+    """out[:n, :padded_width(wp)] = a[:n] @ W for a W short enough to stay in L1 whole (K up
+    to a few dozen: an outer product's few rows) and K <= K_BLOCK: row tile after row tile, each
+    over every column block, so out is written in order. matmul's blocks outside wrote a tall
+    out one block of each row at a time, rows a whole row apart: 2-4x slower at 512-2048 rows
+    of 128-512 (BENCHMARKS.md, twenty-sixth session). The same tiles as matmul's _block_tiles,
+    so the same bits (an element is one chain of multiply-adds over k either way)."""
+    nb = wp.shape[0]
+    n8 = n - n % 8 if EIGHT_ROWS else 0
+    for r0 in range(0, n8, 8):
+        for b in range(nb):
+            tile8(a, r0, n, wp, b, out)
+    for r0 in range(n8, n, 4):
+        for b in range(nb):
+            if n - r0 == 1:
+                tile1(a, r0, n, wp, b, out)
+            else:
+                tile4(a, r0, n, wp, b, out)
+
+
 # matmul's k0 for the product over all of W: an int64, not a literal 0. Numba compiles a
 # function once per set of argument types, and a literal 0 is a type of its own: one call site
 # passing it cost another compile of matmul and its tiles (about 1 s of a cold start).
