@@ -743,3 +743,94 @@ def test_inference_fast_path_with_variants_in_eval(engine, opts):
     with torch.no_grad():
         got = flat_output(m(x, hx))
     assert_all_close(got, want, TOL[torch.float64])
+
+
+# ---- the training fast path (LSTM._train_fast, LSTMCell._train_fast) ------------------------------------------------
+def _count_general_path(monkeypatch) -> list:
+    """A list that gets an entry for each call that reaches the general path's engine choice
+    (nn/modules.get_layer_fn); the training fast path goes to the Numba engine's layer without it."""
+    from lstmkit.nn import modules
+
+    calls, choose = [], modules.get_layer_fn
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(modules, "get_layer_fn", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("T, N", [(1, 1), (1, 3), (4, 2)])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("proj", [0, 2])
+@pytest.mark.parametrize("hx", ["none", "given", "grad"])
+def test_training_fast_path_matches_torch(monkeypatch, dtype, T, N, batch_first, proj, hx):
+    """A recorded call of a one-layer, one-direction LSTM (a training step) goes straight to the
+    Numba engine's layer where its input is laid out as the engine takes it (batch_first only at
+    one step or one row), and gives torch.nn.LSTM's outputs and every gradient."""
+    torch.manual_seed(T * 10 + N)
+    ref = nn.LSTM(3, 5, proj_size=proj, batch_first=batch_first, dtype=dtype)
+    ours = lstmkit.LSTM.from_torch(ref)
+    general = _count_general_path(monkeypatch)
+    x = torch.randn((N, T, 3) if batch_first else (T, N, 3), dtype=dtype)
+    state = (torch.randn(1, N, proj or 5, dtype=dtype), torch.randn(1, N, 5, dtype=dtype))
+    outs = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_(True)
+        si = tuple(t.clone().requires_grad_(hx == "grad") for t in state)
+        y, (h, c) = m(xi, None if hx == "none" else si)
+        (y * 1.3).sum().backward(inputs=[xi, *m.parameters()] + (list(si) if hx == "grad" else []))
+        outs.append([y, h, c, xi.grad, *(si if hx == "grad" else ()), *(p.grad for p in m.parameters())])
+    for a, b in zip(*outs):
+        assert b is not None and a.shape == b.shape
+        assert_close(b, a, TOL[dtype])
+    assert len(general) == (1 if batch_first and T > 1 and N > 1 else 0)
+
+
+def test_training_fast_path_declines_what_it_does_not_run(monkeypatch):
+    """Stacked, bidirectional, variant, reference-engine, parametrized, non-contiguous and
+    autocast calls take the general path (and still match torch.nn.LSTM)."""
+    torch.manual_seed(0)
+    general = _count_general_path(monkeypatch)
+    x = torch.randn(4, 2, 3, requires_grad=True)
+    cases = [lstmkit.LSTM(3, 5, num_layers=2), lstmkit.LSTM(3, 5, bidirectional=True), lstmkit.LSTM(3, 5, peephole=True),
+             lstmkit.LSTM(3, 5, engine="reference"), nn.utils.parametrizations.weight_norm(lstmkit.LSTM(3, 5), "weight_hh_l0")]
+    for m in cases:
+        before = len(general)
+        m(x)[0].sum().backward()
+        assert len(general) > before, m
+    m = lstmkit.LSTM(3, 5)
+    before = len(general)
+    m(torch.randn(2, 4, 3).transpose(0, 1).requires_grad_(True))[0].sum().backward()  # (4, 2, 3), not contiguous
+    assert len(general) == before + 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("N", [1, 2, 5])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("hx", ["none", "given", "grad"])
+def test_cell_training_fast_path_matches_torch(monkeypatch, dtype, N, bias, batched, hx):
+    """A recorded LSTMCell step goes straight to the Numba engine's layer and gives
+    torch.nn.LSTMCell's outputs and every gradient."""
+    torch.manual_seed(N)
+    ref = nn.LSTMCell(4, 6, bias=bias, dtype=dtype)
+    ours = lstmkit.LSTMCell(4, 6, bias=bias, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    general = _count_general_path(monkeypatch)
+    shape = (N, 4) if batched else (4,)
+    x = torch.randn(shape, dtype=dtype)
+    state = tuple(torch.randn(shape[:-1] + (6,), dtype=dtype) for _ in range(2))
+    outs = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_(True)
+        si = tuple(t.clone().requires_grad_(hx == "grad") for t in state)
+        h, c = m(xi, None if hx == "none" else si)
+        (h * 1.7 + c * 0.3).sum().backward()
+        outs.append([h, c, xi.grad, *(t.grad for t in si if hx == "grad"), *(p.grad for p in m.parameters())])
+    for a, b in zip(*outs):
+        assert b is not None and a.shape == b.shape
+        assert_close(b, a, TOL[dtype])
+    assert general == []

@@ -159,6 +159,16 @@ def get_layer_fn(name: str, x: torch.Tensor, variant: bool = False, tensors=()):
     return importlib.import_module(_VARIANT_MODULES[name]).lstm_layer
 
 
+def numba_layer_fn(name: str, x: torch.Tensor):
+    """get_layer_fn's answer for a call none of its special cases concern (the module's training
+    fast path has checked: no torch.func transform, no forward-mode AD, no tracing or compiling,
+    no variant) where it is the Numba engine's lstm_layer ("numba", or "auto" picking it for x);
+    else None. A broken lstmkit import raises here as there (is_available)."""
+    if name == "auto":
+        name = auto_engine_name(x)
+    return _load(name).lstm_layer if name == "numba" else None
+
+
 def get_pair_fn(name: str, x: torch.Tensor, variant: bool = False, tensors=()):
     """The engine's optional `lstm_layer_pair(x, batch_sizes, (h0_f, h0_b), (c0_f, c0_b), (p_f, p_b))
     -> ((y_f, h_f, c_f), (y_b, h_b, c_b))`, which runs both directions of a bidirectional layer

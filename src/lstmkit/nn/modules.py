@@ -17,6 +17,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
 from ..config import LSTMConfig
+from .. import engines
 from ..engines import LayerParams, check_engine_name, get_layer_fn, get_pair_fn
 from ..engines.base import PaddedSizes
 from . import autocast, variants
@@ -262,10 +263,13 @@ class LSTM(nn.Module):
             data = input.data if isinstance(input, PackedSequence) else input
             if isinstance(data, torch.Tensor) and autocast.active(data.device.type):
                 return self._forward_autocast(input, hx, data.device.type)
-        if (type(input) is torch.Tensor and (not torch.is_grad_enabled() or _records_nothing(self, input, hx))
+        if (type(input) is torch.Tensor and not torch.compiler.is_compiling()  # (the compiler traces none of it)
                 and forward_ad._current_level < 0  # no forward-mode AD tangents to carry (engines/__init__.py)
                 and not torch._C._is_tracing() and not torch._C._are_functorch_transforms_active()):
-            out = self._inference_fast(input, hx)
+            if not torch.is_grad_enabled() or _records_nothing(self, input, hx):
+                out = self._inference_fast(input, hx)
+            else:
+                out = self._train_fast(input, hx)
             if out is not None:
                 return out
         if (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export():
@@ -377,8 +381,7 @@ class LSTM(nn.Module):
     # bits differ from the copy taken at build (engines/numba/binding.WeightWatch).
     def _inference_fast(self, input, hx):
         if (input.dtype not in _FAST_DTYPES or not input.is_cpu or input.is_neg() or self.engine not in ("auto", "numba")
-                or (self.training and ((self.dropout > 0 and self.config.num_layers > 1) or self._variant))
-                or torch.compiler.is_compiling()):
+                or (self.training and ((self.dropout > 0 and self.config.num_layers > 1) or self._variant))):
             return None
         lane = self.__dict__.get("_lane")
         if lane is not None and input.shape == lane[0]:
@@ -429,6 +432,44 @@ class LSTM(nn.Module):
                 self.__dict__["_lane"] = (input.shape, input.dtype, runtime.threads, self.batch_first, rt[0], ptrs,
                                           plan, frozenset(self._parameters), runtime.at_lane(plan))
         return torch.from_numpy(y), out
+
+    # ---- training fast path ---------------------------------------------------------------
+    # A call autograd records on a plain one-layer, one-direction model (a training step, a
+    # streaming model's step under grad) needs none of the general path's layers x directions,
+    # and its checks cost more than a one-step call's kernels (BENCHMARKS.md, twenty-sixth
+    # session): where the input and state are what the engine takes as they are, the call goes
+    # straight to the Numba engine's layer. Anything else, and anything to raise an error about,
+    # goes to the general path.
+    def _train_fast(self, input, hx):
+        cfg = self.config
+        if (cfg.num_layers != 1 or cfg.num_directions != 1 or self._variant or self.engine not in ("auto", "numba")
+                or input.dim() != 3 or input.dtype not in _FAST_DTYPES or not input.is_cpu or input.is_neg()):
+            return None
+        params = self._parameters
+        if list(params) != self._flat_weights_names:
+            return None  # a weight made at each call (see _inference_fast)
+        layer_fn = engines.numba_layer_fn(self.engine, input)
+        if layer_fn is None:
+            return None
+        p = LayerParams(*[params.get(n) for n in _layer_names(0, 0)])
+        if p.w_ih.dtype != input.dtype or not p.w_ih.is_cpu or input.shape[2] != self.input_size:
+            return None
+        # batch_first's (N, 1, I) is (1, N, I) in memory; longer batch_first input is copied in the general path
+        x = input.transpose(0, 1) if self.batch_first else input
+        L, N = x.shape[0], x.shape[1]
+        if L == 0 or N == 0 or not x.is_contiguous():
+            return None
+        if hx is None:
+            h0, c0 = x.new_zeros(N, cfg.real_hidden_size), x.new_zeros(N, cfg.hidden_size)
+        else:
+            if type(hx) not in (tuple, list) or len(hx) != 2:
+                return None
+            for t, shape in zip(hx, cfg.state_shapes(N)):
+                if type(t) is not torch.Tensor or t.shape != shape or t.dtype != x.dtype or not t.is_cpu:
+                    return None
+            h0, c0 = hx[0][0], hx[1][0]
+        y, h_n, c_n = layer_fn(x, [N] * L, h0, c0, p, reverse=False)
+        return (y.transpose(0, 1) if self.batch_first else y), (h_n, c_n)
 
     # The streaming lane: one step of a model without a variant on its parameters as they are
     # (Runtime.step_lane), called again and again with an input of one shape, from zeros or
@@ -650,10 +691,12 @@ class LSTMCell(nn.Module):
     def forward(self, input: torch.Tensor, hx=None):
         if autocast.any_enabled() and isinstance(input, torch.Tensor) and autocast.active(input.device.type):
             return self._forward_autocast(input, hx, input.device.type)
-        if (type(input) is torch.Tensor and (not torch.is_grad_enabled() or _records_nothing(self, input, hx))
-                and forward_ad._current_level < 0 and not torch._C._is_tracing()
-                and not torch._C._are_functorch_transforms_active()):
-            out = self._inference_fast(input, hx)
+        if (type(input) is torch.Tensor and not torch.compiler.is_compiling() and forward_ad._current_level < 0
+                and not torch._C._is_tracing() and not torch._C._are_functorch_transforms_active()):
+            if not torch.is_grad_enabled() or _records_nothing(self, input, hx):
+                out = self._inference_fast(input, hx)
+            else:
+                out = self._train_fast(input, hx)
             if out is not None:
                 return out
         if input.dim() not in (1, 2):
@@ -703,7 +746,7 @@ class LSTMCell(nn.Module):
     # about, goes to the general path in forward.
     def _inference_fast(self, input, hx):
         if (self.engine not in ("auto", "numba") or input.dtype not in _FAST_DTYPES or not input.is_cpu
-                or input.is_neg() or not input.is_contiguous() or torch.compiler.is_compiling()):
+                or input.is_neg() or not input.is_contiguous()):
             return None
         batched = input.dim() == 2
         if not (batched or input.dim() == 1) or input.shape[-1] != self.input_size:
@@ -732,6 +775,39 @@ class LSTMCell(nn.Module):
                         or not t.is_contiguous() or t.is_neg()):
                     return None
         return binding.cell_step(w, input, hx, batched)
+
+    # A step autograd records (LSTM._train_fast says why): where the input, the state and the
+    # parameters are what the Numba engine takes, straight to its layer; else the general path.
+    def _train_fast(self, input, hx):
+        batched = input.dim() == 2
+        if (self.engine not in ("auto", "numba") or not (batched or input.dim() == 1) or input.dtype not in _FAST_DTYPES
+                or not input.is_cpu or input.is_neg() or input.shape[-1] != self.input_size):
+            return None
+        params = self._parameters
+        if list(params) != _CELL_NAMES:
+            return None
+        layer_fn = engines.numba_layer_fn(self.engine, input)
+        if layer_fn is None:
+            return None
+        p = LayerParams(*params.values(), None)  # _CELL_NAMES' order; biases None without bias
+        if p.w_ih.dtype != input.dtype or not p.w_ih.is_cpu:
+            return None
+        x = input if batched else input.unsqueeze(0)
+        N, H = x.shape[0], self.hidden_size
+        if N == 0:
+            return None
+        if hx is None:
+            h0 = c0 = x.new_zeros(N, H)
+        else:
+            if type(hx) not in (tuple, list) or len(hx) != 2:
+                return None
+            want = (N, H) if batched else (H,)
+            for t in hx:
+                if type(t) is not torch.Tensor or t.shape != want or t.dtype != x.dtype or not t.is_cpu:
+                    return None
+            h0, c0 = hx if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        _, h, c = layer_fn(x, [N], h0, c0, p, reverse=False)
+        return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -332,7 +332,7 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     one step of inference on big weights (live_step)."""
     path = unpacked_path(batch_sizes) if save else None
     if path == "one step":
-        return one_step_forward(x, h0, c0, p)
+        return one_step_forward(x, h0, c0, p)[:5]
     if not prefetch.started:  # first call, cold cache: see kernels/numba/prefetch.py
         prefetch.start(unpacked_path(batch_sizes) or "time loop", save, mkl.own_gemm())
     if save:
@@ -584,25 +584,40 @@ def unpacked_path(batch_sizes) -> str | None:
 
 def one_step_forward(x, h0, c0, p: LayerParams):
     """layer_forward(save=True) of one step (batch_sizes [B]); engine._StepFunction calls it
-    directly."""
+    directly. Numpy (y, h_n, c_n, acts, cells, views): views, the numpy arrays of x, h0, c0,
+    w_ih and w_hh the kernel read, for one_step_backward to read again (each costs a torch call
+    to ask for anew, and a one-step call's kernels take microseconds); None where torch's GEMMs
+    made the products."""
     if not prefetch.started:  # first call, cold cache: see kernels/numba/prefetch.py
         prefetch.start("one step", True, mkl.own_gemm())
     if prefetch.pending:  # the child may be compiling these kernels now
         prefetch.wait_for("one step forward")
-    return step_forward(x, h0, c0, p)
+    if _step_products_in_kernel_forward(x.shape[0], p):
+        return _step_forward_in_kernel(x, h0, c0, p)
+    return (*_step_forward_gemms(x, h0, c0, p), None)
 
 
-def one_step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs):
-    """layer_backward of one step; engine._StepFunction calls it directly."""
+def one_step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs, views=None):
+    """layer_backward of one step; engine._StepFunction calls it directly, with the forward's
+    numpy acts, cells and views (one_step_forward's)."""
     if prefetch.pending:
         prefetch.wait_for("one step backward")
-    return step_backward(x, h0, c0, p, acts, cells, dy, dh_n, dc_n, needs)
+    return step_backward(x, h0, c0, p, acts, cells, dy, dh_n, dc_n, needs, views)
 
 
 def step_forward(x, h0, c0, p: LayerParams):
     """layer_forward(save=True) for batch_sizes == [B]: numpy (y, h_n, c_n, acts, cells)."""
-    if x.shape[0] <= STEP_FORWARD_KERNEL_MAX_ROWS and not _mkl_keeps_step_products(x.shape[0], p):
-        return _step_forward_in_kernel(x, h0, c0, p)
+    if _step_products_in_kernel_forward(x.shape[0], p):
+        return _step_forward_in_kernel(x, h0, c0, p)[:5]
+    return _step_forward_gemms(x, h0, c0, p)
+
+
+def _step_products_in_kernel_forward(B: int, p: LayerParams) -> bool:
+    return B <= STEP_FORWARD_KERNEL_MAX_ROWS and not _mkl_keeps_step_products(B, p)
+
+
+def _step_forward_gemms(x, h0, c0, p: LayerParams):
+    """step_forward with the products as torch GEMMs, the gate pass in step_forward_kernel."""
     q, b = _input_projection(x, p)
     q.addmm_(h0.detach(), p.w_hh.detach().t())
     qn = q.numpy()
@@ -619,26 +634,27 @@ def step_forward(x, h0, c0, p: LayerParams):
 
 
 def _step_forward_in_kernel(x, h0, c0, p: LayerParams):
-    """step_forward for a few rows, the products in the kernel (step_forward_all)."""
-    xn = as_numpy(x)
+    """step_forward for a few rows, the products in the kernel (step_forward_all); one_step_forward's
+    six returns."""
+    xn, h0n, c0n, w_ih, w_hh = views = as_numpy(x), as_numpy(h0), as_numpy(c0), as_numpy(p.w_ih), as_numpy(p.w_hh)
     B, dt = xn.shape[0], xn.dtype
-    w_ih = as_numpy(p.w_ih)
     G, H = w_ih.shape[0], w_ih.shape[0] // 4
     b_ih, b_hh = (as_numpy(p.b_ih), as_numpy(p.b_hh)) if p.b_ih is not None else (np.zeros(G, dt),) * 2
     w_hr = as_numpy(p.w_hr) if p.w_hr is not None else np.empty((0, H), dt)
     P = w_hr.shape[0] or H
     acts, c_n, cells = np.empty((B, G), dt), np.empty((B, H), dt), np.empty((B, H), dt)
     hpre, h = np.empty((B if p.w_hr is not None else 0, H), dt), np.empty((B, P), dt)
-    step_forward_all_kernel(xn, as_numpy(h0), as_numpy(c0), w_ih, as_numpy(p.w_hh), b_ih, b_hh, w_hr,
-                            acts, c_n, cells, hpre, h)
-    return h, h.copy(), c_n, acts, cells
+    step_forward_all_kernel(xn, h0n, c0n, w_ih, w_hh, b_ih, b_hh, w_hr, acts, c_n, cells, hpre, h)
+    return h, h.copy(), c_n, acts, cells, views
 
 
-def step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs=None):
+def step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs=None, views=None):
     """layer_backward for batch_sizes == [B] (same returns); gradients `needs` does not ask
-    for are None (except dc0, which the kernel makes anyway)."""
+    for are None (except dc0, which the kernel makes anyway). acts, cells: tensors, or the
+    forward's numpy arrays; views: one_step_forward's (or None), read in place of x, h0, c0,
+    w_ih and w_hh's."""
     needs = needs or (True,) * 8
-    an = as_numpy(acts)
+    an = acts if type(acts) is np.ndarray else as_numpy(acts)
     B, G = an.shape
     dt = an.dtype
     dh = dy if dh_n is None else dh_n if dy is None else dy + dh_n  # y_1 is h_1
@@ -646,14 +662,16 @@ def step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs=
         dh = torch.zeros(h0.shape, dtype=h0.dtype)
     w_hr = p.w_hr.detach() if p.w_hr is not None else None
     dhpre = dh.mm(w_hr) if w_hr is not None else dh  # dL/d(o * tanh(c_1))
-    dc = as_numpy(dc_n).copy() if dc_n is not None else np.zeros((B, G // 4), dt)  # becomes dc0
+    # dc becomes dc0: one copy, C-contiguous (a gradient may come expanded, as sum()'s does)
+    dc = np.array(dc_n.numpy(force=True), order="C") if dc_n is not None else np.zeros((B, G // 4), dt)
     dgates = np.empty((B, G), dt)
     hpre = np.empty((B, G // 4 if w_hr is not None else 0), dt)
-    gate_args = (an, as_numpy(cells), as_numpy(c0), as_numpy(dhpre), dc, dgates, hpre, w_hr is not None)
+    cells = cells if type(cells) is np.ndarray else as_numpy(cells)
+    gate_args = (an, cells, views[2] if views else as_numpy(c0), as_numpy(dhpre), dc, dgates, hpre, w_hr is not None)
     in_kernel = B <= STEP_KERNEL_MAX_ROWS or (B <= STEP_TILES_MAX_ROWS and _tiles_fit(x.shape[1], h0.shape[1], dt)
                                               and step_tiles_ready())
     if in_kernel and not _mkl_keeps_step_products(B, p):
-        dx, dh0, dw_ih, dw_hh, db = _step_products_in_kernel(gate_args, x, h0, p, needs)
+        dx, dh0, dw_ih, dw_hh, db = _step_products_in_kernel(gate_args, x, h0, p, needs, views)
     else:
         step_backward_kernel(*gate_args)
         dx, dh0, dw_ih, dw_hh, db = _step_products_in_torch(torch.from_numpy(dgates), x, h0, p, needs)
@@ -682,17 +700,17 @@ def step_tiles_ready() -> bool:
     return True
 
 
-def _step_products_in_kernel(gate_args, x, h0, p: LayerParams, needs):
+def _step_products_in_kernel(gate_args, x, h0, p: LayerParams, needs, views=None):
     dgates = gate_args[5]
     B, G = dgates.shape
     dt = dgates.dtype
-    xn, h0n = as_numpy(x), as_numpy(h0)
+    xn, h0n, _, w_ih, w_hh = views or (as_numpy(x), as_numpy(h0), None, as_numpy(p.w_ih), as_numpy(p.w_hh))
     I, P = xn.shape[1], h0n.shape[1]
     outs = (np.empty((B if needs[0] else 0, I), dt), np.empty((B if needs[1] else 0, P), dt),
             np.empty((G if needs[3] else 0, I), dt), np.empty((G if needs[4] else 0, P), dt),
             np.empty(G if needs[5] or needs[6] else 0, dt))
     kernel = step_backward_tiles_kernel if step_tiles_ready() else step_backward_all_kernel
-    kernel(*gate_args, xn, h0n, as_numpy(p.w_ih), as_numpy(p.w_hh), *outs)
+    kernel(*gate_args, xn, h0n, w_ih, w_hh, *outs)
     wanted = (needs[0], needs[1], needs[3], needs[4], needs[5] or needs[6])
     return tuple(torch.from_numpy(a) if w else None for a, w in zip(outs, wanted))
 

@@ -88,26 +88,28 @@ class _StepFunction(torch.autograd.Function):
     bindings (binding.one_step_forward / one_step_backward) without layer_forward's and
     layer_backward's choice of path: a training step of a streaming model or an LSTMCell
     spends its time in Python and autograd, not in the products (BENCHMARKS.md, twenty-fifth
-    session, has the microseconds). Saves no y (the step's backward does not read it)."""
+    and twenty-sixth sessions, have the microseconds). Saves no y. The kernel's acts and cells
+    and the numpy views it read stay numpy (ctx.step), not tensors to make and take apart
+    again; the tensors are saved all the same, so an update in place between forward and
+    backward raises autograd's error, and a backward that is itself differentiated has them."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-        p = LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr)
-        y, h_n, c_n, acts, cells = one_step_forward(_rows(x), h0, c0, p)
-        y, h_n, c_n = _outputs(x, y, h_n, c_n)
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, torch.from_numpy(acts), torch.from_numpy(cells),
-                              b_ih, b_hh)  # the biases: for differentiable_backward only
+        y, h_n, c_n, acts, cells, views = one_step_forward(_rows(x), h0, c0, LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr))
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh)
+        ctx.step = (acts, cells, views)
         ctx.set_materialize_grads(False)
         ctx.has_bias = b_ih is not None
-        return y, h_n, c_n
+        return _outputs(x, y, h_n, c_n)
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
-        x, h0, c0, w_ih, w_hh, w_hr, acts, cells, b_ih, b_hh = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh = ctx.saved_tensors  # first: raises if used up or changed
         if torch.is_grad_enabled():  # create_graph=True (see _LSTMFunction)
             return _differentiable(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, dy, dh_n, dc_n, [h0.shape[0]], False)
+        acts, cells, views = ctx.step
         grads = one_step_backward(_rows(x), h0, c0, LayerParams(w_ih, w_hh, None, None, w_hr), acts, cells,
-                                  _rows(dy), _rows(dh_n), _rows(dc_n), ctx.needs_input_grad)
+                                  _rows(dy), _rows(dh_n), _rows(dc_n), ctx.needs_input_grad, views)
         return _kept(ctx, x, w_hr, grads)
 
 
@@ -127,7 +129,9 @@ def _kept(ctx, x, w_hr, grads):
     need = ctx.needs_input_grad
     keep = lambda g, k: g if need[k] else None  # noqa: E731
     db_ih = db if ctx.has_bias and need[5] else None
-    db_hh = db.clone() if ctx.has_bias and need[6] else None  # d/db_ih == d/db_hh: both enter the gates as-is
+    # d/db_ih == d/db_hh: both enter the gates as-is. A copy through numpy: torch's clone() is a
+    # dispatch of several microseconds (a one-step call's kernels take about ten).
+    db_hh = torch.from_numpy(db.numpy().copy()) if ctx.has_bias and need[6] else None
     return (keep(dx, 0), keep(dh0, 1), keep(dc0, 2), keep(dw_ih, 3), keep(dw_hh, 4), db_ih, db_hh,
             keep(dw_hr, 7) if w_hr is not None else None)
 
