@@ -294,6 +294,7 @@ def test_gradient_penalty_through_the_split_matches_torch(monkeypatch):
     monkeypatch.setattr(binding, "run_columns_backward", lambda *a: used.append(1) or real(*a))
     monkeypatch.setattr(columns, "TRAIN_MIN_PART_BYTES", 0)
     monkeypatch.setattr(columns, "TRAIN_MIN_PART_BYTES_UNEVEN", 0)
+    monkeypatch.setattr(binding, "ONE_ROW_FEW_STEPS_MAX_STEPS", 0)  # one row a step: the time loop, not few steps
     torch.manual_seed(0)
     ref = torch.nn.LSTM(32, 64, dtype=torch.float64)
     m = lstmkit.LSTM.from_torch(ref)

@@ -691,6 +691,33 @@ def _count_calls(monkeypatch, module, calls: dict, names: dict) -> None:
         monkeypatch.setattr(module, attr, wrapped)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_row_sequences_take_the_few_steps_path_up_to_its_length_and_size(monkeypatch, threads):
+    """One row a step (batch 1) takes the few-steps kernels, no layout of the weights, up to
+    ONE_ROW_FEW_STEPS_MAX_STEPS steps where W_ih and W_hh fit in L2 (one thread) or in
+    ONE_ROW_FEW_STEPS_MAX_BYTES_THREADED (more); longer calls, bigger weights and two rows
+    take the time-loop kernels. Gradients match torch.nn.LSTM's either way."""
+    from lstmkit.kernels.numba import caches
+
+    monkeypatch.setattr(caches, "_l2", [2 << 20])
+    calls = {"pack": 0, "few": 0}
+    _count_calls(monkeypatch, binding, calls, {"pack_forward": "pack", "pack_backward": "pack",
+                                               "steps_forward_kernel": "few", "steps_backward_kernel": "few"})
+    T_max = binding.ONE_ROW_FEW_STEPS_MAX_STEPS
+    weight_bytes = lambda H: (8 + H) * 4 * H * 4  # noqa: E731  (input 8, float32)
+    assert weight_bytes(160) <= binding.ONE_ROW_FEW_STEPS_MAX_BYTES_THREADED < weight_bytes(300) <= 2 << 20 < weight_bytes(400)
+    with torch_threads(threads):
+        for T, N, H, few in [(T_max, 1, 160, True), (T_max + 1, 1, 160, False), (40, 2, 160, False),
+                             (40, 1, 300, threads == 1), (40, 1, 400, False)]:
+            calls.update(pack=0, few=0)
+            torch.manual_seed(T + H)
+            ref = torch.nn.LSTM(8, H)
+            ours = lstmkit.LSTM.from_torch(ref, engine="numba")
+            run_differential(ref, ours, tensor_input(torch.randn(T, N, 8)))
+            # (the time loops lay the weights out by pack_forward / pack_backward, or by parts, or for MKL)
+            assert (calls["few"] == 2 and calls["pack"] == 0) if few else calls["few"] == 0, (T, N, H, calls)
+
+
 def test_one_step_takes_the_step_path_without_packing(monkeypatch):
     """T = 1 forward and backward run the step kernels and never lay the weights out for the
     time-loop kernels; a longer call still does. (The rules where torch's GEMMs are not MKL's:
@@ -716,7 +743,7 @@ def test_one_step_takes_the_step_path_without_packing(monkeypatch):
     y, _ = m(torch.randn(1, N, 3))
     y.sum().backward()
     assert calls == {"pack": 0, "step_forward": 4, "step_forward_all": 8, "step_backward": 8, "step_backward_all": 4}
-    y, _ = m(torch.randn(binding.FEW_STEPS_MAX_ROWS + 1, 1, 3))  # the time-loop kernels
+    y, _ = m(torch.randn(binding.FEW_STEPS_MAX_ROWS // 2 + 1, 2, 3))  # the time-loop kernels
     y.sum().backward()
     assert calls["pack"] == 8 and calls["step_forward"] == 4
     wide = lstmkit.LSTM(32, 40, proj_size=32, engine="numba")  # whole column blocks: in the kernel, to more rows
@@ -815,7 +842,7 @@ def test_few_steps_match_torch(I, H, proj, bias, bidir, lengths, packed, hx, f32
 
 def test_few_steps_take_their_path(monkeypatch):
     """Several steps over up to FEW_STEPS_MAX_ROWS rows in all run the few-steps kernels and never
-    pack the weights; one row more runs the time-loop kernels."""
+    pack the weights; two rows more run the time-loop kernels (one row a step: the next test)."""
     calls = {"pack": 0, "steps_forward": 0, "steps_backward": 0}
     _count_calls(monkeypatch, binding, calls, {
         "pack_forward": "pack", "pack_backward": "pack",
@@ -823,7 +850,7 @@ def test_few_steps_take_their_path(monkeypatch):
     m = lstmkit.LSTM(3, 4, bidirectional=True, engine="numba")
     rows = binding.FEW_STEPS_MAX_ROWS
     assert rows % 2 == 0
-    for shape, want in (((2, 1, 3), (0, 2, 2)), ((rows // 2, 2, 3), (0, 4, 4)), ((rows + 1, 1, 3), (4, 4, 4))):
+    for shape, want in (((2, 1, 3), (0, 2, 2)), ((rows // 2, 2, 3), (0, 4, 4)), ((rows // 2 + 1, 2, 3), (4, 4, 4))):
         y, _ = m(torch.randn(shape))
         y.sum().backward()
         assert (calls["pack"], calls["steps_forward"], calls["steps_backward"]) == want, shape

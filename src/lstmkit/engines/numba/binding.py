@@ -330,11 +330,11 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     empty unless save. One or a few time steps, saved for backward (the weights change between
     calls: nothing to cache) go to step_forward / steps_forward (see unpacked_path), and so does
     one step of inference on big weights (live_step)."""
-    path = unpacked_path(batch_sizes) if save else None
+    path = unpacked_path(batch_sizes, _weight_bytes(p)) if save else None
     if path == "one step":
         return one_step_forward(x, h0, c0, p)[:5]
     if not prefetch.started:  # first call, cold cache: see kernels/numba/prefetch.py
-        prefetch.start(unpacked_path(batch_sizes) or "time loop", save, mkl.own_gemm())
+        prefetch.start(unpacked_path(batch_sizes, _weight_bytes(p)) or "time loop", save, mkl.own_gemm())
     if save:
         if path is not None and prefetch.pending:  # the child may be compiling these kernels now
             prefetch.wait_for(path + " forward")
@@ -457,7 +457,7 @@ def layer_backward(x, batch_sizes, h0, c0, p: LayerParams, reverse, y, acts, cel
     then leave out W_ih; so are the weight gradients (their GEMMs) when it asks for none of
     them (a frozen LSTM). One or a few time steps (unpacked_path) go to step_backward /
     steps_backward, which leave out every gradient `needs` does not ask for."""
-    path = unpacked_path(batch_sizes)
+    path = unpacked_path(batch_sizes, _weight_bytes(p))
     if path == "one step":
         return one_step_backward(x, h0, c0, p, acts, cells, dy, dh_n, dc_n, needs)
     if path is not None and prefetch.pending:  # the child may be compiling these kernels now
@@ -570,16 +570,35 @@ def _mkl_keeps_step_products(B: int, p: LayerParams) -> bool:
 # Below it, laying the weights out for the time-loop kernels (a copy of W, forward and backward)
 # costs more than the slower per-step products lose (BENCHMARKS.md has the crossover).
 FEW_STEPS_MAX_ROWS = 16
+# ... and so do calls of one row a step (one sequence: an episode, a sample's series) of up to
+# this many steps, where [W_ih | W_hh] stays in L2 (one thread) or is small (more: the time loop
+# splits the hidden units there). The layouts cost the loop path about 100 us a call at input 64,
+# hidden 128, a few steps' worth of its per-step gain. Training vs torch.nn.LSTM, loop -> few, 1
+# thread: T=20 1.00x -> 1.44x, T=100 1.06x -> 1.16x, 200 1.11x -> 1.10x, 300 1.13x -> 1.07x at
+# 64,128; 128,256 T=100 1.23x -> 1.27x, 200 1.27x -> 1.17x; 32,64 T=400 1.19x -> 1.24x, 1000 1.25x
+# -> 1.18x; 64,512 (4.7 MiB) T=50 1.57x -> 1.32x; 2 threads 64,128 T=100 1.37x -> 1.56x, 128,256
+# 1.46x -> 1.33x (BENCHMARKS.md, twenty-sixth session).
+ONE_ROW_FEW_STEPS_MAX_STEPS = 128
+ONE_ROW_FEW_STEPS_MAX_BYTES_THREADED = 512 << 10
 
 
-def unpacked_path(batch_sizes) -> str | None:
+def unpacked_path(batch_sizes, weight_bytes: int = 0) -> str | None:
     """'one step', 'few steps', or None (the time-loop kernels on packed weights) for a call
-    that saves for backward, by its batch_sizes."""
+    that saves for backward, by its batch_sizes and the bytes of its W_ih and W_hh (0: unknown)."""
     if len(batch_sizes) <= STEP_PATH_MAX_STEPS:
         return "one step"
     if sum(batch_sizes) <= FEW_STEPS_MAX_ROWS:
         return "few steps"
+    if batch_sizes[0] == 1 and len(batch_sizes) <= ONE_ROW_FEW_STEPS_MAX_STEPS and 0 < weight_bytes <= (
+            caches.l2_bytes() if torch.get_num_threads() == 1 else ONE_ROW_FEW_STEPS_MAX_BYTES_THREADED):
+        return "few steps"
     return None
+
+
+def _weight_bytes(p: LayerParams) -> int:
+    """The bytes of W_ih and W_hh (unpacked_path's)."""
+    w_ih = p.w_ih
+    return (w_ih.shape[1] + p.w_hh.shape[1]) * w_ih.shape[0] * w_ih.element_size()
 
 
 def one_step_forward(x, h0, c0, p: LayerParams):
