@@ -758,14 +758,16 @@ def test_one_step_takes_the_step_path_without_packing(monkeypatch):
         assert calls["step_backward"] - before["step_backward"] == 1 - kernel
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("hidden, rows, in_kernel", [
     (32, 1, True), (32, binding.MKL_STEP_KERNEL_MAX_ROWS, True),  # [W_ih | W_hh] of 32 KiB
     (32, 8, False),  # whole column blocks (the tiles elsewhere), but MKL's GEMMs past 4 rows
     (224, 1, False),  # 0.9 MiB of weights: MKL's GEMMs at any rows
 ])
-def test_one_step_leaves_big_or_many_row_products_to_mkl(monkeypatch, hidden, rows, in_kernel):
+def test_one_step_leaves_big_or_many_row_products_to_mkl(monkeypatch, hidden, rows, in_kernel, threads):
     """Where torch's GEMMs are MKL's (an Intel CPU; forced here on any CPU) the one-step products
-    stay in the kernels at a few rows on small weights only, and the gradients still match."""
+    stay in the kernels at a few rows on small weights only (the backward's on one thread: at any
+    rows and weights the tiles take), and the gradients still match."""
     from lstmkit.engines.numba import mkl
 
     monkeypatch.setattr(mkl, "_own_gemm", [False])
@@ -777,9 +779,11 @@ def test_one_step_leaves_big_or_many_row_products_to_mkl(monkeypatch, hidden, ro
         "step_backward_kernel": "backward"})
     ref, ours = pair(dict(input_size=32, hidden_size=hidden), "numba", torch.float32, seed=rows)
     x = torch.randn(1, rows, 32, generator=torch.Generator().manual_seed(rows))
-    run_differential(ref, ours, tensor_input(x), None, seed=rows)
-    assert (calls["forward_all"] > 0, calls["backward_all"] > 0) == (in_kernel, in_kernel)
-    assert (calls["forward"] > 0, calls["backward"] > 0) == (not in_kernel, not in_kernel)
+    with torch_threads(threads):
+        run_differential(ref, ours, tensor_input(x), None, seed=rows)
+    backward_in_kernel = in_kernel or threads == 1
+    assert (calls["forward_all"] > 0, calls["backward_all"] > 0) == (in_kernel, backward_in_kernel)
+    assert (calls["forward"] > 0, calls["backward"] > 0) == (not in_kernel, not backward_in_kernel)
 
 
 def test_one_step_backward_does_without_the_tiles_while_they_compile(monkeypatch):

@@ -552,14 +552,20 @@ STEP_FORWARD_KERNEL_MAX_ROWS = 4
 # kernel's one-thread products beat them only at a few rows on weights that stay in L2
 # (BENCHMARKS.md, twenty-fourth session): there the products stay in the kernel at up to
 # MKL_STEP_KERNEL_MAX_ROWS rows on [W_ih | W_hh] under MKL_STEP_KERNEL_MAX_WEIGHT_BYTES only.
+# The backward's products on one thread stay in the kernel whatever the rows and weights (its
+# outer products written row by row since the twenty-sixth session, tile.matmul_by_rows): an
+# LSTMCell's training step vs torch.nn.LSTMCell, MKL -> the kernel, 1 thread: 16,128,256 0.83x ->
+# 0.97x, 24,128,256 0.88x -> 1.05x, 8,128,256 0.88x -> 0.92x, 12,64,128 0.92x -> 0.96x,
+# 48,64,128 0.96x -> 0.99x, 8,256,512 1.18x -> 1.22x, 16,128,512 1.18x either way; on 2 threads
+# MKL's two against the kernel's one: 16,128,256 0.96x -> 0.83x, so there the rule above stays.
 MKL_STEP_KERNEL_MAX_ROWS = 4
 MKL_STEP_KERNEL_MAX_WEIGHT_BYTES = 512 << 10
 
 
-def _mkl_keeps_step_products(B: int, p: LayerParams) -> bool:
+def _mkl_keeps_step_products(B: int, p: LayerParams, backward: bool = False) -> bool:
     """Whether a one-step call of B rows leaves its products to torch's GEMMs because they are
     MKL's (an Intel CPU, see above), whatever the rules above say."""
-    if mkl.own_gemm():
+    if mkl.own_gemm() or (backward and torch.get_num_threads() == 1):
         return False
     weight_bytes = (p.w_ih.shape[1] + p.w_hh.shape[1]) * p.w_ih.shape[0] * p.w_ih.element_size()
     return B > MKL_STEP_KERNEL_MAX_ROWS or weight_bytes >= MKL_STEP_KERNEL_MAX_WEIGHT_BYTES
@@ -689,7 +695,7 @@ def step_backward(x, h0, c0, p: LayerParams, acts, cells, dy, dh_n, dc_n, needs=
     gate_args = (an, cells, views[2] if views else as_numpy(c0), as_numpy(dhpre), dc, dgates, hpre, w_hr is not None)
     in_kernel = B <= STEP_KERNEL_MAX_ROWS or (B <= STEP_TILES_MAX_ROWS and _tiles_fit(x.shape[1], h0.shape[1], dt)
                                               and step_tiles_ready())
-    if in_kernel and not _mkl_keeps_step_products(B, p):
+    if in_kernel and not _mkl_keeps_step_products(B, p, backward=True):
         dx, dh0, dw_ih, dw_hh, db = _step_products_in_kernel(gate_args, x, h0, p, needs, views)
     else:
         step_backward_kernel(*gate_args)
