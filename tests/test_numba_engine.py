@@ -766,8 +766,8 @@ def test_one_step_takes_the_step_path_without_packing(monkeypatch):
 ])
 def test_one_step_leaves_big_or_many_row_products_to_mkl(monkeypatch, hidden, rows, in_kernel, threads):
     """Where torch's GEMMs are MKL's (an Intel CPU; forced here on any CPU) the one-step products
-    stay in the kernels at a few rows on small weights only (the backward's on one thread: at any
-    rows and weights the tiles take), and the gradients still match."""
+    stay in the kernels at a few rows on small weights only (on one thread: the forward's to 24 rows
+    there, the backward's at any rows and weights the tiles take), and the gradients still match."""
     from lstmkit.engines.numba import mkl
 
     monkeypatch.setattr(mkl, "_own_gemm", [False])
@@ -782,8 +782,10 @@ def test_one_step_leaves_big_or_many_row_products_to_mkl(monkeypatch, hidden, ro
     with torch_threads(threads):
         run_differential(ref, ours, tensor_input(x), None, seed=rows)
     backward_in_kernel = in_kernel or threads == 1
-    assert (calls["forward_all"] > 0, calls["backward_all"] > 0) == (in_kernel, backward_in_kernel)
-    assert (calls["forward"] > 0, calls["backward"] > 0) == (not in_kernel, not backward_in_kernel)
+    forward_in_kernel = in_kernel or (threads == 1 and rows <= binding.MKL_ONE_THREAD_FORWARD_KERNEL_MAX_ROWS
+                                      and 4 * hidden * (32 + hidden) * 4 < binding.MKL_STEP_KERNEL_MAX_WEIGHT_BYTES)
+    assert (calls["forward_all"] > 0, calls["backward_all"] > 0) == (forward_in_kernel, backward_in_kernel)
+    assert (calls["forward"] > 0, calls["backward"] > 0) == (not forward_in_kernel, not backward_in_kernel)
 
 
 def test_one_step_backward_does_without_the_tiles_while_they_compile(monkeypatch):

@@ -560,6 +560,12 @@ STEP_FORWARD_KERNEL_MAX_ROWS = 4
 # MKL's two against the kernel's one: 16,128,256 0.96x -> 0.83x, so there the rule above stays.
 MKL_STEP_KERNEL_MAX_ROWS = 4
 MKL_STEP_KERNEL_MAX_WEIGHT_BYTES = 512 << 10
+# ... and the forward's on one thread, on those weights, up to this many rows (each row reads W
+# from L2; the two GEMMs of a training call find their operands cold): LSTMCell training vs
+# torch.nn.LSTMCell, GEMMs -> kernel, input 64, hidden 128: 6 rows 0.94x -> 1.11x, 8 0.93x ->
+# 1.06x, 12 0.94x -> 1.05x, 16 0.96x -> 1.05x, 24 0.94x -> 0.99x, 32 0.97x -> 0.96x; 2 threads
+# 8 and 16 rows within 1-3 % either way (BENCHMARKS.md, twenty-sixth session).
+MKL_ONE_THREAD_FORWARD_KERNEL_MAX_ROWS = 24
 
 
 def _mkl_keeps_step_products(B: int, p: LayerParams, backward: bool = False) -> bool:
@@ -567,8 +573,7 @@ def _mkl_keeps_step_products(B: int, p: LayerParams, backward: bool = False) -> 
     MKL's (an Intel CPU, see above), whatever the rules above say."""
     if mkl.own_gemm() or (backward and torch.get_num_threads() == 1):
         return False
-    weight_bytes = (p.w_ih.shape[1] + p.w_hh.shape[1]) * p.w_ih.shape[0] * p.w_ih.element_size()
-    return B > MKL_STEP_KERNEL_MAX_ROWS or weight_bytes >= MKL_STEP_KERNEL_MAX_WEIGHT_BYTES
+    return B > MKL_STEP_KERNEL_MAX_ROWS or _weight_bytes(p) >= MKL_STEP_KERNEL_MAX_WEIGHT_BYTES
 
 
 # Calls of several steps over at most this many rows in all (sum of batch_sizes) take the
@@ -638,7 +643,10 @@ def step_forward(x, h0, c0, p: LayerParams):
 
 
 def _step_products_in_kernel_forward(B: int, p: LayerParams) -> bool:
-    return B <= STEP_FORWARD_KERNEL_MAX_ROWS and not _mkl_keeps_step_products(B, p)
+    if B <= STEP_FORWARD_KERNEL_MAX_ROWS:
+        return not _mkl_keeps_step_products(B, p)
+    return (B <= MKL_ONE_THREAD_FORWARD_KERNEL_MAX_ROWS and not mkl.own_gemm() and torch.get_num_threads() == 1
+            and _weight_bytes(p) < MKL_STEP_KERNEL_MAX_WEIGHT_BYTES)
 
 
 def _step_forward_gemms(x, h0, c0, p: LayerParams):
