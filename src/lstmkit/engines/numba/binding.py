@@ -643,6 +643,8 @@ def step_forward(x, h0, c0, p: LayerParams):
 
 
 def _step_products_in_kernel_forward(B: int, p: LayerParams) -> bool:
+    """Whether a one-step forward of B rows makes its products in its kernel (step_forward_all)
+    rather than as two torch GEMMs (the rules above)."""
     if B <= STEP_FORWARD_KERNEL_MAX_ROWS:
         return not _mkl_keeps_step_products(B, p)
     return (B <= MKL_ONE_THREAD_FORWARD_KERNEL_MAX_ROWS and not mkl.own_gemm() and torch.get_num_threads() == 1

@@ -205,13 +205,16 @@ def rows_times_n(v, n, w, out):
     G = w.shape[0]
     g8 = G - G % 8
     for j in range(0, g8, 8):
-        w0, w1, w2, w3, w4, w5, w6, w7 = w[j], w[j + 1], w[j + 2], w[j + 3], w[j + 4], w[j + 5], w[j + 6], w[j + 7]
+        w0, w1, w2, w3 = w[j], w[j + 1], w[j + 2], w[j + 3]
+        w4, w5, w6, w7 = w[j + 4], w[j + 5], w[j + 6], w[j + 7]
         for i in range(n):
             vi = v[i]
-            d0, d1, d2, d3, d4, d5, d6, d7 = vi[j], vi[j + 1], vi[j + 2], vi[j + 3], vi[j + 4], vi[j + 5], vi[j + 6], vi[j + 7]
+            d0, d1, d2, d3 = vi[j], vi[j + 1], vi[j + 2], vi[j + 3]
+            d4, d5, d6, d7 = vi[j + 4], vi[j + 5], vi[j + 6], vi[j + 7]
             o = out[i]
             for k in range(o.shape[0]):
-                o[k] += ((d0 * w0[k] + d1 * w1[k]) + (d2 * w2[k] + d3 * w3[k])) + ((d4 * w4[k] + d5 * w5[k]) + (d6 * w6[k] + d7 * w7[k]))
+                o[k] += (((d0 * w0[k] + d1 * w1[k]) + (d2 * w2[k] + d3 * w3[k]))
+                         + ((d4 * w4[k] + d5 * w5[k]) + (d6 * w6[k] + d7 * w7[k])))
     for j in range(g8, G):
         wj = w[j]
         for i in range(n):
