@@ -69,7 +69,7 @@ def draw(rng: random.Random, max_macs: float = MAX_MACS, variants: bool = False)
         H = rng.choice(THRESHOLD_H) if rng.random() < 0.7 else rng.randint(1, 1100)
         I = rng.choice([1, 3, 32, 64, 128, 256, 512]) if rng.random() < 0.6 else rng.randint(1, 600)
         N = rng.choice(THRESHOLD_N)
-        T = rng.choice([1, 1, 2, 3, 5, 17, 64, 100])
+        T = rng.choice([1, 1, 2, 3, 5, 17, 64, 100, 128, 129])  # 128: one row a step on few steps up to it
         layers = rng.choice([1, 1, 1, 2, 3])
         bidir = rng.random() < 0.25
         proj = rng.randint(1, H - 1) if H > 1 and rng.random() < 0.15 else 0
