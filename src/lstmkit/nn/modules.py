@@ -451,7 +451,7 @@ class LSTM(nn.Module):
         layer_fn = engines.numba_layer_fn(self.engine, input)
         if layer_fn is None:
             return None
-        p = LayerParams(*[params.get(n) for n in _layer_names(0, 0)])
+        p = self.layer_params(0, 0)
         if p.w_ih.dtype != input.dtype or not p.w_ih.is_cpu or input.shape[2] != self.input_size:
             return None
         # batch_first's (N, 1, I) is (1, N, I) in memory; longer batch_first input is copied in the general path

@@ -334,7 +334,8 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     if path == "one step":
         return one_step_forward(x, h0, c0, p)[:5]
     if not prefetch.started:  # first call, cold cache: see kernels/numba/prefetch.py
-        prefetch.start(unpacked_path(batch_sizes, _weight_bytes(p)) or "time loop", save, mkl.own_gemm())
+        shape_path = path if save else unpacked_path(batch_sizes, _weight_bytes(p))
+        prefetch.start(shape_path or "time loop", save, mkl.own_gemm())
     if save:
         if path is not None and prefetch.pending:  # the child may be compiling these kernels now
             prefetch.wait_for(path + " forward")
