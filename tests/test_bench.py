@@ -13,8 +13,16 @@ def test_round_orders_put_each_contender_in_each_place_and_after_each_other():
     sequence = [n for o in orders for n in o]  # who runs right before whom, across rounds too
     follows = Counter(zip(sequence, sequence[1:]))
     assert all(follows[(a, b)] > 0 for a in names for b in names if a != b)
-    many = [f"f{k}" for k in range(6)]  # past four names: the cyclic rotations
-    assert [o[0] for o in round_orders(many, 6)] == many
+    for n in range(2, 9):  # a whole design: each place and each neighbour pair equally often
+        many = [f"f{k}" for k in range(n)]
+        orders = round_orders(many, n if n % 2 == 0 else 2 * n)
+        assert all(sorted(o) == sorted(many) for o in orders)
+        for place in range(n):
+            assert len(set(Counter(o[place] for o in orders).values())) == 1
+        pairs = Counter((o[i], o[i + 1]) for o in orders for i in range(n - 1))
+        assert len(pairs) == n * (n - 1) and len(set(pairs.values())) == 1
+    first = Counter(o[0] for o in round_orders(["a", "b", "c", "d"], 8))
+    assert first == {n: 2 for n in "abcd"}  # every permutation in turn put "a" first 6 times of 8
 
 
 def test_compare_times_every_function_every_round():

@@ -16,7 +16,6 @@ layer (gates reordered from torch's i,f,g,o to ONNX's i,o,f,c; biases as [Wb | R
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -87,10 +86,19 @@ def compare(fns: dict, min_time: float = 0.02, rounds: int = 7) -> dict:
 
 
 def round_orders(names: list, rounds: int) -> list:
-    """The order of each round: every ordering of the names in turn (up to 4 names), else the
-    cyclic rotations, so each name runs in each place and after each other about equally."""
-    orders = list(itertools.permutations(names)) if len(names) <= 4 else \
-        [names[k:] + names[:k] for k in range(len(names))]
+    """The order of each round, from a Williams design (a balanced Latin square): over n rounds
+    (2n for an odd number n of names) each name runs once in each place and right after each
+    other name equally often. Every permutation in turn does neither over a few rounds (with 4
+    names the first 6 of 24 put the same name first), nor do the cyclic rotations, where each
+    name always follows the same one; an A/B of five contenders in rotations read a 10 % gain
+    that balanced rounds did not (BENCHMARKS.md, twenty-seventh session)."""
+    n = len(names)
+    first = [0]  # 0, 1, n-1, 2, n-2, ...: its differences between neighbours are all distinct mod n
+    for j in range(1, n):
+        first.append((j + 1) // 2 if j % 2 else n - j // 2)
+    orders = [[names[(k + r) % n] for k in first] for r in range(n)]
+    if n % 2:
+        orders += [o[::-1] for o in orders]
     return [list(orders[r % len(orders)]) for r in range(rounds)]
 
 
