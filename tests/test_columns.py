@@ -362,7 +362,7 @@ def test_bidirectional_layers_run_both_directions_at_once(dtype, kw, shape, open
 def test_a_live_step_split_by_units_is_bitwise_the_unsplit_step(dtype, H, N, team_threads):
     """one_step_live_split: each team thread computes the units of its part
     (lstm.live_part_units, cut at multiples of LANES, some parts empty at H=20 on 3 threads)
-    by the same operations as one_step_live: the same bits, every unit written."""
+    by the same operations as one_step_live: the same bits, every unit written, whatever the turn."""
     rng = np.random.default_rng(H + N)
     I = 37
     w_ih, w_hh = (rng.standard_normal((4 * H, I)) * 0.3).astype(dtype), (rng.standard_normal((4 * H, H)) * 0.3).astype(dtype)
@@ -371,10 +371,11 @@ def test_a_live_step_split_by_units_is_bitwise_the_unsplit_step(dtype, H, N, tea
     h0, c0 = (rng.standard_normal((1, N, H)).astype(dtype) for _ in range(2))
     one = [np.empty((1, N, H), dtype) for _ in range(3)]
     lstm.one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, np.empty((0, H), dtype), *one)
-    split = [np.full((1, N, H), np.nan, dtype) for _ in range(3)]
-    assert lstm.one_step_live_split(team_threads, x, h0, c0, w_ih, w_hh, b_ih, b_hh, *split)
-    for a, b in zip(one, split):
-        np.testing.assert_array_equal(a, b)
+    for turn in (0, 1):  # every other row of input reads the rows of W backwards (lstm.live_turn)
+        split = [np.full((1, N, H), np.nan, dtype) for _ in range(3)]
+        assert lstm.one_step_live_split(team_threads, x, h0, c0, w_ih, w_hh, b_ih, b_hh, *split, turn)
+        for a, b in zip(one, split):
+            np.testing.assert_array_equal(a, b)
     cuts = [lstm.live_part_units(H, k, team_threads) for k in range(team_threads)]
     assert cuts[0][0] == 0 and cuts[-1][1] == H
     assert all(u0 % LANES == 0 and u0 <= u1 and u1 == v0 for (u0, u1), (v0, _) in zip(cuts, cuts[1:]))

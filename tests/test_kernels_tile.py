@@ -187,6 +187,40 @@ def test_row_dot_products_equal_numpy_and_a_row_is_bitwise_the_same_in_any_group
             part = start[g0:g1].copy()
             lstm._rows_times2(w1[g0:g1], v1, w2[g0:g1], v2, part)
             assert np.array_equal(part, out[g0:g1]), (G, g0, g1)
+        backwards = start.copy()  # the rows of W from the last one back (flip): the same bits
+        lstm._rows_times2(w1, v1, w2, v2, backwards, True)
+        assert np.array_equal(backwards, out), G
+
+
+@pytest.mark.parametrize("N", [1, 2, 3])
+def test_live_steps_read_every_other_row_of_input_backwards_with_the_same_bits(N):
+    """one_step_live's turn flips the order of W's rows at every other row it reads (live_turn
+    counts them across calls on the same weights): whatever the turn, the same outputs; the
+    by-address step counts N rows a call in the weights' address array."""
+    from lstmkit.kernels.numba import lstm
+
+    rng = np.random.default_rng(N)
+    I, H = 24, 13  # 4H = 52 rows of W: six groups of eight and four rows past them
+    w_ih, w_hh = rng.standard_normal((4 * H, I)).astype(np.float32), rng.standard_normal((4 * H, H)).astype(np.float32)
+    b_ih, b_hh = rng.standard_normal(4 * H).astype(np.float32), rng.standard_normal(4 * H).astype(np.float32)
+    x = rng.standard_normal((1, N, I)).astype(np.float32)
+    h0, c0 = rng.standard_normal((1, N, H)).astype(np.float32), rng.standard_normal((1, N, H)).astype(np.float32)
+    no_proj = np.zeros((0, H), np.float32)
+
+    def step(turn):
+        y, h, c = np.empty((1, N, H), np.float32), np.empty((1, N, H), np.float32), np.empty((1, N, H), np.float32)
+        lstm.one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, no_proj, y, h, c, turn)
+        return y, h, c
+
+    first = step(0)
+    for turn in (1, 2, 7):
+        assert all(np.array_equal(a, b) for a, b in zip(step(turn), first)), turn
+    addrs = np.array([a.ctypes.data for a in (w_ih, w_hh, b_ih, b_hh, no_proj)] + [0], np.int64)
+    for call in range(3):
+        y, h, c = np.empty((1, N, H), np.float32), np.empty((1, N, H), np.float32), np.empty((1, N, H), np.float32)
+        lstm.one_step_live_at(x.ctypes.data, I, h0, c0, addrs, y, h, c)
+        assert all(np.array_equal(a, b) for a, b in zip((y, h, c), first)), call
+        assert addrs[lstm.LIVE_TURN] == N * (call + 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -19,8 +19,8 @@ import numpy as np
 
 from ..config import LSTMConfig
 from ..kernels.numba.lstm import (
-    MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, forward_pair_body, input_projection, one_step,
-    one_step_live, one_step_live_at, one_step_live_split, pack_forward, precompute_input,
+    LIVE_TURN, MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, forward_pair_body, input_projection,
+    one_step, one_step_live, one_step_live_at, one_step_live_split, pack_forward, precompute_input,
 )
 from ..kernels.numba.buffers import empty as pooled_empty
 from ..kernels.numba.columns import (big_weights_columns_pay, columns_pay, columns_precompute, pack_columns, run_columns,
@@ -120,8 +120,10 @@ class Runtime:
                     peep = w.get("weight_peephole" + sfx, np.zeros((3, H), dt))  # zeros: no peepholes
                     self._variant_args.append((b_ih + b_hh, *ln, peep, _variant_pack(w["weight_hh" + sfx], w_hr, w["weight_ih" + sfx])))
         # The first layer-direction's weights by address (one_step_live_at, step_at): self.layers
-        # holds the arrays, so the addresses stay valid while this runtime lives.
-        self._live_addrs = np.array([a.ctypes.data for a in self.layers[0]], np.int64)
+        # holds the arrays, so the addresses stay valid while this runtime lives. Then the count
+        # of rows read on them (lstm.live_turn), which every live step of this runtime shares.
+        self._live_addrs = np.array([a.ctypes.data for a in self.layers[0]] + [0], np.int64)
+        self._live_turns = np.zeros(len(self.layers), np.int64)  # the others' counts (_turn)
         self._no_cells = np.zeros((0, H), dt)  # the kernel saves c_t and the activations for training only
         self._no_acts = np.zeros((0, 4 * H), dt)
         self._no_xproj = self._no_acts
@@ -270,14 +272,23 @@ class Runtime:
         y, h_n, c_n = np.empty(y_shape, dt), np.empty(h_shape, dt), np.empty(c_shape, dt)
         if live:
             w_ih, w_hh, b_ih, b_hh, w_hr = self.layers[0]
-            if not (split and one_step_live_split(split, x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h_n, c_n)):
-                one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h_n, c_n)
+            turn = self._turn(0, x.shape[0] * x.shape[1])
+            if not (split and one_step_live_split(split, x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h_n, c_n, turn)):
+                one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h_n, c_n, turn)
         else:
             wp, b, wpr = self._packed[0]
             one_step(x, h0, c0, wp, b, wpr, y, h_n, c_n)
         state = (h_n, c_n)
         self._returned = (state, x.shape, 1, h_shape[1])
         return y, state
+
+    def _turn(self, i: int, rows: int) -> int:
+        """lstm.live_turn for layer-direction i's one_step_live of `rows` rows (layer 0's count is
+        the one step_at's kernel counts in self._live_addrs)."""
+        counts, k = (self._live_addrs, LIVE_TURN) if i == 0 else (self._live_turns, i)
+        turn = int(counts[k])
+        counts[k] = turn + rows
+        return turn
 
     def step_at(self, lane, x_addr: int, shape, state):
         """step_on for a lane of a one-layer, one-direction model that runs one_step_live on one
@@ -316,8 +327,9 @@ class Runtime:
                 args = (x.reshape(1, N, x.shape[1]), h0[i:i + 1], c0[i:i + 1], w_ih, w_hh, b_ih, b_hh)
                 outs = (y[d:d + 1], h_n[i:i + 1], c_n[i:i + 1])
                 split = live_split(self.threads, x.shape[1], self._H, P, dt.itemsize)
-                if not (split and one_step_live_split(split, *args, *outs)):
-                    one_step_live(*args, w_hr, *outs)
+                turn = self._turn(i, N)
+                if not (split and one_step_live_split(split, *args, *outs, turn)):
+                    one_step_live(*args, w_hr, *outs, turn)
             x = y[0] if D == 1 else np.concatenate((y[0], y[1]), axis=1)
         return x
 

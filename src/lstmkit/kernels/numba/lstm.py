@@ -443,23 +443,32 @@ def _rows_times(w, v, out):
 
 
 @njit(**KW)
-def _rows_times2(w1, v1, w2, v2, out):
+def _rows_times2(w1, v1, w2, v2, out, flip=False):
     """out[g] += w1[g] . v1 + w2[g] . v2 for every row g of w1, w2 (G, K1), (G, K2) (rows with
     unit inner stride): tile.rows_dot over the vector part of both, eight rows at a time, then
     four, then one (each row the same bits whichever), then the rows' tails of fewer than
-    dot_lanes elements in order."""
+    dot_lanes elements in order. flip: the groups of rows from the last one back (the same
+    bits): a caller that flips at every other call starts on the rows its last call read last,
+    still in L2 where the weights outgrow it (one_step_live)."""
     G, K1, K2 = w1.shape[0], w1.shape[1], w2.shape[1]
     L = dot_lanes(w1)
-    g = 0
-    while g + 8 <= G:
-        rows_dot8(w1, v1, w2, v2, g, out)
-        g += 8
-    if g + 4 <= G:
-        rows_dot4(w1, v1, w2, v2, g, out)
-        g += 4
-    while g < G:
-        rows_dot1(w1, v1, w2, v2, g, out)
-        g += 1
+    g8 = G - G % 8
+    if flip:  # the rows past the eights one at a time (at most 7), then the eights backwards
+        for g in range(G - 1, g8 - 1, -1):
+            rows_dot1(w1, v1, w2, v2, g, out)
+        for g in range(g8 - 8, -1, -8):
+            rows_dot8(w1, v1, w2, v2, g, out)
+    else:
+        g = 0
+        while g + 8 <= G:
+            rows_dot8(w1, v1, w2, v2, g, out)
+            g += 8
+        if g + 4 <= G:
+            rows_dot4(w1, v1, w2, v2, g, out)
+            g += 4
+        while g < G:
+            rows_dot1(w1, v1, w2, v2, g, out)
+            g += 1
     t1, t2 = K1 - K1 % L, K2 - K2 % L
     if t1 < K1 or t2 < K2:
         for g in range(G):
@@ -470,14 +479,16 @@ def _rows_times2(w1, v1, w2, v2, out):
 
 
 @njit(**KW)
-def one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c):
+def one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c, turn=0):
     """one_step on the weights as they are, in torch's layout (never packed): the module's
     one-step fast path runs it on the parameters' own memory, so an update that no version
     counter records (p.data.mul_(), a write through numpy) is read like any other, with no
     copy to check. x (1, N, I) or (N, 1, I); h0, c0 (1, N, P), (1, N, H); w_ih (4H, I), w_hh
     (4H, P), b_ih, b_hh (4H,) (zeros without bias), w_hr (P, H) or (0, H); y like x with P
     features, h, c like h0, c0 (all C-contiguous). The products are row dot products, so the
-    last bits differ from one_step's (a packed product sums in another order)."""
+    last bits differ from one_step's (a packed product sums in another order). turn: the rows
+    (of x) read before this call's first on these weights (live_turn); every other row reads the
+    rows of W backwards (_rows_times2's flip; the same bits)."""
     N, H, P = c0.shape[1], c0.shape[2], h0.shape[2]
     xr, yr, h0r, hr, cr = x.reshape(N, x.shape[2]), y.reshape(N, P), h0[0], h[0], c[0]
     q = np.empty(4 * H, x.dtype)
@@ -486,7 +497,7 @@ def one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c):
     has_proj = w_hr.shape[0] > 0
     for i in range(N):
         copy_into(q, b_ih)
-        _rows_times2(w_ih, xr[i], w_hh, h0r[i], q)
+        _rows_times2(w_ih, xr[i], w_hh, h0r[i], q, (turn + i) % 2 == 1)
         copy_into(cr[i], c0[0, i])
         gate_row_p(row_ptr(q, 0), row_ptr(b_hh, 0), row_ptr(acts, 0), row_ptr(cr, i),
                    row_ptr(hp, 0) if has_proj else row_ptr(hr, i), H)
@@ -496,10 +507,30 @@ def one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c):
         copy_into(yr[i], hr[i])
 
 
+# w_addrs of the by-address steps: the addresses of w_ih, w_hh, b_ih, b_hh and w_hr, then a count
+# of the rows the calls on them read so far (LIVE_TURN), whose parity flips the order of the rows
+# of W (live_turn).
+LIVE_TURN = 5
+
+
+@njit(**KW)
+def live_turn(w_addrs, rows):
+    """The rows read on w_addrs' weights before this call of `rows` rows, counting them: one_step_live's
+    turn. Each row reads all of W, every other one backwards, so each starts on the rows of W
+    the last one read last, still in L2 where the weights outgrow it (one step, input 128,
+    hidden 512: 176 -> 131 us a product, BENCHMARKS.md, twenty-seventh session). Any order
+    gives the same bits, so calls from several threads at once, which may miss a count, change
+    no result."""
+    turn = w_addrs[LIVE_TURN]
+    w_addrs[LIVE_TURN] = turn + rows
+    return turn
+
+
 @njit(**KW)
 def _weights_at(w_addrs, like, I, H, P):
-    """(w_ih, w_hh, b_ih, b_hh, w_hr) as arrays on the addresses w_addrs (int64, that order),
-    of one_step_live's shapes (w_hr (0, H) without a projection, P == H), like's dtype."""
+    """(w_ih, w_hh, b_ih, b_hh, w_hr) as arrays on the addresses w_addrs (int64, that order, then
+    the calls' count: LIVE_TURN), of one_step_live's shapes (w_hr (0, H) without a projection,
+    P == H), like's dtype."""
     G = 4 * H
     return (carray(addr_ptr(w_addrs[0], like), (G, I)), carray(addr_ptr(w_addrs[1], like), (G, P)),
             carray(addr_ptr(w_addrs[2], like), (G,)), carray(addr_ptr(w_addrs[3], like), (G,)),
@@ -510,28 +541,30 @@ def _weights_at(w_addrs, like, I, H, P):
 def one_step_live_at(x_addr, I, h0, c0, w_addrs, y, h, c):
     """one_step_live with x (N * I elements, C-contiguous) and the weights (w_ih, w_hh, b_ih,
     b_hh, w_hr, C-contiguous, their shapes as one_step_live's) given by address, w_addrs an
-    int64 array: the module's streaming lane passes its input's data_ptr() and the addresses of
-    the parameters it checked, where numpy views of them cost a call more than the products'
-    share of it (Python's part of a one-step call, BENCHMARKS.md). The caller keeps that
-    memory alive through the call. The same operations as one_step_live: the same bits."""
+    int64 array (_weights_at's, its turn counted here: live_turn): the module's streaming lane
+    passes its input's data_ptr() and the addresses of the parameters it checked, where numpy
+    views of them cost a call more than the products' share of it (Python's part of a one-step
+    call, BENCHMARKS.md). The caller keeps that memory alive through the call. The same
+    operations as one_step_live: the same bits."""
     N, H, P = c0.shape[1], c0.shape[2], h0.shape[2]
     x = carray(addr_ptr(x_addr, y), (1, N, I))
     w_ih, w_hh, b_ih, b_hh, w_hr = _weights_at(w_addrs, y, I, H, P)
-    one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c)
+    one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, h, c, live_turn(w_addrs, N))
 
 
 @njit(**KW)
 def cell_step_at(x_addr, h0_addr, c0_addr, I, w_addrs, h, c):
     """An LSTM cell's step (no projection) for N rows: h, c (N, H) = the step of x (N, I) from
-    h0, c0 (N, H), all of x, h0, c0 and the weights (as one_step_live_at's) given by address,
-    C-contiguous, h's dtype. The same operations as one_step_live: the same bits."""
+    h0, c0 (N, H), all of x, h0, c0 and the weights (as one_step_live_at's, the turn counted
+    here) given by address, C-contiguous, h's dtype. The same operations as one_step_live: the
+    same bits."""
     N, H = h.shape
     x = carray(addr_ptr(x_addr, h), (1, N, I))
     h0 = carray(addr_ptr(h0_addr, h), (1, N, H))
     c0 = carray(addr_ptr(c0_addr, h), (1, N, H))
     w_ih, w_hh, b_ih, b_hh, w_hr = _weights_at(w_addrs, h, I, H, H)
     h3 = h.reshape(1, N, H)
-    one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h3, h3, c.reshape(1, N, H))  # y is h
+    one_step_live(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, h3, h3, c.reshape(1, N, H), live_turn(w_addrs, N))  # y is h
 
 
 @njit(**KW)
@@ -545,11 +578,12 @@ def live_part_units(H, part, parts):
 
 
 @njit(**KW)
-def one_step_live_part(x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h, c, part, parts):
+def one_step_live_part(x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h, c, turn, part, parts):
     """one_step_live (no projection) for the hidden units of one part (live_part_units): each
     thread of a team reads only its units' rows of W_ih and W_hh, a 1/parts share of the
     weights, and writes only its units of y, h and c, so the parts need no barrier. Each unit
-    is computed by the same operations as in one_step_live (the same bits)."""
+    is computed by the same operations as in one_step_live (the same bits), turn too (the gates'
+    rows then backwards as well)."""
     N, H = c0.shape[1], c0.shape[2]
     u0, u1 = live_part_units(H, part, parts)
     n = u1 - u0
@@ -562,10 +596,12 @@ def one_step_live_part(x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h, c, part, parts):
     for g in range(4):
         bq[g * n:(g + 1) * n] = b_hh[g * H + u0:g * H + u1]
     for i in range(N):
-        for g in range(4):
+        flip = (turn + i) % 2 == 1
+        for j in range(4):
+            g = 3 - j if flip else j
             qg = q[g * n:(g + 1) * n]
             copy_into(qg, b_ih[g * H + u0:g * H + u1])
-            _rows_times2(w_ih[g * H + u0:g * H + u1], xr[i], w_hh[g * H + u0:g * H + u1], h0r[i], qg)
+            _rows_times2(w_ih[g * H + u0:g * H + u1], xr[i], w_hh[g * H + u0:g * H + u1], h0r[i], qg, flip)
         copy_into(cr[i, u0:u1], c0[0, i, u0:u1])
         gate_row_p(row_ptr(q, 0), row_ptr(bq, 0), row_ptr(acts, 0), ptr_add(row_ptr(cr, i), u0),
                    ptr_add(row_ptr(hr, i), u0), n)
@@ -870,7 +906,7 @@ def lstm_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, reverse, y, saved, d
 
 # One step's hidden units split over a team (one_step_live_part), for weights too big for one
 # core to stream alone. Kinds: the address, then one_step_live_part's arguments before (part, parts).
-_LIVE_KINDS = "n a3 a3 a3 a2 a2 a1 a1 a3 a3 a3"
+_LIVE_KINDS = "n a3 a3 a3 a2 a2 a1 a1 a3 a3 a3 n"
 _LIVE32, _LIVE64 = spec(np.float32, _LIVE_KINDS), spec(np.float64, _LIVE_KINDS)
 
 
@@ -885,11 +921,11 @@ def _live64(data):
 live_part_body = team_bodies(_live32, _live64)
 
 
-def one_step_live_split(threads: int, x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h, c) -> bool:
-    """one_step_live (no projection) with the hidden units split over an OpenMP team of
-    `threads` threads; False, having run nothing, without a team, while the body is being
+def one_step_live_split(threads: int, x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h, c, turn: int = 0) -> bool:
+    """one_step_live (no projection, its turn) with the hidden units split over an OpenMP team
+    of `threads` threads; False, having run nothing, without a team, while the body is being
     compiled elsewhere, or for arrays that are not C-contiguous."""
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, y, h, c)
     if not all(a.flags.c_contiguous for a in args):
         return False
-    return on_team(live_part_body, one_step_live_part, threads, x.dtype, args)
+    return on_team(live_part_body, one_step_live_part, threads, x.dtype, args + (int(turn),))
