@@ -127,3 +127,28 @@ def test_a_pool_of_zero_bytes_keeps_nothing(monkeypatch):
     del a
     gc.collect()
     assert buffers.pooled_bytes() == 0 and not buffers._pool
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no madvise huge pages here (not Linux)")
+def test_weight_layouts_ask_for_huge_pages_and_per_call_arrays_do_not(monkeypatch):
+    """Weight layouts (tile.aligned_empty: every packing) are read at every step, and past L2
+    from L3: a new mapping of theirs asks for transparent huge pages; the per-call arrays'
+    mappings do not (their faults stalled, call after call, before the pool)."""
+    import mmap
+
+    from lstmkit.kernels.numba import tile
+
+    advised = []
+
+    class Mapping(mmap.mmap):
+        def madvise(self, option, *args):
+            advised.append(option)
+            return super().madvise(option, *args)
+
+    monkeypatch.setattr(buffers.mmap, "mmap", Mapping)
+    acts = buffers.empty((BIG // 4,), np.float32)
+    assert advised == [] and acts.size == BIG // 4
+    w = tile.aligned_empty((BIG // 4 + 16,), np.float32)
+    assert advised == [mmap.MADV_HUGEPAGE] and w.ctypes.data % tile.ALIGN == 0
+    small = tile.aligned_empty((1000,), np.float32)  # below the mappings' size: numpy's own
+    assert advised == [mmap.MADV_HUGEPAGE] and small.flags.c_contiguous

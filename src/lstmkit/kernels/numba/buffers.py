@@ -12,6 +12,14 @@ goes back to a small pool, from which the next request of the same size takes it
 pages still mapped: no faults at all from the second step on (BENCHMARKS.md, twenty-first
 session). The pool keeps at most POOL_MAX_BYTES, oldest out first. numpy's own setting for
 the rest of the process stays as it is.
+
+Weight layouts are the exception (empty(huge=True)): read at every step of every call, and
+where they outgrow L2 streamed from L3 at each step, their pages' translations miss the TLB
+(16 MiB of packed W_hh at hidden 1024 is 4096 pages of 4 KiB); on pages of 4 KiB the same
+inference ran 0.91-0.92x torch.nn.LSTM in a process after a bigger case against 0.99x on huge
+pages (BENCHMARKS.md, twenty-seventh session). A layout's mapping is faulted once and then
+kept (a module's inference cache) or taken again from the pool (training's layout at every
+call), so the huge-page faults that stalled the activations are paid once, not call after call.
 """
 import math
 import mmap
@@ -58,9 +66,10 @@ def _give_back(block, nbytes: int) -> None:
         _pool.move_to_end(nbytes)
 
 
-def empty(shape, dtype) -> np.ndarray:
+def empty(shape, dtype, huge: bool = False) -> np.ndarray:
     """np.empty(shape, dtype), C-contiguous; from PLAIN_PAGES_FROM_BYTES a page-aligned view of
-    a pooled mapping (see above), uninitialised (it may hold an earlier call's values)."""
+    a pooled mapping (see above), uninitialised (it may hold an earlier call's values). huge:
+    a new mapping asks for transparent huge pages (weight layouts, see above)."""
     dtype = np.dtype(dtype)
     shape = tuple(shape) if isinstance(shape, (tuple, list)) else (int(shape),)
     count = math.prod(shape)
@@ -70,6 +79,8 @@ def empty(shape, dtype) -> np.ndarray:
     block = _take(nbytes)
     if block is None:
         block = mmap.mmap(-1, nbytes, flags=_MAP_FLAGS)
+        if huge and hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere pages as they come
+            block.madvise(mmap.MADV_HUGEPAGE)
     # `owner` holds the mapping; every view of it (reshape, slices, torch.from_numpy's tensor)
     # holds `owner`, as numpy bases a view on the first array up the chain whose own base is
     # not an array. The mapping returns to the pool only once nothing views it.

@@ -196,8 +196,9 @@ def aligned_zeros(shape, dtype):
 
 
 def aligned_empty(shape, dtype):
-    """np.empty(shape, dtype), its first element on an ALIGN-byte boundary."""
-    return aligned_view(buffers.empty(aligned_bytes(shape, dtype), np.uint8), shape, dtype)
+    """np.empty(shape, dtype), its first element on an ALIGN-byte boundary: weight layouts
+    (the packings here, MKL's, the units split's), on huge pages where big (buffers.empty)."""
+    return aligned_view(buffers.empty(aligned_bytes(shape, dtype), np.uint8, huge=True), shape, dtype)
 
 
 def aligned_bytes(shape, dtype) -> int:
