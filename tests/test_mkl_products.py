@@ -374,3 +374,57 @@ def test_parts_packed_for_mkl_per_thread_give_the_serial_packings_products(I, H,
         assert np.array_equal(c, _mkl_products(a, again[s], cols.shape[1]))
         _assert_rounding(c, _mkl_products(a, want[s], cols.shape[1]))
         _assert_rounding(c, a @ cols)
+
+
+@pytest.fixture
+def products_as_a(every_product_to_mkl, monkeypatch):
+    """Every MKL forward product of padded input packed as the A matrix (mkl.packs_as_a), at any
+    rows and sizes; counts the packings made that way."""
+    monkeypatch.setattr(mkl, "packs_as_a", lambda K, G, rows: True)
+    as_a = []
+    real = mkl.pack
+    monkeypatch.setattr(mkl, "pack", lambda *a, **k: as_a.append(k.get("as_a", False)) or real(*a, **k))
+    return as_a
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(input_size=5, hidden_size=7),
+    dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True),
+])
+@pytest.mark.parametrize("precompute", [False, True])
+def test_training_with_w_packed_as_the_a_matrix_matches_nn_lstm(products_as_a, monkeypatch, cfg, precompute):
+    """The forward's products made transposed (blas.gemm_packed_a, then transpose_rows): outputs
+    and every gradient, padded input of 1-9 rows, x W_ih^T in the product or precomputed."""
+    monkeypatch.setattr(binding, "precompute_input", lambda *a: precompute)
+    for N in (1, 5, 9):
+        ref, ours = pair(cfg, "numba", torch.float32)
+        run_differential(ref, ours, tensor_input(torch.randn(6, N, cfg["input_size"])))
+    assert True in products_as_a
+
+
+def test_inference_with_w_packed_as_the_a_matrix_matches_the_other_way(products_as_a, monkeypatch):
+    """The no-grad fast path (the runtime) with W as MKL's A matrix: as torch.nn.LSTM, and as
+    the packed-B products to float32 rounding; packed input keeps the B matrix (its chunks'
+    rows shrink from step to step)."""
+    ref, ours = pair(dict(input_size=6, hidden_size=10), "numba", torch.float32)
+    x = torch.randn(9, 12, 6)
+    with torch.no_grad():
+        want = ref(x)[0]
+        got = ours(x)[0]
+        assert True in products_as_a
+        assert_all_close([got], [want], TOL[torch.float32])
+        monkeypatch.setattr(mkl, "packs_as_a", lambda K, G, rows: False)
+        other = lstmkit.LSTM.from_torch(ref)(x)[0]
+        assert_all_close([got], [other], 1e-6)
+        products_as_a.clear()
+        lengths = torch.tensor([9, 4, 7, 1, 9, 3, 2, 8, 5, 6, 9, 2])
+        monkeypatch.setattr(mkl, "packs_as_a", lambda K, G, rows: True)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        assert_all_close([ours(packed)[0].data], [ref(packed)[0].data], TOL[torch.float32])
+        assert True not in products_as_a
+
+
+def test_the_a_matrix_rule_takes_chunks_of_32_rows_on_weights_past_2_5_mib():
+    assert mkl.packs_as_a(640, 2048, 32)  # input 128, hidden 512: 5 MiB
+    assert not mkl.packs_as_a(640, 2048, 16) and not mkl.packs_as_a(640, 2048, 48)
+    assert not mkl.packs_as_a(384, 1024, 32)  # hidden 256 (1.5 MiB): slower there

@@ -133,7 +133,7 @@ class Runtime:
         # calls read self.layers as they are (kernels/numba/lstm.one_step_live), not the packed copy,
         # so they see any change to them with no check (see live_step).
         self.live = False
-        self._gemm = {}  # (layer-direction, x W_ih^T precomputed) -> its (address, packed W)
+        self._gemm = {}  # (layer-direction, x W_ih^T precomputed, packed as A) -> its (address, packed W)
         self._one_chunk = {}  # N -> the bounds of one chunk of N rows
         self._columns = {}  # (layer-direction, threads) -> its weights split by hidden units
         self._batch_sizes = {}  # (T, N) -> int64 array [N] * T
@@ -372,7 +372,7 @@ class Runtime:
         pre = T > 1 and precompute_input(N, T, w_ih.shape[1], self._H, self._P, x.itemsize, chunks,
                                          self._fused_on_blas(w_ih.shape[1], rows))
         xproj = self.input_projection(x, w_ih, b) if pre else None
-        gemm, wg = self._gemm_weights(idx, pre, rows)
+        gemm, wg = self._gemm_weights(idx, pre, rows, bool(bsz[0] == bsz[-1]))
         forward_core(x, bsz, h0, c0, wp, b, wpr, reverse, self._no_acts, y, h_n, c_n, self._no_cells, False,
                      bounds, xproj, gemm, wg)
 
@@ -410,18 +410,21 @@ class Runtime:
         """Whether a step product of `rows` rows by [W_ih | W_hh]^T (input I) goes to the BLAS."""
         return self.blas is not None and self.blas.use(I + self._P, 4 * self._H, rows, self.dtype, forward=True)
 
-    def _gemm_weights(self, idx, pre: bool, rows: int):
+    def _gemm_weights(self, idx, pre: bool, rows: int, padded: bool = False):
         """(address, packed W) of a BLAS's packed GEMM for the step products (kernels/numba/blas.py)
         where one is plugged in (`blas`: the torch engine's fast path sets MKL's) and pays for
-        chunks of `rows` rows; else (0, empty): the micro-kernel. Packed once per layer-direction."""
+        chunks of `rows` rows; else (0, empty): the micro-kernel. Packed once per layer-direction
+        (and way: padded input of chunks of the same rows at every step may take W packed as the
+        A matrix, blas.packs_as_a)."""
         w_ih, w_hh = self.layers[idx][:2]
         K = w_hh.shape[1] if pre else w_ih.shape[1] + w_hh.shape[1]
         if self.blas is None or not self.blas.use(K, w_hh.shape[0], rows, self.dtype, forward=True):
             return 0, self._no_wg
-        got = self._gemm.get((idx, pre))
+        as_a = padded and self.blas.packs_as_a(K, w_hh.shape[0], rows)
+        got = self._gemm.get((idx, pre, as_a))
         if got is None:
             w = w_hh if pre else np.concatenate((w_ih, w_hh), axis=1)
-            got = self._gemm[(idx, pre)] = self.blas.pack(w, True, rows, padded=True)  # forward_chunk's products
+            got = self._gemm[(idx, pre, as_a)] = self.blas.pack(w, True, rows, padded=True, as_a=as_a)  # forward_chunk's
         return got
 
     def _by_columns(self, idx, x, bsz, h0, c0, reverse, y, h_n, c_n, T: int, N: int) -> bool:

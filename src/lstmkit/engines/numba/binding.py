@@ -223,11 +223,12 @@ def _alive(refs, tensors) -> bool:
     return all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
 
 
-def _pack_forward(p: LayerParams, gemm_pre=None, rows: int = 0, with_input: bool = True):
+def _pack_forward(p: LayerParams, gemm_pre=None, rows: int = 0, with_input: bool = True, as_a: bool = False):
     """(b, wp, wpr, gemm, wg); gemm_pre None: the micro-kernel's packing (gemm 0, wg None), else
     MKL's of W_hh^T (True: x W_ih^T precomputed) or [W_ih | W_hh]^T (False) for products of
     `rows` rows (MKL lays B out for that many), wp then empty. with_input=False: wp is W_hh^T
-    alone, for a loop whose x W_ih^T is precomputed (layer_forward passes it x with no columns)."""
+    alone, for a loop whose x W_ih^T is precomputed (layer_forward passes it x with no columns).
+    as_a: MKL's packing as the A matrix (mkl.packs_as_a)."""
     w_hr = as_numpy(p.w_hr) if p.w_hr is not None else None
     w_ih = as_numpy(p.w_ih)
     wp, wpr = pack_forward(w_ih if with_input else w_ih[:, :0], as_numpy(p.w_hh), w_hr, gemm_pre is None)  # tile: no MKL
@@ -235,22 +236,23 @@ def _pack_forward(p: LayerParams, gemm_pre=None, rows: int = 0, with_input: bool
     gemm, wg = 0, None
     if gemm_pre is not None:
         w = as_numpy(p.w_hh) if gemm_pre else np.concatenate((as_numpy(p.w_ih), as_numpy(p.w_hh)), axis=1)
-        gemm, wg = mkl.pack(w, True, rows, padded=True)  # forward_chunk's products
+        gemm, wg = mkl.pack(w, True, rows, padded=True, as_a=as_a)  # forward_chunk's products
     return b, wp, wpr, gemm, wg
 
 
-def forward_weights(p: LayerParams, cache: bool, gemm_pre=None, rows: int = 0, with_input: bool = True):
+def forward_weights(p: LayerParams, cache: bool, gemm_pre=None, rows: int = 0, with_input: bool = True,
+                    as_a: bool = False):
     """(b = b_ih + b_hh, wp, wpr, gemm, wg): layer-direction p's weights packed for the forward
     kernel, by the micro-kernel's layout or (gemm_pre not None) MKL's (see _pack_forward)."""
     if not cache:
-        return _pack_forward(p, gemm_pre, rows, with_input)
+        return _pack_forward(p, gemm_pre, rows, with_input, as_a)
     tensors = tuple(p)
-    key = (_version_key(tensors), gemm_pre, rows if gemm_pre is not None else 0, with_input)
+    key = (_version_key(tensors), gemm_pre, rows if gemm_pre is not None else 0, with_input, as_a)
     slot = id(p.w_ih)
     entry = _packs.get(slot)
     if entry is None or entry[0] != key or not _alive(entry[1], tensors) or not entry[2].unchanged():
         watch = WeightWatch([t.detach().numpy() for t in tensors if t is not None])
-        packed = _pack_forward(p, gemm_pre, rows, with_input)
+        packed = _pack_forward(p, gemm_pre, rows, with_input, as_a)
         if not watch.watched:
             return packed
         if entry is None:  # a new w_ih: its entry goes when it dies
@@ -366,7 +368,10 @@ def layer_forward(x, batch_sizes, h0, c0, p: LayerParams, reverse: bool, save: b
     gemm_pre = pre if mkl.use(P if pre else I + P, 4 * H, asked_rows, dt, forward=True, training=save) else None
     # With x W_ih^T + b precomputed the loop reads neither x nor W_ih: W_hh^T alone is packed,
     # and the kernel gets x with no columns (its k offset into W is then 0).
-    b, wp, wpr, gemm, wg = forward_weights(p, not save, gemm_pre, rows, with_input=not pre)
+    # Padded input (every step the chunks' rows): MKL's product may take W as its A matrix.
+    as_a = gemm_pre is not None and batch_sizes[0] == batch_sizes[-1] and mkl.packs_as_a(
+        P if pre else I + P, 4 * H, rows)
+    b, wp, wpr, gemm, wg = forward_weights(p, not save, gemm_pre, rows, with_input=not pre, as_a=as_a)
     acts = buffers.empty((total if save else 0, 4 * H), dt)  # where big, pooled mappings (buffers.py)
     cells = buffers.empty((total if save else 0, H), dt)
     y = buffers.empty((total, P), dt)

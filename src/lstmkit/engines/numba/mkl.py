@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ...kernels.numba import buffers, caches
-from ...kernels.numba.blas import padded_rows
+from ...kernels.numba.blas import PACKED_A, padded_rows
 from ...kernels.numba.columns import pack_part_columns_for_blas, pack_part_rows_for_blas, unit_rows, unit_view
 from ...kernels.numba.threads import run_jobs
 from ...kernels.numba.tile import aligned_empty
@@ -45,7 +45,7 @@ MIN_FORWARD_ROWS = 5
 # A chunk of fewer rows than this is a matrix-vector product: MKL's call costs more there.
 MIN_ROWS = 4
 
-_ROW_MAJOR, _NO_TRANS, _TRANS, _B_MATRIX = 101, 111, 112, 162
+_ROW_MAJOR, _NO_TRANS, _TRANS, _A_MATRIX, _B_MATRIX = 101, 111, 112, 161, 162
 _entry = []  # [(compute address, pack, pack_get_size, pack's address)] or [None], found once
 _wanted = []  # [whether the products may go to MKL], decided once
 _own_gemm = []  # [whether the big products take the micro-kernel], decided once
@@ -159,31 +159,55 @@ def use(K: int, G: int, rows: int, dtype, forward: bool = False, training: bool 
     return dtype == np.float32 and ok and wanted() and _find() is not None
 
 
-def pack(w: np.ndarray, transposed: bool, rows: int, out=None, padded: bool = False):
+def pack(w: np.ndarray, transposed: bool, rows: int, out=None, padded: bool = False, as_a: bool = False):
     """(compute address, B packed): B = w^T (transposed: w (G, K), torch's weight layout) or
     w (K, G), float32 C-contiguous; into `out` (float32, at least packed_size floats, starting
     on a cache line) when given. The packed array must stay where it is (MKL's rule). w may be
     a view of rows with a gap between them (a block of columns): MKL reads it by its row stride.
-    padded: for a kernel that computes its products on blas.padded_rows(rows) rows."""
+    padded: for a kernel that computes its products on blas.padded_rows(rows) rows. as_a: B^T
+    packed as the A matrix instead, for the kernel's transposed product (blas.gemm_packed_a; the
+    address then carries blas.PACKED_A; see packs_as_a)."""
     address, pack_fn = _find()[:2]
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2 or w.strides[1] != 4 or w.strides[0] % 4 or w.strides[0] < 4 * w.shape[1]:
         w = np.ascontiguousarray(w)
     ld = max(w.strides[0] // 4, w.shape[1], 1)
     (G, K), trans = (w.shape, _TRANS) if transposed else (w.shape[::-1], _NO_TRANS)
-    if padded:
+    if padded and not as_a:
         rows = padded_rows.py_func(rows, K, G)
-    size = packed_size(K, G, rows)
+    size = packed_size(K, G, rows, as_a)
     buf = aligned_empty((size,), np.float32) if out is None else out  # MKL wants a cache line
     if buf.dtype != np.float32 or buf.size < size or not buf.flags.c_contiguous or buf.ctypes.data % 64:
         raise ValueError("mkl.pack: out must be float32, C-contiguous, on a cache line and big enough")
+    if as_a:  # A (G x K) = w as it is (transposed), else w^T: the opposite of B's flag
+        pack_fn(_ROW_MAJOR, _A_MATRIX, _NO_TRANS if transposed else _TRANS, G, rows, K, 1.0, w.ctypes.data, ld,
+                buf.ctypes.data)
+        return address | PACKED_A, buf
     pack_fn(_ROW_MAJOR, _B_MATRIX, trans, rows, G, K, 1.0, w.ctypes.data, ld, buf.ctypes.data)
     return address, buf
 
 
-def packed_size(K: int, G: int, rows: int) -> int:
+def packed_size(K: int, G: int, rows: int, as_a: bool = False) -> int:
     """Floats of a K x G weight packed for products of `rows` rows (pack)."""
+    if as_a:
+        return -(-_find()[2](_A_MATRIX, G, rows, K) // 4)
     return -(-_find()[2](_B_MATRIX, rows, G, K) // 4)
+
+
+# A chunk of exactly this many rows on more than this many weight bytes: W packed as MKL's A
+# matrix and the product made transposed (blas.gemm_packed_a). MKL's kernel for 32 columns of
+# output ran 7-9 % faster there, the copy of its transposed output back included: K x G =
+# 512-1152 x 1536-4096; at 384 x 1024 5-6 % slower, at 8-24, 48 and 64 rows 0-50 % slower (its
+# vectors run along the rows: 32 is two whole ones of 16 floats). BENCHMARKS.md, twenty-seventh
+# session.
+PACKED_A_ROWS = 32
+PACKED_A_MIN_WEIGHT_BYTES = 5 << 19
+
+
+def packs_as_a(K: int, G: int, rows: int) -> bool:
+    """Whether the step products of a chunk of `rows` rows (the same at every step: padded
+    input) by a K x G weight take W packed as the A matrix (pack(as_a=True))."""
+    return rows == PACKED_A_ROWS and K * G * 4 > PACKED_A_MIN_WEIGHT_BYTES
 
 
 def pack_parts(w_ih: np.ndarray, w_hh: np.ndarray, units, pre: bool, rows: int):

@@ -50,6 +50,59 @@ def gemm_packed(typingctx, fn, m, n, k, a, lda, b, c, ldc):
 
 TRANS, B_MATRIX = 112, 162  # CBLAS_TRANSPOSE, MKL's CBLAS_IDENTIFIER for the B matrix
 
+# The other way round: W (g x k, torch's layout) packed as MKL's A matrix (pack_b's dst, packed
+# by the caller as A), the product made transposed, ct = W @ a^T (g x m), the rows of a read as
+# B^T in place. At 32 rows a chunk on weights past L2 MKL's kernel for that shape ran 7-9 %
+# faster than the packed-B one, its transposed output copied back included (transpose_rows), and
+# gave the same bits; at 8-24 and 64 rows it lost (BENCHMARKS.md, twenty-seventh session). A
+# kernel told so by the flag PACKED_A on its gemm address (gemm_address / packed_a) takes it.
+PACKED_A = 1 << 62
+
+
+@njit(**KW)
+def packed_a(gemm):
+    """(whether gemm's weights are packed as the A matrix, the compute's own address)."""
+    return gemm & PACKED_A != 0, gemm & ~PACKED_A
+
+
+@intrinsic
+def gemm_packed_a(typingctx, fn, m, n, k, a, lda, w, ct, ldct):
+    """ct[:n, :m] = W (n x k, packed as the A matrix) @ a[:m, :k]^T, row-major: a's m rows
+    lda apart, ct's n rows ldct apart (MKL's packed compute, B = a transposed)."""
+    ok = all(isinstance(t, types.CPointer) and t.dtype == types.float32 for t in (a, w, ct))
+    sig = types.void(fn, m, n, k, a, lda, w, ct, ldct)
+
+    def codegen(context, builder, signature, args):
+        if not ok:
+            return context.get_dummy_value()
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        fp = f32.as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i32] * 6 + [fp, i32, fp, i32, f32, fp, i32])
+        callee = builder.inttoptr(args[0], fnty.as_pointer())
+        int32 = lambda v: builder.trunc(v, i32) if v.type.width > 32 else v  # noqa: E731  (MKL_INT: 32 bits)
+        const = lambda v: ir.Constant(i32, v)  # noqa: E731
+        mm, nn, kk, lda_, ldc_ = (int32(args[i]) for i in (1, 2, 3, 5, 8))
+        builder.call(callee, [const(ROW_MAJOR), const(PACKED), const(TRANS), nn, mm, kk, args[6], kk,
+                              args[4], lda_, ir.Constant(f32, 0.0), args[7], ldc_])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(**KW)
+def transpose_rows(ct, n, q):
+    """q[i, :g] = ct[:g, i] for i < n (ct (g, >= n)): eight rows of q at a time, each column of
+    ct read as eight neighbours."""
+    G = ct.shape[0]
+    n8 = n - n % 8
+    for i0 in range(0, n8, 8):
+        for g in range(G):
+            for b in range(8):
+                q[i0 + b, g] = ct[g, i0 + b]
+    for i in range(n8, n):
+        for g in range(G):
+            q[i, g] = ct[g, i]
+
 
 @intrinsic
 def pack_b(typingctx, fn, trans, m, n, k, src, ld, dst):

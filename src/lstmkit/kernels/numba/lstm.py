@@ -41,7 +41,7 @@ import numpy as np
 from numba import carray, njit
 
 from .activations import sigmoid, tanh
-from .blas import PAD_ROWS, gemm_packed, padded_input, padded_rows
+from .blas import PAD_ROWS, gemm_packed, gemm_packed_a, packed_a, padded_input, padded_rows, transpose_rows
 from .caches import l2_bytes
 from .rows import add_p, addr_ptr, copy_p, ptr_add, row_ptr
 from .simd import LANES, block_units, gate_backward_block, gate_backward_block2, gate_block, gate_block2
@@ -358,6 +358,8 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
     K = P if pre else I + P  # the product's inner dimension
     # The BLAS computes a few rows as padded_rows of them: xh and q have rows to spare (zeros in).
     mp = max(m, PAD_ROWS) if gemm != 0 else m
+    as_a, fn = packed_a(gemm)  # W packed as the A matrix: the product transposed into qt first
+    qt = np.empty((4 * H if as_a else 0, m), dt)
     xh = np.zeros((mp, I + P), dt)  # [x_t | h_{t-1}] of the chunk's rows: the product's input
     q = np.empty((mp, max(padded_width(wp), 4 * H)), dt)  # (wp is empty when gemm does the product)
     hp = np.empty((m if has_proj else 0, H), dt)  # h before the projection
@@ -377,7 +379,10 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
         if not pre:
             for i in range(n):
                 copy_into(xh[i, :I], x[o + i])
-        if gemm != 0:  # the BLAS's packed GEMM (blas.py), on W laid out by the caller
+        if as_a:  # qt = W @ [x | h]^T (blas.gemm_packed_a), then q = qt^T
+            gemm_packed_a(fn, n, 4 * H, K, ptr_add(row_ptr(xh, 0), k_first), I + P, row_ptr(wg, 0), row_ptr(qt, 0), m)
+            transpose_rows(qt, n, q)
+        elif gemm != 0:  # the BLAS's packed GEMM (blas.py), on W laid out by the caller
             gemm_packed(gemm, padded_rows(n, K, 4 * H), 4 * H, K, ptr_add(row_ptr(xh, 0), k_first), I + P,
                         row_ptr(wg, 0), row_ptr(q, 0), q.shape[1])
         else:  # (n, I + P) @ (I + P, 4H), or with xproj (n, P) @ (P, 4H): k_first = I
