@@ -13,7 +13,7 @@ from torch.nn.utils import rnn as nn_utils
 
 import lstmkit
 from lstmkit.engines.numba import binding
-from lstmkit.kernels.numba import caches, columns, lstm
+from lstmkit.kernels.numba import blas, caches, columns, lstm
 from lstmkit.kernels.numba.simd import LANES
 
 from harness import TOL, require_team, torch_threads
@@ -433,27 +433,31 @@ def test_a_live_step_of_big_weights_splits_its_units_over_the_threads(dtype, kw,
                 torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-def _mkl_column_weights(w_ih, w_hh, units, pre, rows):
+def _mkl_column_weights(w_ih, w_hh, units, pre, rows, as_a=False):
     from lstmkit.engines.numba import mkl
 
     assert mkl._find() is not None, "torch's library exports no MKL packed GEMM here"
-    return mkl.pack_parts(w_ih, w_hh, units, pre, rows)
+    return mkl.pack_parts(w_ih, w_hh, units, pre, rows, as_a)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [False, True, "as A"], ids=["padded", "packed", "padded-W-as-A"])
 @pytest.mark.parametrize("precompute", [False, True], ids=["fused", "xproj"])
 @pytest.mark.parametrize("parts", [2, 3])
 def test_the_unit_split_on_mkl_products_matches_the_row_kernel(reverse, packed, precompute, parts):
     """forward_columns with its step products on MKL's packed GEMM (each part's W_s laid out for
-    it, engines/numba/mkl.pack_parts): the row kernel's numbers to float32 rounding (MKL sums in
-    its own order), every row written, and bitwise the same on a second run, saving or not."""
+    it, engines/numba/mkl.pack_parts; for padded input also as the A matrix, the products then
+    transposed): the row kernel's numbers to float32 rounding (MKL sums in its own order), every
+    row written, and bitwise the same on a second run, saving or not."""
+    as_a = packed == "as A"
+    packed = packed is True
     rng = np.random.default_rng(parts + 2 * packed + 4 * reverse)
     for T, B, I, H in [(30, 9, 20, 100), (7, 16, 64, 2 * LANES + 3), (5, 5, 33, 70)]:
         x, bs, h0, c0, w_ih, w_hh, b = _case(rng, T, B, I, H, np.float32, packed)
         want = lstm.lstm_forward(x, bs, h0, c0, w_ih, w_hh, b, reverse=reverse, save=True)
         wps, bps, units = columns.pack_columns(w_ih, w_hh, b, parts, panels=False)
-        gemm, wgs = _mkl_column_weights(w_ih, w_hh, units, precompute, B)
+        gemm, wgs = _mkl_column_weights(w_ih, w_hh, units, precompute, B, as_a)
+        assert (gemm & blas.PACKED_A != 0) == as_a
         xproj = lstm.input_projection(x, w_ih, b) if precompute else None
         runs = []
         for _ in range(2):
@@ -509,7 +513,8 @@ def test_mkl_packs_parts_and_column_views_as_their_copies(H):
             np.testing.assert_allclose(got, a @ (w.T if transposed else w), rtol=1e-4, atol=1e-4)
 
 
-def test_wide_columns_pay_rule():
+def test_wide_columns_pay_rule(monkeypatch):
+    monkeypatch.setattr(caches, "_l2", [2 << 20])  # the rule's measurements: a core's L2 of 2 MiB
     pay = columns.wide_columns_pay
     assert pay(8, 64, 192, 192, 4, 2) and pay(12, 64, 256, 256, 4, 2)  # chunks of < 8 rows, >= 512 KiB
     assert not pay(8, 64, 128, 128, 4, 2)  # 384 KiB: the rows split is as fast
@@ -523,6 +528,12 @@ def test_wide_columns_pay_rule():
     assert pay(24, 128, 128, 128, 4, 2, inference=True) and not pay(24, 64, 128, 128, 4, 2, inference=True)
     assert not pay(32, 128, 256, 256, 4, 2, inference=True) and not pay(16, 128, 256, 256, 4, 2)
     assert not pay(24, 128, 256, 256, 8, 2, inference=True) and not pay(24, 128, 256, 256, 4, 1, inference=True)
+    # Inference up to 48 rows on weights past L2, W_hh past half of it: each core of a rows split
+    # would stream all of W from L3
+    assert pay(32, 128, 384, 384, 4, 2, inference=True) and pay(48, 64, 384, 384, 4, 2, inference=True)
+    assert pay(32, 128, 320, 320, 4, 2, inference=True) and not pay(64, 128, 384, 384, 4, 2, inference=True)
+    assert not pay(32, 512, 256, 256, 4, 2, inference=True)  # W_hh of 1 MiB: half the L2
+    assert not pay(32, 128, 384, 384, 4, 2)  # training: not measured so
     big = columns.big_weights_columns_pay  # W_hh of 16 MiB and more: inference 5-512 rows, training 5-16
     assert big(5, 1024, 1024, 4, 2) and big(97, 1024, 1024, 4, 2) and big(512, 2048, 2048, 4, 2)
     assert not big(4, 1024, 1024, 4, 2) and not big(513, 1024, 1024, 4, 2) and not big(128, 512, 512, 4, 2)

@@ -36,6 +36,8 @@ def every_product_to_mkl(monkeypatch):
     packed = []
     real = mkl.pack
     monkeypatch.setattr(mkl, "pack", lambda *a, **k: packed.append(a[1]) or real(*a, **k))
+    real_parts = mkl.pack_parts  # the units split's (columns.wide_columns_pay: with no L2, past it)
+    monkeypatch.setattr(mkl, "pack_parts", lambda *a, **k: packed.append("parts") or real_parts(*a, **k))
     return packed
 
 

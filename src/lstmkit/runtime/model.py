@@ -455,12 +455,14 @@ class Runtime:
             return False
         wide = wide or big
         pre = not wide and columns_precompute(T, self._I, H, itemsize, self.threads)
-        key = (idx, self.threads, wide, on_blas)
+        # Padded input: the parts' products may take W_s as MKL's A matrix (blas.packs_as_a).
+        as_a = on_blas and bsz[0] == bsz[-1] and self.blas.packs_as_a(self._I + H, 4 * -(-H // self.threads), N)
+        key = (idx, self.threads, wide, on_blas, as_a)
         packed = self._columns.get(key)
         if packed is None:
             w_ih, w_hh, b_ih, b_hh, _ = self.layers[idx]
             wps, bps, units = pack_columns(w_ih, w_hh, b_ih + b_hh, self.threads, panels=not on_blas)
-            gemm, wgs = self.blas.pack_parts(w_ih, w_hh, units, False, N) if on_blas else (0, None)
+            gemm, wgs = self.blas.pack_parts(w_ih, w_hh, units, False, N, as_a) if on_blas else (0, None)
             packed = self._columns[key] = (wps, bps, units, gemm, wgs)
         wps, bps, units, gemm, wgs = packed
         xproj = self.input_projection(x, self.layers[idx][0], self._packed[idx][1]) if pre else None

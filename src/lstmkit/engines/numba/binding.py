@@ -419,7 +419,9 @@ def _forward_by_columns(xn, batch_sizes, h0n, c0n, p: LayerParams, reverse, save
     b = as_numpy(p.b_ih) + as_numpy(p.b_hh) if p.b_ih is not None else np.zeros(4 * H, dt)
     threads = torch.get_num_threads()
     wps, bps, units = pack_columns(w_ih, w_hh, b, threads, panels=not wide)
-    gemm, wgs = mkl.pack_parts(w_ih, w_hh, units, False, B) if wide else (0, None)
+    # Padded input: the parts' products may take W_s as MKL's A matrix (mkl.packs_as_a).
+    as_a = wide and batch_sizes[0] == batch_sizes[-1] and mkl.packs_as_a(w_ih.shape[1] + H, 4 * -(-H // threads), B)
+    gemm, wgs = mkl.pack_parts(w_ih, w_hh, units, False, B, as_a) if wide else (0, None)
     y, h_n, c_n = buffers.empty((total, H), dt), np.empty((B, H), dt), np.empty((B, H), dt)
     acts, cells = buffers.empty((total if save else 0, 4 * H), dt), buffers.empty((total if save else 0, H), dt)
     if not run_columns(threads, xn, np.asarray(batch_sizes, dtype=np.int64), h0n, c0n, wps, bps, units, reverse,

@@ -194,40 +194,42 @@ def packed_size(K: int, G: int, rows: int, as_a: bool = False) -> int:
     return -(-_find()[2](_B_MATRIX, rows, G, K) // 4)
 
 
-# A chunk of exactly this many rows on more than this many weight bytes: W packed as MKL's A
+# A chunk of exactly this many rows on at least this many weight bytes: W packed as MKL's A
 # matrix and the product made transposed (blas.gemm_packed_a). MKL's kernel for 32 columns of
-# output ran 7-9 % faster there, the copy of its transposed output back included: K x G =
-# 512-1152 x 1536-4096; at 384 x 1024 5-6 % slower, at 8-24, 48 and 64 rows 0-50 % slower (its
-# vectors run along the rows: 32 is two whole ones of 16 floats). BENCHMARKS.md, twenty-seventh
-# session.
+# output ran 2-9 % faster there, the copy of its transposed output back included: K x G =
+# 384-1152 x 1024-4096 from 2.25 MiB (a units split's part of input 128, hidden 512: 2.5 MiB);
+# at 384 x 1024 (1.5 MiB) 6 % slower, at 8-24, 48 and 64 rows 0-50 % slower (its vectors run
+# along the rows: 32 is two whole ones of 16 floats). BENCHMARKS.md, twenty-seventh session.
 PACKED_A_ROWS = 32
-PACKED_A_MIN_WEIGHT_BYTES = 5 << 19
+PACKED_A_MIN_WEIGHT_BYTES = 2 << 20
 
 
 def packs_as_a(K: int, G: int, rows: int) -> bool:
     """Whether the step products of a chunk of `rows` rows (the same at every step: padded
-    input) by a K x G weight take W packed as the A matrix (pack(as_a=True))."""
-    return rows == PACKED_A_ROWS and K * G * 4 > PACKED_A_MIN_WEIGHT_BYTES
+    input) by a K x G weight (a units split's part's) take W packed as the A matrix
+    (pack(as_a=True))."""
+    return rows == PACKED_A_ROWS and K * G * 4 >= PACKED_A_MIN_WEIGHT_BYTES
 
 
-def pack_parts(w_ih: np.ndarray, w_hh: np.ndarray, units, pre: bool, rows: int):
+def pack_parts(w_ih: np.ndarray, w_hh: np.ndarray, units, pre: bool, rows: int, as_a: bool = False):
     """(compute address, wgs (S, L)) for kernels/numba/columns.forward_columns' gemm: part s's
     rows of W_hh (pre: the input projection made before the loop) or of [W_ih | W_hh]
-    (columns.part_rows), transposed and packed for products of `rows` rows. Without pre (a
-    training call's, at every call), each part copied out and packed on a thread of its own
+    (columns.part_rows), transposed and packed for products of `rows` rows (as_a: as the A
+    matrix, pack's; the address then carries blas.PACKED_A). Without pre (a training call's, at
+    every call), each part copied out and packed on a thread of its own
     (columns.pack_part_rows_for_blas)."""
     if pre:
         parts = [_part(w_ih, w_hh, units[s], units[s + 1], pre) for s in range(units.shape[0] - 1)]
-        return _pack_each(parts, True, rows, padded=True)  # columns.forward_columns' products
+        return _pack_each(parts, True, rows, padded=True, as_a=as_a)  # columns.forward_columns' products
     w_ih, w_hh = np.ascontiguousarray(w_ih, np.float32), np.ascontiguousarray(w_hh, np.float32)
     H, K = w_hh.shape[1], w_ih.shape[1] + w_hh.shape[1]
     widths = [4 * int(units[s + 1] - units[s]) for s in range(units.shape[0] - 1)]
-    padded = [padded_rows.py_func(rows, K, G) for G in widths]  # columns.forward_columns' products
-    out = _packed_rows(K, widths, padded)
+    padded = [rows if as_a else padded_rows.py_func(rows, K, G) for G in widths]  # forward_columns' products
+    out = _packed_rows(K, widths, padded, as_a)
     scratch = buffers.empty((len(widths), max(widths), K), np.float32)
     run_jobs([(pack_part_rows_for_blas, (w_ih, w_hh, H, units[s], units[s + 1], scratch[s], _find()[3], padded[s],
-                                         out[s])) for s in range(len(widths))])
-    return _find()[0], out
+                                         out[s], as_a)) for s in range(len(widths))])
+    return _find()[0] | (PACKED_A if as_a else 0), out
 
 
 def _part(w_ih: np.ndarray, w_hh: np.ndarray, u0: int, u1: int, pre: bool) -> np.ndarray:
@@ -255,20 +257,21 @@ def pack_parts_backward(w_hh: np.ndarray, units, rows: int):
     return _find()[0], out
 
 
-def _packed_rows(K: int, widths, rows) -> np.ndarray:
+def _packed_rows(K: int, widths, rows, as_a: bool = False) -> np.ndarray:
     """(S, L) float32, every row on a cache line: room for part s's K x widths[s] weight packed
     for products of rows[s] rows (as _pack_each lays them out)."""
-    sizes = [packed_size(K, G, r) for G, r in zip(widths, rows)]
+    sizes = [packed_size(K, G, r, as_a) for G, r in zip(widths, rows)]
     return aligned_empty((len(widths), -(-max(sizes) // 16) * 16), np.float32)
 
 
-def _pack_each(ws, transposed: bool, rows: int, padded: bool = False):
+def _pack_each(ws, transposed: bool, rows: int, padded: bool = False, as_a: bool = False):
     """(compute address, (S, L) array): each of the S weights packed (pack) into a row of its
     own, every row on a cache line."""
     kg = [(w.shape[1], w.shape[0]) if transposed else w.shape for w in ws]
-    sizes = [packed_size(K, G, padded_rows.py_func(rows, K, G) if padded else rows) for K, G in kg]
+    sizes = [packed_size(K, G, padded_rows.py_func(rows, K, G) if padded and not as_a else rows, as_a)
+             for K, G in kg]
     out = aligned_empty((len(ws), -(-max(sizes) // 16) * 16), np.float32)
     address = 0
     for s, w in enumerate(ws):
-        address, _ = pack(w, transposed, rows, out=out[s], padded=padded)
+        address, _ = pack(w, transposed, rows, out=out[s], padded=padded, as_a=as_a)
     return address, out

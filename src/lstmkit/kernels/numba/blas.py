@@ -57,6 +57,31 @@ TRANS, B_MATRIX = 112, 162  # CBLAS_TRANSPOSE, MKL's CBLAS_IDENTIFIER for the B 
 # gave the same bits; at 8-24 and 64 rows it lost (BENCHMARKS.md, twenty-seventh session). A
 # kernel told so by the flag PACKED_A on its gemm address (gemm_address / packed_a) takes it.
 PACKED_A = 1 << 62
+A_MATRIX = 161  # MKL's CBLAS_IDENTIFIER for the A matrix
+
+
+@intrinsic
+def pack_a(typingctx, fn, g, rows, k, src, ld, dst):
+    """dst = W (g x k: src's g rows of k, ld apart) laid out by the pack at address fn (MKL's
+    `cblas_sgemm_pack`) as the A matrix of gemm_packed_a's products of `rows` rows; float32
+    pointers (float64: compiles to nothing, never called)."""
+    ok = all(isinstance(t, types.CPointer) and t.dtype == types.float32 for t in (src, dst))
+    sig = types.void(fn, g, rows, k, src, ld, dst)
+
+    def codegen(context, builder, signature, args):
+        if not ok:
+            return context.get_dummy_value()
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        fp = f32.as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i32] * 6 + [f32, fp, i32, fp])
+        callee = builder.inttoptr(args[0], fnty.as_pointer())
+        int32 = lambda v: builder.trunc(v, i32) if v.type.width > 32 else v  # noqa: E731  (MKL_INT: 32 bits)
+        const = lambda v: ir.Constant(i32, v)  # noqa: E731
+        builder.call(callee, [const(ROW_MAJOR), const(A_MATRIX), const(NO_TRANS), int32(args[1]), int32(args[2]),
+                              int32(args[3]), ir.Constant(f32, 1.0), args[4], int32(args[5]), args[6]])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(**KW)

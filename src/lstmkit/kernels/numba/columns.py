@@ -28,7 +28,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blas import PAD_ROWS, gemm_packed, pack_b, padded_rows
+from .blas import PAD_ROWS, gemm_packed, gemm_packed_a, pack_a, pack_b, packed_a, padded_rows, transpose_rows
+from .caches import l2_bytes
 from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
 from .rows import copy_p, ptr_add, row_ptr
 from .simd import LANES
@@ -176,6 +177,13 @@ WIDE_CHUNK_ROWS = 8
 WIDE_INFERENCE_CHUNK_ROWS = 16
 WIDE_MIN_HH_BYTES = 4 << 20  # W_hh, any batch up to WIDE_MAX_ROWS
 WIDE_MAX_ROWS = 96
+# Inference of up to this many rows where [W_ih | W_hh] outgrows a core's L2 and W_hh more than
+# half of it: split by rows, each core streams all of W from L3 at every step. 2 threads, vs
+# torch.nn.LSTM, rows -> units split: 100,32,128,384 0.87x -> 1.01x, 40 and 48 rows 0.93-0.94x
+# -> 1.00-1.02x, input 64 0.88x -> 1.00x, input 256 (48 rows) 0.81-0.93x -> 0.97-1.01x, hidden
+# 320 0.96x -> 1.04x; from 64 rows as fast or slower (80: 1.14x -> 1.07x), and W_hh of 1 MiB
+# at input 512 0.98x -> 0.96x (BENCHMARKS.md, twenty-seventh session).
+WIDE_INFERENCE_PAST_L2_MAX_ROWS = 48
 # The wide path keeps the input in each part's step product (no x W_ih^T + b made first, as
 # columns_precompute would have it): made first, it ran 0.83-0.92x torch at hidden 512, 32-48
 # rows, against 0.95-1.08x fused, and as fast elsewhere (hidden 384-1024).
@@ -189,8 +197,10 @@ def wide_columns_pay(batch: int, I: int, H: int, P: int, itemsize: int, threads:
     if threads < 2 or P != H or itemsize != 4 or not MAX_ROWS < batch <= WIDE_MAX_ROWS:
         return False
     chunk_rows = WIDE_INFERENCE_CHUNK_ROWS if inference else WIDE_CHUNK_ROWS
-    few_rows = batch < chunk_rows * threads and (I + H) * 4 * H * itemsize >= WIDE_MIN_WEIGHT_BYTES
-    return few_rows or 4 * H * H * itemsize >= WIDE_MIN_HH_BYTES
+    whole, hh = (I + H) * 4 * H * itemsize, 4 * H * H * itemsize
+    few_rows = batch < chunk_rows * threads and whole >= WIDE_MIN_WEIGHT_BYTES
+    past_l2 = inference and batch <= WIDE_INFERENCE_PAST_L2_MAX_ROWS and whole > l2_bytes() and hh > l2_bytes() // 2
+    return few_rows or past_l2 or hh >= WIDE_MIN_HH_BYTES
 
 
 # W_hh of 16 MiB and more (hidden 1024 and up), with the micro-kernel's products (where MKL is
@@ -314,10 +324,11 @@ def pack_part_rows(w_ih, w_hh, H, u0, u1, wp):
 # Serially, a training call's copies and packs took 0.78 ms at input 128, hidden 512 (BENCHMARKS.md,
 # twenty-fifth session).
 @njit(**KW)
-def pack_part_rows_for_blas(w_ih, w_hh, H, u0, u1, part, fn, rows, dst):
+def pack_part_rows_for_blas(w_ih, w_hh, H, u0, u1, part, fn, rows, dst, as_a=False):
     """dst: the rows of [W_ih | W_hh] (4H, I + P) that make units u0:u1 (part_rows: gates i, f, g,
-    o), transposed, laid out by the pack at address fn for products of `rows` rows; part
-    (>= 4 (u1 - u0), I + P) C-contiguous scratch they are copied into first. float32."""
+    o), transposed, laid out by the pack at address fn for products of `rows` rows (as_a: as
+    they are, as the A matrix of blas.gemm_packed_a); part (>= 4 (u1 - u0), I + P) C-contiguous
+    scratch they are copied into first. float32."""
     u = u1 - u0
     I, P = w_ih.shape[1], w_hh.shape[1]
     for g in range(4):
@@ -325,7 +336,10 @@ def pack_part_rows_for_blas(w_ih, w_hh, H, u0, u1, part, fn, rows, dst):
             row = row_ptr(part, g * u + j)
             copy_p(row, row_ptr(w_ih, g * H + u0 + j), I)
             copy_p(ptr_add(row, I), row_ptr(w_hh, g * H + u0 + j), P)
-    pack_b(fn, True, rows, 4 * u, I + P, row_ptr(part, 0), part.shape[1], row_ptr(dst, 0))
+    if as_a:
+        pack_a(fn, 4 * u, rows, I + P, row_ptr(part, 0), part.shape[1], row_ptr(dst, 0))
+    else:
+        pack_b(fn, True, rows, 4 * u, I + P, row_ptr(part, 0), part.shape[1], row_ptr(dst, 0))
 
 
 @njit(**KW)
@@ -386,6 +400,8 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, gemm, wgs, r
     K = H if pre else I + H  # the product's inner dimension
     q = np.empty((Bp, max(padded_width(wps[0]), bps.shape[1])), dt)
     acts = np.empty((B, bps.shape[1]), dt)  # scratch: the activations, not kept
+    as_a, fn = packed_a(gemm)  # each W_s packed as the A matrix: its product transposed into qt first
+    qt = np.empty((bps.shape[1] if as_a else 0, B), dt)
     hs = np.empty(bps.shape[1] // 4, dt)
     xb = np.empty(bps.shape[1], dt)  # a part's columns of one row of xproj
     for s in range(k, S, threads):
@@ -408,7 +424,11 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, gemm, wgs, r
             u0, u1 = units[s], units[s + 1]
             Hs = u1 - u0
             # (n, I + H) @ (I + H, 4 H_s), or with xproj (n, H) @ (H, 4 H_s): k_first = I
-            if gemm != 0:
+            if as_a:  # qt = W_s @ [x | h]^T, then q = qt^T (as lstm.forward_chunk)
+                gemm_packed_a(fn, n, 4 * Hs, K, ptr_add(row_ptr(xh, 0), k_first), I + H, row_ptr(wgs, s),
+                              row_ptr(qt, 0), B)
+                transpose_rows(qt[: 4 * Hs], n, q)
+            elif gemm != 0:
                 gemm_packed(gemm, padded_rows(n, K, 4 * Hs), 4 * Hs, K, ptr_add(row_ptr(xh, 0), k_first), I + H,
                             row_ptr(wgs, s), row_ptr(q, 0), q.shape[1])
             else:
