@@ -2,6 +2,8 @@
 
     gemm_packed(fn, m, n, k, a, lda, b, c, ldc)     c[:m, :n] = a[:m, :k] @ B   (row-major)
     pack_b(fn, trans, m, n, k, src, ld, dst)         B laid out for it (by `cblas_sgemm_pack`)
+    gemm_packed_a(fn, m, n, k, a, lda, w, ct, ldct)  ct[:n, :m] = W @ a[:m, :k]^T, W packed as A
+    pack_a(fn, g, rows, k, src, ld, dst)             W laid out as that A matrix
 
 fn is the address of a `cblas_sgemm_compute` (Intel MKL's packed GEMM: B laid out once by
 `cblas_sgemm_pack`, then multiplied as often as wanted), b the data of that packed B; a and c
@@ -23,14 +25,14 @@ from numba.extending import intrinsic
 
 from .rows import KW, copy_p, row_ptr
 
-ROW_MAJOR, NO_TRANS, PACKED = 101, 111, 151  # CBLAS_LAYOUT, CBLAS_TRANSPOSE, MKL's CblasPacked
+ROW_MAJOR, NO_TRANS, TRANS, PACKED = 101, 111, 112, 151  # CBLAS_LAYOUT, CBLAS_TRANSPOSE, MKL's CblasPacked
+A_MATRIX, B_MATRIX = 161, 162  # MKL's CBLAS_IDENTIFIER
 
 
-@intrinsic
-def gemm_packed(typingctx, fn, m, n, k, a, lda, b, c, ldc):
-    ok = all(isinstance(t, types.CPointer) and t.dtype == types.float32 for t in (a, b, c))
-    sig = types.void(fn, m, n, k, a, lda, b, c, ldc)
-
+def _compute_codegen(ok: bool, w_as_a: bool):
+    """The codegen of a call of the packed compute at address args[0] with (fn, m, n, k, a, lda,
+    w, c, ldc): c (m x n) = a @ W, W packed as the B matrix, or (w_as_a) c (n x m) = W @ a^T, W
+    packed as the A matrix and a read as B^T; row-major, beta 0. Nothing where not ok (float64)."""
     def codegen(context, builder, signature, args):
         if not ok:
             return context.get_dummy_value()
@@ -41,23 +43,34 @@ def gemm_packed(typingctx, fn, m, n, k, a, lda, b, c, ldc):
         int32 = lambda v: builder.trunc(v, i32) if v.type.width > 32 else v  # noqa: E731  (MKL_INT: 32 bits)
         const = lambda v: ir.Constant(i32, v)  # noqa: E731
         mm, nn, kk, lda_, ldc_ = (int32(args[i]) for i in (1, 2, 3, 5, 8))
-        builder.call(callee, [const(ROW_MAJOR), const(NO_TRANS), const(PACKED), mm, nn, kk, args[4], lda_,
-                              args[6], nn, ir.Constant(f32, 0.0), args[7], ldc_])
+        a, w, c, zero = args[4], args[6], args[7], ir.Constant(f32, 0.0)
+        if w_as_a:
+            operands = [const(PACKED), const(TRANS), nn, mm, kk, w, kk, a, lda_, zero, c, ldc_]
+        else:
+            operands = [const(NO_TRANS), const(PACKED), mm, nn, kk, a, lda_, w, nn, zero, c, ldc_]
+        builder.call(callee, [const(ROW_MAJOR)] + operands)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
 
 
-TRANS, B_MATRIX = 112, 162  # CBLAS_TRANSPOSE, MKL's CBLAS_IDENTIFIER for the B matrix
+def _f32_pointers(*ts) -> bool:
+    return all(isinstance(t, types.CPointer) and t.dtype == types.float32 for t in ts)
 
-# The other way round: W (g x k, torch's layout) packed as MKL's A matrix (pack_b's dst, packed
-# by the caller as A), the product made transposed, ct = W @ a^T (g x m), the rows of a read as
-# B^T in place. At 32 rows a chunk on weights past L2 MKL's kernel for that shape ran 7-9 %
-# faster than the packed-B one, its transposed output copied back included (transpose_rows), and
-# gave the same bits; at 8-24 and 64 rows it lost (BENCHMARKS.md, twenty-seventh session). A
-# kernel told so by the flag PACKED_A on its gemm address (gemm_address / packed_a) takes it.
+
+@intrinsic
+def gemm_packed(typingctx, fn, m, n, k, a, lda, b, c, ldc):
+    return types.void(fn, m, n, k, a, lda, b, c, ldc), _compute_codegen(_f32_pointers(a, b, c), False)
+
+
+# The other way round: W (g x k, torch's layout) packed as MKL's A matrix (pack_a), the product
+# made transposed, ct = W @ a^T (g x m), the rows of a read as B^T in place. At 32 rows a chunk
+# on weights past L2 MKL's kernel for that shape ran 2-9 % faster than the packed-B one, its
+# transposed output copied back included (transpose_rows), and gave the same bits; at 8-24, 48
+# and 64 rows it did not (BENCHMARKS.md, twenty-seventh session). The packing marks the compute's
+# address with the flag PACKED_A (engines/numba/mkl.pack(as_a=True)); a kernel reads it with
+# packed_a.
 PACKED_A = 1 << 62
-A_MATRIX = 161  # MKL's CBLAS_IDENTIFIER for the A matrix
 
 
 @intrinsic
@@ -94,24 +107,7 @@ def packed_a(gemm):
 def gemm_packed_a(typingctx, fn, m, n, k, a, lda, w, ct, ldct):
     """ct[:n, :m] = W (n x k, packed as the A matrix) @ a[:m, :k]^T, row-major: a's m rows
     lda apart, ct's n rows ldct apart (MKL's packed compute, B = a transposed)."""
-    ok = all(isinstance(t, types.CPointer) and t.dtype == types.float32 for t in (a, w, ct))
-    sig = types.void(fn, m, n, k, a, lda, w, ct, ldct)
-
-    def codegen(context, builder, signature, args):
-        if not ok:
-            return context.get_dummy_value()
-        i32, f32 = ir.IntType(32), ir.FloatType()
-        fp = f32.as_pointer()
-        fnty = ir.FunctionType(ir.VoidType(), [i32] * 6 + [fp, i32, fp, i32, f32, fp, i32])
-        callee = builder.inttoptr(args[0], fnty.as_pointer())
-        int32 = lambda v: builder.trunc(v, i32) if v.type.width > 32 else v  # noqa: E731  (MKL_INT: 32 bits)
-        const = lambda v: ir.Constant(i32, v)  # noqa: E731
-        mm, nn, kk, lda_, ldc_ = (int32(args[i]) for i in (1, 2, 3, 5, 8))
-        builder.call(callee, [const(ROW_MAJOR), const(PACKED), const(TRANS), nn, mm, kk, args[6], kk,
-                              args[4], lda_, ir.Constant(f32, 0.0), args[7], ldc_])
-        return context.get_dummy_value()
-
-    return sig, codegen
+    return types.void(fn, m, n, k, a, lda, w, ct, ldct), _compute_codegen(_f32_pointers(a, w, ct), True)
 
 
 @njit(**KW)
