@@ -453,8 +453,8 @@ def _rows_times2(w1, v1, w2, v2, out, flip=False):
     unit inner stride): tile.rows_dot over the vector part of both, eight rows at a time, then
     four, then one (each row the same bits whichever), then the rows' tails of fewer than
     dot_lanes elements in order. flip: the groups of rows from the last one back (the same
-    bits): a caller that flips at every other call starts on the rows its last call read last,
-    still in L2 where the weights outgrow it (one_step_live)."""
+    bits): a caller that flips at every other row of input starts each on the rows of W the last
+    one read last, still in L2 where the weights outgrow it (one_step_live, live_turn)."""
     G, K1, K2 = w1.shape[0], w1.shape[1], w2.shape[1]
     L = dot_lanes(w1)
     g8 = G - G % 8
@@ -534,7 +534,7 @@ def live_turn(w_addrs, rows):
 @njit(**KW)
 def _weights_at(w_addrs, like, I, H, P):
     """(w_ih, w_hh, b_ih, b_hh, w_hr) as arrays on the addresses w_addrs (int64, that order, then
-    the calls' count: LIVE_TURN), of one_step_live's shapes (w_hr (0, H) without a projection,
+    the rows' count: LIVE_TURN), of one_step_live's shapes (w_hr (0, H) without a projection,
     P == H), like's dtype."""
     G = 4 * H
     return (carray(addr_ptr(w_addrs[0], like), (G, I)), carray(addr_ptr(w_addrs[1], like), (G, P)),
