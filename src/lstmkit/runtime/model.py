@@ -20,7 +20,7 @@ import numpy as np
 from ..config import LSTMConfig
 from ..kernels.numba.lstm import (
     LIVE_TURN, MIN_SPLIT_MACS, chunk_bounds, chunks_for, forward_chunk, forward_core, forward_pair_body, input_projection,
-    one_step, one_step_live, one_step_live_at, one_step_live_split, pack_forward, precompute_input,
+    live_turn, one_step, one_step_live, one_step_live_at, one_step_live_split, pack_forward, precompute_input,
 )
 from ..kernels.numba.buffers import empty as pooled_empty
 from ..kernels.numba.columns import (big_weights_columns_pay, columns_pay, columns_precompute, pack_columns, run_columns,
@@ -123,7 +123,7 @@ class Runtime:
         # holds the arrays, so the addresses stay valid while this runtime lives. Then the count
         # of rows read on them (lstm.live_turn), which every live step of this runtime shares.
         self._live_addrs = np.array([a.ctypes.data for a in self.layers[0]] + [0], np.int64)
-        self._live_turns = np.zeros(len(self.layers), np.int64)  # the others' counts (_turn)
+        self._live_turns = np.zeros((len(self.layers), LIVE_TURN + 1), np.int64)  # the others' counts (_turn)
         self._no_cells = np.zeros((0, H), dt)  # the kernel saves c_t and the activations for training only
         self._no_acts = np.zeros((0, 4 * H), dt)
         self._no_xproj = self._no_acts
@@ -285,10 +285,7 @@ class Runtime:
     def _turn(self, i: int, rows: int) -> int:
         """lstm.live_turn for layer-direction i's one_step_live of `rows` rows (layer 0's count is
         the one step_at's kernel counts in self._live_addrs)."""
-        counts, k = (self._live_addrs, LIVE_TURN) if i == 0 else (self._live_turns, i)
-        turn = int(counts[k])
-        counts[k] = turn + rows
-        return turn
+        return int(live_turn.py_func(self._live_addrs if i == 0 else self._live_turns[i], rows))
 
     def step_at(self, lane, x_addr: int, shape, state):
         """step_on for a lane of a one-layer, one-direction model that runs one_step_live on one

@@ -25,7 +25,7 @@ from ...kernels.numba.lstm import (
     backward_core, chunk_bounds, dx_after_loop, forward_core, pack_backward, pack_forward, precompute_input,
     same_words, weight_gradients,
 )
-from ...kernels.numba.lstm import LIVE_TURN, cell_step_at, one_step_live_split
+from ...kernels.numba.lstm import cell_step_at, live_turn, one_step_live_split
 from ...kernels.numba.lstm import chunks_for as kernel_chunks_for
 from ...kernels.numba.columns import big_weights_columns_pay, columns_pay_training
 from ...kernels.numba.columns import pack_columns, pack_columns_backward
@@ -898,7 +898,7 @@ class CellWeights:
         self.tensors = (w_ih, w_hh, b_ih if b_ih is not None else zeros, b_hh if b_hh is not None else zeros)
         self.arrays = [t.detach().numpy() for t in self.tensors]  # views: they hold the memory alive
         self.arrays.append(np.zeros((0, H), self.arrays[0].dtype))  # no projection
-        self.addrs = np.array([a.ctypes.data for a in self.arrays] + [0], np.int64)  # + the turn (lstm.LIVE_TURN)
+        self.addrs = np.array([a.ctypes.data for a in self.arrays] + [0], np.int64)  # + the turn (lstm.live_turn)
         self._zeros = {}
 
     def zeros(self, N: int):
@@ -974,8 +974,7 @@ def _cell_split(threads: int, w: CellWeights, x, hx, N: int, h, c) -> bool:
     z = w.zeros(N)[0]
     h0, c0 = (z, z) if hx is None else (hx[0].numpy().reshape(1, N, H), hx[1].numpy().reshape(1, N, H))
     y = np.empty((1, N, H), h.dtype)
-    turn = int(w.addrs[LIVE_TURN])  # the count cell_step_at keeps too (lstm.live_turn)
-    w.addrs[LIVE_TURN] = turn + N
+    turn = int(live_turn.py_func(w.addrs, N))  # the count cell_step_at keeps too
     return one_step_live_split(threads, x.numpy().reshape(1, N, w.I), h0, c0, *w.arrays[:4], y,
                                h.reshape(1, N, H), c.reshape(1, N, H), turn)
 
