@@ -1,8 +1,9 @@
-"""Benchmark: x W_ih^T as one GEMM before the time loop against the input in each step's product,
-at 1-4 rows a chunk (kernels/numba/lstm.precompute_input's rule there), lstmkit.LSTM in one
-process, the two forced alternately round by round, medians.
+"""Benchmark: x W_ih^T as one GEMM before the time loop against the input in the loop (in each
+step's product; for calls of 1-2 rows made ahead, lstm.lookahead_steps) at 1-4 rows a chunk
+(kernels/numba/lstm.precompute_input's rule there), lstmkit.LSTM in one process, the two
+forced alternately round by round, medians.
 
-Prints GEMM-first's speed over fused for each (rows, hidden, input); the rule's choice is what
+Prints GEMM-first's speed over the input in the loop for each (rows, hidden, input); the rule's choice is what
 BENCHMARKS.md (twenty-first session) derives from these. Inference by default, `--train` for a
 training step (forward saving, backward).
 
@@ -20,8 +21,12 @@ import lstmkit
 import lstmkit.kernels.numba.lstm as kernels
 
 
+_LOOKAHEAD_MAX_BATCH = kernels.LOOKAHEAD_MAX_BATCH
+
+
 def _force(pre: bool) -> None:
     kernels._precompute_few_rows = lambda *a: pre  # noqa: E731 (the rule at 1-2 rows)
+    kernels.LOOKAHEAD_MAX_BATCH = 0 if pre else _LOOKAHEAD_MAX_BATCH  # (precompute_input's; the loop's own stays)
     kernels.PRECOMPUTE_MIN_WEIGHT_BYTES = 0 if pre else 1 << 40
     kernels.weights_stay_in_l2 = lambda nbytes, rows: not pre  # noqa: E731 (the L2 rule)
     kernels.PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW = 0 if pre else 1 << 40
@@ -59,9 +64,9 @@ def main() -> None:
         for r in range(args.rounds):
             for pre in ((False, True), (True, False))[r % 2]:
                 times[pre].append(call(pre))
-        fused, first = (statistics.median(times[k]) * 1e6 for k in (False, True))
-        print(f"rows {N} hidden {H:4d} input {I:4d}: fused {fused:8.1f} us, GEMM first {first:8.1f} us, "
-              f"GEMM first's speed {fused / first:.2f}x", flush=True)
+        loop, first = (statistics.median(times[k]) * 1e6 for k in (False, True))
+        print(f"rows {N} hidden {H:4d} input {I:4d}: in the loop {loop:8.1f} us, GEMM first {first:8.1f} us, "
+              f"GEMM first's speed {loop / first:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -457,6 +457,7 @@ def _run_chunks(args, reverse, chunks, seed=3, dx_after=False):
     [4], [4, 4], [5, 5, 5], [3, 3, 3, 3, 3], [6, 6, 6, 6, 6, 6, 6],  # N = 1, 2, 3, odd
     [9, 7, 7, 4, 2, 1, 1],  # packed: lengths ending inside a chunk
     [1, 1, 1], [8, 1],
+    [37, 20], [40],  # 1-2 rows: the input part made ahead (16 steps of one row, 8 of two), blocks left part-full
 ])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("proj", [0, 2])
@@ -918,26 +919,43 @@ def test_input_projection_before_the_loop_matches_torch(dtype, threads, split_ev
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("N", [1, 2])
-def test_one_or_two_rows_on_small_weights_take_the_input_gemm_and_match_torch(dtype, N, monkeypatch):
-    """Batch 1-2 on weights whose W_hh stays in L1 (precompute_input's rule at few rows, not
-    forced): x W_ih^T + b is made before the loop, in training and in inference (the runtime),
-    and both match torch.nn.LSTM."""
+def test_one_or_two_rows_make_the_input_part_ahead_and_match_torch(dtype, N, monkeypatch):
+    """Batch 1-2: x W_ih^T + b made in the loop, 16 rows ahead (kernels' lookahead_steps), never
+    as a GEMM before it, on weights in L1, in L2 and past it, in training and in inference (the
+    runtime), padded and packed (a row that ends inside a block of steps ahead), matching
+    torch.nn.LSTM; the module's state fed back step by step gives the same as the whole call."""
+    from lstmkit.kernels.numba.lstm import LOOKAHEAD_ROWS, lookahead_steps
+
+    assert lookahead_steps(N, N) == LOOKAHEAD_ROWS // N and lookahead_steps(3, 1) == 0
     calls = []
     real = binding.input_projection
     monkeypatch.setattr(binding, "input_projection", lambda *a: calls.append(1) or real(*a))
-    torch.manual_seed(N)
-    I, H = (128, 32) if dtype == torch.float32 else (64, 32)  # W_hh 16 / 32 KiB, W 80 / 96 KiB
-    ref = nn.LSTM(I, H, dtype=dtype)
-    ours = lstmkit.LSTM.from_torch(ref, engine="numba")
-    x = torch.randn(40, N, I, dtype=dtype)
-    with torch_threads(1):
-        for a, b in zip(_train_step(ours, x, None, None), _train_step(ref, x, None, None)):
-            assert_close(a, b, TOL[dtype])
-        assert calls
-        calls.clear()
-        with torch.no_grad():
-            assert_close(ours(x)[0], ref(x)[0], TOL[dtype])
-        assert calls
+    for I, H in ((128, 32), (64, 128), (96, 384)):  # W 80 KiB, 384 KiB, 2.6 MiB in float32
+        torch.manual_seed(N + H)
+        ref = nn.LSTM(I, H, dtype=dtype)
+        ours = lstmkit.LSTM.from_torch(ref, engine="numba")
+        x = torch.randn(37, N, I, dtype=dtype)
+        with torch_threads(1):
+            for a, b in zip(_train_step(ours, x, None, None), _train_step(ref, x, None, None)):
+                assert_close(a, b, TOL[dtype])
+            lengths = torch.tensor([37, 21][:N])
+            for module in (ours, ref):
+                packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+                with torch.no_grad():
+                    out = module(packed)
+                if module is ours:
+                    got = out
+            assert_close(got[0].data, out[0].data, TOL[dtype])
+            assert_close(got[1][0], out[1][0], TOL[dtype])
+            with torch.no_grad():
+                whole = ours(x)
+                assert_close(whole[0], ref(x)[0], TOL[dtype])
+                state, steps = None, []
+                for t in range(0, 37, 5):
+                    y, state = ours(x[t : t + 5], state)
+                    steps.append(y)
+            assert_close(torch.cat(steps), whole[0], TOL[dtype])
+        assert not calls, (I, H)
 
 
 def _compare_training_steps(ours, ref, x, threads: int, input_grad: bool):
@@ -1057,7 +1075,7 @@ def test_the_input_gemm_rule(monkeypatch):
     # Weights that stay in L2 (up to 1 MiB): fused at any rows; above, by the bytes a row.
     assert not precompute_input(1, 100, 64, 128, 128, 4, 1)  # 384 KiB over one row
     assert not precompute_input(2, 100, 96, 192, 192, 4, 1)  # 864 KiB
-    assert precompute_input(1, 100, 128, 256, 256, 4, 1)  # 1.5 MiB over one row
+    assert not precompute_input(1, 100, 128, 256, 256, 4, 1)  # 1.5 MiB over one row: made ahead in the loop
     assert precompute_input(8, 200, 128, 256, 256, 4, 2)  # ... over 4 rows a chunk
     # Fused products on MKL's packed GEMM (blas): from 1 MiB a row only.
     assert precompute_input(16, 100, 128, 1024, 1024, 4, 1, blas=True)  # 18 MiB over 16 rows
@@ -1074,18 +1092,22 @@ def test_the_input_gemm_rule(monkeypatch):
     assert not precompute_input(8, 64, 64, 256, 256, 4, 1, blas=True)  # ... over 8 rows: 160 KiB a row
     assert not precompute_input(4, 64, 16, 240, 240, 4, 1, blas=True)  # 960 KiB: stays in L2, fused
     assert not precompute_input(4, 64, 128, 384, 384, 4, 1, blas=True)  # W_hh of 2.25 MiB: 1 MiB a row
-    # One or two rows a chunk on the micro-kernel: W_hh in L1 between steps (up to 64 KiB) and
+    # Calls of one or two rows on the micro-kernel make the input part ahead in their loop
+    # (lstm.lookahead_steps), whatever the weights.
+    for I, H in ((32, 64), (128, 128), (64, 128), (32, 32), (128, 512)):
+        assert not precompute_input(1, 1000, I, H, H, 4, 1) and not precompute_input(2, 300, I, H, H, 4, 1)
+    assert not precompute_input(2, 1000, 32, 64, 64, 4, 2)  # ... one row a chunk
+    # One or two rows a chunk of a call of more: W_hh in L1 between steps (up to 64 KiB) and
     # [W_ih | W_hh] past it (48 KiB); or at one row, an input at least as wide as the hidden state.
-    assert precompute_input(1, 1000, 32, 64, 64, 4, 1)  # W_hh 64 KiB, W 96 KiB
-    assert precompute_input(2, 1000, 32, 64, 64, 4, 2)  # ... one row a chunk
-    assert not precompute_input(1, 1000, 32, 32, 32, 4, 1)  # W 32 KiB: all in L1
-    assert not precompute_input(1, 1000, 64, 32, 32, 4, 1)  # W 48 KiB: all in L1
-    assert not precompute_input(1, 1000, 32, 64, 64, 8, 1)  # float64: W_hh 128 KiB, input narrower
-    assert precompute_input(1, 300, 128, 128, 128, 4, 1)  # W_hh 256 KiB, input as wide
-    assert not precompute_input(1, 300, 64, 128, 128, 4, 1)  # ... narrower
-    assert precompute_input(2, 300, 64, 64, 64, 4, 1)  # two rows: W_hh 64 KiB, W_ih 64 KiB
-    assert not precompute_input(2, 300, 32, 64, 64, 4, 1)  # ... W_ih 32 KiB
-    assert not precompute_input(2, 300, 128, 128, 128, 4, 1)  # ... W_hh 256 KiB
+    assert precompute_input(3, 1000, 32, 64, 64, 4, 3)  # W_hh 64 KiB, W 96 KiB, one row a chunk
+    assert not precompute_input(3, 1000, 32, 32, 32, 4, 3)  # W 32 KiB: all in L1
+    assert not precompute_input(3, 1000, 64, 32, 32, 4, 3)  # W 48 KiB: all in L1
+    assert not precompute_input(3, 1000, 32, 64, 64, 8, 3)  # float64: W_hh 128 KiB, input narrower
+    assert precompute_input(3, 300, 128, 128, 128, 4, 3)  # W_hh 256 KiB, input as wide
+    assert not precompute_input(3, 300, 64, 128, 128, 4, 3)  # ... narrower
+    assert precompute_input(4, 300, 64, 64, 64, 4, 2)  # two rows a chunk: W_hh 64 KiB, W_ih 64 KiB
+    assert not precompute_input(4, 300, 32, 64, 64, 4, 2)  # ... W_ih 32 KiB
+    assert not precompute_input(4, 300, 128, 128, 128, 4, 2)  # ... W_hh 256 KiB
     assert not precompute_input(3, 300, 256, 32, 32, 4, 1)  # three rows: the general rule
     assert not precompute_input(1, 1, 128, 64, 64, 4, 1)  # one step
     assert not precompute_input(1, 1000, 32, 64, 64, 4, 1, blas=True)  # products on MKL: the general rule
@@ -1103,7 +1125,7 @@ def test_the_input_gemm_rule_keeps_weights_in_a_bigger_l2_fused_from_8_rows(monk
     assert not precompute_input(24, 100, 128, 256, 256, 4, 2)  # ... two chunks of 12
     assert precompute_input(4, 100, 128, 256, 256, 4, 1)  # ... over 4 rows
     assert precompute_input(4, 100, 128, 256, 256, 4, 2)  # ... two chunks of 2
-    assert precompute_input(1, 100, 128, 256, 256, 4, 1)  # ... one row
+    assert not precompute_input(1, 100, 128, 256, 256, 4, 1)  # ... one row: made ahead in the loop
     assert precompute_input(8, 100, 192, 256, 256, 4, 1)  # 1.75 MiB over 8 rows: past 3/4 of L2
     monkeypatch.setattr(caches, "_l2", [1280 << 10])
     assert precompute_input(8, 100, 128, 256, 256, 4, 1)  # 1.25 MiB of L2: 1.5 MiB over 8 rows

@@ -17,8 +17,8 @@ passed the barrier that ends the step reading it. Inference only (no saved activ
 projection (h_t would need all units before its product: a second barrier per step).
 
 A unit's pre-activation is the same chain of multiply-adds over k, in the same order, as in
-lstm.py's row kernel (tile.py: each output column is its own chain), so the results are
-bitwise those of forward_chunk without the precomputed input projection.
+lstm.py's row kernel (tile.py: each output column is its own chain), the input part made ahead
+at 1-2 rows as there too (lookahead_steps), so the results are bitwise those of forward_chunk.
 """
 import platform
 
@@ -30,7 +30,8 @@ from numba.extending import intrinsic
 
 from .blas import PAD_ROWS, gemm_packed, gemm_packed_a, pack_a, pack_b, packed_a, padded_rows, transpose_rows
 from .caches import l2_bytes
-from .lstm import KW, add_into, copy_into, gate_backward_row, gate_row, offsets
+from .lstm import (KW, LOOKAHEAD_ROWS, add_into, copy_into, gate_backward_row, gate_row, input_part, lookahead_steps,
+                   offsets, rows_ahead)
 from .rows import copy_p, ptr_add, row_ptr
 from .simd import LANES
 from .team import on_team, spec, team_bodies, unpack, whole_team
@@ -394,16 +395,23 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, gemm, wgs, r
     dt = x.dtype
     S = wps.shape[0]
     pre = xproj.shape[0] > 0
-    k_first = I if pre else 0  # the product's first row of W (and column of xh): h's part with xproj
+    # 1-2 rows on the micro-kernel: x W_ih^T + b of the next steps made ahead, each part its
+    # columns (as lstm.forward_chunk, the same bits)
+    la = lookahead_steps(B, B) if T > 1 and not pre and gemm == 0 else 0
+    k_first = I if pre or la else 0  # the product's first row of W (and column of xh): h's part
     Bp = max(B, PAD_ROWS) if gemm != 0 else B  # rows to spare for the BLAS's padded_rows (zeros in)
     xh = np.zeros((Bp, I + H), dt)
-    K = H if pre else I + H  # the product's inner dimension
+    K = H if pre or la else I + H  # the product's inner dimension
     q = np.empty((Bp, max(padded_width(wps[0]), bps.shape[1])), dt)
     acts = np.empty((B, bps.shape[1]), dt)  # scratch: the activations, not kept
     as_a, fn = packed_a(gemm)  # each W_s packed as the A matrix: its product transposed into qt first
     qt = np.empty((bps.shape[1] if as_a else 0, B), dt)
     hs = np.empty(bps.shape[1] // 4, dt)
     xb = np.empty(bps.shape[1], dt)  # a part's columns of one row of xproj
+    xa = np.empty((LOOKAHEAD_ROWS if la else 0, I), dt)  # the rows of x of the steps ahead
+    qa = np.empty((S if la else 0, LOOKAHEAD_ROWS, q.shape[1]), dt)  # each part's x W_s,ih^T + b_s of them
+    first_row = np.zeros(max(la, 1), np.int64)  # each step's first row in xa and qa
+    ahead_from, ahead_to = 0, 0  # the steps whose rows qa holds
     for s in range(k, S, threads):
         u0, u1 = units[s], units[s + 1]
         for i in range(B):
@@ -416,8 +424,13 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, gemm, wgs, r
         o = off[t]
         src = hbuf[(step + 1) % 2]
         dst = hbuf[step % 2]
+        if la and step >= ahead_to:
+            R = rows_ahead(x, batch_sizes, off, reverse, 0, B, step, la, xa, first_row)
+            for s in range(k, S, threads):
+                input_part(xa, R, wps[s], bps[s, : 4 * (units[s + 1] - units[s])], qa[s])
+            ahead_from, ahead_to = step, step + la
         for i in range(n):
-            if not pre:
+            if not pre and not la:
                 copy_into(xh[i, :I], x[o + i])
             copy_into(xh[i, I:], src[i] if i < n_prev else h0[i])
         for s in range(k, S, threads):
@@ -439,6 +452,8 @@ def forward_columns(x, batch_sizes, h0, c0, wps, bps, units, xproj, gemm, wgs, r
                     for g in range(4):
                         copy_into(xb[g * Hs : (g + 1) * Hs], xproj[o + i, g * H + u0 : g * H + u1])
                     bias = xb[: 4 * Hs]
+                elif la:
+                    bias = qa[s, first_row[step - ahead_from] + i, : 4 * Hs]
                 gate_row(q[i, : 4 * Hs], bias, acts[i, : 4 * Hs], c[i, u0:u1], hs[:Hs])
                 if save:
                     for g in range(4):

@@ -180,8 +180,9 @@ def weights_stay_in_l2(nbytes: int, rows: int) -> bool:
     return rows >= PRECOMPUTE_L2_MIN_ROWS and nbytes <= 3 * l2_bytes() // 4
 
 
-# At one or two rows a chunk the micro-kernel's step product is bound by reading W, and the
-# GEMM first pays from far fewer weight bytes where W_hh alone then stays in L1 between steps
+# At one or two rows a chunk of a call of more rows (a call of 1-2 rows makes the input part
+# ahead in its loop: lookahead_steps) the micro-kernel's step product is bound by reading W, and
+# the GEMM first pays from far fewer weight bytes where W_hh alone then stays in L1 between steps
 # (48 KiB here, and a product that flips its block order each step finds most of 64 KiB still
 # there). Inference / training, GEMM first against fused, 1 thread, T = 300: one row, W_hh
 # in L1, [W_ih | W_hh] past it: 1.12-1.85x / 1.00-1.23x; one row, input >= hidden 128:
@@ -206,9 +207,12 @@ def precompute_input(batch: int, steps: int, I: int, H: int, P: int, itemsize: i
     """Whether a forward call over `steps` steps of up to `batch` rows, split in `chunks`,
     gets x W_ih^T + b as one GEMM before its time loop (forward_core's xproj). blas: whether
     its fused step products ([x | h] by [W_ih | W_hh]^T) would go to a BLAS's packed GEMM.
-    few_rows: whether the rule at 1-2 rows (measured on forward_chunk) applies; the variant
-    kernels' loops keep the general one."""
+    few_rows: whether the chunks run forward_chunk, which makes the input part ahead itself for
+    1-2 rows (lookahead_steps), and the rule at 1-2 rows a chunk applies (measured on it); the
+    variant kernels' loops keep the general one."""
     rows = -(-batch // max(chunks, 1))
+    if steps > 1 and few_rows and not blas and batch <= LOOKAHEAD_MAX_BATCH:
+        return False  # forward_chunk makes the input part ahead itself (lookahead_steps)
     if steps > 1 and few_rows and not blas and rows <= 2 and _precompute_few_rows(rows, I, H, P, itemsize):
         return True
     limit = PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS if blas else PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW
@@ -342,6 +346,55 @@ def gate_backward_row(a, cell, cprev, dh, dc, dg, hpre, want_hpre):
 
 
 # ---- forward ---------------------------------------------------------------------------------------
+# At one or two rows, the step product [x_t | h_{t-1}] @ [W_ih | W_hh]^T is bound by
+# reading W from L2 (or L3): each weight read feeds one multiply-add per row. x_t W_ih^T does
+# not wait on the recurrence, so the loop makes it ahead, for the rows of the next steps at once
+# (LOOKAHEAD_ROWS rows: one 16-row product reads W_ih once for all of them), and each step's
+# product multiplies h by W_hh alone. Against the fused product, 1 thread, inference: 100,1,64,128
+# 258 -> 224 us, 1000,1,32,64 664 -> 582, 50,1,128,512 6.4 -> 4.9 ms, 100,1,16,32 20.0 -> 18.9,
+# two rows 100,2,64,128 298 -> 292; four rows lost (540 -> 558). It also beat the GEMM of every
+# row first (precompute_input) at these rows, with no (total, 4H) array: 100,1,256,64 129 -> 114,
+# 1000,1,32,64 604 -> 582, 100,2,256,64 210 -> 196, as fast at hidden 256-512 (BENCHMARKS.md,
+# twenty-eighth session).
+# The rule goes by the call's rows, not the chunk's: every chunk of a call then makes its rows'
+# sums the same way (each element one chain over k, whatever the rows beside it), so the results
+# stay bitwise the same for any split.
+LOOKAHEAD_ROWS = 16
+LOOKAHEAD_MAX_BATCH = 2
+
+
+@njit(**KW)
+def lookahead_steps(B, m):
+    """The steps whose input part a chunk of m of a call's B rows makes at once (0: none, the
+    fused product)."""
+    return LOOKAHEAD_ROWS // m if B <= LOOKAHEAD_MAX_BATCH else 0
+
+
+@njit(**KW)
+def rows_ahead(x, batch_sizes, off, reverse, r0, r1, s, la, xa, first_row):
+    """Gathers into xa the rows r0:r1 of x at steps s : s + la of the loop (fewer past its end;
+    packed input: the rows each step has), step s + j's from row first_row[j]; returns the count."""
+    T = batch_sizes.shape[0]
+    R = 0
+    for j in range(min(la, T - s)):
+        t = T - 1 - (s + j) if reverse else s + j
+        first_row[j] = R
+        for i in range(max(min(r1, batch_sizes[t]) - r0, 0)):
+            copy_p(row_ptr(xa, R), row_ptr(x, off[t] + r0 + i), x.shape[1])
+            R += 1
+    return R
+
+
+@njit(**KW)
+def input_part(xa, R, wp, b, qa):
+    """qa[:R] = xa[:R] W_ih^T + b. W_ih^T is the first I rows of the packed [W_ih | W_hh]^T (or
+    of a part's columns of it): a product over xa's I columns reads no further. Each element is
+    its own chain over k (tile.py), so a row's sums do not depend on the rows beside it."""
+    matmul(xa, R, wp, qa, R < 0, WHOLE_K)  # flip False, typed as a bool: a literal would compile another matmul
+    for r in range(R):
+        add_p(row_ptr(qa, r), row_ptr(b, 0), b.shape[0])
+
+
 @njit(**KW)
 def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, acts, y, h, c, cells, save, r0, r1):
     """The whole time loop of rows r0:r1 (see forward_core for the arguments)."""
@@ -354,8 +407,11 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
     dt = x.dtype
     has_proj = wpr.shape[0] > 0
     pre = xproj.shape[0] > 0  # x W_ih^T + b of every row given: the step multiplies by W_hh only
-    k_first = I if pre else 0  # the product's first row of W (and column of xh): h's part with xproj
-    K = P if pre else I + P  # the product's inner dimension
+    # A call of 1-2 rows on the micro-kernel makes x W_ih^T + b ahead, for the next steps' rows
+    # at once (lookahead_steps): the step product then multiplies h by W_hh alone.
+    la = lookahead_steps(h0.shape[0], m) if T > 1 and not pre and gemm == 0 else 0
+    k_first = I if pre or la else 0  # the product's first row of W (and column of xh): h's part
+    K = P if pre or la else I + P  # the product's inner dimension
     # The BLAS computes a few rows as padded_rows of them: xh and q have rows to spare (zeros in).
     mp = max(m, PAD_ROWS) if gemm != 0 else m
     as_a, fn = packed_a(gemm)  # W packed as the A matrix: the product transposed into qt first
@@ -367,6 +423,10 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
     # Inference keeps no activations, but still writes them to a scratch row: written in
     # place into q, the gate loop's arrays would overlap and LLVM would leave it scalar.
     scratch = np.empty((0 if save else m, 4 * H), dt)
+    xa = np.empty((LOOKAHEAD_ROWS if la else 0, I), dt)  # the rows of x of the steps ahead
+    qa = np.empty((LOOKAHEAD_ROWS if la else 0, q.shape[1]), dt)  # their x W_ih^T + b
+    first_row = np.zeros(max(la, 1), np.int64)  # each step's first row in xa and qa
+    ahead_from, ahead_to = 0, 0  # the steps s whose rows qa holds
     for i in range(m):
         copy_into(xh[i, I:], h0[r0 + i])
         copy_into(c[r0 + i], c0[r0 + i])
@@ -376,7 +436,10 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
         if n <= 0:
             continue
         o = off[t] + r0
-        if not pre:
+        if la and s >= ahead_to:
+            input_part(xa, rows_ahead(x, batch_sizes, off, reverse, r0, r1, s, la, xa, first_row), wp, b, qa)
+            ahead_from, ahead_to = s, s + la
+        if not pre and not la:
             for i in range(n):
                 copy_into(xh[i, :I], x[o + i])
         if as_a:  # qt = W @ [x | h]^T (blas.gemm_packed_a), then q = qt^T
@@ -389,7 +452,8 @@ def forward_chunk(x, batch_sizes, h0, c0, wp, b, wpr, xproj, gemm, wg, reverse, 
             matmul(xh, n, wp, q, s % 2 == 1, k_first)
         for i in range(n):  # row pointers, not row views: see rows.py
             c_i = row_ptr(c, r0 + i)
-            gate_row_p(row_ptr(q, i), row_ptr(xproj, o + i) if pre else row_ptr(b, 0),
+            x_part = row_ptr(qa, first_row[s - ahead_from] + i) if la else row_ptr(b, 0)
+            gate_row_p(row_ptr(q, i), row_ptr(xproj, o + i) if pre else x_part,
                        row_ptr(acts, o + i) if save else row_ptr(scratch, i), c_i,
                        row_ptr(hp, i) if has_proj else ptr_add(row_ptr(xh, i), I), H)
             if save:
