@@ -847,6 +847,21 @@ def test_few_steps_match_torch(I, H, proj, bias, bidir, lengths, packed, hx, f32
     run_differential(ref, ours, make, state, seed=N + 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("H, proj", [(64, 0), (40, 32)])
+def test_few_steps_on_whole_column_blocks_match_torch(dtype, H, proj):
+    """The few-steps backward's product on the micro-kernel (W_hh as it is, its P columns whole
+    blocks: 64 floats, or 32 with a projection), over rows that end at different steps (packed
+    unsorted), both directions, from a given state: outputs and every gradient vs torch.nn.LSTM."""
+    cfg = dict(input_size=5, hidden_size=H, bidirectional=True, proj_size=proj)
+    ref, ours = pair(cfg, "numba", dtype, seed=H)
+    lengths = [3, 7, 5]
+    assert sum(lengths) <= binding.FEW_STEPS_MAX_ROWS
+    g = torch.Generator().manual_seed(proj)
+    state = tuple(torch.randn(s, generator=g, dtype=dtype) for s in ours.config.state_shapes(len(lengths)))
+    run_differential(ref, ours, packed_input(lengths, 5, dtype, seed=H), state, seed=proj)
+
+
 def test_few_steps_take_their_path(monkeypatch):
     """Several steps over up to FEW_STEPS_MAX_ROWS rows in all run the few-steps kernels and never
     pack the weights; two rows more run the time-loop kernels (one row a step: the next test)."""
