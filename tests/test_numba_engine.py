@@ -850,8 +850,8 @@ def test_few_steps_match_torch(I, H, proj, bias, bidir, lengths, packed, hx, f32
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("H, proj", [(64, 0), (40, 32)])
 def test_few_steps_on_whole_column_blocks_match_torch(dtype, H, proj):
-    """The few-steps backward's product on the micro-kernel (W_hh as it is, its P columns whole
-    blocks: 64 floats, or 32 with a projection), over rows that end at different steps (packed
+    """The few-steps kernels where P is whole vector blocks (64 floats, or 32 with a projection:
+    the row products' vector parts with no tail), over rows that end at different steps (packed
     unsorted), both directions, from a given state: outputs and every gradient vs torch.nn.LSTM."""
     cfg = dict(input_size=5, hidden_size=H, bidirectional=True, proj_size=proj)
     ref, ours = pair(cfg, "numba", dtype, seed=H)

@@ -596,12 +596,10 @@ FEW_STEPS_MAX_ROWS = 16
 # thread: T=20 1.00x -> 1.44x, T=100 1.06x -> 1.16x, 200 1.11x -> 1.10x, 300 1.13x -> 1.07x at
 # 64,128; 128,256 T=100 1.23x -> 1.27x, 200 1.27x -> 1.17x; 32,64 T=400 1.19x -> 1.24x, 1000 1.25x
 # -> 1.18x; 64,512 (4.7 MiB) T=50 1.57x -> 1.32x; 2 threads 64,128 T=100 1.37x -> 1.56x, 128,256
-# 1.46x -> 1.33x (BENCHMARKS.md, twenty-sixth session). With the few-steps kernels' products
-# faster (W_hh's rows read back and forth forward, the micro-kernel on W_hh as it is backward),
-# loop -> few: 1 thread 64,128 T=200 1.14x -> 1.26x, 300 1.18x -> 1.25x, 1000 1.18x -> 1.14x;
-# 128,256 T=500 1.20x -> 1.25x; 32,64 T=1000 1.30x either way; 2 threads 64,128 T=300 1.51x ->
-# 1.61x, 500 1.60x -> 1.69x, 1000 1.64x -> 1.66x (BENCHMARKS.md, twenty-eighth session).
-ONE_ROW_FEW_STEPS_MAX_STEPS = 512
+# 1.46x -> 1.33x (BENCHMARKS.md, twenty-sixth session). With the forward's product on W_hh's rows
+# back and forth (twenty-eighth session), loop -> few: 64,128 T=128 1.13x -> 1.24x, T=200 1.19x
+# -> 1.17x; 128,256 T=500 1.19x -> 1.15x; 2 threads 64,128 T=300 1.54x -> 1.51x.
+ONE_ROW_FEW_STEPS_MAX_STEPS = 128
 ONE_ROW_FEW_STEPS_MAX_BYTES_THREADED = 512 << 10
 
 

@@ -27,8 +27,7 @@ and these kernels do only the per-unit work between them:
     steps_forward / steps_backward
         A few steps over a few rows (binding.unpacked_path): lstm.py's time loop with the
         recurrent product as dot products on W_hh (4H, P) as it is, each row of W read once per
-        step for all rows (backward: the micro-kernel on W_hh as it is, where P is whole column
-        blocks); slower per step than the packed micro-kernel, but with no copy of W.
+        step for all rows; slower per step than the packed micro-kernel, but with no copy of W.
 
 All reuse lstm.py's row functions (gate_row, gate_backward_row), so a row's numbers are the
 time-loop kernel's. (cache_guard.py drops this file's cached code when lstm.py changes.)
@@ -37,7 +36,7 @@ import numpy as np
 from numba import njit
 
 from .lstm import KW, _rows_times, _rows_times2, add_into, copy_into, gate_backward_row, gate_row, gate_row_p
-from .rows import copy_p, row_ptr
+from .rows import row_ptr
 from .tile import WHOLE_K, matmul, matmul_by_rows, packed_view, whole_blocks
 
 
@@ -276,8 +275,6 @@ def steps_backward(acts, cells, batch_sizes, h0, c0, y, dy, w_hh, w_hr, reverse,
     has_proj = w_hr.shape[0] > 0
     dhp = np.empty((B if has_proj else 0, H), dh.dtype)  # dL/d(o * tanh(c_t))
     no_hpre = np.empty(0, dh.dtype)
-    tiles = whole_blocks(w_hh)  # P whole column blocks: the micro-kernel on W_hh as it is
-    dg_rows = np.empty((B if tiles else 0, 4 * H), dh.dtype)  # a step's dgates rows, its product's input
     off = np.empty(T + 1, np.int64)
     off[0] = 0
     for t in range(T):
@@ -305,9 +302,4 @@ def steps_backward(acts, cells, batch_sizes, h0, c0, y, dy, w_hh, w_hr, reverse,
                 copy_into(h_prev[o + i], h0[i])
             gate_backward_row(acts[o + i], cells[o + i], cprev, dhp[i] if has_proj else dh[i], dc[i], dgates[o + i],
                               hpre_all[o + i] if has_proj else no_hpre, has_proj)
-        if tiles:  # dh = dgates_t W_hh on the micro-kernel, W_hh read as it is (packed_view)
-            for i in range(n):
-                copy_p(row_ptr(dg_rows, i), row_ptr(dgates, o + i), 4 * H)
-            matmul(dg_rows, n, packed_view(w_hh), dh, s % 2 == 1, WHOLE_K)
-        else:
-            rows_times_n(dgates[o:], n, w_hh, dh)
+        rows_times_n(dgates[o:], n, w_hh, dh)
