@@ -1072,9 +1072,10 @@ def test_a_frozen_variant_lstm_makes_no_weight_gradients(monkeypatch):
 
 def test_the_input_gemm_rule(monkeypatch):
     """kernels' precompute_input: weight bytes per row of a chunk, whatever the rows (the big
-    shapes of the bench's --extra gained 5-10 % from it on the micro-kernel), never for one step
-    or weights that stay in L2 (but at 1-2 rows a chunk, where W_hh stays in L1);
-    with the products on MKL, from far more bytes a row. On a core with 1.25 MiB of L2."""
+    shapes of the bench's --extra gained 5-10 % from it on the micro-kernel), never for one step,
+    for calls of 1-2 rows (their loop makes the input part ahead) or for weights that stay in L2
+    (but at 1-2 rows a chunk of a bigger call, where W_hh stays in L1); with the products on
+    MKL, from far more bytes a row. On a core with 1.25 MiB of L2."""
     from lstmkit.kernels.numba import caches
     from lstmkit.kernels.numba.lstm import precompute_input
 
