@@ -849,7 +849,7 @@ def test_few_steps_match_torch(I, H, proj, bias, bidir, lengths, packed, hx, f32
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("H, proj", [(64, 0), (40, 32)])
-def test_few_steps_on_whole_column_blocks_match_torch(dtype, H, proj):
+def test_few_steps_on_whole_vector_rows_match_torch(dtype, H, proj):
     """The few-steps kernels where P is whole vector blocks (64 floats, or 32 with a projection:
     the row products' vector parts with no tail), over rows that end at different steps (packed
     unsorted), both directions, from a given state: outputs and every gradient vs torch.nn.LSTM."""

@@ -211,10 +211,11 @@ def precompute_input(batch: int, steps: int, I: int, H: int, P: int, itemsize: i
     1-2 rows (lookahead_steps), and the rule at 1-2 rows a chunk applies (measured on it); the
     variant kernels' loops keep the general one."""
     rows = -(-batch // max(chunks, 1))
-    if steps > 1 and few_rows and not blas and batch <= LOOKAHEAD_MAX_BATCH:
-        return False  # forward_chunk makes the input part ahead itself (lookahead_steps)
-    if steps > 1 and few_rows and not blas and rows <= 2 and _precompute_few_rows(rows, I, H, P, itemsize):
-        return True
+    if steps > 1 and few_rows and not blas:
+        if batch <= LOOKAHEAD_MAX_BATCH:
+            return False  # forward_chunk makes the input part ahead itself (lookahead_steps)
+        if rows <= 2 and _precompute_few_rows(rows, I, H, P, itemsize):
+            return True
     limit = PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_BLAS if blas else PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW
     if blas and P * 4 * H * itemsize <= PRECOMPUTE_MAX_HH_BYTES_IN_L2:
         limit = PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2 if chunks <= 1 else PRECOMPUTE_MIN_WEIGHT_BYTES_PER_ROW_L2_SPLIT
